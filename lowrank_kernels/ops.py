@@ -1,0 +1,318 @@
+"""Typed Python entry points of the ``lowrank`` ops, their fake kernels and autograd formulas.
+
+Every op exists as ``torch.ops.lowrank.<op>`` (C++ CPU and CUDA kernels, schemas in
+csrc/lowrank.cpp) and as a function here that picks a backend:
+
+========== ==================================================================================
+backend    implementation
+========== ==================================================================================
+cpu        C++ kernel (csrc/cpu), CPU tensors
+cuda       C++/CUDA kernel (csrc/cuda), CUDA tensors
+triton     Triton kernel (lowrank_kernels.triton_kernels); CPU tensors need TRITON_INTERPRET=1
+reference  plain torch (lowrank_kernels.reference), any device
+========== ==================================================================================
+
+The backend is the ``backend=`` argument if given, else the environment variable
+``LOWRANK_BACKEND``, else the best one available for the tensors' device (cpu, then reference on
+CPU; cuda, then triton, then reference on GPUs). Asking for a backend that cannot serve the
+tensors raises instead of silently falling back.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+from lowrank_kernels import _extension, reference
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+# op name -> "module:function" of its Triton launcher, imported on first use (Triton is optional).
+TRITON_IMPLS: dict[str, str] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# backend selection
+# --------------------------------------------------------------------------------------------
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The backend that runs ``op`` on ``device`` (see the module docstring for the rule)."""
+    name = backend or os.environ.get("LOWRANK_BACKEND") or "auto"
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend: expected one of {BACKENDS} or 'auto', got {name!r}")
+    native = "cuda" if device.type == "cuda" else "cpu"
+    if name == "auto":
+        if _extension.has_kernel(op, native.upper()):
+            return native
+        if device.type == "cuda" and op in TRITON_IMPLS and _triton_importable():
+            return "triton"
+        return "reference"
+    if name in ("cpu", "cuda"):
+        if name != native:
+            raise ValueError(f"backend: {name!r} cannot run on {device.type} tensors")
+        if not _extension.AVAILABLE:
+            raise RuntimeError(f"backend: {name!r} needs the extension: {_extension.LOAD_ERROR}")
+        if not _extension.has_kernel(op, native.upper()):
+            raise RuntimeError(f"backend: the extension was built without a {name} kernel of {op}")
+    if name == "triton":
+        if op not in TRITON_IMPLS:
+            raise NotImplementedError(f"backend: no Triton kernel of {op} exists")
+        if not _triton_importable():
+            raise RuntimeError("backend: 'triton' needs the triton package")
+        if device.type == "cpu" and not _interpreting():
+            raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return name
+
+
+def _triton_impl(op: str) -> Callable:
+    module, _, fn = TRITON_IMPLS[op].partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+# --------------------------------------------------------------------------------------------
+# validation: mirrors csrc/include/lowrank/checks.h (the fake kernels, Triton and reference paths
+# run it; the C++ kernels run their own copy). Errors name the argument and the value expected.
+# --------------------------------------------------------------------------------------------
+def _check_float_matrix(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got {t.dim()}-D")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_same_device(t: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of param), got {t.device}")
+
+
+def _check_contiguous(t: torch.Tensor, name: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: expected a contiguous (row-major) tensor; call .contiguous()")
+
+
+def low_rank_shape(m: int, n: int, rank: int) -> tuple[int, int]:
+    """Shape of R, M and V for an m×n weight: (m, r) on the right side, (r, n) on the left."""
+    return (m, rank) if reference.is_right_side(m, n) else (rank, n)
+
+
+def check_dense_projection(m: int, n: int, proj: torch.Tensor) -> int:
+    """Validates a dense basis for an m×n weight and returns its rank."""
+    _check_float_matrix(proj, "proj")
+    if reference.is_right_side(m, n):
+        if proj.shape[1] != n:
+            raise ValueError(f"proj: expected shape (r, n={n}) for a right projection (m >= n), "
+                             f"got {list(proj.shape)}")
+        rank = proj.shape[0]
+    else:
+        if proj.shape[0] != m:
+            raise ValueError(f"proj: expected shape (m={m}, r) for a left projection (m < n), "
+                             f"got {list(proj.shape)}")
+        rank = proj.shape[1]
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"proj: rank r={rank} must lie in [1, min(m, n)={min(m, n)}]")
+    return rank
+
+
+def _check_state(s: torch.Tensor, param: torch.Tensor, shape: tuple[int, int], name: str) -> None:
+    _check_same_device(s, param, name)
+    if s.dtype not in STATE_DTYPES:
+        raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {s.dtype}")
+    if tuple(s.shape) != shape:
+        raise ValueError(f"{name}: expected shape {list(shape)}, got {list(s.shape)}")
+    _check_contiguous(s, name)
+
+
+def check_hyperparameters(beta1: float, beta2: float, eps: float, step: int) -> None:
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"beta1: expected a value in [0, 1), got {beta1}")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"beta2: expected a value in [0, 1), got {beta2}")
+    if not eps >= 0.0:
+        raise ValueError(f"eps: expected a value >= 0, got {eps}")
+    if step < 1:
+        raise ValueError(f"step: expected the already-incremented step (>= 1), got {step}")
+
+
+def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step,
+                            proj_scales=None, proj_zeros=None, param_scales=None,
+                            param_zeros=None) -> int:
+    """Validates a dense-projection, float-weight fused step; returns the rank."""
+    _check_float_matrix(param, "param")
+    _check_contiguous(param, "param")
+    _check_float_matrix(grad, "grad")
+    _check_same_device(grad, param, "grad")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad: expected the shape of param {list(param.shape)}, "
+                         f"got {list(grad.shape)}")
+    _check_contiguous(grad, "grad")
+    _check_same_device(proj, param, "proj")
+    m, n = param.shape
+    rank = check_dense_projection(m, n, proj)
+    _check_contiguous(proj, "proj")
+    shape = low_rank_shape(m, n, rank)
+    _check_state(exp_avg, param, shape, "exp_avg")
+    _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
+    if exp_avg is exp_avg_sq:
+        raise ValueError("exp_avg_sq: must not alias exp_avg")
+    if proj_scales is not None or proj_zeros is not None:
+        raise ValueError("proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj")
+    if param_scales is not None or param_zeros is not None:
+        raise ValueError("param_scales/param_zeros: only valid with INT8 (uint8) param codes")
+    check_hyperparameters(beta1, beta2, eps, step)
+    return rank
+
+
+# --------------------------------------------------------------------------------------------
+# ops
+# --------------------------------------------------------------------------------------------
+def project(grad: torch.Tensor, proj: torch.Tensor, *, backend: str | None = None
+            ) -> torch.Tensor:
+    """Projects a gradient into the low-rank space, in fp32 (DESIGN.md §4.1).
+
+    R = G Qᵀ (m×r) when m ≥ n (proj Q is r×n), else R = Pᵀ G (r×n) (proj P is m×r).
+    Differentiable in both arguments.
+    """
+    if resolve_backend("project", grad.device, backend) == "reference":
+        _check_float_matrix(grad, "grad")
+        check_dense_projection(*grad.shape, proj)
+        return reference.project(grad, proj)
+    return torch.ops.lowrank.project(grad, proj)
+
+
+def project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: int, scale: float = 1.0,
+                 *, backend: str | None = None) -> torch.Tensor:
+    """Maps a low-rank tensor back to the m×n weight space, in fp32: scale·N Q or scale·P N."""
+    if resolve_backend("project_back", low_rank.device, backend) == "reference":
+        rank = check_dense_projection(m, n, proj)
+        if tuple(low_rank.shape) != low_rank_shape(m, n, rank):
+            raise ValueError(f"low_rank: expected shape {list(low_rank_shape(m, n, rank))}, "
+                             f"got {list(low_rank.shape)}")
+        return reference.project_back(low_rank, proj, m, n, scale)
+    return torch.ops.lowrank.project_back(low_rank, proj, m, n, scale)
+
+
+def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
+                      exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float,
+                      beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
+                      weight_decay: float = 0.0, scale: float = 1.0, step: int,
+                      proj_scales: torch.Tensor | None = None,
+                      proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
+                      param_scales: torch.Tensor | None = None,
+                      param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
+                      seed: int = 0, backend: str | None = None) -> None:
+    """One fused GaLore AdamW step on an m×n weight, in place (DESIGN.md §4.2).
+
+    With R = project(G, proj) (side by §4.1; proj is r×n when m ≥ n, else m×r):
+
+        M ← β1·M + (1−β1)·R          V ← β2·V + (1−β2)·R²          N = M / (√V + ε)
+        W ← (1 − lr·wd)·(W − α_t·scale·back(N)),     α_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)
+
+    ε is not bias-corrected and decay is applied after the update, as in galore-torch's
+    ``GaLoreAdamW``. ``step`` is the step count after incrementing (1 on the first step).
+    ``param``/``grad`` may be fp32, bf16 or fp16, ``exp_avg``/``exp_avg_sq`` fp32 or bf16; all
+    arithmetic is fp32 and every stored value is rounded once. No m×n temporary is materialised
+    by the cpu, cuda and triton backends.
+    """
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 scale=scale, step=step)
+    formats = dict(proj_scales=proj_scales, proj_zeros=proj_zeros,
+                   proj_group_size=proj_group_size, param_scales=param_scales,
+                   param_zeros=param_zeros, param_group_size=param_group_size, seed=seed)
+    chosen = resolve_backend("fused_galore_step", param.device, backend)
+    if chosen in ("cpu", "cuda"):
+        torch.ops.lowrank.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper,
+                                            **formats)
+        return
+    check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
+                            eps=eps, step=step, proj_scales=proj_scales, proj_zeros=proj_zeros,
+                            param_scales=param_scales, param_zeros=param_zeros)
+    if chosen == "triton":
+        _triton_impl("fused_galore_step")(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
+    else:
+        reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
+
+
+# --------------------------------------------------------------------------------------------
+# fake kernels and autograd (only when the extension registered the schemas)
+# --------------------------------------------------------------------------------------------
+if _extension.AVAILABLE:
+
+    @torch.library.register_fake("lowrank::project")
+    def _project_fake(grad, proj):
+        _check_float_matrix(grad, "grad")
+        _check_same_device(proj, grad, "proj")
+        rank = check_dense_projection(*grad.shape, proj)
+        return grad.new_empty(low_rank_shape(*grad.shape, rank), dtype=torch.float32)
+
+    @torch.library.register_fake("lowrank::project_back")
+    def _project_back_fake(low_rank, proj, m, n, scale):
+        _check_float_matrix(low_rank, "low_rank")
+        rank = check_dense_projection(m, n, proj)
+        if tuple(low_rank.shape) != low_rank_shape(m, n, rank):
+            raise ValueError(f"low_rank: expected shape {list(low_rank_shape(m, n, rank))}, "
+                             f"got {list(low_rank.shape)}")
+        return low_rank.new_empty((m, n), dtype=torch.float32)
+
+    @torch.library.register_fake("lowrank::fused_galore_step")
+    def _fused_galore_step_fake(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
+                                weight_decay, scale, step, proj_scales=None, proj_zeros=None,
+                                proj_group_size=256, param_scales=None, param_zeros=None,
+                                param_group_size=256, seed=0):
+        check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1,
+                                beta2=beta2, eps=eps, step=step, proj_scales=proj_scales,
+                                proj_zeros=proj_zeros, param_scales=param_scales,
+                                param_zeros=param_zeros)
+
+    def _setup_project(ctx, inputs, output):
+        grad, proj = inputs
+        ctx.save_for_backward(grad, proj)
+
+    def _project_backward(ctx, d_low_rank):
+        grad, proj = ctx.saved_tensors
+        m, n = grad.shape
+        d_grad = d_proj = None
+        if ctx.needs_input_grad[0]:
+            d_grad = torch.ops.lowrank.project_back(d_low_rank, proj, m, n, 1.0).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            g32 = grad.float()
+            # right: R = G Qᵀ -> dQ = dRᵀ G;  left: R = Pᵀ G -> dP = G dRᵀ
+            d_proj = d_low_rank.T @ g32 if reference.is_right_side(m, n) else g32 @ d_low_rank.T
+            d_proj = d_proj.to(proj.dtype)
+        return d_grad, d_proj
+
+    torch.library.register_autograd("lowrank::project", _project_backward,
+                                    setup_context=_setup_project)
+
+    def _setup_project_back(ctx, inputs, output):
+        low_rank, proj, m, n, scale = inputs
+        ctx.save_for_backward(low_rank, proj)
+        ctx.shape, ctx.scale = (m, n), scale
+
+    def _project_back_backward(ctx, d_out):
+        low_rank, proj = ctx.saved_tensors
+        m, n = ctx.shape
+        d_low_rank = d_proj = None
+        if ctx.needs_input_grad[0]:
+            d_low_rank = (torch.ops.lowrank.project(d_out, proj) * ctx.scale).to(low_rank.dtype)
+        if ctx.needs_input_grad[1]:
+            n32 = low_rank.float() * ctx.scale
+            # right: out = s·N Q -> dQ = s·Nᵀ dOut;  left: out = s·P N -> dP = s·dOut Nᵀ
+            d_proj = n32.T @ d_out.float() if reference.is_right_side(m, n) else d_out.float() @ n32.T
+            d_proj = d_proj.to(proj.dtype)
+        return d_low_rank, d_proj, None, None, None
+
+    torch.library.register_autograd("lowrank::project_back", _project_back_backward,
+                                    setup_context=_setup_project_back)

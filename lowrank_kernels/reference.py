@@ -1,0 +1,66 @@
+"""Plain-torch reference of every ``lowrank`` op: the executable spec and the fallback backend.
+
+Each function computes exactly what DESIGN.md §4 states, in fp32 whatever the storage dtype, and
+writes results back to the caller's tensors in their own dtype (rounding once). Kernels are tested
+against these functions; these functions are tested against the peer packages (galore-torch,
+q-galore-torch, fira). Nothing here validates arguments (lowrank_kernels.ops does that) and nothing
+here imports from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def is_right_side(m: int, n: int) -> bool:
+    """GaLore's "std" side rule (DESIGN.md §4.1): project from the right when m >= n."""
+    return m >= n
+
+
+def project(grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """R = G Qᵀ (m×r; right, proj r×n) or R = Pᵀ G (r×n; left, proj m×r), in fp32."""
+    g, p = grad.float(), proj.float()
+    return g @ p.T if is_right_side(*grad.shape) else p.T @ g
+
+
+def project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: int, scale: float
+                 ) -> torch.Tensor:
+    """scale · N Q (right, N m×r) or scale · P N (left, N r×n), an m×n fp32 tensor."""
+    lr_, p = low_rank.float(), proj.float()
+    return (lr_ @ p if is_right_side(m, n) else p @ lr_) * scale
+
+
+def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
+    """α_t = lr·√(1−β2ᵗ)/(1−β1ᵗ): bias correction folded into the step size (ε not corrected)."""
+    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def adam_normalized(low_rank_grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                    beta1: float, beta2: float, eps: float) -> torch.Tensor:
+    """Updates fp32 moments in place and returns N = M / (√V + ε)."""
+    exp_avg.mul_(beta1).add_(low_rank_grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low_rank_grad, low_rank_grad, value=1.0 - beta2)
+    return exp_avg / (exp_avg_sq.sqrt() + eps)
+
+
+def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
+                      exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, scale: float, step: int
+                      ) -> None:
+    """One GaLore AdamW step (DESIGN.md §4.2), galore-torch ``GaLoreAdamW`` semantics.
+
+    M ← β1·M + (1−β1)·R,  V ← β2·V + (1−β2)·R²,  N = M / (√V + ε),
+    W ← W − α_t·scale·back(N),  then  W ← W − lr·wd·W  (decoupled decay after the update).
+    """
+    m, n = param.shape
+    exp_avg32, exp_avg_sq32 = exp_avg.float(), exp_avg_sq.float()
+    normalized = adam_normalized(project(grad, proj), exp_avg32, exp_avg_sq32, beta1, beta2, eps)
+    w = param.float()
+    w.sub_(project_back(normalized, proj, m, n, scale), alpha=adam_step_size(lr, beta1, beta2, step))
+    if weight_decay != 0.0:
+        w.mul_(1.0 - lr * weight_decay)
+    param.copy_(w)
+    exp_avg.copy_(exp_avg32)
+    exp_avg_sq.copy_(exp_avg_sq32)

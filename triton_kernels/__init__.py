@@ -1,0 +1,1 @@
+"""Triton kernels of the lowrank ops (installed as lowrank_kernels.triton_kernels)."""

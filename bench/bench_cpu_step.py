@@ -1,0 +1,141 @@
+"""CPU fused GaLore step vs galore-torch's GaLoreAdamW.step vs the two-GEMM floor.
+
+For each LLaMA weight shape (m×n) and rank r, one optimizer step on the same inputs:
+  ours      torch.ops.lowrank.fused_galore_step (C++ blocked one-pass kernel)
+  galore    galore_torch.GaLoreAdamW.step with its basis fixed (the SVD refresh is excluded)
+  floor     the two projection GEMMs alone, fp32: R = G·Qᵀ and N·Q (left side: Pᵀ·G and P·N)
+and prints milliseconds (median of repeats after a warm-up), ours/floor and galore/ours.
+DESIGN.md §5: on CPU the fused step should be within 1.1× of the floor.
+
+    python bench/bench_cpu_step.py              # a CPU-sized selection (about a minute)
+    python bench/bench_cpu_step.py --full       # 1024×2752 … 4096×11008, r 128…512
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import lowrank_kernels as lk  # noqa: E402
+
+QUICK = [((1024, 2752), 128, torch.float32), ((2752, 1024), 128, torch.float32),
+         ((2048, 5504), 256, torch.float32), ((2048, 5504), 256, torch.bfloat16)]
+FULL = [((m, n), r, dt) for (m, n) in [(1024, 2752), (2752, 1024), (2048, 2048), (2048, 5504),
+                                       (5504, 2048), (4096, 4096), (4096, 11008), (11008, 4096)]
+        for r in (128, 256, 512) for dt in (torch.float32, torch.bfloat16)]
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, scale=0.25)
+
+
+def median_ms(fn, warmup: int, repeats: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), (max(times) - min(times))
+
+
+def make_inputs(m: int, n: int, r: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    right = m >= n
+    d = n if right else m
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen))
+    basis = (q.T if right else q).contiguous().to(dtype)
+    param = (0.02 * torch.randn(m, n, generator=gen)).to(dtype)
+    grad = torch.randn(m, n, generator=gen).to(dtype)
+    shape = (m, r) if right else (r, n)
+    return param, grad, basis, torch.zeros(shape), torch.zeros(shape)
+
+
+def galore_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tensor, r: int):
+    """galore-torch's optimizer one step in, with its projector holding ``basis`` (no refresh)."""
+    from galore_torch import GaLoreAdamW
+    from galore_torch.galore_projector import GaLoreProjector
+
+    p = torch.nn.Parameter(param.clone())
+    p.grad = grad.clone()
+    opt = GaLoreAdamW([{"params": [p], "rank": r, "update_proj_gap": 10**9, "scale": HYPER["scale"],
+                        "proj_type": "std"}], lr=HYPER["lr"], weight_decay=HYPER["weight_decay"],
+                      eps=HYPER["eps"], no_deprecation_warning=True)
+    projector = GaLoreProjector(r, update_proj_gap=10**9, scale=HYPER["scale"])
+    projector.ortho_matrix = basis.clone()
+    opt.state[p]["projector"] = projector
+    opt.state[p]["step"] = 1  # refresh happens when step % gap == 0: step 1 does not refresh
+    return opt
+
+
+def run(cases, warmup: int, repeats: int, csv_path: str | None) -> list[dict]:
+    threads = torch.get_num_threads()
+    print(f"# CPU: {platform.processor() or platform.machine()}, {threads} threads, "
+          f"torch {torch.__version__}")
+    print(f"{'shape':>12} {'r':>4} {'dtype':>8} {'floor ms':>9} {'ours ms':>9} {'galore ms':>10}"
+          f" {'ours/floor':>10} {'galore/ours':>11}")
+    rows = []
+    for (m, n), r, dtype in cases:
+        param, grad, basis, exp_avg, exp_avg_sq = make_inputs(m, n, r, dtype)
+        right = m >= n
+        g32, q32 = grad.float(), basis.float()
+        low, full = torch.empty(exp_avg.shape), torch.empty(m, n)
+
+        def floor():  # both GEMMs into preallocated outputs: no allocation or page faults timed
+            torch.mm(g32, q32.T, out=low) if right else torch.mm(q32.T, g32, out=low)
+            torch.mm(low, q32, out=full) if right else torch.mm(q32, low, out=full)
+
+        step = {"n": 0}
+
+        def ours():
+            step["n"] += 1
+            torch.ops.lowrank.fused_galore_step(param, grad, basis, exp_avg, exp_avg_sq, **HYPER,
+                                                step=step["n"])
+
+        opt = galore_optimizer(param, grad, basis, r)
+        floor_ms, _ = median_ms(floor, warmup, repeats)
+        ours_ms, ours_spread = median_ms(ours, warmup, repeats)
+        galore_ms, _ = median_ms(opt.step, warmup, repeats)
+        row = dict(m=m, n=n, rank=r, dtype=str(dtype).removeprefix("torch."), threads=threads,
+                   floor_ms=round(floor_ms, 3), ours_ms=round(ours_ms, 3),
+                   ours_spread_ms=round(ours_spread, 3), galore_ms=round(galore_ms, 3),
+                   ours_over_floor=round(ours_ms / floor_ms, 3),
+                   galore_over_ours=round(galore_ms / ours_ms, 3))
+        rows.append(row)
+        print(f"{f'{m}x{n}':>12} {r:>4} {row['dtype']:>8} {floor_ms:>9.1f} {ours_ms:>9.1f} "
+              f"{galore_ms:>10.1f} {row['ours_over_floor']:>10.2f} {row['galore_over_ours']:>11.2f}",
+              flush=True)
+    if csv_path:
+        os.makedirs(os.path.dirname(csv_path), exist_ok=True)
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"# wrote {csv_path}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="all LLaMA shapes and ranks")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "cpu_step.csv"))
+    args = parser.parse_args(argv)
+    if not lk.EXTENSION_AVAILABLE:
+        print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)
+        return 1
+    run(FULL if args.full else QUICK, args.warmup, args.repeats, args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,10 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${LOWRANK_VENV:-$ROOT/.venv}
 log() { printf '[setup_env] %s\n' "$*" >&2; }
+# pip, minus the machine-local index warnings ("Location ... is ignored") that bury real errors.
+pip_q() {
+  python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
@@ -20,14 +24,14 @@ fi
 
 if ! python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.14.1")' 2>/dev/null; then
   log "installing torch 2.14.1 (a few minutes)"
-  pip install -q --disable-pip-version-check "torch==2.14.1"
+  pip_q "torch==2.14.1"
 fi
 stamp_deps="$VENV/.lowrank-deps-$(sha1sum "$ROOT/requirements-dev.txt" | cut -c1-12)"
 if [ ! -f "$stamp_deps" ]; then
   log "installing requirements-dev.txt"
-  pip install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
+  pip_q -r "$ROOT/requirements-dev.txt"
   # ista-daslab-optimizers imports wandb and assumes CUDA: only its DCT utilities are used.
-  pip install -q --disable-pip-version-check --no-deps "ista-daslab-optimizers==1.1.15" \
+  pip_q --no-deps "ista-daslab-optimizers==1.1.15" \
     || log "ista-daslab-optimizers unavailable: its comparison tests will skip"
   touch "$stamp_deps"
 fi
@@ -41,7 +45,7 @@ stamp_build="$VENV/.lowrank-build-$src_hash-${LOWRANK_SKIP_CUDA_BUILD:-0}"
 if [ ! -f "$stamp_build" ] || ! python -c 'import lowrank_kernels._C' 2>/dev/null; then
   log "building lowrank_kernels._C (CUDA_HOME=${CUDA_HOME:-none}, MAX_JOBS=${MAX_JOBS:-auto})"
   rm -f "$VENV"/.lowrank-build-*
-  pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e "$ROOT"
+  pip_q --no-build-isolation --no-deps -e "$ROOT"
   touch "$stamp_build"
 fi
 python - <<'PY'

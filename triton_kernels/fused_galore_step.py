@@ -1,0 +1,291 @@
+"""fused_galore_step in Triton: one GaLore AdamW step as one kernel and one pass over W.
+
+What it computes (DESIGN.md §4.1-4.2, dense basis, float weights), R being the projected gradient:
+
+    right (m >= n, proj Q r×n):  R = G Qᵀ (m×r),  back(N) = N Q
+    left  (m <  n, proj P m×r):  R = Pᵀ G (r×n),  back(N) = P N
+    M ← β1·M + (1−β1)·R      V ← β2·V + (1−β2)·R²      N = M / (√V + ε)
+    W ← decay·W − update_scale·back(N)      decay = 1 − lr·wd,  update_scale = decay·α_t·scale
+
+with the scalars of csrc/include/lowrank/adam.h ``make_adam_coeffs`` (host double, rounded once).
+
+Tiling. A row of R (right side) depends only on the same row of G, so a program owns BLOCK_OWN
+rows of G, W, M and V -- the "owned" axis -- and the whole rank, padded to R_PAD (a power of two,
+16 ≤ R_PAD ≤ 512). It
+  1. streams its BLOCK_OWN × n strip of G in BLOCK_LONG-wide chunks along the "long" axis and
+     accumulates its BLOCK_OWN × R_PAD tile of R with tl.dot (fp32 accumulator in registers),
+  2. updates its rows of M and V in place and keeps N = M/(√V+ε) in registers,
+  3. streams the same strip of W once, chunk by chunk: W ← decay·W − update_scale·(N · Q[:, chunk]).
+There is no split along the long axis (N is a nonlinear function of the complete sum) and no m×n
+temporary. The left side is the right side of the transposed problem (Wᵀ, Gᵀ, Pᵀ, Mᵀ, Vᵀ), so one
+kernel serves both: the constexpr RIGHT only changes address arithmetic, and a program then owns
+BLOCK_OWN columns of W and G and streams rows.
+
+Dot precision: both operands of the same 16-bit type use tensor cores with fp32 accumulation;
+anything involving fp32 runs as an fp32 "ieee" dot (TF32 would miss the 1e-5 fp32 tolerance). The
+back projection runs in W's type when W is 16-bit (N and the basis rounded to it, fp32 accumulate),
+else in fp32. Keep the basis in the gradient's dtype (as galore-torch does) for the fast path.
+
+DRAM bytes per call, with s(X) the element size of X and own/long the owned/streamed dimensions:
+    G read once, W read and written once:   m·n·(s(G) + 2·s(W))
+    M and V read and written once:          4·r·own·s(state)
+    basis read once from DRAM:              r·long·s(proj)  (re-read from L2 by every program,
+                                                             twice: ⌈own/BLOCK_OWN⌉·2·r·long)
+which is the DESIGN.md §5 floor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_kernels.ops import check_fused_galore_step
+from lowrank_kernels.reference import is_right_side
+
+MAX_RANK_PAD = 512  # R_PAD limit: the R/N tile lives in registers (see candidate_configs)
+
+
+@triton.jit
+def _tile_offsets(offs_own, offs_other, stride, RIGHT: tl.constexpr):
+    """Element offsets of an (owned, other) tile of a row-major matrix with row stride ``stride``
+    whose rows are the owned axis on the right side and the other axis on the left side."""
+    if RIGHT:
+        return offs_own[:, None] * stride + offs_other[None, :]
+    else:
+        return offs_own[:, None] + offs_other[None, :] * stride
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRETED: tl.constexpr):
+    """acc + a·b: tensor cores when both operands share a 16-bit type, else an exact fp32 dot.
+
+    Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584,
+    "not supported yet"), so there bfloat16 operands are widened first: products of bf16 values
+    are exact in fp32, so this is the tensor-core arithmetic up to summation order."""
+    tensor_cores = a.dtype == b.dtype and a.dtype != tl.float32
+    if tensor_cores and not (INTERPRETED and a.dtype == tl.bfloat16):
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def _fused_galore_step_kernel(
+    W_ptr, G_ptr, Proj_ptr, ExpAvg_ptr, ExpAvgSq_ptr,
+    stride_wm, stride_gm, stride_projm, stride_statem,
+    M, N, R,
+    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, update_scale,
+    RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
+    R_PAD: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """One GaLore AdamW step on BLOCK_OWN rows (RIGHT) or columns (left) of an M×N weight.
+
+    R_tile = Σ_chunks G[own, chunk] · proj[chunk, :]  (owned × R_PAD, fp32), Adam on M, V of the
+    owned slice, then W[own, chunk] ← decay·W − update_scale·(N · proj[:, chunk]) chunk by chunk.
+    """
+    if RIGHT:
+        OWN = M
+        LONG = N
+    else:
+        OWN = N
+        LONG = M
+    pid = tl.program_id(0)
+    if INDEX_64:
+        pid = pid.to(tl.int64)
+    offs_own = pid * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    offs_r = tl.arange(0, R_PAD)
+    own_mask = offs_own < OWN
+    r_mask = offs_r < R
+
+    # 1. R for the owned slice, reduced over the whole long axis by this program alone.
+    proj_low = tl.zeros((BLOCK_OWN, R_PAD), dtype=tl.float32)
+    for start in range(0, LONG, BLOCK_LONG):
+        offs_long = start + tl.arange(0, BLOCK_LONG)
+        long_mask = offs_long < LONG
+        g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, RIGHT),
+                    mask=own_mask[:, None] & long_mask[None, :], other=0.0)
+        # the basis as a (long, r) tile: Qᵀ on the right, P on the left
+        basis = tl.load(Proj_ptr + tl.trans(_tile_offsets(offs_r, offs_long, stride_projm, RIGHT)),
+                        mask=long_mask[:, None] & r_mask[None, :], other=0.0)
+        proj_low = _dot(g, basis, proj_low, INTERPRETED)
+
+    # 2. Adam on the owned slice of M and V (fp32 arithmetic, one rounding on store).
+    state_offs = _tile_offsets(offs_own, offs_r, stride_statem, RIGHT)
+    state_mask = own_mask[:, None] & r_mask[None, :]
+    exp_avg = tl.load(ExpAvg_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+    exp_avg_sq = tl.load(ExpAvgSq_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+    exp_avg = beta1 * exp_avg + one_minus_beta1 * proj_low
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * proj_low * proj_low
+    tl.store(ExpAvg_ptr + state_offs, exp_avg.to(ExpAvg_ptr.dtype.element_ty), mask=state_mask)
+    tl.store(ExpAvgSq_ptr + state_offs, exp_avg_sq.to(ExpAvgSq_ptr.dtype.element_ty),
+             mask=state_mask)
+    # padding must be exactly 0 (not 0/(0+eps), NaN when eps = 0): it multiplies the basis below
+    normalized = tl.where(state_mask, tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps), 0.0)
+    w_type = W_ptr.dtype.element_ty
+    if w_type != tl.float32:
+        normalized = normalized.to(w_type)
+
+    # 3. One pass over the owned strip of W, with the decay folded into the same store.
+    for start in range(0, LONG, BLOCK_LONG):
+        offs_long = start + tl.arange(0, BLOCK_LONG)
+        long_mask = offs_long < LONG
+        basis = tl.load(Proj_ptr + _tile_offsets(offs_r, offs_long, stride_projm, RIGHT),
+                        mask=r_mask[:, None] & long_mask[None, :], other=0.0)
+        if w_type != tl.float32:
+            basis = basis.to(w_type)
+        back = _dot(normalized, basis, tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32),
+                    INTERPRETED)
+        w_offs = _tile_offsets(offs_own, offs_long, stride_wm, RIGHT)
+        w_mask = own_mask[:, None] & long_mask[None, :]
+        w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+        tl.store(W_ptr + w_offs, (decay * w - update_scale * back).to(w_type), mask=w_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes and launch shape of one compiled variant of the kernel."""
+
+    block_own: int  # rows (right side) or columns (left side) of W owned by one program
+    block_long: int  # width of one streamed chunk along the other axis
+    r_pad: int  # rank padded to a power of two (the register tile of R and N)
+    num_warps: int
+    num_stages: int
+
+
+# Default block sizes per padded rank and dot kind ("tc": both projection operands 16-bit, tensor
+# cores; "fp32": exact fp32 FMA dot). The R/N tile (block_own × r_pad fp32) is kept at most 64
+# registers per thread (block_own·r_pad ≤ 64·32·num_warps), which leaves room for N in W's type,
+# the chunk accumulator and addresses without spilling (tests/test_triton_aot.py checks it with
+# ptxas for sm_89 and sm_90). Shared memory (num_stages × the G and basis chunks) stays under
+# sm_89's 99 KiB so one table serves Ada and Hopper.
+_DEFAULT_BLOCKS: dict[tuple[int, str], tuple[int, int, int, int]] = {
+    # (r_pad, dot kind): (block_own, block_long, num_warps, num_stages)
+    (16, "tc"): (64, 64, 4, 2),
+    (32, "tc"): (64, 64, 4, 2),
+    (64, "tc"): (64, 64, 4, 2),
+    (128, "tc"): (64, 64, 4, 2),
+    (256, "tc"): (64, 64, 8, 2),
+    (512, "tc"): (32, 32, 8, 2),
+    (16, "fp32"): (64, 32, 4, 2),
+    (32, "fp32"): (64, 32, 4, 2),
+    (64, "fp32"): (64, 32, 4, 2),
+    (128, "fp32"): (64, 32, 4, 2),
+    (256, "fp32"): (64, 32, 8, 2),
+    (512, "fp32"): (32, 32, 8, 2),
+}
+_MIN_BLOCK_OWN = 16  # tl.dot's smallest tile side
+_DEFAULT_NUM_SMS = 132  # H100 SXM; used when no GPU can be queried (interpreter, AOT)
+
+
+def rank_pad(rank: int) -> int:
+    """The register tile width for ``rank``: the next power of two, at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def dot_kind(grad_dtype: torch.dtype, proj_dtype: torch.dtype) -> str:
+    """'tc' when the projection dot runs on tensor cores, else 'fp32'."""
+    return "tc" if grad_dtype == proj_dtype and grad_dtype != torch.float32 else "fp32"
+
+
+def pick_config(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
+                num_sms: int = _DEFAULT_NUM_SMS) -> KernelConfig:
+    """The launch configuration for an m×n weight at rank ``rank``.
+
+    Heuristic: the table above by (padded rank, dot kind); then, since the long-axis reduction
+    cannot be split (nonlinear epilogue), block_own is halved (down to 16) while the grid has
+    fewer programs than the GPU has SMs, so that a 4096×4096 weight still fills an H100.
+    """
+    r_pad = rank_pad(rank)
+    if r_pad > MAX_RANK_PAD:
+        raise ValueError(f"proj: rank r={rank} exceeds the Triton kernel's limit of "
+                         f"{MAX_RANK_PAD}; use backend='cuda' or 'cpu'")
+    block_own, block_long, num_warps, num_stages = _DEFAULT_BLOCKS[(r_pad,
+                                                                    dot_kind(grad_dtype,
+                                                                             proj_dtype))]
+    own = m if is_right_side(m, n) else n
+    while block_own > _MIN_BLOCK_OWN and triton.cdiv(own, block_own) < num_sms:
+        block_own //= 2
+    return KernelConfig(block_own, block_long, r_pad, num_warps, num_stages)
+
+
+def candidate_configs() -> list[tuple[str, KernelConfig]]:
+    """Every configuration ``pick_config`` can return, each with its dot kind: the table
+    defaults and their block_own halvings (the AOT test compiles all of them)."""
+    configs = []
+    for (r_pad, kind), (block_own, block_long, num_warps, num_stages) in _DEFAULT_BLOCKS.items():
+        while True:
+            configs.append((kind, KernelConfig(block_own, block_long, r_pad, num_warps,
+                                               num_stages)))
+            if block_own <= _MIN_BLOCK_OWN:
+                break
+            block_own //= 2
+    return configs
+
+
+def default_configs() -> list[tuple[str, KernelConfig]]:
+    """The table entries themselves (what a weight with enough rows or columns gets)."""
+    return [(kind, KernelConfig(*blocks[:2], r_pad, *blocks[2:]))
+            for (r_pad, kind), blocks in _DEFAULT_BLOCKS.items()]
+
+
+def _round_to_fp32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
+
+
+def adam_coeffs(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                scale: float, step: int) -> dict[str, float]:
+    """The per-step scalars of adam.h ``make_adam_coeffs``: computed in double (Python floats),
+    rounded to fp32 once."""
+    bias1 = 1.0 - math.pow(beta1, float(step))
+    bias2 = 1.0 - math.pow(beta2, float(step))
+    alpha_t = lr * math.sqrt(bias2) / bias1
+    decay = 1.0 - lr * weight_decay
+    coeffs = dict(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1,
+                  one_minus_beta2=1.0 - beta2, eps=eps, decay=decay,
+                  update_scale=decay * alpha_t * scale)
+    return {k: _round_to_fp32(v) for k, v in coeffs.items()}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_NUM_SMS
+
+
+def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
+                      exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, scale: float,
+                      step: int) -> None:
+    """One fused GaLore AdamW step in place (see the module docstring), one kernel launch.
+
+    Same contract as ``lowrank_kernels.ops.fused_galore_step`` with a dense basis and float
+    weights; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    """
+    rank = check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1,
+                                   beta2=beta2, eps=eps, step=step)
+    if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got device {param.device}")
+    m, n = param.shape
+    right = is_right_side(m, n)
+    config = pick_config(m, n, rank, grad.dtype, proj.dtype, _num_sms(param.device))
+    coeffs = adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step)
+    grid = (triton.cdiv(m if right else n, config.block_own),)
+    # int32 offsets overflow past 2**31 elements (offsets reach m·n, or r·long for the basis)
+    index_64 = max(param.numel(), proj.numel(), exp_avg.numel()) >= 2**31
+    _fused_galore_step_kernel[grid](
+        param, grad, proj, exp_avg, exp_avg_sq,
+        param.stride(0), grad.stride(0), proj.stride(0), exp_avg.stride(0),
+        m, n, rank, **coeffs,
+        RIGHT=right, BLOCK_OWN=config.block_own, BLOCK_LONG=config.block_long,
+        R_PAD=config.r_pad, INDEX_64=index_64, INTERPRETED=param.device.type == "cpu",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )

@@ -35,4 +35,10 @@ TORCH_LIBRARY(lowrank, m) {
   // ---- quantization (DESIGN.md §4.3-§4.4) ----
 
   // ---- DCT projection (DESIGN.md §4.5) ----
+  // Top-r rows of the orthonormal DCT-II basis of size d = min(m, n) by the l1 (norm=1) or l2
+  // (norm=2) norm of G's DCT coefficients along its short side; returns (int32 indices ascending,
+  // low_rank = R for those rows, fp32). method: 'auto' picks 'fft' or 'dense' by d.
+  m.def("dct_select(Tensor grad, int rank, int norm=1, *, str method='auto') -> (Tensor, Tensor)");
+  // Rows `indices` (int32) of the size-d DCT-II basis, an r x d fp32 tensor.
+  m.def("dct_basis(int d, Tensor indices) -> Tensor");
 }

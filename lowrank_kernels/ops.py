@@ -147,10 +147,60 @@ def check_hyperparameters(beta1: float, beta2: float, eps: float, step: int) -> 
         raise ValueError(f"step: expected the already-incremented step (>= 1), got {step}")
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    """Fake (meta/tracing) tensors carry no values to check."""
+    return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
+
+
+def check_dct_indices(indices: torch.Tensor, d: int, name: str, *, check_values: bool = True
+                      ) -> int:
+    """Validates DCT row indices of a size-d basis (1-D int32, length r in [1, d]) and returns r.
+
+    With ``check_values`` it also checks that they lie in [0, d) and do not repeat; on a GPU this
+    reads the indices back (a host sync), which is why the C++ kernels check values only for CPU
+    tensors (csrc/include/lowrank/checks.h)."""
+    if indices.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor of DCT row indices, got {indices.dim()}-D")
+    if indices.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype int32, got {indices.dtype}")
+    rank = indices.shape[0]
+    if not 1 <= rank <= d:
+        raise ValueError(f"{name}: rank r={rank} must lie in [1, d={d}]")
+    if check_values:
+        values = indices.tolist()
+        bad = [v for v in values if not 0 <= v < d]
+        if bad:
+            raise ValueError(f"{name}: index {bad[0]} is outside [0, d={d})")
+        if len(set(values)) != rank:
+            repeated = next(v for v in values if values.count(v) > 1)
+            raise ValueError(f"{name}: index {repeated} is repeated")
+    return rank
+
+
+def check_dct_projection(m: int, n: int, proj: torch.Tensor, *, check_values: bool = True) -> int:
+    """Validates DCT indices standing for the basis of an m×n weight (d = n right, m left)."""
+    d = n if reference.is_right_side(m, n) else m
+    return check_dct_indices(proj, d, "proj", check_values=check_values)
+
+
+def check_dct_select(grad: torch.Tensor, rank: int, norm: int, method: str = "auto") -> None:
+    _check_float_matrix(grad, "grad")
+    d = min(grad.shape)
+    if d < 1:
+        raise ValueError(f"grad: expected a non-empty matrix, got shape {list(grad.shape)}")
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank: expected a value in [1, min(m, n)={d}], got {rank}")
+    if norm not in (1, 2):
+        raise ValueError(f"norm: expected 1 or 2, got {norm}")
+    if method not in ("auto", "fft", "dense"):
+        raise ValueError(f"method: expected 'auto', 'fft' or 'dense', got {method!r}")
+
+
 def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step,
                             proj_scales=None, proj_zeros=None, param_scales=None,
                             param_zeros=None) -> int:
-    """Validates a dense-projection, float-weight fused step; returns the rank."""
+    """Validates a fused step with a float weight and a dense (or DCT-index) projection; returns
+    the rank."""
     _check_float_matrix(param, "param")
     _check_contiguous(param, "param")
     _check_float_matrix(grad, "grad")
@@ -161,7 +211,10 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, be
     _check_contiguous(grad, "grad")
     _check_same_device(proj, param, "proj")
     m, n = param.shape
-    rank = check_dense_projection(m, n, proj)
+    if proj.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):  # DCT indices
+        rank = check_dct_projection(m, n, proj, check_values=not _is_fake(proj))
+    else:
+        rank = check_dense_projection(m, n, proj)
     _check_contiguous(proj, "proj")
     shape = low_rank_shape(m, n, rank)
     _check_state(exp_avg, param, shape, "exp_avg")
@@ -240,10 +293,55 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
                             eps=eps, step=step, proj_scales=proj_scales, proj_zeros=proj_zeros,
                             param_scales=param_scales, param_zeros=param_zeros)
+    if proj.dtype == torch.int32:  # DCT indices: the dense rows they stand for (§4.5)
+        if chosen == "reference":
+            reference.fused_galore_step_dct(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
+            return
+        # Interim: until the Triton kernel generates DCT values on the fly, give it the rows.
+        proj = dct_basis(param.shape[1] if reference.is_right_side(*param.shape)
+                         else param.shape[0], proj, backend="reference")
+        if not reference.is_right_side(*param.shape):
+            proj = proj.T.contiguous()
     if chosen == "triton":
         _triton_impl("fused_galore_step")(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
     else:
         reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
+
+
+# --------------------------------------------------------------------------------------------
+# DCT projection (DESIGN.md §4.5)
+# --------------------------------------------------------------------------------------------
+def dct_select(grad: torch.Tensor, rank: int, norm: int = 1, *, method: str = "auto",
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Picks the rank rows of the orthonormal DCT-II basis (size d = min(m, n)) best aligned with G
+    and projects G onto them (DESIGN.md §4.5). Side by §4.1.
+
+    right (m ≥ n): X = G Cᵀ (m×d), score_k = ‖X[:, k]‖_norm, R = X[:, idx] (m×r)
+    left  (m < n): X = C G (d×n), score_k = ‖X[k, :]‖_norm, R = X[idx, :] (r×n)
+
+    Returns ``(idx, R)``: idx int32 (length r, increasing; ties go to the lower index), R fp32.
+    ``method`` (cpu backend): "fft" (Makhoul rfft, O(m·n·log d)), "dense" (GEMM with C) or "auto"
+    (by d). The result is the dense basis' projection: ``project(G, dct_basis(d, idx))`` on the
+    right, with ``dct_basis(d, idx).T`` on the left.
+    """
+    chosen = resolve_backend("dct_select", grad.device, backend)
+    if chosen in ("cpu", "cuda"):
+        return torch.ops.lowrank.dct_select(grad, rank, norm, method=method)
+    check_dct_select(grad, rank, norm, method)
+    return reference.dct_select(grad, rank, norm)
+
+
+def dct_basis(d: int, indices: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Rows ``indices`` (int32, distinct, in [0, d)) of the orthonormal DCT-II basis of size d:
+    C[k, i] = c_k·cos(π(2i+1)k/(2d)), an r×d fp32 tensor (rows of
+    ``scipy.fft.dct(eye(d), norm="ortho", axis=0)``)."""
+    if d < 1:
+        raise ValueError(f"d: expected a basis size >= 1, got {d}")
+    chosen = resolve_backend("dct_basis", indices.device, backend)
+    if chosen in ("cpu", "cuda"):
+        return torch.ops.lowrank.dct_basis(d, indices)
+    check_dct_indices(indices, d, "indices")
+    return reference.dct_basis(d, indices)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +374,20 @@ if _extension.AVAILABLE:
                                 beta2=beta2, eps=eps, step=step, proj_scales=proj_scales,
                                 proj_zeros=proj_zeros, param_scales=param_scales,
                                 param_zeros=param_zeros)
+
+    @torch.library.register_fake("lowrank::dct_select")
+    def _dct_select_fake(grad, rank, norm=1, *, method="auto"):
+        check_dct_select(grad, rank, norm, method)
+        shape = low_rank_shape(*grad.shape, rank)
+        return (grad.new_empty((rank,), dtype=torch.int32),
+                grad.new_empty(shape, dtype=torch.float32))
+
+    @torch.library.register_fake("lowrank::dct_basis")
+    def _dct_basis_fake(d, indices):
+        if d < 1:
+            raise ValueError(f"d: expected a basis size >= 1, got {d}")
+        rank = check_dct_indices(indices, d, "indices", check_values=False)
+        return indices.new_empty((rank, d), dtype=torch.float32)
 
     def _setup_project(ctx, inputs, output):
         grad, proj = inputs

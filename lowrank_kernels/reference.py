@@ -64,3 +64,67 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     param.copy_(w)
     exp_avg.copy_(exp_avg32)
     exp_avg_sq.copy_(exp_avg_sq32)
+
+
+# --------------------------------------------------------------------------------------------
+# DCT projection (DESIGN.md §4.5)
+# --------------------------------------------------------------------------------------------
+def dct_basis(d: int, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` of the orthonormal DCT-II basis of size d, an r×d fp32 tensor:
+    C[k, i] = c_k·cos(π(2i+1)k/(2d)), c_0 = √(1/d), c_k = √(2/d) (= scipy.fft.dct(eye(d),
+    norm="ortho", axis=0)). Computed in float64 with the phase (2i+1)k reduced mod 4d exactly."""
+    k = indices.to(torch.int64).reshape(-1, 1)
+    i = torch.arange(d, dtype=torch.int64, device=indices.device).reshape(1, -1)
+    phase = ((2 * i + 1) * k) % (4 * d)
+    scale = torch.where(k == 0, math.sqrt(1.0 / d), math.sqrt(2.0 / d)).to(torch.float64)
+    return (scale * torch.cos(phase.to(torch.float64) * (math.pi / (2 * d)))).float()
+
+
+def dct_coefficients(grad: torch.Tensor) -> torch.Tensor:
+    """G's DCT-II coefficients along its short side, fp32: G Cᵀ (m×d, right) or C G (d×n, left)."""
+    m, n = grad.shape
+    right = is_right_side(m, n)
+    d = n if right else m
+    basis = dct_basis(d, torch.arange(d, device=grad.device))
+    g = grad.float()
+    return g @ basis.T if right else basis @ g
+
+
+def dct_scores(grad: torch.Tensor, norm: int = 1) -> torch.Tensor:
+    """Per-frequency alignment: the ℓ1 (norm=1) or ℓ2 (norm=2) norm of each column (right) or row
+    (left) of dct_coefficients(grad), length d = min(m, n)."""
+    coeffs = dct_coefficients(grad)
+    return torch.linalg.vector_norm(coeffs, ord=norm, dim=0 if is_right_side(*grad.shape) else 1)
+
+
+def top_r_indices(scores: torch.Tensor, rank: int) -> torch.Tensor:
+    """The r highest scores (ties to the lower index, NaN highest), as int32 in increasing order."""
+    best = torch.sort(scores, descending=True, stable=True).indices[:rank]
+    return torch.sort(best).values.to(torch.int32)
+
+
+def dct_select(grad: torch.Tensor, rank: int, norm: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, R): the rank DCT-II rows best aligned with G and the projection onto them,
+    R = (G Cᵀ)[:, idx] (m×r, right) or (C G)[idx, :] (r×n, left), taken from the same
+    coefficients that were scored (no second GEMM)."""
+    coeffs = dct_coefficients(grad)
+    right = is_right_side(*grad.shape)
+    scores = torch.linalg.vector_norm(coeffs, ord=norm, dim=0 if right else 1)
+    idx = top_r_indices(scores, rank)
+    low_rank = coeffs[:, idx.long()] if right else coeffs[idx.long(), :]
+    return idx, low_rank.contiguous()
+
+
+def dct_projection(indices: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    """The dense basis that DCT indices stand for in fused_galore_step: Q = C[idx, :] (r×n, right)
+    or P = C[idx, :]ᵀ (m×r, left)."""
+    right = is_right_side(m, n)
+    rows = dct_basis(n if right else m, indices)
+    return rows if right else rows.T.contiguous()
+
+
+def fused_galore_step_dct(param: torch.Tensor, grad: torch.Tensor, indices: torch.Tensor,
+                          exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, **hyper) -> None:
+    """fused_galore_step with DCT row indices in place of the dense basis (DESIGN.md §4.5)."""
+    fused_galore_step(param, grad, dct_projection(indices, *param.shape), exp_avg, exp_avg_sq,
+                      **hyper)

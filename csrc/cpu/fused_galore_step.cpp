@@ -17,6 +17,7 @@
 
 #include <algorithm>
 
+#include "dct_cpu.h"
 #include "lowrank/adam.h"
 #include "lowrank/checks.h"
 
@@ -111,6 +112,15 @@ at::Tensor grad_tile_f32(const at::Tensor& g_tile, at::Tensor& buf) {
   return dst;
 }
 
+// ---- DCT indices (DESIGN.md §4.5) ----
+// An int32 proj names rows of the size-d DCT-II basis. Their values are generated here from
+// lowrank/dct.h (r x d, O(r*d), far below the GEMMs) and then serve as the dense basis, so every
+// path below (dense or INT8 weights) is shared: Q = C[idx, :] (right) or P = C[idx, :]^T (left).
+at::Tensor dct_projection_basis(const at::Tensor& indices, const StepGeometry& g) {
+  const at::Tensor rows = dct_rows_cpu(g.right ? g.n : g.m, indices);
+  return g.right ? rows : rows.t().contiguous();
+}
+
 void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
                            at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
                            double beta2, double eps, double weight_decay, double scale,
@@ -129,7 +139,8 @@ void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::
   const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
 
   // The basis in fp32 (a view when it already is): r x n (right) or m x r (left).
-  const at::Tensor basis = proj.to(at::kFloat).contiguous();
+  const at::Tensor basis = proj.scalar_type() == at::kInt ? dct_projection_basis(proj, g)
+                                                          : proj.to(at::kFloat).contiguous();
   const int64_t lines = g.right ? g.m : g.n;  // rows (right) or columns (left) of W
   const int64_t extent = tile_extent(lines, g.r);
   const int64_t tiles = (lines + extent - 1) / extent;

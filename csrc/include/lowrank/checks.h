@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 namespace lowrank {
 
@@ -74,7 +75,40 @@ inline void check_hyperparameters(double beta1, double beta2, double eps, int64_
   TORCH_CHECK_VALUE(step >= 1, "step: expected the already-incremented step (>= 1), got ", step);
 }
 
-// Validates a fused_galore_step call with a dense floating-point projection and weight.
+// ---- DCT indices (DESIGN.md §4.5) ----
+// An int32 proj holds r row indices of the size-d DCT-II basis, d = the projected dimension.
+// Shape and dtype are checked everywhere; values (range, repeats) only where they are on the host:
+// reading device memory would cost a host sync per call, so GPU callers rely on dct_select (which
+// only produces valid indices) or on ops.check_dct_indices.
+inline void check_dct_indices(const at::Tensor& indices, int64_t d, const char* name) {
+  TORCH_CHECK_VALUE(indices.dim() == 1, name, ": expected a 1-D tensor of DCT row indices, got ",
+                    indices.dim(), "-D");
+  TORCH_CHECK_VALUE(indices.scalar_type() == at::kInt, name, ": expected dtype int32, got ",
+                    indices.scalar_type());
+  const int64_t r = indices.size(0);
+  TORCH_CHECK_VALUE(r >= 1 && r <= d, name, ": rank r=", r, " must lie in [1, d=", d, "]");
+  if (!indices.device().is_cpu()) return;
+  const at::Tensor host = indices.contiguous();
+  const int32_t* idx = host.data_ptr<int32_t>();
+  std::vector<bool> seen(static_cast<size_t>(d), false);
+  for (int64_t j = 0; j < r; ++j) {
+    TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < d, name, ": index ", idx[j], " at position ", j,
+                      " is outside [0, d=", d, ")");
+    TORCH_CHECK_VALUE(!seen[idx[j]], name, ": index ", idx[j], " is repeated (position ", j, ")");
+    seen[idx[j]] = true;
+  }
+}
+
+// Geometry of a fused step whose proj holds DCT indices: d = n (right, m >= n) or m (left).
+inline StepGeometry check_dct_projection(int64_t m, int64_t n, const at::Tensor& proj) {
+  StepGeometry g{m, n, 0, m >= n};
+  check_dct_indices(proj, g.right ? n : m, "proj");
+  g.r = proj.size(0);
+  return g;
+}
+
+// Validates a fused_galore_step call with a dense floating-point (or DCT-index) projection and a
+// floating-point weight.
 inline StepGeometry check_fused_galore_step(
     const at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double beta1, double beta2,
@@ -89,7 +123,12 @@ inline StepGeometry check_fused_galore_step(
                     param.sizes(), ", got ", grad.sizes());
   check_contiguous(grad, "grad");
   check_same_device(proj, param, "proj");
-  StepGeometry g = check_dense_projection(param.size(0), param.size(1), proj);
+  // Signed integers can only mean DCT indices (uint8 is packed INT4): report them as such.
+  const bool dct = at::isIntegralType(proj.scalar_type(), /*includeBool=*/false) &&
+                   proj.scalar_type() != at::kByte;
+  StepGeometry g = dct
+                       ? check_dct_projection(param.size(0), param.size(1), proj)
+                       : check_dense_projection(param.size(0), param.size(1), proj);
   check_contiguous(proj, "proj");
   check_state(exp_avg, param, g, "exp_avg");
   check_state(exp_avg_sq, param, g, "exp_avg_sq");

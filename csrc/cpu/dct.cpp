@@ -1,0 +1,272 @@
+// DCT-II column selection and basis rows on the CPU (DESIGN.md §4.5).
+//
+//   lines = rows of G (right, m >= n, d = n)  or  columns of G (left, m < n, d = m)
+//   X[l, k] = sum_i C[k, i] * line_l[i]           the DCT-II of every line (C from lowrank/dct.h)
+//   score_k = sum_l |X[l, k]|  (norm=1)  or  sum_l X[l, k]^2  (norm=2; same order as the norm)
+//   idx = the r largest scores, ties to the lower k, returned in increasing k
+//   low_rank = X[:, idx] (m x r, right)  or  X[:, idx]^T (r x n, left): no second GEMM.
+//
+// Two ways to get X, picked by d (kFftMinSize, measured by bench/bench_refresh.py):
+//   dense: X = lines @ C^T through at::mm, 2*lines*d^2 flops, C generated once per call;
+//   fft:   Makhoul's reordering v = (x0, x2, x4, ..., x5, x3, x1), V = rfft(v) (real input), then
+//          X_k = c_k * Re(exp(-i*pi*k/(2d)) * V_k), with V_k = conj(V_{d-k}) for k > d/2:
+//          O(lines * d * log d) and no d x d matrix.
+// Tiling (both paths): a tile is a block of consecutive lines. On the fft path each task gathers a
+// tile in Makhoul order (converted to fp32) into a cache-resident buffer, runs one batched rfft on
+// it and writes the tile's rows of X while adding the tile's per-frequency partial scores. Partials
+// are summed in tile order, so the result does not depend on the thread count.
+// DRAM: G read once, X (lines x d fp32) written once and r/d of it read back for low_rank.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/complex.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "dct_cpu.h"
+#include "lowrank/checks.h"
+#include "lowrank/dct.h"
+
+namespace lowrank {
+
+namespace {
+
+// From this basis size on, the fft path beats the dense GEMM (bench/bench_refresh.py --crossover).
+constexpr int64_t kFftMinSize = 128;
+
+// cos(pi * j / (2d)) for every phase j in [0, 4d): the values of dct_cos_phase, computed once so
+// that generating r x d basis values costs a table lookup each, not a cosf.
+std::vector<float> phase_table(int64_t d) {
+  std::vector<float> table(static_cast<size_t>(4 * d));
+  for (int64_t j = 0; j < 4 * d; ++j) table[j] = dct_cos_phase(j, d);
+  return table;
+}
+
+}  // namespace
+
+at::Tensor dct_rows_cpu(int64_t d, const at::Tensor& indices) {
+  const at::Tensor idx = indices.contiguous();
+  const int64_t r = idx.size(0);
+  at::Tensor out = at::empty({r, d}, at::TensorOptions().dtype(at::kFloat));
+  const std::vector<float> table = phase_table(d);
+  const int32_t* rows = idx.data_ptr<int32_t>();
+  float* values = out.data_ptr<float>();
+  at::parallel_for(0, r, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t k = rows[j];
+      const float c = dct_scale(k, d);
+      const int64_t stride = (2 * k) % (4 * d);  // phase of i+1 = phase of i + 2k (mod 4d)
+      int64_t phase = k % (4 * d);
+      float* row = values + j * d;
+      for (int64_t i = 0; i < d; ++i) {
+        row[i] = c * table[phase];  // == dct_basis_value(k, i, d)
+        phase += stride;
+        if (phase >= 4 * d) phase -= 4 * d;
+      }
+    }
+  });
+  return out;
+}
+
+namespace {
+
+struct Geometry {
+  int64_t m, n, d, lines;
+  bool right;
+};
+
+// Lines per tile: a tile of X (and its rfft workspace) stays near 256 KiB, in L2.
+int64_t tile_lines(const Geometry& g) {
+  return std::clamp<int64_t>((int64_t{1} << 16) / g.d, 8, 256);
+}
+
+// partial[k] += |x[k]| (norm 1) or x[k]^2 (norm 2), in double so the sum over many lines keeps
+// fp32 resolution for ranking.
+void add_line_scores(const float* x, int64_t d, int64_t norm, double* partial) {
+  if (norm == 1) {
+    for (int64_t k = 0; k < d; ++k) partial[k] += std::fabs(static_cast<double>(x[k]));
+  } else {
+    for (int64_t k = 0; k < d; ++k) partial[k] += static_cast<double>(x[k]) * x[k];
+  }
+}
+
+// Source position of each Makhoul-ordered element: evens ascending, then odds descending.
+std::vector<int64_t> makhoul_order(int64_t d) {
+  std::vector<int64_t> order(static_cast<size_t>(d));
+  const int64_t evens = (d + 1) / 2;
+  for (int64_t p = 0; p < d; ++p) order[p] = p < evens ? 2 * p : 2 * (d - 1 - p) + 1;
+  return order;
+}
+
+// Copies lines [start, start+len) of G in Makhoul order into dst (len x d, fp32).
+template <typename scalar_t>
+void gather_tile(const scalar_t* grad, const Geometry& g, const std::vector<int64_t>& order,
+                 int64_t start, int64_t len, float* dst) {
+  if (g.right) {  // a line is a contiguous row of G
+    for (int64_t t = 0; t < len; ++t) {
+      const scalar_t* src = grad + (start + t) * g.n;
+      float* out = dst + t * g.d;
+      for (int64_t p = 0; p < g.d; ++p) out[p] = static_cast<float>(src[order[p]]);
+    }
+  } else {  // a line is a column: read row segments contiguously, write them transposed
+    for (int64_t p = 0; p < g.d; ++p) {
+      const scalar_t* src = grad + order[p] * g.n + start;
+      for (int64_t t = 0; t < len; ++t) dst[t * g.d + p] = static_cast<float>(src[t]);
+    }
+  }
+}
+
+// X and the per-tile partial scores through Makhoul's rfft (see the file comment).
+void fft_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm, int64_t lines_per,
+                      float* x_lines, double* partials) {
+  const int64_t d = g.d;
+  const int64_t bins = d / 2 + 1;
+  // c_k * cos(pi k / 2d) and c_k * sin(pi k / 2d), rounded once from double.
+  std::vector<float> tw_cos(d), tw_sin(d);
+  for (int64_t k = 0; k < d; ++k) {
+    const double c = k == 0 ? std::sqrt(1.0 / d) : std::sqrt(2.0 / d);
+    const double angle = M_PI * static_cast<double>(k) / (2.0 * d);
+    tw_cos[k] = static_cast<float>(c * std::cos(angle));
+    tw_sin[k] = static_cast<float>(c * std::sin(angle));
+  }
+  const std::vector<int64_t> order = makhoul_order(d);
+  const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
+  const auto f32 = grad.options().dtype(at::kFloat);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor in = at::empty({lines_per, d}, f32);
+    at::Tensor spec = at::empty({lines_per, bins}, f32.dtype(at::kComplexFloat));
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t start = tile * lines_per;
+      const int64_t len = std::min(lines_per, g.lines - start);
+      at::Tensor in_tile = in.narrow(0, 0, len);
+      at::Tensor spec_tile = spec.narrow(0, 0, len);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
+                                      "lowrank_dct_gather", [&] {
+        gather_tile<scalar_t>(grad.data_ptr<scalar_t>(), g, order, start, len,
+                              in_tile.data_ptr<float>());
+      });
+      at::fft_rfft_out(spec_tile, in_tile, std::nullopt, /*dim=*/1);
+      const c10::complex<float>* v = spec_tile.data_ptr<c10::complex<float>>();
+      for (int64_t t = 0; t < len; ++t) {
+        const c10::complex<float>* vl = v + t * bins;
+        float* x = x_lines + (start + t) * d;
+        for (int64_t k = 0; k < bins && k < d; ++k) {
+          x[k] = vl[k].real() * tw_cos[k] + vl[k].imag() * tw_sin[k];
+        }
+        for (int64_t k = bins; k < d; ++k) {  // V_k = conj(V_{d-k})
+          x[k] = vl[d - k].real() * tw_cos[k] - vl[d - k].imag() * tw_sin[k];
+        }
+        add_line_scores(x, d, norm, partials + tile * d);
+      }
+    }
+  });
+}
+
+// X = lines @ C^T with the full d x d basis, then the per-tile partial scores.
+void dense_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm,
+                        int64_t lines_per, at::Tensor& x_lines, double* partials) {
+  at::Tensor all = at::arange(g.d, at::TensorOptions().dtype(at::kInt));
+  const at::Tensor basis = dct_rows_cpu(g.d, all);  // C, d x d
+  const at::Tensor g32 = grad.to(at::kFloat);
+  at::mm_out(x_lines, g.right ? g32 : g32.t(), basis.t());
+  const float* x = x_lines.data_ptr<float>();
+  const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t stop = std::min(g.lines, (tile + 1) * lines_per);
+      for (int64_t l = tile * lines_per; l < stop; ++l) {
+        add_line_scores(x + l * g.d, g.d, norm, partials + tile * g.d);
+      }
+    }
+  });
+}
+
+// The r best frequencies (NaN ranks highest, as in torch.sort; ties go to the lower index), in
+// increasing order.
+std::vector<int32_t> top_r(const std::vector<double>& scores, int64_t r) {
+  std::vector<int32_t> order(scores.size());
+  std::iota(order.begin(), order.end(), 0);
+  auto better = [&](int32_t a, int32_t b) {
+    const double sa = scores[a], sb = scores[b];
+    const bool nan_a = std::isnan(sa), nan_b = std::isnan(sb);
+    if (nan_a != nan_b) return nan_a;
+    if (!nan_a && sa != sb) return sa > sb;
+    return a < b;
+  };
+  std::nth_element(order.begin(), order.begin() + (r - 1), order.end(), better);
+  order.resize(r);
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_t rank,
+                                                  int64_t norm, c10::string_view method) {
+  check_float_matrix(grad, "grad");
+  TORCH_CHECK_VALUE(grad.device().is_cpu(), "grad: expected a CPU tensor, got ", grad.device());
+  const int64_t m = grad.size(0), n = grad.size(1);
+  Geometry g{m, n, 0, 0, m >= n};
+  g.d = g.right ? n : m;
+  g.lines = g.right ? m : n;
+  TORCH_CHECK_VALUE(g.d >= 1 && g.lines >= 1, "grad: expected a non-empty matrix, got shape ",
+                    grad.sizes());
+  TORCH_CHECK_VALUE(rank >= 1 && rank <= g.d, "rank: expected a value in [1, min(m, n)=", g.d,
+                    "], got ", rank);
+  TORCH_CHECK_VALUE(norm == 1 || norm == 2, "norm: expected 1 or 2, got ", norm);
+  TORCH_CHECK_VALUE(method == "auto" || method == "fft" || method == "dense",
+                    "method: expected 'auto', 'fft' or 'dense', got '", std::string(method), "'");
+  const bool use_fft = method == "fft" || (method == "auto" && g.d >= kFftMinSize);
+
+  const at::Tensor src = grad.contiguous();
+  const int64_t lines_per = tile_lines(g);
+  const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
+  at::Tensor x_lines = at::empty({g.lines, g.d}, src.options().dtype(at::kFloat));
+  std::vector<double> partials(static_cast<size_t>(tiles * g.d), 0.0);
+  if (use_fft) {
+    fft_coefficients(src, g, norm, lines_per, x_lines.data_ptr<float>(), partials.data());
+  } else {
+    dense_coefficients(src, g, norm, lines_per, x_lines, partials.data());
+  }
+  std::vector<double> scores(static_cast<size_t>(g.d), 0.0);
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    for (int64_t k = 0; k < g.d; ++k) scores[k] += partials[tile * g.d + k];
+  }
+  const std::vector<int32_t> chosen = top_r(scores, rank);
+
+  at::Tensor indices = at::empty({rank}, src.options().dtype(at::kInt));
+  std::copy(chosen.begin(), chosen.end(), indices.data_ptr<int32_t>());
+  at::Tensor low_rank = at::empty(g.right ? std::vector<int64_t>{m, rank}
+                                          : std::vector<int64_t>{rank, n},
+                                  src.options().dtype(at::kFloat));
+  const float* x = x_lines.data_ptr<float>();
+  float* out = low_rank.data_ptr<float>();
+  at::parallel_for(0, g.lines, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t l = begin; l < end; ++l) {
+      const float* line = x + l * g.d;
+      if (g.right) {
+        for (int64_t j = 0; j < rank; ++j) out[l * rank + j] = line[chosen[j]];
+      } else {
+        for (int64_t j = 0; j < rank; ++j) out[j * n + l] = line[chosen[j]];
+      }
+    }
+  });
+  return {indices, low_rank};
+}
+
+at::Tensor dct_basis_cpu(int64_t d, const at::Tensor& indices) {
+  TORCH_CHECK_VALUE(d >= 1, "d: expected a basis size >= 1, got ", d);
+  check_dct_indices(indices, d, "indices");
+  return dct_rows_cpu(d, indices);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("dct_select", &dct_select_cpu);
+  m.impl("dct_basis", &dct_basis_cpu);
+}
+
+}  // namespace lowrank

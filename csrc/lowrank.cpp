@@ -33,6 +33,19 @@ TORCH_LIBRARY(lowrank, m) {
       "Tensor(e!)? param_zeros=None, int param_group_size=256, int seed=0) -> ()");
 
   // ---- quantization (DESIGN.md §4.3-§4.4) ----
+  // Groups are `group_size` consecutive row-major elements of the flattened tensor (the last may
+  // be partial); scales and zeros are fp32, one per group; dequantized results are fp32.
+  // Stochastic rounding draws u = philox_uniform(seed + 2^32 * step, row-major index), step 0
+  // for quantize_int8 (csrc/include/lowrank/philox.h).
+  m.def("philox_uniform(int seed, Tensor offsets) -> Tensor");
+  m.def("quantize_int4(Tensor x, int group_size=256) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dequantize_int4(Tensor packed, Tensor scales, Tensor zeros, int[] shape, "
+      "int group_size=256) -> Tensor");
+  m.def(
+      "quantize_int8(Tensor x, int group_size=256, bool stochastic=False, int seed=0) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def("dequantize_int8(Tensor codes, Tensor scales, Tensor zeros, int group_size=256) -> Tensor");
 
   // ---- DCT projection (DESIGN.md §4.5) ----
   // Top-r rows of the orthonormal DCT-II basis of size d = min(m, n) by the l1 (norm=1) or l2

@@ -21,6 +21,7 @@ tensors raises instead of silently falling back.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Callable
 
@@ -198,9 +199,15 @@ def check_dct_select(grad: torch.Tensor, rank: int, norm: int, method: str = "au
 
 def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step,
                             proj_scales=None, proj_zeros=None, param_scales=None,
-                            param_zeros=None) -> int:
-    """Validates a fused step with a float weight and a dense (or DCT-index) projection; returns
-    the rank."""
+                            param_zeros=None, proj_group_size=256, param_group_size=256,
+                            seed=0) -> int:
+    """Validates a fused step (any projection/weight format); returns the rank."""
+    if proj.dtype == torch.uint8 or param.dtype == torch.uint8:
+        return check_quantized_fused_galore_step(
+            param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step,
+            proj_scales=proj_scales, proj_zeros=proj_zeros, proj_group_size=proj_group_size,
+            param_scales=param_scales, param_zeros=param_zeros,
+            param_group_size=param_group_size, seed=seed)
     _check_float_matrix(param, "param")
     _check_contiguous(param, "param")
     _check_float_matrix(grad, "grad")
@@ -279,6 +286,13 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     ``param``/``grad`` may be fp32, bf16 or fp16, ``exp_avg``/``exp_avg_sq`` fp32 or bf16; all
     arithmetic is fp32 and every stored value is rounded once. No m×n temporary is materialised
     by the cpu, cuda and triton backends.
+
+    Q-GaLore formats (DESIGN.md §4.3-§4.4, see :func:`quantize_int4` / :func:`quantize_int8`):
+    a uint8 ``proj`` is a packed INT4 basis (1-D, with ``proj_scales``/``proj_zeros`` and
+    ``proj_group_size``; the rank is that of ``exp_avg``); a uint8 ``param`` holds INT8 codes
+    whose ``param_scales``/``param_zeros`` are rewritten in place: W' is computed in fp32 from
+    the dequantized weight and stochastically rounded with u = tl.rand(seed + 2**32·step,
+    row-major index), seed in [0, 2**32).
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  scale=scale, step=step)
@@ -291,18 +305,17 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                                             **formats)
         return
     check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
-                            eps=eps, step=step, proj_scales=proj_scales, proj_zeros=proj_zeros,
-                            param_scales=param_scales, param_zeros=param_zeros)
+                            eps=eps, step=step, **formats)
     if proj.dtype == torch.int32:  # DCT indices: the dense rows they stand for (§4.5)
-        if chosen == "reference":
-            reference.fused_galore_step_dct(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
-            return
-        # Interim: until the Triton kernel generates DCT values on the fly, give it the rows.
-        proj = dct_basis(param.shape[1] if reference.is_right_side(*param.shape)
-                         else param.shape[0], proj, backend="reference")
-        if not reference.is_right_side(*param.shape):
-            proj = proj.T.contiguous()
-    if chosen == "triton":
+        # Interim for the Triton backend: until its kernel generates DCT values on the fly, it
+        # gets the r×d rows (the reference is defined this way).
+        proj = reference.dct_projection(proj, *param.shape)
+    quantized = proj.dtype == torch.uint8 or param.dtype == torch.uint8
+    if quantized and chosen == "triton":
+        raise NotImplementedError("backend: no Triton kernel of the INT4/INT8 fused step yet")
+    if quantized:
+        reference.fused_qgalore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper, **formats)
+    elif chosen == "triton":
         _triton_impl("fused_galore_step")(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
     else:
         reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
@@ -373,7 +386,8 @@ if _extension.AVAILABLE:
         check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1,
                                 beta2=beta2, eps=eps, step=step, proj_scales=proj_scales,
                                 proj_zeros=proj_zeros, param_scales=param_scales,
-                                param_zeros=param_zeros)
+                                param_zeros=param_zeros, proj_group_size=proj_group_size,
+                                param_group_size=param_group_size, seed=seed)
 
     @torch.library.register_fake("lowrank::dct_select")
     def _dct_select_fake(grad, rank, norm=1, *, method="auto"):
@@ -429,3 +443,268 @@ if _extension.AVAILABLE:
 
     torch.library.register_autograd("lowrank::project_back", _project_back_backward,
                                     setup_context=_setup_project_back)
+
+
+# --------------------------------------------------------------------------------------------
+# Q-GaLore formats (DESIGN.md §4.3-§4.4): Philox uniforms, INT4/INT8 group quantization.
+# A group is `group_size` consecutive row-major elements of the flattened tensor (the last may be
+# partial; groups may straddle rows); scales and zeros are fp32, one per group. Validation
+# mirrors the quantized section of csrc/include/lowrank/checks.h.
+# --------------------------------------------------------------------------------------------
+MAX_ROUNDING_SEED = 2**32 - 1
+TRITON_IMPLS["philox_uniform"] = "lowrank_kernels.triton_kernels.quant:philox_uniform"
+MAX_ROUNDING_STEP = 2**31 - 1
+
+
+def check_group_size(group_size: int, name: str, *, packed_int4: bool) -> None:
+    if group_size < 1:
+        raise ValueError(f"{name}: expected a positive group size, got {group_size}")
+    if packed_int4 and group_size % 2:
+        raise ValueError(f"{name}: expected an even group size for packed INT4 codes (two per "
+                         f"byte), got {group_size}")
+
+
+def check_group_params(t: torch.Tensor | None, numel: int, group_size: int,
+                       device: torch.device, name: str, what: str) -> None:
+    if t is None:
+        raise ValueError(f"{name}: required with {what}")
+    groups = reference.num_groups(numel, group_size)
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected dtype float32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != groups:
+        raise ValueError(f"{name}: expected shape [{groups}] (ceil({numel} / group size "
+                         f"{group_size})), got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    _check_contiguous(t, name)
+
+
+def check_rounding_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_ROUNDING_SEED:
+        raise ValueError(f"seed: expected a value in [0, 2^32 - 1], got {seed}")
+
+
+def _check_uint8(t: torch.Tensor, name: str, what: str) -> None:
+    if t.dtype != torch.uint8:
+        raise ValueError(f"{name}: expected dtype uint8 ({what}), got {t.dtype}")
+
+
+def _check_quantize_input(x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x: expected dtype float32, bfloat16 or float16, got {x.dtype}")
+    if x.numel() < 1:
+        raise ValueError("x: expected at least one element")
+
+
+def check_quantized_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, beta2,
+                                      eps, step, proj_scales=None, proj_zeros=None,
+                                      proj_group_size=256, param_scales=None, param_zeros=None,
+                                      param_group_size=256, seed=0) -> int:
+    """Validates a fused step whose proj may be packed INT4 and whose param may be INT8 codes;
+    returns the rank (that of exp_avg when proj is packed)."""
+    int8_weight = param.dtype == torch.uint8
+    if param.dim() != 2:
+        raise ValueError(f"param: expected a 2-D tensor, got {param.dim()}-D")
+    if not int8_weight:
+        _check_float_matrix(param, "param")
+    _check_contiguous(param, "param")
+    _check_float_matrix(grad, "grad")
+    _check_same_device(grad, param, "grad")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad: expected the shape of param {list(param.shape)}, "
+                         f"got {list(grad.shape)}")
+    _check_contiguous(grad, "grad")
+    _check_same_device(proj, param, "proj")
+    m, n = param.shape
+    right = reference.is_right_side(m, n)
+    if proj.dtype == torch.uint8:
+        if exp_avg.dim() != 2 or exp_avg.shape[0 if right else 1] != (m if right else n):
+            raise ValueError(f"exp_avg: expected shape {'(m, r)' if right else '(r, n)'} (its "
+                             f"rank sets that of the packed proj), got {list(exp_avg.shape)}")
+        rank = exp_avg.shape[1] if right else exp_avg.shape[0]
+        if not 1 <= rank <= min(m, n):
+            raise ValueError(f"exp_avg: rank r={rank} must lie in [1, min(m, n)={min(m, n)}]")
+        basis_numel = math.prod(reference.quantized_basis_shape(m, n, rank))
+        if proj.dim() != 1 or proj.shape[0] != (basis_numel + 1) // 2:
+            raise ValueError(f"proj: expected a 1-D packed INT4 basis of {(basis_numel + 1) // 2}"
+                             f" bytes (ceil({basis_numel} / 2)), got shape {list(proj.shape)}")
+        _check_contiguous(proj, "proj")
+        check_group_size(proj_group_size, "proj_group_size", packed_int4=True)
+        for t, name in ((proj_scales, "proj_scales"), (proj_zeros, "proj_zeros")):
+            check_group_params(t, basis_numel, proj_group_size, param.device, name,
+                               "a packed INT4 (uint8) proj")
+    else:
+        rank = (check_dct_projection(m, n, proj, check_values=not _is_fake(proj))
+                if proj.dtype == torch.int32 else check_dense_projection(m, n, proj))
+        _check_contiguous(proj, "proj")
+        if proj_scales is not None or proj_zeros is not None:
+            raise ValueError("proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj")
+    shape = low_rank_shape(m, n, rank)
+    _check_state(exp_avg, param, shape, "exp_avg")
+    _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
+    if exp_avg is exp_avg_sq:
+        raise ValueError("exp_avg_sq: must not alias exp_avg")
+    if int8_weight:
+        check_group_size(param_group_size, "param_group_size", packed_int4=False)
+        for t, name in ((param_scales, "param_scales"), (param_zeros, "param_zeros")):
+            check_group_params(t, m * n, param_group_size, param.device, name,
+                               "INT8 (uint8) param codes")
+        if param_scales is param_zeros:
+            raise ValueError("param_zeros: must not alias param_scales")
+        check_rounding_seed(seed)
+        if step > MAX_ROUNDING_STEP:
+            raise ValueError(f"step: expected a value <= 2^31 - 1, got {step}")
+    elif param_scales is not None or param_zeros is not None:
+        raise ValueError("param_scales/param_zeros: only valid with INT8 (uint8) param codes")
+    check_hyperparameters(beta1, beta2, eps, step)
+    return rank
+
+
+def _check_philox_args(seed: int, offsets: torch.Tensor) -> None:
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed: expected a value in [0, 2^63 - 1], got {seed}")
+    if offsets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"offsets: expected dtype int64 or int32, got {offsets.dtype}")
+
+
+def _check_dequantize_int4_args(packed, scales, zeros, shape, group_size) -> int:
+    _check_uint8(packed, "packed", "two INT4 codes per byte")
+    check_group_size(group_size, "group_size", packed_int4=True)
+    if any(d < 0 for d in shape) or math.prod(shape) < 1:
+        raise ValueError(f"shape: expected at least one element, got {list(shape)}")
+    numel = math.prod(shape)
+    if packed.dim() != 1 or packed.shape[0] != (numel + 1) // 2:
+        raise ValueError(f"packed: expected shape [{(numel + 1) // 2}] (ceil({numel} / 2) bytes "
+                         f"for shape {list(shape)}), got {list(packed.shape)}")
+    _check_contiguous(packed, "packed")
+    for t, name in ((scales, "scales"), (zeros, "zeros")):
+        check_group_params(t, numel, group_size, packed.device, name, "INT4 codes")
+    return numel
+
+
+def _check_dequantize_int8_args(codes, scales, zeros, group_size) -> None:
+    _check_uint8(codes, "codes", "INT8 codes")
+    check_group_size(group_size, "group_size", packed_int4=False)
+    if codes.numel() < 1:
+        raise ValueError("codes: expected at least one element")
+    for t, name in ((scales, "scales"), (zeros, "zeros")):
+        check_group_params(t, codes.numel(), group_size, codes.device, name, "INT8 codes")
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor, *, backend: str | None = None
+                   ) -> torch.Tensor:
+    """u ∈ [0, 1) in fp32, equal bit for bit to Triton's ``tl.rand(seed, offsets)``.
+
+    Philox-4x32-10: key = (low, high) 32-bit words of seed ∈ [0, 2**63); counter = (low, high
+    words of the offset, 0, 0). These are the numbers every backend's stochastic rounding uses,
+    with seed = seed + 2**32·step and offset = the element's row-major index.
+    """
+    chosen = resolve_backend("philox_uniform", offsets.device, backend)
+    if chosen in ("cpu", "cuda"):
+        return torch.ops.lowrank.philox_uniform(seed, offsets)
+    _check_philox_args(seed, offsets)
+    if chosen == "triton":
+        return _triton_impl("philox_uniform")(seed, offsets)
+    return reference.philox_uniform(seed, offsets)
+
+
+def quantize_int4(x: torch.Tensor, group_size: int = 256, *, backend: str | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed INT4 codes of x's row-major groups, with fp32 scales and zeros (DESIGN.md §4.3).
+
+    Per group: s = max(max − min, 1e-5)/15, z = clamp(−round(min/s), 0, 15),
+    q = clamp(round(x/s) + z, 0, 15); two codes per byte, element 2k in the low nibble.
+    Returns (packed uint8 [ceil(numel/2)], scales [groups], zeros [groups]); group_size even.
+    A group that does not contain 0 saturates (as q-galore-torch's quantizer).
+    """
+    chosen = resolve_backend("quantize_int4", x.device, backend)
+    if chosen in ("cpu", "cuda"):
+        return torch.ops.lowrank.quantize_int4(x, group_size)
+    _check_quantize_input(x)
+    check_group_size(group_size, "group_size", packed_int4=True)
+    if chosen == "triton":
+        return _triton_impl("quantize_int4")(x, group_size)
+    return reference.quantize_int4(x, group_size)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    shape: list[int], group_size: int = 256, *, backend: str | None = None
+                    ) -> torch.Tensor:
+    """x̃ = s·(q − z) of a packed INT4 buffer, an fp32 tensor of ``shape``."""
+    chosen = resolve_backend("dequantize_int4", packed.device, backend)
+    if chosen in ("cpu", "cuda"):
+        return torch.ops.lowrank.dequantize_int4(packed, scales, zeros, list(shape), group_size)
+    _check_dequantize_int4_args(packed, scales, zeros, shape, group_size)
+    if chosen == "triton":
+        return _triton_impl("dequantize_int4")(packed, scales, zeros, list(shape), group_size)
+    return reference.dequantize_int4(packed, scales, zeros, list(shape), group_size)
+
+
+def quantize_int8(x: torch.Tensor, group_size: int = 256, stochastic: bool = False,
+                  seed: int = 0, *, backend: str | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """INT8 codes (uint8, x's shape) of x's row-major groups, fp32 scales and zeros (§4.4).
+
+    As :func:`quantize_int4` with 255 levels. ``stochastic``: q = clamp(SR(x/s) + z, 0, 255),
+    SR(y) = ⌊y⌋ + [u < y − ⌊y⌋], u = philox_uniform(seed, row-major index), seed ∈ [0, 2**32)
+    (the stream of ``fused_galore_step`` at step 0).
+    """
+    chosen = resolve_backend("quantize_int8", x.device, backend)
+    if chosen in ("cpu", "cuda"):
+        return torch.ops.lowrank.quantize_int8(x, group_size, stochastic, seed)
+    _check_quantize_input(x)
+    check_group_size(group_size, "group_size", packed_int4=False)
+    check_rounding_seed(seed)
+    if chosen == "triton":
+        return _triton_impl("quantize_int8")(x, group_size, stochastic, seed)
+    return reference.quantize_int8(x, group_size, stochastic, seed)
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int = 256, *, backend: str | None = None) -> torch.Tensor:
+    """x̃ = s·(q − z) of INT8 codes, an fp32 tensor of the codes' shape."""
+    chosen = resolve_backend("dequantize_int8", codes.device, backend)
+    if chosen in ("cpu", "cuda"):
+        return torch.ops.lowrank.dequantize_int8(codes, scales, zeros, group_size)
+    _check_dequantize_int8_args(codes, scales, zeros, group_size)
+    if chosen == "triton":
+        return _triton_impl("dequantize_int8")(codes, scales, zeros, group_size)
+    return reference.dequantize_int8(codes, scales, zeros, group_size)
+
+
+if _extension.AVAILABLE:
+
+    @torch.library.register_fake("lowrank::philox_uniform")
+    def _philox_uniform_fake(seed, offsets):
+        _check_philox_args(seed, offsets)
+        return offsets.new_empty(offsets.shape, dtype=torch.float32)
+
+    def _group_params_fake(x: torch.Tensor, numel: int, group_size: int):
+        groups = reference.num_groups(numel, group_size)
+        return (x.new_empty((groups,), dtype=torch.float32),
+                x.new_empty((groups,), dtype=torch.float32))
+
+    @torch.library.register_fake("lowrank::quantize_int4")
+    def _quantize_int4_fake(x, group_size=256):
+        _check_quantize_input(x)
+        check_group_size(group_size, "group_size", packed_int4=True)
+        packed = x.new_empty(((x.numel() + 1) // 2,), dtype=torch.uint8)
+        return (packed, *_group_params_fake(x, x.numel(), group_size))
+
+    @torch.library.register_fake("lowrank::dequantize_int4")
+    def _dequantize_int4_fake(packed, scales, zeros, shape, group_size=256):
+        _check_dequantize_int4_args(packed, scales, zeros, shape, group_size)
+        return packed.new_empty(list(shape), dtype=torch.float32)
+
+    @torch.library.register_fake("lowrank::quantize_int8")
+    def _quantize_int8_fake(x, group_size=256, stochastic=False, seed=0):
+        _check_quantize_input(x)
+        check_group_size(group_size, "group_size", packed_int4=False)
+        check_rounding_seed(seed)
+        codes = x.new_empty(x.shape, dtype=torch.uint8)
+        return (codes, *_group_params_fake(x, x.numel(), group_size))
+
+    @torch.library.register_fake("lowrank::dequantize_int8")
+    def _dequantize_int8_fake(codes, scales, zeros, group_size=256):
+        _check_dequantize_int8_args(codes, scales, zeros, group_size)
+        return codes.new_empty(codes.shape, dtype=torch.float32)

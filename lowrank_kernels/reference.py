@@ -128,3 +128,186 @@ def fused_galore_step_dct(param: torch.Tensor, grad: torch.Tensor, indices: torc
     """fused_galore_step with DCT row indices in place of the dense basis (DESIGN.md §4.5)."""
     fused_galore_step(param, grad, dct_projection(indices, *param.shape), exp_avg, exp_avg_sq,
                       **hyper)
+
+
+# --------------------------------------------------------------------------------------------
+# Q-GaLore formats (DESIGN.md §4.3-§4.4): Philox uniforms, INT4/INT8 group quantization, and the
+# fused step on a packed INT4 basis and/or INT8 weight codes.
+#
+# A group is ``group_size`` consecutive elements of the row-major flattened tensor; the last one
+# may be partial and groups may straddle rows. Scales and zeros are fp32, one per group.
+# Stochastic rounding draws u = philox_uniform(seed + 2**32·step, row-major index) (step = 0 for
+# quantize_int8), the numbers Triton's ``tl.rand(seed + 2**32·step, index)`` returns.
+# --------------------------------------------------------------------------------------------
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+_UINT31_TO_UNIT = 4.6566127342e-10  # Triton's scale: (2^31 - 1)·scale < 1 in fp32
+_U32 = 0xFFFFFFFF
+INT4_MAX_CODE, INT8_MAX_CODE = 15, 255
+MIN_QUANT_RANGE = 1e-5
+
+
+def rounding_philox_seed(seed: int, step: int) -> int:
+    """The Philox seed of step ``step`` of the stochastic-rounding stream ``seed``: key (seed, step)."""
+    return seed + (step << 32)
+
+
+def _mul_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of the 64-bit product of the constant a and uint32 values b (held
+    in int64), computed from 16-bit halves of b so that no int64 product overflows."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    prod_hi, prod_lo = a * b_hi, a * b_lo  # each < 2^48
+    high = (prod_hi + (prod_lo >> 16)) >> 16
+    low = (((prod_hi & 0xFFFF) << 16) + prod_lo) & _U32
+    return high, low
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """u ∈ [0, 1) of Philox-4x32-10 as Triton's ``tl.rand(seed, offsets)``, in fp32.
+
+    key = (low, high) words of seed; counter = (low, high words of the offset, 0, 0); the first
+    output word x, read as int32 and bit-inverted when negative, times 4.6566127342e-10 in fp32.
+    An int32 offset is its 32 bits (high word 0), as in Triton.
+    """
+    off = offsets.to(torch.int64)
+    if offsets.dtype == torch.int32:
+        off = off & _U32
+    c0, c1 = off & _U32, (off >> 32) & _U32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_u32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_u32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    x = torch.where(c0 >= 2**31, _U32 - c0, c0)  # ~x of the int32 reading, for negative ones
+    return x.to(torch.float32) * torch.tensor(_UINT31_TO_UNIT, dtype=torch.float32)
+
+
+def num_groups(numel: int, group_size: int) -> int:
+    return -(-numel // group_size)
+
+
+def group_quant_params(lo: torch.Tensor, hi: torch.Tensor, max_code: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = max(hi − lo, 1e-5)/max_code, z = clamp(−round(lo/s), 0, max_code), fp32."""
+    scales = (hi - lo).clamp(min=MIN_QUANT_RANGE) / max_code
+    zeros = (-torch.round(lo / scales)).clamp(0, max_code)
+    return scales, zeros
+
+
+def quantize_codes(x: torch.Tensor, group_size: int, max_code: int, *, stochastic: bool = False,
+                   philox_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat codes (uint8, one per element, unpacked), scales and zeros of x's row-major groups.
+
+    Nearest: q = clamp(round(x/s) + z). Stochastic: q = clamp(⌊x/s⌋ + [u < x/s − ⌊x/s⌋] + z)
+    with u = philox_uniform(philox_seed, row-major index).
+    """
+    flat = x.detach().reshape(-1).float()
+    numel, groups = flat.numel(), num_groups(flat.numel(), group_size)
+    # The partial last group is padded with its own last element: min/max are unchanged.
+    padded = torch.cat([flat, flat[-1:].expand(groups * group_size - numel)])
+    padded = padded.view(groups, group_size)
+    scales, zeros = group_quant_params(padded.amin(1), padded.amax(1), max_code)
+    y = padded / scales[:, None]
+    if stochastic:
+        u = philox_uniform(philox_seed, torch.arange(groups * group_size, device=x.device))
+        down = torch.floor(y)
+        rounded = torch.where(u.view_as(y) < y - down, down + 1, down)
+    else:
+        rounded = torch.round(y)
+    codes = (rounded + zeros[:, None]).clamp(0, max_code)
+    return codes.reshape(-1)[:numel].to(torch.uint8), scales, zeros
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    """x̃ = s·(q − z) of flat codes, fp32, flat."""
+    numel = codes.numel()
+    s = scales.repeat_interleave(group_size)[:numel]
+    z = zeros.repeat_interleave(group_size)[:numel]
+    return s * (codes.reshape(-1).float() - z)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte: element 2k in the low nibble, 2k+1 in the high nibble (an odd count
+    leaves the last high nibble 0)."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    return torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[:numel]
+
+
+def quantize_int4(x: torch.Tensor, group_size: int = 256
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed INT4 codes (uint8, ceil(numel/2)), fp32 scales and zeros (DESIGN.md §4.3)."""
+    codes, scales, zeros = quantize_codes(x, group_size, INT4_MAX_CODE)
+    return pack_int4(codes), scales, zeros
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    shape: list[int], group_size: int = 256) -> torch.Tensor:
+    numel = math.prod(shape)
+    codes = unpack_int4(packed, numel)
+    return dequantize_codes(codes, scales, zeros, group_size).view(shape)
+
+
+def quantize_int8(x: torch.Tensor, group_size: int = 256, stochastic: bool = False,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """INT8 codes (uint8, x's shape), fp32 scales and zeros (DESIGN.md §4.4)."""
+    codes, scales, zeros = quantize_codes(x, group_size, INT8_MAX_CODE, stochastic=stochastic,
+                                          philox_seed=rounding_philox_seed(seed, 0))
+    return codes.view(x.shape), scales, zeros
+
+
+def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group_size: int = 256) -> torch.Tensor:
+    return dequantize_codes(codes, scales, zeros, group_size).view(codes.shape)
+
+
+def quantized_basis_shape(m: int, n: int, rank: int) -> list[int]:
+    """Logical shape of the basis a packed INT4 proj holds: r×n (right) or m×r (left)."""
+    return [rank, n] if is_right_side(m, n) else [m, rank]
+
+
+def fused_qgalore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
+                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float,
+                       beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
+                       step: int, proj_scales: torch.Tensor | None = None,
+                       proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
+                       param_scales: torch.Tensor | None = None,
+                       param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
+                       seed: int = 0) -> None:
+    """The GaLore step of ``fused_galore_step`` on a packed INT4 basis and/or INT8 weight codes.
+
+    proj uint8: the basis is dequantize_int4(proj) with the rank of exp_avg. param uint8:
+    Ŵ = dequantize_int8(param); W' = (1 − lr·wd)(Ŵ − α_t·scale·back(N)) in fp32; then param,
+    param_scales, param_zeros ← quantize_int8 of W' with stochastic rounding, Philox seed
+    rounding_philox_seed(seed, step).
+    """
+    m, n = param.shape
+    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
+             "weight_decay": weight_decay, "scale": scale, "step": step}
+    basis = proj
+    if proj.dtype == torch.uint8:
+        rank = exp_avg.shape[1] if is_right_side(m, n) else exp_avg.shape[0]
+        basis = dequantize_int4(proj, proj_scales, proj_zeros, quantized_basis_shape(m, n, rank),
+                                proj_group_size)
+    if param.dtype != torch.uint8:
+        fused_galore_step(param, grad, basis, exp_avg, exp_avg_sq, **hyper)
+        return
+    weight = dequantize_int8(param, param_scales, param_zeros, param_group_size)
+    fused_galore_step(weight, grad, basis, exp_avg, exp_avg_sq, **hyper)
+    codes, scales, zeros = quantize_codes(weight, param_group_size, INT8_MAX_CODE,
+                                          stochastic=True,
+                                          philox_seed=rounding_philox_seed(seed, step))
+    param.copy_(codes.view(m, n))
+    param_scales.copy_(scales)
+    param_zeros.copy_(zeros)

@@ -16,10 +16,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
+#include <numeric>
 
 #include "dct_cpu.h"
 #include "lowrank/adam.h"
 #include "lowrank/checks.h"
+#include "quant_cpu.h"
 
 namespace lowrank {
 namespace {
@@ -121,26 +124,24 @@ at::Tensor dct_projection_basis(const at::Tensor& indices, const StepGeometry& g
   return g.right ? rows : rows.t().contiguous();
 }
 
-void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
-                           at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
-                           double beta2, double eps, double weight_decay, double scale,
-                           int64_t step, const std::optional<at::Tensor>& proj_scales,
-                           const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
-                           const std::optional<at::Tensor>& param_scales,
-                           const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
-                           int64_t seed) {
-  (void)proj_group_size;  // INT4/INT8 formats: not accepted by the dense checks yet
-  (void)param_group_size;
-  (void)seed;
-  const StepGeometry g =
-      check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step,
-                              proj_scales, proj_zeros, param_scales, param_zeros);
-  TORCH_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
-  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
+// The basis as an fp32 BLAS operand, r x n (right) or m x r (left), from any proj format: dense
+// (a view when already fp32), DCT indices (generated) or packed INT4 (dequantized once).
+at::Tensor fp32_basis(const at::Tensor& proj, const StepGeometry& g,
+                      const std::optional<at::Tensor>& proj_scales,
+                      const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size) {
+  if (proj.scalar_type() == at::kInt) return dct_projection_basis(proj, g);
+  if (proj.scalar_type() == at::kByte) {
+    const std::vector<int64_t> shape =
+        g.right ? std::vector<int64_t>{g.r, g.n} : std::vector<int64_t>{g.m, g.r};
+    return dequantize_int4_cpu(proj, *proj_scales, *proj_zeros, shape, proj_group_size);
+  }
+  return proj.to(at::kFloat).contiguous();
+}
 
-  // The basis in fp32 (a view when it already is): r x n (right) or m x r (left).
-  const at::Tensor basis = proj.scalar_type() == at::kInt ? dct_projection_basis(proj, g)
-                                                          : proj.to(at::kFloat).contiguous();
+// The dense-basis tile loop: project -> Adam -> back-project -> update per tile of W.
+void dense_step_tiles(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
+                      at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const StepGeometry& g,
+                      const AdamCoeffs& c) {
   const int64_t lines = g.right ? g.m : g.n;  // rows (right) or columns (left) of W
   const int64_t extent = tile_extent(lines, g.r);
   const int64_t tiles = (lines + extent - 1) / extent;
@@ -174,6 +175,162 @@ void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::
       }
     }
   });
+}
+
+// ---- Q-GaLore formats: packed INT4 basis and/or INT8 weight codes (DESIGN.md §4.3-§4.4) ----
+//
+// INT4 basis: expanded once per step into an fp32 r x d buffer (the BLAS operand; never m x n).
+// Float weight: the dense tile loop above runs on that buffer unchanged.
+// INT8 weight, two passes, each tensor still crossing memory once:
+//   1. low rank: N = adam(project(G)) into an fp32 buffer of the low-rank shape (M, V updated);
+//   2. per tile of whole rows that covers whole groups: T = back(N) for the tile (fp32, in cache),
+//      then per group: W' = decay * s(q - z) - us * T, new s', z' from min/max of W',
+//      q' = clamp(SR(W'/s') + z', 0, 255) with u = philox(seed + 2^32 step, row-major index).
+// Pass 2 needs all of back(N)'s rows in a tile, which a left-side column tile cannot give when
+// groups straddle rows; hence the low-rank pass first for both sides.
+
+// Pass 1: N (m x r right, r x n left) in fp32; the moments are updated in place.
+at::Tensor normalized_low_rank(const at::Tensor& grad, const at::Tensor& basis,
+                               at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                               const StepGeometry& g, const AdamCoeffs& c) {
+  const auto f32 = grad.options().dtype(at::kFloat);
+  at::Tensor normalized = at::empty(g.low_rank_shape(), f32);
+  const int64_t lines = g.right ? g.m : g.n;
+  const int64_t extent = tile_extent(lines, g.r);
+  const int64_t tiles = (lines + extent - 1) / extent;
+  const int64_t span = g.right ? g.n : g.m;
+  const bool lowp_g = grad.scalar_type() != at::kFloat;
+  const int dim = g.right ? 0 : 1;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor g_buf = lowp_g ? at::empty({extent * span}, f32) : at::Tensor();
+    at::Tensor r_buf = at::empty({extent * g.r}, f32);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t start = tile * extent;
+      const int64_t len = std::min(extent, lines - start);
+      at::Tensor g32 = grad_tile_f32(grad.narrow(dim, start, len), g_buf);
+      at::Tensor r_tile = contiguous_view(r_buf, g.right ? len : g.r, g.right ? g.r : len);
+      if (g.right) {
+        at::mm_out(r_tile, g32, basis.t());
+      } else {
+        at::mm_out(r_tile, basis.t(), g32);
+      }
+      run_adam_tile(r_tile, exp_avg.narrow(dim, start, len), exp_avg_sq.narrow(dim, start, len),
+                    c);
+      normalized.narrow(dim, start, len).copy_(r_tile);
+    }
+  });
+  return normalized;
+}
+
+// Rows per pass-2 tile: a multiple of group_size / gcd(n, group_size), so that every tile but
+// the last starts and ends on a group boundary; about 256K elements or a balanced share of m.
+int64_t group_aligned_rows(int64_t m, int64_t n, int64_t group_size) {
+  const int64_t unit = group_size / std::gcd(n, group_size);
+  const int64_t threads = at::get_num_threads();
+  int64_t target = std::min<int64_t>((m + 2 * threads - 1) / (2 * threads),
+                                     std::max<int64_t>(1, (int64_t{1} << 18) / n));
+  target = std::max<int64_t>(target, 1);
+  return std::min(m, (target + unit - 1) / unit * unit);
+}
+
+// Pass 2 on the rows [row_begin, row_end) whose fp32 back(N) is `back_n` (row-major, n columns).
+void update_int8_rows(uint8_t* codes, float* scales, float* zeros, float* back_n,
+                      int64_t row_begin, int64_t row_end, int64_t n, int64_t numel,
+                      int64_t group_size, uint64_t philox_seed, const AdamCoeffs& c) {
+  const int64_t first = row_begin * n, stop = row_end * n;
+  for (int64_t gi = first / group_size; gi * group_size < stop; ++gi) {
+    const int64_t g_first = gi * group_size;
+    const int64_t len = std::min(group_size, numel - g_first);
+    uint8_t* q = codes + g_first;
+    float* w = back_n + (g_first - first);  // overwritten by W' (fp32, never stored to memory)
+    const GroupQuant old{scales[gi], zeros[gi]};
+    float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+    for (int64_t k = 0; k < len; ++k) {
+      const float updated = apply_update(dequantize_code(q[k], old), w[k], c);
+      w[k] = updated;
+      lo = std::min(lo, updated);
+      hi = std::max(hi, updated);
+    }
+    const GroupQuant fresh = group_quant_params(lo, hi, kInt8MaxCode);
+    stochastic_round_group(w, len, fresh, philox_seed, g_first, q);
+    scales[gi] = fresh.scale;
+    zeros[gi] = fresh.zero;
+  }
+}
+
+void int8_weight_update(at::Tensor& codes, at::Tensor& scales, at::Tensor& zeros,
+                        int64_t group_size, uint64_t philox_seed, const at::Tensor& basis,
+                        const at::Tensor& normalized, const StepGeometry& g,
+                        const AdamCoeffs& c) {
+  const int64_t rows = group_aligned_rows(g.m, g.n, group_size);
+  const int64_t tiles = (g.m + rows - 1) / rows;
+  const auto f32 = codes.options().dtype(at::kFloat);
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor t_buf = at::empty({rows * g.n}, f32);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t start = tile * rows, len = std::min(rows, g.m - start);
+      at::Tensor t = contiguous_view(t_buf, len, g.n);
+      if (g.right) {
+        at::mm_out(t, normalized.narrow(0, start, len), basis);  // (len x r) @ (r x n)
+      } else {
+        at::mm_out(t, basis.narrow(0, start, len), normalized);  // (len x r) @ (r x n)
+      }
+      update_int8_rows(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
+                       zeros.data_ptr<float>(), t.data_ptr<float>(), start, start + len, g.n,
+                       g.m * g.n, group_size, philox_seed, c);
+    }
+  });
+}
+
+void qgalore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
+                      at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
+                      double beta2, double eps, double weight_decay, double scale, int64_t step,
+                      const std::optional<at::Tensor>& proj_scales,
+                      const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
+                      const std::optional<at::Tensor>& param_scales,
+                      const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
+                      int64_t seed) {
+  const StepGeometry g = check_quantized_fused_galore_step(
+      param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
+      proj_group_size, param_scales, param_zeros, param_group_size, seed);
+  TORCH_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
+  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
+  const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
+  if (param.scalar_type() != at::kByte) {
+    dense_step_tiles(param, grad, basis, exp_avg, exp_avg_sq, g, c);
+    return;
+  }
+  const at::Tensor normalized = normalized_low_rank(grad, basis, exp_avg, exp_avg_sq, g, c);
+  at::Tensor scales = *param_scales, zeros = *param_zeros;
+  int8_weight_update(param, scales, zeros, param_group_size, rounding_philox_seed(seed, step),
+                     basis, normalized, g, c);
+}
+
+void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
+                           at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, double scale,
+                           int64_t step, const std::optional<at::Tensor>& proj_scales,
+                           const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
+                           const std::optional<at::Tensor>& param_scales,
+                           const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
+                           int64_t seed) {
+  if (proj.scalar_type() == at::kByte || param.scalar_type() == at::kByte) {
+    qgalore_step_cpu(param, grad, proj, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
+                     scale, step, proj_scales, proj_zeros, proj_group_size, param_scales,
+                     param_zeros, param_group_size, seed);
+    return;
+  }
+  (void)proj_group_size;  // only the INT4/INT8 formats use these
+  (void)param_group_size;
+  (void)seed;
+  const StepGeometry g =
+      check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step,
+                              proj_scales, proj_zeros, param_scales, param_zeros);
+  TORCH_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
+  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
+
+  const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
+  dense_step_tiles(param, grad, basis, exp_avg, exp_avg_sq, g, c);
 }
 
 }  // namespace

@@ -142,3 +142,112 @@ inline StepGeometry check_fused_galore_step(
 }
 
 }  // namespace lowrank
+
+// ---- quantized formats (DESIGN.md §4.3-§4.4): INT4 projections, INT8 weights ----
+#include "lowrank/philox.h"
+#include "lowrank/quant.h"
+
+namespace lowrank {
+
+// INT4 groups must hold whole bytes (an even size) so that no byte is shared by two groups.
+inline void check_group_size(int64_t group_size, const char* name, bool packed_int4) {
+  TORCH_CHECK_VALUE(group_size >= 1, name, ": expected a positive group size, got ", group_size);
+  TORCH_CHECK_VALUE(!packed_int4 || group_size % 2 == 0, name,
+                    ": expected an even group size for packed INT4 codes (two per byte), got ",
+                    group_size);
+}
+
+// scales/zeros of `numel` quantized elements: fp32, 1-D, one per group, on `device`.
+inline void check_group_params(const std::optional<at::Tensor>& t, int64_t numel,
+                               int64_t group_size, const at::Device& device, const char* name,
+                               const char* what) {
+  TORCH_CHECK_VALUE(t.has_value(), name, ": required with ", what);
+  const int64_t groups = num_groups(numel, group_size);
+  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+                    t->scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == groups, name,
+                    ": expected shape [", groups, "] (ceil(", numel, " / group size ", group_size,
+                    ")), got ", t->sizes());
+  TORCH_CHECK_VALUE(t->device() == device, name, ": expected device ", device, ", got ",
+                    t->device());
+  check_contiguous(*t, name);
+}
+
+inline void check_rounding_seed(int64_t seed) {
+  TORCH_CHECK_VALUE(seed >= 0 && seed <= kMaxRoundingSeed,
+                    "seed: expected a value in [0, 2^32 - 1], got ", seed);
+}
+
+inline void check_uint8(const at::Tensor& t, const char* name, const char* what) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kByte, name, ": expected dtype uint8 (", what,
+                    "), got ", t.scalar_type());
+}
+
+// Shape facts of a fused step whose projection may be packed INT4 and whose weight may be INT8.
+// With a packed proj the rank comes from exp_avg (m x r right, r x n left).
+inline StepGeometry check_quantized_fused_galore_step(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
+    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double beta1, double beta2,
+    double eps, int64_t step, const std::optional<at::Tensor>& proj_scales,
+    const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
+    const std::optional<at::Tensor>& param_scales, const std::optional<at::Tensor>& param_zeros,
+    int64_t param_group_size, int64_t seed) {
+  const bool int8_weight = param.scalar_type() == at::kByte;
+  TORCH_CHECK_VALUE(param.dim() == 2, "param: expected a 2-D tensor, got ", param.dim(), "-D");
+  if (!int8_weight) check_float_matrix(param, "param");
+  check_contiguous(param, "param");
+  check_float_matrix(grad, "grad");
+  check_same_device(grad, param, "grad");
+  TORCH_CHECK_VALUE(grad.sizes() == param.sizes(), "grad: expected the shape of param ",
+                    param.sizes(), ", got ", grad.sizes());
+  check_contiguous(grad, "grad");
+  check_same_device(proj, param, "proj");
+  const int64_t m = param.size(0), n = param.size(1);
+  StepGeometry g{m, n, 0, m >= n};
+  if (proj.scalar_type() == at::kByte) {
+    TORCH_CHECK_VALUE(exp_avg.dim() == 2 && exp_avg.size(g.right ? 0 : 1) == (g.right ? m : n),
+                      "exp_avg: expected shape ", g.right ? "(m, r)" : "(r, n)",
+                      " (its rank sets that of the packed proj), got ", exp_avg.sizes());
+    g.r = exp_avg.size(g.right ? 1 : 0);
+    TORCH_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "exp_avg: rank r=", g.r,
+                      " must lie in [1, min(m, n)=", std::min(m, n), "]");
+    const int64_t basis_numel = g.r * (g.right ? n : m);
+    TORCH_CHECK_VALUE(proj.dim() == 1 && proj.size(0) == (basis_numel + 1) / 2,
+                      "proj: expected a 1-D packed INT4 basis of ", (basis_numel + 1) / 2,
+                      " bytes (ceil(", basis_numel, " / 2)), got shape ", proj.sizes());
+    check_contiguous(proj, "proj");
+    check_group_size(proj_group_size, "proj_group_size", /*packed_int4=*/true);
+    check_group_params(proj_scales, basis_numel, proj_group_size, param.device(), "proj_scales",
+                       "a packed INT4 (uint8) proj");
+    check_group_params(proj_zeros, basis_numel, proj_group_size, param.device(), "proj_zeros",
+                       "a packed INT4 (uint8) proj");
+  } else {
+    g = proj.scalar_type() == at::kInt ? check_dct_projection(m, n, proj)
+                                       : check_dense_projection(m, n, proj);
+    check_contiguous(proj, "proj");
+    TORCH_CHECK_VALUE(!proj_scales && !proj_zeros,
+                      "proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj");
+  }
+  check_state(exp_avg, param, g, "exp_avg");
+  check_state(exp_avg_sq, param, g, "exp_avg_sq");
+  TORCH_CHECK_VALUE(!exp_avg.is_same(exp_avg_sq), "exp_avg_sq: must not alias exp_avg");
+  if (int8_weight) {
+    check_group_size(param_group_size, "param_group_size", /*packed_int4=*/false);
+    check_group_params(param_scales, m * n, param_group_size, param.device(), "param_scales",
+                       "INT8 (uint8) param codes");
+    check_group_params(param_zeros, m * n, param_group_size, param.device(), "param_zeros",
+                       "INT8 (uint8) param codes");
+    TORCH_CHECK_VALUE(!param_scales->is_same(*param_zeros),
+                      "param_zeros: must not alias param_scales");
+    check_rounding_seed(seed);
+    TORCH_CHECK_VALUE(step <= kMaxRoundingStep, "step: expected a value <= 2^31 - 1, got ",
+                      step);
+  } else {
+    TORCH_CHECK_VALUE(!param_scales && !param_zeros,
+                      "param_scales/param_zeros: only valid with INT8 (uint8) param codes");
+  }
+  check_hyperparameters(beta1, beta2, eps, step);
+  return g;
+}
+
+}  // namespace lowrank

@@ -1,0 +1,213 @@
+// CPU kernels of the Q-GaLore quantization ops (DESIGN.md §4.3-§4.4; formulas in
+// csrc/include/lowrank/quant.h, random numbers in csrc/include/lowrank/philox.h):
+//
+//   philox_uniform   u[i] = tl.rand(seed, offsets[i])
+//   quantize_int4    per group: s, z from min/max; q = clamp(round(x/s) + z, 0, 15), packed
+//   dequantize_int4  x~ = s (q - z)
+//   quantize_int8    as INT4 with 255 levels; stochastic: q = clamp(SR(x/s) + z, 0, 255) with
+//                    u = philox_uniform(seed, row-major index)
+//   dequantize_int8  x~ = s (q - z)
+//
+// Tiling: at::parallel_for over whole groups; each task reads its groups once (min/max, then
+// codes from L1/L2). DRAM traffic: the input once, the codes once, scales and zeros once.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "lowrank/checks.h"
+#include "quant_cpu.h"
+
+namespace lowrank {
+
+at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scales,
+                               const at::Tensor& zeros, at::IntArrayRef shape,
+                               int64_t group_size) {
+  at::Tensor out = at::empty(shape, packed.options().dtype(at::kFloat));
+  const int64_t numel = out.numel();
+  const uint8_t* codes = packed.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  const float* z = zeros.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, num_groups(numel, group_size), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const GroupQuant p{s[gi], z[gi]};
+      const int64_t stop = std::min(numel, (gi + 1) * group_size);
+      for (int64_t k = gi * group_size; k < stop; ++k) dst[k] = dequantize_code(int4_code(codes, k), p);
+    }
+  });
+  return out;
+}
+
+namespace {
+
+void check_quantize_input(const at::Tensor& x) {
+  TORCH_CHECK_VALUE(is_float_dtype(x.scalar_type()),
+                    "x: expected dtype float32, bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.numel() >= 1, "x: expected at least one element");
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+}
+
+at::Tensor philox_uniform_cpu(int64_t seed, const at::Tensor& offsets) {
+  TORCH_CHECK_VALUE(seed >= 0, "seed: expected a value in [0, 2^63 - 1], got ", seed);
+  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
+                    "offsets: expected dtype int64 or int32, got ", offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.device().is_cpu(), "offsets: expected a CPU tensor, got ",
+                    offsets.device());
+  const at::Tensor idx = offsets.contiguous();
+  at::Tensor out = at::empty(idx.sizes(), idx.options().dtype(at::kFloat));
+  float* dst = out.data_ptr<float>();
+  const uint64_t key = static_cast<uint64_t>(seed);
+  // As tl.rand: an int32 offset is its 32 bits with a zero high word.
+  if (idx.scalar_type() == at::kLong) {
+    const int64_t* src = idx.data_ptr<int64_t>();
+    at::parallel_for(0, idx.numel(), 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) dst[i] = philox_uniform(key, static_cast<uint64_t>(src[i]));
+    });
+  } else {
+    const int32_t* src = idx.data_ptr<int32_t>();
+    at::parallel_for(0, idx.numel(), 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        dst[i] = philox_uniform(key, static_cast<uint64_t>(static_cast<uint32_t>(src[i])));
+      }
+    });
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tensor& x,
+                                                                 int64_t group_size) {
+  check_quantize_input(x);
+  check_group_size(group_size, "group_size", /*packed_int4=*/true);
+  const at::Tensor src = x.contiguous();
+  const int64_t numel = src.numel(), groups = num_groups(numel, group_size);
+  const auto u8 = src.options().dtype(at::kByte), f32 = src.options().dtype(at::kFloat);
+  at::Tensor packed = at::empty({(numel + 1) / 2}, u8);
+  at::Tensor scales = at::empty({groups}, f32), zeros = at::empty({groups}, f32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "quantize_int4",
+                                  [&] {
+    const scalar_t* xs = src.data_ptr<scalar_t>();
+    uint8_t* out = packed.data_ptr<uint8_t>();
+    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t gi = begin; gi < end; ++gi) {
+        const int64_t first = gi * group_size, len = std::min(group_size, numel - first);
+        float lo, hi;
+        group_min_max(xs + first, len, lo, hi);
+        const GroupQuant p = group_quant_params(lo, hi, kInt4MaxCode);
+        scales.data_ptr<float>()[gi] = p.scale;
+        zeros.data_ptr<float>()[gi] = p.zero;
+        // Groups have an even size, so each starts on a byte; an odd tail leaves a zero nibble.
+        for (int64_t k = 0; k < len; k += 2) {
+          const uint8_t low = quantize_nearest(static_cast<float>(xs[first + k]), p, kInt4MaxCode);
+          const uint8_t high =
+              k + 1 < len ? quantize_nearest(static_cast<float>(xs[first + k + 1]), p, kInt4MaxCode)
+                          : uint8_t{0};
+          out[(first + k) / 2] = pack_int4_pair(low, high);
+        }
+      }
+    });
+  });
+  return {packed, scales, zeros};
+}
+
+int64_t checked_numel(at::IntArrayRef shape) {
+  int64_t numel = 1;
+  for (const int64_t d : shape) {
+    TORCH_CHECK_VALUE(d >= 0, "shape: expected non-negative sizes, got ", shape);
+    numel *= d;
+  }
+  TORCH_CHECK_VALUE(numel >= 1, "shape: expected at least one element, got ", shape);
+  return numel;
+}
+
+at::Tensor dequantize_int4_entry(const at::Tensor& packed, const at::Tensor& scales,
+                                 const at::Tensor& zeros, at::IntArrayRef shape,
+                                 int64_t group_size) {
+  check_uint8(packed, "packed", "two INT4 codes per byte");
+  check_group_size(group_size, "group_size", /*packed_int4=*/true);
+  const int64_t numel = checked_numel(shape);
+  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.size(0) == (numel + 1) / 2,
+                    "packed: expected shape [", (numel + 1) / 2, "] (ceil(", numel,
+                    " / 2) bytes for shape ", shape, "), got ", packed.sizes());
+  check_contiguous(packed, "packed");
+  TORCH_CHECK_VALUE(packed.device().is_cpu(), "packed: expected a CPU tensor, got ",
+                    packed.device());
+  check_group_params(scales, numel, group_size, packed.device(), "scales", "INT4 codes");
+  check_group_params(zeros, numel, group_size, packed.device(), "zeros", "INT4 codes");
+  return dequantize_int4_cpu(packed, scales, zeros, shape, group_size);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cpu(const at::Tensor& x,
+                                                                 int64_t group_size,
+                                                                 bool stochastic, int64_t seed) {
+  check_quantize_input(x);
+  check_group_size(group_size, "group_size", /*packed_int4=*/false);
+  check_rounding_seed(seed);
+  const at::Tensor src = x.contiguous();
+  const int64_t numel = src.numel(), groups = num_groups(numel, group_size);
+  at::Tensor codes = at::empty(src.sizes(), src.options().dtype(at::kByte));
+  const auto f32 = src.options().dtype(at::kFloat);
+  at::Tensor scales = at::empty({groups}, f32), zeros = at::empty({groups}, f32);
+  const uint64_t philox_seed = rounding_philox_seed(seed, /*step=*/0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "quantize_int8",
+                                  [&] {
+    const scalar_t* xs = src.data_ptr<scalar_t>();
+    uint8_t* out = codes.data_ptr<uint8_t>();
+    at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t gi = begin; gi < end; ++gi) {
+        const int64_t first = gi * group_size, len = std::min(group_size, numel - first);
+        float lo, hi;
+        group_min_max(xs + first, len, lo, hi);
+        const GroupQuant p = group_quant_params(lo, hi, kInt8MaxCode);
+        scales.data_ptr<float>()[gi] = p.scale;
+        zeros.data_ptr<float>()[gi] = p.zero;
+        if (stochastic) {
+          stochastic_round_group(xs + first, len, p, philox_seed, first, out + first);
+        } else {
+          for (int64_t k = 0; k < len; ++k) {
+            out[first + k] = quantize_nearest(static_cast<float>(xs[first + k]), p, kInt8MaxCode);
+          }
+        }
+      }
+    });
+  });
+  return {codes, scales, zeros};
+}
+
+at::Tensor dequantize_int8_cpu(const at::Tensor& codes, const at::Tensor& scales,
+                               const at::Tensor& zeros, int64_t group_size) {
+  check_uint8(codes, "codes", "INT8 codes");
+  check_group_size(group_size, "group_size", /*packed_int4=*/false);
+  TORCH_CHECK_VALUE(codes.numel() >= 1, "codes: expected at least one element");
+  TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes: expected a CPU tensor, got ",
+                    codes.device());
+  check_group_params(scales, codes.numel(), group_size, codes.device(), "scales", "INT8 codes");
+  check_group_params(zeros, codes.numel(), group_size, codes.device(), "zeros", "INT8 codes");
+  const at::Tensor src = codes.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kFloat));
+  const int64_t numel = src.numel();
+  const uint8_t* q = src.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  const float* z = zeros.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, num_groups(numel, group_size), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t gi = begin; gi < end; ++gi) {
+      const GroupQuant p{s[gi], z[gi]};
+      const int64_t stop = std::min(numel, (gi + 1) * group_size);
+      for (int64_t k = gi * group_size; k < stop; ++k) dst[k] = dequantize_code(q[k], p);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("philox_uniform", &philox_uniform_cpu);
+  m.impl("quantize_int4", &quantize_int4_cpu);
+  m.impl("dequantize_int4", &dequantize_int4_entry);
+  m.impl("quantize_int8", &quantize_int8_cpu);
+  m.impl("dequantize_int8", &dequantize_int8_cpu);
+}
+
+}  // namespace lowrank

@@ -78,6 +78,9 @@ class LayerwiseTrainer:
         if self.stepping:
             self.optimizer_steps += 1
             if self.scheduler is not None:
+                # the scheduler counts optimizer.step() calls to warn about a wrong call order;
+                # layer-wise steps bypass step(), so record that the optimizer did step
+                self.optimizer._opt_called = True
                 self.scheduler.step()
         self.micro_steps += 1
         self._callback_queued = False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import importlib
 import os
 import sys
 import time
@@ -25,19 +26,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lowrank_kernels import ops  # noqa: E402
-from lowrank_kernels.integrations.transformers import lowrank_param_groups  # noqa: E402
-from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAdamW  # noqa: E402
+from lowrank_kernels import ops
+from lowrank_kernels.integrations.transformers import lowrank_param_groups
+from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAdamW
 
 SEQ, BATCH = 32, 4
 GALORE = dict(rank=16, update_proj_gap=10, scale=0.25)
 TARGETS = r".*\.(self_attn|mlp)\..*"
 
 
-def corpus() -> torch.Tensor:
-    import this  # noqa: F401  (prints the Zen once; the text itself is rot13 in this.s)
-
-    text = codecs.decode(sys.modules["this"].s, "rot13")
+def corpus() -> tuple[torch.Tensor, int]:
+    """(character ids, vocabulary size) of the Zen of Python."""
+    # importing `this` prints the Zen once; the module keeps the text rot13-encoded in `s`
+    zen = importlib.import_module("this")
+    text = codecs.decode(zen.s, "rot13")
     vocab = sorted(set(text))
     return torch.tensor([vocab.index(c) for c in text]), len(vocab)
 
@@ -111,6 +113,7 @@ def train(name: str, steps: int = 50) -> list[float]:
 
 
 def start_end(losses: list[float], window: int = 5) -> tuple[float, float]:
+    window = min(window, len(losses))
     return sum(losses[:window]) / window, sum(losses[-window:]) / window
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from cases import mlp_batches, mlp_loss, mlp_param_groups, small_mlp
 
 import lowrank_kernels as lk
-from cases import mlp_batches, mlp_loss, mlp_param_groups, small_mlp
 from lowrank_kernels.optim import GaLoreAdamW, LowRankAdamW, layerwise
 
 pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")

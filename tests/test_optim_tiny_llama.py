@@ -7,7 +7,7 @@ import torch
 import lowrank_kernels as lk
 
 pytest.importorskip("transformers")
-from bench import tiny_llama  # noqa: E402
+from bench import tiny_llama
 
 pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 

@@ -6,15 +6,15 @@ import torch
 import lowrank_kernels as lk
 
 transformers = pytest.importorskip("transformers")
-from bench import tiny_llama  # noqa: E402
-from lowrank_kernels.integrations.transformers import (  # noqa: E402
+from bench import tiny_llama
+from lowrank_kernels.integrations.transformers import (
     build_optimizer,
     lowrank_param_groups,
     optimizer_cls_and_kwargs,
     parse_optim_args,
     target_linear_names,
 )
-from lowrank_kernels.optim import GaLoreAdamW, LowRankAdamW  # noqa: E402
+from lowrank_kernels.optim import GaLoreAdamW, LowRankAdamW
 
 pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 

@@ -76,7 +76,7 @@ def lowrank_param_groups(model: torch.nn.Module, target_modules: str | list[str]
     rest = [(n, p) for n, p in named if n not in targets]
     projected = [(n, p) for n, p in named if n in targets]
     groups = [{"params": [p for _, p in projected], "names": [n for n, _ in projected],
-               **{**GROUP_DEFAULTS, **group_keys}}]
+               **GROUP_DEFAULTS, **group_keys}]
     if rest:
         groups.insert(0, {"params": [p for _, p in rest], "names": [n for n, _ in rest]})
     return groups

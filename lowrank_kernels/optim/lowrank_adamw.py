@@ -176,6 +176,24 @@ class LowRankAdamW(torch.optim.Optimizer):
         return lr_op, (wd * lr / lr_op if lr_op > 0 else wd)
 
     def _step_projected(self, p: torch.Tensor) -> None:
+        grad, proj_args, hyper = self._prepare_projected(p)
+        state = self.state[p]
+        # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the weight
+        # from at::parallel_for workers, where grad mode is not inherited, so handing it the
+        # Parameter itself trips autograd's in-place check on a leaf view.
+        args = (p.detach(), grad, proj_args.pop("proj"), state["exp_avg"], state["exp_avg_sq"])
+        if torch.compiler.is_compiling() and self.backend in (None, "cpu", "cuda"):
+            # the backend switch reads the environment and the dispatcher's tables, which dynamo
+            # cannot trace; under compile the kernel registered for the tensors' device runs
+            torch.ops.lowrank.fused_galore_step(*args, **hyper, **proj_args)
+        else:
+            ops.fused_galore_step(*args, **hyper, **proj_args, backend=self.backend)
+
+    @torch.compiler.disable
+    def _prepare_projected(self, p: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """Bookkeeping before the fused call, run eagerly even inside torch.compile (refreshes
+        are rare, data-dependent and call LAPACK): state init, refresh, step count. Returns the
+        gradient, the projection arguments and the scalar arguments of the fused step."""
         group, index, position = self._locate(p)
         grad = p.grad
         if grad.is_sparse:
@@ -191,19 +209,14 @@ class LowRankAdamW(torch.optim.Optimizer):
             proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
         step_before = int(state["step"])
         if proj_state.refresh_due(state, step_before):
-            proj_state.refresh_(state, grad, p, spec, step_before,
-                                self._name(group, index, p))
+            proj_state.refresh_(state, grad, p, spec, step_before, self._name(group, index, p))
         state["step"] += 1
         lr, wd = self._step_size(group, step_before + 1)
         beta1, beta2 = group["betas"]
-        # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the weight
-        # from at::parallel_for workers, where grad mode is not inherited, so handing it the
-        # Parameter itself trips autograd's in-place check on a leaf view.
-        ops.fused_galore_step(p.detach(), grad.contiguous(), exp_avg=state["exp_avg"],
-                              exp_avg_sq=state["exp_avg_sq"], lr=lr, beta1=beta1, beta2=beta2,
-                              eps=group["eps"], weight_decay=wd, scale=group["scale"],
-                              step=step_before + 1, seed=int(state["proj_seed"]) % (2**31),
-                              backend=self.backend, **proj_state.step_args(state, spec))
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
+                     scale=group["scale"], step=step_before + 1,
+                     seed=int(state["proj_seed"]) % (2**31))
+        return grad.contiguous(), proj_state.step_args(state, spec), hyper
 
     def _dense_state(self, group: dict, params: list[torch.Tensor]):
         exp_avgs, exp_avg_sqs, steps = [], [], []

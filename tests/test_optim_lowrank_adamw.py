@@ -318,3 +318,9 @@ def test_dct_preset_names_the_missing_op():
 def test_qgalore_preset_names_the_missing_op():
     with pytest.raises(NotImplementedError, match="ops.quantize_int4"):
         QGaLoreAdamW(mlp_param_groups(small_mlp(), rank=4))
+
+
+def test_int8_weight_codes_are_refused_until_wired():
+    codes = torch.zeros(8, 8, dtype=torch.uint8)
+    with pytest.raises(NotImplementedError, match="Int8Linear"):
+        LowRankAdamW([{"params": [codes], "rank": 2}])

@@ -99,6 +99,11 @@ class LowRankAdamW(torch.optim.Optimizer):
             spec.check_available()  # a missing op fails here, not at the first step
             for i, p in enumerate(group["params"]):
                 name = self._name(group, i, p)
+                if not p.is_floating_point():
+                    raise NotImplementedError(
+                        f"{name}: dtype {p.dtype}; INT8 weight codes (Int8Linear, "
+                        "lowrank_kernels.autograd) are not wired into LowRankAdamW yet: only "
+                        "float weights can be projected")
                 if p.dim() != 2:
                     raise ValueError(f"{name}: projected parameters must be 2-D weights, got "
                                      f"shape {list(p.shape)}; put it in a group without 'rank'")

@@ -4,7 +4,7 @@
   keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``), same numbers (fp32 SVD of the
   gradient, refresh at steps 0, T, 2T, …, galore-torch's AdamW formula for unprojected params).
 * :class:`QGaLoreAdamW` — Q-GaLore: INT4-packed basis, lazy refresh, β = (0.9, 0.95) as in the
-  Q-GaLore recipes; INT8 weights come from ``Int8Linear`` modules (lowrank_kernels.autograd).
+  Q-GaLore recipes (INT8 weights through ``Int8Linear``: not wired in yet).
 * :class:`DCTAdamW` — SVD-free DCT projection refreshed every step (only r indices stored).
 """
 
@@ -38,8 +38,9 @@ class QGaLoreAdamW(LowRankAdamW):
 
     Needs the quantization ops (``ops.quantize_int4``/``dequantize_int4`` and a fused step that
     accepts a packed basis); constructing it with a projected group raises NotImplementedError
-    naming the missing op until they are built. Weights of ``Int8Linear`` modules are stepped in
-    INT8 with stochastic rounding inside the same fused call.
+    naming the missing op until they are built. INT8 weights (``Int8Linear`` codes stepped with
+    stochastic rounding inside the same fused call) are not wired in yet: a uint8 parameter in a
+    projected group raises NotImplementedError.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3,

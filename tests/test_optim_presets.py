@@ -6,9 +6,9 @@ tests skip, saying which op is missing, until those land."""
 
 import pytest
 import torch
+from cases import assert_fp32_close
 
 import lowrank_kernels as lk
-from cases import assert_fp32_close
 from lowrank_kernels import ops, reference
 from lowrank_kernels.optim import DCTAdamW, QGaLoreAdamW
 from lowrank_kernels.projection import int4

@@ -213,7 +213,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
         step_before = int(state["step"])
-        if proj_state.refresh_due(state, step_before):
+        if proj_state.refresh_due(state, step_before, spec):
             proj_state.refresh_(state, grad, p, spec, step_before, self._name(group, index, p))
         state["step"] += 1
         lr, wd = self._step_size(group, step_before + 1)
@@ -290,8 +290,9 @@ class LowRankAdamW(torch.optim.Optimizer):
             for key, value in saved.items():
                 if not torch.is_tensor(value):
                     continue
-                # the step count stays where it was saved (CPU), as torch keeps it; a copy either
-                # way, so stepping never writes into the caller's state_dict
-                device = value.device if key == "step" else p.device
+                # scalars (step, refresh counters) stay where they were saved (CPU, as torch keeps
+                # `step`) so reading them costs no device sync; a copy either way, so stepping
+                # never writes into the caller's state_dict
+                device = value.device if value.dim() == 0 else p.device
                 self.state[p][key] = value.to(device=device, copy=True)
         self._position_of = None

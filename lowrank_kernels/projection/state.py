@@ -68,9 +68,11 @@ def init_state_(state: dict, spec: ProjectionSpec, seed: int) -> None:
     state["proj_overlap"] = torch.tensor(float("nan"), dtype=torch.float32)
 
 
-def refresh_due(state: dict, step_before: int) -> bool:
+def refresh_due(state: dict, step_before: int, spec: ProjectionSpec) -> bool:
     last = int(state["proj_last_refresh"])
-    return last < 0 or step_before - last >= int(state["proj_gap"])
+    # a fixed gap is read from the group, so editing update_proj_gap mid-run takes effect
+    gap = int(state["proj_gap"]) if spec.policy.measures_overlap else spec.policy.gap
+    return last < 0 or step_before - last >= gap
 
 
 def _generator(state: dict, device: torch.device) -> torch.Generator:
@@ -105,6 +107,8 @@ def refresh_(state: dict, grad: torch.Tensor, param: torch.Tensor, spec: Project
             overlap = subspace_overlap(dense_basis(state, m, n, spec), new, m, n)
         state["proj_overlap"].fill_(overlap)
         state["proj_gap"].fill_(spec.policy.next_gap(int(state["proj_gap"]), overlap))
+    elif not spec.policy.measures_overlap:
+        state["proj_gap"].fill_(spec.policy.gap)
     if spec.projector.kind == "indices":
         state["proj"] = new
     elif spec.bits == 4:

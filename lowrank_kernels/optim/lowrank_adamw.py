@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from lowrank_kernels import ops, reference
+from lowrank_kernels import _extension, ops, reference
 from lowrank_kernels.projection import make_projector, make_refresh_policy
 from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
@@ -187,7 +187,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         # from at::parallel_for workers, where grad mode is not inherited, so handing it the
         # Parameter itself trips autograd's in-place check on a leaf view.
         args = (p.detach(), grad, proj_args.pop("proj"), state["exp_avg"], state["exp_avg_sq"])
-        if torch.compiler.is_compiling() and self.backend in (None, "cpu", "cuda"):
+        if (torch.compiler.is_compiling() and _extension.AVAILABLE
+                and self.backend in (None, "cpu", "cuda")):
             # the backend switch reads the environment and the dispatcher's tables, which dynamo
             # cannot trace; under compile the kernel registered for the tensors' device runs
             torch.ops.lowrank.fused_galore_step(*args, **hyper, **proj_args)

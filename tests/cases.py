@@ -8,6 +8,7 @@ an fp32 reference"), never against a hand-tuned atol.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -137,3 +138,38 @@ def assert_step_matches(actual: StepInputs, inputs: StepInputs, **hyper) -> None
             assert_fp32_close(got, want, rtol=1e-4)
         else:
             assert_lowp_close(got, want, getattr(plain, name), before=getattr(inputs, name))
+
+
+# --------------------------------------------------------------------------------------------
+# optimizer tests (tests/test_optim_*.py): a small MLP whose weights cover both projection sides
+# --------------------------------------------------------------------------------------------
+MLP_SIZES = (24, 40, 32, 10)  # weights 40×24 (right), 32×40 and 10×32 (left)
+
+
+def small_mlp(seed: int = 0, dtype=torch.float32) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for d_in, d_out in itertools.pairwise(MLP_SIZES):
+        layers += [torch.nn.Linear(d_in, d_out), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers[:-1]).to(dtype)
+
+
+def mlp_param_groups(model: torch.nn.Module, **lowrank) -> list[dict]:
+    """galore-torch's usual grouping: Linear weights projected (with ``lowrank`` keys), the rest
+    (biases) in a plain group. Names travel with the projected group for messages."""
+    named = [(n, p) for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2]
+    projected = {id(p) for _, p in named}
+    rest = [p for p in model.parameters() if id(p) not in projected]
+    return [{"params": rest},
+            {"params": [p for _, p in named], "names": [n for n, _ in named], **lowrank}]
+
+
+def mlp_batches(count: int, batch: int = 16, seed: int = 1, dtype=torch.float32) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, MLP_SIZES[0], generator=gen).to(dtype),
+             torch.randint(0, MLP_SIZES[-1], (batch,), generator=gen)) for _ in range(count)]
+
+
+def mlp_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x).float(), y)

@@ -1,0 +1,107 @@
+"""Layer-wise updates: each parameter steps as soon as its gradient is ready, then frees it.
+
+During ``loss.backward()`` a post-accumulate-grad hook on every parameter steps that one
+parameter (``LowRankAdamW.step_parameter``) and sets its ``.grad`` to None, so at most a few
+full-size gradients exist at once instead of all of them. The user calls only
+``loss.backward()``: no ``optimizer.step()``, no ``zero_grad()``.
+
+Gradient accumulation: the step happens on the LAST micro-batch of every ``accumulation_steps``.
+Earlier micro-batches accumulate into ``.grad`` as in ordinary training (so during accumulation
+the full gradients are held; the saving applies to the last micro-batch and to everything
+between steps). Accumulating in the low-rank space instead would save more memory but cannot
+be exact: a refresh needs the SVD of the whole accumulated gradient. Scale the loss by
+1/accumulation_steps as usual. Micro-batches are counted by completed ``backward()`` calls.
+
+Gradient clipping: a parameter's step cannot wait for the global gradient norm (the other
+gradients do not exist yet), so ``max_grad_norm`` clips each parameter's gradient by its OWN norm
+(``torch.nn.utils.clip_grad_norm_([p], max_grad_norm)``, a per-tensor clip that really scales
+the gradient the step sees). This is not global-norm clipping; it equals calling that function on
+each parameter separately in ordinary training.
+
+The LR scheduler (``scheduler_factory(optimizer)``) steps once per optimizer step, at the end of
+the backward pass of the last micro-batch, after every parameter has stepped.
+
+Results equal ordinary training with the same optimizer, data, accumulation and per-parameter
+clipping (tests/test_optim_layerwise.py checks this).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
+
+
+class LayerwiseTrainer:
+    """Owns the hooks, the optimizer and the scheduler of layer-wise training."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: LowRankAdamW, *,
+                 accumulation_steps: int = 1, max_grad_norm: float | None = None,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None):
+        if not hasattr(optimizer, "step_parameter"):
+            raise TypeError("optimizer: layer-wise updates need an optimizer with "
+                            "step_parameter(p), e.g. lowrank_kernels.optim.LowRankAdamW")
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps: expected an int >= 1, got {accumulation_steps!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm: expected None or a value > 0, got {max_grad_norm}")
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.accumulation_steps, self.max_grad_norm = accumulation_steps, max_grad_norm
+        self.micro_steps = 0  # completed backward passes
+        self.optimizer_steps = 0
+        self._callback_queued = False
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
+                         for p in model.parameters() if p.requires_grad and id(p) in held]
+        if not self._handles:
+            raise ValueError("model: none of its trainable parameters is held by the optimizer")
+
+    @property
+    def stepping(self) -> bool:
+        """Whether the backward pass in progress (or the next one) is the last micro-batch."""
+        return self.micro_steps % self.accumulation_steps == self.accumulation_steps - 1
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._callback_queued = True
+        if not self.stepping:
+            return
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+        self.optimizer.step_parameter(p)
+        p.grad = None
+
+    def _end_of_backward(self) -> None:
+        if self.stepping:
+            self.optimizer_steps += 1
+            if self.scheduler is not None:
+                # the scheduler counts optimizer.step() calls to warn about a wrong call order;
+                # layer-wise steps bypass step(), so record that the optimizer did step
+                self.optimizer._opt_called = True
+                self.scheduler.step()
+        self.micro_steps += 1
+        self._callback_queued = False
+
+    def remove(self) -> None:
+        """Removes the hooks (the model trains normally again)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def layerwise(model: torch.nn.Module, optimizer_factory: Callable[[torch.nn.Module], LowRankAdamW],
+              *, accumulation_steps: int = 1, max_grad_norm: float | None = None,
+              scheduler_factory: Callable | None = None) -> LayerwiseTrainer:
+    """Sets up layer-wise training of ``model`` (see the module docstring for the semantics).
+
+    ``optimizer_factory(model)`` builds the optimizer (e.g. ``lambda m: GaLoreAdamW(groups(m))``);
+    ``scheduler_factory(optimizer)``, if given, builds an LR scheduler stepped once per
+    optimizer step. Returns the :class:`LayerwiseTrainer`; keep it alive while training.
+    """
+    optimizer = optimizer_factory(model)
+    scheduler = scheduler_factory(optimizer) if scheduler_factory is not None else None
+    return LayerwiseTrainer(model, optimizer, accumulation_steps=accumulation_steps,
+                            max_grad_norm=max_grad_norm, scheduler=scheduler)

@@ -1,0 +1,299 @@
+"""LowRankAdamW: AdamW whose projected parameters take one fused low-rank step each.
+
+Parameter groups that carry a ``rank`` are projected: each weight's step is one call to
+``torch.ops.lowrank.fused_galore_step`` (through ``lowrank_kernels.ops``, which honours the
+backend switch), with the projection refreshed beforehand when its policy says so. Groups without
+``rank`` get plain AdamW on torch's own kernels.
+
+Group keys (galore-torch's first, then ours; constructor arguments give their defaults):
+
+===================  ==========================================================================
+rank                 projection rank r (1 ≤ r ≤ min(m, n); never truncated). Absent: plain AdamW
+update_proj_gap      steps between refreshes (the initial gap for ``refresh="lazy"``)
+scale                multiplies the back-projected update (GaLore's α; recipes use 0.25)
+proj_type            "std" (GaLore's side rule: right if m ≥ n, else left); only "std" exists
+projection           "svd" | "rsvd" | "dct" | "random" (lowrank_kernels.projection)
+proj_bits            16: dense basis in the weight's dtype; 4: packed INT4 basis (Q-GaLore)
+proj_group_size      INT4 quantization group (256)
+refresh              "fixed" (every update_proj_gap steps) | "lazy" (see projection/refresh.py)
+refresh_threshold,   lazy policy: grow the gap by ``refresh_growth`` (up to ``refresh_max_gap``)
+refresh_growth,      while the subspace overlap ‖P_oldᵀP_new‖²_F/r stays ≥ ``refresh_threshold``
+refresh_max_gap
+seed                 seed of random projections (mixed with each parameter's position)
+names                optional list of parameter names, parallel to ``params`` (for messages)
+===================  ==========================================================================
+
+Semantics of a projected step: DESIGN.md §4.2 (galore-torch's ``GaLoreAdamW``: ε not
+bias-corrected, decoupled decay after the update). Moments are fp32 whatever the weight dtype.
+Unprojected parameters follow ``dense_adamw``: "torch" = ``torch.optim.AdamW`` (its foreach/fused
+kernels; ε bias-corrected, decay before the update) or "galore" = galore-torch's own AdamW
+formula on torch's foreach ops (what ``GaLoreAdamW`` uses, so a drop-in gives the same numbers).
+
+All state is tensors (``step``, ``exp_avg``, ``exp_avg_sq`` and the ``proj*`` keys of
+lowrank_kernels.projection.state): ``state_dict()`` survives ``torch.load(weights_only=True)`` and
+a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch.optim.adamw import adamw as torch_adamw
+
+from lowrank_kernels import _extension, ops, reference
+from lowrank_kernels.projection import make_projector, make_refresh_policy
+from lowrank_kernels.projection import state as proj_state
+from lowrank_kernels.projection.base import check_rank
+
+DENSE_ADAMW = ("torch", "galore")
+
+
+def _is_projected(group: dict) -> bool:
+    return group.get("rank") is not None
+
+
+class LowRankAdamW(torch.optim.Optimizer):
+    def __init__(self, params: Iterable, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 1.0,
+                 proj_type: str = "std", projection: str = "svd", proj_bits: int = 16,
+                 proj_group_size: int = 256, refresh: str = "fixed",
+                 refresh_threshold: float = 0.8, refresh_growth: float = 2.0,
+                 refresh_max_gap: int | None = None, seed: int = 0, correct_bias: bool = True,
+                 dense_adamw: str = "torch", foreach: bool | None = None,
+                 fused: bool | None = None, backend: str | None = None):
+        if not lr >= 0.0:
+            raise ValueError(f"lr: expected a value >= 0, got {lr}")
+        if dense_adamw not in DENSE_ADAMW:
+            raise ValueError(f"dense_adamw: expected one of {DENSE_ADAMW}, got {dense_adamw!r}")
+        ops.check_hyperparameters(betas[0], betas[1], eps, 1)
+        self.dense_adamw, self.foreach, self.fused, self.backend = (
+            dense_adamw, foreach, fused, backend)
+        self._position_of: dict[int, int] | None = None
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
+                        proj_type=proj_type, projection=projection, proj_bits=proj_bits,
+                        proj_group_size=proj_group_size, refresh=refresh,
+                        refresh_threshold=refresh_threshold, refresh_growth=refresh_growth,
+                        refresh_max_gap=refresh_max_gap, seed=seed)
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------------------------------
+    # groups
+    # ----------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("names")
+        if names is not None and len(names) != len(group["params"]):
+            raise ValueError(f"names: expected {len(group['params'])} names (one per param), "
+                             f"got {len(names)}")
+        if _is_projected(group):
+            if group["proj_type"] != "std":
+                raise ValueError(f"proj_type: only 'std' (right if m >= n, else left) is "
+                                 f"supported, got {group['proj_type']!r}")
+            spec = self._spec(group)
+            spec.check_available()  # a missing op fails here, not at the first step
+            for i, p in enumerate(group["params"]):
+                name = self._name(group, i, p)
+                if not p.is_floating_point():
+                    raise NotImplementedError(
+                        f"{name}: dtype {p.dtype}; INT8 weight codes (Int8Linear, "
+                        "lowrank_kernels.autograd) are not wired into LowRankAdamW yet: only "
+                        "float weights can be projected")
+                if p.dim() != 2:
+                    raise ValueError(f"{name}: projected parameters must be 2-D weights, got "
+                                     f"shape {list(p.shape)}; put it in a group without 'rank'")
+                check_rank(group["rank"], *p.shape, name)
+        self._position_of = None
+
+    @staticmethod
+    def _spec(group: dict) -> proj_state.ProjectionSpec:
+        policy = make_refresh_policy(group["refresh"], group["update_proj_gap"],
+                                     threshold=group["refresh_threshold"],
+                                     growth=group["refresh_growth"],
+                                     max_gap=group["refresh_max_gap"])
+        return proj_state.ProjectionSpec(group["rank"], make_projector(group["projection"]),
+                                         policy, group["proj_bits"], group["proj_group_size"])
+
+    @staticmethod
+    def _name(group: dict, index: int, p: torch.Tensor) -> str:
+        names = group.get("names")
+        if names is not None:
+            return f"parameter {names[index]!r}"
+        return f"parameter #{index} of a group ({'×'.join(map(str, p.shape))})"
+
+    def _locate(self, p: torch.Tensor) -> tuple[dict, int, int]:
+        """(group, index in the group, position in the optimizer) of a parameter."""
+        if self._position_of is None:
+            self._position_of = {}
+            flat = itertools.chain.from_iterable(
+                ((g, i) for i in range(len(group["params"])))
+                for g, group in enumerate(self.param_groups))
+            for position, (g, i) in enumerate(flat):
+                self._position_of[id(self.param_groups[g]["params"][i])] = (g, i, position)
+        if id(p) not in self._position_of:
+            raise ValueError("param: not a parameter of this optimizer")
+        g, i, position = self._position_of[id(p)]
+        return self.param_groups[g], i, position
+
+    # ----------------------------------------------------------------------------------------
+    # steps
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if _is_projected(group):
+                for p in with_grad:
+                    self._step_projected(p)
+            elif with_grad:
+                self._step_dense(group, with_grad)
+        return loss
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor) -> None:
+        """Steps one parameter from its current ``.grad`` (what ``step()`` does for it); used by
+        layer-wise training (lowrank_kernels.optim.layerwise)."""
+        if p.grad is None:
+            return
+        group, _, _ = self._locate(p)
+        if _is_projected(group):
+            self._step_projected(p)
+        else:
+            self._step_dense(group, [p])
+
+    def _step_size(self, group: dict, step: int) -> tuple[float, float]:
+        """(lr, weight_decay) to pass to the fused step. Without bias correction the op's folded
+        α_t must become lr, so lr is rescaled and the decay rescaled back to keep lr·wd."""
+        lr, wd = group["lr"], group["weight_decay"]
+        if group["correct_bias"]:
+            return lr, wd
+        beta1, beta2 = group["betas"]
+        lr_op = lr * (1.0 - beta1**step) / math.sqrt(1.0 - beta2**step)
+        return lr_op, (wd * lr / lr_op if lr_op > 0 else wd)
+
+    def _step_projected(self, p: torch.Tensor) -> None:
+        grad, proj_args, hyper = self._prepare_projected(p)
+        state = self.state[p]
+        # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the weight
+        # from at::parallel_for workers, where grad mode is not inherited, so handing it the
+        # Parameter itself trips autograd's in-place check on a leaf view.
+        args = (p.detach(), grad, proj_args.pop("proj"), state["exp_avg"], state["exp_avg_sq"])
+        if (torch.compiler.is_compiling() and _extension.AVAILABLE
+                and self.backend in (None, "cpu", "cuda")):
+            # the backend switch reads the environment and the dispatcher's tables, which dynamo
+            # cannot trace; under compile the kernel registered for the tensors' device runs
+            torch.ops.lowrank.fused_galore_step(*args, **hyper, **proj_args)
+        else:
+            ops.fused_galore_step(*args, **hyper, **proj_args, backend=self.backend)
+
+    @torch.compiler.disable
+    def _prepare_projected(self, p: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
+        """Bookkeeping before the fused call, run eagerly even inside torch.compile (refreshes
+        are rare, data-dependent and call LAPACK): state init, refresh, step count. Returns the
+        gradient, the projection arguments and the scalar arguments of the fused step."""
+        group, index, position = self._locate(p)
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("LowRankAdamW does not support sparse gradients")
+        spec = self._spec(group)
+        state = self.state[p]
+        if not state:
+            m, n = p.shape
+            shape = ops.low_rank_shape(m, n, spec.rank)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
+        step_before = int(state["step"])
+        if proj_state.refresh_due(state, step_before, spec):
+            proj_state.refresh_(state, grad, p, spec, step_before, self._name(group, index, p))
+        state["step"] += 1
+        lr, wd = self._step_size(group, step_before + 1)
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
+                     scale=group["scale"], step=step_before + 1,
+                     seed=int(state["proj_seed"]) % (2**31))
+        return grad.contiguous(), proj_state.step_args(state, spec), hyper
+
+    def _dense_state(self, group: dict, params: list[torch.Tensor]):
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("LowRankAdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
+
+    def _step_dense(self, group: dict, params: list[torch.Tensor]) -> None:
+        exp_avgs, exp_avg_sqs, steps = self._dense_state(group, params)
+        grads = [p.grad for p in params]
+        beta1, beta2 = group["betas"]
+        if self.dense_adamw == "torch":
+            if not group["correct_bias"]:
+                raise ValueError("correct_bias=False needs dense_adamw='galore' for parameters "
+                                 "without rank (torch's AdamW always corrects the bias)")
+            torch_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps,
+                        foreach=self.foreach, fused=self.fused, amsgrad=False,
+                        beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            return
+        # galore-torch's AdamW: ε not bias-corrected, decay after the update. Parameters of one
+        # group share a step count unless they joined late, so batch by count.
+        by_step: dict[int, list[int]] = {}
+        for i, s in enumerate(steps):
+            by_step.setdefault(int(s), []).append(i)
+        for step_before, idx in by_step.items():
+            ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
+            ms, vs = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
+            torch._foreach_add_([steps[i] for i in idx], 1.0)
+            step = step_before + 1
+            torch._foreach_mul_(ms, beta1)
+            torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+            torch._foreach_mul_(vs, beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+            denoms = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denoms, group["eps"])
+            step_size = (reference.adam_step_size(group["lr"], beta1, beta2, step)
+                         if group["correct_bias"] else group["lr"])
+            torch._foreach_add_(ps, torch._foreach_div(ms, denoms), alpha=-step_size)
+            if group["weight_decay"] > 0.0:
+                torch._foreach_add_(ps, ps, alpha=-group["lr"] * group["weight_decay"])
+
+    # ----------------------------------------------------------------------------------------
+    # checkpoints
+    # ----------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but every state tensor keeps its saved dtype: torch casts floating state
+        to the parameter's dtype, which would turn fp32 moments of bf16 weights into bf16 and
+        int64 refresh counters and packed INT4 bases into floats."""
+        super().load_state_dict(state_dict)
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if not torch.is_tensor(value):
+                    continue
+                # scalars (step, refresh counters) stay where they were saved (CPU, as torch keeps
+                # `step`) so reading them costs no device sync; a copy either way, so stepping
+                # never writes into the caller's state_dict
+                device = value.device if value.dim() == 0 else p.device
+                self.state[p][key] = value.to(device=device, copy=True)
+        self._position_of = None

@@ -1,0 +1,25 @@
+"""Random projection: an orthonormal basis drawn independently of the gradient (SVD-free).
+
+Gaussian columns orthonormalised by QR, drawn from the optimizer's per-parameter generator
+(seeded by the group's ``seed``, the parameter's position and the refresh count), so the basis is
+reproducible and a resumed run draws the same one. Orthonormal rather than APOLLO's N(0, 1/r)
+so that back(project(G)) is an orthogonal projection of G, as with the SVD basis.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank_kernels.projection.base import Projector, basis_dim, to_layout
+
+
+class RandomProjector(Projector):
+    name = "random"
+    needs_generator = True
+
+    def compute(self, grad, rank, *, generator, param_name):
+        m, n = grad.shape
+        gaussian = torch.randn(basis_dim(m, n), rank, generator=generator, device=grad.device,
+                               dtype=torch.float32)
+        q, _ = torch.linalg.qr(gaussian)
+        return to_layout(q, m, n)

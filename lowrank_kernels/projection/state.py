@@ -1,0 +1,132 @@
+"""The projection's part of a parameter's optimizer state: tensors only.
+
+Keys written into ``optimizer.state[p]`` (all tensors, so ``state_dict()`` loads with
+``torch.load(weights_only=True)`` and a resumed run continues bit for bit):
+
+=================  ===============================================================================
+proj               dense basis (r×n right / m×r left, the weight's dtype), packed INT4 basis
+                   (uint8), or DCT indices (int32, length r)
+proj_scales/zeros  INT4 group scales and zero points (only with proj_bits=4)
+proj_last_refresh  int64 scalar: step (before increment) of the last refresh, -1 before the first
+proj_gap           int64 scalar: current refresh gap (changes under the lazy policy)
+proj_refreshes     int64 scalar: number of refreshes so far (part of the random generator's seed)
+proj_seed          int64 scalar: this parameter's seed (group seed mixed with its position)
+proj_overlap       fp32 scalar: overlap ‖P_oldᵀP_new‖²_F/r measured at the last refresh (NaN if
+                   not measured)
+=================  ===============================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lowrank_kernels.projection import int4
+from lowrank_kernels.projection.base import Projector, check_rank, subspace_overlap
+from lowrank_kernels.projection.dct import dct_dense_basis, index_overlap
+from lowrank_kernels.projection.refresh import FixedGap, LazyRefresh
+
+PROJ_BITS = (16, 4)
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio): spreads nearby seeds apart
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionSpec:
+    """Everything the optimizer needs to project one parameter group's weights."""
+
+    rank: int
+    projector: Projector
+    policy: FixedGap | LazyRefresh
+    bits: int = 16
+    group_size: int = 256
+
+    def __post_init__(self):
+        if self.bits not in PROJ_BITS:
+            raise ValueError(f"proj_bits: expected one of {PROJ_BITS}, got {self.bits!r}")
+        if self.bits == 4 and self.projector.kind != "dense":
+            raise ValueError(f"proj_bits=4 quantizes a dense basis; projection="
+                             f"{self.projector.name!r} stores indices already")
+
+    def check_available(self) -> None:
+        self.projector.check_available()
+        if self.bits == 4:
+            int4.check_available()
+
+
+def parameter_seed(group_seed: int, position: int) -> int:
+    """A per-parameter seed: the group's seed mixed with the parameter's position in the
+    optimizer, so two equal-shaped parameters draw different random bases."""
+    return (group_seed * _MIX + position * 0xBF58476D1CE4E5B9 + 1) % (2**63)
+
+
+def init_state_(state: dict, spec: ProjectionSpec, seed: int) -> None:
+    state["proj_last_refresh"] = torch.tensor(-1, dtype=torch.int64)
+    state["proj_gap"] = torch.tensor(spec.policy.gap, dtype=torch.int64)
+    state["proj_refreshes"] = torch.tensor(0, dtype=torch.int64)
+    state["proj_seed"] = torch.tensor(seed, dtype=torch.int64)
+    state["proj_overlap"] = torch.tensor(float("nan"), dtype=torch.float32)
+
+
+def refresh_due(state: dict, step_before: int, spec: ProjectionSpec) -> bool:
+    last = int(state["proj_last_refresh"])
+    # a fixed gap is read from the group, so editing update_proj_gap mid-run takes effect
+    gap = int(state["proj_gap"]) if spec.policy.measures_overlap else spec.policy.gap
+    return last < 0 or step_before - last >= gap
+
+
+def _generator(state: dict, device: torch.device) -> torch.Generator:
+    seed = (int(state["proj_seed"]) + int(state["proj_refreshes"]) * _MIX) % (2**63)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def dense_basis(state: dict, m: int, n: int, spec: ProjectionSpec) -> torch.Tensor:
+    """The fp32 basis the fused step applies (dequantized or generated from indices)."""
+    proj = state["proj"]
+    if proj.dtype == torch.int32:
+        return dct_dense_basis(proj, m, n)
+    if proj.dtype == torch.uint8:
+        shape = (spec.rank, n) if m >= n else (m, spec.rank)
+        return int4.unpack_basis(proj, state["proj_scales"], state["proj_zeros"], shape,
+                                 spec.group_size)
+    return proj.float()
+
+
+def refresh_(state: dict, grad: torch.Tensor, param: torch.Tensor, spec: ProjectionSpec,
+             step_before: int, param_name: str) -> None:
+    """Recomputes the projection from ``grad`` and advances the refresh counters."""
+    m, n = param.shape
+    check_rank(spec.rank, m, n, param_name)
+    generator = _generator(state, grad.device) if spec.projector.needs_generator else None
+    new = spec.projector.compute(grad, spec.rank, generator=generator, param_name=param_name)
+    had_basis = "proj" in state
+    if spec.policy.measures_overlap and had_basis:
+        if spec.projector.kind == "indices":
+            overlap = index_overlap(state["proj"], new)
+        else:
+            overlap = subspace_overlap(dense_basis(state, m, n, spec), new, m, n)
+        state["proj_overlap"].fill_(overlap)
+        state["proj_gap"].fill_(spec.policy.next_gap(int(state["proj_gap"]), overlap))
+    elif not spec.policy.measures_overlap:
+        state["proj_gap"].fill_(spec.policy.gap)
+    if spec.projector.kind == "indices":
+        state["proj"] = new
+    elif spec.bits == 4:
+        state["proj"], state["proj_scales"], state["proj_zeros"] = int4.pack_basis(
+            new, spec.group_size)
+    else:
+        # galore-torch keeps the basis in the gradient's dtype; ours follows the weight's dtype
+        # (fp32 for fp32 or INT8 weights), which is the same in ordinary (non-AMP) training.
+        dtype = param.dtype if param.is_floating_point() else torch.float32
+        state["proj"] = new.to(dtype).contiguous()
+    state["proj_last_refresh"].fill_(step_before)
+    state["proj_refreshes"].add_(1)
+
+
+def step_args(state: dict, spec: ProjectionSpec) -> dict:
+    """The projection arguments of ``ops.fused_galore_step`` for this state."""
+    args = {"proj": state["proj"]}
+    if state["proj"].dtype == torch.uint8:
+        args.update(proj_scales=state["proj_scales"], proj_zeros=state["proj_zeros"],
+                    proj_group_size=spec.group_size)
+    return args

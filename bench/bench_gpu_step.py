@@ -1,0 +1,201 @@
+"""GPU benchmark of one GaLore AdamW step: our fused kernels against galore-torch, same run.
+
+Providers (each skipped with a message when it cannot run here):
+  triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
+  cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
+  reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
+  galore-torch  galore_torch.GaLoreAdamW.step with the basis fixed (its SVD runs once, before
+                timing, and update_proj_gap is too large to refresh again)
+  copy          dst.copy_(src) of one m×n weight: the bandwidth a plain kernel gets on this GPU
+
+Each is timed with triton.testing.do_bench (L2 flushed between calls). Reported: median ms and
+IQR, achieved GB/s counted with the floor bytes of the provider's storage (bench/traffic.py:
+galore-torch keeps M, V in the weight dtype, ours in --state-dtype), that as a fraction of the
+device's peak DRAM bandwidth, the traffic model's prediction, and the ratio to galore-torch.
+Results go to bench/results/gpu_step_<device>.csv with the machine in its header.
+
+Without a GPU it prints the traffic model for the same shapes and exits 0.
+
+  python bench/bench_gpu_step.py                      # 4096x11008 and 11008x4096, r=256, bf16
+  python bench/bench_gpu_step.py --model-shapes       # every Linear shape of the model table
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kernels` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import harness, traffic
+
+DEFAULT_SHAPES = ("4096x11008", "11008x4096")
+PROVIDERS = ("triton", "cuda", "reference", "galore-torch", "copy")
+HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        m, n = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape: expected MxN such as 4096x11008, got {text!r}") from None
+    return m, n
+
+
+def random_basis(m: int, n: int, rank: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An orthonormal basis in fused_galore_step's layout: r×n (m >= n) or m×r (m < n)."""
+    d = min(m, n)  # the projected dimension
+    q, _ = torch.linalg.qr(torch.randn(d, rank, device=device, dtype=torch.float32))
+    return (q.T if m >= n else q).contiguous().to(dtype)
+
+
+def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device
+         ) -> Callable[[], None]:
+    """A closure running one fused step in place, or raises why the backend cannot run."""
+    from lowrank_kernels import ops
+
+    ops.resolve_backend("fused_galore_step", torch.device(device), backend)  # raises if absent
+    param = torch.randn(m, n, device=device, dtype=wdt) * 0.02
+    grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
+    proj = random_basis(m, n, rank, wdt, device)
+    shape = ops.low_rank_shape(m, n, rank)
+    exp_avg = torch.zeros(shape, device=device, dtype=sdt)
+    exp_avg_sq = torch.zeros(shape, device=device, dtype=sdt)
+    step = [0]
+
+    def run() -> None:
+        step[0] += 1
+        ops.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, step=step[0],
+                              weight_decay=weight_decay, backend=backend, **HYPER)
+
+    run()  # compiles (Triton) and fails loudly before timing if the kernel is broken
+    return run
+
+
+def galore_torch_step(m: int, n: int, rank: int, wdt, weight_decay: float, device
+                      ) -> Callable[[], None]:
+    import galore_torch
+
+    param = torch.nn.Parameter(torch.randn(m, n, device=device, dtype=wdt) * 0.02)
+    param.grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
+    group = {"params": [param], "rank": rank, "update_proj_gap": 2**62, "scale": HYPER["scale"],
+             "proj_type": "std"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        opt = galore_torch.GaLoreAdamW([group], lr=HYPER["lr"], betas=(HYPER["beta1"],
+                                       HYPER["beta2"]), eps=HYPER["eps"],
+                                       weight_decay=weight_decay)
+    opt.step()  # the SVD (step 0) and the state allocation happen here, not in the timing
+    return opt.step
+
+
+def copy_probe(m: int, n: int, wdt, device) -> Callable[[], None]:
+    src = torch.randn(m, n, device=device, dtype=wdt)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, providers, device,
+                peak: float | None) -> list[dict[str, object]]:
+    rows = []
+    lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
+    models = {"triton": traffic.fused(m, n, rank, wdt, sdt).total,
+              "cuda": traffic.fused(m, n, rank, wdt, sdt).total,
+              "galore-torch": traffic.galore_torch(m, n, rank, wdt,
+                                                   weight_decay=weight_decay > 0).total}
+    floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
+              "copy": 2 * m * n * torch.empty((), dtype=wdt).element_size()}
+    for provider in providers:
+        try:
+            if provider in ("triton", "cuda", "reference"):
+                fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
+            elif provider == "galore-torch":
+                fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
+            else:
+                fn = copy_probe(m, n, wdt, device)
+        except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
+            print(f"  skip {provider} at {m}x{n}: {type(exc).__name__}: {exc}")
+            continue
+        timing = harness.time_cuda(fn)
+        floor_bytes = floors.get(provider, lowrank_floor)
+        gbps = floor_bytes / timing.median_s / 1e9
+        row = {"shape": f"{m}x{n}", "rank": rank, "dtype": harness.dtype_name(wdt),
+               "state_dtype": harness.dtype_name(wdt if provider == "galore-torch" else sdt),
+               "weight_decay": weight_decay, "provider": provider,
+               "ms": round(timing.median_s * 1e3, 4),
+               "iqr_ms": round(timing.iqr_s * 1e3, 4),
+               "floor_MB": round(floor_bytes / 1e6, 2),
+               "GBps_at_floor": round(gbps, 1),
+               "frac_of_peak": round(gbps * 1e9 / peak, 3) if peak else "",
+               "model_MB": round(models[provider] / 1e6, 2) if provider in models else "",
+               "model_ms_at_peak": (round(models[provider] / peak * 1e3, 4)
+                                    if provider in models and peak else "")}
+        rows.append(row)
+    harness.add_ratios(rows, key="provider", baseline="galore-torch", value="ms",
+                       group_by=("shape",))
+    return rows
+
+
+def print_traffic(shapes: Sequence[tuple[int, int]], rank: int, wdt, sdt, weight_decay: float
+                  ) -> None:
+    rows = []
+    for m, n in shapes:
+        rows += traffic.rows_for_shape(m, n, min(rank, m, n), wdt, sdt,
+                                       weight_decay=weight_decay > 0)
+    print(harness.format_table(rows, traffic.COLUMNS[1:]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES))
+    parser.add_argument("--model-shapes", action="store_true",
+                        help="add every distinct Linear shape of the model table")
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--dtype", choices=harness.DTYPE_NAMES, default="bf16")
+    parser.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/)")
+    args = parser.parse_args(argv)
+
+    shapes = [parse_shape(s) for s in args.shapes]
+    if args.model_shapes:
+        for cfg in harness.MODELS.values():
+            shapes += [s for s in cfg.distinct_linear_shapes() if s not in shapes]
+    wdt, sdt = harness.DTYPE_NAMES[args.dtype], harness.DTYPE_NAMES[args.state_dtype]
+
+    print(f"DRAM-traffic model (r={args.rank}, W/G {args.dtype}, M/V {args.state_dtype}, "
+          f"weight decay {args.weight_decay}):")
+    print_traffic(shapes, args.rank, wdt, sdt, args.weight_decay)
+    if not torch.cuda.is_available():
+        print("\nNo CUDA device: the GPU benchmark is skipped (traffic model above).")
+        return 0
+
+    device = torch.device("cuda")
+    machine = harness.machine_info(device)
+    peak = harness.gpu_peak_bandwidth(device)
+    print(f"\n{machine['gpu']}: peak DRAM {peak / 1e9 if peak else float('nan'):.0f} GB/s")
+    rows: list[dict[str, object]] = []
+    for m, n in harness.progress(shapes, desc="shapes"):
+        rows += bench_shape(m, n, min(args.rank, m, n), wdt, sdt, args.weight_decay,
+                            args.providers, device, peak)
+    if not rows:
+        print("nothing ran")
+        return 1
+    columns = ["shape", "provider", "ms", "iqr_ms", "GBps_at_floor", "frac_of_peak",
+               "model_ms_at_peak", "vs_galore-torch"]
+    print(harness.format_table(rows, columns))
+    path = args.out or harness.results_path("gpu_step", device)
+    harness.write_csv(path, rows, machine)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

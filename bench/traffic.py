@@ -1,0 +1,421 @@
+"""DRAM-traffic model of one low-rank optimizer step on an m×n weight (DESIGN.md §5).
+
+Every implementation is a list of kernels (``Access``: bytes read, bytes written). Counts are
+compulsory traffic: each operand of a kernel is read once and each output written once; an
+operand passed twice to one kernel (``p.add_(p)``, ``addcmul_(R, R)``) is read once. Real GEMMs
+may re-read tiles of their operands, so the torch counts are lower bounds, and so are the
+predicted times (bytes / peak bandwidth). Counts are for a steady-state step: the SVD refresh and
+first-step state allocation are excluded.
+
+Implementations
+  floor           read G, read+write W, read+write M and V, read the basis P once.
+  fused-triton,   ours (DESIGN.md §5): one program owns a tile of whole lines (rows when m >= n,
+  fused-cuda      columns when m < n) and runs project -> Adam -> back-project -> update on it
+                  while the tile is on chip, so G, W, M, V cross DRAM once. The basis is read by
+                  every program twice (project and back-project); those re-reads hit L2 when P fits
+                  in half of it, which the model charges as ONE extra DRAM read of P. When P does
+                  not fit, every tile reads it twice from DRAM. Both kernels follow this tiling
+                  contract; revisit this model if either stops doing so.
+  galore-torch    GaLoreAdamW.step (galore_torch/adamw.py 78-140 and galore_projector.py): one
+                  kernel per torch op, states in the gradient's dtype.
+  q-galore-torch  QGaLoreAdamW8bit.step with an INT8 weight (q_galore_adamw8bit.py 16-126 and
+                  q_galore_projector.py): dequantise W twice, dequantise P on every projection,
+                  bitsandbytes blockwise 8-bit Adam, requantise with stochastic rounding through
+                  an m×n random tensor. Compared with ``floor-q-galore``: the floor for that
+                  storage (INT8 W codes + group scales, uint8 P codes, 8-bit M/V + absmax).
+
+Usage: ``python -m bench.traffic [--model llama-7b] [--rank 256] [--dtype bf16] [--ops]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import DTYPE_NAMES, MODELS, format_table, model
+
+# Peak DRAM bandwidth (bytes/s) and L2 size (bytes) of the GPUs the project targets.
+DEVICES: dict[str, tuple[float, int]] = {
+    "RTX 4090": (1008e9, 72 * 2**20),
+    "RTX 4060 Ti": (288e9, 32 * 2**20),
+    "H100": (3.35e12, 50 * 2**20),
+}
+
+QUANT_GROUP = 256  # q-galore-torch's group for W (INT8) and P (INT4); bitsandbytes' block too
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """One kernel: what it is and the DRAM bytes it reads and writes."""
+
+    op: str
+    read: float
+    write: float
+
+    @property
+    def total(self) -> float:
+        return self.read + self.write
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    impl: str
+    accesses: tuple[Access, ...]
+
+    @property
+    def read(self) -> float:
+        return sum(a.read for a in self.accesses)
+
+    @property
+    def write(self) -> float:
+        return sum(a.write for a in self.accesses)
+
+    @property
+    def total(self) -> float:
+        return self.read + self.write
+
+    @property
+    def kernels(self) -> int:
+        return len(self.accesses)
+
+    def seconds(self, bandwidth: float) -> float:
+        return self.total / bandwidth
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Element counts of one m×n weight at rank r (side rule of DESIGN.md §4.1)."""
+
+    m: int
+    n: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank <= min(self.m, self.n):
+            raise ValueError(f"rank: expected 1 <= r <= min(m, n) = {min(self.m, self.n)}, "
+                             f"got {self.rank}")
+
+    @property
+    def full(self) -> int:  # elements of W and G
+        return self.m * self.n
+
+    @property
+    def low_rank(self) -> int:  # elements of R, M, V, N: m×r (right) or r×n (left)
+        return self.rank * max(self.m, self.n)
+
+    @property
+    def basis(self) -> int:  # elements of P: r×n (right) or m×r (left)
+        return self.rank * min(self.m, self.n)
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def floor(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+          state_dtype: torch.dtype = torch.float32, proj_dtype: torch.dtype | None = None
+          ) -> Traffic:
+    """The bytes any dense-basis step must move (DESIGN.md §5)."""
+    g = Geometry(m, n, rank)
+    w, s, p = _size(weight_dtype), _size(state_dtype), _size(proj_dtype or weight_dtype)
+    return Traffic("floor", (
+        Access("read G", g.full * w, 0),
+        Access("read+write W", g.full * w, g.full * w),
+        Access("read+write M, V", 2 * g.low_rank * s, 2 * g.low_rank * s),
+        Access("read P", g.basis * p, 0),
+    ))
+
+
+def fused(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+          state_dtype: torch.dtype = torch.float32, proj_dtype: torch.dtype | None = None, *,
+          l2_bytes: int = 50 * 2**20, block_lines: int = 64, impl: str = "fused") -> Traffic:
+    """Our fused step under the line-tile contract in the module docstring."""
+    g = Geometry(m, n, rank)
+    p_bytes = g.basis * _size(proj_dtype or weight_dtype)
+    base = floor(m, n, rank, weight_dtype, state_dtype, proj_dtype).accesses
+    if 2 * p_bytes <= l2_bytes:
+        extra = Access("P again for back-projection (L2 hits, charged once)", p_bytes, 0)
+    else:
+        tiles = -(-max(m, n) // block_lines)
+        extra = Access(f"P re-read by {tiles} tiles x 2 passes (P exceeds L2/2)",
+                       (2 * tiles - 1) * p_bytes, 0)
+    return Traffic(impl, (*base, extra))
+
+
+def galore_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+                 *, weight_decay: bool = True) -> Traffic:
+    """galore-torch GaLoreAdamW.step, one Access per torch kernel; M, V, P in the grad's dtype."""
+    g = Geometry(m, n, rank)
+    b = _size(weight_dtype)
+    full, low, basis = g.full * b, g.low_rank * b, g.basis * b
+    ops = [
+        Access("R = matmul(G, P) (project)", full + basis, low),
+        Access("exp_avg.mul_(beta1)", low, low),
+        Access("exp_avg.add_(R)", 2 * low, low),
+        Access("exp_avg_sq.mul_(beta2)", low, low),
+        Access("exp_avg_sq.addcmul_(R, R)", 2 * low, low),
+        Access("denom = exp_avg_sq.sqrt()", low, low),
+        Access("denom.add_(eps)", low, low),
+        Access("N = exp_avg / denom", 2 * low, low),
+        Access("back = matmul(N, P) (m×n)", low + basis, full),
+        Access("back * scale (m×n)", full, full),
+        Access("p.add_(back, alpha=-step)", 2 * full, full),
+    ]
+    if weight_decay:
+        ops.append(Access("p.add_(p, alpha=-lr*wd) (decay pass)", full, full))
+    return Traffic("galore-torch", tuple(ops))
+
+
+def _q_galore_layout(m: int, n: int, rank: int, float_dtype: torch.dtype):
+    g = Geometry(m, n, rank)
+    b = _size(float_dtype)
+    w_groups = -(-g.full // QUANT_GROUP) * b  # bytes of one per-group vector (scales or zeros)
+    p_groups = -(-g.basis // QUANT_GROUP) * b
+    absmax = -(-g.low_rank // QUANT_GROUP) * 4  # bitsandbytes: fp32 absmax per 256-block
+    return g, b, w_groups, p_groups, absmax
+
+
+def floor_q_galore(m: int, n: int, rank: int, float_dtype: torch.dtype = torch.bfloat16
+                   ) -> Traffic:
+    """The floor for q-galore-torch's storage: G read, INT8 W codes + scales/zeros read and
+    written, uint8 P codes + scales/zeros read, 8-bit M, V + absmax read and written."""
+    g, b, w_groups, p_groups, absmax = _q_galore_layout(m, n, rank, float_dtype)
+    return Traffic("floor-q-galore", (
+        Access("read G", g.full * b, 0),
+        Access("read+write W codes, scales, zeros", g.full + 2 * w_groups, g.full + 2 * w_groups),
+        Access("read+write 8-bit M, V, absmax", 2 * g.low_rank + 2 * absmax,
+               2 * g.low_rank + 2 * absmax),
+        Access("read P codes, scales, zeros", g.basis + 2 * p_groups, 0),
+    ))
+
+
+def q_galore_torch(m: int, n: int, rank: int, float_dtype: torch.dtype = torch.bfloat16,
+                   *, weight_decay: bool = True) -> Traffic:
+    """q-galore-torch QGaLoreAdamW8bit.step on a QGaLoreLinear (INT8 W, float_grad in
+    ``float_dtype``), INT4 P stored one code per byte; one Access per torch kernel."""
+    g, b, w_groups, p_groups, absmax = _q_galore_layout(m, n, rank, float_dtype)
+    full, low, basis = g.full * b, g.low_rank * b, g.basis * b
+    codes, bool_full = g.full, g.full  # uint8 codes and torch.bool masks: 1 byte per element
+
+    def dequantize_p(when: str) -> list[Access]:
+        return [
+            Access(f"{when}: P codes.to(dtype)", g.basis, basis),
+            Access(f"{when}: P - zeros", basis + p_groups, basis),
+            Access(f"{when}: scales * P", basis + p_groups, basis),
+        ]
+
+    ops = [
+        Access("dequantize W: codes.to(dtype)", codes, full),
+        Access("dequantize W: sub_(zeros)", full + w_groups, full),
+        Access("dequantize W: mul_(scales)", full + w_groups, full),
+        Access("p.data.to(dtype) (discarded copy)", codes, full),
+        Access("float_weight.clone()", full, full),
+        *dequantize_p("project"),
+        Access("R = matmul(G, P) (project)", full + basis, low),
+        Access("saved_data = p.data.clone()", full, full),
+        Access("grad.clone() into p.data", low, low),
+        Access("p.data.zero_()", 0, low),
+        Access("bitsandbytes 8-bit blockwise Adam", 2 * low + 2 * g.low_rank + 2 * absmax,
+               low + 2 * g.low_rank + 2 * absmax),
+        *dequantize_p("project_back"),
+        Access("back = matmul(U, P) (m×n)", low + basis, full),
+        Access("back * scale (m×n)", full, full),
+        Access("saved_data.add_(back)", 2 * full, full),
+    ]
+    if weight_decay:
+        ops.append(Access("p.add_(p, alpha=-lr*wd) (decay pass)", full, full))
+    ops += [
+        Access("saved_data = p.data.clone()", full, full),
+        Access("requantize: amax per group", full, w_groups),
+        Access("requantize: amin per group", full, w_groups),
+        # scales = (max - min).clamp / 255; zeros = (-round(min / scales)).clamp_: 7 small ops
+        Access("requantize: scale/zero arithmetic (7 ops on group vectors)", 9 * w_groups,
+               7 * w_groups),
+        Access("requantize: isnan(scales) (group bool)", w_groups, w_groups // b),
+        Access("requantize: .sum() of that mask", w_groups // b, 0),
+        Access("requantize: isnan(w) (m×n bool)", full, bool_full),
+        Access("requantize: .sum() of the mask", bool_full, 0),
+        Access("requantize: w / scales", full + w_groups, full),
+        Access("requantize: ceil", full, full),
+        Access("requantize: floor", full, full),
+        Access("requantize: probability = x - floor(x)", 2 * full, full),
+        Access("requantize: rand_like (m×n)", 0, full),
+        Access("requantize: random < probability (m×n bool)", 2 * full, bool_full),
+        Access("requantize: where(mask, up, down)", bool_full + 2 * full, full),
+        Access("requantize: + zeros", full + w_groups, full),
+        Access("requantize: clamp", full, full),
+        Access("requantize: .to(uint8)", full, codes),
+    ]
+    return Traffic("q-galore-torch", tuple(ops))
+
+
+# --------------------------------------------------------------------------------------------
+# the same count, measured: every aten kernel a torch function runs, with its tensors' bytes
+# --------------------------------------------------------------------------------------------
+_NO_READ = {"zero_", "fill_", "empty", "empty_like", "zeros", "zeros_like", "rand_like",
+            "uniform_", "normal_", "randn_like"}
+
+
+def measure_torch(fn, *, impl: str = "measured") -> Traffic:
+    """Runs ``fn`` and records one Access per aten kernel it dispatches (views excluded).
+
+    Reads are the distinct tensor arguments (an argument passed twice is counted once; the
+    destination of copy_/zero_/fill_ is not read); writes are the outputs, including tensors
+    mutated in place. It checks the hand-written lists above against what a peer's step really
+    executes (tests/test_bench_harness.py).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    accesses: list[Access] = []
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func.namespace != "aten" or func.is_view or func._schema.name in ("aten::lift_fresh", "aten::detach",
+                                                     "aten::_local_scalar_dense"):
+                return out
+            name = func._schema.name.removeprefix("aten::")
+            inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+            mutated = [inputs[0]] if name.endswith("_") and inputs else []
+            skip_first = name in _NO_READ or name == "copy_"
+            seen, read = set(), 0
+            for i, t in enumerate(inputs):
+                if (i == 0 and skip_first) or t.dim() == 0:  # 0-d: a scalar on its way in
+                    continue
+                key = (t.data_ptr(), tuple(t.shape), t.dtype)
+                if key not in seen:
+                    seen.add(key)
+                    read += nbytes(t)
+            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            written = sum(nbytes(o) for o in (mutated or outs) if o.dim() > 0)
+            accesses.append(Access(name, read, written))
+            return out
+
+    with Recorder():
+        fn()
+    return Traffic(impl, tuple(accesses))
+
+
+def implementations(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+                    state_dtype: torch.dtype = torch.float32, *, weight_decay: bool = True,
+                    l2_bytes: int = 50 * 2**20) -> list[tuple[Traffic, Traffic]]:
+    """(traffic, the floor it is judged against) for every modelled implementation."""
+    dense_floor = floor(m, n, rank, weight_dtype, state_dtype)
+    q_floor = floor_q_galore(m, n, rank, weight_dtype)
+    pairs = [(dense_floor, dense_floor)]
+    for impl in ("fused-triton", "fused-cuda"):
+        pairs.append((fused(m, n, rank, weight_dtype, state_dtype, l2_bytes=l2_bytes, impl=impl),
+                      dense_floor))
+    # galore-torch keeps M, V in the gradient's dtype: judge it against the floor of that layout.
+    pairs.append((galore_torch(m, n, rank, weight_dtype, weight_decay=weight_decay),
+                  floor(m, n, rank, weight_dtype, weight_dtype)))
+    pairs.append((q_floor, q_floor))
+    pairs.append((q_galore_torch(m, n, rank, weight_dtype, weight_decay=weight_decay), q_floor))
+    return pairs
+
+
+def _row(label: str, m: object, n: object, rank: int, impl: str, kernels: int, total: float,
+         judged_total: float) -> dict[str, object]:
+    row: dict[str, object] = {"shape": label, "m": m, "n": n, "rank": rank, "impl": impl,
+                              "kernels": kernels, "MB": round(total / 1e6, 2),
+                              "vs_floor": round(total / judged_total, 3)}
+    for device, (bandwidth, _) in DEVICES.items():
+        row[f"ms@{device}"] = round(total / bandwidth * 1e3, 4)
+    return row
+
+
+def rows_for_shape(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+                   state_dtype: torch.dtype = torch.float32, *, weight_decay: bool = True
+                   ) -> list[dict[str, object]]:
+    """One table row per implementation: MB, kernels, ratio to its floor, predicted ms."""
+    return [_row(f"{m}x{n}", m, n, rank, t.impl, t.kernels, t.total, f.total)
+            for t, f in implementations(m, n, rank, weight_dtype, state_dtype,
+                                        weight_decay=weight_decay)]
+
+
+def model_rows(names: Sequence[str], rank: int | None = None,
+               weight_dtype: torch.dtype = torch.bfloat16,
+               state_dtype: torch.dtype = torch.float32, *, weight_decay: bool = True
+               ) -> list[dict[str, object]]:
+    """Rows for each distinct Linear shape of the models, then for all their Linear weights
+    (every layer) together. The rank is capped at min(m, n) per shape."""
+    rows: list[dict[str, object]] = []
+    for name in names:
+        cfg = model(name)
+        r = rank or cfg.rank
+        counts: dict[tuple[int, int], int] = {}
+        for shape in cfg.linear_shapes().values():
+            counts[shape] = counts.get(shape, 0) + cfg.layers
+        totals: dict[str, list[float]] = {}
+        for (m, n), count in counts.items():
+            rr = min(r, m, n)
+            for t, f in implementations(m, n, rr, weight_dtype, state_dtype,
+                                        weight_decay=weight_decay):
+                rows.append({"model": cfg.name, **_row(f"{m}x{n}", m, n, rr, t.impl, t.kernels,
+                                                       t.total, f.total)})
+                acc = totals.setdefault(t.impl, [0, 0.0, 0.0])
+                acc[0] += count * t.kernels
+                acc[1] += count * t.total
+                acc[2] += count * f.total
+        for impl, (kernels, total, judged_total) in totals.items():
+            rows.append({"model": cfg.name, **_row(f"all Linear x{cfg.layers} layers", "", "", r,
+                                                   impl, kernels, total, judged_total)})
+    return rows
+
+
+COLUMNS = ["model", "shape", "rank", "impl", "kernels", "MB", "vs_floor", *(
+    f"ms@{d}" for d in DEVICES)]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="*", default=list(MODELS),
+                        help="model sizes (default: all)")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="rank (default: each model's recipe rank)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="W and G dtype")
+    parser.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="M, V dtype of the floor and our fused step")
+    parser.add_argument("--no-weight-decay", action="store_true")
+    parser.add_argument("--shape", type=str, default=None,
+                        help="one shape MxN instead of the model table, e.g. 4096x11008")
+    parser.add_argument("--ops", action="store_true",
+                        help="also list every kernel of every implementation for --shape")
+    args = parser.parse_args(argv)
+    wdt, sdt = DTYPE_NAMES[args.dtype], DTYPE_NAMES[args.state_dtype]
+    if args.shape:
+        m, n = (int(x) for x in args.shape.lower().split("x"))
+        rank = args.rank or 256
+        rows = rows_for_shape(m, n, rank, wdt, sdt, weight_decay=not args.no_weight_decay)
+        print(format_table(rows, COLUMNS[1:]))
+        if args.ops:
+            for traffic, _ in implementations(m, n, rank, wdt, sdt,
+                                              weight_decay=not args.no_weight_decay):
+                print(f"\n{traffic.impl}: {traffic.total / 1e6:.2f} MB in {traffic.kernels} "
+                      "kernels")
+                print(format_table([{"op": a.op, "read MB": round(a.read / 1e6, 3),
+                                     "write MB": round(a.write / 1e6, 3)}
+                                    for a in traffic.accesses]))
+        return 0
+    rows = model_rows(args.model, args.rank, wdt, sdt, weight_decay=not args.no_weight_decay)
+    print(f"DRAM bytes per optimizer step, W/G {args.dtype}, M/V {args.state_dtype} (ours), "
+          f"weight decay {'off' if args.no_weight_decay else 'on'}; predicted ms = bytes / peak")
+    print(format_table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

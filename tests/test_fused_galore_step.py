@@ -62,3 +62,16 @@ def test_zero_weight_decay_and_unit_scale_match():
     out = inputs.clone()
     torch.ops.lowrank.fused_galore_step(*out.args(), **hyper)
     assert_step_matches(out, inputs, **hyper)
+
+
+@pytest.mark.parametrize("m,n", [(90, 40), (40, 90)], ids=["right", "left"])
+def test_cpu_updates_a_parameter_that_requires_grad(m, n):
+    """Optimizers pass nn.Parameters (requires_grad=True) under torch.no_grad()."""
+    inputs = step_inputs(m, n, 4)
+    out = inputs.clone()
+    param = torch.nn.Parameter(out.param)
+    with torch.no_grad():
+        torch.ops.lowrank.fused_galore_step(param, out.grad, out.proj, out.exp_avg,
+                                            out.exp_avg_sq, **HYPER)
+    out.param = param.detach()
+    assert_step_matches(out, inputs, **HYPER)

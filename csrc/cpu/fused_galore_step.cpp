@@ -38,6 +38,17 @@ int64_t tile_extent(int64_t lines, int64_t r) {
   return std::max<int64_t>(1, std::min(extent, lines));
 }
 
+// at::parallel_for over tiles (one or more per task). Worker threads start with grad mode on, so
+// the views taken of a parameter that requires grad would be recorded by autograd and refuse
+// in-place writes; the step is not differentiable, so each task runs under NoGradGuard.
+template <typename F>
+void parallel_tiles(int64_t tiles, const F& body) {
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;
+    body(begin, end);
+  });
+}
+
 // Adam on a rows x cols block of the low-rank state, with leading dimension ld (elements).
 // R is read and overwritten by N (contiguous rows x cols).
 template <typename state_t>
@@ -150,7 +161,7 @@ void dense_step_tiles(at::Tensor& param, const at::Tensor& grad, const at::Tenso
   const bool lowp_g = grad.scalar_type() != at::kFloat;
   const auto f32 = param.options().dtype(at::kFloat);
 
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_tiles(tiles, [&](int64_t begin, int64_t end) {
     // Per-task flat workspaces, reused across this task's tiles (no allocation in the loop).
     at::Tensor g_buf = lowp_g ? at::empty({extent * span}, f32) : at::Tensor();
     at::Tensor t_buf = lowp_w ? at::empty({extent * span}, f32) : at::Tensor();
@@ -201,7 +212,7 @@ at::Tensor normalized_low_rank(const at::Tensor& grad, const at::Tensor& basis,
   const int64_t span = g.right ? g.n : g.m;
   const bool lowp_g = grad.scalar_type() != at::kFloat;
   const int dim = g.right ? 0 : 1;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_tiles(tiles, [&](int64_t begin, int64_t end) {
     at::Tensor g_buf = lowp_g ? at::empty({extent * span}, f32) : at::Tensor();
     at::Tensor r_buf = at::empty({extent * g.r}, f32);
     for (int64_t tile = begin; tile < end; ++tile) {
@@ -265,7 +276,7 @@ void int8_weight_update(at::Tensor& codes, at::Tensor& scales, at::Tensor& zeros
   const int64_t rows = group_aligned_rows(g.m, g.n, group_size);
   const int64_t tiles = (g.m + rows - 1) / rows;
   const auto f32 = codes.options().dtype(at::kFloat);
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_tiles(tiles, [&](int64_t begin, int64_t end) {
     at::Tensor t_buf = at::empty({rows * g.n}, f32);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t start = tile * rows, len = std::min(rows, g.m - start);

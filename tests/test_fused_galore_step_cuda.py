@@ -15,7 +15,7 @@ pytestmark = [
     pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
 ]
 
-# Beyond tests/cases.RANKS: ranks that straddle the kernel's 128-wide tiles, up to 512.
+# Beyond tests/cases.RANKS: ranks off the kernel's 64-wide tiles (130 = 2 tiles + 2), up to 512.
 CUDA_RANKS = [1, 17, 64, 130, 512]
 
 

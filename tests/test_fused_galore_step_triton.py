@@ -90,6 +90,17 @@ def test_steps_track_reference():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("m,n", SMALL_ODD_SHAPES, ids=["left", "right"])
+def test_64_bit_offsets_match(m, n):
+    """The 64-bit offset variant (chosen for 2**31+ elements) on a small weight, forced."""
+    fgs = _triton_module()
+    inputs = step_inputs(m, n, 17, weight_dtype=BF16, proj_dtype=BF16, device=DEVICE)
+    out = inputs.clone()
+    config = fgs.pick_config(m, n, 17, BF16, BF16)
+    fgs._launch(config, *out.args(), 17, fgs.adam_coeffs(**HYPER), index_64=True)
+    assert_step_matches(out, inputs, **HYPER)
+
+
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------

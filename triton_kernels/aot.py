@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -133,12 +134,14 @@ FUSED_GALORE_DTYPES = {
 def fused_galore_step_variants(configs, all_dtypes: bool = True):
     """(variant description, signature, constexprs, num_warps, num_stages) for each
     (dot kind, KernelConfig) in ``configs``, both sides, each dot path's dtypes (only the first,
-    most register-hungry set per dot kind unless ``all_dtypes``)."""
+    most register-hungry set per dot kind, and 32-bit offsets only, unless ``all_dtypes``)."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
     for kind, config in configs:
         dtype_sets = FUSED_GALORE_DTYPES[kind] if all_dtypes else FUSED_GALORE_DTYPES[kind][:1]
-        for weight, proj, state in dtype_sets:
+        # 64-bit offsets (weights of 2**31+ elements) only in the exhaustive run
+        index_types = (False, True) if all_dtypes else (False,)
+        for (weight, proj, state), index_64 in itertools.product(dtype_sets, index_types):
             for right in (True, False):
                 w, p, s = _TRITON_TYPES[weight], _TRITON_TYPES[proj], _TRITON_TYPES[state]
                 signature = dict(W_ptr=f"*{w}", G_ptr=f"*{w}", Proj_ptr=f"*{p}",
@@ -150,8 +153,9 @@ def fused_galore_step_variants(configs, all_dtypes: bool = True):
                                                       "update_scale")})
                 constexprs = dict(RIGHT=right, BLOCK_OWN=config.block_own,
                                   BLOCK_LONG=config.block_long, R_PAD=config.r_pad,
-                                  INDEX_64=False, INTERPRETED=False)
+                                  INDEX_64=index_64, INTERPRETED=False)
                 variant = dict(side="right" if right else "left", weight=w, proj=p, state=s,
+                               index_64=index_64,
                                **dataclasses.asdict(config))
                 yield variant, signature, constexprs, config.num_warps, config.num_stages
 
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="89,90", help="compute capabilities, e.g. 89,90")
     parser.add_argument("--main-dtypes", action="store_true",
-                        help="one dtype set per dot kind (the most register-hungry one)")
+                        help="one dtype set per dot kind (the most register-hungry one) and "
+                             "32-bit offsets only")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="parallel compilations (default: one per CPU)")
     args = parser.parse_args(argv)
@@ -194,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     capabilities = [int(c) for c in args.targets.split(",")]
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
-    for report in fused_galore_step_reports(fgs.candidate_configs(), capabilities, not args.main_dtypes,
+    configs = fgs.candidate_configs()
+    for report in fused_galore_step_reports(configs, capabilities, not args.main_dtypes,
                                             args.jobs):
         print(json.dumps(dataclasses.asdict(report)), flush=True)
     return 0

@@ -32,6 +32,12 @@ DRAM bytes per call, with s(X) the element size of X and own/long the owned/stre
     basis read once from DRAM:              r·long·s(proj)  (re-read from L2 by every program,
                                                              twice: ⌈own/BLOCK_OWN⌉·2·r·long)
 which is the DESIGN.md §5 floor.
+
+Limits of this tiling (H100, bf16 G/W/basis, fp32 states): the grid has only ⌈own/BLOCK_OWN⌉
+programs and each streams its whole strip twice, so r ≤ 32 reaches 1.3-2.3 TB/s of the floor,
+r = 128 about 1.0 TB/s, r = 256 0.8 TB/s and r = 512 0.3 TB/s (the R tile then leaves room for
+only 16 rows per program without spilling). The fp32 path (FMA dots) is 5-10× slower than the
+tensor-core path.
 """
 
 from __future__ import annotations
@@ -108,11 +114,11 @@ def _fused_galore_step_kernel(
     else:
         OWN = N
         LONG = M
-    pid = tl.program_id(0)
-    if INDEX_64:
-        pid = pid.to(tl.int64)
-    offs_own = pid * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    offs_own = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     offs_r = tl.arange(0, R_PAD)
+    if INDEX_64:  # every offset product (row × stride) in 64 bits
+        offs_own = offs_own.to(tl.int64)
+        offs_r = offs_r.to(tl.int64)
     own_mask = offs_own < OWN
     r_mask = offs_r < R
 
@@ -120,6 +126,8 @@ def _fused_galore_step_kernel(
     proj_low = tl.zeros((BLOCK_OWN, R_PAD), dtype=tl.float32)
     for start in range(0, LONG, BLOCK_LONG):
         offs_long = start + tl.arange(0, BLOCK_LONG)
+        if INDEX_64:
+            offs_long = offs_long.to(tl.int64)
         long_mask = offs_long < LONG
         g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, RIGHT),
                     mask=own_mask[:, None] & long_mask[None, :], other=0.0)
@@ -148,6 +156,8 @@ def _fused_galore_step_kernel(
     # 3. One pass over the owned strip of W, with the decay folded into the same store.
     for start in range(0, LONG, BLOCK_LONG):
         offs_long = start + tl.arange(0, BLOCK_LONG)
+        if INDEX_64:
+            offs_long = offs_long.to(tl.int64)
         long_mask = offs_long < LONG
         basis = tl.load(Proj_ptr + _tile_offsets(offs_r, offs_long, stride_projm, RIGHT),
                         mask=r_mask[:, None] & long_mask[None, :], other=0.0)
@@ -283,14 +293,14 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
 
 
 def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: int,
-            coeffs: dict[str, float]):
+            coeffs: dict[str, float], index_64: bool | None = None):
     """Launches one validated step with a given configuration (benchmarks try others); returns
     Triton's handle of the launched kernel (registers, spills) when compiled."""
     m, n = param.shape
     right = is_right_side(m, n)
     grid = (triton.cdiv(m if right else n, config.block_own),)
-    # int32 offsets overflow past 2**31 elements (offsets reach m·n, or r·long for the basis)
-    index_64 = max(param.numel(), proj.numel(), exp_avg.numel()) >= 2**31
+    if index_64 is None:  # int32 offsets overflow past 2**31 elements (m·n, or r·long)
+        index_64 = max(param.numel(), proj.numel(), exp_avg.numel()) >= 2**31
     return _fused_galore_step_kernel[grid](
         param, grad, proj, exp_avg, exp_avg_sq,
         param.stride(0), grad.stride(0), proj.stride(0), exp_avg.stride(0),

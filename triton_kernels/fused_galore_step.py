@@ -11,7 +11,7 @@ with the scalars of csrc/include/lowrank/adam.h ``make_adam_coeffs`` (host doubl
 
 Tiling. A row of R (right side) depends only on the same row of G, so a program owns BLOCK_OWN
 rows of G, W, M and V -- the "owned" axis -- and the whole rank, padded to R_PAD (a power of two,
-16 ≤ R_PAD ≤ 512). It
+32 ≤ R_PAD ≤ 512). It
   1. streams its BLOCK_OWN × n strip of G in BLOCK_LONG-wide chunks along the "long" axis and
      accumulates its BLOCK_OWN × R_PAD tile of R with tl.dot (fp32 accumulator in registers),
   2. updates its rows of M and V in place and keeps N = M/(√V+ε) in registers,
@@ -32,6 +32,12 @@ DRAM bytes per call, with s(X) the element size of X and own/long the owned/stre
     basis read once from DRAM:              r·long·s(proj)  (re-read from L2 by every program,
                                                              twice: ⌈own/BLOCK_OWN⌉·2·r·long)
 which is the DESIGN.md §5 floor.
+
+Limits of this tiling (H100, bf16 G/W/basis, fp32 states): the grid has only ⌈own/BLOCK_OWN⌉
+programs and each streams its whole strip twice, so r ≤ 32 reaches 1.3-2.3 TB/s of the floor,
+r = 128 about 1.0 TB/s, r = 256 0.8 TB/s and r = 512 0.3 TB/s (the R tile then leaves room for
+only 16 rows per program without spilling). The fp32 path (FMA dots) is 5-10× slower than the
+tensor-core path.
 """
 
 from __future__ import annotations
@@ -67,11 +73,25 @@ def _dot(a, b, acc, INTERPRETED: tl.constexpr):
     Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584,
     "not supported yet"), so there bfloat16 operands are widened first: products of bf16 values
     are exact in fp32, so this is the tensor-core arithmetic up to summation order."""
-    tensor_cores = a.dtype == b.dtype and a.dtype != tl.float32
-    if tensor_cores and not (INTERPRETED and a.dtype == tl.bfloat16):
-        return tl.dot(a, b, acc)
-    else:
+    if a.dtype != b.dtype or a.dtype == tl.float32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif INTERPRETED and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """fp32 ``x`` rounded to nearest even in ``dtype`` (what a cast does on the GPU).
+
+    Triton's interpreter truncates fp32 -> bfloat16 casts, so there the rounding is done on the
+    bits first and the cast then only drops zero bits."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -94,11 +114,11 @@ def _fused_galore_step_kernel(
     else:
         OWN = N
         LONG = M
-    pid = tl.program_id(0)
-    if INDEX_64:
-        pid = pid.to(tl.int64)
-    offs_own = pid * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
+    offs_own = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     offs_r = tl.arange(0, R_PAD)
+    if INDEX_64:  # every offset product (row × stride) in 64 bits
+        offs_own = offs_own.to(tl.int64)
+        offs_r = offs_r.to(tl.int64)
     own_mask = offs_own < OWN
     r_mask = offs_r < R
 
@@ -106,6 +126,8 @@ def _fused_galore_step_kernel(
     proj_low = tl.zeros((BLOCK_OWN, R_PAD), dtype=tl.float32)
     for start in range(0, LONG, BLOCK_LONG):
         offs_long = start + tl.arange(0, BLOCK_LONG)
+        if INDEX_64:
+            offs_long = offs_long.to(tl.int64)
         long_mask = offs_long < LONG
         g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, RIGHT),
                     mask=own_mask[:, None] & long_mask[None, :], other=0.0)
@@ -121,29 +143,33 @@ def _fused_galore_step_kernel(
     exp_avg_sq = tl.load(ExpAvgSq_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
     exp_avg = beta1 * exp_avg + one_minus_beta1 * proj_low
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * proj_low * proj_low
-    tl.store(ExpAvg_ptr + state_offs, exp_avg.to(ExpAvg_ptr.dtype.element_ty), mask=state_mask)
-    tl.store(ExpAvgSq_ptr + state_offs, exp_avg_sq.to(ExpAvgSq_ptr.dtype.element_ty),
+    tl.store(ExpAvg_ptr + state_offs, _round_to(exp_avg, ExpAvg_ptr.dtype.element_ty, INTERPRETED),
              mask=state_mask)
+    tl.store(ExpAvgSq_ptr + state_offs,
+             _round_to(exp_avg_sq, ExpAvgSq_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
     # padding must be exactly 0 (not 0/(0+eps), NaN when eps = 0): it multiplies the basis below
     normalized = tl.where(state_mask, tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps), 0.0)
     w_type = W_ptr.dtype.element_ty
     if w_type != tl.float32:
-        normalized = normalized.to(w_type)
+        normalized = _round_to(normalized, w_type, INTERPRETED)
 
     # 3. One pass over the owned strip of W, with the decay folded into the same store.
     for start in range(0, LONG, BLOCK_LONG):
         offs_long = start + tl.arange(0, BLOCK_LONG)
+        if INDEX_64:
+            offs_long = offs_long.to(tl.int64)
         long_mask = offs_long < LONG
         basis = tl.load(Proj_ptr + _tile_offsets(offs_r, offs_long, stride_projm, RIGHT),
                         mask=r_mask[:, None] & long_mask[None, :], other=0.0)
-        if w_type != tl.float32:
-            basis = basis.to(w_type)
+        if w_type != tl.float32 and basis.dtype != w_type:
+            basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
         back = _dot(normalized, basis, tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32),
                     INTERPRETED)
         w_offs = _tile_offsets(offs_own, offs_long, stride_wm, RIGHT)
         w_mask = own_mask[:, None] & long_mask[None, :]
         w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-        tl.store(W_ptr + w_offs, (decay * w - update_scale * back).to(w_type), mask=w_mask)
+        tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
+                 mask=w_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,34 +186,36 @@ class KernelConfig:
     num_stages: int
 
 
-# Default block sizes per padded rank and dot kind ("tc": both projection operands 16-bit, tensor
-# cores; "fp32": exact fp32 FMA dot). The R/N tile (block_own × r_pad fp32) is kept at most 64
-# registers per thread (block_own·r_pad ≤ 64·32·num_warps), which leaves room for N in W's type,
-# the chunk accumulator and addresses without spilling (tests/test_triton_aot.py checks it with
-# ptxas for sm_89 and sm_90). Shared memory (num_stages × the G and basis chunks) stays under
-# sm_89's 99 KiB so one table serves Ada and Hopper.
-_DEFAULT_BLOCKS: dict[tuple[int, str], tuple[int, int, int, int]] = {
-    # (r_pad, dot kind): (block_own, block_long, num_warps, num_stages)
-    (16, "tc"): (64, 64, 4, 2),
-    (32, "tc"): (64, 64, 4, 2),
-    (64, "tc"): (64, 64, 4, 2),
-    (128, "tc"): (64, 64, 4, 2),
-    (256, "tc"): (64, 64, 8, 2),
-    (512, "tc"): (32, 32, 8, 2),
-    (16, "fp32"): (64, 32, 4, 2),
-    (32, "fp32"): (64, 32, 4, 2),
-    (64, "fp32"): (64, 32, 4, 2),
-    (128, "fp32"): (64, 32, 4, 2),
-    (256, "fp32"): (64, 32, 8, 2),
-    (512, "fp32"): (32, 32, 8, 2),
+# Block sizes per padded rank and dot kind ("tc": both projection operands 16-bit, tensor cores;
+# "fp32": exact fp32 FMA dot), measured on an H100 (bf16, 4096×4096, 4096×11008, 11008×4096) among
+# the variants that do not spill. What limits them is registers: the R/N tile (block_own × r_pad
+# fp32) plus the dot operands that mma.sync keeps in registers; every entry is checked spill-free
+# for sm_89 and sm_90 by tests/test_triton_aot.py, and its shared memory (num_stages × the G and
+# basis chunks) stays under sm_89's 99 KiB so one table serves Ada and Hopper.
+# block_own_small_grid replaces block_own when the grid would not cover half the SMs: the
+# reduction over the long axis cannot be split (nonlinear epilogue), so narrower blocks are the
+# only way to more programs (a 4096-row weight at r=128: 0.116 ms with 32 rows, 0.136 with 64).
+_BLOCKS: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
+    # (r_pad, kind): (block_own, block_own_small_grid, block_long, num_warps, num_stages)
+    (32, "tc"): (64, 64, 128, 4, 3),
+    (64, "tc"): (64, 64, 128, 4, 2),
+    (128, "tc"): (64, 32, 64, 8, 3),
+    (256, "tc"): (32, 32, 64, 8, 3),
+    (512, "tc"): (16, 16, 64, 8, 2),
+    (32, "fp32"): (64, 64, 32, 4, 2),
+    (64, "fp32"): (64, 64, 32, 4, 2),
+    (128, "fp32"): (16, 16, 32, 4, 2),
+    (256, "fp32"): (16, 16, 16, 8, 1),
+    (512, "fp32"): (16, 16, 16, 8, 1),
 }
-_MIN_BLOCK_OWN = 16  # tl.dot's smallest tile side
+MIN_RANK_PAD = 32
 _DEFAULT_NUM_SMS = 132  # H100 SXM; used when no GPU can be queried (interpreter, AOT)
 
 
 def rank_pad(rank: int) -> int:
-    """The register tile width for ``rank``: the next power of two, at least 16 (tl.dot)."""
-    return max(16, triton.next_power_of_2(rank))
+    """The register tile width for ``rank``: the next power of two, at least MIN_RANK_PAD (tl.dot
+    needs 16; 32 halves the number of compiled variants at no measurable cost)."""
+    return max(MIN_RANK_PAD, triton.next_power_of_2(rank))
 
 
 def dot_kind(grad_dtype: torch.dtype, proj_dtype: torch.dtype) -> str:
@@ -197,43 +225,27 @@ def dot_kind(grad_dtype: torch.dtype, proj_dtype: torch.dtype) -> str:
 
 def pick_config(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
                 num_sms: int = _DEFAULT_NUM_SMS) -> KernelConfig:
-    """The launch configuration for an m×n weight at rank ``rank``.
-
-    Heuristic: the table above by (padded rank, dot kind); then, since the long-axis reduction
-    cannot be split (nonlinear epilogue), block_own is halved (down to 16) while the grid has
-    fewer programs than the GPU has SMs, so that a 4096×4096 weight still fills an H100.
-    """
+    """The launch configuration for an m×n weight at rank ``rank`` (the table above, by padded
+    rank and dot kind, with the narrower block when the grid would cover < half the SMs)."""
     r_pad = rank_pad(rank)
     if r_pad > MAX_RANK_PAD:
         raise ValueError(f"proj: rank r={rank} exceeds the Triton kernel's limit of "
                          f"{MAX_RANK_PAD}; use backend='cuda' or 'cpu'")
-    block_own, block_long, num_warps, num_stages = _DEFAULT_BLOCKS[(r_pad,
-                                                                    dot_kind(grad_dtype,
-                                                                             proj_dtype))]
+    kind = dot_kind(grad_dtype, proj_dtype)
+    block_own, block_own_small_grid, block_long, num_warps, num_stages = _BLOCKS[(r_pad, kind)]
     own = m if is_right_side(m, n) else n
-    while block_own > _MIN_BLOCK_OWN and triton.cdiv(own, block_own) < num_sms:
-        block_own //= 2
+    if triton.cdiv(own, block_own) < num_sms // 2:
+        block_own = block_own_small_grid
     return KernelConfig(block_own, block_long, r_pad, num_warps, num_stages)
 
 
 def candidate_configs() -> list[tuple[str, KernelConfig]]:
-    """Every configuration ``pick_config`` can return, each with its dot kind: the table
-    defaults and their block_own halvings (the AOT test compiles all of them)."""
+    """Every (dot kind, configuration) ``pick_config`` can return (the AOT test compiles them)."""
     configs = []
-    for (r_pad, kind), (block_own, block_long, num_warps, num_stages) in _DEFAULT_BLOCKS.items():
-        while True:
-            configs.append((kind, KernelConfig(block_own, block_long, r_pad, num_warps,
-                                               num_stages)))
-            if block_own <= _MIN_BLOCK_OWN:
-                break
-            block_own //= 2
+    for (r_pad, kind), (own, own_small, block_long, warps, stages) in _BLOCKS.items():
+        for block_own in dict.fromkeys((own, own_small)):
+            configs.append((kind, KernelConfig(block_own, block_long, r_pad, warps, stages)))
     return configs
-
-
-def default_configs() -> list[tuple[str, KernelConfig]]:
-    """The table entries themselves (what a weight with enough rows or columns gets)."""
-    return [(kind, KernelConfig(*blocks[:2], r_pad, *blocks[2:]))
-            for (r_pad, kind), blocks in _DEFAULT_BLOCKS.items()]
 
 
 def _round_to_fp32(x: float) -> float:
@@ -275,13 +287,21 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
     m, n = param.shape
-    right = is_right_side(m, n)
     config = pick_config(m, n, rank, grad.dtype, proj.dtype, _num_sms(param.device))
     coeffs = adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step)
+    _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs)
+
+
+def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: int,
+            coeffs: dict[str, float], index_64: bool | None = None):
+    """Launches one validated step with a given configuration (benchmarks try others); returns
+    Triton's handle of the launched kernel (registers, spills) when compiled."""
+    m, n = param.shape
+    right = is_right_side(m, n)
     grid = (triton.cdiv(m if right else n, config.block_own),)
-    # int32 offsets overflow past 2**31 elements (offsets reach m·n, or r·long for the basis)
-    index_64 = max(param.numel(), proj.numel(), exp_avg.numel()) >= 2**31
-    _fused_galore_step_kernel[grid](
+    if index_64 is None:  # int32 offsets overflow past 2**31 elements (m·n, or r·long)
+        index_64 = max(param.numel(), proj.numel(), exp_avg.numel()) >= 2**31
+    return _fused_galore_step_kernel[grid](
         param, grad, proj, exp_avg, exp_avg_sq,
         param.stride(0), grad.stride(0), proj.stride(0), exp_avg.stride(0),
         m, n, rank, **coeffs,

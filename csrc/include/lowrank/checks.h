@@ -62,9 +62,10 @@ inline void check_state(const at::Tensor& s, const at::Tensor& param, const Step
   check_same_device(s, param, name);
   TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, name,
                     ": expected dtype float32 or bfloat16, got ", s.scalar_type());
-  TORCH_CHECK_VALUE(s.sizes() == at::IntArrayRef(g.low_rank_shape()), name, ": expected shape ",
-                    at::IntArrayRef(g.low_rank_shape()), " (", g.right ? "m x r" : "r x n",
-                    "), got ", s.sizes());
+  const std::vector<int64_t> want = g.low_rank_shape();  // named: the message outlives no temp
+  TORCH_CHECK_VALUE(s.sizes() == at::IntArrayRef(want), name, ": expected shape ",
+                    at::IntArrayRef(want), " (", g.right ? "m x r" : "r x n", "), got ",
+                    s.sizes());
   check_contiguous(s, name);
 }
 

@@ -8,7 +8,6 @@ import torch
 from cases import assert_fp32_close, mlp_batches, mlp_loss, mlp_param_groups, small_mlp
 
 import lowrank_kernels as lk
-from lowrank_kernels import ops
 from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAdamW
 from lowrank_kernels.projection import LazyRefresh, SVDFallbackWarning, subspace_overlap
 from lowrank_kernels.projection.svd import top_singular_columns
@@ -96,11 +95,13 @@ def test_dense_params_follow_torch_adamw_by_default():
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
-RESUME_CONFIGS = {
-    "svd-fixed": dict(projection="svd", update_proj_gap=3),
-    "rsvd-lazy": dict(projection="rsvd", update_proj_gap=2, refresh="lazy",
-                      refresh_threshold=0.5),
-    "random-fixed": dict(projection="random", update_proj_gap=4, seed=7),
+RESUME_CONFIGS = {  # name -> (optimizer class, group keys)
+    "svd-fixed": (LowRankAdamW, dict(projection="svd", update_proj_gap=3)),
+    "rsvd-lazy": (LowRankAdamW, dict(projection="rsvd", update_proj_gap=2, refresh="lazy",
+                                     refresh_threshold=0.5)),
+    "random-fixed": (LowRankAdamW, dict(projection="random", update_proj_gap=4, seed=7)),
+    "DCTAdamW": (DCTAdamW, {}),  # indices re-chosen every step
+    "QGaLoreAdamW": (QGaLoreAdamW, dict(update_proj_gap=2)),  # INT4 basis, lazy refresh
 }
 
 
@@ -114,9 +115,11 @@ def _save_load(obj):
 @pytest.mark.parametrize("dense_adamw", ["torch", "galore"])
 @pytest.mark.parametrize("config", list(RESUME_CONFIGS), ids=str)
 def test_state_dict_round_trip_resumes_bit_for_bit(config, dense_adamw):
+    optimizer_cls, keys = RESUME_CONFIGS[config]
+
     def make(model):
-        groups = mlp_param_groups(model, rank=5, scale=0.25, **RESUME_CONFIGS[config])
-        return LowRankAdamW(groups, lr=1e-2, weight_decay=0.05, dense_adamw=dense_adamw)
+        groups = mlp_param_groups(model, rank=5, scale=0.25, **keys)
+        return optimizer_cls(groups, lr=1e-2, weight_decay=0.05, dense_adamw=dense_adamw)
 
     batches = mlp_batches(12)
     straight_model = small_mlp()
@@ -286,7 +289,7 @@ def test_non_finite_gradient_is_an_error_naming_the_parameter():
 
 
 # ---------------------------------------------------------------------------------------------
-# validation and missing ops
+# validation
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad,match", [
     (dict(rank=25), r"rank of parameter '0.weight'.*min\(m, n\) = 24"),
@@ -306,21 +309,3 @@ def test_projected_parameters_must_be_matrices():
     bias = torch.nn.Parameter(torch.zeros(8))
     with pytest.raises(ValueError, match="2-D"):
         LowRankAdamW([{"params": [bias], "rank": 2}])
-
-
-@pytest.mark.skipif(hasattr(ops, "dct_select"), reason="the DCT ops exist in this build")
-def test_dct_preset_names_the_missing_op():
-    with pytest.raises(NotImplementedError, match="ops.dct_select"):
-        DCTAdamW(mlp_param_groups(small_mlp(), rank=4))
-
-
-@pytest.mark.skipif(hasattr(ops, "quantize_int4"), reason="the quantization ops exist")
-def test_qgalore_preset_names_the_missing_op():
-    with pytest.raises(NotImplementedError, match="ops.quantize_int4"):
-        QGaLoreAdamW(mlp_param_groups(small_mlp(), rank=4))
-
-
-def test_int8_weight_codes_are_refused_until_wired():
-    codes = torch.zeros(8, 8, dtype=torch.uint8)
-    with pytest.raises(NotImplementedError, match="Int8Linear"):
-        LowRankAdamW([{"params": [codes], "rank": 2}])

@@ -53,6 +53,13 @@ class LayerwiseTrainer:
         self.optimizer_steps = 0
         self._callback_queued = False
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if any(p.dtype == torch.uint8 for group in optimizer.param_groups
+               for p in group["params"]):
+            # their gradient arrives in .float_grad, which no autograd hook announces: they
+            # would silently never step
+            raise NotImplementedError("layer-wise updates of INT8 weight codes are not supported "
+                                      "(no post-accumulate-grad hook fires for float_grad); "
+                                      "use optimizer.step()")
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
                          for p in model.parameters() if p.requires_grad and id(p) in held]
         if not self._handles:

@@ -29,6 +29,17 @@ Unprojected parameters follow ``dense_adamw``: "torch" = ``torch.optim.AdamW`` (
 kernels; ε bias-corrected, decay before the update) or "galore" = galore-torch's own AdamW
 formula on torch's foreach ops (what ``GaLoreAdamW`` uses, so a drop-in gives the same numbers).
 
+INT8 weights (Q-GaLore, DESIGN.md §4.4): a parameter of a projected group may be uint8 INT8
+codes, as ``ops.quantize_int8`` returns them, with the quantization parameters as attributes
+(q-galore-torch's convention): ``p.scales`` and ``p.zeros`` (fp32, one per group of
+``p.group_size`` row-major elements; 256 if the attribute is absent) and the fp32/bf16 gradient
+in ``p.float_grad`` (a uint8 tensor cannot hold a float ``.grad``). The step is the same single
+fused call: it dequantizes, updates in fp32 and requantizes with stochastic rounding (Philox
+seeded by the parameter's ``proj_seed`` and the step), rewriting ``p``, ``p.scales`` and
+``p.zeros`` in place. ``zero_grad()`` clears ``float_grad`` too. ``p.scales``/``p.zeros`` are
+model data, not optimizer state: save them with the model (as buffers of the module that owns
+the codes).
+
 All state is tensors (``step``, ``exp_avg``, ``exp_avg_sq`` and the ``proj*`` keys of
 lowrank_kernels.projection.state): ``state_dict()`` survives ``torch.load(weights_only=True)`` and
 a resumed run continues bit for bit.
@@ -49,10 +60,35 @@ from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
 
 DENSE_ADAMW = ("torch", "galore")
+INT8_GROUP_SIZE = 256
 
 
 def _is_projected(group: dict) -> bool:
     return group.get("rank") is not None
+
+
+def _int8_group_size(p: torch.Tensor) -> int:
+    return getattr(p, "group_size", INT8_GROUP_SIZE)
+
+
+def _check_int8_weight(p: torch.Tensor, name: str) -> None:
+    """INT8 codes must carry their quantization parameters (see the module docstring)."""
+    for attr in ("scales", "zeros"):
+        if not torch.is_tensor(getattr(p, attr, None)):
+            raise ValueError(f"{name}: uint8 INT8 weight codes need a tensor attribute "
+                             f"`{attr}` (fp32, one per group, from ops.quantize_int8)")
+    group_size = _int8_group_size(p)
+    ops.check_group_size(group_size, f"{name}.group_size", packed_int4=False)
+    for attr in ("scales", "zeros"):
+        ops.check_group_params(getattr(p, attr), p.numel(), group_size, p.device,
+                               f"{name}.{attr}", "INT8 weight codes")
+
+
+def _gradient(p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient a step consumes: ``.grad``, or ``.float_grad`` for INT8 weight codes."""
+    if p.dtype == torch.uint8:
+        return getattr(p, "float_grad", None)
+    return p.grad
 
 
 class LowRankAdamW(torch.optim.Optimizer):
@@ -95,19 +131,24 @@ class LowRankAdamW(torch.optim.Optimizer):
             if group["proj_type"] != "std":
                 raise ValueError(f"proj_type: only 'std' (right if m >= n, else left) is "
                                  f"supported, got {group['proj_type']!r}")
-            spec = self._spec(group)
-            spec.check_available()  # a missing op fails here, not at the first step
+            self._spec(group)  # validates the projection keys
             for i, p in enumerate(group["params"]):
                 name = self._name(group, i, p)
-                if not p.is_floating_point():
-                    raise NotImplementedError(
-                        f"{name}: dtype {p.dtype}; INT8 weight codes (Int8Linear, "
-                        "lowrank_kernels.autograd) are not wired into LowRankAdamW yet: only "
-                        "float weights can be projected")
                 if p.dim() != 2:
                     raise ValueError(f"{name}: projected parameters must be 2-D weights, got "
                                      f"shape {list(p.shape)}; put it in a group without 'rank'")
                 check_rank(group["rank"], *p.shape, name)
+                if p.dtype == torch.uint8:
+                    _check_int8_weight(p, name)
+                elif not p.is_floating_point():
+                    raise ValueError(f"{name}: expected a float weight or uint8 INT8 codes, got "
+                                     f"dtype {p.dtype}")
+        else:
+            for i, p in enumerate(group["params"]):
+                if not p.is_floating_point():
+                    raise ValueError(f"{self._name(group, i, p)}: dtype {p.dtype} in a group "
+                                     "without 'rank'; INT8 weight codes can only be stepped by "
+                                     "the fused low-rank step (give the group a rank)")
         self._position_of = None
 
     @staticmethod
@@ -150,7 +191,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]
+            with_grad = [p for p in group["params"] if _gradient(p) is not None]
             if _is_projected(group):
                 for p in with_grad:
                     self._step_projected(p)
@@ -162,7 +203,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     def step_parameter(self, p: torch.Tensor) -> None:
         """Steps one parameter from its current ``.grad`` (what ``step()`` does for it); used by
         layer-wise training (lowrank_kernels.optim.layerwise)."""
-        if p.grad is None:
+        if _gradient(p) is None:
             return
         group, _, _ = self._locate(p)
         if _is_projected(group):
@@ -201,7 +242,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         are rare, data-dependent and call LAPACK): state init, refresh, step count. Returns the
         gradient, the projection arguments and the scalar arguments of the fused step."""
         group, index, position = self._locate(p)
-        grad = p.grad
+        grad = _gradient(p)
         if grad.is_sparse:
             raise RuntimeError("LowRankAdamW does not support sparse gradients")
         spec = self._spec(group)
@@ -222,6 +263,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
                      scale=group["scale"], step=step_before + 1,
                      seed=int(state["proj_seed"]) % (2**31))
+        if p.dtype == torch.uint8:
+            # the weight's quantization parameters belong to the model; the step rewrites them
+            hyper.update(param_scales=p.scales, param_zeros=p.zeros,
+                         param_group_size=_int8_group_size(p))
         return grad.contiguous(), proj_state.step_args(state, spec), hyper
 
     def _dense_state(self, group: dict, params: list[torch.Tensor]):
@@ -273,6 +318,17 @@ class LowRankAdamW(torch.optim.Optimizer):
             torch._foreach_add_(ps, torch._foreach_div(ms, denoms), alpha=-step_size)
             if group["weight_decay"] > 0.0:
                 torch._foreach_add_(ps, ps, alpha=-group["lr"] * group["weight_decay"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's, and also clears the ``float_grad`` of INT8 weight codes."""
+        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype == torch.uint8 and getattr(p, "float_grad", None) is not None:
+                    if set_to_none:
+                        p.float_grad = None
+                    else:
+                        p.float_grad.zero_()
 
     # ----------------------------------------------------------------------------------------
     # checkpoints

@@ -4,8 +4,9 @@
   keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``), same numbers (fp32 SVD of the
   gradient, refresh at steps 0, T, 2T, …, galore-torch's AdamW formula for unprojected params).
 * :class:`QGaLoreAdamW` — Q-GaLore: INT4-packed basis, lazy refresh, β = (0.9, 0.95) as in the
-  Q-GaLore recipes (INT8 weights through ``Int8Linear``: not wired in yet).
-* :class:`DCTAdamW` — SVD-free DCT projection refreshed every step (only r indices stored).
+  Q-GaLore recipes; INT8 weight codes (uint8 with ``scales``/``zeros``/``float_grad``) are
+  stepped with stochastic rounding inside the same fused call.
+* :class:`DCTAdamW` — SVD-free DCT projection re-chosen every step (only r indices stored).
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ class GaLoreAdamW(LowRankAdamW):
 class QGaLoreAdamW(LowRankAdamW):
     """Q-GaLore: INT4 basis (``proj_bits=4``, groups of 256) refreshed lazily.
 
-    Needs the quantization ops (``ops.quantize_int4``/``dequantize_int4`` and a fused step that
-    accepts a packed basis); constructing it with a projected group raises NotImplementedError
-    naming the missing op until they are built. INT8 weights (``Int8Linear`` codes stepped with
-    stochastic rounding inside the same fused call) are not wired in yet: a uint8 parameter in a
-    projected group raises NotImplementedError.
+    The basis (SVD by default) is quantized by ``ops.quantize_int4`` at each refresh and kept
+    packed (two codes per byte) in the state; each step passes it, with its scales and zeros, to
+    one ``fused_galore_step`` call that dequantizes inside its GEMMs. The lazy policy measures the
+    subspace overlap on the dequantized bases. A parameter given as uint8 INT8 codes (see
+    LowRankAdamW's docstring: ``p.scales``, ``p.zeros``, optional ``p.group_size``, gradient in
+    ``p.float_grad``) is dequantized, updated and requantized with stochastic rounding in that
+    same call.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3,
@@ -53,11 +56,10 @@ class QGaLoreAdamW(LowRankAdamW):
 
 
 class DCTAdamW(LowRankAdamW):
-    """DCT projection (DESIGN.md §4.5), refreshed every step by default (the choice is cheap:
-    a top-r over column scores of G Cᵀ), moments kept when indices change.
-
-    Needs ``ops.dct_select`` and ``ops.dct_basis``; until they are built, constructing it with a
-    projected group raises NotImplementedError naming the missing op.
+    """DCT projection (DESIGN.md §4.5), re-chosen every step by default (``update_proj_gap=1``:
+    ``ops.dct_select`` each step, a top-r over column scores of G Cᵀ, no SVD); moments are kept
+    when the indices change. The int32 indices are the fused step's ``proj``: the kernel generates
+    the basis values, so the state holds r indices instead of an r×d basis.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3,

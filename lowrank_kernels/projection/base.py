@@ -60,6 +60,3 @@ class Projector:
     def compute(self, grad: torch.Tensor, rank: int, *, generator: torch.Generator | None,
                 param_name: str) -> torch.Tensor:
         raise NotImplementedError
-
-    def check_available(self) -> None:
-        """Raises if an op this projector needs is missing from this build."""

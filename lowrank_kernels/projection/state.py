@@ -23,7 +23,13 @@ import dataclasses
 import torch
 
 from lowrank_kernels.projection import int4
-from lowrank_kernels.projection.base import Projector, check_rank, subspace_overlap
+from lowrank_kernels.projection.base import (
+    Projector,
+    check_rank,
+    columns_of,
+    subspace_overlap,
+    to_layout,
+)
 from lowrank_kernels.projection.dct import dct_dense_basis, index_overlap
 from lowrank_kernels.projection.refresh import FixedGap, LazyRefresh
 
@@ -47,11 +53,6 @@ class ProjectionSpec:
         if self.bits == 4 and self.projector.kind != "dense":
             raise ValueError(f"proj_bits=4 quantizes a dense basis; projection="
                              f"{self.projector.name!r} stores indices already")
-
-    def check_available(self) -> None:
-        self.projector.check_available()
-        if self.bits == 4:
-            int4.check_available()
 
 
 def parameter_seed(group_seed: int, position: int) -> int:
@@ -86,9 +87,8 @@ def dense_basis(state: dict, m: int, n: int, spec: ProjectionSpec) -> torch.Tens
     if proj.dtype == torch.int32:
         return dct_dense_basis(proj, m, n)
     if proj.dtype == torch.uint8:
-        shape = (spec.rank, n) if m >= n else (m, spec.rank)
-        return int4.unpack_basis(proj, state["proj_scales"], state["proj_zeros"], shape,
-                                 spec.group_size)
+        return int4.unpack_basis(proj, state["proj_scales"], state["proj_zeros"],
+                                 int4.basis_shape(m, n, spec.rank), spec.group_size)
     return proj.float()
 
 
@@ -104,7 +104,12 @@ def refresh_(state: dict, grad: torch.Tensor, param: torch.Tensor, spec: Project
         if spec.projector.kind == "indices":
             overlap = index_overlap(state["proj"], new)
         else:
-            overlap = subspace_overlap(dense_basis(state, m, n, spec), new, m, n)
+            old = dense_basis(state, m, n, spec)
+            if state["proj"].dtype == torch.uint8:
+                # INT4 rounding leaves the columns slightly off orthonormal (the overlap could
+                # exceed 1): measure the subspace they span
+                old = to_layout(torch.linalg.qr(columns_of(old, m, n)).Q, m, n)
+            overlap = subspace_overlap(old, new, m, n)
         state["proj_overlap"].fill_(overlap)
         state["proj_gap"].fill_(spec.policy.next_gap(int(state["proj_gap"]), overlap))
     elif not spec.policy.measures_overlap:

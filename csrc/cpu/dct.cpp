@@ -134,8 +134,8 @@ void gather_tile(const scalar_t* grad, const Geometry& g, const std::vector<int6
     return;
   }
   // A line is a column of G: a blocked transpose, reading kBlock rows of G side by side so that
-  // each write fills kBlock consecutive floats of a line.
-  constexpr int64_t kBlock = 8;
+  // each write fills kBlock consecutive floats (one cache line) of a line.
+  constexpr int64_t kBlock = 16;
   for (int64_t p0 = 0; p0 < g.d; p0 += kBlock) {
     const int64_t width = std::min(kBlock, g.d - p0);
     const scalar_t* rows[kBlock];

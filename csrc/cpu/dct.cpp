@@ -12,8 +12,8 @@
 //          X_k = c_k * Re(exp(-i*pi*k/(2d)) * V_k), with V_k = conj(V_{d-k}) for k > d/2:
 //          O(lines * d * log d) and no d x d matrix.
 // Tiling (both paths): a tile is a block of consecutive lines. On the fft path each task gathers a
-// tile in Makhoul order (converted to fp32) into a cache-resident buffer, runs one batched rfft on
-// it and writes the tile's rows of X while adding the tile's per-frequency partial scores. Partials
+// tile in Makhoul order (converted to fp32; columns of G through a blocked transpose) into a
+// cache-resident buffer, runs one batched rfft on it and writes the tile's rows of X while adding the tile's per-frequency partial scores. Partials
 // are summed in tile order, so the result does not depend on the thread count.
 // DRAM: G read once, X (lines x d fp32) written once and r/d of it read back for low_rank.
 #include <ATen/ATen.h>
@@ -35,8 +35,10 @@ namespace lowrank {
 
 namespace {
 
-// From this basis size on, the fft path beats the dense GEMM (bench/bench_refresh.py --crossover).
-constexpr int64_t kFftMinSize = 128;
+// From this basis size on, the fft path beats the dense GEMM (one thread, 4096 lines: d=32 dense
+// 0.2 ms vs fft 0.45 ms; d=64 about even; d=128 fft 1.5-1.9 ms vs dense 2.5 ms; d=512 11 vs 54 ms;
+// bench/bench_refresh.py --crossover re-measures it).
+constexpr int64_t kFftMinSize = 64;
 
 // cos(pi * j / (2d)) for every phase j in [0, 4d): the values of dct_cos_phase, computed once so
 // that generating r x d basis values costs a table lookup each, not a cosf.
@@ -79,20 +81,26 @@ struct Geometry {
   bool right;
 };
 
-// Lines per tile: a tile of X (and its rfft workspace) stays near 256 KiB, in L2.
+// Lines per tile: a tile's fp32 input and its rfft output (~12 bytes x lines x d) stay in L2 on
+// the right side. The left side gathers columns of G, reading runs of `lines` elements from d
+// different rows: it needs runs of >= 512 bytes (measured: 32 lines cost ~1.2x, 128 lines ~1.0x
+// the time of one projection GEMM at 2048 x 5504), so its tiles spill to L3.
 int64_t tile_lines(const Geometry& g) {
-  return std::clamp<int64_t>((int64_t{1} << 16) / g.d, 8, 256);
+  return std::clamp<int64_t>((int64_t{1} << 15) / g.d, g.right ? 32 : 128, 256);
 }
 
-// partial[k] += |x[k]| (norm 1) or x[k]^2 (norm 2), in double so the sum over many lines keeps
-// fp32 resolution for ranking.
-void add_line_scores(const float* x, int64_t d, int64_t norm, double* partial) {
-  if (norm == 1) {
-    for (int64_t k = 0; k < d; ++k) partial[k] += std::fabs(static_cast<double>(x[k]));
-  } else {
-    for (int64_t k = 0; k < d; ++k) partial[k] += static_cast<double>(x[k]) * x[k];
+// Twiddle factors c_k * cos(pi k / 2d) and c_k * sin(pi k / 2d), rounded once from double.
+struct Twiddles {
+  std::vector<float> cos, sin;
+  explicit Twiddles(int64_t d) : cos(d), sin(d) {
+    for (int64_t k = 0; k < d; ++k) {
+      const double c = k == 0 ? std::sqrt(1.0 / d) : std::sqrt(2.0 / d);
+      const double angle = M_PI * static_cast<double>(k) / (2.0 * d);
+      cos[k] = static_cast<float>(c * std::cos(angle));
+      sin[k] = static_cast<float>(c * std::sin(angle));
+    }
   }
-}
+};
 
 // Source position of each Makhoul-ordered element: evens ascending, then odds descending.
 std::vector<int64_t> makhoul_order(int64_t d) {
@@ -100,6 +108,17 @@ std::vector<int64_t> makhoul_order(int64_t d) {
   const int64_t evens = (d + 1) / 2;
   for (int64_t p = 0; p < d; ++p) order[p] = p < evens ? 2 * p : 2 * (d - 1 - p) + 1;
   return order;
+}
+
+// partial[k] += |x[k]| (norm 1) or x[k]^2 (norm 2). A partial covers one tile (<= 256 lines), so
+// fp32 keeps it to ~1e-6 relative; tiles are then summed in double.
+void add_line_scores(const float* __restrict__ x, int64_t d, int64_t norm,
+                     float* __restrict__ partial) {
+  if (norm == 1) {
+    for (int64_t k = 0; k < d; ++k) partial[k] += std::fabs(x[k]);
+  } else {
+    for (int64_t k = 0; k < d; ++k) partial[k] += x[k] * x[k];
+  }
 }
 
 // Copies lines [start, start+len) of G in Makhoul order into dst (len x d, fp32).
@@ -112,27 +131,27 @@ void gather_tile(const scalar_t* grad, const Geometry& g, const std::vector<int6
       float* out = dst + t * g.d;
       for (int64_t p = 0; p < g.d; ++p) out[p] = static_cast<float>(src[order[p]]);
     }
-  } else {  // a line is a column: read row segments contiguously, write them transposed
-    for (int64_t p = 0; p < g.d; ++p) {
-      const scalar_t* src = grad + order[p] * g.n + start;
-      for (int64_t t = 0; t < len; ++t) dst[t * g.d + p] = static_cast<float>(src[t]);
+    return;
+  }
+  // A line is a column of G: a blocked transpose, reading kBlock rows of G side by side so that
+  // each write fills kBlock consecutive floats (one cache line) of a line.
+  constexpr int64_t kBlock = 16;
+  for (int64_t p0 = 0; p0 < g.d; p0 += kBlock) {
+    const int64_t width = std::min(kBlock, g.d - p0);
+    const scalar_t* rows[kBlock];
+    for (int64_t u = 0; u < width; ++u) rows[u] = grad + order[p0 + u] * g.n + start;
+    for (int64_t t = 0; t < len; ++t) {
+      float* out = dst + t * g.d + p0;
+      for (int64_t u = 0; u < width; ++u) out[u] = static_cast<float>(rows[u][t]);
     }
   }
 }
 
 // X and the per-tile partial scores through Makhoul's rfft (see the file comment).
 void fft_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm, int64_t lines_per,
-                      float* x_lines, double* partials) {
-  const int64_t d = g.d;
-  const int64_t bins = d / 2 + 1;
-  // c_k * cos(pi k / 2d) and c_k * sin(pi k / 2d), rounded once from double.
-  std::vector<float> tw_cos(d), tw_sin(d);
-  for (int64_t k = 0; k < d; ++k) {
-    const double c = k == 0 ? std::sqrt(1.0 / d) : std::sqrt(2.0 / d);
-    const double angle = M_PI * static_cast<double>(k) / (2.0 * d);
-    tw_cos[k] = static_cast<float>(c * std::cos(angle));
-    tw_sin[k] = static_cast<float>(c * std::sin(angle));
-  }
+                      float* x_lines, float* partials) {
+  const int64_t d = g.d, bins = d / 2 + 1;
+  const Twiddles tw(d);
   const std::vector<int64_t> order = makhoul_order(d);
   const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
   const auto f32 = grad.options().dtype(at::kFloat);
@@ -142,25 +161,27 @@ void fft_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm, i
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t start = tile * lines_per;
       const int64_t len = std::min(lines_per, g.lines - start);
-      at::Tensor in_tile = in.narrow(0, 0, len);
-      at::Tensor spec_tile = spec.narrow(0, 0, len);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
                                       "lowrank_dct_gather", [&] {
         gather_tile<scalar_t>(grad.data_ptr<scalar_t>(), g, order, start, len,
-                              in_tile.data_ptr<float>());
+                              in.data_ptr<float>());
       });
-      at::fft_rfft_out(spec_tile, in_tile, std::nullopt, /*dim=*/1);
-      const c10::complex<float>* v = spec_tile.data_ptr<c10::complex<float>>();
+      at::Tensor spec_tile = spec.narrow(0, 0, len);
+      at::fft_rfft_out(spec_tile, in.narrow(0, 0, len), std::nullopt, /*dim=*/1);
+      // (re, im) pairs of line t at v + 2 * t * bins
+      const float* v = reinterpret_cast<const float*>(spec_tile.data_ptr<c10::complex<float>>());
+      const float* __restrict__ cs = tw.cos.data();
+      const float* __restrict__ sn = tw.sin.data();
+      float* __restrict__ partial = partials + tile * d;
+      const int64_t low = std::min(bins, d);
       for (int64_t t = 0; t < len; ++t) {
-        const c10::complex<float>* vl = v + t * bins;
-        float* x = x_lines + (start + t) * d;
-        for (int64_t k = 0; k < bins && k < d; ++k) {
-          x[k] = vl[k].real() * tw_cos[k] + vl[k].imag() * tw_sin[k];
+        const float* __restrict__ vl = v + 2 * t * bins;
+        float* __restrict__ x = x_lines + (start + t) * d;
+        for (int64_t k = 0; k < low; ++k) x[k] = vl[2 * k] * cs[k] + vl[2 * k + 1] * sn[k];
+        for (int64_t k = low; k < d; ++k) {  // V_k = conj(V_{d-k})
+          x[k] = vl[2 * (d - k)] * cs[k] - vl[2 * (d - k) + 1] * sn[k];
         }
-        for (int64_t k = bins; k < d; ++k) {  // V_k = conj(V_{d-k})
-          x[k] = vl[d - k].real() * tw_cos[k] - vl[d - k].imag() * tw_sin[k];
-        }
-        add_line_scores(x, d, norm, partials + tile * d);
+        add_line_scores(x, d, norm, partial);
       }
     }
   });
@@ -168,7 +189,7 @@ void fft_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm, i
 
 // X = lines @ C^T with the full d x d basis, then the per-tile partial scores.
 void dense_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm,
-                        int64_t lines_per, at::Tensor& x_lines, double* partials) {
+                        int64_t lines_per, at::Tensor& x_lines, float* partials) {
   at::Tensor all = at::arange(g.d, at::TensorOptions().dtype(at::kInt));
   const at::Tensor basis = dct_rows_cpu(g.d, all);  // C, d x d
   const at::Tensor g32 = grad.to(at::kFloat);
@@ -223,13 +244,14 @@ std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_
   const at::Tensor src = grad.contiguous();
   const int64_t lines_per = tile_lines(g);
   const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
-  at::Tensor x_lines = at::empty({g.lines, g.d}, src.options().dtype(at::kFloat));
-  std::vector<double> partials(static_cast<size_t>(tiles * g.d), 0.0);
+  at::Tensor x = at::empty({g.lines, g.d}, src.options().dtype(at::kFloat));  // X, line-major
+  std::vector<float> partials(static_cast<size_t>(tiles * g.d), 0.0f);
   if (use_fft) {
-    fft_coefficients(src, g, norm, lines_per, x_lines.data_ptr<float>(), partials.data());
+    fft_coefficients(src, g, norm, lines_per, x.data_ptr<float>(), partials.data());
   } else {
-    dense_coefficients(src, g, norm, lines_per, x_lines, partials.data());
+    dense_coefficients(src, g, norm, lines_per, x, partials.data());
   }
+  // Tile partials summed in tile order (double): independent of the thread count.
   std::vector<double> scores(static_cast<size_t>(g.d), 0.0);
   for (int64_t tile = 0; tile < tiles; ++tile) {
     for (int64_t k = 0; k < g.d; ++k) scores[k] += partials[tile * g.d + k];
@@ -241,18 +263,25 @@ std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_
   at::Tensor low_rank = at::empty(g.right ? std::vector<int64_t>{m, rank}
                                           : std::vector<int64_t>{rank, n},
                                   src.options().dtype(at::kFloat));
-  const float* x = x_lines.data_ptr<float>();
+  const float* xs = x.data_ptr<float>();
   float* out = low_rank.data_ptr<float>();
-  at::parallel_for(0, g.lines, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t l = begin; l < end; ++l) {
-      const float* line = x + l * g.d;
-      if (g.right) {
-        for (int64_t j = 0; j < rank; ++j) out[l * rank + j] = line[chosen[j]];
-      } else {
-        for (int64_t j = 0; j < rank; ++j) out[j * n + l] = line[chosen[j]];
+  if (g.right) {  // R[i, j] = X[i, idx_j]
+    at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t j = 0; j < rank; ++j) out[i * rank + j] = xs[i * g.d + chosen[j]];
       }
-    }
-  });
+    });
+  } else {  // R[j, c] = X[c, idx_j]: blocks of columns, so each write run is contiguous
+    constexpr int64_t kBlock = 64;
+    at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t c1 = std::min(n, (b + 1) * kBlock);
+        for (int64_t j = 0; j < rank; ++j) {
+          for (int64_t c = b * kBlock; c < c1; ++c) out[j * n + c] = xs[c * g.d + chosen[j]];
+        }
+      }
+    });
+  }
   return {indices, low_rank};
 }
 

@@ -10,6 +10,18 @@
 //
 // Tiling: at::parallel_for over whole groups; each task reads its groups once (min/max, then
 // codes from L1/L2). DRAM traffic: the input once, the codes once, scales and zeros once.
+// The hot loops below vectorise only when the compiler may if-convert float compares, which
+// -ftrapping-math (the default) forbids; nothing here reads FP exception flags. They are also
+// cloned for AVX2 (chosen at load time) since the wheel's baseline is SSE2.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define LOWRANK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LOWRANK_CPU_CLONES
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,6 +31,31 @@
 #include "quant_cpu.h"
 
 namespace lowrank {
+
+LOWRANK_CPU_CLONES void philox_uniform_chunk(uint64_t philox_seed, uint64_t first_offset,
+                                             int64_t count, float* u) {
+  for (int64_t k = 0; k < count; ++k) u[k] = philox_uniform(philox_seed, first_offset + k);
+}
+
+LOWRANK_CPU_CLONES void stochastic_round_chunk(const float* x, const float* u, int64_t count,
+                                               GroupQuant p, uint8_t* codes) {
+  for (int64_t k = 0; k < count; ++k) codes[k] = quantize_stochastic(x[k], u[k], p, kInt8MaxCode);
+}
+
+LOWRANK_CPU_CLONES void dequantize_update_chunk(const uint8_t* codes, GroupQuant p,
+                                                const AdamCoeffs& coeffs, int64_t count,
+                                                float* back_n, float& lo, float& hi) {
+  const AdamCoeffs c = coeffs;  // a local copy: no aliasing with back_n, so the loop vectorises
+  float low = lo, high = hi;
+  for (int64_t k = 0; k < count; ++k) {
+    const float updated = apply_update(dequantize_code(codes[k], p), back_n[k], c);
+    back_n[k] = updated;
+    low = low < updated ? low : updated;
+    high = high > updated ? high : updated;
+  }
+  lo = low;
+  hi = high;
+}
 
 at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scales,
                                const at::Tensor& zeros, at::IntArrayRef shape,

@@ -14,6 +14,9 @@
    ratio q-galore/ours.
 2. The DRAM-traffic model per step (bytes) of our fused GPU step (the DESIGN.md §5 floor) and of
    q-galore-torch's step (its tensor ops counted one by one; see `qgalore_torch_bytes`).
+3. Stochastic-rounding bias: one INT8 group whose interior moves by 0.1 of a step, requantized
+   many times: how far the dequantized mean moves (0.1 is unbiased) with our fp32 rounding and
+   with q-galore-torch's `_quantize_stochastic_round` in bf16 (its training dtype) and fp32.
 
     python bench/bench_qgalore.py             # LLaMA-350M shapes, r 256 (about a minute)
     python bench/bench_qgalore.py --full      # + LLaMA-1B shapes, r 512
@@ -174,6 +177,37 @@ def traffic_table(cases, grad_bytes: int = 2) -> list[dict]:
     return rows
 
 
+# ---- stochastic-rounding bias -----------------------------------------------------------------------
+def rounding_bias(trials: int = 20000, delta: float = 0.1) -> list[dict]:
+    """Mean movement (in steps) of a group's interior moved by ``delta`` of a step (s = 2^-10,
+    z = 128, min and max fixed so the grid does not move), over ``trials`` requantizations."""
+    from q_galore_torch import QGaLoreAdamW8bit
+
+    step = 2.0**-10
+    grid = step * (torch.arange(256, dtype=torch.float32) - 128)
+    values = grid.clone()
+    values[1:-1] += delta * step
+    values = values.repeat(trials, 1)
+
+    def moved(codes, scales, zeros):
+        back = reference.dequantize_int8(codes.reshape(-1), scales.reshape(-1).float(),
+                                         zeros.reshape(-1).float(), 256).view(trials, 256)
+        return ((back[:, 1:-1].double() - grid[1:-1].double()) / step).mean().item()
+
+    sigma = (delta * (1 - delta) / (trials * 254)) ** 0.5
+    rows = [("ours (fp32, Philox)", moved(*torch.ops.lowrank.quantize_int8(values, 256, True, 7)))]
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        theirs = QGaLoreAdamW8bit._quantize_stochastic_round(None, values.to(dtype), 256, 8)
+        rows.append((f"q-galore-torch ({str(dtype).removeprefix('torch.')})", moved(*theirs)))
+    print(f"\n# stochastic rounding of a {delta}-step update, {trials} x 254 elements "
+          f"(unbiased: {delta} +- {3 * sigma:.4f})")
+    for name, shift in rows:
+        print(f"{name:>26}  mean moved by {shift:.4f} steps")
+    return [{"rounding": name, "mean_shift_steps": round(shift, 5), "expected": delta,
+             "three_sigma": round(3 * sigma, 5)} for name, shift in rows]
+
+
 # ---- timing ------------------------------------------------------------------------------------
 def interleaved_medians(fns: dict, warmup: int, repeats: int) -> dict:
     """Median ms of each function, run in turn every repeat, so that load drifts hit all."""
@@ -235,9 +269,11 @@ def main(argv=None) -> int:
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     timing = time_table(cases, dtypes, args.warmup, args.repeats)
     traffic = traffic_table(cases)
+    bias = rounding_bias()
     if args.csv:
         write_csv(timing, args.csv + "_cpu_step.csv")
         write_csv(traffic, args.csv + "_traffic.csv")
+        write_csv(bias, args.csv + "_rounding_bias.csv")
     return 0
 
 

@@ -452,7 +452,9 @@ if _extension.AVAILABLE:
 # mirrors the quantized section of csrc/include/lowrank/checks.h.
 # --------------------------------------------------------------------------------------------
 MAX_ROUNDING_SEED = 2**32 - 1
-TRITON_IMPLS["philox_uniform"] = "lowrank_kernels.triton_kernels.quant:philox_uniform"
+for _op in ("philox_uniform", "quantize_int4", "dequantize_int4", "quantize_int8",
+            "dequantize_int8"):
+    TRITON_IMPLS[_op] = f"lowrank_kernels.triton_kernels.quant:{_op}"
 MAX_ROUNDING_STEP = 2**31 - 1
 
 

@@ -173,3 +173,53 @@ def mlp_batches(count: int, batch: int = 16, seed: int = 1, dtype=torch.float32)
 def mlp_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+
+# --------------------------------------------------------------------------------------------
+# Q-GaLore formats (DESIGN.md §4.3-§4.4): packed INT4 basis and INT8 weight codes
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class QGaLoreInputs:
+    """A fused step's tensors in the Q-GaLore formats; proj_* / param_* are None when dense."""
+    param: torch.Tensor
+    grad: torch.Tensor
+    proj: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    proj_scales: torch.Tensor | None = None
+    proj_zeros: torch.Tensor | None = None
+    param_scales: torch.Tensor | None = None
+    param_zeros: torch.Tensor | None = None
+
+    def clone(self) -> QGaLoreInputs:
+        return QGaLoreInputs(*(None if t is None else t.clone() for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return (self.param, self.grad, self.proj, self.exp_avg, self.exp_avg_sq)
+
+    def formats(self, proj_group_size: int, param_group_size: int, seed: int) -> dict:
+        return {"proj_scales": self.proj_scales, "proj_zeros": self.proj_zeros,
+                "proj_group_size": proj_group_size, "param_scales": self.param_scales,
+                "param_zeros": self.param_zeros, "param_group_size": param_group_size,
+                "seed": seed}
+
+
+def qgalore_inputs(m: int, n: int, rank: int, *, int4_proj: bool, int8_weight: bool,
+                   proj_group_size: int = 256, param_group_size: int = 256,
+                   grad_dtype=torch.float32, state_dtype=torch.float32, seed: int = 0
+                   ) -> QGaLoreInputs:
+    """step_inputs with the basis packed to INT4 and/or the weight quantized to INT8 (nearest),
+    by the reference quantizers."""
+    dense = step_inputs(m, n, rank, state_dtype=state_dtype, seed=seed)
+    out = QGaLoreInputs(dense.param, dense.grad.to(grad_dtype), dense.proj, dense.exp_avg,
+                        dense.exp_avg_sq)
+    if int4_proj:
+        out.proj, out.proj_scales, out.proj_zeros = reference.quantize_int4(dense.proj,
+                                                                            proj_group_size)
+    if int8_weight:
+        out.param, out.param_scales, out.param_zeros = reference.quantize_int8(dense.param,
+                                                                               param_group_size)
+    return out

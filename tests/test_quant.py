@@ -2,6 +2,9 @@
 rounding, against the reference, Triton's tl.rand and q-galore-torch's quantizer."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -266,3 +269,92 @@ def test_bad_quant_input_raises_naming_the_argument(backend):
     for name, call in _bad_quant_calls():
         with pytest.raises(ValueError, match=name):
             call(backend)
+
+
+# ---- Triton kernels: interpreter against the reference, AOT compile for sm_89 / sm_90 ---------
+@pytest.mark.parametrize("shape,group_size", QUANT_CASES, ids=str)
+def test_triton_quantizers_match_reference_bit_for_bit(shape, group_size):
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = straddling_zero(shape, seed=6)
+    cases = [("quantize_int4", (group_size,)), ("quantize_int8", (group_size,)),
+             ("quantize_int8", (group_size, True, 123))]
+    for name, args in cases:
+        got = getattr(lk.ops, name)(x.to(device), *args, backend="triton")
+        want = getattr(reference, name)(x, *args)
+        for a, b in zip(got, want):
+            assert torch.equal(a.cpu(), b), name
+    packed = [t.to(device) for t in reference.quantize_int4(x, group_size)]
+    assert torch.equal(lk.ops.dequantize_int4(*packed, list(shape), group_size,
+                                              backend="triton").cpu(),
+                       reference.dequantize_int4(*[t.cpu() for t in packed], list(shape),
+                                                 group_size))
+    codes = [t.to(device) for t in reference.quantize_int8(x, group_size)]
+    assert torch.equal(lk.ops.dequantize_int8(*codes, group_size, backend="triton").cpu(),
+                       reference.dequantize_int8(*[t.cpu() for t in codes], group_size))
+
+
+def _aot_configurations():
+    """Every configuration the launchers in triton_kernels/quant.py and int8_matmul.py use on
+    GPUs: (kernel, signature, constexprs)."""
+    quant = pytest.importorskip("lowrank_kernels.triton_kernels.quant")
+    matmul = pytest.importorskip("lowrank_kernels.triton_kernels.int8_matmul")
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+    configs = []
+    for dtype, max_code, stochastic, pack in [(torch.float32, 15, False, True),
+                                              (torch.bfloat16, 255, True, False),
+                                              (torch.float32, 255, False, False)]:
+        configs.append((quant._quantize_kernel,
+                        {"x_ptr": ptr[dtype], "codes_ptr": "*u8", "scales_ptr": "*fp32",
+                         "zeros_ptr": "*fp32", "numel": "i64", "seed": "i64"},
+                        {"GROUP": 256, "BLOCK_G": 256, "MAX_CODE": max_code,
+                         "STOCHASTIC": stochastic, "PACK_INT4": pack}))
+    for packed in (True, False):
+        configs.append((quant._dequantize_kernel,
+                        {"codes_ptr": "*u8", "scales_ptr": "*fp32", "zeros_ptr": "*fp32",
+                         "out_ptr": "*fp32", "numel": "i64"},
+                        {"GROUP": 256, "PACKED_INT4": packed, "BLOCK": quant.DEQUANT_BLOCK}))
+    configs.append((quant._philox_uniform_kernel,
+                    {"out_ptr": "*fp32", "offsets_ptr": "*i64", "seed": "i64", "numel": "i64"},
+                    {"BLOCK": quant.PHILOX_BLOCK}))
+    block_m, block_n, block_k = matmul._blocks(torch.device("cuda"))
+    for dtype in (torch.bfloat16, torch.float32):
+        for transposed in (True, False):
+            configs.append((matmul._int8_matmul_kernel,
+                            {"a_ptr": ptr[dtype], "codes_ptr": "*u8", "scales_ptr": "*fp32",
+                             "zeros_ptr": "*fp32", "bias_ptr": ptr[dtype], "out_ptr": ptr[dtype],
+                             "M": "i32", "N": "i32", "K": "i32", "W_COLS": "i32"},
+                            {"GROUP": 256, "TRANSPOSED_W": transposed, "HAS_BIAS": transposed,
+                             "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}))
+    return configs
+
+
+def compile_ahead_of_time(capability: int) -> None:
+    """Compiles every configuration for sm_<capability>; run without TRITON_INTERPRET (the
+    interpreter replaces @triton.jit functions by objects the compiler cannot take)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    for kernel, signature, constexprs in _aot_configurations():
+        signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature,
+                                            constexprs=constexprs),
+                                  target=GPUTarget("cuda", capability, 32))
+        assert compiled.asm["cubin"], kernel.__name__
+        if kernel.__name__ == "_quantize_kernel":  # IEEE division, as on the CPU
+            assert "div.full" not in compiled.asm["ptx"] and "div.rn.f32" in compiled.asm["ptx"]
+
+
+def test_triton_kernels_compile_ahead_of_time():
+    """The interpreter accepts code the compiler rejects: every GPU configuration of the quant
+    and INT8-matmul kernels compiles for sm_89 and sm_90 (in a process without the interpreter)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    script = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import test_quant; "
+              "[test_quant.compile_ahead_of_time(c) for c in (89, 90)]")
+    result = subprocess.run([sys.executable, "-c", script, tests_dir,
+                             os.path.dirname(tests_dir)], check=False, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -256,12 +256,7 @@ void update_int8_rows(uint8_t* codes, float* scales, float* zeros, float* back_n
     float* w = back_n + (g_first - first);  // overwritten by W' (fp32, never stored to memory)
     const GroupQuant old{scales[gi], zeros[gi]};
     float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-    for (int64_t k = 0; k < len; ++k) {
-      const float updated = apply_update(dequantize_code(q[k], old), w[k], c);
-      w[k] = updated;
-      lo = std::min(lo, updated);
-      hi = std::max(hi, updated);
-    }
+    dequantize_update_chunk(q, old, c, len, w, lo, hi);
     const GroupQuant fresh = group_quant_params(lo, hi, kInt8MaxCode);
     stochastic_round_group(w, len, fresh, philox_seed, g_first, q);
     scales[gi] = fresh.scale;

@@ -7,7 +7,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
+#include "lowrank/adam.h"
 #include "lowrank/philox.h"
 #include "lowrank/quant.h"
 
@@ -28,19 +30,33 @@ void group_min_max(const scalar_t* x, int64_t len, float& lo, float& hi) {
   }
 }
 
+// Hot loops, compiled in csrc/cpu/quant.cpp for AVX2 and a baseline (picked at load time):
+// u[k] = philox_uniform(seed, first_offset + k).
+void philox_uniform_chunk(uint64_t philox_seed, uint64_t first_offset, int64_t count, float* u);
+// codes[k] = SR INT8 code of x[k] with u[k].
+void stochastic_round_chunk(const float* x, const float* u, int64_t count, GroupQuant p,
+                            uint8_t* codes);
+// back_n[k] <- W'[k] = apply_update(s(q[k] - z), back_n[k]); widens [lo, hi] to cover W'.
+void dequantize_update_chunk(const uint8_t* codes, GroupQuant p, const AdamCoeffs& c,
+                             int64_t count, float* back_n, float& lo, float& hi);
+
 // INT8 codes of one group by stochastic rounding; element k draws u at offset first_offset + k.
 template <typename scalar_t>
 void stochastic_round_group(const scalar_t* x, int64_t len, GroupQuant p, uint64_t philox_seed,
                             int64_t first_offset, uint8_t* codes) {
   float u[kUniformChunk];
+  float x32[kUniformChunk];
   for (int64_t start = 0; start < len; start += kUniformChunk) {
     const int64_t count = std::min(kUniformChunk, len - start);
-    const uint64_t base = static_cast<uint64_t>(first_offset + start);
-    for (int64_t k = 0; k < count; ++k) u[k] = philox_uniform(philox_seed, base + k);
-    for (int64_t k = 0; k < count; ++k) {
-      codes[start + k] =
-          quantize_stochastic(static_cast<float>(x[start + k]), u[k], p, kInt8MaxCode);
+    philox_uniform_chunk(philox_seed, static_cast<uint64_t>(first_offset + start), count, u);
+    const float* xs = nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      xs = x + start;
+    } else {
+      for (int64_t k = 0; k < count; ++k) x32[k] = static_cast<float>(x[start + k]);
+      xs = x32;
     }
+    stochastic_round_chunk(xs, u, count, p, codes + start);
   }
 }
 

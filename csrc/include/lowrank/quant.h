@@ -28,30 +28,59 @@ struct GroupQuant {
   float zero;
 };
 
+// Round to nearest, ties to even (torch.round) and floor, exact for every float. The host
+// versions are branch-free (the magic-number rounding is exact below 2^23, above which every
+// float is an integer) so that the CPU loops vectorise without calls into libm.
+LOWRANK_HD float round_half_even(float y) {
+#if defined(__CUDA_ARCH__)
+  return rintf(y);
+#else
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  const float rounded = (y + kMagic) - kMagic;
+  return std::fabs(y) < 8388608.0f ? rounded : y;
+#endif
+}
+
+LOWRANK_HD float floor_exact(float y) {
+#if defined(__CUDA_ARCH__)
+  return floorf(y);
+#else
+  const float rounded = round_half_even(y);
+  return rounded - (rounded > y ? 1.0f : 0.0f);
+#endif
+}
+
 LOWRANK_HD float clamp_code(float q, int max_code) {
-  return fminf(fmaxf(q, 0.0f), static_cast<float>(max_code));
+  const float top = static_cast<float>(max_code);
+#if defined(__CUDA_ARCH__)
+  return fminf(fmaxf(q, 0.0f), top);
+#else
+  const float low_clamped = q > 0.0f ? q : 0.0f;
+  return low_clamped < top ? low_clamped : top;
+#endif
 }
 
 // Scale and zero of a group whose values span [lo, hi].
 LOWRANK_HD GroupQuant group_quant_params(float lo, float hi, int max_code) {
   GroupQuant p;
   p.scale = fmaxf(hi - lo, kMinQuantRange) / static_cast<float>(max_code);
-  p.zero = clamp_code(-rintf(lo / p.scale), max_code);
+  p.zero = clamp_code(-round_half_even(lo / p.scale), max_code);
   return p;
 }
 
 // Round-to-nearest code of x.
 LOWRANK_HD uint8_t quantize_nearest(float x, GroupQuant p, int max_code) {
-  return static_cast<uint8_t>(clamp_code(rintf(x / p.scale) + p.zero, max_code));
+  const float code = clamp_code(round_half_even(x / p.scale) + p.zero, max_code);
+  return static_cast<uint8_t>(static_cast<int32_t>(code));
 }
 
 // Stochastic-rounding code of x given u in [0, 1): rounds up with probability frac(x / s), so
 // that E[x~] = x for x inside the group's range (unbiased, unlike a rounding done in bf16).
 LOWRANK_HD uint8_t quantize_stochastic(float x, float u, GroupQuant p, int max_code) {
   const float y = x / p.scale;
-  const float down = floorf(y);
-  const float rounded = (u < y - down) ? down + 1.0f : down;
-  return static_cast<uint8_t>(clamp_code(rounded + p.zero, max_code));
+  const float down = floor_exact(y);
+  const float rounded = down + (u < y - down ? 1.0f : 0.0f);
+  return static_cast<uint8_t>(static_cast<int32_t>(clamp_code(rounded + p.zero, max_code)));
 }
 
 LOWRANK_HD float dequantize_code(uint8_t q, GroupQuant p) {

@@ -1,0 +1,281 @@
+"""Q-GaLore step (packed INT4 basis, INT8 weight, stochastic rounding): ours vs q-galore-torch.
+
+1. CPU time of one optimizer step per LLaMA weight shape, on the same inputs, in the same run:
+     ours      torch.ops.lowrank.fused_galore_step with a packed INT4 proj and INT8 param codes
+     q-galore  q-galore-torch 1.0's `QGaLoreAdamW8bit.step` for an INT8 weight (its float_grad
+               path), op for op, calling its own `_dequantize`, `GaLoreProjector.project` /
+               `project_back` (INT4 basis preset: no SVD) and `_quantize_stochastic_round`.
+               One substitution: its low-rank Adam runs in bitsandbytes' CUDA-only 8-bit kernel
+               (and the step calls torch.cuda.synchronize), so on CPU that update is the same Adam
+               written in torch on the fp32 low-rank tensors (m×r or r×n: a small share of the
+               time). Everything that touches m×n tensors is q-galore-torch's own code.
+   The gradient dtype sets q-galore-torch's compute dtype (its float_grad): bf16 is its real
+   training path, fp32 is shown too. Prints milliseconds (median, interleaved repeats) and the
+   ratio q-galore/ours.
+2. The DRAM-traffic model per step (bytes) of our fused GPU step (the DESIGN.md §5 floor) and of
+   q-galore-torch's step (its tensor ops counted one by one; see `qgalore_torch_bytes`).
+3. Stochastic-rounding bias: one INT8 group whose interior moves by 0.1 of a step, requantized
+   many times: how far the dequantized mean moves (0.1 is unbiased) with our fp32 rounding and
+   with q-galore-torch's `_quantize_stochastic_round` in bf16 (its training dtype) and fp32.
+
+    python bench/bench_qgalore.py             # LLaMA-350M shapes, r 256 (about a minute)
+    python bench/bench_qgalore.py --full      # + LLaMA-1B shapes, r 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import lowrank_kernels as lk
+from lowrank_kernels import reference
+
+GROUP = 256
+# (m, n), rank: LLaMA-350M attention / MLP (Q-GaLore recipe rank 256); --full adds LLaMA-1B.
+QUICK = [((1024, 1024), 256), ((1024, 2736), 256), ((2736, 1024), 256)]
+FULL = QUICK + [((2048, 2048), 512), ((2048, 5461), 512), ((5461, 2048), 512)]
+# Q-GaLore's recipe: betas (0.9, 0.95), lr 0.01 (350M, 1B), scale 0.25.
+HYPER = {"lr": 0.01, "beta1": 0.9, "beta2": 0.95, "eps": 1e-6, "weight_decay": 0.01,
+         "scale": 0.25}
+
+
+def make_inputs(m: int, n: int, r: int, grad_dtype: torch.dtype, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    right = reference.is_right_side(m, n)
+    d = n if right else m
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen))
+    basis = (q.T if right else q).contiguous()
+    weight = 0.02 * torch.randn(m, n, generator=gen)
+    return {"basis": basis, "weight": weight,
+            "grad": (1e-3 * torch.randn(m, n, generator=gen)).to(grad_dtype),
+            "low_rank_shape": (m, r) if right else (r, n)}
+
+
+# ---- ours ------------------------------------------------------------------------------------
+def our_step(inputs: dict):
+    packed, p_scales, p_zeros = torch.ops.lowrank.quantize_int4(inputs["basis"], GROUP)
+    codes, w_scales, w_zeros = torch.ops.lowrank.quantize_int8(inputs["weight"], GROUP)
+    exp_avg = torch.zeros(inputs["low_rank_shape"])
+    exp_avg_sq = torch.zeros(inputs["low_rank_shape"])
+    counter = {"step": 0}
+
+    def step():
+        counter["step"] += 1
+        torch.ops.lowrank.fused_galore_step(
+            codes, inputs["grad"], packed, exp_avg, exp_avg_sq, **HYPER, step=counter["step"],
+            proj_scales=p_scales, proj_zeros=p_zeros, proj_group_size=GROUP,
+            param_scales=w_scales, param_zeros=w_zeros, param_group_size=GROUP, seed=1234)
+
+    return step
+
+
+# ---- q-galore-torch ----------------------------------------------------------------------------
+def qgalore_torch_step(inputs: dict):
+    """q-galore-torch's step for one INT8 weight with float_grad (q_galore_adamw8bit.py 16-126),
+    its m×n work done by its own functions; see the module docstring for the Adam substitution."""
+    from q_galore_torch import QGaLoreAdamW8bit
+    from q_galore_torch.q_galore_projector import GaLoreProjector
+
+    opt = QGaLoreAdamW8bit  # its methods use no optimizer state: called unbound
+    dtype = inputs["grad"].dtype
+    codes, scales, zeros = opt._quantize(None, inputs["weight"].to(dtype), q_group_size=GROUP)
+    p = types.SimpleNamespace(data=codes, scales=scales, zeros=zeros, group_size=GROUP,
+                              float_grad=inputs["grad"], stochastic_round=True)
+    projector = GaLoreProjector(min(inputs["basis"].shape), update_proj_gap=10**9, scale=HYPER["scale"], quant=True,
+                                group_size=GROUP, n_bit=4)
+    (projector.ortho_matrix, projector.ortho_matrix_scales, projector.ortho_matrix_zeros,
+     projector.ortho_matrix_shape) = projector._quantize(inputs["basis"].to(dtype), GROUP, 4)
+    state = {"step": 0, "exp_avg": torch.zeros(inputs["low_rank_shape"]),
+             "exp_avg_sq": torch.zeros(inputs["low_rank_shape"])}
+    lr, wd = HYPER["lr"], HYPER["weight_decay"]
+    beta1, beta2, eps = HYPER["beta1"], HYPER["beta2"], HYPER["eps"]
+
+    def step():
+        float_weight = opt._dequantize(None, p.data, p.float_grad.dtype, p.group_size, p.scales,
+                                       p.zeros)
+        p.data = p.data.to(p.float_grad.dtype)
+        p.data = float_weight.clone()
+        grad = projector.project(p.float_grad, state["step"] + 1)  # no refresh at this iter
+        p.saved_data = p.data.clone()
+        p.data = grad.clone().to(p.data.dtype)
+        p.data.zero_()
+        # bitsandbytes' 8-bit Adam (CUDA-only) → the same Adam on the low-rank tensors in torch
+        state["step"] += 1
+        g32 = grad.float()
+        state["exp_avg"].mul_(beta1).add_(g32, alpha=1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+        step_size = reference.adam_step_size(lr, beta1, beta2, state["step"])
+        update = state["exp_avg"] / (state["exp_avg_sq"].sqrt() + eps) * -step_size
+        p.data.add_(update.to(p.data.dtype))
+        p.data = p.saved_data.add_(projector.project_back(p.data))
+        del p.saved_data
+        p.data.add_(p.data, alpha=-lr * wd)
+        saved_data = p.data.clone()
+        p.data, p.scales, p.zeros = opt._quantize_stochastic_round(None, saved_data,
+                                                                   q_group_size=p.group_size)
+
+    return step
+
+
+# ---- DRAM-traffic model --------------------------------------------------------------------------
+def lowrank_sizes(m: int, n: int, r: int) -> tuple[int, int]:
+    """Elements of the basis (r×n or m×r) and of the low-rank state (m×r or r×n)."""
+    return (r * n, m * r) if reference.is_right_side(m, n) else (m * r, r * n)
+
+
+def floor_bytes(m: int, n: int, r: int, grad_bytes: int) -> int:
+    """DESIGN.md §5 floor for our fused step: G read once; INT8 codes read and written once with
+    their fp32 scale and zero per group; M, V (fp32) read and written; the packed INT4 basis
+    (half a byte per element + fp32 scale and zero per group) read once."""
+    numel, basis, low_rank = m * n, *lowrank_sizes(m, n, r)
+    weight = 2 * numel + 2 * 8 * -(-numel // GROUP)
+    states = 2 * 2 * 4 * low_rank
+    proj = basis // 2 + 8 * -(-basis // GROUP)
+    return numel * grad_bytes + weight + states + proj
+
+
+def qgalore_torch_bytes(m: int, n: int, r: int, b: int) -> int:
+    """q-galore-torch's step, each tensor op reading its inputs and writing its output once
+    (b = bytes of its compute dtype, N = m·n; the INT4 basis B = r·d, low rank L):
+      dequantize W: to(dtype) N(1+b), sub_ 2Nb, mul_ 2Nb         to(dtype) of p.data N(1+b)
+      clone 2Nb;  project: read G Nb (+ basis dequant ~5Bb)      saved_data clone 2Nb
+      project_back: GEMM out Nb (+ basis dequant), ·scale 2Nb    saved + update: 3Nb
+      weight decay add_ 2Nb;  clone 2Nb
+      SR quantize: amax Nb, amin Nb, /s 2Nb, ceil 2Nb, floor 2Nb, frac 3Nb, rand_like Nb,
+                   < (2Nb + N), where (N + 3Nb), +z 2Nb, clamp 2Nb, to(uint8) (Nb + N)
+      low rank: Adam with 8-bit states ~ L(b + 4 + 2b)."""
+    numel, basis, low_rank = m * n, *lowrank_sizes(m, n, r)
+    per_element = (1 + 5 * b) + (1 + b) + 2 * b + b + 2 * b + 3 * b + 3 * b + 2 * b + 2 * b + (
+        22 * b + 3)
+    basis_bytes = 2 * (basis * (1 + 5 * b))  # dequantized twice (project and project_back)
+    return numel * per_element + basis_bytes + low_rank * (3 * b + 4)
+
+
+def traffic_table(cases, grad_bytes: int = 2) -> list[dict]:
+    print(f"\n# DRAM bytes per step (grad/compute dtype {grad_bytes} B): our fused GPU step at "
+          "the DESIGN §5 floor vs q-galore-torch's tensor ops")
+    print(f"{'shape':>12} {'r':>4} {'floor MB':>9} {'q-galore MB':>12} {'q-galore/floor':>15}")
+    rows = []
+    for (m, n), r in cases:
+        ours = floor_bytes(m, n, r, grad_bytes)
+        theirs = qgalore_torch_bytes(m, n, r, grad_bytes)
+        rows.append({"m": m, "n": n, "rank": r, "floor_bytes": ours, "qgalore_bytes": theirs,
+                     "ratio": round(theirs / ours, 2)})
+        print(f"{f'{m}x{n}':>12} {r:>4} {ours / 1e6:>9.2f} {theirs / 1e6:>12.2f} "
+              f"{theirs / ours:>15.2f}")
+    return rows
+
+
+# ---- stochastic-rounding bias -----------------------------------------------------------------------
+def rounding_bias(trials: int = 20000, delta: float = 0.1) -> list[dict]:
+    """Mean movement (in steps) of a group's interior moved by ``delta`` of a step (s = 2^-10,
+    z = 128, min and max fixed so the grid does not move), over ``trials`` requantizations."""
+    from q_galore_torch import QGaLoreAdamW8bit
+
+    step = 2.0**-10
+    grid = step * (torch.arange(256, dtype=torch.float32) - 128)
+    values = grid.clone()
+    values[1:-1] += delta * step
+    values = values.repeat(trials, 1)
+
+    def moved(codes, scales, zeros):
+        back = reference.dequantize_int8(codes.reshape(-1), scales.reshape(-1).float(),
+                                         zeros.reshape(-1).float(), 256).view(trials, 256)
+        return ((back[:, 1:-1].double() - grid[1:-1].double()) / step).mean().item()
+
+    sigma = (delta * (1 - delta) / (trials * 254)) ** 0.5
+    rows = [("ours (fp32, Philox)", moved(*torch.ops.lowrank.quantize_int8(values, 256, True, 7)))]
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        theirs = QGaLoreAdamW8bit._quantize_stochastic_round(None, values.to(dtype), 256, 8)
+        rows.append((f"q-galore-torch ({str(dtype).removeprefix('torch.')})", moved(*theirs)))
+    print(f"\n# stochastic rounding of a {delta}-step update, {trials} x 254 elements "
+          f"(unbiased: {delta} +- {3 * sigma:.4f})")
+    for name, shift in rows:
+        print(f"{name:>26}  mean moved by {shift:.4f} steps")
+    return [{"rounding": name, "mean_shift_steps": round(shift, 5), "expected": delta,
+             "three_sigma": round(3 * sigma, 5)} for name, shift in rows]
+
+
+# ---- timing ------------------------------------------------------------------------------------
+def interleaved_medians(fns: dict, warmup: int, repeats: int) -> dict:
+    """Median ms of each function, run in turn every repeat, so that load drifts hit all."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_table(cases, dtypes, warmup: int, repeats: int) -> list[dict]:
+    print(f"# CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}")
+    print(f"{'shape':>12} {'r':>4} {'grad':>9} {'ours ms':>9} {'q-galore ms':>12} "
+          f"{'q-galore/ours':>14}")
+    rows = []
+    for (m, n), r in cases:
+        for dtype in dtypes:
+            inputs = make_inputs(m, n, r, dtype)
+            ms = interleaved_medians({"ours": our_step(inputs),
+                                      "qgalore": qgalore_torch_step(inputs)}, warmup, repeats)
+            ratio = ms["qgalore"] / ms["ours"]
+            name = str(dtype).removeprefix("torch.")
+            rows.append({"m": m, "n": n, "rank": r, "grad_dtype": name,
+                         "threads": torch.get_num_threads(), "ours_ms": round(ms["ours"], 2),
+                         "qgalore_ms": round(ms["qgalore"], 2), "qgalore_over_ours":
+                         round(ratio, 2)})
+            print(f"{f'{m}x{n}':>12} {r:>4} {name:>9} {ms['ours']:>9.1f} "
+                  f"{ms['qgalore']:>12.1f} {ratio:>14.2f}", flush=True)
+    return rows
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"# wrote {path}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="add LLaMA-1B shapes")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "qgalore"))
+    args = parser.parse_args(argv)
+    if not lk.EXTENSION_AVAILABLE:
+        print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)
+        return 1
+    cases = FULL if args.full else QUICK
+    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
+    timing = time_table(cases, dtypes, args.warmup, args.repeats)
+    traffic = traffic_table(cases)
+    bias = rounding_bias()
+    if args.csv:
+        write_csv(timing, args.csv + "_cpu_step.csv")
+        write_csv(traffic, args.csv + "_traffic.csv")
+        write_csv(bias, args.csv + "_rounding_bias.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Int8Linear / int8_linear (Q-GaLore's INT8 linear layer) against plain torch on the dequantized
+weight: forward, grad_input, the float weight gradient (accumulated in weight.float_grad) and the
+bias gradient, on the blocked CPU path and the Triton dequant-matmul kernel (interpreter)."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_kernels import autograd, reference
+
+# (batch dims, in, out, group): groups straddling rows (70·33 = 9·256 + 6) and a tiny group.
+SHAPES = [((5,), 70, 33, 256), ((2, 3), 96, 40, 64), ((7,), 33, 70, 6)]
+
+
+def make_layer(k, n, group_size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    weight = 0.1 * torch.randn(n, k, generator=gen)
+    codes, scales, zeros = reference.quantize_int8(weight, group_size)
+    bias = 0.1 * torch.randn(n, generator=gen)
+    return codes, scales, zeros, bias
+
+
+def plain(x, codes, scales, zeros, bias, group_size):
+    """What q-galore-torch's QGaLoreLinear computes: a float W̃, then torch's linear."""
+    w = reference.dequantize_int8(codes, scales, zeros, group_size).requires_grad_(True)
+    x = x.detach().clone().requires_grad_(True)
+    b = bias.detach().clone().requires_grad_(True)
+    y = torch.nn.functional.linear(x, w, b)
+    return x, w, b, y
+
+
+@pytest.mark.parametrize("batch,k,n,group_size", SHAPES, ids=str)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_int8_linear_forward_backward_match_plain_torch(batch, k, n, group_size, backend):
+    codes, scales, zeros, bias = make_layer(k, n, group_size)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(*batch, k, generator=gen, requires_grad=True)
+    b = bias.clone().requires_grad_(True)
+    y = autograd.int8_linear(x, codes, scales, zeros, b, group_size, backend=backend)
+    dy = torch.randn(y.shape, generator=gen)
+    y.backward(dy)
+    x_ref, w_ref, b_ref, y_ref = plain(x, codes, scales, zeros, bias, group_size)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, b_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(codes.float_grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_gradient_accumulates_and_needs_no_input_grad():
+    codes, scales, zeros, _ = make_layer(70, 33, 256)
+    x1, x2 = torch.randn(4, 70), torch.randn(6, 70)  # neither requires grad
+    for x in (x1, x2):
+        autograd.int8_linear(x, codes, scales, zeros, None, 256).sum().backward()
+    expected = torch.ones(4, 33).T @ x1 + torch.ones(6, 33).T @ x2
+    torch.testing.assert_close(codes.float_grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_activations():
+    codes, scales, zeros, bias = make_layer(96, 40, 64)
+    x = torch.randn(8, 96).bfloat16()
+    y = autograd.int8_linear(x, codes, scales, zeros, bias.bfloat16(), 64, backend="torch")
+    w = reference.dequantize_int8(codes, scales, zeros, 64)
+    exact = x.float() @ w.T + bias.bfloat16().float()
+    plain_bf16 = torch.nn.functional.linear(x, w.bfloat16(), bias.bfloat16())
+    assert y.dtype == torch.bfloat16
+    err, plain_err = (y.float() - exact).abs().max(), (plain_bf16.float() - exact).abs().max()
+    assert err <= 2 * plain_err + 1e-6
+
+
+def test_module_from_linear_and_replace_by_name():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.ModuleDict({"q_proj": nn.Linear(64, 48)}),
+                           "mlp": nn.Sequential(nn.Linear(48, 80, bias=False), nn.ReLU()),
+                           "lm_head": nn.Linear(80, 10)})
+    float_q = model["attn"]["q_proj"].weight.detach().clone()
+    replaced = autograd.replace_linear_with_int8(model, ["attn", "mlp"], group_size=64)
+    assert replaced == ["attn.q_proj", "mlp.0"]
+    layer = model["attn"]["q_proj"]
+    assert isinstance(layer, autograd.Int8Linear) and layer.weight.dtype == torch.uint8
+    assert isinstance(model["lm_head"], nn.Linear)
+    step = layer.weight_scales.repeat_interleave(64)[:float_q.numel()].view(float_q.shape)
+    assert ((layer.dequantized_weight() - float_q).abs() <= 0.5 * step + 1e-7).all()
+    x = torch.randn(3, 64)
+    out = model["lm_head"](model["mlp"](model["attn"]["q_proj"](x)))
+    out.sum().backward()
+    assert layer.weight.float_grad.shape == (48, 64)
+    assert model["mlp"][0].weight.float_grad.shape == (80, 48)
+    assert set(layer.state_dict()) == {"weight", "weight_scales", "weight_zeros", "bias"}
+
+
+def test_bad_input():
+    codes, scales, zeros, _ = make_layer(70, 33, 256)
+    x = torch.randn(2, 70)
+    with pytest.raises(ValueError, match="codes"):
+        autograd.int8_linear(x, codes.to(torch.int8), scales, zeros)
+    with pytest.raises(ValueError, match="scales"):
+        autograd.int8_linear(x, codes, scales[:-1], zeros)
+    with pytest.raises(ValueError, match="x"):
+        autograd.int8_linear(torch.randn(2, 71), codes, scales, zeros)
+    with pytest.raises(ValueError, match="group_size"):
+        autograd.int8_linear(x, codes, scales, zeros, group_size=0)

@@ -3,6 +3,7 @@
 Providers (each skipped with a message when it cannot run here):
   triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
   cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
+  cpu           the C++ kernel (backend="cpu"; only with --device cpu)
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
   galore-torch  galore_torch.GaLoreAdamW.step with the basis fixed (its SVD runs once, before
                 timing, and update_proj_gap is too large to refresh again)
@@ -14,7 +15,9 @@ galore-torch keeps M, V in the weight dtype, ours in --state-dtype), that as a f
 device's peak DRAM bandwidth, the traffic model's prediction, and the ratio to galore-torch.
 Results go to bench/results/gpu_step_<device>.csv with the machine in its header.
 
-Without a GPU it prints the traffic model for the same shapes and exits 0.
+Without a GPU it prints the traffic model for the same shapes and exits 0. ``--device cpu`` runs
+the same providers on CPU tensors with perf_counter timing: a smoke check of this script (tests
+use it), not the CPU benchmark (that is bench/bench_cpu_step.py, where the floor is two GEMMs).
 
   python bench/bench_gpu_step.py                      # 4096x11008 and 11008x4096, r=256, bf16
   python bench/bench_gpu_step.py --model-shapes       # every Linear shape of the model table
@@ -36,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("triton", "cuda", "reference", "galore-torch", "copy")
+PROVIDERS = ("triton", "cuda", "cpu", "reference", "galore-torch", "copy")
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
 
@@ -105,15 +108,15 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
                 peak: float | None) -> list[dict[str, object]]:
     rows = []
     lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
-    models = {"triton": traffic.fused(m, n, rank, wdt, sdt).total,
-              "cuda": traffic.fused(m, n, rank, wdt, sdt).total,
+    fused = traffic.fused(m, n, rank, wdt, sdt).total
+    models = {"triton": fused, "cuda": fused, "cpu": fused,
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
                                                    weight_decay=weight_decay > 0).total}
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
               "copy": 2 * m * n * torch.empty((), dtype=wdt).element_size()}
     for provider in providers:
         try:
-            if provider in ("triton", "cuda", "reference"):
+            if provider in ("triton", "cuda", "cpu", "reference"):
                 fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
             elif provider == "galore-torch":
                 fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
@@ -122,7 +125,7 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
         except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
             print(f"  skip {provider} at {m}x{n}: {type(exc).__name__}: {exc}")
             continue
-        timing = harness.time_cuda(fn)
+        timing = harness.time_fn(fn, device)
         floor_bytes = floors.get(provider, lowrank_floor)
         gbps = floor_bytes / timing.median_s / 1e9
         row = {"shape": f"{m}x{n}", "rank": rank, "dtype": harness.dtype_name(wdt),
@@ -131,7 +134,7 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
                "ms": round(timing.median_s * 1e3, 4),
                "iqr_ms": round(timing.iqr_s * 1e3, 4),
                "floor_MB": round(floor_bytes / 1e6, 2),
-               "GBps_at_floor": round(gbps, 1),
+               "GBps_at_floor": round(gbps, 3 if gbps < 10 else 1),
                "frac_of_peak": round(gbps * 1e9 / peak, 3) if peak else "",
                "model_MB": round(models[provider] / 1e6, 2) if provider in models else "",
                "model_ms_at_peak": (round(models[provider] / peak * 1e3, 4)
@@ -161,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: run the providers on CPU tensors (a smoke check)")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/)")
     args = parser.parse_args(argv)
 
@@ -173,14 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"DRAM-traffic model (r={args.rank}, W/G {args.dtype}, M/V {args.state_dtype}, "
           f"weight decay {args.weight_decay}):")
     print_traffic(shapes, args.rank, wdt, sdt, args.weight_decay)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("\nNo CUDA device: the GPU benchmark is skipped (traffic model above).")
         return 0
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     machine = harness.machine_info(device)
-    peak = harness.gpu_peak_bandwidth(device)
-    print(f"\n{machine['gpu']}: peak DRAM {peak / 1e9 if peak else float('nan'):.0f} GB/s")
+    peak = harness.gpu_peak_bandwidth(device) if device.type == "cuda" else None
+    if peak:
+        print(f"\n{machine['gpu']}: peak DRAM {peak / 1e9:.0f} GB/s")
     rows: list[dict[str, object]] = []
     for m, n in harness.progress(shapes, desc="shapes"):
         rows += bench_shape(m, n, min(args.rank, m, n), wdt, sdt, args.weight_decay,

@@ -368,4 +368,4 @@ def progress(iterable: Iterable, *, desc: str = "", total: int | None = None,
     except ImportError:
         return iterable
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True,
-                leave=False)
+                leave=False, mininterval=0.5)

@@ -189,3 +189,51 @@ def test_csv_round_trip_keeps_machine_header(tmp_path):
     assert header["cpu"] == str(machine["cpu"])
     assert [float(r["ms"]) for r in back] == [1.5, 3.0] and back[1]["note"] == "x"
     assert math.isclose(float(header["threads"]), torch.get_num_threads())
+
+
+# --------------------------------------------------------------------------------------------
+# memory accounting (meta tensors) and the step benchmark's CPU paths
+# --------------------------------------------------------------------------------------------
+def test_memory_accounting_of_adamw_and_galore_torch_on_meta():
+    pytest.importorskip("galore_torch")
+    from bench import memory
+
+    cfg = harness.model("llama-60m")
+    accounts = {a.optimizer: a for a in memory.accounting(
+        "llama-60m", torch.bfloat16, ["adamw", "galore-torch"], verbose=False)}
+    adamw, galore = accounts["torch AdamW"], accounts["galore-torch GaLoreAdamW"]
+    weights = 2 * cfg.total_params()
+    assert adamw.weights == weights and adamw.grads_all == weights
+    assert adamw.optimizer_state == 2 * weights and adamw.projection == 0
+    # GaLore: basis r×min(m, n) and M, V of r×max(m, n) per projected weight, all bf16;
+    # embeddings, lm_head and norms keep full AdamW states.
+    r = cfg.rank
+    shapes = list(cfg.linear_shapes().values())
+    assert galore.projection == 2 * cfg.layers * sum(r * min(s) for s in shapes)
+    low_rank_states = 2 * 2 * cfg.layers * sum(r * max(s) for s in shapes)
+    assert galore.optimizer_state == low_rank_states + 2 * 2 * cfg.other_params()
+
+
+def test_step_benchmark_runs_its_providers_on_cpu(tmp_path):
+    pytest.importorskip("galore_torch")
+    from bench import bench_gpu_step
+
+    out = tmp_path / "step.csv"
+    status = bench_gpu_step.main(["--device", "cpu", "--shapes", "48x80", "--rank", "8",
+                                  "--dtype", "fp32", "--providers", "reference",
+                                  "galore-torch", "triton", "--out", str(out)])
+    assert status == 0
+    _, rows = harness.read_csv(out)
+    by_provider = {r["provider"]: r for r in rows}
+    assert set(by_provider) == {"reference", "galore-torch"}  # triton: skipped with a message
+    assert float(by_provider["galore-torch"]["vs_galore-torch"]) == 1.0
+    assert float(by_provider["reference"]["ms"]) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_step_benchmark_without_gpu_prints_the_traffic_model(capsys):
+    from bench import bench_gpu_step
+
+    assert bench_gpu_step.main([]) == 0
+    printed = capsys.readouterr().out
+    assert "galore-torch" in printed and "No CUDA device" in printed

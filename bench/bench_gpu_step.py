@@ -7,6 +7,8 @@ Providers (each skipped with a message when it cannot run here):
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
   galore-torch  galore_torch.GaLoreAdamW.step with the basis fixed (its SVD runs once, before
                 timing, and update_proj_gap is too large to refresh again)
+  q-galore-torch  QGaLoreAdamW8bit.step on an INT8 weight (INT4 basis fixed as above); needs a
+                bitsandbytes whose API it matches (1.0 calls the pre-0.45 one), else skipped
   copy          dst.copy_(src) of one m×n weight: the bandwidth a plain kernel gets on this GPU
 
 Each is timed with triton.testing.do_bench (L2 flushed between calls). Reported: median ms and
@@ -39,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("triton", "cuda", "cpu", "reference", "galore-torch", "copy")
+PROVIDERS = ("triton", "cuda", "cpu", "reference", "galore-torch", "q-galore-torch", "copy")
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
 
@@ -98,6 +100,32 @@ def galore_torch_step(m: int, n: int, rank: int, wdt, weight_decay: float, devic
     return opt.step
 
 
+def q_galore_torch_step(m: int, n: int, rank: int, wdt, weight_decay: float, device
+                        ) -> Callable[[], None]:
+    import q_galore_torch
+
+    cls = q_galore_torch.QGaLoreAdamW8bit
+    codes, scales, zeros = cls._quantize(None, torch.randn(m, n, device=device, dtype=wdt) * 0.02,
+                                         q_group_size=256)
+    param = torch.nn.Parameter(codes, requires_grad=False)  # what QGaLoreLinear holds
+    param.group_size, param.scales, param.zeros, param.stochastic_round = 256, scales, zeros, True
+    grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
+    group = {"params": [param], "rank": rank, "update_proj_gap": 2**62,
+             "scale": HYPER["scale"], "proj_type": "std", "quant": True, "quant_group_size": 256,
+             "quant_n_bit": 4, "cos_threshold": 0.4, "gamma_proj": 2, "queue_size": 5}
+    opt = cls([group], lr=HYPER["lr"], weight_decay=weight_decay)
+
+    def step() -> None:
+        param.float_grad = grad  # the step replaces it with the low-rank gradient
+        opt.step()
+
+    try:
+        step()  # SVD, quantised basis and 8-bit states, outside the timing
+    except Exception as exc:  # an incompatible bitsandbytes fails in many ways
+        raise RuntimeError(f"its step fails here: {type(exc).__name__}: {exc}") from exc
+    return step
+
+
 def copy_probe(m: int, n: int, wdt, device) -> Callable[[], None]:
     src = torch.randn(m, n, device=device, dtype=wdt)
     dst = torch.empty_like(src)
@@ -111,8 +139,11 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     fused = traffic.fused(m, n, rank, wdt, sdt).total
     models = {"triton": fused, "cuda": fused, "cpu": fused,
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
-                                                   weight_decay=weight_decay > 0).total}
+                                                   weight_decay=weight_decay > 0).total,
+              "q-galore-torch": traffic.q_galore_torch(m, n, rank, wdt,
+                                                       weight_decay=weight_decay > 0).total}
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
+              "q-galore-torch": traffic.floor_q_galore(m, n, rank, wdt).total,
               "copy": 2 * m * n * torch.empty((), dtype=wdt).element_size()}
     for provider in providers:
         try:
@@ -120,6 +151,8 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
                 fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
             elif provider == "galore-torch":
                 fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
+            elif provider == "q-galore-torch":
+                fn = q_galore_torch_step(m, n, rank, wdt, weight_decay, device)
             else:
                 fn = copy_probe(m, n, wdt, device)
         except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
@@ -141,7 +174,7 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
                                     if provider in models and peak else "")}
         rows.append(row)
     harness.add_ratios(rows, key="provider", baseline="galore-torch", value="ms",
-                       group_by=("shape",))
+                       group_by=("shape", "rank"))
     return rows
 
 
@@ -159,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES))
     parser.add_argument("--model-shapes", action="store_true",
                         help="add every distinct Linear shape of the model table")
-    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--rank", type=int, nargs="+", default=[256],
+                        help="one or more ranks (capped at min(m, n))")
     parser.add_argument("--dtype", choices=harness.DTYPE_NAMES, default="bf16")
     parser.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -175,9 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shapes += [s for s in cfg.distinct_linear_shapes() if s not in shapes]
     wdt, sdt = harness.DTYPE_NAMES[args.dtype], harness.DTYPE_NAMES[args.state_dtype]
 
-    print(f"DRAM-traffic model (r={args.rank}, W/G {args.dtype}, M/V {args.state_dtype}, "
+    print(f"DRAM-traffic model (W/G {args.dtype}, M/V {args.state_dtype}, "
           f"weight decay {args.weight_decay}):")
-    print_traffic(shapes, args.rank, wdt, sdt, args.weight_decay)
+    for rank in args.rank:
+        print_traffic(shapes, rank, wdt, sdt, args.weight_decay)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("\nNo CUDA device: the GPU benchmark is skipped (traffic model above).")
         return 0
@@ -188,13 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if peak:
         print(f"\n{machine['gpu']}: peak DRAM {peak / 1e9:.0f} GB/s")
     rows: list[dict[str, object]] = []
-    for m, n in harness.progress(shapes, desc="shapes"):
-        rows += bench_shape(m, n, min(args.rank, m, n), wdt, sdt, args.weight_decay,
-                            args.providers, device, peak)
+    cases = [(m, n, min(rank, m, n)) for m, n in shapes for rank in args.rank]
+    for m, n, rank in harness.progress(cases, desc="shapes x ranks"):
+        rows += bench_shape(m, n, rank, wdt, sdt, args.weight_decay, args.providers, device,
+                            peak)
     if not rows:
         print("nothing ran")
         return 1
-    columns = ["shape", "provider", "ms", "iqr_ms", "GBps_at_floor", "frac_of_peak",
+    columns = ["shape", "rank", "provider", "ms", "iqr_ms", "GBps_at_floor", "frac_of_peak",
                "model_ms_at_peak", "vs_galore-torch"]
     print(harness.format_table(rows, columns))
     path = args.out or harness.results_path("gpu_step", device)

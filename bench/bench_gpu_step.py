@@ -136,7 +136,9 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
                 peak: float | None) -> list[dict[str, object]]:
     rows = []
     lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
-    fused = traffic.fused(m, n, rank, wdt, sdt).total
+    l2 = (torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda"
+          else traffic.SMALLEST_L2)
+    fused = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
     models = {"triton": fused, "cuda": fused, "cpu": fused,
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
                                                    weight_decay=weight_decay > 0).total,
@@ -158,7 +160,9 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
         except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
             print(f"  skip {provider} at {m}x{n}: {type(exc).__name__}: {exc}")
             continue
-        timing = harness.time_fn(fn, device)
+        # CPU timings are noisier (shared cores): more samples for a stable median
+        timing = (harness.time_cuda(fn) if device.type == "cuda"
+                  else harness.time_cpu(fn, warmup=3, repeats=15, min_time_s=0.5))
         floor_bytes = floors.get(provider, lowrank_floor)
         gbps = floor_bytes / timing.median_s / 1e9
         row = {"shape": f"{m}x{n}", "rank": rank, "dtype": harness.dtype_name(wdt),

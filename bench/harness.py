@@ -230,6 +230,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
         "cpu": _cpu_model(),
         "threads": torch.get_num_threads(),
         "cpus_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "",
+        # other jobs on the machine inflate CPU timings: record how busy it was
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -150,7 +150,7 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float 
     from triton.testing import do_bench
 
     q1, med, q3 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
-    runs = max(1, int(rep_ms / max(med, 1e-3)))
+    runs = max(1, int(rep_ms / max(med, 1e-3)))  # about what do_bench repeated (not returned)
     return Timing(med * 1e-3, q1 * 1e-3, q3 * 1e-3, runs)
 
 

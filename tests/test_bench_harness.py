@@ -238,3 +238,31 @@ def test_step_benchmark_without_gpu_prints_the_traffic_model(capsys):
     assert bench_gpu_step.main([]) == 0
     printed = capsys.readouterr().out
     assert "galore-torch" in printed and "No CUDA device" in printed
+
+
+def test_memory_accounting_of_q_galore_torch_layout():
+    q_galore_torch = pytest.importorskip("q_galore_torch")
+    from bench import memory
+
+    cfg = harness.model("llama-60m")
+    (acc,) = memory.accounting("llama-60m", torch.bfloat16, ["q-galore-torch"], verbose=False)
+    shapes = list(cfg.linear_shapes().values())
+    # INT8 codes + bf16 scale and zero per group of 256, for every projected weight
+    int8 = cfg.layers * sum(m * n + 2 * 2 * (m * n // 256) for m, n in shapes)
+    assert acc.weights == int8 + 2 * cfg.other_params()
+    # INT4 basis stored one code per byte + bf16 scale and zero per 256 codes
+    r = cfg.rank
+    assert acc.projection == cfg.layers * sum(
+        r * min(s) + 2 * 2 * (r * min(s) // 256) for s in shapes)
+    # 8-bit M, V (1 byte each) + fp32 absmax per 256 of the low-rank tensors
+    low_rank = cfg.layers * sum(2 * r * max(s) + 2 * 4 * -(-r * max(s) // 256) for s in shapes)
+    # the other parameters: the same 8-bit layout, fp32 M, V below 4096 elements (the norms),
+    # and bitsandbytes' two 256-entry fp32 quantisation maps, shared
+    _, rest = memory.split_params(memory.build_model(cfg, torch.bfloat16))
+    others = sum(2 * p.numel() + 2 * 4 * -(-p.numel() // 256) if p.numel() >= 4096
+                 else 2 * 4 * p.numel() for p in rest)
+    # q-galore-torch 1.0 passes percentile_clipping=100 positionally; bitsandbytes >= 0.45 reads
+    # it as max_unorm, which allocates a 1-element fp32 unorm_vec per parameter
+    probe = q_galore_torch.QGaLoreAdamW8bit([torch.nn.Parameter(torch.zeros(1))])
+    unorm = 4 * (cfg.layers * len(shapes) + len(rest)) if probe.args.max_unorm > 0 else 0
+    assert acc.optimizer_state == low_rank + others + 2 * 256 * 4 + unorm

@@ -138,8 +138,9 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
     l2 = (torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda"
           else traffic.SMALLEST_L2)
-    fused = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
-    models = {"triton": fused, "cuda": fused, "cpu": fused,
+    models = {"triton": traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total,
+              "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
+              "cpu": traffic.fused(m, n, rank, wdt, sdt).total,
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
                                                    weight_decay=weight_decay > 0).total,
               "q-galore-torch": traffic.q_galore_torch(m, n, rank, wdt,

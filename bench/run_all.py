@@ -86,7 +86,7 @@ def stage_cpu_step(out: Path) -> str:
                                            0.0, providers, torch.device("cpu"), None)
     if not rows:
         raise RuntimeError("no provider ran")
-    harness.write_csv(out / "cpu_step.csv", rows, harness.machine_info("cpu"))
+    harness.write_csv(out / "cpu_step_providers.csv", rows, harness.machine_info("cpu"))
     cols = ["shape", "rank", "provider", "ms", "iqr_ms", "GBps_at_floor", "vs_galore-torch"]
     text = (f"One step, fp32, r = {CPU_STEP_RANK}, {torch.get_num_threads()} threads; median "
             "and IQR of perf_counter timings; `GBps_at_floor` = floor bytes / time; "

@@ -94,8 +94,8 @@ def stage_cpu_step(out: Path) -> str:
             + harness.format_table(rows, cols, markdown=True))
     lead_bench = Path(__file__).with_name("bench_cpu_step.py")
     if lead_bench.exists():
-        proc = subprocess.run([sys.executable, str(lead_bench)], capture_output=True, text=True,
-                              timeout=600, check=False)
+        proc = subprocess.run([sys.executable, str(lead_bench), "--csv", str(out / "cpu_step.csv")],
+                              capture_output=True, text=True, timeout=600, check=False)
         text += ("\n\n`bench/bench_cpu_step.py` (fused step vs galore-torch vs the two-GEMM "
                  f"floor), exit {proc.returncode}:\n\n```\n{proc.stdout[-6000:]}```")
     return text

@@ -3,9 +3,12 @@
 Providers (each skipped with a message when it cannot run here):
   triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
   cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
+  cpu           the C++ kernel (backend="cpu"; only with --device cpu)
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
   galore-torch  galore_torch.GaLoreAdamW.step with the basis fixed (its SVD runs once, before
                 timing, and update_proj_gap is too large to refresh again)
+  q-galore-torch  QGaLoreAdamW8bit.step on an INT8 weight (INT4 basis fixed as above); needs a
+                bitsandbytes whose API it matches (1.0 calls the pre-0.45 one), else skipped
   copy          dst.copy_(src) of one m×n weight: the bandwidth a plain kernel gets on this GPU
 
 Each is timed with triton.testing.do_bench (L2 flushed between calls). Reported: median ms and
@@ -14,7 +17,9 @@ galore-torch keeps M, V in the weight dtype, ours in --state-dtype), that as a f
 device's peak DRAM bandwidth, the traffic model's prediction, and the ratio to galore-torch.
 Results go to bench/results/gpu_step_<device>.csv with the machine in its header.
 
-Without a GPU it prints the traffic model for the same shapes and exits 0.
+Without a GPU it prints the traffic model for the same shapes and exits 0. ``--device cpu`` runs
+the same providers on CPU tensors with perf_counter timing: a smoke check of this script (tests
+use it), not the CPU benchmark (that is bench/bench_cpu_step.py, where the floor is two GEMMs).
 
   python bench/bench_gpu_step.py                      # 4096x11008 and 11008x4096, r=256, bf16
   python bench/bench_gpu_step.py --model-shapes       # every Linear shape of the model table
@@ -36,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("triton", "cuda", "reference", "galore-torch", "copy")
+PROVIDERS = ("triton", "cuda", "cpu", "reference", "galore-torch", "q-galore-torch", "copy")
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
 
@@ -95,6 +100,32 @@ def galore_torch_step(m: int, n: int, rank: int, wdt, weight_decay: float, devic
     return opt.step
 
 
+def q_galore_torch_step(m: int, n: int, rank: int, wdt, weight_decay: float, device
+                        ) -> Callable[[], None]:
+    import q_galore_torch
+
+    cls = q_galore_torch.QGaLoreAdamW8bit
+    codes, scales, zeros = cls._quantize(None, torch.randn(m, n, device=device, dtype=wdt) * 0.02,
+                                         q_group_size=256)
+    param = torch.nn.Parameter(codes, requires_grad=False)  # what QGaLoreLinear holds
+    param.group_size, param.scales, param.zeros, param.stochastic_round = 256, scales, zeros, True
+    grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
+    group = {"params": [param], "rank": rank, "update_proj_gap": 2**62,
+             "scale": HYPER["scale"], "proj_type": "std", "quant": True, "quant_group_size": 256,
+             "quant_n_bit": 4, "cos_threshold": 0.4, "gamma_proj": 2, "queue_size": 5}
+    opt = cls([group], lr=HYPER["lr"], weight_decay=weight_decay)
+
+    def step() -> None:
+        param.float_grad = grad  # the step replaces it with the low-rank gradient
+        opt.step()
+
+    try:
+        step()  # SVD, quantised basis and 8-bit states, outside the timing
+    except Exception as exc:  # an incompatible bitsandbytes fails in many ways
+        raise RuntimeError(f"its step fails here: {type(exc).__name__}: {exc}") from exc
+    return step
+
+
 def copy_probe(m: int, n: int, wdt, device) -> Callable[[], None]:
     src = torch.randn(m, n, device=device, dtype=wdt)
     dst = torch.empty_like(src)
@@ -105,24 +136,34 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
                 peak: float | None) -> list[dict[str, object]]:
     rows = []
     lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
-    models = {"triton": traffic.fused(m, n, rank, wdt, sdt).total,
-              "cuda": traffic.fused(m, n, rank, wdt, sdt).total,
+    l2 = (torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda"
+          else traffic.SMALLEST_L2)
+    models = {"triton": traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total,
+              "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
+              "cpu": traffic.fused(m, n, rank, wdt, sdt).total,
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
-                                                   weight_decay=weight_decay > 0).total}
+                                                   weight_decay=weight_decay > 0).total,
+              "q-galore-torch": traffic.q_galore_torch(m, n, rank, wdt,
+                                                       weight_decay=weight_decay > 0).total}
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
+              "q-galore-torch": traffic.floor_q_galore(m, n, rank, wdt).total,
               "copy": 2 * m * n * torch.empty((), dtype=wdt).element_size()}
     for provider in providers:
         try:
-            if provider in ("triton", "cuda", "reference"):
+            if provider in ("triton", "cuda", "cpu", "reference"):
                 fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
             elif provider == "galore-torch":
                 fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
+            elif provider == "q-galore-torch":
+                fn = q_galore_torch_step(m, n, rank, wdt, weight_decay, device)
             else:
                 fn = copy_probe(m, n, wdt, device)
         except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
             print(f"  skip {provider} at {m}x{n}: {type(exc).__name__}: {exc}")
             continue
-        timing = harness.time_cuda(fn)
+        # CPU timings are noisier (shared cores): more samples for a stable median
+        timing = (harness.time_cuda(fn) if device.type == "cuda"
+                  else harness.time_cpu(fn, warmup=3, repeats=15, min_time_s=0.5))
         floor_bytes = floors.get(provider, lowrank_floor)
         gbps = floor_bytes / timing.median_s / 1e9
         row = {"shape": f"{m}x{n}", "rank": rank, "dtype": harness.dtype_name(wdt),
@@ -131,14 +172,14 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
                "ms": round(timing.median_s * 1e3, 4),
                "iqr_ms": round(timing.iqr_s * 1e3, 4),
                "floor_MB": round(floor_bytes / 1e6, 2),
-               "GBps_at_floor": round(gbps, 1),
+               "GBps_at_floor": round(gbps, 3 if gbps < 10 else 1),
                "frac_of_peak": round(gbps * 1e9 / peak, 3) if peak else "",
                "model_MB": round(models[provider] / 1e6, 2) if provider in models else "",
                "model_ms_at_peak": (round(models[provider] / peak * 1e3, 4)
                                     if provider in models and peak else "")}
         rows.append(row)
     harness.add_ratios(rows, key="provider", baseline="galore-torch", value="ms",
-                       group_by=("shape",))
+                       group_by=("shape", "rank"))
     return rows
 
 
@@ -156,11 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES))
     parser.add_argument("--model-shapes", action="store_true",
                         help="add every distinct Linear shape of the model table")
-    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--rank", type=int, nargs="+", default=[256],
+                        help="one or more ranks (capped at min(m, n))")
     parser.add_argument("--dtype", choices=harness.DTYPE_NAMES, default="bf16")
     parser.add_argument("--state-dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: run the providers on CPU tensors (a smoke check)")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/)")
     args = parser.parse_args(argv)
 
@@ -170,25 +214,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             shapes += [s for s in cfg.distinct_linear_shapes() if s not in shapes]
     wdt, sdt = harness.DTYPE_NAMES[args.dtype], harness.DTYPE_NAMES[args.state_dtype]
 
-    print(f"DRAM-traffic model (r={args.rank}, W/G {args.dtype}, M/V {args.state_dtype}, "
+    print(f"DRAM-traffic model (W/G {args.dtype}, M/V {args.state_dtype}, "
           f"weight decay {args.weight_decay}):")
-    print_traffic(shapes, args.rank, wdt, sdt, args.weight_decay)
-    if not torch.cuda.is_available():
+    for rank in args.rank:
+        print_traffic(shapes, rank, wdt, sdt, args.weight_decay)
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("\nNo CUDA device: the GPU benchmark is skipped (traffic model above).")
         return 0
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     machine = harness.machine_info(device)
-    peak = harness.gpu_peak_bandwidth(device)
-    print(f"\n{machine['gpu']}: peak DRAM {peak / 1e9 if peak else float('nan'):.0f} GB/s")
+    peak = harness.gpu_peak_bandwidth(device) if device.type == "cuda" else None
+    if peak:
+        print(f"\n{machine['gpu']}: peak DRAM {peak / 1e9:.0f} GB/s")
     rows: list[dict[str, object]] = []
-    for m, n in harness.progress(shapes, desc="shapes"):
-        rows += bench_shape(m, n, min(args.rank, m, n), wdt, sdt, args.weight_decay,
-                            args.providers, device, peak)
+    cases = [(m, n, min(rank, m, n)) for m, n in shapes for rank in args.rank]
+    for m, n, rank in harness.progress(cases, desc="shapes x ranks"):
+        rows += bench_shape(m, n, rank, wdt, sdt, args.weight_decay, args.providers, device,
+                            peak)
     if not rows:
         print("nothing ran")
         return 1
-    columns = ["shape", "provider", "ms", "iqr_ms", "GBps_at_floor", "frac_of_peak",
+    columns = ["shape", "rank", "provider", "ms", "iqr_ms", "GBps_at_floor", "frac_of_peak",
                "model_ms_at_peak", "vs_galore-torch"]
     print(harness.format_table(rows, columns))
     path = args.out or harness.results_path("gpu_step", device)

@@ -150,7 +150,7 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float 
     from triton.testing import do_bench
 
     q1, med, q3 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
-    runs = max(1, int(rep_ms / max(med, 1e-3)))
+    runs = max(1, int(rep_ms / max(med, 1e-3)))  # about what do_bench repeated (not returned)
     return Timing(med * 1e-3, q1 * 1e-3, q3 * 1e-3, runs)
 
 
@@ -230,6 +230,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, object]:
         "cpu": _cpu_model(),
         "threads": torch.get_num_threads(),
         "cpus_visible": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "",
+        # other jobs on the machine inflate CPU timings: record how busy it was
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
@@ -368,4 +370,4 @@ def progress(iterable: Iterable, *, desc: str = "", total: int | None = None,
     except ImportError:
         return iterable
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True,
-                leave=False)
+                leave=False, mininterval=0.5)

@@ -18,9 +18,8 @@ rank from the model table); embeddings, lm_head and norms get plain AdamW states
 
 Where a state cannot be allocated on meta tensors, the optimizer's own code runs on a real CPU
 tensor of each distinct shape once and the bytes are multiplied by the number of weights of that
-shape (q-galore-torch's quantisers assert on NaNs, which meta tensors cannot answer). Nothing is
-typed in by hand except q-galore-torch's INT8 weight layout, which comes from its
-``_quantize`` run on a real tensor too.
+shape (q-galore-torch's quantisers assert on NaNs, which meta tensors cannot answer); its INT8
+weight layout comes from its own ``_quantize`` the same way. No byte count is typed in by hand.
 
 ``--measure`` validates the accounting: each optimizer runs for real, in its own subprocess, on
 a model that fits this machine (llama-60m by default), and the resident-set growth across
@@ -276,7 +275,7 @@ def account_q_galore_torch(net, cfg) -> Account:
     acc.weights += other.weights
     acc.grads_all += other.grads_all
     acc.grads_layer = max(acc.grads_layer, other.grads_layer)
-    acc.optimizer_state += other.optimizer_state + 2 * 256 * 4  # + the shared qmaps
+    acc.optimizer_state += other.optimizer_state  # includes the shared qmaps, counted once
     return acc
 
 

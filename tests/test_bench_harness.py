@@ -57,12 +57,24 @@ def test_floor_bytes(m, n):
     assert t.total == expected
 
 
-def test_fused_within_ten_percent_of_floor_for_every_model_shape():
+def test_one_pass_fused_within_ten_percent_of_floor_for_every_model_shape():
     for cfg in harness.MODELS.values():
         for m, n in cfg.distinct_linear_shapes():
             r = min(cfg.rank, m, n)
             ratio = (traffic.fused(m, n, r).total / traffic.floor(m, n, r).total)
             assert 1.0 <= ratio <= 1.1, (cfg.name, m, n, ratio)
+
+
+def test_two_launch_cuda_step_adds_the_workspace_and_basis_copy():
+    # csrc/cuda/fused_galore_step.cu's own count at 4096x11008, r=256, bf16, fp32 states:
+    # floor 318 MB, N workspace 22.5 MB; plus the fp32 copy of the bf16 basis
+    m, n, r = 4096, 11008, 256
+    floor = traffic.floor(m, n, r).total
+    cuda = traffic.fused_cuda(m, n, r).total
+    assert round(floor / 1e6) == 318
+    assert cuda - floor == 8 * r * n + 8 * m * r
+    assert traffic.fused_cuda(m, n, r, torch.float32, proj_dtype=torch.float32).total == (
+        traffic.floor(m, n, r, torch.float32).total + 8 * r * n)
 
 
 def test_fused_charges_tile_rereads_when_the_basis_exceeds_l2():
@@ -189,3 +201,80 @@ def test_csv_round_trip_keeps_machine_header(tmp_path):
     assert header["cpu"] == str(machine["cpu"])
     assert [float(r["ms"]) for r in back] == [1.5, 3.0] and back[1]["note"] == "x"
     assert math.isclose(float(header["threads"]), torch.get_num_threads())
+
+
+# --------------------------------------------------------------------------------------------
+# memory accounting (meta tensors) and the step benchmark's CPU paths
+# --------------------------------------------------------------------------------------------
+def test_memory_accounting_of_adamw_and_galore_torch_on_meta():
+    pytest.importorskip("galore_torch")
+    from bench import memory
+
+    cfg = harness.model("llama-60m")
+    accounts = {a.optimizer: a for a in memory.accounting(
+        "llama-60m", torch.bfloat16, ["adamw", "galore-torch"], verbose=False)}
+    adamw, galore = accounts["torch AdamW"], accounts["galore-torch GaLoreAdamW"]
+    weights = 2 * cfg.total_params()
+    assert adamw.weights == weights and adamw.grads_all == weights
+    assert adamw.optimizer_state == 2 * weights and adamw.projection == 0
+    # GaLore: basis r×min(m, n) and M, V of r×max(m, n) per projected weight, all bf16;
+    # embeddings, lm_head and norms keep full AdamW states.
+    r = cfg.rank
+    shapes = list(cfg.linear_shapes().values())
+    assert galore.projection == 2 * cfg.layers * sum(r * min(s) for s in shapes)
+    low_rank_states = 2 * 2 * cfg.layers * sum(r * max(s) for s in shapes)
+    assert galore.optimizer_state == low_rank_states + 2 * 2 * cfg.other_params()
+
+
+def test_step_benchmark_runs_its_providers_on_cpu(tmp_path):
+    pytest.importorskip("galore_torch")
+    from bench import bench_gpu_step
+
+    out = tmp_path / "step.csv"
+    status = bench_gpu_step.main(["--device", "cpu", "--shapes", "48x80", "--rank", "8", "60",
+                                  "--dtype", "fp32", "--providers", "reference",
+                                  "galore-torch", "triton", "--out", str(out)])
+    assert status == 0
+    _, rows = harness.read_csv(out)
+    assert {(r["provider"], r["rank"]) for r in rows} == {  # triton: skipped with a message
+        (p, r) for p in ("reference", "galore-torch") for r in ("8", "48")}  # 60 capped at 48
+    by_provider = {r["provider"]: r for r in rows if r["rank"] == "8"}
+    assert float(by_provider["galore-torch"]["vs_galore-torch"]) == 1.0
+    assert float(by_provider["reference"]["ms"]) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_step_benchmark_without_gpu_prints_the_traffic_model(capsys):
+    from bench import bench_gpu_step
+
+    assert bench_gpu_step.main([]) == 0
+    printed = capsys.readouterr().out
+    assert "galore-torch" in printed and "No CUDA device" in printed
+
+
+def test_memory_accounting_of_q_galore_torch_layout():
+    q_galore_torch = pytest.importorskip("q_galore_torch")
+    from bench import memory
+
+    cfg = harness.model("llama-60m")
+    (acc,) = memory.accounting("llama-60m", torch.bfloat16, ["q-galore-torch"], verbose=False)
+    shapes = list(cfg.linear_shapes().values())
+    # INT8 codes + bf16 scale and zero per group of 256, for every projected weight
+    int8 = cfg.layers * sum(m * n + 2 * 2 * (m * n // 256) for m, n in shapes)
+    assert acc.weights == int8 + 2 * cfg.other_params()
+    # INT4 basis stored one code per byte + bf16 scale and zero per 256 codes
+    r = cfg.rank
+    assert acc.projection == cfg.layers * sum(
+        r * min(s) + 2 * 2 * (r * min(s) // 256) for s in shapes)
+    # 8-bit M, V (1 byte each) + fp32 absmax per 256 of the low-rank tensors
+    low_rank = cfg.layers * sum(2 * r * max(s) + 2 * 4 * -(-r * max(s) // 256) for s in shapes)
+    # the other parameters: the same 8-bit layout, fp32 M, V below 4096 elements (the norms),
+    # and bitsandbytes' two 256-entry fp32 quantisation maps, shared
+    _, rest = memory.split_params(memory.build_model(cfg, torch.bfloat16))
+    others = sum(2 * p.numel() + 2 * 4 * -(-p.numel() // 256) if p.numel() >= 4096
+                 else 2 * 4 * p.numel() for p in rest)
+    # q-galore-torch 1.0 passes percentile_clipping=100 positionally; bitsandbytes >= 0.45 reads
+    # it as max_unorm, which allocates a 1-element fp32 unorm_vec per parameter
+    probe = q_galore_torch.QGaLoreAdamW8bit([torch.nn.Parameter(torch.zeros(1))])
+    unorm = 4 * (cfg.layers * len(shapes) + len(rest)) if probe.args.max_unorm > 0 else 0
+    assert acc.optimizer_state == low_rank + others + 2 * 256 * 4 + unorm

@@ -197,45 +197,6 @@ def check_dct_select(grad: torch.Tensor, rank: int, norm: int, method: str = "au
         raise ValueError(f"method: expected 'auto', 'fft' or 'dense', got {method!r}")
 
 
-def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step,
-                            proj_scales=None, proj_zeros=None, param_scales=None,
-                            param_zeros=None, proj_group_size=256, param_group_size=256,
-                            seed=0) -> int:
-    """Validates a fused step (any projection/weight format); returns the rank."""
-    if proj.dtype == torch.uint8 or param.dtype == torch.uint8:
-        return check_quantized_fused_galore_step(
-            param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=eps, step=step,
-            proj_scales=proj_scales, proj_zeros=proj_zeros, proj_group_size=proj_group_size,
-            param_scales=param_scales, param_zeros=param_zeros,
-            param_group_size=param_group_size, seed=seed)
-    _check_float_matrix(param, "param")
-    _check_contiguous(param, "param")
-    _check_float_matrix(grad, "grad")
-    _check_same_device(grad, param, "grad")
-    if grad.shape != param.shape:
-        raise ValueError(f"grad: expected the shape of param {list(param.shape)}, "
-                         f"got {list(grad.shape)}")
-    _check_contiguous(grad, "grad")
-    _check_same_device(proj, param, "proj")
-    m, n = param.shape
-    if proj.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):  # DCT indices
-        rank = check_dct_projection(m, n, proj, check_values=not _is_fake(proj))
-    else:
-        rank = check_dense_projection(m, n, proj)
-    _check_contiguous(proj, "proj")
-    shape = low_rank_shape(m, n, rank)
-    _check_state(exp_avg, param, shape, "exp_avg")
-    _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
-    if exp_avg is exp_avg_sq:
-        raise ValueError("exp_avg_sq: must not alias exp_avg")
-    if proj_scales is not None or proj_zeros is not None:
-        raise ValueError("proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj")
-    if param_scales is not None or param_zeros is not None:
-        raise ValueError("param_scales/param_zeros: only valid with INT8 (uint8) param codes")
-    check_hyperparameters(beta1, beta2, eps, step)
-    return rank
-
-
 # --------------------------------------------------------------------------------------------
 # ops
 # --------------------------------------------------------------------------------------------
@@ -498,12 +459,13 @@ def _check_quantize_input(x: torch.Tensor) -> None:
         raise ValueError("x: expected at least one element")
 
 
-def check_quantized_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, beta2,
-                                      eps, step, proj_scales=None, proj_zeros=None,
-                                      proj_group_size=256, param_scales=None, param_zeros=None,
-                                      param_group_size=256, seed=0) -> int:
-    """Validates a fused step whose proj may be packed INT4 and whose param may be INT8 codes;
-    returns the rank (that of exp_avg when proj is packed)."""
+def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step,
+                            proj_scales=None, proj_zeros=None, proj_group_size=256,
+                            param_scales=None, param_zeros=None, param_group_size=256, seed=0
+                            ) -> int:
+    """Validates a fused step in any format (mirrors checks.h) and returns the rank. proj: dense
+    float basis, int32 DCT indices, or a packed INT4 basis (uint8; the rank is then that of
+    exp_avg); param: float weight or INT8 codes (uint8)."""
     int8_weight = param.dtype == torch.uint8
     if param.dim() != 2:
         raise ValueError(f"param: expected a 2-D tensor, got {param.dim()}-D")
@@ -536,8 +498,10 @@ def check_quantized_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *,
             check_group_params(t, basis_numel, proj_group_size, param.device, name,
                                "a packed INT4 (uint8) proj")
     else:
+        # Signed integers can only mean DCT indices (uint8 is packed INT4): report them as such.
+        dct = not proj.dtype.is_floating_point and proj.dtype not in (torch.bool, torch.uint8)
         rank = (check_dct_projection(m, n, proj, check_values=not _is_fake(proj))
-                if proj.dtype == torch.int32 else check_dense_projection(m, n, proj))
+                if dct else check_dense_projection(m, n, proj))
         _check_contiguous(proj, "proj")
         if proj_scales is not None or proj_zeros is not None:
             raise ValueError("proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj")

@@ -149,43 +149,57 @@ at::Tensor fp32_basis(const at::Tensor& proj, const StepGeometry& g,
   return proj.to(at::kFloat).contiguous();
 }
 
-// The dense-basis tile loop: project -> Adam -> back-project -> update per tile of W.
-void dense_step_tiles(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
-                      at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const StepGeometry& g,
-                      const AdamCoeffs& c) {
+// The tile loop shared by every weight format. Per tile of whole lines (rows right, columns
+// left): R = project(G tile) -> Adam on that slice of M, V -> N (fp32, in cache), then
+// epilogue(start, len, n_tile, back_buf). Workspaces are allocated once per task; back_buf (room
+// for one fp32 tile of back(N)) only when need_back_buf.
+template <typename Epilogue>
+void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Tensor& exp_avg,
+                        at::Tensor& exp_avg_sq, const StepGeometry& g, const AdamCoeffs& c,
+                        bool need_back_buf, const Epilogue& epilogue) {
   const int64_t lines = g.right ? g.m : g.n;  // rows (right) or columns (left) of W
   const int64_t extent = tile_extent(lines, g.r);
   const int64_t tiles = (lines + extent - 1) / extent;
   const int64_t span = g.right ? g.n : g.m;  // length of one line
-  const bool lowp_w = param.scalar_type() != at::kFloat;
   const bool lowp_g = grad.scalar_type() != at::kFloat;
-  const auto f32 = param.options().dtype(at::kFloat);
-
+  const auto f32 = grad.options().dtype(at::kFloat);
+  const int dim = g.right ? 0 : 1;
   parallel_tiles(tiles, [&](int64_t begin, int64_t end) {
-    // Per-task flat workspaces, reused across this task's tiles (no allocation in the loop).
     at::Tensor g_buf = lowp_g ? at::empty({extent * span}, f32) : at::Tensor();
-    at::Tensor t_buf = lowp_w ? at::empty({extent * span}, f32) : at::Tensor();
+    at::Tensor back_buf = need_back_buf ? at::empty({extent * span}, f32) : at::Tensor();
     at::Tensor r_buf = at::empty({extent * g.r}, f32);
-    const int dim = g.right ? 0 : 1;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t start = tile * extent;
       const int64_t len = std::min(extent, lines - start);
       at::Tensor g32 = grad_tile_f32(grad.narrow(dim, start, len), g_buf);
-      at::Tensor w_tile = param.narrow(dim, start, len);
       at::Tensor r_tile = contiguous_view(r_buf, g.right ? len : g.r, g.right ? g.r : len);
       if (g.right) {
         at::mm_out(r_tile, g32, basis.t());  // (len x n) @ (n x r)
       } else {
         at::mm_out(r_tile, basis.t(), g32);  // (r x m) @ (m x len)
       }
-      run_adam_tile(r_tile, exp_avg.narrow(dim, start, len), exp_avg_sq.narrow(dim, start, len), c);
-      if (g.right) {
-        update_tile(w_tile, r_tile, basis, t_buf, c);  // (len x r) @ (r x n)
-      } else {
-        update_tile(w_tile, basis, r_tile, t_buf, c);  // (m x r) @ (r x len)
-      }
+      run_adam_tile(r_tile, exp_avg.narrow(dim, start, len), exp_avg_sq.narrow(dim, start, len),
+                    c);
+      epilogue(start, len, r_tile, back_buf);
     }
   });
+}
+
+// Float weights: back-project each N tile and update the same tile of W, once.
+void dense_step_tiles(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
+                      at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const StepGeometry& g,
+                      const AdamCoeffs& c) {
+  const int dim = g.right ? 0 : 1;
+  const bool lowp_w = param.scalar_type() != at::kFloat;
+  project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, lowp_w,
+                     [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf) {
+                       at::Tensor w_tile = param.narrow(dim, start, len);
+                       if (g.right) {
+                         update_tile(w_tile, n_tile, basis, back_buf, c);  // (len x r) @ (r x n)
+                       } else {
+                         update_tile(w_tile, basis, n_tile, back_buf, c);  // (m x r) @ (r x len)
+                       }
+                     });
 }
 
 // ---- Q-GaLore formats: packed INT4 basis and/or INT8 weight codes (DESIGN.md §4.3-§4.4) ----
@@ -204,32 +218,12 @@ void dense_step_tiles(at::Tensor& param, const at::Tensor& grad, const at::Tenso
 at::Tensor normalized_low_rank(const at::Tensor& grad, const at::Tensor& basis,
                                at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
                                const StepGeometry& g, const AdamCoeffs& c) {
-  const auto f32 = grad.options().dtype(at::kFloat);
-  at::Tensor normalized = at::empty(g.low_rank_shape(), f32);
-  const int64_t lines = g.right ? g.m : g.n;
-  const int64_t extent = tile_extent(lines, g.r);
-  const int64_t tiles = (lines + extent - 1) / extent;
-  const int64_t span = g.right ? g.n : g.m;
-  const bool lowp_g = grad.scalar_type() != at::kFloat;
+  at::Tensor normalized = at::empty(g.low_rank_shape(), grad.options().dtype(at::kFloat));
   const int dim = g.right ? 0 : 1;
-  parallel_tiles(tiles, [&](int64_t begin, int64_t end) {
-    at::Tensor g_buf = lowp_g ? at::empty({extent * span}, f32) : at::Tensor();
-    at::Tensor r_buf = at::empty({extent * g.r}, f32);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t start = tile * extent;
-      const int64_t len = std::min(extent, lines - start);
-      at::Tensor g32 = grad_tile_f32(grad.narrow(dim, start, len), g_buf);
-      at::Tensor r_tile = contiguous_view(r_buf, g.right ? len : g.r, g.right ? g.r : len);
-      if (g.right) {
-        at::mm_out(r_tile, g32, basis.t());
-      } else {
-        at::mm_out(r_tile, basis.t(), g32);
-      }
-      run_adam_tile(r_tile, exp_avg.narrow(dim, start, len), exp_avg_sq.narrow(dim, start, len),
-                    c);
-      normalized.narrow(dim, start, len).copy_(r_tile);
-    }
-  });
+  project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, /*need_back_buf=*/false,
+                     [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor&) {
+                       normalized.narrow(dim, start, len).copy_(n_tile);
+                     });
   return normalized;
 }
 
@@ -288,15 +282,15 @@ void int8_weight_update(at::Tensor& codes, at::Tensor& scales, at::Tensor& zeros
   });
 }
 
-void qgalore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
-                      at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
-                      double beta2, double eps, double weight_decay, double scale, int64_t step,
-                      const std::optional<at::Tensor>& proj_scales,
-                      const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
-                      const std::optional<at::Tensor>& param_scales,
-                      const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
-                      int64_t seed) {
-  const StepGeometry g = check_quantized_fused_galore_step(
+void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
+                           at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
+                           double beta2, double eps, double weight_decay, double scale,
+                           int64_t step, const std::optional<at::Tensor>& proj_scales,
+                           const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
+                           const std::optional<at::Tensor>& param_scales,
+                           const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
+                           int64_t seed) {
+  const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
       proj_group_size, param_scales, param_zeros, param_group_size, seed);
   TORCH_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
@@ -310,33 +304,6 @@ void qgalore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tenso
   at::Tensor scales = *param_scales, zeros = *param_zeros;
   int8_weight_update(param, scales, zeros, param_group_size, rounding_philox_seed(seed, step),
                      basis, normalized, g, c);
-}
-
-void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
-                           at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
-                           double beta2, double eps, double weight_decay, double scale,
-                           int64_t step, const std::optional<at::Tensor>& proj_scales,
-                           const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
-                           const std::optional<at::Tensor>& param_scales,
-                           const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
-                           int64_t seed) {
-  if (proj.scalar_type() == at::kByte || param.scalar_type() == at::kByte) {
-    qgalore_step_cpu(param, grad, proj, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-                     scale, step, proj_scales, proj_zeros, proj_group_size, param_scales,
-                     param_zeros, param_group_size, seed);
-    return;
-  }
-  (void)proj_group_size;  // only the INT4/INT8 formats use these
-  (void)param_group_size;
-  (void)seed;
-  const StepGeometry g =
-      check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step,
-                              proj_scales, proj_zeros, param_scales, param_zeros);
-  TORCH_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
-  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
-
-  const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
-  dense_step_tiles(param, grad, basis, exp_avg, exp_avg_sq, g, c);
 }
 
 }  // namespace

@@ -33,6 +33,7 @@
 // (tensor cores truncate when accumulating). Each stored value is rounded once. Every reduction
 // has a fixed order: runs are bitwise reproducible.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -45,6 +46,7 @@
 
 #include "lowrank/adam.h"
 #include "lowrank/checks.h"
+#include "lowrank/dct.h"
 
 // Runtime dtype -> compile-time type (flash-attention style): each body is a plain template.
 #define LOWRANK_FLOAT_SWITCH(DTYPE, TYPE, ...)                                   \
@@ -478,6 +480,45 @@ void launch_back_project_update(at::Tensor& param, const at::Tensor& basis,
   }
 }
 
+// Rows `indices` of the size-d DCT-II basis (r x d fp32), one thread per value, from the same
+// lowrank/dct.h arithmetic as the CPU kernels. O(r*d): low rank, like the states.
+__global__ void dct_rows_kernel(const int32_t* __restrict__ indices, int64_t r, int64_t d,
+                                float* __restrict__ out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= r * d) return;
+  out[idx] = dct_basis_value(indices[idx / d], idx % d, d);
+}
+
+// The basis as an fp32 operand, r x n (right) or m x r (left), from any projection format:
+// dense (a view when already fp32, else an r x d copy), DCT indices (generated), packed INT4
+// (dequantized by the registered lowrank::dequantize_int4 kernel). No m x n tensor is made.
+at::Tensor fp32_basis(const at::Tensor& proj, const StepGeometry& g,
+                      const std::optional<at::Tensor>& proj_scales,
+                      const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
+                      cudaStream_t stream) {
+  if (proj.scalar_type() == at::kInt) {
+    const int64_t d = g.right ? g.n : g.m;
+    at::Tensor rows = at::empty({g.r, d}, proj.options().dtype(at::kFloat));
+    const int64_t total = g.r * d;
+    constexpr int kThreads = 256;
+    dct_rows_kernel<<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0,
+                      stream>>>(proj.data_ptr<int32_t>(), g.r, d, rows.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return g.right ? rows : rows.t().contiguous();
+  }
+  if (proj.scalar_type() == at::kByte) {
+    static const auto dequantize_int4 =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("lowrank::dequantize_int4", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              at::IntArrayRef, int64_t)>();
+    const std::vector<int64_t> shape =
+        g.right ? std::vector<int64_t>{g.r, g.n} : std::vector<int64_t>{g.m, g.r};
+    return dequantize_int4.call(proj, *proj_scales, *proj_zeros, shape, proj_group_size);
+  }
+  return proj.to(at::kFloat).contiguous();
+}
+
 void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
                             at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
                             double beta2, double eps, double weight_decay, double scale,
@@ -486,32 +527,35 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad, const at:
                             const std::optional<at::Tensor>& param_scales,
                             const std::optional<at::Tensor>& param_zeros,
                             int64_t param_group_size, int64_t seed) {
-  (void)proj_group_size;  // INT4/INT8 formats: not accepted by the dense checks yet
-  (void)param_group_size;
-  (void)seed;
-  const StepGeometry g =
-      check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step,
-                              proj_scales, proj_zeros, param_scales, param_zeros);
+  const StepGeometry g = check_fused_galore_step(
+      param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
+      proj_group_size, param_scales, param_zeros, param_group_size, seed);
   // check_fused_galore_step puts every tensor on param's device; that device must be a GPU.
   TORCH_CHECK_VALUE(param.is_cuda(), "param: expected a CUDA tensor, got ", param.device());
+  TORCH_CHECK_NOT_IMPLEMENTED(param.scalar_type() != at::kByte,
+                              "param: INT8 weight codes are not supported by the CUDA fused step "
+                              "yet; use backend='reference' (or the CPU kernel)");
   TORCH_CHECK_VALUE(g.m < (int64_t{1} << 31) && g.n < (int64_t{1} << 25),
                     "param: expected fewer than 2^31 rows and 2^25 columns, got ", param.sizes());
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
 
-  // The basis in fp32 (a view when it already is; else an r x d copy, low rank like the states).
-  const at::Tensor basis = proj.to(at::kFloat).contiguous();
+  const at::Tensor basis =
+      fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size, stream);
+  // The precision the basis values carry: generated DCT and dequantized INT4 values are fp32.
+  const at::ScalarType basis_dtype = is_float_dtype(proj.scalar_type()) ? proj.scalar_type()
+                                                                        : at::kFloat;
   at::Tensor normalized = at::empty(g.low_rank_shape(), param.options().dtype(at::kFloat));
 
   LOWRANK_FLOAT_SWITCH(grad.scalar_type(), grad_t, [&] {
-    LOWRANK_BOOL_SWITCH(basis_needs_split(KindOf<grad_t>::value, proj.scalar_type()), split, [&] {
+    LOWRANK_BOOL_SWITCH(basis_needs_split(KindOf<grad_t>::value, basis_dtype), split, [&] {
       launch_project_adam<grad_t, split>(grad, basis, exp_avg, exp_avg_sq, normalized, g, c,
                                          stream);
     });
   });
   LOWRANK_FLOAT_SWITCH(param.scalar_type(), weight_t, [&] {
-    LOWRANK_BOOL_SWITCH(basis_needs_split(kUpdateKind<weight_t>, proj.scalar_type()), split, [&] {
+    LOWRANK_BOOL_SWITCH(basis_needs_split(kUpdateKind<weight_t>, basis_dtype), split, [&] {
       launch_back_project_update<weight_t, split>(param, basis, normalized, g, c, stream);
     });
   });

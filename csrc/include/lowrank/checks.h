@@ -108,40 +108,6 @@ inline StepGeometry check_dct_projection(int64_t m, int64_t n, const at::Tensor&
   return g;
 }
 
-// Validates a fused_galore_step call with a dense floating-point (or DCT-index) projection and a
-// floating-point weight.
-inline StepGeometry check_fused_galore_step(
-    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
-    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double beta1, double beta2,
-    double eps, int64_t step, const std::optional<at::Tensor>& proj_scales,
-    const std::optional<at::Tensor>& proj_zeros, const std::optional<at::Tensor>& param_scales,
-    const std::optional<at::Tensor>& param_zeros) {
-  check_float_matrix(param, "param");
-  check_contiguous(param, "param");
-  check_float_matrix(grad, "grad");
-  check_same_device(grad, param, "grad");
-  TORCH_CHECK_VALUE(grad.sizes() == param.sizes(), "grad: expected the shape of param ",
-                    param.sizes(), ", got ", grad.sizes());
-  check_contiguous(grad, "grad");
-  check_same_device(proj, param, "proj");
-  // Signed integers can only mean DCT indices (uint8 is packed INT4): report them as such.
-  const bool dct = at::isIntegralType(proj.scalar_type(), /*includeBool=*/false) &&
-                   proj.scalar_type() != at::kByte;
-  StepGeometry g = dct
-                       ? check_dct_projection(param.size(0), param.size(1), proj)
-                       : check_dense_projection(param.size(0), param.size(1), proj);
-  check_contiguous(proj, "proj");
-  check_state(exp_avg, param, g, "exp_avg");
-  check_state(exp_avg_sq, param, g, "exp_avg_sq");
-  TORCH_CHECK_VALUE(!exp_avg.is_same(exp_avg_sq), "exp_avg_sq: must not alias exp_avg");
-  TORCH_CHECK_VALUE(!proj_scales && !proj_zeros,
-                    "proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj");
-  TORCH_CHECK_VALUE(!param_scales && !param_zeros,
-                    "param_scales/param_zeros: only valid with INT8 (uint8) param codes");
-  check_hyperparameters(beta1, beta2, eps, step);
-  return g;
-}
-
 }  // namespace lowrank
 
 // ---- quantized formats (DESIGN.md §4.3-§4.4): INT4 projections, INT8 weights ----
@@ -184,9 +150,10 @@ inline void check_uint8(const at::Tensor& t, const char* name, const char* what)
                     "), got ", t.scalar_type());
 }
 
-// Shape facts of a fused step whose projection may be packed INT4 and whose weight may be INT8.
-// With a packed proj the rank comes from exp_avg (m x r right, r x n left).
-inline StepGeometry check_quantized_fused_galore_step(
+// Validates a fused_galore_step call in any format and returns its shape facts. The projection is
+// a dense float basis, DCT row indices (int32) or a packed INT4 basis (uint8; its rank comes from
+// exp_avg: m x r right, r x n left); the weight is float or INT8 codes (uint8).
+inline StepGeometry check_fused_galore_step(
     const at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double beta1, double beta2,
     double eps, int64_t step, const std::optional<at::Tensor>& proj_scales,
@@ -223,8 +190,9 @@ inline StepGeometry check_quantized_fused_galore_step(
     check_group_params(proj_zeros, basis_numel, proj_group_size, param.device(), "proj_zeros",
                        "a packed INT4 (uint8) proj");
   } else {
-    g = proj.scalar_type() == at::kInt ? check_dct_projection(m, n, proj)
-                                       : check_dense_projection(m, n, proj);
+    // Signed integers can only mean DCT indices (uint8 is packed INT4): report them as such.
+    const bool dct = at::isIntegralType(proj.scalar_type(), /*includeBool=*/false);
+    g = dct ? check_dct_projection(m, n, proj) : check_dense_projection(m, n, proj);
     check_contiguous(proj, "proj");
     TORCH_CHECK_VALUE(!proj_scales && !proj_zeros,
                       "proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj");

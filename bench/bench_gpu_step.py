@@ -2,6 +2,9 @@
 
 Providers (each skipped with a message when it cannot run here):
   triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
+  triton-onepass, triton-twolaunch
+                the same with the Triton variant forced (LOWRANK_TRITON_VARIANT, set around
+                each call): one-pass kernel, or two launches through an fp32 N workspace
   cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
   galore-torch  galore_torch.GaLoreAdamW.step with the basis fixed (its SVD runs once, before
@@ -23,6 +26,7 @@ Without a GPU it prints the traffic model for the same shapes and exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,7 +40,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("triton", "cuda", "reference", "galore-torch", "copy")
+PROVIDERS = ("triton", "triton-onepass", "triton-twolaunch", "cuda", "reference", "galore-torch",
+             "copy")
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
 
@@ -55,8 +60,8 @@ def random_basis(m: int, n: int, rank: int, dtype: torch.dtype, device) -> torch
     return (q.T if m >= n else q).contiguous().to(dtype)
 
 
-def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device
-         ) -> Callable[[], None]:
+def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device,
+         triton_variant: str | None = None) -> Callable[[], None]:
     """A closure running one fused step in place, or raises why the backend cannot run."""
     from lowrank_kernels import ops
 
@@ -71,8 +76,17 @@ def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float,
 
     def run() -> None:
         step[0] += 1
-        ops.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, step=step[0],
-                              weight_decay=weight_decay, backend=backend, **HYPER)
+        saved = os.environ.get("LOWRANK_TRITON_VARIANT")
+        if triton_variant is not None:
+            os.environ["LOWRANK_TRITON_VARIANT"] = triton_variant
+        try:
+            ops.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, step=step[0],
+                                  weight_decay=weight_decay, backend=backend, **HYPER)
+        finally:
+            if triton_variant is not None and saved is None:
+                os.environ.pop("LOWRANK_TRITON_VARIANT")
+            elif triton_variant is not None:
+                os.environ["LOWRANK_TRITON_VARIANT"] = saved
 
     run()  # compiles (Triton) and fails loudly before timing if the kernel is broken
     return run
@@ -107,6 +121,9 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
     models = {"triton": traffic.fused(m, n, rank, wdt, sdt).total,
               "cuda": traffic.fused(m, n, rank, wdt, sdt).total,
+              "triton-onepass": traffic.fused(m, n, rank, wdt, sdt).total,
+              # + the fp32 N workspace, written once and read once (fused_galore_step_2d.py)
+              "triton-twolaunch": traffic.fused(m, n, rank, wdt, sdt).total + 8 * rank * max(m, n),
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
                                                    weight_decay=weight_decay > 0).total}
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
@@ -115,6 +132,9 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
         try:
             if provider in ("triton", "cuda", "reference"):
                 fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
+            elif provider.startswith("triton-"):
+                fn = ours("triton", m, n, rank, wdt, sdt, weight_decay, device,
+                          triton_variant=provider.removeprefix("triton-"))
             elif provider == "galore-torch":
                 fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
             else:

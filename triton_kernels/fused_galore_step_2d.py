@@ -179,7 +179,8 @@ class TileConfig:
 # once (4·BLOCK_OWN·BLOCK_R / threads fp32 registers), so 64×128 needs 8 warps (4 spill on sm_90).
 # Shared memory is num_stages × (G chunk + basis chunk), kept under sm_89's 99 KiB so one table
 # serves Ada and Hopper. The fp32 ("ieee" FMA) dot, the slow exact path, keeps one small tile
-# (its operands live in registers; one configuration keeps the AOT test short).
+# (its operands live in registers; one configuration keeps the AOT test short) at 8 warps (at 4,
+# the bf16-G/fp32-basis variant with 64-bit offsets spills a few bytes).
 # Launch B per W's dtype class ("16bit": tensor cores, "fp32": FMA): a 128×128 W tile (64 fp32
 # accumulators per thread at 8 warps), K = r in chunks of 32 (the N chunk sits in shared memory
 # as fp32, before its rounding).
@@ -189,7 +190,7 @@ _PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     ("tc", 32): TileConfig(block_own=64, block_r=32, block_long=128, num_warps=4, num_stages=3),
     ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=4, num_stages=4),
     ("tc", 128): TileConfig(block_own=64, block_r=128, block_long=64, num_warps=8, num_stages=3),
-    ("fp32", 32): TileConfig(block_own=64, block_r=32, block_long=32, num_warps=4, num_stages=2),
+    ("fp32", 32): TileConfig(block_own=64, block_r=32, block_long=32, num_warps=8, num_stages=2),
 }
 _BACK_BLOCKS: dict[str, TileConfig] = {
     "16bit": TileConfig(block_own=128, block_r=32, block_long=128, num_warps=8, num_stages=3),

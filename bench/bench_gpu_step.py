@@ -4,7 +4,7 @@ Providers (each skipped with a message when it cannot run here):
   triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
   triton-onepass, triton-twolaunch
                 the same with the Triton variant forced (LOWRANK_TRITON_VARIANT, set around
-                each call): one-pass kernel, or two launches through an fp32 N workspace
+                each call): one-pass kernel, or two launches through a low-rank N workspace
   cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
   galore-torch  galore_torch.GaLoreAdamW.step with the basis fixed (its SVD runs once, before
@@ -122,8 +122,11 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     models = {"triton": traffic.fused(m, n, rank, wdt, sdt).total,
               "cuda": traffic.fused(m, n, rank, wdt, sdt).total,
               "triton-onepass": traffic.fused(m, n, rank, wdt, sdt).total,
-              # + the fp32 N workspace, written once and read once (fused_galore_step_2d.py)
-              "triton-twolaunch": traffic.fused(m, n, rank, wdt, sdt).total + 8 * rank * max(m, n),
+              # + the N workspace (W's type) written and read once, + a second basis read (one
+              # per launch; fused_galore_step_2d.py)
+              "triton-twolaunch": (traffic.fused(m, n, rank, wdt, sdt).total
+                                   + (2 * max(m, n) + min(m, n)) * rank
+                                   * torch.empty((), dtype=wdt).element_size()),
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
                                                    weight_decay=weight_decay > 0).total}
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,

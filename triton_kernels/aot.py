@@ -168,16 +168,16 @@ def fused_galore_step_2d_variants(configs, all_dtypes: bool = True):
         for dtypes, index_64 in itertools.product(dtype_sets, index_types):
             for right in (True, False):
                 if kernel == "project":
-                    g, p, s = (_TRITON_TYPES[t] for t in dtypes)
+                    g, p, s, w = (_TRITON_TYPES[t] for t in dtypes)
                     signature = {"G_ptr": f"*{g}", "Proj_ptr": f"*{p}", "ExpAvg_ptr": f"*{s}",
-                                 "ExpAvgSq_ptr": f"*{s}", "Normalized_ptr": "*fp32"}
+                                 "ExpAvgSq_ptr": f"*{s}", "Normalized_ptr": f"*{w}"}
                     ints = ("stride_gm", "stride_projm", "stride_statem", "stride_normm")
                     floats = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps")
-                    types = {"grad": g, "proj": p, "state": s}
+                    types = {"grad": g, "proj": p, "state": s, "weight": w}
                 else:
                     w, p = (_TRITON_TYPES[t] for t in dtypes)
                     signature = {"W_ptr": f"*{w}", "Proj_ptr": f"*{p}",
-                                 "Normalized_ptr": "*fp32"}
+                                 "Normalized_ptr": f"*{w}"}  # N in W's type (workspace_dtype)
                     ints = ("stride_wm", "stride_projm", "stride_normm")
                     floats = ("decay", "update_scale")
                     types = {"weight": w, "proj": p}
@@ -192,12 +192,12 @@ def fused_galore_step_2d_variants(configs, all_dtypes: bool = True):
 
 
 # dtype sets per (two-launch kernel, dtype class), the most register-hungry first:
-# project: (grad, proj, state); back: (weight, proj)
+# project: (grad, proj, state, weight = N's workspace type); back: (weight, proj)
 TWOLAUNCH_DTYPES = {
-    ("project", "tc"): [(torch.bfloat16, torch.bfloat16, torch.float32),
-                        (torch.float16, torch.float16, torch.bfloat16)],
-    ("project", "fp32"): [(torch.float32, torch.float32, torch.float32),
-                          (torch.bfloat16, torch.float32, torch.float32)],
+    ("project", "tc"): [(torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),
+                        (torch.float16, torch.float16, torch.bfloat16, torch.float16)],
+    ("project", "fp32"): [(torch.float32, torch.float32, torch.float32, torch.float32),
+                          (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16)],
     ("back", "16bit"): [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
     ("back", "fp32"): [(torch.float32, torch.float32)],
 }

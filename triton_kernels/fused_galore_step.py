@@ -38,7 +38,7 @@ programs and each streams its whole strip twice, so r ≤ 32 reaches 1.3-2.3 TB/
 r = 128 about 1.0 TB/s, r = 256 0.8 TB/s and r = 512 0.3 TB/s (the R tile then leaves room for
 only 16 rows per program without spilling). The fp32 path (FMA dots) is 5-10× slower than the
 tensor-core path. Those cases go to the two-launch variant (fused_galore_step_2d.py, 2-D grids,
-N through a low-rank fp32 workspace); the public launcher below picks between the two
+N through a low-rank workspace); the public launcher below picks between the two
 (``choose_variant``, overridable by ``variant=`` or LOWRANK_TRITON_VARIANT).
 """
 
@@ -244,7 +244,7 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     Same contract as ``lowrank_kernels.ops.fused_galore_step`` with a dense basis and float
     weights; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. ``variant``: 'onepass' (this
     file's kernel, one launch, rank ≤ 512), 'twolaunch' (fused_galore_step_2d.py: two launches and
-    a per-call fp32 workspace of the low-rank shape for N) or 'auto' (``choose_variant``); None
+    a per-call workspace of the low-rank shape for N) or 'auto' (``choose_variant``); None
     reads the environment variable LOWRANK_TRITON_VARIANT (default 'auto'), for benchmarks.
     """
     if variant is None:

@@ -10,34 +10,40 @@ gradient and N the normalized update:
 
 Why a second variant: the one-pass kernel has only ⌈own/BLOCK_OWN⌉ programs, each holding an
 R_PAD-wide tile in registers, which starves the GPU at r ≥ 128. Here both launches are 2-D tilings
-like an ordinary matmul, at the price of writing N (low rank, fp32) once and reading it once.
+like an ordinary matmul, at the price of writing N (low rank) once and reading it once.
 
 Tiling (as in the one-pass kernel, the left side is the right side of the transposed problem, so
 "own" is the rows of W, G, M, V on the right and their columns on the left; "long" the other axis):
   A. _project_adam_kernel: one program per BLOCK_OWN × BLOCK_R tile of R (own × rank), which it
      reduces over the WHOLE long axis in BLOCK_LONG chunks with tl.dot (no split-K: the Adam
      epilogue is nonlinear in the complete sum). Epilogue: M and V of the tile read and written
-     once, N = M/(√V+ε) stored in fp32 to the low-rank workspace (m×r right, r×n left). The r-tiles
+     once, N = M/(√V+ε) stored to the low-rank workspace (m×r right, r×n left). The r-tiles
      of one owned strip are neighbours in launch order, so the strip of G they all read is
      fetched from DRAM once and re-read from L2.
   B. _back_project_kernel: one program per BLOCK_OWN × BLOCK_LONG tile of W, K = r in BLOCK_R
      chunks: acc = N[own, :] · basis[:, long] (N·Q right, P·N left), then
      W ← decay·W − update_scale·acc, W read and written once in its dtype. The long-tiles of one
      owned strip are neighbours, so they share the N strip in L2.
-The workspace N is allocated per call (torch.empty of the low-rank shape, fp32): r·own·4 bytes,
-e.g. 11 MB at 11008×4096, r=256, against 180 MB of G and W traffic.
+The workspace N is allocated per call (torch.empty of the low-rank shape) in the type the back
+projection multiplies in: W's type when W is 16-bit, else fp32. N is rounded to that type once, on
+store, instead of on every load in B: the same numbers, half the bytes and no conversion between
+B's loads and its tensor-core dot. r·own·s(N) bytes, e.g. 5.6 MB at 11008×4096 bf16, r=256,
+against 270 MB of G and W traffic.
 
-DRAM bytes per call, s(X) the element size of X (the one-pass floor plus the N round trip):
+DRAM bytes per call, s(X) the element size of X (the one-pass floor, plus the N round trip and a
+second basis read):
     G read once, W read and written once:   m·n·(s(G) + 2·s(W))
     M and V read and written once:          4·r·own·s(state)
-    basis read once (re-read from L2):      r·long·s(proj)    (L2: ⌈own/BLOCK_OWN⌉ reads per launch)
-    N written once and read once:           2·r·own·4
-    (G re-read from L2 ⌈r/BLOCK_R⌉ times in A, N re-read from L2 ⌈long/BLOCK_LONG⌉ times in B.)
+    basis read once per launch:             2·r·long·s(proj)  (each launch re-reads it from L2
+                                                              ⌈own/BLOCK_OWN⌉ times)
+    N written once and read once:           2·r·own·s(N)
+G is re-read from L2 ⌈r/BLOCK_R⌉ times in A, N ⌈long/BLOCK_LONG⌉ times in B; each is fetched from
+DRAM once as long as the neighbouring programs that share it run together (launch order above).
 
 Precision: R and the Adam epilogue as in the one-pass kernel (fp32 accumulate; tensor cores when G
-and the basis share a 16-bit type, else an exact "ieee" fp32 dot). In B, N and the basis are
-rounded to W's type when W is 16-bit (the back projection galore-torch does in bf16), fp32 "ieee"
-otherwise.
+and the basis share a 16-bit type, else an exact "ieee" fp32 dot), N computed in fp32. In B, N and
+the basis are in W's type when W is 16-bit (the back projection galore-torch does in bf16; the
+one-pass kernel rounds the same way), fp32 "ieee" otherwise.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ def _project_adam_kernel(
     BLOCK_LONG: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Launch A: R[own, r] = Σ_long G[own, long]·basis[long, r] for one BLOCK_OWN × BLOCK_R tile,
-    then Adam on that tile of M and V and N = M/(√V+ε) into the fp32 workspace."""
+    then Adam on that tile of M and V and N = M/(√V+ε) into the workspace (rounded to its type)."""
     if RIGHT:
         OWN = M
         LONG = N
@@ -105,8 +111,8 @@ def _project_adam_kernel(
              _round_to(exp_avg_sq, ExpAvgSq_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
     # only the real rank is stored; launch B reads the padding as 0 through its mask
     normalized = tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps)
-    tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, RIGHT), normalized,
-             mask=state_mask)
+    tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, RIGHT),
+             _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
 
 
 @triton.jit
@@ -147,10 +153,8 @@ def _back_project_kernel(
                              mask=own_mask[:, None] & r_mask[None, :], other=0.0)
         basis = tl.load(Proj_ptr + _tile_offsets(offs_r, offs_long, stride_projm, RIGHT),
                         mask=r_mask[:, None] & long_mask[None, :], other=0.0)
-        if w_type != tl.float32:
-            normalized = _round_to(normalized, w_type, INTERPRETED)
-            if basis.dtype != w_type:
-                basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
+        if w_type != tl.float32 and basis.dtype != w_type:  # N is already in W's type
+            basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
         back = _dot(normalized, basis, back, INTERPRETED)
 
     w_offs = _tile_offsets(offs_own, offs_long, stride_wm, RIGHT)
@@ -182,8 +186,7 @@ class TileConfig:
 # (its operands live in registers; one configuration keeps the AOT test short) at 8 warps (at 4,
 # the bf16-G/fp32-basis variant with 64-bit offsets spills a few bytes).
 # Launch B per W's dtype class ("16bit": tensor cores, "fp32": FMA): a 128×128 W tile (64 fp32
-# accumulators per thread at 8 warps), K = r in chunks of 32 (the N chunk sits in shared memory
-# as fp32, before its rounding).
+# accumulators per thread at 8 warps), K = r in chunks of 32.
 # Not yet tuned on a GPU; every entry is checked spill-free for sm_89 and sm_90 by
 # tests/test_triton_aot.py.
 _PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
@@ -209,6 +212,11 @@ def weight_kind(weight_dtype: torch.dtype) -> str:
     return "fp32" if weight_dtype == torch.float32 else "16bit"
 
 
+def workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """N's type: what launch B multiplies in (see the module docstring)."""
+    return torch.float32 if weight_dtype == torch.float32 else weight_dtype
+
+
 def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
                  proj_dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
     """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole)."""
@@ -231,7 +239,8 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     right = is_right_side(m, n)
     own, long = (m, n) if right else (n, m)
     project, back = pick_configs(rank, param.dtype, grad.dtype, proj.dtype)
-    normalized = torch.empty(exp_avg.shape, dtype=torch.float32, device=param.device)
+    normalized = torch.empty(exp_avg.shape, dtype=workspace_dtype(param.dtype),
+                             device=param.device)
     if index_64 is None:
         index_64 = needs_index_64(param, proj, exp_avg)
     interpreted = param.device.type == "cpu"

@@ -2,6 +2,9 @@
 
 Providers (each skipped with a message when it cannot run here):
   triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
+  triton-onepass, triton-twolaunch
+                the same with the Triton variant forced (LOWRANK_TRITON_VARIANT, set around
+                each call): one-pass kernel, or two launches through a low-rank N workspace
   cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
   cpu           the C++ kernel (backend="cpu"; only with --device cpu)
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
@@ -28,6 +31,7 @@ use it), not the CPU benchmark (that is bench/bench_cpu_step.py, where the floor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,7 +45,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("triton", "cuda", "cpu", "reference", "galore-torch", "q-galore-torch", "copy")
+PROVIDERS = ("triton", "triton-onepass", "triton-twolaunch", "cuda", "cpu", "reference",
+             "galore-torch", "q-galore-torch", "copy")
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
 
@@ -60,8 +65,8 @@ def random_basis(m: int, n: int, rank: int, dtype: torch.dtype, device) -> torch
     return (q.T if m >= n else q).contiguous().to(dtype)
 
 
-def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device
-         ) -> Callable[[], None]:
+def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device,
+         triton_variant: str | None = None) -> Callable[[], None]:
     """A closure running one fused step in place, or raises why the backend cannot run."""
     from lowrank_kernels import ops
 
@@ -76,8 +81,17 @@ def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float,
 
     def run() -> None:
         step[0] += 1
-        ops.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, step=step[0],
-                              weight_decay=weight_decay, backend=backend, **HYPER)
+        saved = os.environ.get("LOWRANK_TRITON_VARIANT")
+        if triton_variant is not None:
+            os.environ["LOWRANK_TRITON_VARIANT"] = triton_variant
+        try:
+            ops.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, step=step[0],
+                                  weight_decay=weight_decay, backend=backend, **HYPER)
+        finally:
+            if triton_variant is not None and saved is None:
+                os.environ.pop("LOWRANK_TRITON_VARIANT")
+            elif triton_variant is not None:
+                os.environ["LOWRANK_TRITON_VARIANT"] = saved
 
     run()  # compiles (Triton) and fails loudly before timing if the kernel is broken
     return run
@@ -138,7 +152,13 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
     l2 = (torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda"
           else traffic.SMALLEST_L2)
-    models = {"triton": traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total,
+    onepass = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
+    models = {"triton": onepass,
+              "triton-onepass": onepass,
+              # + the N workspace (W's type) written and read once, + a second basis read (one
+              # per launch; fused_galore_step_2d.py)
+              "triton-twolaunch": (onepass + (2 * max(m, n) + min(m, n)) * rank
+                                   * torch.empty((), dtype=wdt).element_size()),
               "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
               "cpu": traffic.fused(m, n, rank, wdt, sdt).total,
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
@@ -152,6 +172,9 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
         try:
             if provider in ("triton", "cuda", "cpu", "reference"):
                 fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
+            elif provider.startswith("triton-"):
+                fn = ours("triton", m, n, rank, wdt, sdt, weight_decay, device,
+                          triton_variant=provider.removeprefix("triton-"))
             elif provider == "galore-torch":
                 fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
             elif provider == "q-galore-torch":

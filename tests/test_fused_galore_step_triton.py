@@ -1,4 +1,8 @@
-"""fused_galore_step: the Triton kernel against the reference (DESIGN.md §4.2, §6).
+"""fused_galore_step: the Triton kernels against the reference (DESIGN.md §4.2, §6).
+
+Both variants (one pass, triton_kernels/fused_galore_step.py; two launches,
+triton_kernels/fused_galore_step_2d.py) run every numerical test, chosen through
+LOWRANK_TRITON_VARIANT so the public launcher's override is exercised too.
 
 Without a GPU the kernel runs in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1). The interpreter is slow, so shapes are small and the cases below cover every
@@ -38,13 +42,23 @@ CASES = [
 ]
 
 
+VARIANTS = ["onepass", "twolaunch"]
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request, monkeypatch):
+    """Forces one Triton variant for lk.ops.fused_galore_step(..., backend='triton')."""
+    monkeypatch.setenv("LOWRANK_TRITON_VARIANT", request.param)
+    return request.param
+
+
 def _ids(case):
     m, n, rank, weight, state, proj = case
     return f"{m}x{n}-r{rank}-w{str(weight)[6:]}-s{str(state)[6:]}-p{str(proj)[6:]}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_triton_matches_reference(case):
+def test_triton_matches_reference(case, variant):
     m, n, rank, weight, state, proj = case
     inputs = step_inputs(m, n, rank, weight_dtype=weight, state_dtype=state, proj_dtype=proj,
                          device=DEVICE)
@@ -63,7 +77,7 @@ def test_backend_from_environment(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide")  # the padding's 0/0
-def test_zero_eps_leaves_padding_out():
+def test_zero_eps_leaves_padding_out(variant):
     """eps = 0 makes the padded rank columns 0/0; they must not reach W (rank 17 pads to 32)."""
     hyper = {**HYPER, "eps": 0.0}
     inputs = step_inputs(*LEFT, 17, device=DEVICE)
@@ -73,7 +87,7 @@ def test_zero_eps_leaves_padding_out():
     assert_step_matches(out, inputs, **hyper)
 
 
-def test_steps_track_reference():
+def test_steps_track_reference(variant):
     """Three consecutive steps (new gradient each) stay on the reference trajectory."""
     inputs = step_inputs(*RIGHT, 5, device=DEVICE)
     ours, ref = inputs.clone(), inputs.clone()
@@ -91,13 +105,40 @@ def test_steps_track_reference():
 
 
 @pytest.mark.parametrize("m,n", SMALL_ODD_SHAPES, ids=["left", "right"])
-def test_64_bit_offsets_match(m, n):
+@pytest.mark.parametrize("variant_name", VARIANTS)
+def test_64_bit_offsets_match(m, n, variant_name):
     """The 64-bit offset variant (chosen for 2**31+ elements) on a small weight, forced."""
     fgs = _triton_module()
     inputs = step_inputs(m, n, 17, weight_dtype=BF16, proj_dtype=BF16, device=DEVICE)
     out = inputs.clone()
-    config = fgs.pick_config(m, n, 17, BF16, BF16)
-    fgs._launch(config, *out.args(), 17, fgs.adam_coeffs(**HYPER), index_64=True)
+    coeffs = fgs.adam_coeffs(**HYPER)
+    if variant_name == "onepass":
+        config = fgs.pick_config(m, n, 17, BF16, BF16)
+        fgs._launch(config, *out.args(), 17, coeffs, index_64=True)
+    else:
+        fgs.fused_galore_step_2d.launch(*out.args(), 17, coeffs, index_64=True)
+    assert_step_matches(out, inputs, **HYPER)
+
+
+def test_ranks_above_the_one_pass_limit_go_to_two_launches():
+    """Rank 513 > MAX_RANK_PAD: 'auto' picks the two-launch variant (it tiles the rank), an
+    explicit 'onepass' raises before writing."""
+    fgs = _triton_module()
+    assert fgs.choose_variant(540, 520, 513, F32, F32) == "twolaunch"
+    inputs = step_inputs(540, 520, 513, device=DEVICE)
+    out = inputs.clone()
+    with pytest.raises(ValueError, match="proj: rank r=513"):
+        fgs.fused_galore_step(*out.args(), **HYPER, variant="onepass")
+    for got, before in zip(out.args(), inputs.args()):
+        assert torch.equal(got, before)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="a minute in the interpreter; rank tiling is covered "
+                    "by r=130 (two rank tiles) above")
+def test_two_launch_variant_runs_ranks_above_the_one_pass_limit():
+    inputs = step_inputs(540, 520, 513, weight_dtype=BF16, proj_dtype=BF16, device=DEVICE)
+    out = inputs.clone()
+    _triton_module().fused_galore_step(*out.args(), **HYPER, variant="auto")
     assert_step_matches(out, inputs, **HYPER)
 
 
@@ -121,6 +162,41 @@ def test_picked_config_is_a_candidate(m, n, rank, dtypes):
     config = fgs.pick_config(m, n, rank, *dtypes)
     assert (fgs.dot_kind(*dtypes), config) in fgs.candidate_configs()
     assert config.r_pad >= rank
+
+
+@pytest.mark.parametrize("m,n,rank", [(m, n, r) for m, n in CONFIG_SHAPES
+                                      for r in (1, 17, 33, 64, 128, 130, 256, 512, 1000)
+                                      if r <= min(m, n)], ids=str)
+@pytest.mark.parametrize("dtypes", [(BF16, BF16, BF16), (F32, F32, F32), (F16, BF16, F32)],
+                         ids=str)
+def test_two_launch_configs_are_candidates(m, n, rank, dtypes):
+    """Both launches' picked configurations are among those the AOT test compiles."""
+    fgs2d = _triton_module().fused_galore_step_2d
+    project, back = fgs2d.pick_configs(rank, *dtypes)
+    candidates = fgs2d.candidate_configs()
+    assert ("project", fgs2d.dot_kind(*dtypes[1:]), project) in candidates
+    assert ("back", fgs2d.weight_kind(dtypes[0]), back) in candidates
+
+
+@pytest.mark.parametrize("m,n,rank,expected", [
+    (4096, 11008, 256, "twolaunch"),  # rank >= 128
+    (11008, 4096, 128, "twolaunch"),
+    (11008, 4096, 32, "onepass"),  # 11008/64 = 172 programs >= 132 SMs
+    (4096, 4096, 32, "twolaunch"),  # 4096/64 = 64 programs < 132 SMs
+    (5000, 11008, 1, "onepass"),  # left side: 11008 owned columns
+])
+def test_auto_variant_heuristic(m, n, rank, expected):
+    assert _triton_module().choose_variant(m, n, rank, BF16, BF16, num_sms=132) == expected
+
+
+def test_bad_variant_raises(monkeypatch):
+    fgs = _triton_module()
+    inputs = step_inputs(*RIGHT, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="variant: expected one of"):
+        fgs.fused_galore_step(*inputs.clone().args(), **HYPER, variant="fast")
+    monkeypatch.setenv("LOWRANK_TRITON_VARIANT", "fast")
+    with pytest.raises(ValueError, match="LOWRANK_TRITON_VARIANT"):
+        fgs.fused_galore_step(*inputs.clone().args(), **HYPER)
 
 
 def test_rank_above_the_kernel_limit_raises():

@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of the Triton kernels for sm_89 and sm_90 (DESIGN.md §3, §6).
 
 The interpreter accepts code the real compiler rejects and says nothing about registers, so every
-configuration the launcher can pick (lowrank_kernels.triton_kernels.fused_galore_step
-.candidate_configs) is compiled for both targets and both sides, and ptxas reports registers,
+configuration the launchers can pick (lowrank_kernels.triton_kernels.fused_galore_step
+.candidate_configs, and fused_galore_step_2d.candidate_configs for the two-launch variant) is
+compiled for both targets and both sides, and ptxas reports registers,
 spills and shared memory. Any spill fails: each of these configurations is one the launcher uses.
 
 The compiler runs in a subprocess because tests/conftest.py sets TRITON_INTERPRET=1 without a GPU,
@@ -44,10 +45,17 @@ def reports() -> list[dict]:
 
 def _row(report: dict) -> str:
     v = report["variant"]
-    config = f"own={v['block_own']} long={v['block_long']} r_pad={v['r_pad']} " \
-             f"warps={v['num_warps']} stages={v['num_stages']}"
-    return (f"{report['target']:7} {v['side']:5} W={v['weight']:4} P={v['proj']:4} "
-            f"S={v['state']:4} {config:48} regs={report['registers']:3} "
+    if "kernel" in v:  # two-launch kernels (fused_galore_step_2d)
+        config = f"{v['kernel']:7} own={v['block_own']} r={v['block_r']} " \
+                 f"long={v['block_long']} warps={v['num_warps']} stages={v['num_stages']}"
+        types = " ".join(f"{k[0].upper()}={v[k]:4}" for k in ("grad", "weight", "proj", "state")
+                         if k in v)
+        types = f"{types:20}"
+    else:
+        config = f"own={v['block_own']} long={v['block_long']} r_pad={v['r_pad']} " \
+                 f"warps={v['num_warps']} stages={v['num_stages']}"
+        types = f"W={v['weight']:4} P={v['proj']:4} S={v['state']:4}"
+    return (f"{report['target']:7} {v['side']:5} {types} {config:48} regs={report['registers']:3} "
             f"spill={report['spill_store_bytes']}/{report['spill_load_bytes']} "
             f"smem={report['shared_bytes']}")
 
@@ -58,11 +66,25 @@ def test_every_candidate_config_compiles_for_sm89_and_sm90(reports):
     print("\n" + "\n".join(_row(r) for r in reports))
     compiled = {(r["target"], r["variant"]["side"], r["variant"]["block_own"],
                  r["variant"]["block_long"], r["variant"]["r_pad"], r["variant"]["num_warps"],
-                 r["variant"]["num_stages"]) for r in reports}
+                 r["variant"]["num_stages"]) for r in reports if "kernel" not in r["variant"]}
     for _, c in fgs.candidate_configs():
         for target in ("sm_89", "sm_90a"):
             for side in ("right", "left"):
                 key = (target, side, c.block_own, c.block_long, c.r_pad, c.num_warps,
+                       c.num_stages)
+                assert key in compiled, f"not compiled: {key}"
+
+
+def test_every_two_launch_config_compiles_for_sm89_and_sm90(reports):
+    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
+
+    fields = ("side", "kernel", "block_own", "block_r", "block_long", "num_warps", "num_stages")
+    compiled = {(r["target"], *(r["variant"][f] for f in fields)) for r in reports
+                if "kernel" in r["variant"]}
+    for kernel, _, c in fgs2d.candidate_configs():
+        for target in ("sm_89", "sm_90a"):
+            for side in ("right", "left"):
+                key = (target, side, kernel, c.block_own, c.block_r, c.block_long, c.num_warps,
                        c.num_stages)
                 assert key in compiled, f"not compiled: {key}"
 

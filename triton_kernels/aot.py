@@ -135,8 +135,6 @@ def fused_galore_step_variants(configs, all_dtypes: bool = True):
     """(variant description, signature, constexprs, num_warps, num_stages) for each
     (dot kind, KernelConfig) in ``configs``, both sides, each dot path's dtypes (only the first,
     most register-hungry set per dot kind, and 32-bit offsets only, unless ``all_dtypes``)."""
-    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
-
     for kind, config in configs:
         dtype_sets = FUSED_GALORE_DTYPES[kind] if all_dtypes else FUSED_GALORE_DTYPES[kind][:1]
         # 64-bit offsets (weights of 2**31+ elements) only in the exhaustive run
@@ -160,20 +158,74 @@ def fused_galore_step_variants(configs, all_dtypes: bool = True):
                 yield variant, signature, constexprs, config.num_warps, config.num_stages
 
 
-def _compile_fused_galore_step_variant(job) -> CompileReport:
-    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+def fused_galore_step_2d_variants(configs, all_dtypes: bool = True):
+    """As ``fused_galore_step_variants`` for the two-launch kernels: ``configs`` are
+    fused_galore_step_2d.candidate_configs() entries (kernel, dtype class, TileConfig)."""
+    for kernel, kind, config in configs:
+        dtype_sets = TWOLAUNCH_DTYPES[(kernel, kind)]
+        dtype_sets = dtype_sets if all_dtypes else dtype_sets[:1]
+        index_types = (False, True) if all_dtypes else (False,)
+        for dtypes, index_64 in itertools.product(dtype_sets, index_types):
+            for right in (True, False):
+                if kernel == "project":
+                    g, p, s, w = (_TRITON_TYPES[t] for t in dtypes)
+                    signature = {"G_ptr": f"*{g}", "Proj_ptr": f"*{p}", "ExpAvg_ptr": f"*{s}",
+                                 "ExpAvgSq_ptr": f"*{s}", "Normalized_ptr": f"*{w}"}
+                    ints = ("stride_gm", "stride_projm", "stride_statem", "stride_normm")
+                    floats = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps")
+                    types = {"grad": g, "proj": p, "state": s, "weight": w}
+                else:
+                    w, p = (_TRITON_TYPES[t] for t in dtypes)
+                    signature = {"W_ptr": f"*{w}", "Proj_ptr": f"*{p}",
+                                 "Normalized_ptr": f"*{w}"}  # N in W's type (workspace_dtype)
+                    ints = ("stride_wm", "stride_projm", "stride_normm")
+                    floats = ("decay", "update_scale")
+                    types = {"weight": w, "proj": p}
+                signature.update({k: "i32" for k in (*ints, "M", "N", "R")})
+                signature.update({k: "fp32" for k in floats})
+                constexprs = {"RIGHT": right, "BLOCK_OWN": config.block_own,
+                              "BLOCK_R": config.block_r, "BLOCK_LONG": config.block_long,
+                              "INDEX_64": index_64, "INTERPRETED": False}
+                variant = {"kernel": kernel, "side": "right" if right else "left", **types,
+                           "index_64": index_64, **dataclasses.asdict(config)}
+                yield variant, signature, constexprs, config.num_warps, config.num_stages
 
+
+# dtype sets per (two-launch kernel, dtype class), the most register-hungry first:
+# project: (grad, proj, state, weight = N's workspace type); back: (weight, proj)
+TWOLAUNCH_DTYPES = {
+    ("project", "tc"): [(torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),
+                        (torch.float16, torch.float16, torch.bfloat16, torch.float16)],
+    ("project", "fp32"): [(torch.float32, torch.float32, torch.float32, torch.float32),
+                          (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16)],
+    ("back", "16bit"): [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+    ("back", "fp32"): [(torch.float32, torch.float32)],
+}
+
+
+def _kernel_of(variant: dict):
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
+
+    return {"project": fgs2d._project_adam_kernel,
+            "back": fgs2d._back_project_kernel}.get(variant.get("kernel"),
+                                                    fgs._fused_galore_step_kernel)
+
+
+def _compile_fused_galore_step_variant(job) -> CompileReport:
     capability, (variant, signature, constexprs, warps, stages) = job
-    kernel = fgs._fused_galore_step_kernel
+    kernel = _kernel_of(variant)
     return compile_and_measure(kernel.__name__, kernel, signature, constexprs, capability, warps,
                                stages, variant)
 
 
 def fused_galore_step_reports(configs, capabilities=TARGETS, all_dtypes: bool = True,
-                              jobs: int = 1):
-    """Compiles every variant for every target, ``jobs`` compilations at a time."""
-    work = [(capability, v) for capability in capabilities
-            for v in fused_galore_step_variants(configs, all_dtypes)]
+                              jobs: int = 1, configs_2d=()):
+    """Compiles every variant (one-pass ``configs`` and two-launch ``configs_2d``) for every
+    target, ``jobs`` compilations at a time."""
+    variants = [*fused_galore_step_variants(configs, all_dtypes),
+                *fused_galore_step_2d_variants(configs_2d, all_dtypes)]
+    work = [(capability, v) for capability in capabilities for v in variants]
     if jobs <= 1:
         yield from map(_compile_fused_galore_step_variant, work)
         return
@@ -198,10 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     capabilities = [int(c) for c in args.targets.split(",")]
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
 
     configs = fgs.candidate_configs()
     for report in fused_galore_step_reports(configs, capabilities, not args.main_dtypes,
-                                            args.jobs):
+                                            args.jobs, fgs2d.candidate_configs()):
         print(json.dumps(dataclasses.asdict(report)), flush=True)
     return 0
 

@@ -37,13 +37,14 @@ Limits of this tiling (H100, bf16 G/W/basis, fp32 states): the grid has only ⌈
 programs and each streams its whole strip twice, so r ≤ 32 reaches 1.3-2.3 TB/s of the floor,
 r = 128 about 1.0 TB/s, r = 256 0.8 TB/s and r = 512 0.3 TB/s (the R tile then leaves room for
 only 16 rows per program without spilling). The fp32 path (FMA dots) is 5-10× slower than the
-tensor-core path.
+tensor-core path. Those cases go to the two-launch variant (fused_galore_step_2d.py, 2-D grids,
+N through a low-rank workspace); the public launcher below picks between the two
+(``choose_variant``, overridable by ``variant=`` or LOWRANK_TRITON_VARIANT).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 
 import torch
@@ -53,45 +54,19 @@ import triton.language as tl
 from lowrank_kernels.ops import check_fused_galore_step
 from lowrank_kernels.reference import is_right_side
 
+from . import fused_galore_step_2d
+from ._common import (
+    DEFAULT_NUM_SMS,
+    _dot,
+    _round_to,
+    _tile_offsets,
+    adam_coeffs,
+    dot_kind,
+    needs_index_64,
+)
+from ._common import num_sms as _num_sms
+
 MAX_RANK_PAD = 512  # R_PAD limit: the R/N tile lives in registers (see candidate_configs)
-
-
-@triton.jit
-def _tile_offsets(offs_own, offs_other, stride, RIGHT: tl.constexpr):
-    """Element offsets of an (owned, other) tile of a row-major matrix with row stride ``stride``
-    whose rows are the owned axis on the right side and the other axis on the left side."""
-    if RIGHT:
-        return offs_own[:, None] * stride + offs_other[None, :]
-    else:
-        return offs_own[:, None] + offs_other[None, :] * stride
-
-
-@triton.jit
-def _dot(a, b, acc, INTERPRETED: tl.constexpr):
-    """acc + a·b: tensor cores when both operands share a 16-bit type, else an exact fp32 dot.
-
-    Triton's interpreter multiplies bfloat16 bit patterns in tl.dot (triton-lang/triton#11584,
-    "not supported yet"), so there bfloat16 operands are widened first: products of bf16 values
-    are exact in fp32, so this is the tensor-core arithmetic up to summation order."""
-    if a.dtype != b.dtype or a.dtype == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif INTERPRETED and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
-    """fp32 ``x`` rounded to nearest even in ``dtype`` (what a cast does on the GPU).
-
-    Triton's interpreter truncates fp32 -> bfloat16 casts, so there the rounding is done on the
-    bits first and the cast then only drops zero bits."""
-    if INTERPRETED and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -209,7 +184,6 @@ _BLOCKS: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
     (512, "fp32"): (16, 16, 16, 8, 1),
 }
 MIN_RANK_PAD = 32
-_DEFAULT_NUM_SMS = 132  # H100 SXM; used when no GPU can be queried (interpreter, AOT)
 
 
 def rank_pad(rank: int) -> int:
@@ -218,13 +192,8 @@ def rank_pad(rank: int) -> int:
     return max(MIN_RANK_PAD, triton.next_power_of_2(rank))
 
 
-def dot_kind(grad_dtype: torch.dtype, proj_dtype: torch.dtype) -> str:
-    """'tc' when the projection dot runs on tensor cores, else 'fp32'."""
-    return "tc" if grad_dtype == proj_dtype and grad_dtype != torch.float32 else "fp32"
-
-
 def pick_config(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
-                num_sms: int = _DEFAULT_NUM_SMS) -> KernelConfig:
+                num_sms: int = DEFAULT_NUM_SMS) -> KernelConfig:
     """The launch configuration for an m×n weight at rank ``rank`` (the table above, by padded
     rank and dot kind, with the narrower block when the grid would cover < half the SMs)."""
     r_pad = rank_pad(rank)
@@ -248,48 +217,56 @@ def candidate_configs() -> list[tuple[str, KernelConfig]]:
     return configs
 
 
-def _round_to_fp32(x: float) -> float:
-    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
+VARIANTS = ("auto", "onepass", "twolaunch")
+VARIANT_ENV = "LOWRANK_TRITON_VARIANT"
 
 
-def adam_coeffs(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                scale: float, step: int) -> dict[str, float]:
-    """The per-step scalars of adam.h ``make_adam_coeffs``: computed in double (Python floats),
-    rounded to fp32 once."""
-    bias1 = 1.0 - math.pow(beta1, float(step))
-    bias2 = 1.0 - math.pow(beta2, float(step))
-    alpha_t = lr * math.sqrt(bias2) / bias1
-    decay = 1.0 - lr * weight_decay
-    coeffs = dict(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1,
-                  one_minus_beta2=1.0 - beta2, eps=eps, decay=decay,
-                  update_scale=decay * alpha_t * scale)
-    return {k: _round_to_fp32(v) for k, v in coeffs.items()}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_NUM_SMS
+def choose_variant(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
+                   num_sms: int = DEFAULT_NUM_SMS) -> str:
+    """The 'auto' choice between this one-pass kernel and the two-launch variant
+    (fused_galore_step_2d.py): two launches when the rank is ≥ 128 or above the one-pass limit
+    (the R_PAD-wide register tile leaves room for few rows per program) or when the one-pass grid
+    has fewer programs than the GPU has SMs (the reduction cannot be split, so that grid cannot
+    grow); one pass otherwise, which saves the N round trip and a launch."""
+    if rank_pad(rank) >= 128:
+        return "twolaunch"
+    config = pick_config(m, n, rank, grad_dtype, proj_dtype, num_sms)
+    own = m if is_right_side(m, n) else n
+    return "twolaunch" if triton.cdiv(own, config.block_own) < num_sms else "onepass"
 
 
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
                       beta2: float, eps: float, weight_decay: float, scale: float,
-                      step: int) -> None:
-    """One fused GaLore AdamW step in place (see the module docstring), one kernel launch.
+                      step: int, variant: str | None = None) -> None:
+    """One fused GaLore AdamW step in place (see the module docstring).
 
     Same contract as ``lowrank_kernels.ops.fused_galore_step`` with a dense basis and float
-    weights; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    weights; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. ``variant``: 'onepass' (this
+    file's kernel, one launch, rank ≤ 512), 'twolaunch' (fused_galore_step_2d.py: two launches and
+    a per-call workspace of the low-rank shape for N) or 'auto' (``choose_variant``); None
+    reads the environment variable LOWRANK_TRITON_VARIANT (default 'auto'), for benchmarks.
     """
+    if variant is None:
+        variant = os.environ.get(VARIANT_ENV, "auto")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: expected one of {VARIANTS} (argument or {VARIANT_ENV}), "
+                         f"got {variant!r}")
     rank = check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1,
                                    beta2=beta2, eps=eps, step=step)
     if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
     m, n = param.shape
-    config = pick_config(m, n, rank, grad.dtype, proj.dtype, _num_sms(param.device))
+    sms = _num_sms(param.device)
+    if variant == "auto":
+        variant = choose_variant(m, n, rank, grad.dtype, proj.dtype, sms)
     coeffs = adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step)
-    _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs)
+    if variant == "twolaunch":
+        fused_galore_step_2d.launch(param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs)
+    else:
+        config = pick_config(m, n, rank, grad.dtype, proj.dtype, sms)
+        _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs)
 
 
 def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: int,
@@ -300,7 +277,7 @@ def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: 
     right = is_right_side(m, n)
     grid = (triton.cdiv(m if right else n, config.block_own),)
     if index_64 is None:  # int32 offsets overflow past 2**31 elements (m·n, or r·long)
-        index_64 = max(param.numel(), proj.numel(), exp_avg.numel()) >= 2**31
+        index_64 = needs_index_64(param, proj, exp_avg)
     return _fused_galore_step_kernel[grid](
         param, grad, proj, exp_avg, exp_avg_sq,
         param.stride(0), grad.stride(0), proj.stride(0), exp_avg.stride(0),

@@ -13,9 +13,11 @@
 //          O(lines * d * log d) and no d x d matrix.
 // Tiling (both paths): a tile is a block of consecutive lines. On the fft path each task gathers a
 // tile in Makhoul order (converted to fp32; columns of G through a blocked transpose) into a
-// cache-resident buffer, runs one batched rfft on it and writes the tile's rows of X while adding the tile's per-frequency partial scores. Partials
-// are summed in tile order, so the result does not depend on the thread count.
-// DRAM: G read once, X (lines x d fp32) written once and r/d of it read back for low_rank.
+// cache-resident buffer, runs one batched rfft on it and writes the tile's rows of X while adding
+// the tile's per-frequency partial scores. Partials are summed in tile order, so the result does
+// not depend on the thread count.
+// DRAM: G read once, X (lines x d fp32) written once, and X read once more by the low_rank gather
+// (r scattered columns of every line touch most of its cache lines).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/complex.h>

@@ -225,7 +225,8 @@ def test_select_opcheck():
     torch.library.opcheck(torch.ops.lowrank.dct_select, (grad, 5, 1))
     torch.library.opcheck(torch.ops.lowrank.dct_select, (grad.T.contiguous(), 5, 2),
                           {"method": "dense"})
-    torch.library.opcheck(torch.ops.lowrank.dct_basis, (20, torch.tensor([3, 0], dtype=torch.int32)))
+    indices = torch.tensor([3, 0], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.lowrank.dct_basis, (20, indices))
 
 
 # ------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@
 //          O(lines * d * log d) and no d x d matrix.
 // Tiling (both paths): a tile is a block of consecutive lines. On the fft path each task gathers a
 // tile in Makhoul order (converted to fp32; columns of G through a blocked transpose) into a
-// cache-resident buffer, runs one batched rfft on it and writes the tile's rows of X while adding the tile's per-frequency partial scores. Partials
-// are summed in tile order, so the result does not depend on the thread count.
-// DRAM: G read once, X (lines x d fp32) written once and r/d of it read back for low_rank.
+// cache-resident buffer, runs one batched rfft on it and writes the tile's rows of X while adding
+// the tile's per-frequency partial scores. Partials are summed in tile order, so the result does
+// not depend on the thread count.
+// DRAM: G read once, X (lines x d fp32) written once, and X read once more by the low_rank gather
+// (r scattered columns of every line touch most of its cache lines).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/complex.h>
@@ -155,9 +157,16 @@ void fft_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm, i
   const std::vector<int64_t> order = makhoul_order(d);
   const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
   const auto f32 = grad.options().dtype(at::kFloat);
+  // Twiddles of k = d - j for j = 1, 2, ...: the upper half walked from its end.
+  std::vector<float> cs_upper(static_cast<size_t>(d)), sn_upper(static_cast<size_t>(d));
+  for (int64_t j = 1; j < d; ++j) {
+    cs_upper[j - 1] = tw.cos[d - j];
+    sn_upper[j - 1] = tw.sin[d - j];
+  }
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor in = at::empty({lines_per, d}, f32);
     at::Tensor spec = at::empty({lines_per, bins}, f32.dtype(at::kComplexFloat));
+    std::vector<float> upper_buf(static_cast<size_t>(d));
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t start = tile * lines_per;
       const int64_t len = std::min(lines_per, g.lines - start);
@@ -172,15 +181,21 @@ void fft_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm, i
       const float* v = reinterpret_cast<const float*>(spec_tile.data_ptr<c10::complex<float>>());
       const float* __restrict__ cs = tw.cos.data();
       const float* __restrict__ sn = tw.sin.data();
+      const float* __restrict__ cs_rev = cs_upper.data();
+      const float* __restrict__ sn_rev = sn_upper.data();
+      float* __restrict__ upper = upper_buf.data();
       float* __restrict__ partial = partials + tile * d;
       const int64_t low = std::min(bins, d);
       for (int64_t t = 0; t < len; ++t) {
         const float* __restrict__ vl = v + 2 * t * bins;
         float* __restrict__ x = x_lines + (start + t) * d;
         for (int64_t k = 0; k < low; ++k) x[k] = vl[2 * k] * cs[k] + vl[2 * k + 1] * sn[k];
-        for (int64_t k = low; k < d; ++k) {  // V_k = conj(V_{d-k})
-          x[k] = vl[2 * (d - k)] * cs[k] - vl[2 * (d - k) + 1] * sn[k];
+        // k > d/2: V_k = conj(V_{d-k}). Walk j = d-k upwards (the same stride-2 loads as above,
+        // so it vectorizes) into `upper`, then store it reversed.
+        for (int64_t j = 1; j <= d - low; ++j) {
+          upper[j - 1] = vl[2 * j] * cs_rev[j - 1] - vl[2 * j + 1] * sn_rev[j - 1];
         }
+        for (int64_t j = 1; j <= d - low; ++j) x[d - j] = upper[j - 1];
         add_line_scores(x, d, norm, partial);
       }
     }

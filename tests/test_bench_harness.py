@@ -236,7 +236,7 @@ def test_step_benchmark_runs_its_providers_on_cpu(tmp_path):
                                   "galore-torch", "cuda", "--out", str(out)])
     assert status == 0
     _, rows = harness.read_csv(out)
-    assert {(r["provider"], r["rank"]) for r in rows} == {  # cuda on CPU tensors: skipped
+    assert {(r["provider"], r["rank"]) for r in rows} == {  # cuda: skipped with a message
         (p, r) for p in ("reference", "galore-torch") for r in ("8", "48")}  # 60 capped at 48
     by_provider = {r["provider"]: r for r in rows if r["rank"] == "8"}
     assert float(by_provider["galore-torch"]["vs_galore-torch"]) == 1.0

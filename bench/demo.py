@@ -167,8 +167,14 @@ def _run(steps: int, batch: int, seq: int, out: Path, seed: int, show_progress: 
     initial = memory.build_model(TINY, torch.float32, device="cpu")
     data = batches(corpus(), steps, batch, seq, seed)
     runs = {}
+    failures: dict[str, str] = {}
     for name, make_opt in optimizers(TINY).items():
-        runs[name] = train(name, make_opt, copy.deepcopy(initial), data, show_progress)
+        try:
+            runs[name] = train(name, make_opt, copy.deepcopy(initial), data, show_progress)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+            # one broken optimizer must not hide the others' curves: report it in the table
+            failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            print(f"  {name} failed: {failures[name]}")
     rows = []
     for name, r in runs.items():
         tail = r["loss"][-20:]
@@ -179,6 +185,8 @@ def _run(steps: int, batch: int, seq: int, out: Path, seed: int, show_progress: 
                          [s / 1e3 for s in r["step_ms"][5:]]).median_s * 1e3, 2),
                      "opt_step_ms_median": round(harness.Timing.from_samples(
                          [s / 1e3 for s in r["opt_ms"][5:]]).median_s * 1e3, 3)})
+    rows += [{"optimizer": name, "steps": steps, "error": error}
+             for name, error in failures.items()]
     harness.add_ratios(rows, key="optimizer", baseline="AdamW", value="opt_step_ms_median",
                        group_by=("steps",), column="opt_step_vs_AdamW")
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -279,6 +280,20 @@ def account_q_galore_torch(net, cfg) -> Account:
     return acc
 
 
+@contextlib.contextmanager
+def _meta_safe_generators():
+    """torch.Generator(device="meta") raises ("not an accelerator"); our projectors seed one per
+    parameter. A CPU generator is accepted by torch.randn(..., device="meta"), so hand out that."""
+    real = torch.Generator
+
+    def generator(device=None):
+        meta = device is not None and torch.device(device).type == "meta"
+        return real(device="cpu") if meta else real(device=device or "cpu")
+
+    with mock.patch.object(torch, "Generator", generator):
+        yield
+
+
 # Our presets (lowrank_kernels.optim), written in parallel: each is used when it exists.
 OUR_PRESETS = ("GaLoreAdamW", "QGaLoreAdamW", "DCTAdamW", "FiraAdamW", "LowRankAdamW")
 
@@ -288,11 +303,45 @@ def account_ours(preset: str) -> Callable:
         optim = importlib.import_module("lowrank_kernels.optim")
         if not hasattr(optim, preset):
             raise ImportError(f"lowrank_kernels.optim has no {preset} yet")
+        cls = getattr(optim, preset)
         groups, low_rank, rest = _galore_groups(net, cfg)
-        opt = getattr(optim, preset)(groups, lr=1e-3)
+        try:
+            opt = cls(groups, lr=1e-3)
+            with _meta_safe_generators():
+                opt.step()
+            acc = account_state(f"ours {preset}", rest + low_rank, opt.state)
+            acc.note = f"rank {cfg.rank}"
+            return acc
+        except RuntimeError as exc:  # e.g. a .item() on the projection path
+            meta_error = str(exc).splitlines()[0]
+        # The same optimizer on a real CPU weight of each distinct shape, bytes times the count.
+        acc = Account(f"ours {preset}", note=f"rank {cfg.rank}; real CPU step per distinct shape "
+                                             f"(on meta: {meta_error})")
+        per_shape: dict[tuple[int, int], Account] = {}
+        for p in low_rank:
+            shape = tuple(p.shape)
+            if shape not in per_shape:
+                torch.manual_seed(0)
+                real = torch.nn.Parameter(torch.zeros(shape, dtype=p.dtype))
+                real.grad = torch.randn(shape, dtype=p.dtype)
+                group = {**groups[1], "params": [real], "rank": min(cfg.rank, *shape)}
+                opt = cls([group], lr=1e-3)
+                opt.step()
+                per_shape[shape] = account_state("", [real], opt.state)
+            part = per_shape[shape]
+            acc.weights += part.weights
+            acc.grads_all += part.grads_all
+            acc.grads_layer = max(acc.grads_layer, part.grads_layer)
+            acc.optimizer_state += part.optimizer_state
+            acc.projection += part.projection
+        opt = cls([{"params": rest}], lr=1e-3)  # unprojected parameters: dense states, on meta
         opt.step()
-        acc = account_state(f"ours {preset}", rest + low_rank, opt.state)
-        acc.note = f"rank {cfg.rank}"
+        other = account_state("", rest, opt.state)
+        acc.weights += other.weights
+        acc.grads_all += other.grads_all
+        acc.grads_layer = max(acc.grads_layer, other.grads_layer)
+        acc.optimizer_state += other.optimizer_state
+        acc.projection += other.projection
         return acc
 
     return account

@@ -124,11 +124,9 @@ def _bad(inputs, **changes):
     ("proj_on_cpu", "proj: expected device"),
     ("state_on_cpu", "exp_avg: expected device"),
     ("param_on_cpu", "grad: expected device"),
-    # On the H100 test machine (torch 2.11, C++17 build) this call segfaulted inside the op while
-    # the same call through the CUDA kernel's checks raises cleanly with torch 2.14 here; skipped
-    # (not deleted) until that is understood, since a crash ends the whole pytest session.
-    pytest.param("wrong_state_shape", "exp_avg_sq: expected shape",
-                 marks=pytest.mark.skip(reason="segfaults with torch 2.11 on the GPU machine")),
+    # This case once crashed on the torch 2.11 GPU image inside c10's ArrayRef formatting;
+    # messages now format shapes with lowrank::shape_str (csrc/include/lowrank/checks.h).
+    ("wrong_state_shape", "exp_avg_sq: expected shape"),
     ("rank_too_large", "proj: "),
     ("int_grad", "grad: expected dtype"),
 ])

@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_
   g.d = g.right ? n : m;
   g.lines = g.right ? m : n;
   TORCH_CHECK_VALUE(g.d >= 1 && g.lines >= 1, "grad: expected a non-empty matrix, got shape ",
-                    grad.sizes());
+                    shape_str(grad.sizes()));
   TORCH_CHECK_VALUE(rank >= 1 && rank <= g.d, "rank: expected a value in [1, min(m, n)=", g.d,
                     "], got ", rank);
   TORCH_CHECK_VALUE(norm == 1 || norm == 2, "norm: expected 1 or 2, got ", norm);

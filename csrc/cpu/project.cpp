@@ -30,8 +30,8 @@ at::Tensor project_back(const at::Tensor& low_rank, const at::Tensor& proj, int6
   const StepGeometry g = check_dense_projection(m, n, proj);
   const std::vector<int64_t> want = g.low_rank_shape();
   TORCH_CHECK_VALUE(low_rank.sizes() == at::IntArrayRef(want), "low_rank: expected shape ",
-                    at::IntArrayRef(want), " (", g.right ? "m x r" : "r x n", "), got ",
-                    low_rank.sizes());
+                    shape_str(want), " (", g.right ? "m x r" : "r x n", "), got ",
+                    shape_str(low_rank.sizes()));
   const at::Tensor n32 = low_rank.to(at::kFloat);
   const at::Tensor p32 = proj.to(at::kFloat);
   at::Tensor out = g.right ? at::mm(n32, p32) : at::mm(p32, n32);

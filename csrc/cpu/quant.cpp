@@ -125,7 +125,9 @@ at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scale
     for (int64_t gi = begin; gi < end; ++gi) {
       const GroupQuant p{s[gi], z[gi]};
       const int64_t stop = std::min(numel, (gi + 1) * group_size);
-      for (int64_t k = gi * group_size; k < stop; ++k) dst[k] = dequantize_code(int4_code(codes, k), p);
+      for (int64_t k = gi * group_size; k < stop; ++k) {
+        dst[k] = dequantize_code(int4_code(codes, k), p);
+      }
     }
   });
   return out;
@@ -220,7 +222,8 @@ at::Tensor dequantize_int4_entry(const at::Tensor& packed, const at::Tensor& sca
   const int64_t numel = checked_numel(shape);
   TORCH_CHECK_VALUE(packed.dim() == 1 && packed.size(0) == (numel + 1) / 2,
                     "packed: expected shape [", (numel + 1) / 2, "] (ceil(", numel,
-                    " / 2) bytes for shape ", shape, "), got ", packed.sizes());
+                    " / 2) bytes for shape ", shape_str(shape), "), got ",
+                    shape_str(packed.sizes()));
   check_contiguous(packed, "packed");
   TORCH_CHECK_VALUE(packed.device().is_cpu(), "packed: expected a CPU tensor, got ",
                     packed.device());

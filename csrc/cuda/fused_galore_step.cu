@@ -536,7 +536,8 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad, const at:
                               "param: INT8 weight codes are not supported by the CUDA fused step "
                               "yet; use backend='reference' (or the CPU kernel)");
   TORCH_CHECK_VALUE(g.m < (int64_t{1} << 31) && g.n < (int64_t{1} << 25),
-                    "param: expected fewer than 2^31 rows and 2^25 columns, got ", param.sizes());
+                    "param: expected fewer than 2^31 rows and 2^25 columns, got ",
+                    shape_str(param.sizes()));
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);

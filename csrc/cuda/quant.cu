@@ -221,7 +221,8 @@ at::Tensor dequantize_int4_cuda(const at::Tensor& packed, const at::Tensor& scal
   TORCH_CHECK_VALUE(numel >= 1, "shape: expected at least one element, got ", shape);
   TORCH_CHECK_VALUE(packed.dim() == 1 && packed.size(0) == (numel + 1) / 2,
                     "packed: expected shape [", (numel + 1) / 2, "] (ceil(", numel,
-                    " / 2) bytes for shape ", shape, "), got ", packed.sizes());
+                    " / 2) bytes for shape ", shape_str(shape), "), got ",
+                    shape_str(packed.sizes()));
   check_contiguous(packed, "packed");
   check_cuda_input(packed, "packed");
   check_group_params(scales, numel, group_size, packed.device(), "scales", "INT4 codes");

@@ -7,9 +7,21 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace lowrank {
+
+// "[a, b]" for error messages. Shapes are formatted here rather than through c10's operator<< for
+// ArrayRef: with torch 2.11 on the H100 image that operator, instantiated in this extension,
+// crashed (cuda-gdb: SIGSEGV inside c10::detail::_str<..., c10::ArrayRef<long>>).
+inline std::string shape_str(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(shape[i]);
+  }
+  return out + "]";
+}
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
@@ -45,11 +57,11 @@ inline StepGeometry check_dense_projection(int64_t m, int64_t n, const at::Tenso
   StepGeometry g{m, n, 0, m >= n};
   if (g.right) {
     TORCH_CHECK_VALUE(proj.size(1) == n, "proj: expected shape (r, n=", n,
-                      ") for a right projection (m >= n), got ", proj.sizes());
+                      ") for a right projection (m >= n), got ", shape_str(proj.sizes()));
     g.r = proj.size(0);
   } else {
     TORCH_CHECK_VALUE(proj.size(0) == m, "proj: expected shape (m=", m,
-                      ", r) for a left projection (m < n), got ", proj.sizes());
+                      ", r) for a left projection (m < n), got ", shape_str(proj.sizes()));
     g.r = proj.size(1);
   }
   TORCH_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "proj: rank r=", g.r,
@@ -64,8 +76,8 @@ inline void check_state(const at::Tensor& s, const at::Tensor& param, const Step
                     ": expected dtype float32 or bfloat16, got ", s.scalar_type());
   const std::vector<int64_t> want = g.low_rank_shape();  // named: the message outlives no temp
   TORCH_CHECK_VALUE(s.sizes() == at::IntArrayRef(want), name, ": expected shape ",
-                    at::IntArrayRef(want), " (", g.right ? "m x r" : "r x n", "), got ",
-                    s.sizes());
+                    shape_str(want), " (", g.right ? "m x r" : "r x n", "), got ",
+                    shape_str(s.sizes()));
   check_contiguous(s, name);
 }
 
@@ -134,7 +146,7 @@ inline void check_group_params(const std::optional<at::Tensor>& t, int64_t numel
                     t->scalar_type());
   TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == groups, name,
                     ": expected shape [", groups, "] (ceil(", numel, " / group size ", group_size,
-                    ")), got ", t->sizes());
+                    ")), got ", shape_str(t->sizes()));
   TORCH_CHECK_VALUE(t->device() == device, name, ": expected device ", device, ", got ",
                     t->device());
   check_contiguous(*t, name);
@@ -167,7 +179,7 @@ inline StepGeometry check_fused_galore_step(
   check_float_matrix(grad, "grad");
   check_same_device(grad, param, "grad");
   TORCH_CHECK_VALUE(grad.sizes() == param.sizes(), "grad: expected the shape of param ",
-                    param.sizes(), ", got ", grad.sizes());
+                    shape_str(param.sizes()), ", got ", shape_str(grad.sizes()));
   check_contiguous(grad, "grad");
   check_same_device(proj, param, "proj");
   const int64_t m = param.size(0), n = param.size(1);
@@ -175,14 +187,14 @@ inline StepGeometry check_fused_galore_step(
   if (proj.scalar_type() == at::kByte) {
     TORCH_CHECK_VALUE(exp_avg.dim() == 2 && exp_avg.size(g.right ? 0 : 1) == (g.right ? m : n),
                       "exp_avg: expected shape ", g.right ? "(m, r)" : "(r, n)",
-                      " (its rank sets that of the packed proj), got ", exp_avg.sizes());
+                      " (its rank sets that of the packed proj), got ", shape_str(exp_avg.sizes()));
     g.r = exp_avg.size(g.right ? 1 : 0);
     TORCH_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "exp_avg: rank r=", g.r,
                       " must lie in [1, min(m, n)=", std::min(m, n), "]");
     const int64_t basis_numel = g.r * (g.right ? n : m);
     TORCH_CHECK_VALUE(proj.dim() == 1 && proj.size(0) == (basis_numel + 1) / 2,
                       "proj: expected a 1-D packed INT4 basis of ", (basis_numel + 1) / 2,
-                      " bytes (ceil(", basis_numel, " / 2)), got shape ", proj.sizes());
+                      " bytes (ceil(", basis_numel, " / 2)), got shape ", shape_str(proj.sizes()));
     check_contiguous(proj, "proj");
     check_group_size(proj_group_size, "proj_group_size", /*packed_int4=*/true);
     check_group_params(proj_scales, basis_numel, proj_group_size, param.device(), "proj_scales",

@@ -27,12 +27,14 @@
 namespace lowrank {
 namespace {
 
-// Rows (right) or columns (left) per tile. Each tile re-reads the r x d basis, so a tile spans at
-// least ~2r lines to keep that re-read under half the G traffic; the upper bound keeps enough tiles
-// to balance the cores.
+// Rows (right) or columns (left) per tile. Each tile re-reads the r x d basis (from L2/L3), so a
+// tile spans about r lines: that keeps the re-read at most the G traffic while the fp32 G and
+// back(N) tiles of low-precision weights stay cache-resident (measured on 2048x5504, r=256, bf16:
+// r lines 0.98x the two-GEMM floor, 2r lines 1.05x, r/2 lines 1.21x). The upper bound keeps
+// enough tiles to balance the cores.
 int64_t tile_extent(int64_t lines, int64_t r) {
   const int64_t threads = at::get_num_threads();
-  int64_t extent = std::clamp<int64_t>(2 * r, 64, 1024);
+  int64_t extent = std::clamp<int64_t>(r, 64, 1024);
   const int64_t balanced = (lines + 2 * threads - 1) / (2 * threads);
   extent = std::min(extent, std::max<int64_t>(balanced, 16));
   return std::max<int64_t>(1, std::min(extent, lines));

@@ -7,4 +7,4 @@ bash "$ROOT/scripts/setup_env.sh"
 # shellcheck disable=SC1091
 . "${LOWRANK_VENV:-$ROOT/.venv}/bin/activate"
 cd "$ROOT"
-python bench/bench_cpu_step.py "$@"
+python bench/run_all.py "$@"

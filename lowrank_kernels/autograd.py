@@ -135,7 +135,9 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
 class Int8Linear(nn.Module):
     """nn.Linear with an INT8 weight (Q-GaLore): ``weight`` is a uint8 Parameter (out×in codes,
     requires_grad=False) with buffers ``weight_scales``/``weight_zeros``; after backward the
-    weight gradient is in ``weight.float_grad``."""
+    weight gradient is in ``weight.float_grad``. The weight also carries ``scales``, ``zeros``
+    (aliases of the buffers) and ``group_size``, the convention lowrank_kernels.optim's
+    QGaLoreAdamW (and q-galore-torch) read to step INT8 codes in place."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  group_size: int = 256, device=None, dtype=None) -> None:
@@ -149,6 +151,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_zeros", torch.zeros(groups, device=device))
         self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
                      if bias else None)
+        self._link_quantization_state()
+
+    def _link_quantization_state(self) -> None:
+        # The optimizer rewrites scales/zeros in place through these aliases, so the buffers
+        # (and state_dict) always hold the codes' current quantization parameters.
+        self.weight.scales = self.weight_scales
+        self.weight.zeros = self.weight_zeros
+        self.weight.group_size = self.group_size
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda() replace the buffers: point the weight's aliases at the new ones.
+        module = super()._apply(fn, recurse)
+        self._link_quantization_state()
+        return module
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 256) -> Int8Linear:

@@ -51,6 +51,42 @@ def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
+def _project_tile(G_ptr, Proj_ptr, offs_own, offs_r, own_mask, r_mask, LONG, stride_gm,
+                  stride_projm, acc, RIGHT: tl.constexpr, BLOCK_LONG: tl.constexpr,
+                  INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + Σ_long G[own, long]·basis[long, r]: a tile of R reduced over the whole long axis by
+    one program (no split-K: the Adam epilogue that follows is nonlinear)."""
+    for start in range(0, LONG, BLOCK_LONG):
+        offs_long = start + tl.arange(0, BLOCK_LONG)
+        if INDEX_64:
+            offs_long = offs_long.to(tl.int64)
+        long_mask = offs_long < LONG
+        g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, RIGHT),
+                    mask=own_mask[:, None] & long_mask[None, :], other=0.0)
+        # the basis as a (long, r) tile: Qᵀ on the right, P on the left
+        basis = tl.load(Proj_ptr + tl.trans(_tile_offsets(offs_r, offs_long, stride_projm, RIGHT)),
+                        mask=long_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = _dot(g, basis, acc, INTERPRETED)
+    return acc
+
+
+@triton.jit
+def _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1, beta2,
+               one_minus_beta1, one_minus_beta2, eps, INTERPRETED: tl.constexpr):
+    """Adam on one tile of M and V (fp32 arithmetic, one rounding on store); returns
+    N = M/(√V+ε) in fp32 (masked-out entries are not meaningful)."""
+    exp_avg = tl.load(ExpAvg_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+    exp_avg_sq = tl.load(ExpAvgSq_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+    exp_avg = beta1 * exp_avg + one_minus_beta1 * proj_low
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * proj_low * proj_low
+    tl.store(ExpAvg_ptr + state_offs, _round_to(exp_avg, ExpAvg_ptr.dtype.element_ty, INTERPRETED),
+             mask=state_mask)
+    tl.store(ExpAvgSq_ptr + state_offs,
+             _round_to(exp_avg_sq, ExpAvgSq_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
+    return tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps)
+
+
 def dot_kind(grad_dtype: torch.dtype, proj_dtype: torch.dtype) -> str:
     """'tc' when the projection dot runs on tensor cores, else 'fp32'."""
     return "tc" if grad_dtype == proj_dtype and grad_dtype != torch.float32 else "fp32"

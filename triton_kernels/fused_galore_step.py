@@ -57,7 +57,9 @@ from lowrank_kernels.reference import is_right_side
 from . import fused_galore_step_2d
 from ._common import (
     DEFAULT_NUM_SMS,
+    _adam_tile,
     _dot,
+    _project_tile,
     _round_to,
     _tile_offsets,
     adam_coeffs,
@@ -99,31 +101,17 @@ def _fused_galore_step_kernel(
 
     # 1. R for the owned slice, reduced over the whole long axis by this program alone.
     proj_low = tl.zeros((BLOCK_OWN, R_PAD), dtype=tl.float32)
-    for start in range(0, LONG, BLOCK_LONG):
-        offs_long = start + tl.arange(0, BLOCK_LONG)
-        if INDEX_64:
-            offs_long = offs_long.to(tl.int64)
-        long_mask = offs_long < LONG
-        g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, RIGHT),
-                    mask=own_mask[:, None] & long_mask[None, :], other=0.0)
-        # the basis as a (long, r) tile: Qᵀ on the right, P on the left
-        basis = tl.load(Proj_ptr + tl.trans(_tile_offsets(offs_r, offs_long, stride_projm, RIGHT)),
-                        mask=long_mask[:, None] & r_mask[None, :], other=0.0)
-        proj_low = _dot(g, basis, proj_low, INTERPRETED)
+    proj_low = _project_tile(G_ptr, Proj_ptr, offs_own, offs_r, own_mask, r_mask, LONG,
+                             stride_gm, stride_projm, proj_low, RIGHT, BLOCK_LONG, INDEX_64,
+                             INTERPRETED)
 
     # 2. Adam on the owned slice of M and V (fp32 arithmetic, one rounding on store).
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
-    exp_avg = tl.load(ExpAvg_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
-    exp_avg_sq = tl.load(ExpAvgSq_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
-    exp_avg = beta1 * exp_avg + one_minus_beta1 * proj_low
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * proj_low * proj_low
-    tl.store(ExpAvg_ptr + state_offs, _round_to(exp_avg, ExpAvg_ptr.dtype.element_ty, INTERPRETED),
-             mask=state_mask)
-    tl.store(ExpAvgSq_ptr + state_offs,
-             _round_to(exp_avg_sq, ExpAvgSq_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
+    normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
+                            beta2, one_minus_beta1, one_minus_beta2, eps, INTERPRETED)
     # padding must be exactly 0 (not 0/(0+eps), NaN when eps = 0): it multiplies the basis below
-    normalized = tl.where(state_mask, tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps), 0.0)
+    normalized = tl.where(state_mask, normalized, 0.0)
     w_type = W_ptr.dtype.element_ty
     if w_type != tl.float32:
         normalized = _round_to(normalized, w_type, INTERPRETED)

@@ -76,6 +76,35 @@ def galore_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tenso
     return opt
 
 
+def bench_case(m: int, n: int, r: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
+    """Times floor, ours and galore-torch on one shape and returns the CSV row."""
+    param, grad, basis, exp_avg, exp_avg_sq = make_inputs(m, n, r, dtype)
+    right = m >= n
+    g32, q32 = grad.float(), basis.float()
+    low, full = torch.empty(exp_avg.shape), torch.empty(m, n)
+
+    def floor():  # both GEMMs into preallocated outputs: no allocation or page faults timed
+        torch.mm(g32, q32.T, out=low) if right else torch.mm(q32.T, g32, out=low)
+        torch.mm(low, q32, out=full) if right else torch.mm(q32, low, out=full)
+
+    step = {"n": 0}
+
+    def ours():
+        step["n"] += 1
+        torch.ops.lowrank.fused_galore_step(param, grad, basis, exp_avg, exp_avg_sq, **HYPER,
+                                            step=step["n"])
+
+    opt = galore_optimizer(param, grad, basis, r)
+    floor_ms, _ = median_ms(floor, warmup, repeats)
+    ours_ms, ours_spread = median_ms(ours, warmup, repeats)
+    galore_ms, _ = median_ms(opt.step, warmup, repeats)
+    return dict(m=m, n=n, rank=r, dtype=str(dtype).removeprefix("torch."),
+                threads=torch.get_num_threads(), floor_ms=round(floor_ms, 3),
+                ours_ms=round(ours_ms, 3), ours_spread_ms=round(ours_spread, 3),
+                galore_ms=round(galore_ms, 3), ours_over_floor=round(ours_ms / floor_ms, 3),
+                galore_over_ours=round(galore_ms / ours_ms, 3))
+
+
 def run(cases, warmup: int, repeats: int, csv_path: str | None) -> list[dict]:
     threads = torch.get_num_threads()
     print(f"# CPU: {platform.processor() or platform.machine()}, {threads} threads, "
@@ -84,35 +113,11 @@ def run(cases, warmup: int, repeats: int, csv_path: str | None) -> list[dict]:
           f" {'ours/floor':>10} {'galore/ours':>11}")
     rows = []
     for (m, n), r, dtype in cases:
-        param, grad, basis, exp_avg, exp_avg_sq = make_inputs(m, n, r, dtype)
-        right = m >= n
-        g32, q32 = grad.float(), basis.float()
-        low, full = torch.empty(exp_avg.shape), torch.empty(m, n)
-
-        def floor():  # both GEMMs into preallocated outputs: no allocation or page faults timed
-            torch.mm(g32, q32.T, out=low) if right else torch.mm(q32.T, g32, out=low)
-            torch.mm(low, q32, out=full) if right else torch.mm(q32, low, out=full)
-
-        step = {"n": 0}
-
-        def ours():
-            step["n"] += 1
-            torch.ops.lowrank.fused_galore_step(param, grad, basis, exp_avg, exp_avg_sq, **HYPER,
-                                                step=step["n"])
-
-        opt = galore_optimizer(param, grad, basis, r)
-        floor_ms, _ = median_ms(floor, warmup, repeats)
-        ours_ms, ours_spread = median_ms(ours, warmup, repeats)
-        galore_ms, _ = median_ms(opt.step, warmup, repeats)
-        row = dict(m=m, n=n, rank=r, dtype=str(dtype).removeprefix("torch."), threads=threads,
-                   floor_ms=round(floor_ms, 3), ours_ms=round(ours_ms, 3),
-                   ours_spread_ms=round(ours_spread, 3), galore_ms=round(galore_ms, 3),
-                   ours_over_floor=round(ours_ms / floor_ms, 3),
-                   galore_over_ours=round(galore_ms / ours_ms, 3))
+        row = bench_case(m, n, r, dtype, warmup, repeats)
         rows.append(row)
-        print(f"{f'{m}x{n}':>12} {r:>4} {row['dtype']:>8} {floor_ms:>9.1f} {ours_ms:>9.1f} "
-              f"{galore_ms:>10.1f} {row['ours_over_floor']:>10.2f} {row['galore_over_ours']:>11.2f}",
-              flush=True)
+        print(f"{f'{m}x{n}':>12} {r:>4} {row['dtype']:>8} {row['floor_ms']:>9.1f} "
+              f"{row['ours_ms']:>9.1f} {row['galore_ms']:>10.1f} {row['ours_over_floor']:>10.2f} "
+              f"{row['galore_over_ours']:>11.2f}", flush=True)
     if csv_path:
         os.makedirs(os.path.dirname(csv_path), exist_ok=True)
         with open(csv_path, "w", newline="") as f:

@@ -1,9 +1,15 @@
 """Triton kernels of the Q-GaLore formats (DESIGN.md §4.3-§4.4).
 
     philox_uniform   u[i] = tl.rand(seed, offsets[i])           (the stochastic-rounding stream)
+    quantize_int4/8  per group: s, z from min/max; codes nearest or stochastic (INT4 packed)
+    dequantize_*     x~ = s (q - z)
 
-Tiling: one program per BLOCK consecutive offsets. DRAM traffic: the offsets once (8 B) and u once
-(4 B) per element; nothing else.
+The @triton.jit helpers `group_quant_params`, `stochastic_round_codes` and `dequantize_codes`
+are the Triton form of csrc/include/lowrank/quant.h, for fused kernels to reuse (same fp32
+operations, IEEE divisions, exact round-half-even), so that every backend writes the same codes.
+
+Tiling: philox and dequantize: one program per BLOCK consecutive elements; quantize: one program
+per group (see the section below). DRAM traffic: each input once, each output once.
 """
 
 from __future__ import annotations
@@ -53,6 +59,33 @@ def _round_half_even(y):
 
 
 @triton.jit
+def group_quant_params(lo, hi, MAX_CODE: tl.constexpr):
+    """(s, z) of a group spanning [lo, hi] (lowrank/quant.h). IEEE divisions (tl.div_rn): `/`
+    lowers to an approximate division on GPUs, which would give codes that differ from the
+    CPU's and the reference's. Shared with the fused Q-GaLore step."""
+    scale = tl.div_rn(tl.maximum(hi - lo, 1e-5), MAX_CODE * 1.0)
+    zero = tl.minimum(tl.maximum(-_round_half_even(tl.div_rn(lo, scale)), 0.0), MAX_CODE)
+    return scale, zero
+
+
+@triton.jit
+def stochastic_round_codes(x, scale, zero, philox_seed, offsets, MAX_CODE: tl.constexpr):
+    """clamp(⌊x/s⌋ + [u < frac(x/s)] + z, 0, MAX_CODE) as uint8, u = tl.rand(philox_seed,
+    offsets); philox_seed = seed + 2**32·step and offsets = row-major indices (DESIGN.md §4.4).
+    Shared with the fused Q-GaLore step."""
+    y = tl.div_rn(x, scale)
+    down = tl.floor(y)
+    rounded = down + tl.where(tl.rand(philox_seed, offsets) < y - down, 1.0, 0.0)
+    return tl.minimum(tl.maximum(rounded + zero, 0.0), MAX_CODE).to(tl.uint8)
+
+
+@triton.jit
+def dequantize_codes(q, scale, zero):
+    """s·(q − z) in fp32."""
+    return scale * (q.to(tl.float32) - zero)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, numel, seed, GROUP: tl.constexpr,
                      BLOCK_G: tl.constexpr, MAX_CODE: tl.constexpr, STOCHASTIC: tl.constexpr,
                      PACK_INT4: tl.constexpr):
@@ -65,18 +98,12 @@ def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, numel, seed, GROUP
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
     hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
-    # IEEE divisions (tl.div_rn): `/` lowers to an approximate division on GPUs, which would
-    # give codes that differ from the CPU's and the reference's
-    scale = tl.div_rn(tl.maximum(hi - lo, 1e-5), MAX_CODE * 1.0)
-    zero = tl.minimum(tl.maximum(-_round_half_even(tl.div_rn(lo, scale)), 0.0), MAX_CODE)
-    y = tl.div_rn(x, scale)
+    scale, zero = group_quant_params(lo, hi, MAX_CODE)
     if STOCHASTIC:
-        down = tl.floor(y)
-        u = tl.rand(seed, offs)
-        rounded = down + tl.where(u < y - down, 1.0, 0.0)
+        codes = stochastic_round_codes(x, scale, zero, seed, offs, MAX_CODE)
     else:
-        rounded = _round_half_even(y)
-    codes = tl.minimum(tl.maximum(rounded + zero, 0.0), MAX_CODE).to(tl.uint8)
+        rounded = _round_half_even(tl.div_rn(x, scale))
+        codes = tl.minimum(tl.maximum(rounded + zero, 0.0), MAX_CODE).to(tl.uint8)
     codes = tl.where(mask, codes, 0)
     tl.store(scales_ptr + group, scale)
     tl.store(zeros_ptr + group, zero)
@@ -104,7 +131,7 @@ def _dequantize_kernel(codes_ptr, scales_ptr, zeros_ptr, out_ptr, numel, GROUP: 
     group = offs // GROUP
     scale = tl.load(scales_ptr + group, mask=mask, other=0.0)
     zero = tl.load(zeros_ptr + group, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, scale * (q.to(tl.float32) - zero), mask=mask)
+    tl.store(out_ptr + offs, dequantize_codes(q, scale, zero), mask=mask)
 
 
 DEQUANT_BLOCK = 1024

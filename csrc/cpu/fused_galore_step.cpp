@@ -230,14 +230,15 @@ at::Tensor normalized_low_rank(const at::Tensor& grad, const at::Tensor& basis,
 }
 
 // Rows per pass-2 tile: a multiple of group_size / gcd(n, group_size), so that every tile but
-// the last starts and ends on a group boundary; about 256K elements or a balanced share of m.
+// the last starts and ends on a group boundary; about 256K elements per tile, and a tile count
+// that is a multiple of the thread count so that the cores finish together.
 int64_t group_aligned_rows(int64_t m, int64_t n, int64_t group_size) {
   const int64_t unit = group_size / std::gcd(n, group_size);
   const int64_t threads = at::get_num_threads();
-  int64_t target = std::min<int64_t>((m + 2 * threads - 1) / (2 * threads),
-                                     std::max<int64_t>(1, (int64_t{1} << 18) / n));
-  target = std::max<int64_t>(target, 1);
-  return std::min(m, (target + unit - 1) / unit * unit);
+  int64_t tiles = std::max<int64_t>(threads, (m * n + (int64_t{1} << 18) - 1) >> 18);
+  tiles = (tiles + threads - 1) / threads * threads;
+  const int64_t rows = (m + tiles - 1) / tiles;
+  return std::min(m, (rows + unit - 1) / unit * unit);
 }
 
 // Pass 2 on the rows [row_begin, row_end) whose fp32 back(N) is `back_n` (row-major, n columns).

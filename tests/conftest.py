@@ -2,9 +2,20 @@
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before any @triton.jit runs; the kernels then execute on CPU tensors.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.pop("LOWRANK_BACKEND", None)  # tests choose backends explicitly
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: intra-op threads only add scheduling noise (and minutes on a busy machine).
+    Modules opt in with ``pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,18 +7,12 @@ from cases import mlp_batches, mlp_loss, mlp_param_groups, small_mlp
 import lowrank_kernels as lk
 from lowrank_kernels.optim import GaLoreAdamW, LowRankAdamW, layerwise
 
-pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
+pytestmark = [pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
+              pytest.mark.usefixtures("one_thread")]
 
 ACCUMULATION = 4
 OPTIMIZER_STEPS = 6
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_optimizer(model):

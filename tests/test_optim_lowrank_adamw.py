@@ -12,16 +12,9 @@ from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAd
 from lowrank_kernels.projection import LazyRefresh, SVDFallbackWarning, subspace_overlap
 from lowrank_kernels.projection.svd import top_singular_columns
 
-pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
+pytestmark = [pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
+              pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes: intra-op threads only add scheduling noise (and minutes on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 GALORE_KEYS = dict(rank=6, update_proj_gap=10, scale=0.25, proj_type="std")
 

@@ -296,7 +296,7 @@ void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
       proj_group_size, param_scales, param_zeros, param_group_size, seed);
-  TORCH_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
+  LOWRANK_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
   const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
   const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
   if (param.scalar_type() != at::kByte) {

@@ -24,12 +24,12 @@ at::Tensor project(const at::Tensor& grad, const at::Tensor& proj) {
 
 at::Tensor project_back(const at::Tensor& low_rank, const at::Tensor& proj, int64_t m, int64_t n,
                         double scale) {
-  TORCH_CHECK_VALUE(m >= 1 && n >= 1, "m, n: expected positive sizes, got m=", m, ", n=", n);
+  LOWRANK_CHECK_VALUE(m >= 1 && n >= 1, "m, n: expected positive sizes, got m=", m, ", n=", n);
   check_float_matrix(low_rank, "low_rank");
   check_same_device(proj, low_rank, "proj");
   const StepGeometry g = check_dense_projection(m, n, proj);
   const std::vector<int64_t> want = g.low_rank_shape();
-  TORCH_CHECK_VALUE(low_rank.sizes() == at::IntArrayRef(want), "low_rank: expected shape ",
+  LOWRANK_CHECK_VALUE(low_rank.sizes() == at::IntArrayRef(want), "low_rank: expected shape ",
                     shape_str(want), " (", g.right ? "m x r" : "r x n", "), got ",
                     shape_str(low_rank.sizes()));
   const at::Tensor n32 = low_rank.to(at::kFloat);

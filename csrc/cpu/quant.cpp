@@ -136,17 +136,17 @@ at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scale
 namespace {
 
 void check_quantize_input(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(is_float_dtype(x.scalar_type()),
+  LOWRANK_CHECK_VALUE(is_float_dtype(x.scalar_type()),
                     "x: expected dtype float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.numel() >= 1, "x: expected at least one element");
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  LOWRANK_CHECK_VALUE(x.numel() >= 1, "x: expected at least one element");
+  LOWRANK_CHECK_VALUE(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
 }
 
 at::Tensor philox_uniform_cpu(int64_t seed, const at::Tensor& offsets) {
-  TORCH_CHECK_VALUE(seed >= 0, "seed: expected a value in [0, 2^63 - 1], got ", seed);
-  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
+  LOWRANK_CHECK_VALUE(seed >= 0, "seed: expected a value in [0, 2^63 - 1], got ", seed);
+  LOWRANK_CHECK_VALUE(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
                     "offsets: expected dtype int64 or int32, got ", offsets.scalar_type());
-  TORCH_CHECK_VALUE(offsets.device().is_cpu(), "offsets: expected a CPU tensor, got ",
+  LOWRANK_CHECK_VALUE(offsets.device().is_cpu(), "offsets: expected a CPU tensor, got ",
                     offsets.device());
   const at::Tensor idx = offsets.contiguous();
   at::Tensor out = at::empty(idx.sizes(), idx.options().dtype(at::kFloat));
@@ -207,10 +207,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_cpu(const at::Tenso
 int64_t checked_numel(at::IntArrayRef shape) {
   int64_t numel = 1;
   for (const int64_t d : shape) {
-    TORCH_CHECK_VALUE(d >= 0, "shape: expected non-negative sizes, got ", shape);
+    LOWRANK_CHECK_VALUE(d >= 0, "shape: expected non-negative sizes, got ", shape);
     numel *= d;
   }
-  TORCH_CHECK_VALUE(numel >= 1, "shape: expected at least one element, got ", shape);
+  LOWRANK_CHECK_VALUE(numel >= 1, "shape: expected at least one element, got ", shape);
   return numel;
 }
 
@@ -220,12 +220,12 @@ at::Tensor dequantize_int4_entry(const at::Tensor& packed, const at::Tensor& sca
   check_uint8(packed, "packed", "two INT4 codes per byte");
   check_group_size(group_size, "group_size", /*packed_int4=*/true);
   const int64_t numel = checked_numel(shape);
-  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.size(0) == (numel + 1) / 2,
+  LOWRANK_CHECK_VALUE(packed.dim() == 1 && packed.size(0) == (numel + 1) / 2,
                     "packed: expected shape [", (numel + 1) / 2, "] (ceil(", numel,
                     " / 2) bytes for shape ", shape_str(shape), "), got ",
                     shape_str(packed.sizes()));
   check_contiguous(packed, "packed");
-  TORCH_CHECK_VALUE(packed.device().is_cpu(), "packed: expected a CPU tensor, got ",
+  LOWRANK_CHECK_VALUE(packed.device().is_cpu(), "packed: expected a CPU tensor, got ",
                     packed.device());
   check_group_params(scales, numel, group_size, packed.device(), "scales", "INT4 codes");
   check_group_params(zeros, numel, group_size, packed.device(), "zeros", "INT4 codes");
@@ -273,8 +273,8 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& codes, const at::Tensor& scales
                                const at::Tensor& zeros, int64_t group_size) {
   check_uint8(codes, "codes", "INT8 codes");
   check_group_size(group_size, "group_size", /*packed_int4=*/false);
-  TORCH_CHECK_VALUE(codes.numel() >= 1, "codes: expected at least one element");
-  TORCH_CHECK_VALUE(codes.device().is_cpu(), "codes: expected a CPU tensor, got ",
+  LOWRANK_CHECK_VALUE(codes.numel() >= 1, "codes: expected at least one element");
+  LOWRANK_CHECK_VALUE(codes.device().is_cpu(), "codes: expected a CPU tensor, got ",
                     codes.device());
   check_group_params(scales, codes.numel(), group_size, codes.device(), "scales", "INT8 codes");
   check_group_params(zeros, codes.numel(), group_size, codes.device(), "zeros", "INT8 codes");

@@ -65,7 +65,7 @@
         return __VA_ARGS__();                                                    \
       }                                                                          \
       default:                                                                   \
-        TORCH_CHECK_VALUE(false, "unsupported floating dtype ", DTYPE);          \
+        LOWRANK_CHECK_VALUE(false, "unsupported floating dtype ", DTYPE);          \
     }                                                                            \
   }()
 
@@ -428,7 +428,7 @@ template <MmaKind K, typename TA, bool A_K_CONTIGUOUS, bool SPLIT_A, typename TB
 void launch_gemm(const GemmArgs<TA, TB>& args, const Epilogue& epilogue, cudaStream_t stream) {
   const int64_t tiles = static_cast<int64_t>((args.M + kBlockM - 1) / kBlockM) *
                         ((args.N + kBlockN - 1) / kBlockN);
-  TORCH_CHECK(tiles < (int64_t{1} << 31), "fused_galore_step: too many tiles (", tiles, ")");
+  LOWRANK_CHECK(tiles < (int64_t{1} << 31), "fused_galore_step: too many tiles (", tiles, ")");
   lowrank_gemm_kernel<K, TA, A_K_CONTIGUOUS, SPLIT_A, TB, B_K_CONTIGUOUS, SPLIT_B, Epilogue>
       <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(args, epilogue);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -531,11 +531,11 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad, const at:
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
       proj_group_size, param_scales, param_zeros, param_group_size, seed);
   // check_fused_galore_step puts every tensor on param's device; that device must be a GPU.
-  TORCH_CHECK_VALUE(param.is_cuda(), "param: expected a CUDA tensor, got ", param.device());
-  TORCH_CHECK_NOT_IMPLEMENTED(param.scalar_type() != at::kByte,
+  LOWRANK_CHECK_VALUE(param.is_cuda(), "param: expected a CUDA tensor, got ", param.device());
+  LOWRANK_CHECK_NOT_IMPLEMENTED(param.scalar_type() != at::kByte,
                               "param: INT8 weight codes are not supported by the CUDA fused step "
                               "yet; use backend='reference' (or the CPU kernel)");
-  TORCH_CHECK_VALUE(g.m < (int64_t{1} << 31) && g.n < (int64_t{1} << 25),
+  LOWRANK_CHECK_VALUE(g.m < (int64_t{1} << 31) && g.n < (int64_t{1} << 25),
                     "param: expected fewer than 2^31 rows and 2^25 columns, got ",
                     shape_str(param.sizes()));
   const c10::cuda::CUDAGuard guard(param.device());

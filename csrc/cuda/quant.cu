@@ -125,12 +125,12 @@ unsigned elementwise_blocks(int64_t numel) {
 }
 
 void check_cuda_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
+  LOWRANK_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got ", t.device());
 }
 
 at::Tensor philox_uniform_cuda(int64_t seed, const at::Tensor& offsets) {
-  TORCH_CHECK_VALUE(seed >= 0, "seed: expected a value in [0, 2^63 - 1], got ", seed);
-  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
+  LOWRANK_CHECK_VALUE(seed >= 0, "seed: expected a value in [0, 2^63 - 1], got ", seed);
+  LOWRANK_CHECK_VALUE(offsets.scalar_type() == at::kLong || offsets.scalar_type() == at::kInt,
                     "offsets: expected dtype int64 or int32, got ", offsets.scalar_type());
   check_cuda_input(offsets, "offsets");
   const c10::cuda::CUDAGuard guard(offsets.device());
@@ -153,9 +153,9 @@ at::Tensor philox_uniform_cuda(int64_t seed, const at::Tensor& offsets) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x,
                                                              int64_t group_size, bool pack_int4,
                                                              bool stochastic, int64_t seed) {
-  TORCH_CHECK_VALUE(is_float_dtype(x.scalar_type()),
+  LOWRANK_CHECK_VALUE(is_float_dtype(x.scalar_type()),
                     "x: expected dtype float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.numel() >= 1, "x: expected at least one element");
+  LOWRANK_CHECK_VALUE(x.numel() >= 1, "x: expected at least one element");
   check_cuda_input(x, "x");
   check_group_size(group_size, "group_size", pack_int4);
   check_rounding_seed(seed);
@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x
                                : at::empty(src.sizes(), src.options().dtype(at::kByte));
   const auto f32 = src.options().dtype(at::kFloat);
   at::Tensor scales = at::empty({groups}, f32), zeros = at::empty({groups}, f32);
-  TORCH_CHECK_VALUE(groups <= 0x7fffffff, "x: too many groups for one launch");
+  LOWRANK_CHECK_VALUE(groups <= 0x7fffffff, "x: too many groups for one launch");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int max_code = pack_int4 ? kInt4MaxCode : kInt8MaxCode;
   const uint64_t philox_seed = rounding_philox_seed(seed, /*step=*/0);
@@ -218,8 +218,8 @@ at::Tensor dequantize_int4_cuda(const at::Tensor& packed, const at::Tensor& scal
   check_group_size(group_size, "group_size", /*packed_int4=*/true);
   int64_t numel = 1;
   for (const int64_t d : shape) numel *= d;
-  TORCH_CHECK_VALUE(numel >= 1, "shape: expected at least one element, got ", shape);
-  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.size(0) == (numel + 1) / 2,
+  LOWRANK_CHECK_VALUE(numel >= 1, "shape: expected at least one element, got ", shape);
+  LOWRANK_CHECK_VALUE(packed.dim() == 1 && packed.size(0) == (numel + 1) / 2,
                     "packed: expected shape [", (numel + 1) / 2, "] (ceil(", numel,
                     " / 2) bytes for shape ", shape_str(shape), "), got ",
                     shape_str(packed.sizes()));
@@ -234,7 +234,7 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& codes, const at::Tensor& scale
                                 const at::Tensor& zeros, int64_t group_size) {
   check_uint8(codes, "codes", "INT8 codes");
   check_group_size(group_size, "group_size", /*packed_int4=*/false);
-  TORCH_CHECK_VALUE(codes.numel() >= 1, "codes: expected at least one element");
+  LOWRANK_CHECK_VALUE(codes.numel() >= 1, "codes: expected at least one element");
   check_cuda_input(codes, "codes");
   check_group_params(scales, codes.numel(), group_size, codes.device(), "scales", "INT8 codes");
   check_group_params(zeros, codes.numel(), group_size, codes.device(), "zeros", "INT8 codes");

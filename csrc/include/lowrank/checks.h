@@ -6,15 +6,15 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
+#include <type_traits>
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace lowrank {
 
-// "[a, b]" for error messages. Shapes are formatted here rather than through c10's operator<< for
-// ArrayRef: with torch 2.11 on the H100 image that operator, instantiated in this extension,
-// crashed (cuda-gdb: SIGSEGV inside c10::detail::_str<..., c10::ArrayRef<long>>).
+// "[a, b]" for error messages.
 inline std::string shape_str(at::IntArrayRef shape) {
   std::string out = "[";
   for (size_t i = 0; i < shape.size(); ++i) {
@@ -23,23 +23,58 @@ inline std::string shape_str(at::IntArrayRef shape) {
   return out + "]";
 }
 
+// Error messages are built here as one std::string, never through std::ostream: with torch 2.11
+// on the H100 image, c10::str's stream formatting of integers (and of ArrayRef) instantiated in
+// this extension crashed (cuda-gdb: SIGSEGV inside c10::detail::_str) instead of raising.
+inline void append_message(std::string& out, const char* s) { out += s; }
+inline void append_message(std::string& out, const std::string& s) { out += s; }
+inline void append_message(std::string& out, at::IntArrayRef shape) { out += shape_str(shape); }
+inline void append_message(std::string& out, at::ScalarType t) { out += c10::toString(t); }
+inline void append_message(std::string& out, const at::Device& d) { out += d.str(); }
+inline void append_message(std::string& out, bool b) { out += b ? "true" : "false"; }
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+inline void append_message(std::string& out, T v) { out += std::to_string(v); }
+template <typename T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
+inline void append_message(std::string& out, T v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));
+  out += buf;
+}
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  (append_message(out, args), ...);
+  return out;
+}
+
+}  // namespace lowrank
+
+// TORCH_CHECK_VALUE / TORCH_CHECK with the message built by lowrank::message (no std::ostream).
+#define LOWRANK_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, ::lowrank::message(__VA_ARGS__))
+#define LOWRANK_CHECK(cond, ...) TORCH_CHECK(cond, ::lowrank::message(__VA_ARGS__))
+#define LOWRANK_CHECK_NOT_IMPLEMENTED(cond, ...) \
+  TORCH_CHECK_NOT_IMPLEMENTED(cond, ::lowrank::message(__VA_ARGS__))
+
+namespace lowrank {
+
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
 inline void check_float_matrix(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, ": expected a 2-D tensor, got ", t.dim(), "-D");
-  TORCH_CHECK_VALUE(is_float_dtype(t.scalar_type()), name,
+  LOWRANK_CHECK_VALUE(t.dim() == 2, name, ": expected a 2-D tensor, got ", t.dim(), "-D");
+  LOWRANK_CHECK_VALUE(is_float_dtype(t.scalar_type()), name,
                     ": expected dtype float32, bfloat16 or float16, got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected device ", ref.device(),
+  LOWRANK_CHECK_VALUE(t.device() == ref.device(), name, ": expected device ", ref.device(),
                     " (that of param), got ", t.device());
 }
 
 inline void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_contiguous(), name,
+  LOWRANK_CHECK_VALUE(t.is_contiguous(), name,
                     ": expected a contiguous (row-major) tensor; call .contiguous() first");
 }
 
@@ -56,15 +91,15 @@ inline StepGeometry check_dense_projection(int64_t m, int64_t n, const at::Tenso
   check_float_matrix(proj, "proj");
   StepGeometry g{m, n, 0, m >= n};
   if (g.right) {
-    TORCH_CHECK_VALUE(proj.size(1) == n, "proj: expected shape (r, n=", n,
+    LOWRANK_CHECK_VALUE(proj.size(1) == n, "proj: expected shape (r, n=", n,
                       ") for a right projection (m >= n), got ", shape_str(proj.sizes()));
     g.r = proj.size(0);
   } else {
-    TORCH_CHECK_VALUE(proj.size(0) == m, "proj: expected shape (m=", m,
+    LOWRANK_CHECK_VALUE(proj.size(0) == m, "proj: expected shape (m=", m,
                       ", r) for a left projection (m < n), got ", shape_str(proj.sizes()));
     g.r = proj.size(1);
   }
-  TORCH_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "proj: rank r=", g.r,
+  LOWRANK_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "proj: rank r=", g.r,
                     " must lie in [1, min(m, n)=", std::min(m, n), "]");
   return g;
 }
@@ -72,20 +107,20 @@ inline StepGeometry check_dense_projection(int64_t m, int64_t n, const at::Tenso
 inline void check_state(const at::Tensor& s, const at::Tensor& param, const StepGeometry& g,
                         const char* name) {
   check_same_device(s, param, name);
-  TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, name,
+  LOWRANK_CHECK_VALUE(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, name,
                     ": expected dtype float32 or bfloat16, got ", s.scalar_type());
   const std::vector<int64_t> want = g.low_rank_shape();  // named: the message outlives no temp
-  TORCH_CHECK_VALUE(s.sizes() == at::IntArrayRef(want), name, ": expected shape ",
+  LOWRANK_CHECK_VALUE(s.sizes() == at::IntArrayRef(want), name, ": expected shape ",
                     shape_str(want), " (", g.right ? "m x r" : "r x n", "), got ",
                     shape_str(s.sizes()));
   check_contiguous(s, name);
 }
 
 inline void check_hyperparameters(double beta1, double beta2, double eps, int64_t step) {
-  TORCH_CHECK_VALUE(0.0 <= beta1 && beta1 < 1.0, "beta1: expected a value in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(0.0 <= beta2 && beta2 < 1.0, "beta2: expected a value in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(eps >= 0.0, "eps: expected a value >= 0, got ", eps);
-  TORCH_CHECK_VALUE(step >= 1, "step: expected the already-incremented step (>= 1), got ", step);
+  LOWRANK_CHECK_VALUE(0.0 <= beta1 && beta1 < 1.0, "beta1: expected a value in [0, 1), got ", beta1);
+  LOWRANK_CHECK_VALUE(0.0 <= beta2 && beta2 < 1.0, "beta2: expected a value in [0, 1), got ", beta2);
+  LOWRANK_CHECK_VALUE(eps >= 0.0, "eps: expected a value >= 0, got ", eps);
+  LOWRANK_CHECK_VALUE(step >= 1, "step: expected the already-incremented step (>= 1), got ", step);
 }
 
 // ---- DCT indices (DESIGN.md §4.5) ----
@@ -94,20 +129,20 @@ inline void check_hyperparameters(double beta1, double beta2, double eps, int64_
 // reading device memory would cost a host sync per call, so GPU callers rely on dct_select (which
 // only produces valid indices) or on ops.check_dct_indices.
 inline void check_dct_indices(const at::Tensor& indices, int64_t d, const char* name) {
-  TORCH_CHECK_VALUE(indices.dim() == 1, name, ": expected a 1-D tensor of DCT row indices, got ",
+  LOWRANK_CHECK_VALUE(indices.dim() == 1, name, ": expected a 1-D tensor of DCT row indices, got ",
                     indices.dim(), "-D");
-  TORCH_CHECK_VALUE(indices.scalar_type() == at::kInt, name, ": expected dtype int32, got ",
+  LOWRANK_CHECK_VALUE(indices.scalar_type() == at::kInt, name, ": expected dtype int32, got ",
                     indices.scalar_type());
   const int64_t r = indices.size(0);
-  TORCH_CHECK_VALUE(r >= 1 && r <= d, name, ": rank r=", r, " must lie in [1, d=", d, "]");
+  LOWRANK_CHECK_VALUE(r >= 1 && r <= d, name, ": rank r=", r, " must lie in [1, d=", d, "]");
   if (!indices.device().is_cpu()) return;
   const at::Tensor host = indices.contiguous();
   const int32_t* idx = host.data_ptr<int32_t>();
   std::vector<bool> seen(static_cast<size_t>(d), false);
   for (int64_t j = 0; j < r; ++j) {
-    TORCH_CHECK_VALUE(idx[j] >= 0 && idx[j] < d, name, ": index ", idx[j], " at position ", j,
+    LOWRANK_CHECK_VALUE(idx[j] >= 0 && idx[j] < d, name, ": index ", idx[j], " at position ", j,
                       " is outside [0, d=", d, ")");
-    TORCH_CHECK_VALUE(!seen[idx[j]], name, ": index ", idx[j], " is repeated (position ", j, ")");
+    LOWRANK_CHECK_VALUE(!seen[idx[j]], name, ": index ", idx[j], " is repeated (position ", j, ")");
     seen[idx[j]] = true;
   }
 }
@@ -130,8 +165,8 @@ namespace lowrank {
 
 // INT4 groups must hold whole bytes (an even size) so that no byte is shared by two groups.
 inline void check_group_size(int64_t group_size, const char* name, bool packed_int4) {
-  TORCH_CHECK_VALUE(group_size >= 1, name, ": expected a positive group size, got ", group_size);
-  TORCH_CHECK_VALUE(!packed_int4 || group_size % 2 == 0, name,
+  LOWRANK_CHECK_VALUE(group_size >= 1, name, ": expected a positive group size, got ", group_size);
+  LOWRANK_CHECK_VALUE(!packed_int4 || group_size % 2 == 0, name,
                     ": expected an even group size for packed INT4 codes (two per byte), got ",
                     group_size);
 }
@@ -140,25 +175,25 @@ inline void check_group_size(int64_t group_size, const char* name, bool packed_i
 inline void check_group_params(const std::optional<at::Tensor>& t, int64_t numel,
                                int64_t group_size, const at::Device& device, const char* name,
                                const char* what) {
-  TORCH_CHECK_VALUE(t.has_value(), name, ": required with ", what);
+  LOWRANK_CHECK_VALUE(t.has_value(), name, ": required with ", what);
   const int64_t groups = num_groups(numel, group_size);
-  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+  LOWRANK_CHECK_VALUE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
                     t->scalar_type());
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == groups, name,
+  LOWRANK_CHECK_VALUE(t->dim() == 1 && t->size(0) == groups, name,
                     ": expected shape [", groups, "] (ceil(", numel, " / group size ", group_size,
                     ")), got ", shape_str(t->sizes()));
-  TORCH_CHECK_VALUE(t->device() == device, name, ": expected device ", device, ", got ",
+  LOWRANK_CHECK_VALUE(t->device() == device, name, ": expected device ", device, ", got ",
                     t->device());
   check_contiguous(*t, name);
 }
 
 inline void check_rounding_seed(int64_t seed) {
-  TORCH_CHECK_VALUE(seed >= 0 && seed <= kMaxRoundingSeed,
+  LOWRANK_CHECK_VALUE(seed >= 0 && seed <= kMaxRoundingSeed,
                     "seed: expected a value in [0, 2^32 - 1], got ", seed);
 }
 
 inline void check_uint8(const at::Tensor& t, const char* name, const char* what) {
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kByte, name, ": expected dtype uint8 (", what,
+  LOWRANK_CHECK_VALUE(t.scalar_type() == at::kByte, name, ": expected dtype uint8 (", what,
                     "), got ", t.scalar_type());
 }
 
@@ -173,26 +208,26 @@ inline StepGeometry check_fused_galore_step(
     const std::optional<at::Tensor>& param_scales, const std::optional<at::Tensor>& param_zeros,
     int64_t param_group_size, int64_t seed) {
   const bool int8_weight = param.scalar_type() == at::kByte;
-  TORCH_CHECK_VALUE(param.dim() == 2, "param: expected a 2-D tensor, got ", param.dim(), "-D");
+  LOWRANK_CHECK_VALUE(param.dim() == 2, "param: expected a 2-D tensor, got ", param.dim(), "-D");
   if (!int8_weight) check_float_matrix(param, "param");
   check_contiguous(param, "param");
   check_float_matrix(grad, "grad");
   check_same_device(grad, param, "grad");
-  TORCH_CHECK_VALUE(grad.sizes() == param.sizes(), "grad: expected the shape of param ",
+  LOWRANK_CHECK_VALUE(grad.sizes() == param.sizes(), "grad: expected the shape of param ",
                     shape_str(param.sizes()), ", got ", shape_str(grad.sizes()));
   check_contiguous(grad, "grad");
   check_same_device(proj, param, "proj");
   const int64_t m = param.size(0), n = param.size(1);
   StepGeometry g{m, n, 0, m >= n};
   if (proj.scalar_type() == at::kByte) {
-    TORCH_CHECK_VALUE(exp_avg.dim() == 2 && exp_avg.size(g.right ? 0 : 1) == (g.right ? m : n),
+    LOWRANK_CHECK_VALUE(exp_avg.dim() == 2 && exp_avg.size(g.right ? 0 : 1) == (g.right ? m : n),
                       "exp_avg: expected shape ", g.right ? "(m, r)" : "(r, n)",
                       " (its rank sets that of the packed proj), got ", shape_str(exp_avg.sizes()));
     g.r = exp_avg.size(g.right ? 1 : 0);
-    TORCH_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "exp_avg: rank r=", g.r,
+    LOWRANK_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "exp_avg: rank r=", g.r,
                       " must lie in [1, min(m, n)=", std::min(m, n), "]");
     const int64_t basis_numel = g.r * (g.right ? n : m);
-    TORCH_CHECK_VALUE(proj.dim() == 1 && proj.size(0) == (basis_numel + 1) / 2,
+    LOWRANK_CHECK_VALUE(proj.dim() == 1 && proj.size(0) == (basis_numel + 1) / 2,
                       "proj: expected a 1-D packed INT4 basis of ", (basis_numel + 1) / 2,
                       " bytes (ceil(", basis_numel, " / 2)), got shape ", shape_str(proj.sizes()));
     check_contiguous(proj, "proj");
@@ -206,25 +241,25 @@ inline StepGeometry check_fused_galore_step(
     const bool dct = at::isIntegralType(proj.scalar_type(), /*includeBool=*/false);
     g = dct ? check_dct_projection(m, n, proj) : check_dense_projection(m, n, proj);
     check_contiguous(proj, "proj");
-    TORCH_CHECK_VALUE(!proj_scales && !proj_zeros,
+    LOWRANK_CHECK_VALUE(!proj_scales && !proj_zeros,
                       "proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj");
   }
   check_state(exp_avg, param, g, "exp_avg");
   check_state(exp_avg_sq, param, g, "exp_avg_sq");
-  TORCH_CHECK_VALUE(!exp_avg.is_same(exp_avg_sq), "exp_avg_sq: must not alias exp_avg");
+  LOWRANK_CHECK_VALUE(!exp_avg.is_same(exp_avg_sq), "exp_avg_sq: must not alias exp_avg");
   if (int8_weight) {
     check_group_size(param_group_size, "param_group_size", /*packed_int4=*/false);
     check_group_params(param_scales, m * n, param_group_size, param.device(), "param_scales",
                        "INT8 (uint8) param codes");
     check_group_params(param_zeros, m * n, param_group_size, param.device(), "param_zeros",
                        "INT8 (uint8) param codes");
-    TORCH_CHECK_VALUE(!param_scales->is_same(*param_zeros),
+    LOWRANK_CHECK_VALUE(!param_scales->is_same(*param_zeros),
                       "param_zeros: must not alias param_scales");
     check_rounding_seed(seed);
-    TORCH_CHECK_VALUE(step <= kMaxRoundingStep, "step: expected a value <= 2^31 - 1, got ",
+    LOWRANK_CHECK_VALUE(step <= kMaxRoundingStep, "step: expected a value <= 2^31 - 1, got ",
                       step);
   } else {
-    TORCH_CHECK_VALUE(!param_scales && !param_zeros,
+    LOWRANK_CHECK_VALUE(!param_scales && !param_zeros,
                       "param_scales/param_zeros: only valid with INT8 (uint8) param codes");
   }
   check_hyperparameters(beta1, beta2, eps, step);

@@ -140,6 +140,26 @@ def _check_state(s: torch.Tensor, param: torch.Tensor, shape: tuple[int, int], n
     _check_contiguous(s, name)
 
 
+def check_project(grad: torch.Tensor, proj: torch.Tensor) -> int:
+    """Validates project's arguments (mirrors csrc/cpu/project.cpp); returns the rank."""
+    _check_float_matrix(grad, "grad")
+    _check_same_device(proj, grad, "proj")
+    return check_dense_projection(*grad.shape, proj)
+
+
+def check_project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: int) -> int:
+    """Validates project_back's arguments (mirrors csrc/cpu/project.cpp); returns the rank."""
+    if m < 1 or n < 1:
+        raise ValueError(f"m, n: expected positive sizes, got m={m}, n={n}")
+    _check_float_matrix(low_rank, "low_rank")
+    _check_same_device(proj, low_rank, "proj")
+    rank = check_dense_projection(m, n, proj)
+    if tuple(low_rank.shape) != low_rank_shape(m, n, rank):
+        raise ValueError(f"low_rank: expected shape {list(low_rank_shape(m, n, rank))}, "
+                         f"got {list(low_rank.shape)}")
+    return rank
+
+
 def check_hyperparameters(beta1: float, beta2: float, eps: float, step: int) -> None:
     if not 0.0 <= beta1 < 1.0:
         raise ValueError(f"beta1: expected a value in [0, 1), got {beta1}")
@@ -211,8 +231,7 @@ def project(grad: torch.Tensor, proj: torch.Tensor, *, backend: str | None = Non
     Differentiable in both arguments.
     """
     if resolve_backend("project", grad.device, backend) == "reference":
-        _check_float_matrix(grad, "grad")
-        check_dense_projection(*grad.shape, proj)
+        check_project(grad, proj)
         return reference.project(grad, proj)
     return torch.ops.lowrank.project(grad, proj)
 
@@ -221,10 +240,7 @@ def project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: int, sca
                  *, backend: str | None = None) -> torch.Tensor:
     """Maps a low-rank tensor back to the m×n weight space, in fp32: scale·N Q or scale·P N."""
     if resolve_backend("project_back", low_rank.device, backend) == "reference":
-        rank = check_dense_projection(m, n, proj)
-        if tuple(low_rank.shape) != low_rank_shape(m, n, rank):
-            raise ValueError(f"low_rank: expected shape {list(low_rank_shape(m, n, rank))}, "
-                             f"got {list(low_rank.shape)}")
+        check_project_back(low_rank, proj, m, n)
         return reference.project_back(low_rank, proj, m, n, scale)
     return torch.ops.lowrank.project_back(low_rank, proj, m, n, scale)
 
@@ -335,18 +351,12 @@ if _extension.AVAILABLE:
 
     @torch.library.register_fake("lowrank::project")
     def _project_fake(grad, proj):
-        _check_float_matrix(grad, "grad")
-        _check_same_device(proj, grad, "proj")
-        rank = check_dense_projection(*grad.shape, proj)
+        rank = check_project(grad, proj)
         return grad.new_empty(low_rank_shape(*grad.shape, rank), dtype=torch.float32)
 
     @torch.library.register_fake("lowrank::project_back")
     def _project_back_fake(low_rank, proj, m, n, scale):
-        _check_float_matrix(low_rank, "low_rank")
-        rank = check_dense_projection(m, n, proj)
-        if tuple(low_rank.shape) != low_rank_shape(m, n, rank):
-            raise ValueError(f"low_rank: expected shape {list(low_rank_shape(m, n, rank))}, "
-                             f"got {list(low_rank.shape)}")
+        check_project_back(low_rank, proj, m, n)
         return low_rank.new_empty((m, n), dtype=torch.float32)
 
     @torch.library.register_fake("lowrank::fused_galore_step")

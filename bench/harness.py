@@ -141,13 +141,35 @@ def time_cpu(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7,
     return Timing.from_samples(samples)
 
 
+_GPU_WARM: set[int] = set()
+
+
+def warm_gpu(seconds: float = 1.0) -> None:
+    """Runs bf16 matmuls for ``seconds`` so that the GPU's clocks have ramped up before the first
+    provider is timed (an idle H100 starts at a few hundred MHz and the first do_bench of a cold
+    GPU read up to 1.5x slow). Once per current device and process."""
+    index = torch.cuda.current_device()
+    if index in _GPU_WARM:
+        return
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    _GPU_WARM.add(index)
+
+
 def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
     """Times ``fn`` on the current CUDA device with triton.testing.do_bench.
 
     do_bench flushes L2 between calls, so the time includes the DRAM traffic a step really has
-    (a weight that stayed in L2 from the previous call would flatter the kernel).
+    (a weight that stayed in L2 from the previous call would flatter the kernel). The first call
+    in a process warms the GPU's clocks first (``warm_gpu``).
     """
     from triton.testing import do_bench
+
+    warm_gpu()
 
     q1, med, q3 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
     runs = max(1, int(rep_ms / max(med, 1e-3)))  # about what do_bench repeated (not returned)

@@ -17,6 +17,7 @@ float copy of it:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -31,6 +32,9 @@ _BLOCK_ELEMENTS = 1 << 20  # elements of W̃ alive at a time on the blocked path
 def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
     name = backend or "auto"
     if name == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1 "
+                             f"for CPU tensors), got x on {x.device}")
         return True
     if name == "auto":
         return x.is_cuda and ops._triton_importable()

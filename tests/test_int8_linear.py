@@ -32,12 +32,14 @@ def plain(x, codes, scales, zeros, bias, group_size):
 @pytest.mark.parametrize("batch,k,n,group_size", SHAPES, ids=str)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_int8_linear_forward_backward_match_plain_torch(batch, k, n, group_size, backend):
-    codes, scales, zeros, bias = make_layer(k, n, group_size)
+    # the Triton kernel runs on the GPU when there is one, else in the interpreter (conftest)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    codes, scales, zeros, bias = (t.to(device) for t in make_layer(k, n, group_size))
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(*batch, k, generator=gen, requires_grad=True)
+    x = torch.randn(*batch, k, generator=gen).to(device).requires_grad_(True)
     b = bias.clone().requires_grad_(True)
     y = autograd.int8_linear(x, codes, scales, zeros, b, group_size, backend=backend)
-    dy = torch.randn(y.shape, generator=gen)
+    dy = torch.randn(y.shape, generator=gen).to(device)
     y.backward(dy)
     x_ref, w_ref, b_ref, y_ref = plain(x, codes, scales, zeros, bias, group_size)
     y_ref.backward(dy)

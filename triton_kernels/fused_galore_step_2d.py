@@ -218,12 +218,14 @@ def candidate_configs() -> list[tuple[str, str, TileConfig]]:
 
 
 def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
-           index_64: bool | None = None) -> None:
-    """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs)."""
+           index_64: bool | None = None,
+           configs: tuple[TileConfig, TileConfig] | None = None) -> None:
+    """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs).
+    ``configs``: (launch A, launch B) in place of ``pick_configs`` (bench/tune_triton_step.py)."""
     m, n = param.shape
     right = is_right_side(m, n)
     own, long = (m, n) if right else (n, m)
-    project, back = pick_configs(rank, param.dtype, grad.dtype, proj.dtype)
+    project, back = configs or pick_configs(rank, param.dtype, grad.dtype, proj.dtype)
     normalized = torch.empty(exp_avg.shape, dtype=workspace_dtype(param.dtype),
                              device=param.device)
     if index_64 is None:

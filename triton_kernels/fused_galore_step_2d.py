@@ -163,34 +163,40 @@ class TileConfig:
     num_stages: int
 
 
-# Launch A per (dot kind, BLOCK_R): the rank is covered by tiles of at most 128 columns (a wider
-# tile only lowers the number of programs). Its Adam epilogue holds R, M, V and N of the tile at
-# once (4·BLOCK_OWN·BLOCK_R / threads fp32 registers), so 64×128 needs 8 warps (4 spill on sm_90).
-# Shared memory is num_stages × (G chunk + basis chunk), kept under sm_89's 99 KiB so one table
-# serves Ada and Hopper. The fp32 ("ieee" FMA) dot, the slow exact path, keeps one small tile
-# (its operands live in registers; one configuration keeps the AOT test short) at 8 warps (at 4,
-# the bf16-G/fp32-basis variant with 64-bit offsets spills a few bytes).
+# Launch A per (dot kind, BLOCK_R). Its Adam epilogue holds R, M, V and N of the tile at once
+# (4·BLOCK_OWN·BLOCK_R / threads fp32 registers), hence 8 warps for the 128×128 tile. Shared memory
+# is num_stages × (G chunk + basis chunk), kept under sm_89's 99 KiB so one table serves Ada and
+# Hopper. The fp32 ("ieee" FMA) dot, the slow exact path, keeps one small tile (its operands live
+# in registers; one configuration keeps the AOT test short) at 8 warps (at 4, the bf16-G/fp32-basis
+# variant with 64-bit offsets spills a few bytes).
 # Launch B per W's dtype class ("16bit": tensor cores, "fp32": FMA): a 128×128 W tile (64 fp32
-# accumulators per thread at 8 warps), K = r in chunks of 32.
-# Not yet tuned on a GPU; every entry is checked spill-free for sm_89 and sm_90 by
-# tests/test_triton_aot.py.
+# accumulators per thread at 8 warps), K = r in chunks of 64.
+# Tuned on an H100 (bf16, bench/tune_triton_step.py, bench/results/tune_triton_step_h100.txt):
+# 64×64 rank tiles win up to r = 256 and 128×128 above, 1.2-1.4x faster than the first, untuned
+# table at 4096×11008, 11008×4096 and 4096×4096, r = 128-1024. Every entry is checked spill-free
+# for sm_89 and sm_90 by tests/test_triton_aot.py.
 _PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     ("tc", 32): TileConfig(block_own=64, block_r=32, block_long=128, num_warps=4, num_stages=3),
     ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=4, num_stages=4),
-    ("tc", 128): TileConfig(block_own=64, block_r=128, block_long=64, num_warps=8, num_stages=3),
+    ("tc", 128): TileConfig(block_own=128, block_r=128, block_long=64, num_warps=8, num_stages=3),
     ("fp32", 32): TileConfig(block_own=64, block_r=32, block_long=32, num_warps=8, num_stages=2),
 }
 _BACK_BLOCKS: dict[str, TileConfig] = {
-    "16bit": TileConfig(block_own=128, block_r=32, block_long=128, num_warps=8, num_stages=3),
+    "16bit": TileConfig(block_own=128, block_r=64, block_long=128, num_warps=8, num_stages=3),
     "fp32": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=4, num_stages=2),
 }
 MIN_BLOCK_R = 32
 MAX_BLOCK_R = {"tc": 128, "fp32": 32}  # per dot kind
+WIDE_RANK_TILE_FROM = 512  # tensor-core launch A: 64-wide rank tiles below this rank, 128 from it
 
 
 def project_block_r(rank: int, kind: str) -> int:
-    """Launch A's rank tile: the next power of two of r, clamped to [32, MAX_BLOCK_R[kind]]."""
-    return min(MAX_BLOCK_R[kind], max(MIN_BLOCK_R, triton.next_power_of_2(rank)))
+    """Launch A's rank tile: the next power of two of r, clamped to [32, MAX_BLOCK_R[kind]],
+    and 64 for tensor-core ranks 65..511 (measured faster than 128 there: twice the programs)."""
+    block = min(MAX_BLOCK_R[kind], max(MIN_BLOCK_R, triton.next_power_of_2(rank)))
+    if kind == "tc" and rank < WIDE_RANK_TILE_FROM:
+        block = min(block, 64)
+    return block
 
 
 def weight_kind(weight_dtype: torch.dtype) -> str:

@@ -134,7 +134,7 @@ def test_ranks_above_the_one_pass_limit_go_to_two_launches():
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="a minute in the interpreter; rank tiling is covered "
-                    "by r=130 (two rank tiles) above")
+                    "by r=130 (several rank tiles) above")
 def test_two_launch_variant_runs_ranks_above_the_one_pass_limit():
     inputs = step_inputs(540, 520, 513, weight_dtype=BF16, proj_dtype=BF16, device=DEVICE)
     out = inputs.clone()

@@ -4,8 +4,10 @@
 
 Stages (a progress bar over them, and one inside the slow ones):
   1. DRAM-traffic model for every model size (bench/traffic.py)
-  2. memory accounting for llama-7b and llama-60m (bench/memory.py)
-  3. the accounting checked against a real run's resident set (llama-60m shapes, 1 layer)
+  2. memory accounting for llama-7b and llama-60m (bench/memory.py): every optimizer, ours
+     included (their init_state on meta tensors), with layer-wise rows
+  3. the accounting checked against a real run's resident set (llama-60m shapes, 1 layer):
+     weights, gradients and optimizer state of each optimizer that can step here
   4. one optimizer step on CPU at llama-60m MLP shapes: ours (C++), reference, galore-torch,
      against galore-torch in the same run (and bench/bench_cpu_step.py when it exists)
   5. the GPU step benchmark (bench/bench_gpu_step.py), only when CUDA is available
@@ -66,9 +68,9 @@ def stage_memory(out: Path) -> str:
     # seconds even at 7B.
     for name in ("llama-7b", "llama-60m"):
         cfg = harness.model(name)
-        rows = [a.row() for a in harness.progress(
-            memory.accounting(name, torch.bfloat16, list(memory.ACCOUNTANTS), verbose=False),
-            desc=f"memory {name}")]
+        rows = [a.row() for key in harness.progress(list(memory.ACCOUNTANTS),
+                                                    desc=f"memory {name}")
+                for a in memory.accounting(name, torch.bfloat16, [key], verbose=False)]
         harness.write_csv(out / f"memory_{name}_bf16.csv", rows, harness.machine_info("cpu"))
         parts.append(f"**{name}** ({cfg.total_params() / 1e9:.2f} B parameters, bf16, rank "
                      f"{cfg.rank}):\n\n" + _memory_table(rows))

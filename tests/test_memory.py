@@ -95,3 +95,30 @@ def test_layerwise_rows_hold_only_the_largest_gradient():
     assert layerwise.grads_held == 2 * TINY.vocab * TINY.hidden  # embedding / lm_head, bf16
     assert plain.grads_held == 2 * TINY.total_params()
     assert plain.total - layerwise.total == plain.grads_held - layerwise.grads_held
+
+
+@pytest.mark.parametrize("key", ["ours-GaLoreAdamW", "ours-GaLoreAdamW-layerwise"])
+def test_gradients_held_during_backward_are_the_accounted_ones(key):
+    """Observed, not assumed: at every gradient's arrival, the bytes of all gradients alive
+    (hooks registered before the layer-wise trainer's, so they see the new gradient before it is
+    stepped and freed) peak at the accounted grads_held."""
+    pytest.importorskip("transformers")
+    (meta,) = memory.accounting(TINY.name, torch.bfloat16, [key], verbose=False,
+                                model_cfg=TINY)
+    torch.manual_seed(0)
+    net = memory._model_for(key, TINY, torch.bfloat16, device="cpu")
+    params = list(net.parameters())
+    alive = []
+
+    def observe(_):
+        alive.append(sum(memory._nbytes(p.grad) for p in params if p.grad is not None))
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(observe)
+    memory.build_optimizer(key, net, TINY)
+    tokens = torch.randint(0, TINY.vocab, (2, 9))
+    logits = net(tokens[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.float().reshape(-1, TINY.vocab),
+                                      tokens[:, 1:].reshape(-1)).backward()
+    assert len(alive) == len(params)
+    assert max(alive) == meta.grads_held

@@ -277,12 +277,11 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-DCTAdamW-layerwise": OurConfig("ours DCTAdamW layer-wise", "DCTAdamW",
                                          layerwise=True),
 }
-# what the Q-GaLore recipe changes from GaLore's group keys is in the preset itself; DCTAdamW
-# keeps its own update_proj_gap (1: indices re-chosen every step)
-_GALORE_RECIPE_KEYS = ("update_proj_gap",)
 
 
 def _groups(net, cfg, recipe_keys: bool = True) -> tuple[list[dict], list, list]:
+    """GaLore's grouping; ``recipe_keys=False`` leaves update_proj_gap to the preset (DCTAdamW:
+    1, indices re-chosen every step)."""
     low_rank, rest = split_params(net)
     group = {"params": low_rank, "rank": cfg.rank, "scale": 0.25, "proj_type": "std"}
     if recipe_keys:

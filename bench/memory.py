@@ -1,30 +1,49 @@
 """Memory accounting of a LLaMA model under each optimizer, from the optimizers' own allocation.
 
-    python bench/memory.py --model llama-7b [--dtype bf16] [--measure]
+    python bench/memory.py --model llama-7b [--dtype bf16] [--measure] [--csv]
 
 The model is built on the meta device (transformers LlamaForCausalLM when installed, else
 nn.Linear/nn.Embedding modules from bench.harness.MODELS), every parameter gets a meta gradient,
-and each optimizer runs its own state initialisation on those meta tensors (for most, one real
-``step()``). The state tensors it allocated are then summed by category:
+and each optimizer runs its own state initialisation on those meta tensors. The state tensors it
+allocated are then summed by category (bytes = numel × element size of each tensor):
 
-  weights        parameter storage (INT8 codes + group scales/zeros for q-galore-torch)
-  grads (all)    every gradient held at once (normal training: one per parameter)
+  weights        parameter storage (INT8 codes + fp32 group scales/zeros for Int8Linear weights,
+                 q-galore-torch's codes + its scales/zeros)
+  grads (all)    every gradient held at once (normal training: one per parameter; the
+                 ``float_grad`` of INT8 codes, in the activation dtype)
   grads (layer)  the largest single gradient (layer-wise training steps each weight from a hook)
+  grads held     grads (all), or grads (layer) for a layer-wise row
   optimizer      moment buffers (exp_avg, exp_avg_sq, bitsandbytes state1/2 + absmax + qmaps)
   projection     projection state (GaLore basis, quantised basis + scales/zeros, DCT indices)
 
-GaLore-style optimizers project the attention and MLP nn.Linear weights (the GaLore recipe,
-rank from the model table); embeddings, lm_head and norms get plain AdamW states.
+How each optimizer allocates on meta:
+  torch AdamW, galore-torch   one ``step()`` on meta tensors (galore-torch's SVD runs on meta)
+  bnb AdamW8bit               its own ``init_state`` per parameter (its kernels need real data)
+  ours (lowrank_kernels)      ``LowRankAdamW.init_state(p)`` per parameter: the moments and the
+                              projection storage a first step allocates, from the projector's
+                              declared shape and dtype, without an SVD (tests check it equals a
+                              real step's state tensor for tensor). The Q-GaLore preset's
+                              projected Linears are Int8Linear modules (replace_linear_with_int8
+                              on the meta model), so its weights are INT8 codes + scales/zeros.
+  q-galore-torch              MODELLED, not stepped (q-galore-torch 1.0 cannot step with the
+                              installed bitsandbytes): its own ``_quantize`` (weights, INT4 basis)
+                              runs once on a real CPU tensor of each distinct shape (its
+                              quantisers assert on NaN counts, which meta tensors cannot answer)
+                              and the bytes are multiplied by the count of that shape; its 8-bit
+                              states come from bitsandbytes' ``init_state`` on meta.
 
-Where a state cannot be allocated on meta tensors, the optimizer's own code runs on a real CPU
-tensor of each distinct shape once and the bytes are multiplied by the number of weights of that
-shape (q-galore-torch's quantisers assert on NaNs, which meta tensors cannot answer); its INT8
-weight layout comes from its own ``_quantize`` the same way. No byte count is typed in by hand.
+GaLore-style optimizers project the attention and MLP nn.Linear weights (the GaLore recipe,
+rank from the model table); embeddings, lm_head and norms get plain AdamW states. Layer-wise
+rows (``-layerwise``) build lowrank_kernels.optim.LayerwiseTrainer on the model (which refuses
+INT8 codes, so there is no INT8 layer-wise row); their state is the same, only the gradients held
+at once shrink to the largest one. No byte count is typed in by hand.
 
 ``--measure`` validates the accounting: each optimizer runs for real, in its own subprocess, on
-a model that fits this machine (llama-60m by default), and the resident-set growth across
-``step()`` (VmRSS, /proc/self/status) is compared with the accounted optimizer + projection bytes;
-the peak (VmHWM) shows the transient temporaries on top.
+a model that fits this machine (llama-60m shapes, 1 decoder layer by default). The resident-set
+growth (VmRSS, /proc/self/status) across building the model, setting the gradients, and the
+first two ``step()`` calls is compared with the accounted weights, gradients and optimizer +
+projection bytes; the state is also measured as the RSS released when it is dropped. The peak
+(VmHWM) shows the step's transient temporaries on top. Tolerance: ``TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -41,7 +60,6 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -60,9 +78,21 @@ PROJECTION_KEYS = ("projector", "ortho", "proj", "basis", "indices", "idx")
 # the model on meta
 # --------------------------------------------------------------------------------------------
 def build_model(cfg: harness.ModelShape, dtype: torch.dtype, device: str = "meta",
-                use_transformers: bool = True) -> torch.nn.Module:
+                use_transformers: bool = True, int8_weights: bool = False) -> torch.nn.Module:
     """LlamaForCausalLM for ``cfg`` (untied embeddings, as the GaLore configs), or modules with
-    the same parameters when transformers is missing or not wanted."""
+    the same parameters when transformers is missing or not wanted. ``int8_weights``: the
+    projected Linears become lowrank_kernels Int8Linear (INT8 codes, groups of 256), as a
+    Q-GaLore user prepares a model."""
+    net = _build_float_model(cfg, dtype, device, use_transformers)
+    if int8_weights:
+        from lowrank_kernels.autograd import replace_linear_with_int8
+
+        replace_linear_with_int8(net, lambda name: name.rpartition(".")[2] in GALORE_TARGETS)
+    return net
+
+
+def _build_float_model(cfg: harness.ModelShape, dtype: torch.dtype, device: str,
+                       use_transformers: bool) -> torch.nn.Module:
     transformers = None
     if use_transformers:
         with contextlib.suppress(ImportError):
@@ -122,6 +152,22 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _weight_tensors(p: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a weight is stored in: the parameter, and for INT8 codes their group scales
+    and zeros (Int8Linear's buffers, which the codes carry as ``scales``/``zeros``)."""
+    if p.dtype != torch.uint8:
+        return [p]
+    return [p] + [getattr(p, attr) for attr in ("scales", "zeros")]
+
+
+def _gradient(p: torch.Tensor) -> torch.Tensor:
+    grad = p.grad if p.grad is not None else getattr(p, "float_grad", None)
+    if grad is None:
+        raise ValueError(f"parameter {list(p.shape)} {p.dtype}: no .grad or .float_grad to "
+                         "account (set the gradients first)")
+    return grad
+
+
 @dataclasses.dataclass
 class Account:
     optimizer: str
@@ -130,47 +176,73 @@ class Account:
     grads_layer: int = 0
     optimizer_state: int = 0
     projection: int = 0
+    layerwise: bool = False
     note: str = ""
 
     @property
+    def grads_held(self) -> int:
+        """Gradients alive at once: all of them, or the largest one under layer-wise steps."""
+        return self.grads_layer if self.layerwise else self.grads_all
+
+    @property
     def total(self) -> int:  # weights + grads held at once + states
-        return self.weights + self.grads_all + self.optimizer_state + self.projection
+        return self.weights + self.grads_held + self.optimizer_state + self.projection
+
+    def add(self, other: Account) -> None:
+        self.weights += other.weights
+        self.grads_all += other.grads_all
+        self.grads_layer = max(self.grads_layer, other.grads_layer)
+        self.optimizer_state += other.optimizer_state
+        self.projection += other.projection
 
     def row(self) -> dict[str, object]:
         gib = 2**30
         return {"optimizer": self.optimizer, "weights_GiB": round(self.weights / gib, 3),
                 "grads_all_GiB": round(self.grads_all / gib, 3),
                 "grads_layer_GiB": round(self.grads_layer / gib, 4),
+                "grads_held_GiB": round(self.grads_held / gib, 3),
                 "optimizer_GiB": round(self.optimizer_state / gib, 3),
                 "projection_GiB": round(self.projection / gib, 4),
                 "total_GiB": round(self.total / gib, 3), "note": self.note}
 
 
 def account_state(name: str, params: Sequence[torch.Tensor], state: dict, *,
-                  multiplier: Callable[[torch.Tensor], int] = lambda p: 1) -> Account:
-    """Sums an optimizer state dict {param: {...}} by category; shared tensors counted once."""
-    acc = Account(name)
+                  layerwise: bool = False) -> Account:
+    """Sums the weights, gradients and optimizer state {param: {...}} of ``params`` by category
+    (bytes of the tensors themselves); shared tensors counted once, 0-d step counters skipped."""
+    acc = Account(name, layerwise=layerwise)
     seen: set[int] = set()
     for p in params:
-        k = multiplier(p)
-        acc.weights += k * _nbytes(p)
-        acc.grads_all += k * _nbytes(p)
-        acc.grads_layer = max(acc.grads_layer, _nbytes(p))
+        acc.weights += sum(_nbytes(t) for t in _weight_tensors(p))
+        grad_bytes = _nbytes(_gradient(p))
+        acc.grads_all += grad_bytes
+        acc.grads_layer = max(acc.grads_layer, grad_bytes)
         for path, t in _tensors(state.get(p, {})):
             if id(t) in seen or t.dim() == 0:  # scalars: step counters
                 continue
             seen.add(id(t))
             is_projection = any(key in path.lower() for key in PROJECTION_KEYS)
             if is_projection:
-                acc.projection += k * _nbytes(t)
+                acc.projection += _nbytes(t)
             else:
-                acc.optimizer_state += k * _nbytes(t)
+                acc.optimizer_state += _nbytes(t)
     return acc
 
 
-def _meta_grads(params: Sequence[torch.Tensor]) -> None:
+def set_gradients(params: Sequence[torch.Tensor], make: Callable[[torch.Tensor], torch.Tensor]
+                  = torch.empty_like, activation_dtype: torch.dtype | None = None) -> None:
+    """A gradient for every parameter: ``.grad``, or for INT8 codes ``.float_grad`` in the
+    activation dtype (as Int8Linear's backward produces it)."""
     for p in params:
-        p.grad = torch.empty_like(p)
+        if p.dtype == torch.uint8:
+            dtype = activation_dtype or torch.float32
+            p.float_grad = make(torch.empty(p.shape, dtype=dtype, device=p.device))
+        else:
+            p.grad = make(p)
+
+
+def _meta_grads(params: Sequence[torch.Tensor]) -> None:
+    set_gradients(params)
 
 
 @contextlib.contextmanager
@@ -181,21 +253,89 @@ def _quiet():
 
 
 # --------------------------------------------------------------------------------------------
+# the optimizers, built the same way for the meta accounting and for the measured runs
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OurConfig:
+    """One row of ours: a preset of lowrank_kernels.optim and how the model is trained."""
+
+    label: str
+    preset: str
+    int8_weights: bool = False  # projected Linears as Int8Linear (Q-GaLore's INT8 weights)
+    layerwise: bool = False  # LayerwiseTrainer: each weight steps from its gradient hook
+
+
+OUR_CONFIGS: dict[str, OurConfig] = {
+    "ours-GaLoreAdamW": OurConfig("ours GaLoreAdamW", "GaLoreAdamW"),
+    "ours-QGaLoreAdamW": OurConfig("ours QGaLoreAdamW (INT4 P, INT8 W)", "QGaLoreAdamW",
+                                   int8_weights=True),
+    "ours-DCTAdamW": OurConfig("ours DCTAdamW", "DCTAdamW"),
+    "ours-GaLoreAdamW-layerwise": OurConfig("ours GaLoreAdamW layer-wise", "GaLoreAdamW",
+                                            layerwise=True),
+    "ours-QGaLoreAdamW-layerwise": OurConfig("ours QGaLoreAdamW (INT4 P, bf16 W) layer-wise",
+                                             "QGaLoreAdamW", layerwise=True),
+    "ours-DCTAdamW-layerwise": OurConfig("ours DCTAdamW layer-wise", "DCTAdamW",
+                                         layerwise=True),
+}
+
+
+def _groups(net, cfg, recipe_keys: bool = True) -> tuple[list[dict], list, list]:
+    """GaLore's grouping; ``recipe_keys=False`` leaves update_proj_gap to the preset (DCTAdamW:
+    1, indices re-chosen every step)."""
+    low_rank, rest = split_params(net)
+    group = {"params": low_rank, "rank": cfg.rank, "scale": 0.25, "proj_type": "std"}
+    if recipe_keys:
+        group["update_proj_gap"] = cfg.update_proj_gap
+    return [{"params": rest}, group], low_rank, rest
+
+
+def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape):
+    """(optimizer, its parameters in accounting order, layer-wise trainer or None) for
+    ``name`` on ``net``. ImportError when the package is missing; ours also raise
+    NotImplementedError for a combination the package refuses (INT8 codes layer-wise)."""
+    with _quiet():
+        if name == "adamw":
+            params = list(net.parameters())
+            return torch.optim.AdamW(params, lr=1e-3, foreach=False), params, None
+        if name == "adamw8bit":
+            import bitsandbytes as bnb
+
+            params = list(net.parameters())
+            return bnb.optim.AdamW8bit(params, lr=1e-3), params, None
+        if name == "galore-torch":
+            import galore_torch
+
+            groups, low_rank, rest = _groups(net, cfg)
+            return galore_torch.GaLoreAdamW(groups, lr=1e-3), rest + low_rank, None
+        if name in OUR_CONFIGS:
+            ours = OUR_CONFIGS[name]
+            optim = importlib.import_module("lowrank_kernels.optim")
+            groups, low_rank, rest = _groups(net, cfg, recipe_keys=ours.preset != "DCTAdamW")
+            opt = getattr(optim, ours.preset)(groups, lr=1e-3)
+            trainer = optim.LayerwiseTrainer(net, opt) if ours.layerwise else None
+            return opt, rest + low_rank, trainer
+    raise ValueError(f"optimizer: expected one of {tuple(ACCOUNTANTS)}, got {name!r}")
+
+
+def _model_for(name: str, cfg: harness.ModelShape, dtype: torch.dtype, device: str = "meta",
+               use_transformers: bool = True) -> torch.nn.Module:
+    int8 = name in OUR_CONFIGS and OUR_CONFIGS[name].int8_weights
+    return build_model(cfg, dtype, device, use_transformers, int8_weights=int8)
+
+
+# --------------------------------------------------------------------------------------------
 # one function per optimizer: returns its Account for the model
 # --------------------------------------------------------------------------------------------
 def account_adamw(net, cfg) -> Account:
-    params = list(net.parameters())
+    opt, params, _ = build_optimizer("adamw", net, cfg)
     _meta_grads(params)
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
     opt.step()
     return account_state("torch AdamW", params, opt.state)
 
 
 def account_adamw8bit(net, cfg) -> Account:
-    import bitsandbytes as bnb
-
-    params = list(net.parameters())
-    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    opt, params, _ = build_optimizer("adamw8bit", net, cfg)
+    _meta_grads(params)
     group = opt.param_groups[0]
     for i, p in enumerate(params):  # bitsandbytes' own allocation (its kernels need real data)
         opt.init_state(group, p, 0, i)
@@ -204,23 +344,11 @@ def account_adamw8bit(net, cfg) -> Account:
     return acc
 
 
-def _galore_groups(net, cfg) -> tuple[list, list, list]:
-    low_rank, rest = split_params(net)
-    _meta_grads(low_rank + rest)
-    groups = [{"params": rest},
-              {"params": low_rank, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap,
-               "scale": 0.25, "proj_type": "std"}]
-    return groups, low_rank, rest
-
-
 def account_galore_torch(net, cfg) -> Account:
-    import galore_torch
-
-    groups, low_rank, rest = _galore_groups(net, cfg)
-    with _quiet():
-        opt = galore_torch.GaLoreAdamW(groups, lr=1e-3)
+    opt, params, _ = build_optimizer("galore-torch", net, cfg)
+    _meta_grads(params)
     opt.step()  # SVD, projection and state allocation, all on meta tensors
-    acc = account_state("galore-torch GaLoreAdamW", rest + low_rank, opt.state)
+    acc = account_state("galore-torch GaLoreAdamW", params, opt.state)
     acc.note = f"rank {cfg.rank}; M, V and basis in the weight dtype"
     return acc
 
@@ -259,92 +387,53 @@ def account_q_galore_torch(net, cfg) -> Account:
         state_bytes = sum(_nbytes(t) for path, t in _tensors(opt.state[lr_param])
                           if t.dim() > 0 and "qmap" not in path)
         per_shape[shape] = (weight_bytes, basis_bytes, state_bytes)
-    acc = Account("q-galore-torch QGaLoreAdamW8bit",
-                  note=f"rank {cfg.rank}; INT8 W g256, INT4 P (1 code/byte) g256, 8-bit M/V")
+    acc = Account("q-galore-torch QGaLoreAdamW8bit (modelled)",
+                  note=f"rank {cfg.rank}; INT8 W g256, INT4 P (1 code/byte) g256, 8-bit M/V; "
+                       "its own quantisers + bnb init_state, not stepped")
     for p in low_rank:
         weight_bytes, basis_bytes, state_bytes = per_shape[tuple(p.shape)]
         acc.weights += weight_bytes
-        acc.grads_all += _nbytes(p)  # float_grad in the activation dtype
+        acc.grads_all += _nbytes(p)  # float_grad in the activation dtype = the meta weight's
         acc.grads_layer = max(acc.grads_layer, _nbytes(p))
         acc.projection += basis_bytes
         acc.optimizer_state += state_bytes
     # the other parameters: the same optimizer without projection (8-bit states)
+    _meta_grads(rest)
     opt = opt_cls(rest, lr=1e-3)
     for i, p in enumerate(rest):
         opt.init_state(opt.param_groups[0], p, 0, i)
-    other = account_state("rest", rest, opt.state)
-    acc.weights += other.weights
-    acc.grads_all += other.grads_all
-    acc.grads_layer = max(acc.grads_layer, other.grads_layer)
-    acc.optimizer_state += other.optimizer_state  # includes the shared qmaps, counted once
+    acc.add(account_state("rest", rest, opt.state))  # includes the shared qmaps, counted once
     return acc
 
 
-@contextlib.contextmanager
-def _meta_safe_generators():
-    """torch.Generator(device="meta") raises ("not an accelerator"); our projectors seed one per
-    parameter. A CPU generator is accepted by torch.randn(..., device="meta"), so hand out that."""
-    real = torch.Generator
-
-    def generator(device=None):
-        meta = device is not None and torch.device(device).type == "meta"
-        return real(device="cpu") if meta else real(device=device or "cpu")
-
-    with mock.patch.object(torch, "Generator", generator):
-        yield
-
-
-# Our presets (lowrank_kernels.optim), written in parallel: each is used when it exists.
+# Our optimizers that bench/demo.py trains (each when lowrank_kernels.optim has it).
 OUR_PRESETS = ("GaLoreAdamW", "QGaLoreAdamW", "DCTAdamW", "FiraAdamW", "LowRankAdamW")
 
 
-def account_ours(preset: str) -> Callable:
+def account_ours(key: str) -> Callable:
+    """Ours on meta: ``init_state`` of every parameter allocates exactly what a first step
+    allocates (moments; basis / packed INT4 basis + scales/zeros / DCT indices), no SVD."""
+    ours = OUR_CONFIGS[key]
+
     def account(net, cfg) -> Account:
-        optim = importlib.import_module("lowrank_kernels.optim")
-        if not hasattr(optim, preset):
-            raise ImportError(f"lowrank_kernels.optim has no {preset} yet")
-        cls = getattr(optim, preset)
-        groups, low_rank, rest = _galore_groups(net, cfg)
-        try:
-            opt = cls(groups, lr=1e-3)
-            with _meta_safe_generators():
-                opt.step()
-            acc = account_state(f"ours {preset}", rest + low_rank, opt.state)
-            acc.note = f"rank {cfg.rank}"
-            return acc
-        except RuntimeError as exc:  # e.g. a .item() on the projection path
-            meta_error = str(exc).splitlines()[0]
-        # The same optimizer on a real CPU weight of each distinct shape, bytes times the count.
-        acc = Account(f"ours {preset}", note=f"rank {cfg.rank}; real CPU step per distinct shape "
-                                             f"(on meta: {meta_error})")
-        per_shape: dict[tuple[int, int], Account] = {}
-        for p in low_rank:
-            shape = tuple(p.shape)
-            if shape not in per_shape:
-                torch.manual_seed(0)
-                real = torch.nn.Parameter(torch.zeros(shape, dtype=p.dtype))
-                real.grad = torch.randn(shape, dtype=p.dtype)
-                group = {**groups[1], "params": [real], "rank": min(cfg.rank, *shape)}
-                opt = cls([group], lr=1e-3)
-                opt.step()
-                per_shape[shape] = account_state("", [real], opt.state)
-            part = per_shape[shape]
-            acc.weights += part.weights
-            acc.grads_all += part.grads_all
-            acc.grads_layer = max(acc.grads_layer, part.grads_layer)
-            acc.optimizer_state += part.optimizer_state
-            acc.projection += part.projection
-        opt = cls([{"params": rest}], lr=1e-3)  # unprojected parameters: dense states, on meta
-        opt.step()
-        other = account_state("", rest, opt.state)
-        acc.weights += other.weights
-        acc.grads_all += other.grads_all
-        acc.grads_layer = max(acc.grads_layer, other.grads_layer)
-        acc.optimizer_state += other.optimizer_state
-        acc.projection += other.projection
+        opt, params, _ = build_optimizer(key, net, cfg)
+        set_gradients(params, activation_dtype=cfg_dtype(net))
+        for p in params:
+            opt.init_state(p)
+        acc = account_state(ours.label, params, opt.state, layerwise=ours.layerwise)
+        acc.note = f"rank {cfg.rank}; fp32 M, V of projected weights"
+        if ours.int8_weights:
+            acc.note += "; Int8Linear W g256 (fp32 scales/zeros)"
+        if ours.layerwise:
+            acc.note += "; grads held = the largest one"
         return acc
 
     return account
+
+
+def cfg_dtype(net: torch.nn.Module) -> torch.dtype:
+    """The model's float dtype (the activation dtype of its INT8 layers)."""
+    return next(p.dtype for p in net.parameters() if p.is_floating_point())
 
 
 ACCOUNTANTS: dict[str, Callable] = {
@@ -352,8 +441,10 @@ ACCOUNTANTS: dict[str, Callable] = {
     "adamw8bit": account_adamw8bit,
     "galore-torch": account_galore_torch,
     "q-galore-torch": account_q_galore_torch,
-    **{f"ours-{p}": account_ours(p) for p in OUR_PRESETS},
+    **{key: account_ours(key) for key in OUR_CONFIGS},
 }
+MEASURABLE = ("adamw", "adamw8bit", "galore-torch",
+              *(k for k, c in OUR_CONFIGS.items() if not c.layerwise))
 
 
 def model_config(model_name: str, layers: int | None = None) -> harness.ModelShape:
@@ -366,14 +457,15 @@ def model_config(model_name: str, layers: int | None = None) -> harness.ModelSha
 
 def accounting(model_name: str, dtype: torch.dtype = torch.bfloat16,
                optimizers: Sequence[str] = tuple(ACCOUNTANTS), verbose: bool = True,
-               layers: int | None = None) -> list[Account]:
-    cfg = model_config(model_name, layers)
+               layers: int | None = None, model_cfg: harness.ModelShape | None = None
+               ) -> list[Account]:
+    """The Account of each optimizer for the model (``model_cfg`` overrides the table's)."""
+    cfg = model_cfg or model_config(model_name, layers)
     accounts = []
     for name in optimizers:
-        net = build_model(cfg, dtype)
         try:
             with _quiet():
-                accounts.append(ACCOUNTANTS[name](net, cfg))
+                accounts.append(ACCOUNTANTS[name](_model_for(name, cfg, dtype), cfg))
         except (ImportError, RuntimeError, TypeError, NotImplementedError) as exc:
             if verbose:
                 print(f"  skip {name}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
@@ -395,47 +487,52 @@ def _rss_kib() -> tuple[int, int]:
 
 def _measure_in_this_process(optimizer: str, model_name: str, dtype: torch.dtype,
                              layers: int | None = None) -> dict:
-    """Real tensors: build the model, set gradients, run 2 steps; RSS growth across the steps,
-    RSS released when the optimizer state is dropped, and the peak during the steps."""
+    """Real tensors: RSS growth across building the model (weights), setting the gradients,
+    and 2 steps (state); RSS released when the optimizer state is dropped; peak during the
+    steps. The optimizer is built by ``build_optimizer``, as in the accounting."""
+    def gradients(net):
+        with torch.no_grad():
+            set_gradients(list(net.parameters()), lambda t: torch.randn_like(t).mul_(1e-3), dtype)
+
+    # Warm-up on a tiny model of the same kind: the first model build, optimizer construction
+    # (torch.optim imports modules lazily) and step load code and libraries, which would count
+    # as resident growth of the measured phases.
+    tiny = harness.ModelShape("warm-up", hidden=64, intermediate=128, layers=1, heads=1, rank=8,
+                              vocab=256)
+    net = _model_for(optimizer, tiny, dtype, device="cpu", use_transformers=False)
+    gradients(net)
+    opt, _, _ = build_optimizer(optimizer, net, tiny)
+    with _quiet():
+        opt.step()
+    del net, opt
     torch.manual_seed(0)
     cfg = model_config(model_name, layers)
-    net = build_model(cfg, dtype, device="cpu", use_transformers=False)
-    for p in net.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    low_rank, rest = split_params(net)
-    with _quiet():
-        if optimizer == "adamw":
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-3, foreach=False)
-        elif optimizer == "adamw8bit":
-            import bitsandbytes as bnb
-
-            opt = bnb.optim.AdamW8bit(net.parameters(), lr=1e-3)
-        elif optimizer == "galore-torch":
-            import galore_torch
-
-            groups = [{"params": rest},
-                      {"params": low_rank, "rank": cfg.rank, "update_proj_gap": 200,
-                       "scale": 0.25, "proj_type": "std"}]
-            opt = galore_torch.GaLoreAdamW(groups, lr=1e-3)
-        elif optimizer.startswith("ours-"):
-            optim = importlib.import_module("lowrank_kernels.optim")
-            groups = [{"params": rest},
-                      {"params": low_rank, "rank": cfg.rank, "update_proj_gap": 200,
-                       "scale": 0.25, "proj_type": "std"}]
-            opt = getattr(optim, optimizer.removeprefix("ours-"))(groups, lr=1e-3)
-        else:
-            raise ValueError(f"optimizer: no measured run for {optimizer!r}")
+    gc.collect()
+    rss_empty, _ = _rss_kib()
+    net = _model_for(optimizer, cfg, dtype, device="cpu", use_transformers=False)
+    gc.collect()
+    rss_weights, _ = _rss_kib()
+    gradients(net)
+    gc.collect()
+    rss_grads, _ = _rss_kib()
+    opt, _, _ = build_optimizer(optimizer, net, cfg)
+    gc.collect()
     rss_before, _ = _rss_kib()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    for _ in range(2):
-        opt.step()
+    with _quiet():
+        for _ in range(2):
+            opt.step()
     rss_after, hwm_after = _rss_kib()
     opt.state.clear()
     gc.collect()
     rss_cleared, _ = _rss_kib()
-    return {"optimizer": optimizer, "rss_growth": (rss_after - rss_before) * 1024,
-            "rss_released": (rss_after - rss_cleared) * 1024,
-            "peak_growth": (hwm_after - rss_before) * 1024}
+    kib = 1024
+    return {"optimizer": optimizer, "weights": (rss_weights - rss_empty) * kib,
+            "grads": (rss_grads - rss_weights) * kib,
+            "rss_growth": (rss_after - rss_before) * kib,
+            "rss_released": (rss_after - rss_cleared) * kib,
+            "peak_growth": (hwm_after - rss_before) * kib,
+            "peak_total": (hwm_after - rss_empty) * kib}
 
 
 def measure(optimizer: str, model_name: str, dtype_name: str = "bf16",
@@ -457,41 +554,50 @@ def measure(optimizer: str, model_name: str, dtype_name: str = "bf16",
     return None
 
 
-def validate(model_name: str, dtype_name: str, optimizers: Sequence[str],
+# |measured / accounted - 1| allowed for weights, gradients and the released state; the
+# remainder is allocator granularity (pages, malloc arenas for tensors under the mmap threshold)
+TOLERANCE = 0.03
+
+
+def validate(model_name: str, dtype_name: str, optimizers: Sequence[str] = MEASURABLE,
              layers: int | None = 1) -> list[dict]:
-    """Accounted optimizer+projection bytes against the measured RSS growth across step().
+    """Accounted (meta) weights, gradients and optimizer+projection bytes against a real run.
 
     ``layers`` trims the model (same shapes) so that galore-torch's SVDs stay quick on CPU."""
-    accounts = {a.optimizer: a for a in accounting(model_name, harness.DTYPE_NAMES[dtype_name],
-                                                   optimizers, verbose=False, layers=layers)}
+    dtype = harness.DTYPE_NAMES[dtype_name]
     rows = []
     for name in harness.progress(optimizers, desc="measured runs"):
-        acc = _account_for(name, accounts)
-        if acc is None:
+        accounts = accounting(model_name, dtype, [name], verbose=False, layers=layers)
+        if not accounts:
             continue
+        (acc,) = accounts
         result = measure(name, model_name, dtype_name, layers)
         if result is None:
             continue
-        accounted = acc.optimizer_state + acc.projection
+        accounted_state = acc.optimizer_state + acc.projection
+        ratios = {"weights": result["weights"] / acc.weights,
+                  "grads": result["grads"] / acc.grads_all,
+                  "state": result["rss_released"] / accounted_state}
+        mib = 2**20
         rows.append({"optimizer": acc.optimizer,
                      "model": model_config(model_name, layers).name,
-                     "accounted_state_MiB": round(accounted / 2**20, 2),
-                     "rss_growth_MiB": round(result["rss_growth"] / 2**20, 2),
-                     "rss_released_MiB": round(result["rss_released"] / 2**20, 2),
-                     "released_over_accounted": round(result["rss_released"] / accounted, 3),
-                     "peak_growth_MiB": round(result["peak_growth"] / 2**20, 2)})
+                     "weights_MiB": round(acc.weights / mib, 2),
+                     "weights_rss_MiB": round(result["weights"] / mib, 2),
+                     "grads_MiB": round(acc.grads_all / mib, 2),
+                     "grads_rss_MiB": round(result["grads"] / mib, 2),
+                     "accounted_state_MiB": round(accounted_state / mib, 2),
+                     "rss_released_MiB": round(result["rss_released"] / mib, 2),
+                     "rss_growth_MiB": round(result["rss_growth"] / mib, 2),
+                     "peak_growth_MiB": round(result["peak_growth"] / mib, 2),
+                     "total_MiB": round(acc.total / mib, 2),
+                     "peak_rss_MiB": round(result["peak_total"] / mib, 2),
+                     "worst_ratio": round(max(ratios.values(), key=lambda r: abs(r - 1)), 3),
+                     "within_tolerance": all(abs(r - 1) <= TOLERANCE for r in ratios.values())})
     return rows
 
 
-def _account_for(name: str, accounts: dict[str, Account]) -> Account | None:
-    prefix = {"adamw": "torch AdamW", "adamw8bit": "bnb AdamW8bit",
-              "galore-torch": "galore-torch", "q-galore-torch": "q-galore-torch"}.get(
-                  name, f"ours {name.removeprefix('ours-')}")
-    return next((a for key, a in accounts.items() if key.startswith(prefix)), None)
-
-
-COLUMNS = ["optimizer", "weights_GiB", "grads_all_GiB", "grads_layer_GiB", "optimizer_GiB",
-           "projection_GiB", "total_GiB", "note"]
+COLUMNS = ["optimizer", "weights_GiB", "grads_held_GiB", "optimizer_GiB", "projection_GiB",
+           "total_GiB", "note"]  # the CSVs also keep grads_all_GiB and grads_layer_GiB
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -519,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             harness.write_csv(path, rows, harness.machine_info("cpu"))
             print(f"wrote {path}")
     if args.measure:
-        measurable = [o for o in args.optimizers if o != "q-galore-torch"]
+        measurable = [o for o in args.optimizers if o in MEASURABLE]
         rows = validate(args.measure_model, args.dtype, measurable, args.measure_layers)
         print(f"\nvalidation on {args.measure_model} with {args.measure_layers} layers "
               "(real CPU run, 2 steps):")

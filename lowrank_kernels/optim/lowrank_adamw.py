@@ -248,12 +248,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         spec = self._spec(group)
         state = self.state[p]
         if not state:
-            m, n = p.shape
-            shape = ops.low_rank_shape(m, n, spec.rank)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
+            self._init_projected_state(state, p, spec, group, position)
         step_before = int(state["step"])
         if proj_state.refresh_due(state, step_before, spec):
             proj_state.refresh_(state, grad, p, spec, step_before, self._name(group, index, p))
@@ -269,6 +264,46 @@ class LowRankAdamW(torch.optim.Optimizer):
                          param_group_size=_int8_group_size(p))
         return grad.contiguous(), proj_state.step_args(state, spec), hyper
 
+    @staticmethod
+    def _init_projected_state(state: dict, p: torch.Tensor, spec: proj_state.ProjectionSpec,
+                              group: dict, position: int) -> None:
+        m, n = p.shape
+        shape = ops.low_rank_shape(m, n, spec.rank)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
+
+    @staticmethod
+    def _init_dense_state(state: dict, p: torch.Tensor) -> None:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def init_state(self, p: torch.Tensor) -> dict:
+        """Allocates now, without a gradient, every tensor ``p``'s first step would put in
+        ``self.state[p]``, and returns that state (unchanged if it exists already).
+
+        The moments are allocated by the same code as in a step; a projected parameter also gets
+        its projection storage (dense basis, packed INT4 basis + scales/zeros, or DCT indices)
+        with the shape and dtype its projector declares, zero-filled, through the code a refresh
+        stores it with, but NO projection is computed: the refresh counters say "never
+        refreshed", so the first step still refreshes and then equals a step without this call
+        bit for bit. Runs on meta tensors: bench/memory.py sums the bytes of these tensors to
+        account a 7B model's optimizer memory without an SVD."""
+        group, _, position = self._locate(p)
+        state = self.state[p]
+        if state:
+            return state
+        if _is_projected(group):
+            spec = self._spec(group)
+            self._init_projected_state(state, p, spec, group, position)
+            proj_state.allocate_(state, p, spec)
+        else:
+            self._init_dense_state(state, p)
+        return state
+
     def _dense_state(self, group: dict, params: list[torch.Tensor]):
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
@@ -276,9 +311,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                 raise RuntimeError("LowRankAdamW does not support sparse gradients")
             state = self.state[p]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self._init_dense_state(state, p)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])

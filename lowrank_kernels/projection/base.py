@@ -60,3 +60,12 @@ class Projector:
     def compute(self, grad: torch.Tensor, rank: int, *, generator: torch.Generator | None,
                 param_name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def empty(self, m: int, n: int, rank: int, device: torch.device) -> torch.Tensor:
+        """A zero tensor of the shape and dtype :meth:`compute` returns for an m×n gradient,
+        computed from nothing (no gradient, works on the meta device): what
+        ``LowRankAdamW.init_state`` stores before the first refresh."""
+        if self.kind == "indices":
+            return torch.zeros(rank, dtype=torch.int32, device=device)
+        right = reference.is_right_side(m, n)
+        return torch.zeros((rank, n) if right else (m, rank), dtype=torch.float32, device=device)

@@ -99,7 +99,8 @@ def refresh_(state: dict, grad: torch.Tensor, param: torch.Tensor, spec: Project
     check_rank(spec.rank, m, n, param_name)
     generator = _generator(state, grad.device) if spec.projector.needs_generator else None
     new = spec.projector.compute(grad, spec.rank, generator=generator, param_name=param_name)
-    had_basis = "proj" in state
+    # proj may exist before the first refresh (zeros from allocate_); only a computed one counts
+    had_basis = int(state["proj_last_refresh"]) >= 0
     if spec.policy.measures_overlap and had_basis:
         if spec.projector.kind == "indices":
             overlap = index_overlap(state["proj"], new)
@@ -114,6 +115,14 @@ def refresh_(state: dict, grad: torch.Tensor, param: torch.Tensor, spec: Project
         state["proj_gap"].fill_(spec.policy.next_gap(int(state["proj_gap"]), overlap))
     elif not spec.policy.measures_overlap:
         state["proj_gap"].fill_(spec.policy.gap)
+    _store_(state, new, param, spec)
+    state["proj_last_refresh"].fill_(step_before)
+    state["proj_refreshes"].add_(1)
+
+
+def _store_(state: dict, new: torch.Tensor, param: torch.Tensor, spec: ProjectionSpec) -> None:
+    """Puts a projector's output into the state in its storage form (the only place that
+    decides what the projection state holds, for refreshes and for :func:`allocate_`)."""
     if spec.projector.kind == "indices":
         state["proj"] = new
     elif spec.bits == 4:
@@ -124,8 +133,15 @@ def refresh_(state: dict, grad: torch.Tensor, param: torch.Tensor, spec: Project
         # (fp32 for fp32 or INT8 weights), which is the same in ordinary (non-AMP) training.
         dtype = param.dtype if param.is_floating_point() else torch.float32
         state["proj"] = new.to(dtype).contiguous()
-    state["proj_last_refresh"].fill_(step_before)
-    state["proj_refreshes"].add_(1)
+
+
+def allocate_(state: dict, param: torch.Tensor, spec: ProjectionSpec) -> None:
+    """Allocates the projection storage of ``param`` without computing a projection: the
+    projector's declared output (:meth:`Projector.empty`, zeros) stored as a refresh would store
+    it. The refresh counters are left alone, so the first step still refreshes. Needs no
+    gradient and runs on the meta device (memory accounting without an SVD)."""
+    m, n = param.shape
+    _store_(state, spec.projector.empty(m, n, spec.rank, param.device), param, spec)
 
 
 def step_args(state: dict, spec: ProjectionSpec) -> dict:

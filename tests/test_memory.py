@@ -1,0 +1,124 @@
+"""bench/memory.py: the meta-device accounting of our presets equals the state a real training
+step allocates, tensor bytes for tensor bytes, and follows the rank."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import lowrank_kernels as lk
+from bench import harness, memory
+
+pytestmark = [pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
+              pytest.mark.usefixtures("one_thread")]
+
+# every shape projected on both sides, INT8 group boundaries inside rows, vocab above hidden
+TINY = harness.ModelShape("llama-tiny-test", hidden=64, intermediate=96, layers=2, heads=2,
+                          rank=8, vocab=300)
+OURS = list(memory.OUR_CONFIGS)
+
+
+def _real_account(key: str, cfg: harness.ModelShape) -> memory.Account:
+    """The same configuration trained for real on CPU: a LlamaForCausalLM forward and backward
+    (through the layer-wise hooks for layer-wise rows), then step(); state summed as on meta."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    net = memory._model_for(key, cfg, torch.bfloat16, device="cpu")
+    opt, params, trainer = memory.build_optimizer(key, net, cfg)
+    tokens = torch.randint(0, cfg.vocab, (2, 9))
+    logits = net(tokens[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab),
+                                      tokens[:, 1:].reshape(-1)).backward()
+    if trainer is None:
+        opt.step()
+    else:  # the hooks stepped every weight during backward and freed its gradient
+        assert all(p.grad is None for p in params)
+        memory.set_gradients(params, activation_dtype=torch.bfloat16)  # only for their bytes
+    assert all(len(opt.state[p]) > 0 for p in params)
+    return memory.account_state("", params, opt.state, layerwise=trainer is not None)
+
+
+@pytest.mark.parametrize("key", OURS)
+def test_meta_accounting_equals_a_real_training_step(key):
+    (meta,) = memory.accounting(TINY.name, torch.bfloat16, [key], verbose=False,
+                                model_cfg=TINY)
+    real = _real_account(key, TINY)
+    for field in ("weights", "grads_all", "grads_layer", "optimizer_state", "projection"):
+        assert getattr(meta, field) == getattr(real, field), field
+    assert meta.total == real.total and meta.layerwise == memory.OUR_CONFIGS[key].layerwise
+    assert meta.projection > 0 and meta.optimizer_state > 0
+
+
+def test_int8_preset_weights_are_codes_plus_fp32_group_parameters():
+    (acc,) = memory.accounting(TINY.name, torch.bfloat16, ["ours-QGaLoreAdamW"],
+                               verbose=False, model_cfg=TINY)
+    codes = TINY.layers * sum(m * n + 2 * 4 * math.ceil(m * n / 256)
+                              for m, n in TINY.linear_shapes().values())
+    assert acc.weights == codes + 2 * TINY.other_params()  # the rest stays bf16
+    assert acc.grads_all == 2 * TINY.total_params()  # float_grad in bf16, like .grad
+
+
+@pytest.mark.parametrize("key", ["ours-GaLoreAdamW", "ours-QGaLoreAdamW", "ours-DCTAdamW"])
+def test_projection_bytes_follow_the_rank(key):
+    def account(rank):
+        cfg = dataclasses.replace(TINY, rank=rank)
+        (acc,) = memory.accounting(cfg.name, torch.bfloat16, [key], verbose=False,
+                                   model_cfg=cfg)
+        return acc
+
+    small, large = account(8), account(16)
+    shapes = list(TINY.linear_shapes().values())
+    per_rank = {  # bytes of one rank's worth of projection state, over every projected weight
+        "ours-GaLoreAdamW": 2 * TINY.layers * sum(min(s) for s in shapes),  # bf16 basis
+        "ours-DCTAdamW": 4 * TINY.layers * len(shapes),  # one int32 index
+    }
+    if key in per_rank:
+        assert small.projection == 8 * per_rank[key]
+        assert large.projection == 16 * per_rank[key]
+    else:  # packed INT4: r·d/2 bytes + fp32 scale and zero per 256 codes (r·d = 512 or 1024)
+        assert small.projection == TINY.layers * sum(8 * min(s) // 2 + 2 * 4 * 2 for s in shapes)
+        assert large.projection == TINY.layers * sum(16 * min(s) // 2 + 2 * 4 * 4
+                                                     for s in shapes)
+    # fp32 moments of the projected weights: 2 × r × max(m, n) × 4 bytes each
+    moments = 2 * 4 * 8 * TINY.layers * sum(max(s) for s in shapes)
+    assert large.optimizer_state - small.optimizer_state == moments
+    assert large.weights == small.weights and large.grads_all == small.grads_all
+
+
+def test_layerwise_rows_hold_only_the_largest_gradient():
+    rows = {a.optimizer: a for a in memory.accounting(
+        TINY.name, torch.bfloat16, ["ours-GaLoreAdamW", "ours-GaLoreAdamW-layerwise"],
+        verbose=False, model_cfg=TINY)}
+    plain = rows["ours GaLoreAdamW"]
+    layerwise = rows["ours GaLoreAdamW layer-wise"]
+    assert layerwise.grads_held == 2 * TINY.vocab * TINY.hidden  # embedding / lm_head, bf16
+    assert plain.grads_held == 2 * TINY.total_params()
+    assert plain.total - layerwise.total == plain.grads_held - layerwise.grads_held
+
+
+@pytest.mark.parametrize("key", ["ours-GaLoreAdamW", "ours-GaLoreAdamW-layerwise"])
+def test_gradients_held_during_backward_are_the_accounted_ones(key):
+    """Observed, not assumed: at every gradient's arrival, the bytes of all gradients alive
+    (hooks registered before the layer-wise trainer's, so they see the new gradient before it is
+    stepped and freed) peak at the accounted grads_held."""
+    pytest.importorskip("transformers")
+    (meta,) = memory.accounting(TINY.name, torch.bfloat16, [key], verbose=False,
+                                model_cfg=TINY)
+    torch.manual_seed(0)
+    net = memory._model_for(key, TINY, torch.bfloat16, device="cpu")
+    params = list(net.parameters())
+    alive = []
+
+    def observe(_):
+        alive.append(sum(memory._nbytes(p.grad) for p in params if p.grad is not None))
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(observe)
+    memory.build_optimizer(key, net, TINY)
+    tokens = torch.randint(0, TINY.vocab, (2, 9))
+    logits = net(tokens[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.float().reshape(-1, TINY.vocab),
+                                      tokens[:, 1:].reshape(-1)).backward()
+    assert len(alive) == len(params)
+    assert max(alive) == meta.grads_held

@@ -34,9 +34,9 @@ How each optimizer allocates on meta:
 
 GaLore-style optimizers project the attention and MLP nn.Linear weights (the GaLore recipe,
 rank from the model table); embeddings, lm_head and norms get plain AdamW states. Layer-wise
-rows (``-layerwise``) build lowrank_kernels.optim.LayerwiseTrainer on the model (which refuses
-INT8 codes, so there is no INT8 layer-wise row); their state is the same, only the gradients held
-at once shrink to the largest one. No byte count is typed in by hand.
+rows (``-layerwise``) build lowrank_kernels.optim.LayerwiseTrainer on the model (INT8 codes step
+from their float_grad hook); their state is the same, only the gradients held at once shrink to
+the largest one (a float ``.grad`` or an INT8 layer's ``float_grad``, in the activation dtype). No byte count is typed in by hand.
 
 ``--measure`` validates the accounting: each optimizer runs for real, in its own subprocess, on
 a model that fits this machine (llama-60m shapes, 1 decoder layer by default). The resident-set
@@ -272,8 +272,8 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-DCTAdamW": OurConfig("ours DCTAdamW", "DCTAdamW"),
     "ours-GaLoreAdamW-layerwise": OurConfig("ours GaLoreAdamW layer-wise", "GaLoreAdamW",
                                             layerwise=True),
-    "ours-QGaLoreAdamW-layerwise": OurConfig("ours QGaLoreAdamW (INT4 P, bf16 W) layer-wise",
-                                             "QGaLoreAdamW", layerwise=True),
+    "ours-QGaLoreAdamW-layerwise": OurConfig("ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise",
+                                             "QGaLoreAdamW", int8_weights=True, layerwise=True),
     "ours-DCTAdamW-layerwise": OurConfig("ours DCTAdamW layer-wise", "DCTAdamW",
                                          layerwise=True),
 }
@@ -291,8 +291,7 @@ def _groups(net, cfg, recipe_keys: bool = True) -> tuple[list[dict], list, list]
 
 def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape):
     """(optimizer, its parameters in accounting order, layer-wise trainer or None) for
-    ``name`` on ``net``. ImportError when the package is missing; ours also raise
-    NotImplementedError for a combination the package refuses (INT8 codes layer-wise)."""
+    ``name`` on ``net``. ImportError when the package is missing."""
     with _quiet():
         if name == "adamw":
             params = list(net.parameters())

@@ -83,8 +83,8 @@ def stage_memory(out: Path) -> str:
             "q-galore-torch is modelled, not stepped (it cannot step with the installed "
             "bitsandbytes): its own quantisers on one CPU tensor per shape + bitsandbytes' "
             "init_state. Our projected moments are fp32 (galore-torch: the weight dtype, "
-            "q-galore-torch: 8-bit); INT8 codes cannot train layer-wise (no hook fires for "
-            "their float_grad), so the layer-wise Q-GaLore row keeps bf16 weights. Optimizers "
+            "q-galore-torch: 8-bit); the layer-wise Q-GaLore row steps INT8 codes from their "
+            "float_grad hook (lowrank_kernels.autograd.register_float_grad_hook). Optimizers "
             "not listed could not be imported. Per-row CSV: `memory_<model>_bf16.csv`.\n\n"
             + "\n\n".join(parts))
 

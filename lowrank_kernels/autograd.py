@@ -12,21 +12,97 @@ float copy of it:
   so it is accumulated (+=) into the attribute ``weight.float_grad``, as q-galore-torch does; an
   optimizer reads it, steps (e.g. ``fused_galore_step`` with the codes) and sets it to None.
   The weight gradient is produced even when x does not require grad.
+
+Integer tensors have no ``.grad``, so no ``Tensor.register_post_accumulate_grad_hook`` fires for
+the codes. :func:`register_float_grad_hook` is its counterpart for ``float_grad`` (layer-wise
+training steps INT8 weights from it): ``fn(codes)`` runs once per backward pass, after the LAST
+accumulation of that pass into ``codes.float_grad``, also when the codes serve several
+``int8_linear`` calls (a shared weight). How: every call on the same codes takes the same leaf
+scalar (the "anchor", one per codes tensor, on its device) as an input and returns a zero
+gradient for it, so autograd's own AccumulateGrad node of the anchor runs exactly once, after
+every use's backward, and that node's post-accumulate-grad hook calls ``fn``. AccumulateGrad
+nodes run as soon as they are ready, so at most the gradients of the weights just finished are
+alive when the hooks run.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import ops, reference
 
 FLOAT_GRAD = "float_grad"  # attribute of the INT8 weight that receives dL/dW
 _BLOCK_ELEMENTS = 1 << 20  # elements of W̃ alive at a time on the blocked path
+
+
+class _FloatGradHooks:
+    """The anchor of one codes tensor and the hooks registered on its float_grad."""
+
+    def __init__(self) -> None:
+        # an OrderedDict: RemovableHandle keeps a weak reference to it
+        self.hooks: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
+        self.anchor: torch.Tensor | None = None
+
+
+# codes -> _FloatGradHooks, kept out of the codes' __dict__ so that pickling, deepcopy and
+# state_dict of a model see nothing of it (a copy of the codes starts without hooks, like a copy
+# of a float Parameter)
+_FLOAT_GRAD_HOOKS = WeakIdKeyDictionary()
+
+
+def _hooks_of(codes: torch.Tensor) -> _FloatGradHooks:
+    entry = _FLOAT_GRAD_HOOKS.get(codes)
+    if entry is None:
+        entry = _FLOAT_GRAD_HOOKS[codes] = _FloatGradHooks()
+    return entry
+
+
+def _anchor_of(codes: torch.Tensor) -> torch.Tensor:
+    """The leaf scalar all int8_linear calls on ``codes`` take (see the module docstring)."""
+    entry = _hooks_of(codes)
+    if entry.anchor is None or entry.anchor.device != codes.device:  # first use, or .to(device)
+        anchor = torch.zeros((), device=codes.device, requires_grad=True)
+        codes_ref = weakref.ref(codes)  # the registry must not keep the codes alive
+
+        def announce(anchor: torch.Tensor) -> None:
+            anchor.grad = None
+            owner = codes_ref()
+            if owner is not None:
+                for fn in list(entry.hooks.values()):
+                    fn(owner)
+
+        anchor.register_post_accumulate_grad_hook(announce)
+        entry.anchor = anchor
+    return entry.anchor
+
+
+def register_float_grad_hook(codes: torch.Tensor, fn: Callable[[torch.Tensor], None]
+                             ) -> RemovableHandle:
+    """Calls ``fn(codes)`` once per backward pass, after the pass's last accumulation into
+    ``codes.float_grad`` (every use of a shared weight included): the contract of
+    ``Tensor.register_post_accumulate_grad_hook`` for the gradient of INT8 codes. ``fn`` may
+    read, modify or clear ``codes.float_grad``; hooks run in registration order. Returns a handle
+    whose ``remove()`` unregisters ``fn``. The hook belongs to this tensor object (not to views
+    or copies of it) and only fires for backward passes through ``int8_linear``/``Int8Linear``
+    (not ``torch.autograd.grad``, which runs no AccumulateGrad node, as for float weights)."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise ValueError(f"codes: expected uint8 INT8 weight codes, got "
+                         f"{getattr(codes, 'dtype', type(codes).__name__)}")
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable fn(codes), got {type(fn).__name__}")
+    hooks = _hooks_of(codes).hooks
+    handle = RemovableHandle(hooks)
+    hooks[handle.id] = fn
+    return handle
 
 
 def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
@@ -84,8 +160,9 @@ def _matmul_weight(dy2d, codes, scales, zeros, group_size, backend):
 class Int8LinearFunction(torch.autograd.Function):
     """y = x W̃ᵀ + b with W̃ = dequantize_int8(codes); dL/dW accumulates into codes.float_grad.
 
-    ``anchor`` is an unused scalar that requires grad, so that autograd runs the backward (and
-    so delivers the weight gradient) even when neither x nor the bias requires grad."""
+    ``anchor`` is the codes' leaf scalar (``_anchor_of``): it requires grad, so that autograd
+    runs the backward (and so delivers the weight gradient) even when neither x nor the bias
+    requires grad, and its zero gradient triggers the float_grad hooks once all uses are done."""
 
     @staticmethod
     def forward(ctx, x, anchor, codes, scales, zeros, bias, group_size, backend):
@@ -110,7 +187,9 @@ class Int8LinearFunction(torch.autograd.Function):
         grad_w = dy2d.T @ x2d
         previous = getattr(codes, FLOAT_GRAD, None)
         setattr(codes, FLOAT_GRAD, grad_w if previous is None else previous.add_(grad_w))
-        return grad_x, None, None, None, None, grad_bias, None, None
+        # a defined (zero) gradient, so that the anchor's AccumulateGrad node runs its hook
+        grad_anchor = torch.zeros((), device=codes.device) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_anchor, None, None, None, grad_bias, None, None
 
 
 def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -132,7 +211,9 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     ops.check_group_size(group_size, "group_size", packed_int4=False)
     for t, name in ((scales, "scales"), (zeros, "zeros")):
         ops.check_group_params(t, codes.numel(), group_size, codes.device, name, "INT8 codes")
-    anchor = torch.zeros((), requires_grad=torch.is_grad_enabled())
+    # without grad mode no graph is recorded: a plain scalar (also under inference_mode, where
+    # the codes' anchor, a leaf that requires grad, must not be created)
+    anchor = _anchor_of(codes) if torch.is_grad_enabled() else torch.zeros(())
     return Int8LinearFunction.apply(x, anchor, codes, scales, zeros, bias, group_size, backend)
 
 

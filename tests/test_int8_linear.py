@@ -146,3 +146,64 @@ def test_int8_linear_aliases_follow_to():
     layer = autograd.Int8Linear(16, 8, group_size=32).to(torch.float64)
     assert layer.weight.scales is layer.weight_scales and layer.weight.zeros is layer.weight_zeros
     assert layer.weight.group_size == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# register_float_grad_hook: the post-accumulate-grad hook of float_grad
+# ---------------------------------------------------------------------------------------------
+def test_float_grad_hook_fires_once_after_every_use_of_a_shared_weight():
+    codes, scales, zeros, bias = make_layer(33, 33, 64)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 33, generator=gen)
+    seen = []
+    autograd.register_float_grad_hook(codes, lambda c: seen.append(c.float_grad.clone()))
+
+    def shared(layer, x):  # one weight, three uses in one forward
+        return layer(torch.tanh(layer(torch.tanh(layer(x))))).square().sum()
+
+    shared(lambda h: autograd.int8_linear(h, codes, scales, zeros, bias, 64), x).backward()
+    _, w_ref, b_ref, _ = plain(x, codes, scales, zeros, bias, 64)
+    shared(lambda h: torch.nn.functional.linear(h, w_ref, b_ref), x).backward()
+    assert len(seen) == 1  # not once per use: the first call would see a partial gradient
+    torch.testing.assert_close(seen[0], w_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(seen[0], codes.float_grad)
+
+    shared(lambda h: autograd.int8_linear(h, codes, scales, zeros, bias, 64), x).backward()
+    assert len(seen) == 2  # once per backward pass; float_grad kept accumulating meanwhile
+    torch.testing.assert_close(seen[1], 2 * w_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_float_grad_hooks_run_during_backward_in_order_and_can_be_removed():
+    first, second = (autograd.Int8Linear.from_linear(nn.Linear(24, 24), group_size=64)
+                     for _ in range(2))
+    calls = []
+
+    def hook(tag):
+        def call(c):
+            # when the second layer's hook runs, the first layer's gradient does not exist yet:
+            # the hook fires as soon as its weight is done, not at the end of backward
+            calls.append((tag, getattr(first.weight, "float_grad", None) is None))
+            c.float_grad = None  # a hook may free the gradient
+        return call
+
+    handles = [autograd.register_float_grad_hook(second.weight, hook("second")),
+               autograd.register_float_grad_hook(first.weight, hook("first"))]
+    extra = autograd.register_float_grad_hook(second.weight, lambda c: calls.append("extra"))
+    x = torch.randn(3, 24)
+    second(torch.relu(first(x))).sum().backward()
+    assert calls == [("second", True), "extra", ("first", False)]
+    assert first.weight.float_grad is None and second.weight.float_grad is None
+    for handle in (extra, *handles):
+        handle.remove()
+    second(torch.relu(first(x))).sum().backward()
+    assert len(calls) == 3
+    assert first.weight.float_grad is not None and second.weight.float_grad is not None
+    with torch.no_grad(), torch.inference_mode():  # no graph: nothing to anchor
+        first(x)
+
+
+def test_float_grad_hook_bad_input():
+    with pytest.raises(ValueError, match="codes: expected uint8"):
+        autograd.register_float_grad_hook(torch.zeros(3, 3), lambda c: None)
+    with pytest.raises(TypeError, match="fn: expected a callable"):
+        autograd.register_float_grad_hook(torch.zeros(3, 3, dtype=torch.uint8), None)

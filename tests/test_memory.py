@@ -9,6 +9,7 @@ import torch
 
 import lowrank_kernels as lk
 from bench import harness, memory
+from lowrank_kernels.autograd import register_float_grad_hook
 
 pytestmark = [pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
               pytest.mark.usefixtures("one_thread")]
@@ -33,7 +34,7 @@ def _real_account(key: str, cfg: harness.ModelShape) -> memory.Account:
     if trainer is None:
         opt.step()
     else:  # the hooks stepped every weight during backward and freed its gradient
-        assert all(p.grad is None for p in params)
+        assert all(p.grad is None and getattr(p, "float_grad", None) is None for p in params)
         memory.set_gradients(params, activation_dtype=torch.bfloat16)  # only for their bytes
     assert all(len(opt.state[p]) > 0 for p in params)
     return memory.account_state("", params, opt.state, layerwise=trainer is not None)
@@ -86,22 +87,24 @@ def test_projection_bytes_follow_the_rank(key):
     assert large.weights == small.weights and large.grads_all == small.grads_all
 
 
-def test_layerwise_rows_hold_only_the_largest_gradient():
-    rows = {a.optimizer: a for a in memory.accounting(
-        TINY.name, torch.bfloat16, ["ours-GaLoreAdamW", "ours-GaLoreAdamW-layerwise"],
-        verbose=False, model_cfg=TINY)}
-    plain = rows["ours GaLoreAdamW"]
-    layerwise = rows["ours GaLoreAdamW layer-wise"]
-    assert layerwise.grads_held == 2 * TINY.vocab * TINY.hidden  # embedding / lm_head, bf16
+@pytest.mark.parametrize("key", ["ours-GaLoreAdamW", "ours-QGaLoreAdamW"])
+def test_layerwise_rows_hold_only_the_largest_gradient(key):
+    plain, layerwise = memory.accounting(TINY.name, torch.bfloat16, [key, f"{key}-layerwise"],
+                                         verbose=False, model_cfg=TINY)
+    assert layerwise.layerwise and not plain.layerwise
+    # embedding / lm_head, bf16 (the INT8 layers' float_grad are bf16 too, and smaller)
+    assert layerwise.grads_held == 2 * TINY.vocab * TINY.hidden
     assert plain.grads_held == 2 * TINY.total_params()
     assert plain.total - layerwise.total == plain.grads_held - layerwise.grads_held
+    assert plain.weights == layerwise.weights  # INT8 codes in both Q-GaLore rows
 
 
-@pytest.mark.parametrize("key", ["ours-GaLoreAdamW", "ours-GaLoreAdamW-layerwise"])
+@pytest.mark.parametrize("key", ["ours-GaLoreAdamW", "ours-GaLoreAdamW-layerwise",
+                                 "ours-QGaLoreAdamW", "ours-QGaLoreAdamW-layerwise"])
 def test_gradients_held_during_backward_are_the_accounted_ones(key):
     """Observed, not assumed: at every gradient's arrival, the bytes of all gradients alive
-    (hooks registered before the layer-wise trainer's, so they see the new gradient before it is
-    stepped and freed) peak at the accounted grads_held."""
+    (.grad and INT8 codes' float_grad; hooks registered before the layer-wise trainer's, so they
+    see the new gradient before it is stepped and freed) peak at the accounted grads_held."""
     pytest.importorskip("transformers")
     (meta,) = memory.accounting(TINY.name, torch.bfloat16, [key], verbose=False,
                                 model_cfg=TINY)
@@ -111,10 +114,14 @@ def test_gradients_held_during_backward_are_the_accounted_ones(key):
     alive = []
 
     def observe(_):
-        alive.append(sum(memory._nbytes(p.grad) for p in params if p.grad is not None))
+        grads = (p.grad if p.grad is not None else getattr(p, "float_grad", None) for p in params)
+        alive.append(sum(memory._nbytes(g) for g in grads if g is not None))
 
     for p in params:
-        p.register_post_accumulate_grad_hook(observe)
+        if p.dtype == torch.uint8:
+            register_float_grad_hook(p, observe)
+        else:
+            p.register_post_accumulate_grad_hook(observe)
     memory.build_optimizer(key, net, TINY)
     tokens = torch.randint(0, TINY.vocab, (2, 9))
     logits = net(tokens[:, :-1]).logits

@@ -5,14 +5,15 @@ import torch
 from cases import mlp_batches, mlp_loss, mlp_param_groups, small_mlp
 
 import lowrank_kernels as lk
-from lowrank_kernels.optim import GaLoreAdamW, LowRankAdamW, layerwise
+from lowrank_kernels.autograd import Int8Linear, replace_linear_with_int8
+from lowrank_kernels.optim import GaLoreAdamW, LowRankAdamW, QGaLoreAdamW, layerwise
 
 pytestmark = [pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
               pytest.mark.usefixtures("one_thread")]
 
 ACCUMULATION = 4
 OPTIMIZER_STEPS = 6
-
+INT8_GROUP = 64  # groups straddle rows of the 40×24, 32×40 and 10×32 weights
 
 
 def make_optimizer(model):
@@ -24,17 +25,28 @@ def make_scheduler(optimizer):
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
 
 
-def ordinary_training(batches, max_grad_norm):
-    model = small_mlp()
-    optimizer = make_optimizer(model)
+def clip_each_(model, max_norm):
+    """torch's clip_grad_norm_ on each gradient separately (INT8 codes: on float_grad, held as
+    the .grad of a proxy tensor)."""
+    for p in model.parameters():
+        if p.dtype == torch.uint8:
+            proxy = torch.zeros_like(p.float_grad)
+            proxy.grad = p.float_grad
+            p = proxy
+        torch.nn.utils.clip_grad_norm_([p], max_norm)
+
+
+def ordinary_training(batches, max_grad_norm, make_model=small_mlp,
+                      optimizer_factory=make_optimizer, accumulation=ACCUMULATION):
+    model = make_model()
+    optimizer = optimizer_factory(model)
     scheduler = make_scheduler(optimizer)
     lrs = []
-    for start in range(0, len(batches), ACCUMULATION):
-        for batch in batches[start:start + ACCUMULATION]:
-            (mlp_loss(model, batch) / ACCUMULATION).backward()
+    for start in range(0, len(batches), accumulation):
+        for batch in batches[start:start + accumulation]:
+            (mlp_loss(model, batch) / accumulation).backward()
         if max_grad_norm is not None:
-            for p in model.parameters():
-                torch.nn.utils.clip_grad_norm_([p], max_grad_norm)
+            clip_each_(model, max_norm=max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
@@ -95,3 +107,88 @@ def test_remove_restores_ordinary_gradients():
     trainer.remove()
     mlp_loss(model, mlp_batches(1)[0]).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# INT8 weight codes (Int8Linear): stepped from register_float_grad_hook
+# ---------------------------------------------------------------------------------------------
+def int8_mlp():
+    model = small_mlp()
+    replace_linear_with_int8(model, lambda name: True, group_size=INT8_GROUP)
+    return model
+
+
+class SharedInt8(torch.nn.Module):
+    """One Int8Linear applied twice per forward: its float_grad has two contributions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(24, 32)
+        self.shared = Int8Linear.from_linear(torch.nn.Linear(32, 32), group_size=INT8_GROUP)
+        self.out = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.out(self.shared(torch.tanh(self.shared(torch.tanh(self.inp(x))))))
+
+
+def make_int8_optimizer(model):
+    return QGaLoreAdamW(mlp_param_groups(model, rank=5, update_proj_gap=2, scale=0.25),
+                        lr=2e-2, weight_decay=0.05)
+
+
+def assert_same_training(model, optimizer, expected, expected_optimizer, steps):
+    """Codes, scales, zeros, float weights and every state tensor equal, bit for bit."""
+    for (name, a), b in zip(model.named_parameters(), expected.parameters()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(model.named_buffers(), expected.buffers()):
+        assert torch.equal(a, b), name
+    for p, q in zip(model.parameters(), expected.parameters()):
+        state, expected_state = optimizer.state[p], expected_optimizer.state[q]
+        assert int(state["step"]) == steps  # a skipped weight would have no state
+        assert state.keys() == expected_state.keys()
+        for key in state:
+            assert torch.equal(state[key], expected_state[key]), key
+
+
+INT8_STEPS = 4
+
+
+@pytest.mark.parametrize("accumulation", [1, ACCUMULATION], ids=lambda a: f"accumulate{a}")
+@pytest.mark.parametrize("max_grad_norm", [None, 0.05], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("make_model", [int8_mlp, SharedInt8], ids=["mlp", "shared"])
+def test_layerwise_int8_weights_equal_ordinary_training(make_model, max_grad_norm, accumulation):
+    batches = mlp_batches(accumulation * INT8_STEPS, batch=8)
+    expected, expected_optimizer, expected_lrs = ordinary_training(
+        batches, max_grad_norm, make_model, make_int8_optimizer, accumulation)
+
+    model = make_model()
+    initial_codes = [p.clone() for p in model.parameters() if p.dtype == torch.uint8]
+    trainer = layerwise(model, make_int8_optimizer, accumulation_steps=accumulation,
+                        max_grad_norm=max_grad_norm, scheduler_factory=make_scheduler)
+    lrs = []
+    for i, batch in enumerate(batches):
+        (mlp_loss(model, batch) / accumulation).backward()
+        float_grads = [getattr(p, "float_grad", None) for p in model.parameters()
+                       if p.dtype == torch.uint8]
+        if i % accumulation == accumulation - 1:  # stepped and freed during this backward
+            assert all(g is None for g in float_grads)
+            assert all(p.grad is None for p in model.parameters())
+            lrs.append(trainer.optimizer.param_groups[1]["lr"])
+        else:  # accumulating, as in ordinary training
+            assert all(g is not None for g in float_grads)
+    assert trainer.optimizer_steps == INT8_STEPS and lrs == expected_lrs
+    assert_same_training(model, trainer.optimizer, expected, expected_optimizer, INT8_STEPS)
+    codes = [p for p in model.parameters() if p.dtype == torch.uint8]
+    assert all(not torch.equal(a, b) for a, b in zip(codes, initial_codes))
+
+
+def test_remove_restores_ordinary_int8_gradients():
+    model = int8_mlp()
+    trainer = layerwise(model, make_int8_optimizer)
+    codes = [p.clone() for p in model.parameters()]
+    trainer.remove()
+    mlp_loss(model, mlp_batches(1)[0]).backward()
+    assert all(p.float_grad is not None for p in model.parameters() if p.dtype == torch.uint8)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), codes))
+    assert not trainer.optimizer.state

@@ -258,13 +258,3 @@ def test_int8_codes_without_quantization_parameters_are_refused():
     codes.scales = torch.ones(1)
     with pytest.raises(ValueError, match="without 'rank'"):
         QGaLoreAdamW([{"params": [codes]}])
-
-
-def test_layerwise_refuses_int8_codes_instead_of_never_stepping_them():
-    from lowrank_kernels.optim import layerwise
-
-    model = small_mlp()
-    codes = _int8_parameter(torch.zeros(8, 8))
-    with pytest.raises(NotImplementedError, match="INT8 weight codes"):
-        layerwise(model, lambda m: QGaLoreAdamW(
-            [*mlp_param_groups(m, rank=4), {"params": [codes], "rank": 2}]))

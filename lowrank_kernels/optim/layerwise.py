@@ -21,6 +21,14 @@ each parameter separately in ordinary training.
 The LR scheduler (``scheduler_factory(optimizer)``) steps once per optimizer step, at the end of
 the backward pass of the last micro-batch, after every parameter has stepped.
 
+INT8 weight codes (``Int8Linear``, Q-GaLore): their gradient accumulates into
+``codes.float_grad``; ``lowrank_kernels.autograd.register_float_grad_hook`` announces it once per
+backward pass, after the last use of the codes (a weight shared by several layers included), and
+the trainer steps the codes there, as a float weight from its post-accumulate-grad hook, then sets
+``float_grad`` to None. Accumulation and clipping are the same (``clip_float_grad_`` is the
+per-tensor clip on ``float_grad``). With INT8 weights only INT8 codes + scales/zeros, the states
+and the largest single gradient are held: the Q-GaLore recipe's memory.
+
 Results equal ordinary training with the same optimizer, data, accumulation and per-parameter
 clipping (tests/test_optim_layerwise.py checks this).
 """
@@ -31,6 +39,7 @@ from collections.abc import Callable
 
 import torch
 
+from lowrank_kernels.autograd import FLOAT_GRAD, register_float_grad_hook
 from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
 
 
@@ -53,15 +62,14 @@ class LayerwiseTrainer:
         self.optimizer_steps = 0
         self._callback_queued = False
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if any(p.dtype == torch.uint8 for group in optimizer.param_groups
-               for p in group["params"]):
-            # their gradient arrives in .float_grad, which no autograd hook announces: they
-            # would silently never step
-            raise NotImplementedError("layer-wise updates of INT8 weight codes are not supported "
-                                      "(no post-accumulate-grad hook fires for float_grad); "
-                                      "use optimizer.step()")
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
-                         for p in model.parameters() if p.requires_grad and id(p) in held]
+        self._handles = []
+        for p in model.parameters():
+            if id(p) not in held:
+                continue
+            if p.dtype == torch.uint8:  # INT8 codes: their gradient arrives in float_grad
+                self._handles.append(register_float_grad_hook(p, self._on_grad))
+            elif p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
         if not self._handles:
             raise ValueError("model: none of its trainable parameters is held by the optimizer")
 
@@ -76,10 +84,17 @@ class LayerwiseTrainer:
             self._callback_queued = True
         if not self.stepping:
             return
+        int8 = p.dtype == torch.uint8
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+            if int8:
+                clip_float_grad_(p, self.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         self.optimizer.step_parameter(p)
-        p.grad = None
+        if int8:
+            setattr(p, FLOAT_GRAD, None)
+        else:
+            p.grad = None
 
     def _end_of_backward(self) -> None:
         if self.stepping:
@@ -97,6 +112,16 @@ class LayerwiseTrainer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def clip_float_grad_(codes: torch.Tensor, max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_([p], max_norm)`` for the ``float_grad`` of INT8 codes:
+    the same norm and the same clamped coefficient, applied in place."""
+    grad = getattr(codes, FLOAT_GRAD, None)
+    if grad is None:
+        return
+    total_norm = torch.nn.utils.get_total_norm([grad])
+    grad.mul_(torch.clamp(max_norm / (total_norm + 1e-6), max=1.0).to(grad.device))
 
 
 def layerwise(model: torch.nn.Module, optimizer_factory: Callable[[torch.nn.Module], LowRankAdamW],

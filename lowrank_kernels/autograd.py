@@ -66,6 +66,7 @@ def _hooks_of(codes: torch.Tensor) -> _FloatGradHooks:
     return entry
 
 
+@torch.compiler.disable  # a registry lookup and a leaf creation: run eagerly under compile
 def _anchor_of(codes: torch.Tensor) -> torch.Tensor:
     """The leaf scalar all int8_linear calls on ``codes`` take (see the module docstring)."""
     entry = _hooks_of(codes)

@@ -48,6 +48,19 @@ def test_param_groups_cover_every_parameter_once(model):
     assert sorted(held) == sorted(id(p) for p in model.parameters())
 
 
+def test_param_groups_include_int8_weight_codes():
+    """Int8Linear codes do not require grad (float_grad carries dL/dW) yet must be stepped."""
+    _, vocab = tiny_llama.corpus()
+    net = tiny_llama.tiny_llama(vocab)
+    replaced = lk.replace_linear_with_int8(net, lambda name: "mlp" in name)
+    assert replaced
+    groups = lowrank_param_groups(net, ["attn", "mlp"], rank=8)
+    assert set(groups[1]["names"]) == {f"{n}.weight" for n in ATTN_MLP}
+    assert sum(p.dtype == torch.uint8 for p in groups[1]["params"]) == len(replaced)
+    held = [id(p) for g in groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in net.parameters())
+
+
 def test_optim_args_are_typed_and_checked():
     assert parse_optim_args("rank=64, update_proj_gap=50,scale=0.25,refresh=lazy") == {
         "rank": 64, "update_proj_gap": 50, "scale": 0.25, "refresh": "lazy"}

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lowrank_kernels.autograd import Int8Linear
 from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAdamW
 
 PRESETS = {"galore": GaLoreAdamW, "qgalore": QGaLoreAdamW, "dct": DCTAdamW,
@@ -54,13 +55,16 @@ def _is_all_linear(target_modules) -> bool:
     return isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
 
 
+LINEAR_TYPES = (torch.nn.Linear, Int8Linear)
+
 def target_linear_names(model: torch.nn.Module, target_modules: str | list[str]) -> list[str]:
-    """Names of the ``nn.Linear`` modules of ``model`` selected by ``target_modules``."""
+    """Names of the ``nn.Linear`` (and ``Int8Linear``) modules of ``model`` selected by
+    ``target_modules``."""
     if not isinstance(target_modules, (str, list, tuple)):
         raise TypeError("target_modules: expected 'all-linear', a regex string or a list of "
                         f"strings, got {target_modules!r}")
     names = [name for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear)
+             if isinstance(module, LINEAR_TYPES)
              and (_is_all_linear(target_modules) or _matches(target_modules, name))]
     if not names:
         raise ValueError(f"target_modules: {target_modules!r} matches no nn.Linear of the model")
@@ -72,7 +76,10 @@ def lowrank_param_groups(model: torch.nn.Module, target_modules: str | list[str]
     """Two groups: the other trainable parameters (plain AdamW), then the target Linear weights
     with ``group_keys`` (``rank`` etc.). Each group carries the parameter ``names``."""
     targets = {f"{name}.weight" for name in target_linear_names(model, target_modules)}
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # INT8 codes do not require grad (their gradient arrives in .float_grad) but are trained
+    int8 = {f"{name}.weight" for name, module in model.named_modules()
+            if isinstance(module, Int8Linear)}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or n in int8]
     rest = [(n, p) for n, p in named if n not in targets]
     projected = [(n, p) for n, p in named if n in targets]
     groups = [{"params": [p for _, p in projected], "names": [n for n, _ in projected],

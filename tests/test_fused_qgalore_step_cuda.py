@@ -44,9 +44,16 @@ def _needs_cuda_kernel():
         pytest.skip("the extension was built without CUDA kernels")
 
 
-def to_device(inputs: QGaLoreInputs, device) -> QGaLoreInputs:
-    return QGaLoreInputs(*(None if t is None else t.to(device, copy=True)
-                           for t in inputs.tensors()))
+def to_device(inputs: QGaLoreInputs, device, memo: dict | None = None) -> QGaLoreInputs:
+    """A copy on ``device``; tensors that alias each other stay aliased (``memo``: id -> copy)."""
+    memo = {} if memo is None else memo
+
+    def move(t):
+        if t is not None and id(t) not in memo:
+            memo[id(t)] = t.to(device, copy=True)
+        return None if t is None else memo[id(t)]
+
+    return QGaLoreInputs(*(move(t) for t in inputs.tensors()))
 
 
 def int8_inputs(m, n, rank, group_size, basis, *, grad_dtype=torch.float32,
@@ -126,9 +133,12 @@ def test_cuda_int8_low_precision_grad_and_state(m, n, state_dtype):
     for ref in (reference_step(inputs, HYPER, 256, 3), kernel_step(inputs, HYPER, 256, 3, "cpu")):
         if state_dtype == torch.float32:
             assert_int8_step_matches(ours, ref, inputs, 256)
-        else:  # bf16 moments: one bf16 rounding apart at most
+        else:
+            # bf16 moments: one bf16 rounding apart, or a rounding of R's fp32 error (the bf16
+            # tensor-core projection of launch 1) near zero, judged on the tensor's scale
             for a, b in ((ours.exp_avg, ref.exp_avg), (ours.exp_avg_sq, ref.exp_avg_sq)):
-                torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=0)
+                torch.testing.assert_close(a.float(), b.float(), rtol=2**-7,
+                                           atol=2**-10 * b.float().abs().max().item())
             diff = (ours.param.int() - ref.param.int()).abs()
             assert diff.max().item() <= 1 and diff.bool().float().mean().item() <= 1e-3
             assert not torch.equal(ours.param, inputs.param)
@@ -196,8 +206,13 @@ def test_cuda_int8_opcheck():
 
 # ---- bad input: clear errors naming the argument, nothing written ----------------------------
 def _cuda_bad_cases():
-    cases = [(name, to_device(inputs, "cuda"), formats)
-             for name, inputs, formats in _bad_step_cases()]
+    cases = []
+    for name, inputs, formats in _bad_step_cases():
+        memo = {}
+        moved_inputs = to_device(inputs, "cuda", memo)
+        moved_formats = {k: memo.get(id(v), v) if isinstance(v, torch.Tensor) else v
+                         for k, v in formats.items()}
+        cases.append((name, moved_inputs, moved_formats))
     base = to_device(int8_inputs(67, 131, 9, 256, "int4"), "cuda")
 
     def moved(field):

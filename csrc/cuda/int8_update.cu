@@ -14,23 +14,25 @@
 // dequantized basis, back(N) or W' ever reaches global memory.
 //
 // Tiling: a CTA owns whole groups, so that it can reduce min/max before it writes a code.
-//   tiled (n % group_size == 0, group_size <= 256): a CTA owns a 32-row x tile_cols tile,
-//     tile_cols = the largest multiple of group_size <= 256; thread t owns column t of it for all
-//     32 rows (32 fp32 accumulators). K = r runs in chunks of 16: the 32 x 16 A chunk is staged in
-//     shared memory (read as broadcast float4), each thread loads its 16 B values directly
-//     (consecutive threads, consecutive columns). W' goes to a 32 x 256 fp32 shared tile; then one
-//     warp per group reduces min/max (shuffles) and writes the group's codes, s' and z'.
+//   tiled (n % group_size == 0, group_size <= 256): a CTA (8 warps) owns a 32-row x tile_cols
+//     tile, tile_cols = the largest multiple of group_size <= 256. K = r runs in chunks of 16:
+//     the 32 x 16 A chunk and the 16 x 256 B chunk are staged in shared memory as fp32 (thread t
+//     loads column t of B: consecutive threads, consecutive columns), and warp w computes
+//     columns [32w, 32w + 32) of T with mma.sync m16n8k8 tf32. T then goes to a 32 x 256 fp32
+//     shared tile (aliasing the B chunk), thread t turns column t into W', and one warp per group
+//     reduces min/max (shuffles) and writes the group's codes, s' and z'.
 //   general (groups straddle rows, or group_size > 256): one warp per group in the flattened index
-//     space; each lane computes its elements' dot products directly (loads from L1/L2: broadcast
-//     A, coalesced B), keeps the first 8 per lane in registers and recomputes any beyond
-//     (bitwise the same: one non-inlined function) after the min/max reduction. Correct for
-//     every shape and group size; slower.
-// Arithmetic: fp32 FMA, T = fma(A[i,k], B[k,j], T) for k = 0, 1, ..., r-1 in both kernels (no
-// tensor cores yet: correctness first). The order is fixed, so runs are bitwise reproducible, and
-// both kernels give the same T. Where T differs from the CPU kernel's BLAS sum by its fp32
-// rounding, a code can differ by one when u falls within that rounding of the fractional part
-// (rare: ~1e-5 of codes), and a zero can flip when -min/s' sits on a .5; DCT values may also
-// differ by an ulp (device cosf/sinf).
+//     space; each lane computes its elements' dot products directly with fp32 FMA (loads from
+//     L1/L2: broadcast A, coalesced B), keeps the first 8 per lane in registers and recomputes
+//     any beyond (bitwise the same: one non-inlined function) after the min/max reduction.
+//     Correct for every shape and group size; slower.
+// Arithmetic: tiled: 3xTF32 (x = hi + lo in tf32; a_hi*b_hi + a_hi*b_lo + a_lo*b_hi, ~fp32
+// accuracy), each 16-long K chunk summed on its own and added to T in IEEE fp32; general:
+// T = fma(A[i,k], B[k,j], T) for k = 0, 1, ..., r-1. Every order is fixed, so runs are bitwise
+// reproducible. Where T differs from the CPU kernel's BLAS sum by its rounding, a code can differ
+// by one when u falls within that rounding of the fractional part (rare: ~1e-5 of codes), and a
+// zero can flip when -min/s' sits on a .5; DCT values may also differ by an ulp (device
+// cosf/sinf). W' itself is the same expression as on the CPU (apply_update, dequantize_code).
 //
 // DRAM bytes of this pass (L = m*r right, r*n left; d = n right, m left):
 //   codes m*n read + m*n written, scales/zeros 8*groups read + 8*groups written, N 4*L read once
@@ -54,7 +56,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 32;
 constexpr int kTileCols = kThreads;  // thread t owns column t of a tile
-constexpr int kChunkK = 16;
 constexpr int kTiledBlocksPerSm = 2;  // caps registers at 128: two 36 KB CTAs per SM
 constexpr int kCachedPerLane = 8;  // general kernel: W' values held in registers per lane
 
@@ -115,72 +116,13 @@ __device__ __forceinline__ void warp_min_max(float& lo, float& hi) {
   }
 }
 
-// ---- tiled kernel: n % group_size == 0, group_size <= kTileCols ----
-template <typename ALoader, typename BLoader>
-__global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
-    int8_update_tiled_kernel(const ALoader a, const BLoader b, const Int8Weight w, const int m,
-                             const int n, const int r, const int group_size, const int tile_cols,
-                             const int tiles_n, const AdamCoeffs c, const uint64_t philox_seed) {
-  __shared__ alignas(16) float a_chunk[kTileRows][kChunkK];
-  __shared__ float w_tile[kTileRows][kTileCols];  // W' of the tile, fp32
-
-  const int tid = threadIdx.x;
-  const int tile_m = blockIdx.x / tiles_n, tile_n = blockIdx.x % tiles_n;
-  const int i0 = tile_m * kTileRows, j0 = tile_n * tile_cols;
-  const int rows = min(kTileRows, m - i0), cols = min(tile_cols, n - j0);
-  const bool owns_column = tid < cols;
-  const int j = j0 + tid;
-
-  float acc[kTileRows];
-#pragma unroll
-  for (int i = 0; i < kTileRows; ++i) acc[i] = 0.f;
-
-  for (int k0 = 0; k0 < r; k0 += kChunkK) {
-#pragma unroll
-    for (int e = 0; e < kTileRows * kChunkK / kThreads; ++e) {
-      const int idx = tid + e * kThreads;
-      const int i = idx / kChunkK, kk = idx % kChunkK;
-      a_chunk[i][kk] = (i < rows && k0 + kk < r) ? a(i0 + i, k0 + kk) : 0.f;
-    }
-    float b_col[kChunkK];
-#pragma unroll
-    for (int kk = 0; kk < kChunkK; ++kk) {
-      b_col[kk] = (owns_column && k0 + kk < r) ? b(k0 + kk, j) : 0.f;
-    }
-    __syncthreads();
-    // Past r both operands are 0, and fma(0, 0, acc) = acc: the sum is that of k < r only.
-#pragma unroll
-    for (int kk = 0; kk < kChunkK; kk += 4) {
-#pragma unroll
-      for (int i = 0; i < kTileRows; ++i) {
-        const float4 av = *reinterpret_cast<const float4*>(&a_chunk[i][kk]);
-        acc[i] = fmaf(av.x, b_col[kk], acc[i]);
-        acc[i] = fmaf(av.y, b_col[kk + 1], acc[i]);
-        acc[i] = fmaf(av.z, b_col[kk + 2], acc[i]);
-        acc[i] = fmaf(av.w, b_col[kk + 3], acc[i]);
-      }
-    }
-    __syncthreads();
-  }
-
-  // W' of this thread's column; the old codes, scales and zeros are all read before the
-  // __syncthreads below, after which the same CTA overwrites them.
-  if (owns_column) {
-    const int64_t groups_per_row = n / group_size;
-    const int64_t column_group = j / group_size;
-#pragma unroll
-    for (int i = 0; i < kTileRows; ++i) {
-      if (i < rows) {
-        const int64_t row = i0 + i;
-        const int64_t group = row * groups_per_row + column_group;
-        const GroupQuant old{w.scales[group], w.zeros[group]};
-        w_tile[i][tid] = apply_update(dequantize_code(w.codes[row * n + j], old), acc[i], c);
-      }
-    }
-  }
-  __syncthreads();
-
-  const int warp = tid / 32, lane = tid % 32;
+// The group epilogue of the tiled kernel: one warp per group of the W' tile (fp32, shared):
+// min/max by shuffles, then s', z' and the stochastically rounded codes.
+__device__ __forceinline__ void requantize_tile_groups(const float (*w_tile)[kTileCols],
+                                                       const Int8Weight& w, int i0, int j0,
+                                                       int rows, int cols, int n, int group_size,
+                                                       uint64_t philox_seed) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int groups_per_tile_row = cols / group_size;
   for (int q = warp; q < rows * groups_per_tile_row; q += kWarps) {
     const int i = q / groups_per_tile_row;
@@ -205,6 +147,127 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
       w.zeros[group] = fresh.zero;
     }
   }
+}
+
+// ---- tiled kernel: n % group_size == 0, group_size <= kTileCols; T on tensor cores ----
+// T is summed as a_hi*b_hi + a_hi*b_lo + a_lo*b_hi of the tf32 splits x = hi + lo (~fp32
+// accuracy); each 16-long K chunk is summed on its own and added to the total in IEEE fp32
+// (tensor cores truncate when they accumulate), in a fixed order.
+constexpr int kMmaChunkK = 16;
+constexpr int kPadA = 4, kPadB = 8;  // conflict-free fragment reads
+
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(x));
+  const float rest = x - __uint_as_float(hi);
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(rest));
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <typename ALoader, typename BLoader>
+__global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
+    int8_update_tiled_kernel(const ALoader a, const BLoader b, const Int8Weight w,
+                                 const int m, const int n, const int r, const int group_size,
+                                 const int tile_cols, const int tiles_n, const AdamCoeffs c,
+                                 const uint64_t philox_seed) {
+  constexpr int kWarpCols = kTileCols / kWarps;  // 32: warp w owns columns [32w, 32w + 32)
+  static_assert(kTileRows == 32 && kWarpCols == 32, "fragment loops assume 32 x 32 warp tiles");
+  static_assert(kMmaChunkK * (kTileCols + kPadB) <= kTileRows * kTileCols, "B chunk aliasing");
+  __shared__ alignas(16) float a_chunk[kTileRows][kMmaChunkK + kPadA];
+  // B chunks during the K loop, then T, then W' (row-major kTileRows x kTileCols)
+  __shared__ alignas(16) float tile_storage[kTileRows * kTileCols];
+  auto b_chunk = reinterpret_cast<float (*)[kTileCols + kPadB]>(tile_storage);
+  auto w_tile = reinterpret_cast<float (*)[kTileCols]>(tile_storage);
+
+  const int tid = threadIdx.x;
+  const int tile_m = blockIdx.x / tiles_n, tile_n = blockIdx.x % tiles_n;
+  const int i0 = tile_m * kTileRows, j0 = tile_n * tile_cols;
+  const int rows = min(kTileRows, m - i0), cols = min(tile_cols, n - j0);
+  const bool owns_column = tid < cols;
+  const int j = j0 + tid;
+  const int warp = tid / 32, lane = tid % 32, group = lane / 4, tig = lane % 4;
+  const int warp_col = warp * kWarpCols;
+
+  float acc[2][4][4] = {};
+  for (int k0 = 0; k0 < r; k0 += kMmaChunkK) {
+#pragma unroll
+    for (int e = 0; e < kTileRows * kMmaChunkK / kThreads; ++e) {
+      const int idx = tid + e * kThreads;
+      const int i = idx / kMmaChunkK, kk = idx % kMmaChunkK;
+      a_chunk[i][kk] = (i < rows && k0 + kk < r) ? a(i0 + i, k0 + kk) : 0.f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kMmaChunkK; ++kk) {
+      b_chunk[kk][tid] = (owns_column && k0 + kk < r) ? b(k0 + kk, j) : 0.f;
+    }
+    __syncthreads();
+    float part[2][4][4] = {};
+#pragma unroll
+    for (int ks = 0; ks < kMmaChunkK; ks += 8) {
+      uint32_t b_hi[4][2], b_lo[4][2];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = warp_col + nt * 8 + group;
+        split_tf32(b_chunk[ks + tig][col], b_hi[nt][0], b_lo[nt][0]);
+        split_tf32(b_chunk[ks + tig + 4][col], b_hi[nt][1], b_lo[nt][1]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int row = mt * 16 + group;
+        uint32_t a_hi[4], a_lo[4];
+        split_tf32(a_chunk[row][ks + tig], a_hi[0], a_lo[0]);
+        split_tf32(a_chunk[row + 8][ks + tig], a_hi[1], a_lo[1]);
+        split_tf32(a_chunk[row][ks + tig + 4], a_hi[2], a_lo[2]);
+        split_tf32(a_chunk[row + 8][ks + tig + 4], a_hi[3], a_lo[3]);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          mma_tf32(part[mt][nt], a_lo, b_hi[nt]);
+          mma_tf32(part[mt][nt], a_hi, b_lo[nt]);
+          mma_tf32(part[mt][nt], a_hi, b_hi[nt]);
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[mt][nt][q] += part[mt][nt][q];
+    __syncthreads();  // the next chunk (or T below) overwrites b_chunk
+  }
+
+  // Accumulator q of an m16n8 tile sits at row group (+8 for q >= 2), column 2*tig (+1 if odd).
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        w_tile[mt * 16 + group + (q >= 2 ? 8 : 0)][warp_col + nt * 8 + 2 * tig + (q & 1)] =
+            acc[mt][nt][q];
+      }
+  __syncthreads();
+
+  if (owns_column) {
+    const int64_t groups_per_row = n / group_size;
+    const int64_t column_group = j / group_size;
+    for (int i = 0; i < rows; ++i) {
+      const int64_t row = i0 + i;
+      const int64_t group_index = row * groups_per_row + column_group;
+      const GroupQuant old{w.scales[group_index], w.zeros[group_index]};
+      w_tile[i][tid] =
+          apply_update(dequantize_code(w.codes[row * n + j], old), w_tile[i][tid], c);
+    }
+  }
+  __syncthreads();
+  requantize_tile_groups(w_tile, w, i0, j0, rows, cols, n, group_size, philox_seed);
 }
 
 // ---- general kernel: one warp per group of the flattened index space ----
@@ -280,10 +343,10 @@ void launch_int8_update(const ALoader& a, const BLoader& b, const Int8Weight& w,
     const int64_t tiles_n = (g.n + tile_cols - 1) / tile_cols;
     const int64_t tiles = (g.m + kTileRows - 1) / kTileRows * tiles_n;
     LOWRANK_CHECK(tiles < (int64_t{1} << 31), "fused_galore_step: too many tiles (", tiles, ")");
-    int8_update_tiled_kernel<ALoader, BLoader>
-        <<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-            a, b, w, static_cast<int>(g.m), static_cast<int>(g.n), r,
-            static_cast<int>(group_size), tile_cols, static_cast<int>(tiles_n), c, philox_seed);
+    int8_update_tiled_kernel<ALoader, BLoader><<<static_cast<unsigned>(tiles), kThreads, 0,
+                                                 stream>>>(
+        a, b, w, static_cast<int>(g.m), static_cast<int>(g.n), r, static_cast<int>(group_size),
+        tile_cols, static_cast<int>(tiles_n), c, philox_seed);
   } else {
     const int64_t numel = g.m * g.n, groups = num_groups(numel, group_size);
     const int64_t blocks = (groups + kWarps - 1) / kWarps;

@@ -78,14 +78,17 @@ struct DenseMatrix {
 };
 
 // A packed INT4 basis (DESIGN.md §4.3): groups over the row-major elements of the logical matrix.
+// index_t: uint32_t when the basis has fewer than 2^32 elements (a 32-bit division per element
+// instead of a 64-bit one, which dominated the right side's B loads), else int64_t.
+template <typename index_t>
 struct Int4Matrix {
   const uint8_t* packed;
   const float* scales;
   const float* zeros;
-  int64_t ld, group_size;
+  index_t ld, group_size;
   __device__ __forceinline__ float operator()(int64_t row, int64_t col) const {
-    const int64_t k = row * ld + col;
-    const int64_t group = k / group_size;
+    const index_t k = static_cast<index_t>(row) * ld + static_cast<index_t>(col);
+    const index_t group = k / group_size;
     return dequantize_code(int4_code(packed, k), GroupQuant{scales[group], zeros[group]});
   }
 };
@@ -195,19 +198,34 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   const int warp = tid / 32, lane = tid % 32, group = lane / 4, tig = lane % 4;
   const int warp_col = warp * kWarpCols;
 
-  float acc[2][4][4] = {};
-  for (int k0 = 0; k0 < r; k0 += kMmaChunkK) {
+  // The next K chunk is loaded into registers while this one is multiplied.
+  constexpr int kLoadsA = kTileRows * kMmaChunkK / kThreads;
+  float a_next[kLoadsA], b_next[kMmaChunkK];
+  auto load_chunk = [&](int k0) {
 #pragma unroll
-    for (int e = 0; e < kTileRows * kMmaChunkK / kThreads; ++e) {
+    for (int e = 0; e < kLoadsA; ++e) {
       const int idx = tid + e * kThreads;
       const int i = idx / kMmaChunkK, kk = idx % kMmaChunkK;
-      a_chunk[i][kk] = (i < rows && k0 + kk < r) ? a(i0 + i, k0 + kk) : 0.f;
+      a_next[e] = (i < rows && k0 + kk < r) ? a(i0 + i, k0 + kk) : 0.f;
     }
 #pragma unroll
     for (int kk = 0; kk < kMmaChunkK; ++kk) {
-      b_chunk[kk][tid] = (owns_column && k0 + kk < r) ? b(k0 + kk, j) : 0.f;
+      b_next[kk] = (owns_column && k0 + kk < r) ? b(k0 + kk, j) : 0.f;
     }
+  };
+
+  float acc[2][4][4] = {};
+  load_chunk(0);
+  for (int k0 = 0; k0 < r; k0 += kMmaChunkK) {
+#pragma unroll
+    for (int e = 0; e < kLoadsA; ++e) {
+      const int idx = tid + e * kThreads;
+      a_chunk[idx / kMmaChunkK][idx % kMmaChunkK] = a_next[e];
+    }
+#pragma unroll
+    for (int kk = 0; kk < kMmaChunkK; ++kk) b_chunk[kk][tid] = b_next[kk];
     __syncthreads();
+    if (k0 + kMmaChunkK < r) load_chunk(k0 + kMmaChunkK);
     float part[2][4][4] = {};
 #pragma unroll
     for (int ks = 0; ks < kMmaChunkK; ks += 8) {
@@ -374,8 +392,15 @@ void with_basis_loader(const at::Tensor& proj, const std::optional<at::Tensor>& 
       f(DctMatrix<false>{indices, g.m});
     }
   } else if (proj.scalar_type() == at::kByte) {
-    f(Int4Matrix{proj.data_ptr<uint8_t>(), proj_scales->data_ptr<float>(),
-                 proj_zeros->data_ptr<float>(), ld, proj_group_size});
+    const uint8_t* packed = proj.data_ptr<uint8_t>();
+    const float* scales = proj_scales->data_ptr<float>();
+    const float* zeros = proj_zeros->data_ptr<float>();
+    if (g.r * (g.right ? g.n : g.m) < (int64_t{1} << 32)) {
+      f(Int4Matrix<uint32_t>{packed, scales, zeros, static_cast<uint32_t>(ld),
+                             static_cast<uint32_t>(proj_group_size)});
+    } else {
+      f(Int4Matrix<int64_t>{packed, scales, zeros, ld, proj_group_size});
+    }
   } else if (proj.scalar_type() == at::kBFloat16) {
     f(DenseMatrix<c10::BFloat16>{proj.data_ptr<c10::BFloat16>(), ld});
   } else if (proj.scalar_type() == at::kHalf) {

@@ -198,34 +198,19 @@ __global__ void __launch_bounds__(kThreads, kTiledBlocksPerSm)
   const int warp = tid / 32, lane = tid % 32, group = lane / 4, tig = lane % 4;
   const int warp_col = warp * kWarpCols;
 
-  // The next K chunk is loaded into registers while this one is multiplied.
-  constexpr int kLoadsA = kTileRows * kMmaChunkK / kThreads;
-  float a_next[kLoadsA], b_next[kMmaChunkK];
-  auto load_chunk = [&](int k0) {
+  float acc[2][4][4] = {};
+  for (int k0 = 0; k0 < r; k0 += kMmaChunkK) {
 #pragma unroll
-    for (int e = 0; e < kLoadsA; ++e) {
+    for (int e = 0; e < kTileRows * kMmaChunkK / kThreads; ++e) {
       const int idx = tid + e * kThreads;
       const int i = idx / kMmaChunkK, kk = idx % kMmaChunkK;
-      a_next[e] = (i < rows && k0 + kk < r) ? a(i0 + i, k0 + kk) : 0.f;
+      a_chunk[i][kk] = (i < rows && k0 + kk < r) ? a(i0 + i, k0 + kk) : 0.f;
     }
 #pragma unroll
     for (int kk = 0; kk < kMmaChunkK; ++kk) {
-      b_next[kk] = (owns_column && k0 + kk < r) ? b(k0 + kk, j) : 0.f;
+      b_chunk[kk][tid] = (owns_column && k0 + kk < r) ? b(k0 + kk, j) : 0.f;
     }
-  };
-
-  float acc[2][4][4] = {};
-  load_chunk(0);
-  for (int k0 = 0; k0 < r; k0 += kMmaChunkK) {
-#pragma unroll
-    for (int e = 0; e < kLoadsA; ++e) {
-      const int idx = tid + e * kThreads;
-      a_chunk[idx / kMmaChunkK][idx % kMmaChunkK] = a_next[e];
-    }
-#pragma unroll
-    for (int kk = 0; kk < kMmaChunkK; ++kk) b_chunk[kk][tid] = b_next[kk];
     __syncthreads();
-    if (k0 + kMmaChunkK < r) load_chunk(k0 + kMmaChunkK);
     float part[2][4][4] = {};
 #pragma unroll
     for (int ks = 0; ks < kMmaChunkK; ks += 8) {
@@ -395,7 +380,7 @@ void with_basis_loader(const at::Tensor& proj, const std::optional<at::Tensor>& 
     const uint8_t* packed = proj.data_ptr<uint8_t>();
     const float* scales = proj_scales->data_ptr<float>();
     const float* zeros = proj_zeros->data_ptr<float>();
-    if (g.r * (g.right ? g.n : g.m) < (int64_t{1} << 32)) {
+    if (g.r * (g.right ? g.n : g.m) < (int64_t{1} << 32) && proj_group_size < (int64_t{1} << 32)) {
       f(Int4Matrix<uint32_t>{packed, scales, zeros, static_cast<uint32_t>(ld),
                              static_cast<uint32_t>(proj_group_size)});
     } else {

@@ -20,6 +20,11 @@ Implementations
                   (back-project + update) reads: 8·L extra bytes. A bf16/fp16 basis is first
                   copied to fp32: 4·d·r written and read once more. Counted in DRAM as the
                   kernel's header counts them (either may partly stay in L2).
+  fused-cuda-q    the same two launches on INT8 weight codes and a packed INT4 basis, plus pass
+                  2 (csrc/cuda/int8_update.cu): launch 1 reads the fp32 copy that dequantize_int4
+                  makes of the basis and writes N; pass 2 reads N and the packed basis (expanded
+                  on the fly) and reads and writes each code, scale and zero once. Judged against
+                  floor-q-galore with M, V in our state dtype.
   galore-torch    GaLoreAdamW.step (galore_torch/adamw.py 78-140 and galore_projector.py): one
                   kernel per torch op, states in the gradient's dtype.
   q-galore-torch  QGaLoreAdamW8bit.step with an INT8 weight (q_galore_adamw8bit.py 16-126 and
@@ -207,18 +212,44 @@ def _q_galore_layout(m: int, n: int, rank: int, float_dtype: torch.dtype):
     return g, b, w_groups, p_groups, absmax
 
 
-def floor_q_galore(m: int, n: int, rank: int, float_dtype: torch.dtype = torch.bfloat16
-                   ) -> Traffic:
+def floor_q_galore(m: int, n: int, rank: int, float_dtype: torch.dtype = torch.bfloat16,
+                   state_dtype: torch.dtype | None = None) -> Traffic:
     """The floor for q-galore-torch's storage: G read, INT8 W codes + scales/zeros read and
-    written, uint8 P codes + scales/zeros read, 8-bit M, V + absmax read and written."""
+    written, uint8 P codes + scales/zeros read, 8-bit M, V + absmax read and written. With
+    ``state_dtype``, M and V are stored in that dtype instead (our fused step's states)."""
     g, b, w_groups, p_groups, absmax = _q_galore_layout(m, n, rank, float_dtype)
+    if state_dtype is None:
+        states = Access("read+write 8-bit M, V, absmax", 2 * g.low_rank + 2 * absmax,
+                        2 * g.low_rank + 2 * absmax)
+    else:
+        mv = 2 * g.low_rank * _size(state_dtype)
+        states = Access("read+write M, V", mv, mv)
     return Traffic("floor-q-galore", (
         Access("read G", g.full * b, 0),
         Access("read+write W codes, scales, zeros", g.full + 2 * w_groups, g.full + 2 * w_groups),
-        Access("read+write 8-bit M, V, absmax", 2 * g.low_rank + 2 * absmax,
-               2 * g.low_rank + 2 * absmax),
+        states,
         Access("read P codes, scales, zeros", g.basis + 2 * p_groups, 0),
     ))
+
+
+def fused_cuda_q(m: int, n: int, rank: int, grad_dtype: torch.dtype = torch.bfloat16,
+                 state_dtype: torch.dtype = torch.float32) -> Traffic:
+    """Our CUDA step on INT8 weight codes with a packed INT4 basis (module docstring)."""
+    g = Geometry(m, n, rank)
+    w_groups = -(-g.full // QUANT_GROUP) * 4  # fp32 scales (or zeros), one per group
+    p_codes = -(-g.basis // 2) + 2 * -(-g.basis // QUANT_GROUP) * 4
+    mv = 2 * g.low_rank * _size(state_dtype)
+    return Traffic("fused-cuda-q", (
+        Access("read G", g.full * _size(grad_dtype), 0),
+        Access("read+write W codes, scales, zeros", g.full + 2 * w_groups, g.full + 2 * w_groups),
+        Access("read+write M, V", mv, mv),
+        Access("read P codes, scales, zeros (dequantize_int4 for launch 1)", p_codes, 0),
+        Access("fp32 copy of the basis: written, then read by launch 1", 4 * g.basis,
+               4 * g.basis),
+        Access("N workspace (fp32): launch 1 writes, pass 2 reads", 4 * g.low_rank,
+               4 * g.low_rank),
+        Access("P codes, scales, zeros again (pass 2 dequantizes on the fly)", p_codes, 0),
+    ), launches=3)
 
 
 def q_galore_torch(m: int, n: int, rank: int, float_dtype: torch.dtype = torch.bfloat16,
@@ -348,6 +379,9 @@ def implementations(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch
                   floor(m, n, rank, weight_dtype, weight_dtype)))
     pairs.append((q_floor, q_floor))
     pairs.append((q_galore_torch(m, n, rank, weight_dtype, weight_decay=weight_decay), q_floor))
+    # Our INT8 step keeps M, V in state_dtype: judged against the floor of that storage.
+    pairs.append((fused_cuda_q(m, n, rank, weight_dtype, state_dtype),
+                  floor_q_galore(m, n, rank, weight_dtype, state_dtype)))
     return pairs
 
 

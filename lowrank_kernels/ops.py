@@ -292,8 +292,8 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
         proj = reference.dct_projection(proj, *param.shape)
     quantized = proj.dtype == torch.uint8 or param.dtype == torch.uint8
     if quantized and chosen == "triton" and not (backend or os.environ.get("LOWRANK_BACKEND")):
-        # automatic choice: Triton has no INT4/INT8 step yet; the CUDA kernel takes INT4 bases
-        if param.dtype != torch.uint8 and _extension.has_kernel("fused_galore_step", "CUDA"):
+        # automatic choice: Triton has no INT4/INT8 step yet; the CUDA kernel takes both formats
+        if _extension.has_kernel("fused_galore_step", "CUDA"):
             torch.ops.lowrank.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper,
                                                 **formats)
             return

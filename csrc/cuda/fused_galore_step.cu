@@ -47,6 +47,7 @@
 #include "lowrank/adam.h"
 #include "lowrank/checks.h"
 #include "lowrank/dct.h"
+#include "int8_update.h"  // INT8 weight codes: pass 2 (csrc/cuda/int8_update.cu)
 
 // Runtime dtype -> compile-time type (flash-attention style): each body is a plain template.
 #define LOWRANK_FLOAT_SWITCH(DTYPE, TYPE, ...)                                   \
@@ -532,9 +533,6 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad, const at:
       proj_group_size, param_scales, param_zeros, param_group_size, seed);
   // check_fused_galore_step puts every tensor on param's device; that device must be a GPU.
   LOWRANK_CHECK_VALUE(param.is_cuda(), "param: expected a CUDA tensor, got ", param.device());
-  LOWRANK_CHECK_NOT_IMPLEMENTED(param.scalar_type() != at::kByte,
-                              "param: INT8 weight codes are not supported by the CUDA fused step "
-                              "yet; use backend='reference' (or the CPU kernel)");
   LOWRANK_CHECK_VALUE(g.m < (int64_t{1} << 31) && g.n < (int64_t{1} << 25),
                     "param: expected fewer than 2^31 rows and 2^25 columns, got ",
                     shape_str(param.sizes()));
@@ -555,6 +553,14 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad, const at:
                                          stream);
     });
   });
+  // ---- INT8 weight codes: launch 1 above is pass 1 (N, M, V); pass 2 requantizes W ----
+  if (param.scalar_type() == at::kByte) {
+    at::Tensor scales = *param_scales, zeros = *param_zeros;
+    int8_weight_update_cuda(param, scales, zeros, param_group_size,
+                            rounding_philox_seed(seed, step), proj, proj_scales, proj_zeros,
+                            proj_group_size, normalized, g, c, stream);
+    return;
+  }
   LOWRANK_FLOAT_SWITCH(param.scalar_type(), weight_t, [&] {
     LOWRANK_BOOL_SWITCH(basis_needs_split(kUpdateKind<weight_t>, basis_dtype), split, [&] {
       launch_back_project_update<weight_t, split>(param, basis, normalized, g, c, stream);

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lowrank_kernels as lk
-from cases import (HYPER, ODD_SHAPES, STATE_DTYPES, WEIGHT_DTYPES, assert_step_matches,
-                   step_inputs)
+from cases import (HYPER, ODD_SHAPES, STATE_DTYPES, WEIGHT_DTYPES, StepInputs,
+                   assert_step_matches, qgalore_inputs, step_inputs)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -261,3 +261,48 @@ def test_cuda_fast_path_is_deterministic(m, n):
     first, second = run_cuda(inputs, **HYPER), run_cuda(inputs, **HYPER)
     for a, b in zip(first.args(), second.args()):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# generated bases: packed INT4 (proj uint8 + scales, zeros) and DCT row indices (proj int32)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m,n,group_size", [(1000, 301, 256), (301, 1000, 256), (131, 67, 6)],
+                         ids=str)
+@pytest.mark.parametrize("rank", [1, 17, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_int4_basis_matches_dense_step_on_dequantized_basis(m, n, group_size, rank, dtype):
+    """The reference's definition of an INT4 basis: the dense step on its dequantized values."""
+    rank = min(rank, m, n)
+    inputs = qgalore_inputs(m, n, rank, int4_proj=True, int8_weight=False,
+                            proj_group_size=group_size, grad_dtype=dtype)
+    inputs.param = inputs.param.to(dtype)
+    basis = lk.reference.dequantize_int4(inputs.proj, inputs.proj_scales, inputs.proj_zeros,
+                                         lk.reference.quantized_basis_shape(m, n, rank),
+                                         group_size)
+    ours = inputs.clone()
+    cuda_args = [t.cuda() for t in ours.args()]
+    torch.ops.lowrank.fused_galore_step(
+        *cuda_args, **HYPER, proj_scales=ours.proj_scales.cuda(),
+        proj_zeros=ours.proj_zeros.cuda(), proj_group_size=group_size)
+    param, _, _, exp_avg, exp_avg_sq = cuda_args
+    dense = StepInputs(inputs.param, inputs.grad, basis, inputs.exp_avg, inputs.exp_avg_sq)
+    assert_cuda_step_matches(StepInputs(param, inputs.grad.cuda(), basis.cuda(), exp_avg,
+                                        exp_avg_sq), dense, **HYPER)
+
+
+@pytest.mark.parametrize("m,n,rank", [(1000, 301, 1), (301, 1000, 17), (131, 67, 67),
+                                      (67, 131, 17), (3000, 1000, 130)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_dct_indices_match_dense_step_on_dct_rows(m, n, rank, dtype):
+    """int32 indices stand for rows of the orthonormal DCT-II (reference.dct_projection)."""
+    d = n if lk.reference.is_right_side(m, n) else m
+    gen = torch.Generator().manual_seed(m * n + rank)
+    indices = torch.randperm(d, generator=gen)[:rank].to(torch.int32)
+    dense = step_inputs(m, n, rank, weight_dtype=dtype)
+    dense.proj = lk.reference.dct_projection(indices, m, n)
+    ours = dense.to(device="cuda")
+    ours.proj = indices.cuda()
+    torch.ops.lowrank.fused_galore_step(*ours.args(), **HYPER)
+    assert torch.equal(ours.proj.cpu(), indices)
+    ours.proj = dense.proj.cuda()
+    assert_cuda_step_matches(ours, dense, **HYPER)

@@ -269,13 +269,19 @@ def test_cuda_fast_path_is_deterministic(m, n):
 @pytest.mark.parametrize("m,n,group_size", [(1000, 301, 256), (301, 1000, 256), (131, 67, 6)],
                          ids=str)
 @pytest.mark.parametrize("rank", [1, 17, 130])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_int4_basis_matches_dense_step_on_dequantized_basis(m, n, group_size, rank, dtype):
+@pytest.mark.parametrize("grad_dtype,weight_dtype", [
+    (torch.float32, torch.float32),    # general path (fp32 dequantized copy)
+    (torch.bfloat16, torch.bfloat16),  # fast path, INT4 dequantized in the tile loaders
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),   # fast launch 1, general launch 2
+], ids=str)
+def test_cuda_int4_basis_matches_dense_step_on_dequantized_basis(m, n, group_size, rank,
+                                                                 grad_dtype, weight_dtype):
     """The reference's definition of an INT4 basis: the dense step on its dequantized values."""
     rank = min(rank, m, n)
     inputs = qgalore_inputs(m, n, rank, int4_proj=True, int8_weight=False,
-                            proj_group_size=group_size, grad_dtype=dtype)
-    inputs.param = inputs.param.to(dtype)
+                            proj_group_size=group_size, grad_dtype=grad_dtype)
+    inputs.param = inputs.param.to(weight_dtype)
     basis = lk.reference.dequantize_int4(inputs.proj, inputs.proj_scales, inputs.proj_zeros,
                                          lk.reference.quantized_basis_shape(m, n, rank),
                                          group_size)

@@ -605,17 +605,32 @@ __global__ void __launch_bounds__(Shape::kThreads, 2)
   }
   cp_async_wait<0>();
 
-  // Accumulator (q) of an m16n8 tile sits at row group (+8 for q >= 2), column 2*tig (+1 if odd).
+  // Accumulators (2*half, 2*half + 1) of an m16n8 tile sit at row group + 8*half, columns
+  // 2*tig and 2*tig + 1. The epilogue reads what it updates (W; M and V) before writing: all
+  // loads of one 16-row slice are issued before its stores, since the compiler cannot move a
+  // load past a store that might alias it (one DRAM round trip per slice, not per pair).
 #pragma unroll
   for (int mt = 0; mt < Shape::kTilesM; ++mt) {
+    typename Epilogue::Loaded loaded[Shape::kTilesN][2];
 #pragma unroll
     for (int nt = 0; nt < Shape::kTilesN; ++nt) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int i = m0 + warp_m + mt * 16 + group + 8 * half;
         const int j = n0 + warp_n + nt * 8 + 2 * thread_in_group;
-        if (i < M && j < N)
-          epilogue.pair(i, j, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1], j + 1 < N);
+        if (i < M && j < N) loaded[nt][half] = epilogue.load(i, j, j + 1 < N);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < Shape::kTilesN; ++nt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = m0 + warp_m + mt * 16 + group + 8 * half;
+        const int j = n0 + warp_n + nt * 8 + 2 * thread_in_group;
+        if (i < M && j < N) {
+          epilogue.store(i, j, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1], j + 1 < N,
+                         loaded[nt][half]);
+        }
       }
     }
   }
@@ -672,10 +687,39 @@ struct AdamEpilogue {
     }
   }
 
-  // C(i, j) and, when `second`, C(i, j + 1) (the 16-bit GEMM hands out adjacent pairs).
-  __device__ __forceinline__ void pair(int i, int j, float r0, float r1, bool second) const {
-    (*this)(i, j, r0);
-    if (second) (*this)(i, j + 1, r1);
+  // The 16-bit GEMM's two-phase form, on C(i, j) and, when `second`, C(i, j + 1): load the
+  // moments, then update them and write N.
+  struct Loaded {
+    float m[2], v[2];
+  };
+  __device__ __forceinline__ float load_state(const void* state, int64_t idx) const {
+    return state_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(state)[idx])
+                      : static_cast<const float*>(state)[idx];
+  }
+  __device__ __forceinline__ Loaded load(int i, int j, bool second) const {
+    const int64_t idx = i * ld + j;
+    Loaded s{};
+    for (int e = 0; e < (second ? 2 : 1); ++e) {
+      s.m[e] = load_state(exp_avg, idx + e);
+      s.v[e] = load_state(exp_avg_sq, idx + e);
+    }
+    return s;
+  }
+  __device__ __forceinline__ void store(int i, int j, float r0, float r1, bool second,
+                                        Loaded s) const {
+    const int64_t idx = i * ld + j;
+    const float r[2] = {r0, r1};
+    for (int e = 0; e < (second ? 2 : 1); ++e) {
+      float m = s.m[e], v = s.v[e];
+      normalized[idx + e] = from_float<TN>(adam_normalized_update(r[e], m, v, coeffs));
+      if (state_bf16) {
+        static_cast<__nv_bfloat16*>(exp_avg)[idx + e] = __float2bfloat16_rn(m);
+        static_cast<__nv_bfloat16*>(exp_avg_sq)[idx + e] = __float2bfloat16_rn(v);
+      } else {
+        static_cast<float*>(exp_avg)[idx + e] = m;
+        static_cast<float*>(exp_avg_sq)[idx + e] = v;
+      }
+    }
   }
 };
 
@@ -692,27 +736,42 @@ struct UpdateEpilogue {
   }
 };
 
-// The 16-bit GEMM's update epilogue: W(i, j), W(i, j + 1) with one 32-bit load and store when
-// both exist and the pair is 4-byte aligned (j is even; `paired`: ld even, W 4-byte aligned).
+// The 16-bit GEMM's update epilogue, two-phase (load W, then write W'), on W(i, j) and, when
+// `second`, W(i, j + 1): one 32-bit access for both when the pair is 4-byte aligned (j is even;
+// `paired`: ld even and W 4-byte aligned).
 template <typename TW>
 struct UpdateEpilogue16 : UpdateEpilogue<TW> {
   bool paired;
 
-  __device__ __forceinline__ void pair(int i, int j, float c0, float c1, bool second) const {
+  struct Loaded {
+    TW w[2];
+  };
+  __device__ __forceinline__ Loaded load(int i, int j, bool second) const {
+    const TW* w = this->weight + i * this->ld + j;
+    Loaded s;
     if (second && paired) {
-      auto* w2 = reinterpret_cast<uint32_t*>(this->weight + i * this->ld + j);
-      const uint32_t bits = *w2;
-      TW w[2];
-      memcpy(w, &bits, 4);
-      w[0] = from_float<TW>(apply_update(to_float(w[0]), c0, this->coeffs));
-      w[1] = from_float<TW>(apply_update(to_float(w[1]), c1, this->coeffs));
-      uint32_t out;
-      memcpy(&out, w, 4);
-      *w2 = out;
-      return;
+      const uint32_t bits = *reinterpret_cast<const uint32_t*>(w);
+      memcpy(s.w, &bits, 4);
+    } else {
+      s.w[0] = w[0];
+      s.w[1] = second ? w[1] : s.w[0];
     }
-    (*this)(i, j, c0);
-    if (second) (*this)(i, j + 1, c1);
+    return s;
+  }
+  __device__ __forceinline__ void store(int i, int j, float c0, float c1, bool second,
+                                        Loaded s) const {
+    TW* w = this->weight + i * this->ld + j;
+    Loaded out;
+    out.w[0] = from_float<TW>(apply_update(to_float(s.w[0]), c0, this->coeffs));
+    out.w[1] = from_float<TW>(apply_update(to_float(s.w[1]), c1, this->coeffs));
+    if (second && paired) {
+      uint32_t bits;
+      memcpy(&bits, out.w, 4);
+      *reinterpret_cast<uint32_t*>(w) = bits;
+    } else {
+      w[0] = out.w[0];
+      if (second) w[1] = out.w[1];
+    }
   }
 };
 

@@ -16,7 +16,8 @@
 // twice, so BM is small and the GEMMs run at low intensity. Two launches tile both GEMMs freely
 // and cost only the low-rank N round trip and a second basis read.
 //
-// Fast path (the common case): G and a dense basis of one 16-bit type T (bf16 or fp16).
+// Fast path (the common case): G of a 16-bit type T (bf16 or fp16) and a basis dense in T or
+// packed INT4.
 //   gemm16_kernel: operand tiles go global -> shared as T by cp.async (3 stages, rows padded by
 //   16 bytes: conflict-free ldmatrix), shared -> registers by ldmatrix (.trans for an operand
 //   whose contiguous axis is not K), m16n8k16 MMAs with fp32 accumulators. Launch 1: CTA tile
@@ -24,16 +25,22 @@
 //   128x128, 8 warps of 64x32, N stored in T by launch 1 (rounded once, on store), so both of
 //   its operands are T too. Row-major operands whose rows are not 16-byte aligned (n or r not a
 //   multiple of 8) are loaded by plain loads into the same tiles.
-// General path (fp32 G or W, mixed types, INT4 / DCT bases): lowrank_gemm_kernel, 64x64 tiles
+//   The tile loader is a policy: DenseOperand16 copies T; Int4Operand16 dequantizes a packed
+//   INT4 basis, s*(q - z) in fp32 as lowrank/quant.h, straight into the tile, rounded to T and,
+//   in launch 1, with its residual in a second tile (2xT products: R feeds fp32 moments); no
+//   fp32 basis is made. Launch 2 takes it rounded to T = W's type, as a dense T basis is.
+// General path (fp32 G or W, mixed dense types, DCT indices): lowrank_gemm_kernel, 64x64 tiles
 //   staged in shared memory as fp32 whatever the source type, on an fp32 basis (a view when the
 //   basis is fp32, else a copy made per call), N fp32; the fast launch 1 feeds it when only W
-//   is fp32.
-//
+//   is not G's type. DCT rows stay a per-call fp32 copy: generating them in the loader would
+//   evaluate a cos/sin per basis element in every CTA that reads it ((own/64) x r x d calls in
+//   launch 1), far more work than the r x d copy's bytes.
 // No m x n temporary exists. DRAM bytes per step (s_* = element sizes, L = m*r right or r*n
 // left, d = n right or m left; bench/traffic.py `fused_cuda` is this count):
 //   floor:  G m*n*s_g  +  W 2*m*n*s_w  +  M, V 4*L*s_state  +  basis d*r*s_p
 //   fast:   + N written and read once 2*L*s_w  + the basis read again by launch 2 d*r*s_p.
 //           4096x11008, r=512, bf16, fp32 states: floor 365 MB, extra 26.7 MB (+7.3%).
+//   INT4 fast: as fast, the basis being d*r/2 bytes of codes + 8 bytes per group.
 //   general: + N 8*L; a 16-bit basis is copied to fp32 first (4*d*r written, read by both
 //           launches: 8*d*r) instead of being read twice.
 // Operand tiles re-read by several CTAs (G by the r/BN CTAs of one block, the basis and N by
@@ -436,18 +443,34 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) 
   }
 }
 
-// Operand loader policy. A tile is copied in chunks of 8 elements along the operand's contiguous
-// (inner) axis of global memory; `outer`, `inner` are global coordinates in that layout. The
-// policy fills the chunk, zero past the matrix edge; a generated operand (a dequantized or DCT
-// basis) is a policy with the same load_chunk that writes computed values instead.
+__device__ __forceinline__ uint16_t bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ uint16_t bits16(__half x) { return __half_as_ushort(x); }
+
+__device__ __forceinline__ uint4 pack8(const uint16_t (&v)[8]) {
+  uint4 packed;
+  packed.x = v[0] | (uint32_t{v[1]} << 16);
+  packed.y = v[2] | (uint32_t{v[3]} << 16);
+  packed.z = v[4] | (uint32_t{v[5]} << 16);
+  packed.w = v[6] | (uint32_t{v[7]} << 16);
+  return packed;
+}
+
+// Operand loader policies. A tile is copied in chunks of 8 elements along the operand's
+// contiguous (inner) axis of global memory; `outer`, `inner` are global coordinates in that
+// layout. load_chunk fills the chunk, zero past the matrix edge. A policy with kSplit also fills
+// the same chunk of a second tile (dst_lo) with the residuals x - T(x) of values not exact in T;
+// the GEMM then adds their products (2xBF16 / 2xFP16). Policies: DenseOperand16 (T in memory),
+// Int4Operand16 (a packed INT4 basis dequantized in the loader).
 template <typename T>
 struct DenseOperand16 {
+  static constexpr bool kSplit = false;
   const T* ptr;
   int64_t ld;
   int outer_limit, inner_limit;
   bool aligned;  // ld % 8 == 0 and ptr 16-byte aligned: every chunk is one 16-byte cp.async
 
-  __device__ __forceinline__ void load_chunk(uint16_t* dst, int outer, int inner) const {
+  __device__ __forceinline__ void load_chunk(uint16_t* dst, uint16_t* /*dst_lo*/, int outer,
+                                             int inner) const {
     const int left = outer < outer_limit ? inner_limit - inner : 0;
     const int valid = left < 0 ? 0 : (left > 8 ? 8 : left);
     const auto* src = reinterpret_cast<const uint16_t*>(ptr) + outer * ld + inner;
@@ -459,12 +482,7 @@ struct DenseOperand16 {
       uint16_t v[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = e < valid ? src[e] : uint16_t{0};
-      uint4 packed;
-      packed.x = v[0] | (uint32_t{v[1]} << 16);
-      packed.y = v[2] | (uint32_t{v[3]} << 16);
-      packed.z = v[4] | (uint32_t{v[5]} << 16);
-      packed.w = v[6] | (uint32_t{v[7]} << 16);
-      *reinterpret_cast<uint4*>(dst) = packed;
+      *reinterpret_cast<uint4*>(dst) = pack8(v);
     }
   }
 };
@@ -475,14 +493,57 @@ DenseOperand16<T> dense_operand16(const T* ptr, int64_t ld, int outer_limit, int
   return DenseOperand16<T>{ptr, ld, outer_limit, inner_limit, aligned};
 }
 
+// A packed INT4 basis (lowrank/quant.h): element (outer, inner) is flat index outer*ld + inner
+// of the row-major basis, dequantized s*(q - z) in fp32 exactly as dequantize_int4 does, then
+// rounded to T (+ its residual when SPLIT). The group of consecutive elements is tracked
+// incrementally: one division per chunk.
+template <typename T, bool SPLIT>
+struct Int4Operand16 {
+  static constexpr bool kSplit = SPLIT;
+  const uint8_t* packed;
+  const float* scales;
+  const float* zeros;
+  int64_t ld;
+  int outer_limit, inner_limit;
+  int64_t group_size;
+
+  __device__ __forceinline__ void load_chunk(uint16_t* dst, uint16_t* dst_lo, int outer,
+                                             int inner) const {
+    const int left = outer < outer_limit ? inner_limit - inner : 0;
+    const int valid = left < 0 ? 0 : (left > 8 ? 8 : left);
+    uint16_t hi[8], lo[8];
+    const int64_t first = outer * ld + inner;
+    int64_t group = valid > 0 ? first / group_size : 0;
+    int64_t in_group = first - group * group_size;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      float x = 0.f;
+      if (e < valid) {
+        x = dequantize_code(int4_code(packed, first + e), GroupQuant{scales[group], zeros[group]});
+        if (++in_group == group_size) {
+          ++group;
+          in_group = 0;
+        }
+      }
+      const T rounded = from_float<T>(x);
+      hi[e] = bits16(rounded);
+      if constexpr (SPLIT) lo[e] = bits16(from_float<T>(x - to_float(rounded)));
+    }
+    *reinterpret_cast<uint4*>(dst) = pack8(hi);
+    if constexpr (SPLIT) *reinterpret_cast<uint4*>(dst_lo) = pack8(lo);
+  }
+};
+
 // Tile shape of one GEMM instantiation. A_K / B_K: the operand's contiguous axis is K (A is
 // stored M x K row-major, B is stored N x K row-major); otherwise A is stored K x M, B K x N.
-template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, bool A_K_, bool B_K_>
+// SPLIT_A / SPLIT_B: the operand's policy fills a residual tile too (stored after A and B).
+template <int BM_, int BN_, int WARPS_M_, int WARPS_N_, int STAGES_, bool A_K_, bool B_K_,
+          bool SPLIT_A_ = false, bool SPLIT_B_ = false>
 struct Gemm16Shape {
   static constexpr int BM = BM_, BN = BN_, BK = kBlockK16, STAGES = STAGES_;
   static constexpr int kWarpsM = WARPS_M_, kWarpsN = WARPS_N_;
   static constexpr int kThreads = 32 * WARPS_M_ * WARPS_N_;
-  static constexpr bool A_K = A_K_, B_K = B_K_;
+  static constexpr bool A_K = A_K_, B_K = B_K_, SPLIT_A = SPLIT_A_, SPLIT_B = SPLIT_B_;
   static constexpr int kWarpM = BM / WARPS_M_, kWarpN = BN / WARPS_N_;
   static constexpr int kTilesM = kWarpM / 16, kTilesN = kWarpN / 8;
   // shared-memory tiles: rows x cols (+ pad), cols along the global contiguous axis
@@ -490,7 +551,9 @@ struct Gemm16Shape {
   static constexpr int kBRows = B_K ? BN : BK, kBCols = B_K ? BK : BN;
   static constexpr int kALd = kACols + kPad16, kBLd = kBCols + kPad16;
   static constexpr int kAElems = kARows * kALd, kBElems = kBRows * kBLd;
-  static constexpr int kStageElems = kAElems + kBElems;
+  static constexpr int kALoOffset = kAElems + kBElems;  // inside a stage
+  static constexpr int kBLoOffset = kALoOffset + (SPLIT_A ? kAElems : 0);
+  static constexpr int kStageElems = kBLoOffset + (SPLIT_B ? kBElems : 0);
   static constexpr int kSmemBytes = STAGES * kStageElems * 2;
   static constexpr int kAChunks = kARows * kACols / 8, kBChunks = kBRows * kBCols / 8;
   static_assert(kWarpM * kWarpsM == BM && kWarpN * kWarpsN == BN, "warps cover the tile");
@@ -506,6 +569,8 @@ __global__ void __launch_bounds__(Shape::kThreads, 2)
   extern __shared__ __align__(16) uint16_t smem16[];
   constexpr int BM = Shape::BM, BN = Shape::BN, BK = Shape::BK, STAGES = Shape::STAGES;
   constexpr bool A_K = Shape::A_K, B_K = Shape::B_K;
+  static_assert(OpA::kSplit == Shape::SPLIT_A && OpB::kSplit == Shape::SPLIT_B,
+                "operand policies and the shape agree on residual tiles");
 
   const int tiles_m = (M + BM - 1) / BM;
   const int tiles_n = (N + BN - 1) / BN;
@@ -526,13 +591,15 @@ __global__ void __launch_bounds__(Shape::kThreads, 2)
 #pragma unroll
     for (int c = tid; c < Shape::kAChunks; c += Shape::kThreads) {
       const int row = c / (Shape::kACols / 8), col = c % (Shape::kACols / 8) * 8;
-      op_a.load_chunk(a_s + row * Shape::kALd + col, A_K ? m0 + row : k0 + row,
+      const int at = row * Shape::kALd + col;
+      op_a.load_chunk(a_s + at, a_s + Shape::kALoOffset + at, A_K ? m0 + row : k0 + row,
                       A_K ? k0 + col : m0 + col);
     }
 #pragma unroll
     for (int c = tid; c < Shape::kBChunks; c += Shape::kThreads) {
       const int row = c / (Shape::kBCols / 8), col = c % (Shape::kBCols / 8) * 8;
-      op_b.load_chunk(b_s + row * Shape::kBLd + col, B_K ? n0 + row : k0 + row,
+      const int at = row * Shape::kBLd + col;
+      op_b.load_chunk(b_s + at, a_s + Shape::kBLoOffset + at, B_K ? n0 + row : k0 + row,
                       B_K ? k0 + col : n0 + col);
     }
   };
@@ -583,24 +650,38 @@ __global__ void __launch_bounds__(Shape::kThreads, 2)
     const uint32_t b_base = smem_address(b_s + b_offset);
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      uint32_t a_frag[Shape::kTilesM][4];
-      uint32_t b_frag[Shape::kTilesN][2];
+      // [0]: the tile, [1]: its residual tile (only loaded for a split operand)
+      uint32_t a_frag[Shape::SPLIT_A ? 2 : 1][Shape::kTilesM][4];
+      uint32_t b_frag[Shape::SPLIT_B ? 2 : 1][Shape::kTilesN][2];
 #pragma unroll
-      for (int mt = 0; mt < Shape::kTilesM; ++mt)
-        ldmatrix_x4<!A_K>(a_frag[mt], a_base + 2 * (kk * a_kstep + mt * kAMStep));
+      for (int part = 0; part < (Shape::SPLIT_A ? 2 : 1); ++part) {
+        const uint32_t base = a_base + 2 * part * Shape::kALoOffset;
 #pragma unroll
-      for (int np = 0; np < Shape::kTilesN / 2; ++np) {
-        uint32_t r[4];
-        ldmatrix_x4<!B_K>(r, b_base + 2 * (kk * b_kstep + np * kBNStep));
-        b_frag[2 * np][0] = r[0];
-        b_frag[2 * np][1] = r[1];
-        b_frag[2 * np + 1][0] = r[2];
-        b_frag[2 * np + 1][1] = r[3];
+        for (int mt = 0; mt < Shape::kTilesM; ++mt)
+          ldmatrix_x4<!A_K>(a_frag[part][mt], base + 2 * (kk * a_kstep + mt * kAMStep));
       }
 #pragma unroll
-      for (int mt = 0; mt < Shape::kTilesM; ++mt)
+      for (int part = 0; part < (Shape::SPLIT_B ? 2 : 1); ++part) {
+        const uint32_t base = b_base + 2 * part * (Shape::kBLoOffset - Shape::kAElems);
 #pragma unroll
-        for (int nt = 0; nt < Shape::kTilesN; ++nt) mma<K>(acc[mt][nt], a_frag[mt], b_frag[nt]);
+        for (int np = 0; np < Shape::kTilesN / 2; ++np) {
+          uint32_t r[4];
+          ldmatrix_x4<!B_K>(r, base + 2 * (kk * b_kstep + np * kBNStep));
+          b_frag[part][2 * np][0] = r[0];
+          b_frag[part][2 * np][1] = r[1];
+          b_frag[part][2 * np + 1][0] = r[2];
+          b_frag[part][2 * np + 1][1] = r[3];
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < Shape::kTilesM; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < Shape::kTilesN; ++nt) {
+          if constexpr (Shape::SPLIT_A) mma<K>(acc[mt][nt], a_frag[1][mt], b_frag[0][nt]);
+          if constexpr (Shape::SPLIT_B) mma<K>(acc[mt][nt], a_frag[0][mt], b_frag[1][nt]);
+          mma<K>(acc[mt][nt], a_frag[0][mt], b_frag[0][nt]);
+        }
+      }
     }
   }
   cp_async_wait<0>();
@@ -832,22 +913,54 @@ void launch_back_project_update(at::Tensor& param, const at::Tensor& basis,
   }
 }
 
-// The 16-bit fast path (G and the basis of one type T; launch 2 also needs W of type T).
-// Launch 1 tiles are 64 rows of the owned axis x 128 ranks (right: M = own, N = r; left:
-// M = r, N = own), 8 warps of 32x32: r <= 128 still gives own/64 CTAs. Launch 2 tiles W
-// 128x128 with 8 warps of 64x32. 3 stages: 45, 39 and 56 KiB of shared memory.
-using ProjectRight16 = Gemm16Shape<64, 128, 2, 4, 3, /*A_K=*/true, /*B_K=*/true>;
-using ProjectLeft16 = Gemm16Shape<128, 64, 4, 2, 3, /*A_K=*/false, /*B_K=*/false>;
+// The 16-bit fast path: G of a 16-bit type T and a basis that is dense in T or packed INT4
+// (launch 2 also needs W of type T). Launch 1 tiles are 64 rows of the owned axis x 128 ranks
+// (right: M = own, N = r; left: M = r, N = own), 8 warps of 32x32: r <= 128 still gives own/64
+// CTAs. Launch 2 tiles W 128x128 with 8 warps of 64x32. 3 stages: 45 (INT4: 75), 39 (64) and
+// 56 KiB of shared memory.
+template <bool SPLIT>
+using ProjectRight16 = Gemm16Shape<64, 128, 2, 4, 3, /*A_K=*/true, /*B_K=*/true, false, SPLIT>;
+template <bool SPLIT>
+using ProjectLeft16 = Gemm16Shape<128, 64, 4, 2, 3, /*A_K=*/false, /*B_K=*/false, SPLIT, false>;
 using Update16 = Gemm16Shape<128, 128, 2, 4, 3, /*A_K=*/true, /*B_K=*/false>;
 
+// Basis sources of the fast path: operand(ld, outer_limit, inner_limit) is the loader policy of
+// the row-major basis (r x n right, m x r left). kSplitProjection: launch 1 adds residual
+// products, as the basis values are not exact in T and R feeds fp32 moments. Launch 2 takes the
+// basis rounded to T = W's type, the rounding the dense 16-bit basis (and galore-torch) has.
+template <typename T>
+struct DenseBasis16 {
+  static constexpr bool kSplitProjection = false;
+  const T* ptr;
+  template <bool SPLIT>
+  DenseOperand16<T> operand(int64_t ld, int outer_limit, int inner_limit) const {
+    static_assert(!SPLIT, "a basis stored in T is exact in T");
+    return dense_operand16(ptr, ld, outer_limit, inner_limit);
+  }
+};
+
+template <typename T>
+struct Int4Basis16 {
+  static constexpr bool kSplitProjection = true;
+  const uint8_t* packed;
+  const float* scales;
+  const float* zeros;
+  int64_t group_size;
+  template <bool SPLIT>
+  Int4Operand16<T, SPLIT> operand(int64_t ld, int outer_limit, int inner_limit) const {
+    return Int4Operand16<T, SPLIT>{packed, scales, zeros, ld, outer_limit, inner_limit,
+                                   group_size};
+  }
+};
+
 // Kernel 1, fast path: N is stored as TN (T when launch 2 runs on the fast path, else fp32).
-template <typename T, typename TN>
-void launch_project_adam16(const at::Tensor& grad, const at::Tensor& proj, at::Tensor& exp_avg,
+template <typename T, typename TN, typename Basis>
+void launch_project_adam16(const at::Tensor& grad, const Basis& basis, at::Tensor& exp_avg,
                            at::Tensor& exp_avg_sq, at::Tensor& normalized,
                            const StepGeometry& g, const AdamCoeffs& c, cudaStream_t stream) {
   constexpr MmaKind kKind = KindOf<T>::value;
+  constexpr bool kSplit = Basis::kSplitProjection;
   const auto* grad_ptr = reinterpret_cast<const T*>(grad.data_ptr());
-  const auto* proj_ptr = reinterpret_cast<const T*>(proj.data_ptr());
   AdamEpilogue<TN> epilogue{exp_avg.data_ptr(),
                             exp_avg_sq.data_ptr(),
                             reinterpret_cast<TN*>(normalized.data_ptr()),
@@ -858,34 +971,75 @@ void launch_project_adam16(const at::Tensor& grad, const at::Tensor& proj, at::T
   if (g.right) {
     // R (m x r) = G Q^T: A = G (m x n, K contiguous), B(k, j) = Q[j*n + k] (K contiguous). The
     // CTAs of one row block of G run back to back and share it through L2.
-    launch_gemm16<ProjectRight16, kKind>(dense_operand16(grad_ptr, n, m, n),
-                                         dense_operand16(proj_ptr, n, r, n), m, r, n,
-                                         /*m_fastest=*/false, epilogue, stream);
+    launch_gemm16<ProjectRight16<kSplit>, kKind>(dense_operand16(grad_ptr, n, m, n),
+                                                 basis.template operand<kSplit>(n, r, n), m, r,
+                                                 n, /*m_fastest=*/false, epilogue, stream);
   } else {
     // R (r x n) = P^T G: A(i, k) = P[k*r + i] (stored K x M), B(k, j) = G[k*n + j] (K x N).
-    launch_gemm16<ProjectLeft16, kKind>(dense_operand16(proj_ptr, r, m, r),
-                                        dense_operand16(grad_ptr, n, m, n), r, n, m,
-                                        /*m_fastest=*/true, epilogue, stream);
+    launch_gemm16<ProjectLeft16<kSplit>, kKind>(basis.template operand<kSplit>(r, m, r),
+                                                dense_operand16(grad_ptr, n, m, n), r, n, m,
+                                                /*m_fastest=*/true, epilogue, stream);
   }
 }
 
 // Kernel 2, fast path: W (m x n) = A (m x r) . B (r x n), right A = N, B = Q; left A = P, B = N;
 // N already in T.
-template <typename T>
-void launch_back_project_update16(at::Tensor& param, const at::Tensor& proj,
+template <typename T, typename Basis>
+void launch_back_project_update16(at::Tensor& param, const Basis& basis,
                                   const at::Tensor& normalized, const StepGeometry& g,
                                   const AdamCoeffs& c, cudaStream_t stream) {
   constexpr MmaKind kKind = KindOf<T>::value;
   auto* weight = reinterpret_cast<T*>(param.data_ptr());
   const bool paired = g.n % 2 == 0 && reinterpret_cast<uintptr_t>(weight) % 4 == 0;
   UpdateEpilogue16<T> epilogue{{weight, g.n, c}, paired};
-  const auto* proj_ptr = reinterpret_cast<const T*>(proj.data_ptr());
   const auto* n_ptr = reinterpret_cast<const T*>(normalized.data_ptr());
   const int m = static_cast<int>(g.m), n = static_cast<int>(g.n), r = static_cast<int>(g.r);
-  const T* a_ptr = g.right ? n_ptr : proj_ptr;
-  const T* b_ptr = g.right ? proj_ptr : n_ptr;
-  launch_gemm16<Update16, kKind>(dense_operand16(a_ptr, r, m, r), dense_operand16(b_ptr, n, r, n),
-                                 m, n, r, /*m_fastest=*/false, epilogue, stream);
+  if (g.right) {
+    launch_gemm16<Update16, kKind>(dense_operand16(n_ptr, r, m, r),
+                                   basis.template operand<false>(n, r, n), m, n, r,
+                                   /*m_fastest=*/false, epilogue, stream);
+  } else {
+    launch_gemm16<Update16, kKind>(basis.template operand<false>(r, m, r),
+                                   dense_operand16(n_ptr, n, r, n), m, n, r,
+                                   /*m_fastest=*/false, epilogue, stream);
+  }
+}
+
+// Both fast launches (the second when W is T too) on one basis source.
+template <typename T, typename Basis>
+void launch_fast_path(at::Tensor& param, const at::Tensor& grad, const Basis& basis,
+                      at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& normalized,
+                      bool fast_update, const StepGeometry& g, const AdamCoeffs& c,
+                      cudaStream_t stream) {
+  if (fast_update) {
+    launch_project_adam16<T, T>(grad, basis, exp_avg, exp_avg_sq, normalized, g, c, stream);
+    launch_back_project_update16<T>(param, basis, normalized, g, c, stream);
+  } else {
+    launch_project_adam16<T, float>(grad, basis, exp_avg, exp_avg_sq, normalized, g, c, stream);
+  }
+}
+
+// The fast path on the basis source `proj` stands for (dense in T or packed INT4). A template,
+// so that the fp32 case of the dtype switch instantiates nothing.
+template <typename T>
+void launch_fast_path_on(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
+                         const std::optional<at::Tensor>& proj_scales,
+                         const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
+                         at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& normalized,
+                         bool fast_update, const StepGeometry& g, const AdamCoeffs& c,
+                         cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    LOWRANK_CHECK(false, "fused_galore_step: the 16-bit path got an fp32 gradient");
+  } else if (proj.scalar_type() == at::kByte) {
+    const Int4Basis16<T> int4{proj.data_ptr<uint8_t>(), proj_scales->data_ptr<float>(),
+                              proj_zeros->data_ptr<float>(), proj_group_size};
+    launch_fast_path<T>(param, grad, int4, exp_avg, exp_avg_sq, normalized, fast_update, g, c,
+                        stream);
+  } else {
+    const DenseBasis16<T> dense{reinterpret_cast<const T*>(proj.data_ptr())};
+    launch_fast_path<T>(param, grad, dense, exp_avg, exp_avg_sq, normalized, fast_update, g, c,
+                        stream);
+  }
 }
 
 // Rows `indices` of the size-d DCT-II basis (r x d fp32), one thread per value, from the same
@@ -950,50 +1104,38 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad, const at:
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
 
-  // Fast path: G and a dense basis of one 16-bit type go to the tensor cores as they are; when
-  // W has that type too, N is stored in it (rounded once) for launch 2. Every other combination
-  // takes the fp32-staged GEMM with an fp32 basis (made below when the basis is not fp32).
-  const at::ScalarType proj_dtype = proj.scalar_type();
-  const bool proj_16bit = proj_dtype == at::kBFloat16 || proj_dtype == at::kHalf;
-  const bool fast_project = proj_16bit && grad.scalar_type() == proj_dtype;
-  const bool fast_update = fast_project && param.scalar_type() == proj_dtype;
+  // Fast path: a 16-bit G with a dense basis of its type (used as it is) or a packed INT4 basis
+  // (dequantized in the tile loader) goes to the tensor cores without an fp32 basis; when W has
+  // G's type too, N is stored in it (rounded once) for a fast launch 2. Every other combination
+  // (fp32 G, mixed dense types, DCT indices) takes the fp32-staged GEMM on an fp32 basis, made
+  // below when the basis is not fp32; so does launch 2 when W is not G's type.
+  const at::ScalarType proj_dtype = proj.scalar_type(), grad_dtype = grad.scalar_type();
+  const bool grad_16bit = grad_dtype == at::kBFloat16 || grad_dtype == at::kHalf;
+  const bool int4_basis = proj_dtype == at::kByte;
+  const bool fast_project = grad_16bit && (proj_dtype == grad_dtype || int4_basis);
+  const bool fast_update = fast_project && param.scalar_type() == grad_dtype;
 
   at::Tensor basis;  // fp32 basis of the general path
-  if (!fast_project || !fast_update) {
-    basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size, stream);
-  }
+  if (!fast_update) basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size, stream);
   // The precision the basis values carry: generated DCT and dequantized INT4 values are fp32.
   const at::ScalarType basis_dtype = is_float_dtype(proj_dtype) ? proj_dtype : at::kFloat;
   at::Tensor normalized = at::empty(
       g.low_rank_shape(), param.options().dtype(fast_update ? param.scalar_type() : at::kFloat));
 
   if (fast_project) {
-    LOWRANK_FLOAT_SWITCH(proj_dtype, basis_t, [&] {
-      if constexpr (!std::is_same_v<basis_t, float>) {
-        if (fast_update) {
-          launch_project_adam16<basis_t, basis_t>(grad, proj, exp_avg, exp_avg_sq, normalized,
-                                                  g, c, stream);
-        } else {
-          launch_project_adam16<basis_t, float>(grad, proj, exp_avg, exp_avg_sq, normalized, g,
-                                                c, stream);
-        }
-      }
+    LOWRANK_FLOAT_SWITCH(grad_dtype, grad_t, [&] {
+      launch_fast_path_on<grad_t>(param, grad, proj, proj_scales, proj_zeros, proj_group_size,
+                                  exp_avg, exp_avg_sq, normalized, fast_update, g, c, stream);
     });
   } else {
-    LOWRANK_FLOAT_SWITCH(grad.scalar_type(), grad_t, [&] {
+    LOWRANK_FLOAT_SWITCH(grad_dtype, grad_t, [&] {
       LOWRANK_BOOL_SWITCH(basis_needs_split(KindOf<grad_t>::value, basis_dtype), split, [&] {
         launch_project_adam<grad_t, split>(grad, basis, exp_avg, exp_avg_sq, normalized, g, c,
                                            stream);
       });
     });
   }
-  if (fast_update) {
-    LOWRANK_FLOAT_SWITCH(proj_dtype, basis_t, [&] {
-      if constexpr (!std::is_same_v<basis_t, float>) {
-        launch_back_project_update16<basis_t>(param, proj, normalized, g, c, stream);
-      }
-    });
-  } else {
+  if (!fast_update) {
     LOWRANK_FLOAT_SWITCH(param.scalar_type(), weight_t, [&] {
       LOWRANK_BOOL_SWITCH(basis_needs_split(kUpdateKind<weight_t>, basis_dtype), split, [&] {
         launch_back_project_update<weight_t, split>(param, basis, normalized, g, c, stream);

@@ -18,13 +18,13 @@
 //
 // Fast path (the common case): G of a 16-bit type T (bf16 or fp16) and a basis dense in T or
 // packed INT4.
-//   gemm16_kernel: operand tiles go global -> shared as T by cp.async (3 stages, rows padded by
-//   16 bytes: conflict-free ldmatrix), shared -> registers by ldmatrix (.trans for an operand
+//   gemm16_kernel: operand tiles go global -> shared as T by cp.async (multi-stage, rows padded
+//   by 16 bytes: conflict-free ldmatrix), shared -> registers by ldmatrix (.trans for an operand
 //   whose contiguous axis is not K), m16n8k16 MMAs with fp32 accumulators. Launch 1: CTA tile
-//   64 (owned axis) x 128 (rank), 8 warps of 32x32. Launch 2 (when W is T as well): W tiles of
-//   128x128, 8 warps of 64x32, N stored in T by launch 1 (rounded once, on store), so both of
-//   its operands are T too. Row-major operands whose rows are not 16-byte aligned (n or r not a
-//   multiple of 8) are loaded by plain loads into the same tiles.
+//   64 (owned axis) x 128 (rank), 8 warps of 32x32, 5 stages. Launch 2 (when W is T too): W
+//   tiles of 128x128, 8 warps of 64x32, 3 stages, N stored in T by launch 1 (rounded once, on
+//   store), so both of its operands are T too. Row-major operands whose rows are not 16-byte
+//   aligned (n or r not a multiple of 8) are loaded by plain loads into the same tiles.
 //   The tile loader is a policy: DenseOperand16 copies T; Int4Operand16 dequantizes a packed
 //   INT4 basis, s*(q - z) in fp32 as lowrank/quant.h, straight into the tile, rounded to T and,
 //   in launch 1, with its residual in a second tile (2xT products: R feeds fp32 moments); no
@@ -916,12 +916,16 @@ void launch_back_project_update(at::Tensor& param, const at::Tensor& basis,
 // The 16-bit fast path: G of a 16-bit type T and a basis that is dense in T or packed INT4
 // (launch 2 also needs W of type T). Launch 1 tiles are 64 rows of the owned axis x 128 ranks
 // (right: M = own, N = r; left: M = r, N = own), 8 warps of 32x32: r <= 128 still gives own/64
-// CTAs. Launch 2 tiles W 128x128 with 8 warps of 64x32. 3 stages: 45 (INT4: 75), 39 (64) and
-// 56 KiB of shared memory.
+// CTAs. At small r that is ~1 CTA per SM streaming G, so its pipeline is 5 stages deep (4 tiles
+// of G in flight per CTA: 75 KiB right, 65 KiB left); with an INT4 basis, whose loader is
+// synchronous, 3 (75 and 64 KiB with the residual tiles). Launch 2 (K = r, a few tiles) tiles
+// W 128x128 with 8 warps of 64x32, 3 stages, 56 KiB.
 template <bool SPLIT>
-using ProjectRight16 = Gemm16Shape<64, 128, 2, 4, 3, /*A_K=*/true, /*B_K=*/true, false, SPLIT>;
+using ProjectRight16 = Gemm16Shape<64, 128, 2, 4, SPLIT ? 3 : 5, /*A_K=*/true, /*B_K=*/true,
+                                   false, SPLIT>;
 template <bool SPLIT>
-using ProjectLeft16 = Gemm16Shape<128, 64, 4, 2, 3, /*A_K=*/false, /*B_K=*/false, SPLIT, false>;
+using ProjectLeft16 = Gemm16Shape<128, 64, 4, 2, SPLIT ? 3 : 5, /*A_K=*/false, /*B_K=*/false,
+                                  SPLIT, false>;
 using Update16 = Gemm16Shape<128, 128, 2, 4, 3, /*A_K=*/true, /*B_K=*/false>;
 
 // Basis sources of the fast path: operand(ld, outer_limit, inner_limit) is the loader policy of

@@ -5,10 +5,18 @@ The same cases as the CPU kernel's tests, on CUDA tensors; skipped without a GPU
 
 import pytest
 import torch
+from cases import (
+    HYPER,
+    ODD_SHAPES,
+    STATE_DTYPES,
+    WEIGHT_DTYPES,
+    StepInputs,
+    assert_step_matches,
+    qgalore_inputs,
+    step_inputs,
+)
 
 import lowrank_kernels as lk
-from cases import (HYPER, ODD_SHAPES, STATE_DTYPES, WEIGHT_DTYPES, StepInputs,
-                   assert_step_matches, qgalore_inputs, step_inputs)
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

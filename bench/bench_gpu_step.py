@@ -155,10 +155,7 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     onepass = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
     models = {"triton": onepass,
               "triton-onepass": onepass,
-              # + the N workspace (W's type) written and read once, + a second basis read (one
-              # per launch; fused_galore_step_2d.py)
-              "triton-twolaunch": (onepass + (2 * max(m, n) + min(m, n)) * rank
-                                   * torch.empty((), dtype=wdt).element_size()),
+              "triton-twolaunch": traffic.fused_triton_2launch(m, n, rank, wdt, sdt).total,
               "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
               "cpu": traffic.fused(m, n, rank, wdt, sdt).total,
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,

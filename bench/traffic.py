@@ -15,14 +15,22 @@ Implementations
                   program reads the basis twice (project and back-project); those re-reads hit
                   L2 when P fits in half of it, which the model charges as ONE extra DRAM read
                   of P (conservative). When P does not fit, every tile reads it twice from DRAM.
-  fused-cuda      csrc/cuda/fused_galore_step.cu: two launches of one GEMM template. Launch 1
-                  (project + Adam) writes N (fp32, low-rank) to a workspace that launch 2
-                  (back-project + update) reads: 8·L extra bytes. A bf16/fp16 basis is first
-                  copied to fp32: 4·d·r written and read once more. Counted in DRAM as the
-                  kernel's header counts them (either may partly stay in L2).
+  fused-triton-2launch
+                  triton_kernels/fused_galore_step_2d.py: launch A projects and runs Adam on
+                  2-D tiles of R, storing N (W's type when W is 16-bit, else fp32) to a low-rank
+                  workspace; launch B back-projects N on 2-D tiles of W and updates W. Adds to
+                  the floor: N written and read once (2·L·s(N)) and a second basis read.
+  fused-cuda      csrc/cuda/fused_galore_step.cu: the same two-launch structure (mma.sync
+                  GEMMs). Fast path (W, G and the basis of one 16-bit type, or everything fp32):
+                  the floor + the N round trip (N in W's type) + a second basis read, as
+                  fused-triton-2launch. A 16-bit basis beside fp32 data (or of another 16-bit
+                  type) is first copied to fp32: 4·d·r written, then read by both launches; N
+                  is then fp32. Counted in DRAM as the kernel's header counts them (N and the
+                  basis may partly stay in L2).
   fused-cuda-q    the same two launches on INT8 weight codes and a packed INT4 basis, plus pass
-                  2 (csrc/cuda/int8_update.cu): launch 1 reads the fp32 copy that dequantize_int4
-                  makes of the basis and writes N; pass 2 reads N and the packed basis (expanded
+                  2 (csrc/cuda/int8_update.cu): launch 1 dequantizes the packed basis in its tile
+                  loader (16-bit G; an fp32 G reads an fp32 copy that dequantize_int4 makes) and
+                  writes N (fp32); pass 2 reads N and the packed basis (expanded
                   on the fly) and reads and writes each code, scale and zero once. Judged against
                   floor-q-galore with M, V in our state dtype.
   galore-torch    GaLoreAdamW.step (galore_torch/adamw.py 78-140 and galore_projector.py): one
@@ -164,19 +172,49 @@ def fused(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
     return Traffic(impl, (*base, extra), launches=1)
 
 
+def _workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The two-launch kernels store N in the type their back projection multiplies in: W's
+    type when W is 16-bit, else fp32 (fused_galore_step_2d.workspace_dtype)."""
+    return torch.float32 if weight_dtype == torch.float32 else weight_dtype
+
+
+def fused_triton_2launch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+                         state_dtype: torch.dtype = torch.float32,
+                         proj_dtype: torch.dtype | None = None) -> Traffic:
+    """Our Triton two-launch step (fused_galore_step_2d.py): the floor, the basis read once more
+    by launch B, and N written by launch A and read by launch B in the workspace type."""
+    g = Geometry(m, n, rank)
+    proj_dtype = proj_dtype or weight_dtype
+    n_dtype = _workspace_dtype(weight_dtype)
+    n_bytes = g.low_rank * _size(n_dtype)
+    return Traffic("fused-triton-2launch", (
+        *floor(m, n, rank, weight_dtype, state_dtype, proj_dtype).accesses,
+        Access("P again for launch B (back-project)", g.basis * _size(proj_dtype), 0),
+        Access(f"N workspace ({n_dtype}): launch A writes, launch B reads", n_bytes, n_bytes),
+    ), launches=2)
+
+
 def fused_cuda(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
                state_dtype: torch.dtype = torch.float32, proj_dtype: torch.dtype | None = None
                ) -> Traffic:
-    """Our CUDA step: two launches with an fp32 N workspace (module docstring)."""
+    """Our CUDA step (module docstring); G has W's dtype here. The 16-bit fast path (W and the
+    basis of one 16-bit type) and fp32 everything move the floor plus a second basis read and
+    the N round trip (N in W's 16-bit type, or fp32). A 16-bit basis beside fp32 data (or of
+    another 16-bit type) is first copied to fp32, which both launches then read."""
     g = Geometry(m, n, rank)
     proj_dtype = proj_dtype or weight_dtype
+    fast = weight_dtype != torch.float32 and proj_dtype == weight_dtype
+    n_dtype = weight_dtype if fast else torch.float32
+    n_bytes = g.low_rank * _size(n_dtype)
     ops = [*floor(m, n, rank, weight_dtype, state_dtype, proj_dtype).accesses,
-           Access("N workspace (fp32): launch 1 writes, launch 2 reads", 4 * g.low_rank,
-                  4 * g.low_rank)]
-    if proj_dtype != torch.float32:
-        ops.append(Access("fp32 copy of the basis: written, then read", 4 * g.basis,
-                          4 * g.basis))
-    return Traffic("fused-cuda", tuple(ops), launches=2 + (proj_dtype != torch.float32))
+           Access(f"N workspace ({n_dtype}): launch 1 writes, launch 2 reads", n_bytes, n_bytes)]
+    copied = not fast and proj_dtype != torch.float32
+    if copied:
+        ops.append(Access("fp32 copy of the basis: written, then read by both launches",
+                          8 * g.basis, 4 * g.basis))
+    else:
+        ops.append(Access("P again for launch 2 (back-project)", g.basis * _size(proj_dtype), 0))
+    return Traffic("fused-cuda", tuple(ops), launches=2 + copied)
 
 
 def galore_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
@@ -239,13 +277,19 @@ def fused_cuda_q(m: int, n: int, rank: int, grad_dtype: torch.dtype = torch.bflo
     w_groups = -(-g.full // QUANT_GROUP) * 4  # fp32 scales (or zeros), one per group
     p_codes = -(-g.basis // 2) + 2 * -(-g.basis // QUANT_GROUP) * 4
     mv = 2 * g.low_rank * _size(state_dtype)
+    if grad_dtype == torch.float32:  # general path: launch 1 multiplies an fp32 basis copy
+        launch1_basis = (
+            Access("read P codes, scales, zeros (dequantize_int4 for launch 1)", p_codes, 0),
+            Access("fp32 copy of the basis: written, then read by launch 1", 4 * g.basis,
+                   4 * g.basis))
+    else:  # 16-bit fast path: launch 1 dequantizes the packed basis in its tile loader
+        launch1_basis = (Access("read P codes, scales, zeros (launch 1, dequantized on the fly)",
+                                p_codes, 0),)
     return Traffic("fused-cuda-q", (
         Access("read G", g.full * _size(grad_dtype), 0),
         Access("read+write W codes, scales, zeros", g.full + 2 * w_groups, g.full + 2 * w_groups),
         Access("read+write M, V", mv, mv),
-        Access("read P codes, scales, zeros (dequantize_int4 for launch 1)", p_codes, 0),
-        Access("fp32 copy of the basis: written, then read by launch 1", 4 * g.basis,
-               4 * g.basis),
+        *launch1_basis,
         Access("N workspace (fp32): launch 1 writes, pass 2 reads", 4 * g.low_rank,
                4 * g.low_rank),
         Access("P codes, scales, zeros again (pass 2 dequantizes on the fly)", p_codes, 0),
@@ -373,6 +417,7 @@ def implementations(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch
     pairs = [(dense_floor, dense_floor)]
     pairs.append((fused(m, n, rank, weight_dtype, state_dtype, l2_bytes=l2_bytes,
                         impl="fused-triton"), dense_floor))
+    pairs.append((fused_triton_2launch(m, n, rank, weight_dtype, state_dtype), dense_floor))
     pairs.append((fused_cuda(m, n, rank, weight_dtype, state_dtype), dense_floor))
     # galore-torch keeps M, V in the gradient's dtype: judge it against the floor of that layout.
     pairs.append((galore_torch(m, n, rank, weight_dtype, weight_decay=weight_decay),

@@ -241,19 +241,12 @@ std::vector<int32_t> top_r(const std::vector<double>& scores, int64_t r) {
 
 std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_t rank,
                                                   int64_t norm, c10::string_view method) {
-  check_float_matrix(grad, "grad");
+  check_dct_select(grad, rank, norm, method);
   LOWRANK_CHECK_VALUE(grad.device().is_cpu(), "grad: expected a CPU tensor, got ", grad.device());
   const int64_t m = grad.size(0), n = grad.size(1);
   Geometry g{m, n, 0, 0, m >= n};
   g.d = g.right ? n : m;
   g.lines = g.right ? m : n;
-  LOWRANK_CHECK_VALUE(g.d >= 1 && g.lines >= 1, "grad: expected a non-empty matrix, got shape ",
-                    shape_str(grad.sizes()));
-  LOWRANK_CHECK_VALUE(rank >= 1 && rank <= g.d, "rank: expected a value in [1, min(m, n)=", g.d,
-                    "], got ", rank);
-  LOWRANK_CHECK_VALUE(norm == 1 || norm == 2, "norm: expected 1 or 2, got ", norm);
-  LOWRANK_CHECK_VALUE(method == "auto" || method == "fft" || method == "dense",
-                    "method: expected 'auto', 'fft' or 'dense', got '", std::string(method), "'");
   const bool use_fft = method == "fft" || (method == "auto" && g.d >= kFftMinSize);
 
   const at::Tensor src = grad.contiguous();

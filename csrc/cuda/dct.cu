@@ -28,6 +28,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "lowrank/checks.h"
 #include "lowrank/dct.h"
@@ -199,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor> dct_select_cuda(const at::Tensor& grad, int64
   } else {
     launch_tiles<Mode::kScoresL2>(src, all, partials, d);
   }
-  const at::Tensor scores = partials.sum(0, /*keepdim=*/false, at::kDouble);  // tile order
+  const std::vector<int64_t> tile_axis{0};
+  const at::Tensor scores = partials.sum(tile_axis, /*keepdim=*/false, at::kDouble);
   // Stable descending sort: ties to the lower index, NaN first (as torch.sort and the CPU kernel)
   const at::Tensor best = std::get<1>(at::sort(scores, /*stable=*/true, 0, /*descending=*/true));
   const at::Tensor indices = std::get<0>(at::sort(best.narrow(0, 0, rank))).to(at::kInt);

@@ -28,6 +28,7 @@ medians), in one run per shape:
     python bench/bench_refresh.py --crossover  # dense vs fft dct_select over d (sets kFftMinSize)
     python bench/bench_refresh.py --memory   # projection state of LLaMA-7B only
     python bench/bench_refresh.py --gpu-only [--full]  # only the GPU providers
+    python bench/bench_refresh.py --vs-gemm  # only dct_fft against gemm, every shape (no SVD)
 
 Timings on a shared machine vary with its load; the ratios of an interleaved run are what to read.
 """
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="only the memory table")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU providers")
+    parser.add_argument("--vs-gemm", action="store_true",
+                        help="only dct_fft against one GEMM, on every shape (no SVD)")
     args = parser.parse_args()
     if not lk.EXTENSION_AVAILABLE:
         raise SystemExit(f"needs the C++ extension: {lk.EXTENSION_LOAD_ERROR}")
@@ -192,6 +195,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.crossover:
         bench_crossover()
+        return
+    if args.vs_gemm:
+        for shape in DEFAULT_SHAPES + FULL_SHAPES:
+            bench_shape_without_svd(*shape, repeats=args.repeats)
         return
     if args.gpu_only:
         bench_gpu(DEFAULT_SHAPES + (FULL_SHAPES if args.full else []))

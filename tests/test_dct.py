@@ -444,8 +444,9 @@ def interpreted(backend: str) -> bool:
 @pytest.mark.parametrize("norm", [1, 2])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_select_matches_exact(d, side, rank, norm, backend):
-    if interpreted(backend) and (d > INTERPRETED_MAX_SIZE or (d == 1000 and rank != 17)):
-        pytest.skip("Triton interpreter: d = 1000 at r = 17 only (seconds per call)")
+    if interpreted(backend) and (d > INTERPRETED_MAX_SIZE or (
+            d == 1000 and rank == 1 or (rank == d == 1000 and norm == 2))):
+        pytest.skip("Triton interpreter: d = 1000 at r = 17 and r = d (l1) only")
     m, n = shape_for(d, side)
     grad = torch.randn(m, n, generator=torch.Generator().manual_seed(d + rank))
     idx, low_rank = gpu_select(grad, rank, norm, backend)

@@ -7,19 +7,23 @@ coefficient matrix.
     idx = the r largest scores, ties to the lower k (reference.top_r_indices), increasing
     R = G Q^T (m×r, right)  or  P^T G (r×n, left), Q = C[idx, :], P = Q^T
 
-One kernel, two uses. Program (i, f) owns BLOCK_LINES lines × BLOCK_FREQ frequencies and forms
+One kernel, two uses. Program (f, i) owns BLOCK_LINES lines × BLOCK_FREQ frequencies and forms
 that tile of X as a sum over the d axis in BLOCK_J chunks: a (lines × j) tile of G times a
-(j × freq) tile of C^T that is generated in registers, never loaded. Scores mode reduces the tile
+(j × freq) tile of C^T that is formed in registers, never loaded. Scores mode reduces the tile
 over its lines and stores one partial row per line tile into a (line tiles × d) fp32 buffer; the
 host sums it in float64 in tile order (deterministic: no atomics). Coefficient mode is given the
 r selected frequencies instead of 0..d-1 and stores its tile of R.
 
-Basis generation: with A_k = (2 j0 + 1) k and T[t, k] = 2 t k (phases in units of pi/(2d), reduced
-mod 4d in integers as in dct.h), C[k, j0 + t] = c_k (cos A_k cos T - sin A_k sin T). The T table
-(BLOCK_J × BLOCK_FREQ cos and sin) is computed once per program; each chunk then costs 2·BLOCK_FREQ
-cos/sin and two multiply-adds per basis value, against BLOCK_LINES multiply-adds of the product
-per value: a few % of the dot. A cached d×d C would instead be re-read from L2 by every line tile
-(d²·4 bytes each: 16 MiB × 43 tiles at 5504×2048) and cost d²·4 bytes of memory per distinct d.
+Basis: with A = (2 j0 + 1) k and T = 2 t k (phases in units of pi/(2d), reduced mod 4d in
+integers as in dct.h), C[k, j0 + t] = c_k cos A cos T - c_k sin A sin T. The launcher evaluates
+the two factors in float64 (rounded once to fp32) as small tables: c_k·(cos A, sin A) per
+(chunk, frequency), d/BLOCK_J × nfreq × 2, and (cos T, sin T) per (t, frequency), BLOCK_J × nfreq
+× 2 (1.5 MiB at d = 2048, against 16 MiB for C). A program loads its T block once and 2·BLOCK_FREQ
+floats per chunk, then pays two multiply-adds per basis value against BLOCK_LINES multiply-adds of
+the product. Evaluating cos/sin in the kernel instead cost ~4 libdevice calls per frequency and
+chunk in every thread that holds that frequency (the 1-D operand is replicated across the tile's
+layout): more instructions than the chunk's tensor-core work. A cached d×d C would be re-read from
+L2 by every line tile (16 MiB × 43 tiles at 5504×2048) and held per distinct d.
 
 DRAM bytes: the grid walks frequency tiles fastest, so the d/BLOCK_FREQ programs of one line tile
 run together and share its G rows through L2: G is read from DRAM about once per pass. Scores
@@ -33,8 +37,8 @@ accuracy: the dropped lo·lo term is ~2^-22 relative) and as plain fp32 in the i
 from __future__ import annotations
 
 import dataclasses
+import math
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -55,8 +59,9 @@ class DctConfig:
     num_stages: int
 
 
-# GPUs: 128×64 tiles of X, 32-wide chunks of d, 8 warps: 128×128 (or 4 warps) spills on sm_89
-# with TF32x3 (the generated basis tile and the hi/lo operand splits live in registers).
+# GPUs: 128×64 tiles of X, 32-wide chunks of d, 8 warps. With TF32x3 the basis tile and the hi/lo
+# operand splits live in registers: this tile takes up to 250 of them on sm_89 (no spills, see
+# aot.py); 128×128 tiles or 4 warps spilled there.
 GPU_CONFIG = DctConfig(block_lines=128, block_freq=64, block_j=32, num_warps=8, num_stages=3)
 # The interpreter pays per program and per operation, not per element: few, large programs.
 INTERPRETER_CONFIG = DctConfig(block_lines=512, block_freq=512, block_j=512, num_warps=4,
@@ -70,31 +75,13 @@ def candidate_configs() -> list[DctConfig]:
 
 
 @triton.jit
-def _cos_phase(phase, D, half_pi_over_d):
-    """cos(pi * phase / (2d)) for integer phases in [0, 4d): the quadrant is chosen exactly and
-    only the remainder in [0, d) becomes a float (lowrank/dct.h dct_cos_phase)."""
-    quadrant = (phase >= D).to(tl.int32) + (phase >= 2 * D).to(tl.int32) \
-        + (phase >= 3 * D).to(tl.int32)
-    phi = (phase - quadrant * D).to(tl.float32) * half_pi_over_d
-    c = tl.cos(phi)
-    s = tl.sin(phi)
-    return tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
-
-
-@triton.jit
-def _sin_phase(phase, D, half_pi_over_d):
-    """sin(pi * phase / (2d)) = cos(pi * (phase - d) / (2d)), phase in [0, 4d)."""
-    shifted = phase + 3 * D
-    return _cos_phase(tl.where(shifted >= 4 * D, shifted - 4 * D, shifted), D, half_pi_over_d)
-
-
-@triton.jit
-def _dct_kernel(G_ptr, Freq_ptr, Out_ptr, LINES, D, NFREQ, stride_g, stride_out, half_pi_over_d,
-                scale_zero, scale_rest, RIGHT: tl.constexpr, MODE: tl.constexpr,
-                BLOCK_LINES: tl.constexpr, BLOCK_FREQ: tl.constexpr, BLOCK_J: tl.constexpr,
-                PRECISION: tl.constexpr, INDEX_64: tl.constexpr):
-    """X[lines, Freq[freqs]] for this program's tile; MODE COEFFICIENTS stores it (R), MODE
-    SCORES_L1/L2 stores sum over the tile's lines of |X| or X^2 into row program_id(1) of Out."""
+def _dct_kernel(G_ptr, Chunk_ptr, Rot_ptr, Out_ptr, LINES, D, NFREQ, stride_g, stride_out,
+                RIGHT: tl.constexpr, MODE: tl.constexpr, BLOCK_LINES: tl.constexpr,
+                BLOCK_FREQ: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr,
+                INDEX_64: tl.constexpr):
+    """X[lines, freqs] for this program's tile (freqs: the frequencies the tables were built
+    for); MODE COEFFICIENTS stores it (R), MODE SCORES_L1/L2 stores the sum over the tile's lines
+    of |X| or X^2 into row program_id(1) of Out."""
     pid_freq = tl.program_id(0)
     pid_lines = tl.program_id(1)
     offs_line = pid_lines * BLOCK_LINES + tl.arange(0, BLOCK_LINES)
@@ -104,16 +91,12 @@ def _dct_kernel(G_ptr, Freq_ptr, Out_ptr, LINES, D, NFREQ, stride_g, stride_out,
     line_mask = offs_line < LINES
     offs_f = pid_freq * BLOCK_FREQ + tl.arange(0, BLOCK_FREQ)
     freq_mask = offs_f < NFREQ
-    k = tl.load(Freq_ptr + offs_f, mask=freq_mask, other=0)  # int32 frequencies in [0, d)
-    period = 4 * D
-    # T[t, k] = 2tk mod 4d: < 2·BLOCK_J·d before the reduction, so int32 holds it for d < 2^24
-    rotation = (offs_t[:, None] * (2 * k)[None, :]) % period
-    rot_cos = _cos_phase(rotation, D, half_pi_over_d)
-    rot_sin = _sin_phase(rotation, D, half_pi_over_d)
-    scale = tl.where(k == 0, scale_zero, scale_rest)
-    # A_k = (2 j0 + 1) k mod 4d, advanced by 2·BLOCK_J·k per chunk (no product of two ~d values)
-    start_phase = k
-    advance = (2 * BLOCK_J * k) % period
+    # (cos T, sin T) for this block of frequencies: 0 past NFREQ, so those columns of X are 0
+    rot_offs = offs_t[:, None] * NFREQ + offs_f[None, :]
+    rot_mask = freq_mask[None, :]
+    rot_cos = tl.load(Rot_ptr + rot_offs, mask=rot_mask, other=0.0)
+    rot_sin = tl.load(Rot_ptr + BLOCK_J * NFREQ + rot_offs, mask=rot_mask, other=0.0)
+    chunk_sin_ptr = Chunk_ptr + tl.cdiv(D, BLOCK_J) * NFREQ
     acc = tl.zeros((BLOCK_LINES, BLOCK_FREQ), dtype=tl.float32)
     for j0 in range(0, D, BLOCK_J):
         offs_j = j0 + offs_t
@@ -121,12 +104,11 @@ def _dct_kernel(G_ptr, Freq_ptr, Out_ptr, LINES, D, NFREQ, stride_g, stride_out,
             offs_j = offs_j.to(tl.int64)
         g = tl.load(G_ptr + _tile_offsets(offs_line, offs_j, stride_g, RIGHT),
                     mask=line_mask[:, None] & (offs_j < D)[None, :], other=0.0).to(tl.float32)
-        cos_a = scale * _cos_phase(start_phase, D, half_pi_over_d)
-        sin_a = scale * _sin_phase(start_phase, D, half_pi_over_d)
+        chunk_offs = (j0 // BLOCK_J) * NFREQ + offs_f
+        cos_a = tl.load(Chunk_ptr + chunk_offs, mask=freq_mask, other=0.0)
+        sin_a = tl.load(chunk_sin_ptr + chunk_offs, mask=freq_mask, other=0.0)
         basis_t = cos_a[None, :] * rot_cos - sin_a[None, :] * rot_sin  # C[k, j0 + t] as (t, k)
         acc = tl.dot(g, basis_t, acc, input_precision=PRECISION)
-        start_phase += advance
-        start_phase = tl.where(start_phase >= period, start_phase - period, start_phase)
     if MODE == 0:
         offs_out = _tile_offsets(offs_line, offs_f, stride_out, RIGHT)
         tl.store(Out_ptr + offs_out, acc, mask=line_mask[:, None] & freq_mask[None, :])
@@ -139,12 +121,23 @@ def _dct_kernel(G_ptr, Freq_ptr, Out_ptr, LINES, D, NFREQ, stride_g, stride_out,
         tl.store(Out_ptr + pid_lines.to(tl.int64) * stride_out + offs_f, partial, mask=freq_mask)
 
 
-def basis_scalars(d: int) -> dict[str, float]:
-    """pi/(2d), sqrt(1/d) and sqrt(2/d), each rounded to fp32 as dct.h computes them."""
-    f32 = np.float32
-    return {"half_pi_over_d": float(f32(1.5707963267948966) / f32(d)),
-            "scale_zero": float(np.sqrt(f32(1.0) / f32(d))),
-            "scale_rest": float(np.sqrt(f32(2.0) / f32(d)))}
+def basis_tables(d: int, freqs: torch.Tensor, block_j: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's two factor tables for frequencies ``freqs`` (int32, length F), fp32 rounded
+    once from float64: chunk (2, ceil(d / block_j), F) = c_k·(cos, sin)(pi·A/(2d)) with
+    A = (2·j0 + 1)·k mod 4d, j0 = 0, block_j, ...; rotation (2, block_j, F) = (cos, sin)(pi·T/(2d))
+    with T = 2·t·k mod 4d. The phases are exact integers (< 2d² in int64)."""
+    k = freqs.to(torch.int64)[None, :]
+    period = 4 * d
+    step = math.pi / (2 * d)
+    j0 = torch.arange(0, d, block_j, dtype=torch.int64, device=freqs.device)[:, None]
+    chunk_angle = (((2 * j0 + 1) * k) % period).double() * step
+    scale = torch.where(k == 0, math.sqrt(1.0 / d), math.sqrt(2.0 / d)).double()
+    chunk = torch.stack([scale * torch.cos(chunk_angle), scale * torch.sin(chunk_angle)])
+    t = torch.arange(block_j, dtype=torch.int64, device=freqs.device)[:, None]
+    rot_angle = ((2 * t * k) % period).double() * step
+    rotation = torch.stack([torch.cos(rot_angle), torch.sin(rot_angle)])
+    return chunk.float().contiguous(), rotation.float().contiguous()
 
 
 def _launch(grad: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor, mode: int,
@@ -152,11 +145,11 @@ def _launch(grad: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor, mode: in
     m, n = grad.shape
     right = reference.is_right_side(m, n)
     d, lines = (n, m) if right else (m, n)
+    chunk, rotation = basis_tables(d, freqs, config.block_j)
     grid = (triton.cdiv(freqs.numel(), config.block_freq), grid_lines)
-    _dct_kernel[grid](grad, freqs, out, lines, d, freqs.numel(), grad.stride(0), stride_out,
-                      **basis_scalars(d), RIGHT=right, MODE=mode,
-                      BLOCK_LINES=config.block_lines, BLOCK_FREQ=config.block_freq,
-                      BLOCK_J=config.block_j, PRECISION=precision,
+    _dct_kernel[grid](grad, chunk, rotation, out, lines, d, freqs.numel(), grad.stride(0),
+                      stride_out, RIGHT=right, MODE=mode, BLOCK_LINES=config.block_lines,
+                      BLOCK_FREQ=config.block_freq, BLOCK_J=config.block_j, PRECISION=precision,
                       INDEX_64=needs_index_64(grad, out),
                       num_warps=config.num_warps, num_stages=config.num_stages)
 
@@ -187,24 +180,23 @@ def dct_select(grad: torch.Tensor, rank: int, norm: int = 1, method: str = "auto
     return indices, low_rank
 
 
-# (gradient type, right side, mode) of the reduced AOT run: the two most register-hungry launches
-# measured (242 registers on sm_89: left-side scores in fp32, left-side coefficients in bf16).
-MAIN_AOT_LAUNCHES = (("fp32", False, SCORES_L1), ("bf16", False, COEFFICIENTS))
+# (gradient type, right side, mode) of the reduced AOT run: the most register-hungry launch
+# measured (250 registers on sm_89: right-side coefficients in fp32) and a left-side scores one.
+MAIN_AOT_LAUNCHES = (("fp32", True, COEFFICIENTS), ("fp32", False, SCORES_L1))
 
 
 def aot_variants(main_only: bool = False):
     """(variant, signature, constexprs, num_warps, num_stages) of every launch the GPU path makes:
     both sides, scores (l1, l2) and coefficients, fp32 and bf16 gradients, 32-bit offsets (only
     MAIN_AOT_LAUNCHES with ``main_only``)."""
-    scalars = dict.fromkeys(("half_pi_over_d", "scale_zero", "scale_rest"), "fp32")
     ints = dict.fromkeys(("LINES", "D", "NFREQ", "stride_g", "stride_out"), "i32")
     launches = MAIN_AOT_LAUNCHES if main_only else [
         (grad_type, right, mode) for grad_type in ("fp32", "bf16") for right in (True, False)
         for mode in (COEFFICIENTS, SCORES_L1, SCORES_L2)]
     for config in candidate_configs():
         for grad_type, right, mode in launches:
-            signature = {"G_ptr": f"*{grad_type}", "Freq_ptr": "*i32", "Out_ptr": "*fp32",
-                         **ints, **scalars}
+            signature = {"G_ptr": f"*{grad_type}", "Chunk_ptr": "*fp32", "Rot_ptr": "*fp32",
+                         "Out_ptr": "*fp32", **ints}
             constexprs = {"RIGHT": right, "MODE": mode, "BLOCK_LINES": config.block_lines,
                           "BLOCK_FREQ": config.block_freq, "BLOCK_J": config.block_j,
                           "PRECISION": GPU_PRECISION, "INDEX_64": False}

@@ -9,11 +9,12 @@
 //
 // Tiling: one 256-thread block owns kLines lines x kFreqs frequencies of X and sums over d in
 // chunks of kChunk: a (chunk x lines) tile of G and a (chunk x freqs) tile of C^T in shared
-// memory, 4 x 4 fp32 accumulators per thread. The basis tile is generated, never loaded:
-// C[k, j0 + t] = c_k (cos A_k cos T_tk - sin A_k sin T_tk) with A_k = (2 j0 + 1) k and
-// T_tk = 2 t k (phases in units of pi/(2d), reduced mod 4d in integers): the T table is built once
-// per block, A_k advances by an integer add per chunk, so a basis value costs two multiply-adds
-// against kLines multiply-adds of the product. The scores pass writes one partial row per line
+// memory, 4 x 4 fp32 accumulators per thread. The basis tile is generated, never loaded as C:
+// C[k, j0 + t] = c_k cos A_k cos T_tk - c_k sin A_k sin T_tk with A_k = (2 j0 + 1) k and
+// T_tk = 2 t k (phases in units of pi/(2d), reduced mod 4d in integers, values from dct.h): the
+// T table is built once per block, c_k (cos, sin) A_k comes from a (2 x d/kChunk x nfreq) table
+// that a small kernel fills before each pass, so a basis value costs two multiply-adds against
+// kLines multiply-adds of the product. The scores pass writes one partial row per line
 // tile (a (line tiles x d) buffer, reduced over the tile's lines in a fixed order), summed on the
 // host side in float64 in tile order: deterministic, no atomics. The R pass runs the same kernel
 // on the r selected frequencies and stores the tile.
@@ -44,14 +45,33 @@ constexpr int kMicro = 4;    // a thread's accumulators: kMicro lines x kMicro f
 constexpr int kGroups = kThreads / (kFreqs / kMicro);  // threads sharing a frequency column
 constexpr int kLinePad = 4;  // keeps float4 rows aligned; the right side's writes 2-way at most
 static_assert(kGroups * kMicro == kLines, "thread grid must cover the tile");
+static_assert(2 * kFreqs <= kThreads, "one thread per frequency for cos A and one for sin A");
 
 enum class Mode { kCoefficients, kScoresL1, kScoresL2 };
+
+// table[0][c][f] = c_k cos(pi A / (2d)), table[1][c][f] = c_k sin(pi A / (2d)) for chunk c and
+// frequency k = freqs[f], A = (2 c kChunk + 1) k mod 4d (lowrank/dct.h). Evaluated here once per
+// call so that the tile kernel's main loop makes no cosf/sinf call: their slow-path argument
+// reduction is a real call, and the registers live across it spilled on sm_89.
+__global__ void chunk_phase_kernel(const int32_t* __restrict__ freqs, float* __restrict__ table,
+                                   int64_t nfreq, int64_t chunks, int64_t d) {
+  const int64_t total = chunks * nfreq, period = 4 * d;
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < total;
+       e += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t chunk = e / nfreq, k = freqs[e % nfreq];
+    const int64_t phase = ((2 * chunk * kChunk + 1) % period) * k % period;  // < 4 d^2
+    const float scale = dct_scale(k, d);
+    table[e] = scale * dct_cos_reduced_phase(phase, d);
+    table[total + e] = scale * dct_sin_reduced_phase(phase, d);
+  }
+}
 
 template <typename scalar_t, bool kRight, Mode kMode>
 __global__ void __launch_bounds__(kThreads)
     dct_tile_kernel(const scalar_t* __restrict__ grad, const int32_t* __restrict__ freqs,
-                    float* __restrict__ out, int64_t lines, int64_t d, int64_t nfreq,
-                    int64_t stride_g, int64_t stride_out, int64_t freq_tiles) {
+                    const float* __restrict__ chunk_table, float* __restrict__ out,
+                    int64_t lines, int64_t d, int64_t nfreq, int64_t stride_g,
+                    int64_t stride_out, int64_t freq_tiles) {
   __shared__ __align__(16) float g_s[kChunk][kLines + kLinePad];
   __shared__ __align__(16) float basis_s[kChunk][kFreqs];
   __shared__ float rot_cos[kChunk][kFreqs];
@@ -65,6 +85,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t line_tile = blockIdx.x / freq_tiles;
   const int64_t line0 = line_tile * kLines;
   const int64_t period = 4 * d;
+  const int64_t table_half = ((d + kChunk - 1) / kChunk) * nfreq;
 
   for (int e = tid; e < kChunk * kFreqs; e += kThreads) {
     const int t = e / kFreqs, c = e % kFreqs;
@@ -73,15 +94,12 @@ __global__ void __launch_bounds__(kThreads)
     rot_cos[t][c] = dct_cos_reduced_phase(phase, d);
     rot_sin[t][c] = dct_sin_reduced_phase(phase, d);
   }
-  // Threads tid < kFreqs own frequency freq0 + tid's running phase A_k = (2 j0 + 1) k mod 4d.
-  int64_t phase_a = 0, advance = 0;
-  float scale = 0.0f;
-  if (tid < kFreqs) {
-    const int64_t k = freq0 + tid < nfreq ? freqs[freq0 + tid] : 0;
-    phase_a = k % period;
-    advance = (2 * kChunk * k) % period;
-    scale = dct_scale(k, d);
-  }
+  // Threads tid < 2 kFreqs stage frequency freq0 + tid % kFreqs's c_k cos A (first kFreqs) or
+  // c_k sin A (next kFreqs) for each chunk; frequencies past nfreq get 0 (their X is not stored).
+  const int own = tid % kFreqs;
+  const bool stages_phase = tid < 2 * kFreqs && freq0 + own < nfreq;
+  const float* table_column = chunk_table + (tid < kFreqs ? 0 : table_half) + freq0 + own;
+  if (tid < 2 * kFreqs && !stages_phase) (tid < kFreqs ? a_cos : a_sin)[own] = 0.0f;
 
   float acc[kMicro][kMicro] = {};
   for (int64_t j0 = 0; j0 < d; j0 += kChunk) {
@@ -96,11 +114,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       g_s[t][l] = v;
     }
-    if (tid < kFreqs) {
-      a_cos[tid] = scale * dct_cos_reduced_phase(phase_a, d);
-      a_sin[tid] = scale * dct_sin_reduced_phase(phase_a, d);
-      phase_a += advance;
-      if (phase_a >= period) phase_a -= period;
+    if (stages_phase) {
+      (tid < kFreqs ? a_cos : a_sin)[own] = table_column[(j0 / kChunk) * nfreq];
     }
     __syncthreads();
     for (int e = tid; e < kChunk * kFreqs; e += kThreads) {
@@ -171,13 +186,20 @@ void launch_tiles(const at::Tensor& grad, const at::Tensor& freqs, at::Tensor& o
   LOWRANK_CHECK_VALUE(blocks < (int64_t{1} << 31), "grad: too many tiles for one launch, shape ",
                       shape_str(grad.sizes()));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t chunks = (d + kChunk - 1) / kChunk;
+  at::Tensor chunk_table = at::empty({2, chunks, nfreq}, freqs.options().dtype(at::kFloat));
+  const int64_t table_blocks = std::min<int64_t>((chunks * nfreq + kThreads - 1) / kThreads,
+                                                 65536);
+  chunk_phase_kernel<<<static_cast<unsigned>(table_blocks), kThreads, 0, stream>>>(
+      freqs.data_ptr<int32_t>(), chunk_table.data_ptr<float>(), nfreq, chunks, d);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "dct_select_cuda",
                                   [&] {
     auto kernel = right ? dct_tile_kernel<scalar_t, true, kMode>
                         : dct_tile_kernel<scalar_t, false, kMode>;
     kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        grad.data_ptr<scalar_t>(), freqs.data_ptr<int32_t>(), out.data_ptr<float>(), lines, d,
-        nfreq, grad.stride(0), stride_out, freq_tiles);
+        grad.data_ptr<scalar_t>(), freqs.data_ptr<int32_t>(), chunk_table.data_ptr<float>(),
+        out.data_ptr<float>(), lines, d, nfreq, grad.stride(0), stride_out, freq_tiles);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -20,10 +20,11 @@ the two factors in float64 (rounded once to fp32) as small tables: c_k·(cos A, 
 (chunk, frequency), d/BLOCK_J × nfreq × 2, and (cos T, sin T) per (t, frequency), BLOCK_J × nfreq
 × 2 (1.5 MiB at d = 2048, against 16 MiB for C). A program loads its T block once and 2·BLOCK_FREQ
 floats per chunk, then pays two multiply-adds per basis value against BLOCK_LINES multiply-adds of
-the product. Evaluating cos/sin in the kernel instead cost ~4 libdevice calls per frequency and
-chunk in every thread that holds that frequency (the 1-D operand is replicated across the tile's
-layout): more instructions than the chunk's tensor-core work. A cached d×d C would be re-read from
-L2 by every line tile (16 MiB × 43 tiles at 5504×2048) and held per distinct d.
+the product. Evaluating cos/sin in the kernel instead (the first version) costs, by count, ~4
+libdevice calls per frequency and chunk in every thread that holds that frequency (a 1-D operand
+is replicated across the 2-D tile's layout): estimated above the chunk's tensor-core work. A
+cached d×d C would be re-read from L2 by every line tile (16 MiB × 43 tiles at 5504×2048) and
+held per distinct d.
 
 DRAM bytes: the grid walks frequency tiles fastest, so the d/BLOCK_FREQ programs of one line tile
 run together and share its G rows through L2: G is read from DRAM about once per pass. Scores
@@ -46,7 +47,7 @@ import triton.language as tl
 from lowrank_kernels import reference
 from lowrank_kernels.triton_kernels._common import _tile_offsets, needs_index_64
 
-# SCORES modes of _dct_kernel
+# MODE values of _dct_kernel
 COEFFICIENTS, SCORES_L1, SCORES_L2 = 0, 1, 2
 
 

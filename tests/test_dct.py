@@ -2,7 +2,8 @@
 
 Truth for the basis and the coefficients is scipy.fft in float64; the reference is checked against
 it, the C++ CPU kernels (fft and dense paths) against both, and the reference against
-ista-daslab-optimizers' DCT projector (the method's authors' code).
+ista-daslab-optimizers' DCT projector (the method's authors' code). The GPU kernels (Triton: its
+interpreter on CPU tensors here; CUDA: skipped without a GPU) face the same cases at the end.
 """
 
 import importlib.util

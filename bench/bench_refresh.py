@@ -14,10 +14,21 @@ sees the same machine load):
 and prints ratios. DESIGN §4.5 / the DCT issue ask for dct_fft ≥ 100× faster than svd and no
 slower than gemm at 2048×5504, r=256 (measured with --full: the SVD alone takes about a minute).
 
+When a GPU is present the same shapes are then timed on it (triton.testing.do_bench, L2 flushed,
+medians), in one run per shape:
+
+  triton_dct   lowrank dct_select, Triton kernel (ops.dct_select(backend="triton"))
+  cuda_dct     lowrank dct_select, CUDA kernel (csrc/cuda/dct.cu), if the extension has it
+  svd          galore-torch's GaLoreProjector.project at a refresh step, on the GPU
+  svd_lowrank  torch.svd_lowrank(G, q=r, niter=2) + the projection GEMM, on the GPU
+  gemm         one fp32 projection GEMM of the same shape (cuBLAS, TF32 off)
+
     python bench/bench_refresh.py            # LLaMA-60M/130M/350M MLP shapes, ~1-2 minutes
     python bench/bench_refresh.py --full     # adds LLaMA-1B 2048×5504 (SVD measured once)
     python bench/bench_refresh.py --crossover  # dense vs fft dct_select over d (sets kFftMinSize)
     python bench/bench_refresh.py --memory   # projection state of LLaMA-7B only
+    python bench/bench_refresh.py --gpu-only [--full]  # only the GPU providers
+    python bench/bench_refresh.py --vs-gemm  # only dct_fft against gemm, every shape (no SVD)
 
 Timings on a shared machine vary with its load; the ratios of an interleaved run are what to read.
 """
@@ -172,6 +183,9 @@ def main() -> None:
     parser.add_argument("--crossover", action="store_true", help="dense vs fft dct_select")
     parser.add_argument("--memory", action="store_true", help="only the memory table")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU providers")
+    parser.add_argument("--vs-gemm", action="store_true",
+                        help="only dct_fft against one GEMM, on every shape (no SVD)")
     args = parser.parse_args()
     if not lk.EXTENSION_AVAILABLE:
         raise SystemExit(f"needs the C++ extension: {lk.EXTENSION_LOAD_ERROR}")
@@ -182,13 +196,65 @@ def main() -> None:
     if args.crossover:
         bench_crossover()
         return
+    if args.vs_gemm:
+        for shape in DEFAULT_SHAPES + FULL_SHAPES:
+            bench_shape_without_svd(*shape, repeats=args.repeats)
+        return
+    if args.gpu_only:
+        bench_gpu(DEFAULT_SHAPES + (FULL_SHAPES if args.full else []))
+        return
     for name, m, n, rank in DEFAULT_SHAPES:
         bench_shape(name, m, n, rank, svd_repeats=1, repeats=args.repeats)
     if args.full:  # the SVD costs the same on both orientations: measure it once
         bench_shape(*FULL_SHAPES[0], svd_repeats=1, repeats=args.repeats)
         bench_shape_without_svd(*FULL_SHAPES[1], repeats=args.repeats)
+    if torch.cuda.is_available():
+        print()
+        bench_gpu(DEFAULT_SHAPES + (FULL_SHAPES if args.full else []))
     print()
     memory_table()
+
+
+def bench_gpu(shapes) -> list[dict]:
+    """The GPU providers of the module docstring, per shape, with their ratios."""
+    cuda_kernel = lk.EXTENSION_AVAILABLE and lk._extension.has_kernel("dct_select", "CUDA")
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 GEMM every method pays
+    print(f"GPU: {torch.cuda.get_device_name()} (do_bench medians, ms)")
+    try:
+        return [bench_gpu_shape(*shape, cuda_kernel=cuda_kernel) for shape in shapes]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
+def bench_gpu_shape(name: str, m: int, n: int, rank: int, *, cuda_kernel: bool) -> dict:
+    from bench import harness
+    from lowrank_kernels import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grad = torch.randn(m, n, device="cuda", generator=gen)
+    basis = torch.linalg.qr(torch.randn(min(m, n), rank, device="cuda", generator=gen))[0]
+    right = reference.is_right_side(m, n)
+    proj = basis.T.contiguous() if right else basis.contiguous()
+    fns = {
+        "triton_dct": lambda: ops.dct_select(grad, rank, 1, backend="triton"),
+        "gemm": lambda: grad @ proj.T if right else proj.T @ grad,
+        "svd": lambda: galore_refresh(rank)(grad),
+        "svd_lowrank": lambda: svd_lowrank_refresh(grad, rank),
+    }
+    if cuda_kernel:
+        fns["cuda_dct"] = lambda: torch.ops.lowrank.dct_select(grad, rank, 1)
+    ms = {k: harness.time_cuda(fn).median_s * 1e3 for k, fn in fns.items()}
+    print(f"{name:<16} {m:>5}x{n:<5} r={rank:<4} " + "  ".join(
+        f"{k}={v:8.3f}" for k, v in ms.items()))
+    ratios = [f"triton_dct/gemm={ms['triton_dct'] / ms['gemm']:5.2f}",
+              f"svd/triton_dct={ms['svd'] / ms['triton_dct']:7.1f}x",
+              f"svd_lowrank/triton_dct={ms['svd_lowrank'] / ms['triton_dct']:6.1f}x"]
+    if cuda_kernel:
+        ratios += [f"cuda_dct/gemm={ms['cuda_dct'] / ms['gemm']:5.2f}",
+                   f"cuda_dct/triton_dct={ms['cuda_dct'] / ms['triton_dct']:5.2f}"]
+    print(f"{'':<16} ratios: " + "  ".join(ratios))
+    return {"shape": name, "m": m, "n": n, "rank": rank, **ms}
 
 
 def bench_shape_without_svd(name: str, m: int, n: int, rank: int, *, repeats: int) -> None:

@@ -311,6 +311,9 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
 # --------------------------------------------------------------------------------------------
 # DCT projection (DESIGN.md §4.5)
 # --------------------------------------------------------------------------------------------
+TRITON_IMPLS["dct_select"] = "lowrank_kernels.triton_kernels.dct_select:dct_select"
+
+
 def dct_select(grad: torch.Tensor, rank: int, norm: int = 1, *, method: str = "auto",
                backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Picks the rank rows of the orthonormal DCT-II basis (size d = min(m, n)) best aligned with G
@@ -321,13 +324,16 @@ def dct_select(grad: torch.Tensor, rank: int, norm: int = 1, *, method: str = "a
 
     Returns ``(idx, R)``: idx int32 (length r, increasing; ties go to the lower index), R fp32.
     ``method`` (cpu backend): "fft" (Makhoul rfft, O(m·n·log d)), "dense" (GEMM with C) or "auto"
-    (by d). The result is the dense basis' projection: ``project(G, dct_basis(d, idx))`` on the
+    (by d); the triton and cuda kernels have one method (tiled products with C generated on the
+    fly, no m×n coefficient matrix) and accept any valid value. The result is the dense basis' projection: ``project(G, dct_basis(d, idx))`` on the
     right, with ``dct_basis(d, idx).T`` on the left.
     """
     chosen = resolve_backend("dct_select", grad.device, backend)
     if chosen in ("cpu", "cuda"):
         return torch.ops.lowrank.dct_select(grad, rank, norm, method=method)
     check_dct_select(grad, rank, norm, method)
+    if chosen == "triton":
+        return _triton_impl("dct_select")(grad, rank, norm, method)
     return reference.dct_select(grad, rank, norm)
 
 

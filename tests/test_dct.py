@@ -2,11 +2,15 @@
 
 Truth for the basis and the coefficients is scipy.fft in float64; the reference is checked against
 it, the C++ CPU kernels (fft and dense paths) against both, and the reference against
-ista-daslab-optimizers' DCT projector (the method's authors' code).
+ista-daslab-optimizers' DCT projector (the method's authors' code). The GPU kernels (Triton: its
+interpreter on CPU tensors here; CUDA: skipped without a GPU) face the same cases at the end.
 """
 
 import importlib.util
+import json
 import math
+import os
+import subprocess
 import sys
 import types
 
@@ -17,7 +21,7 @@ import torch
 from cases import HYPER, assert_fp32_close, assert_step_matches, step_inputs
 
 import lowrank_kernels as lk
-from lowrank_kernels import ops, reference
+from lowrank_kernels import _extension, ops, reference
 
 needs_extension = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 
@@ -406,3 +410,153 @@ def test_ista_projector_selects_the_same_rows(m, n, sim_type, norm):
         idx, low_rank = ops.dct_select(grad, rank, norm, backend=backend)
         assert torch.equal(idx.long(), their_idx), backend
         assert_fp32_close(low_rank, their_r, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU kernels: Triton (its interpreter on CPU tensors here) and CUDA (skipped without a GPU).
+# Same cases as the CPU kernel, against the float64 truth and the reference.
+# ------------------------------------------------------------------------------------------
+HAS_GPU = torch.cuda.is_available()
+needs_cuda_kernel = pytest.mark.skipif(
+    not (HAS_GPU and lk.EXTENSION_AVAILABLE and _extension.has_kernel("dct_select", "CUDA")),
+    reason="needs a GPU and the extension built with CUDA")
+needs_triton = pytest.mark.skipif(
+    not (ops._triton_importable() and (HAS_GPU or ops._interpreting())),
+    reason="needs triton and a GPU or TRITON_INTERPRET=1")
+GPU_BACKENDS = [pytest.param("triton", marks=needs_triton),
+                pytest.param("cuda", marks=needs_cuda_kernel)]
+INTERPRETED_MAX_SIZE = 1000  # d = 3001 takes minutes in the Triton interpreter
+
+
+def gpu_select(grad: torch.Tensor, rank: int, norm: int, backend: str):
+    """dct_select on the backend's device (Triton: CUDA tensors when there is a GPU, else CPU
+    tensors through the interpreter), results back on the CPU."""
+    device = "cuda" if HAS_GPU else "cpu"
+    idx, low_rank = ops.dct_select(grad.to(device), rank, norm, backend=backend)
+    assert idx.device.type == device and low_rank.device.type == device
+    return idx.cpu(), low_rank.cpu()
+
+
+def interpreted(backend: str) -> bool:
+    return backend == "triton" and not HAS_GPU
+
+
+@pytest.mark.parametrize("d,side,rank", selection_cases())
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_select_matches_exact(d, side, rank, norm, backend):
+    if interpreted(backend) and (d > INTERPRETED_MAX_SIZE or (
+            d == 1000 and rank == 1 or (rank == d == 1000 and norm == 2))):
+        pytest.skip("Triton interpreter: d = 1000 at r = 17 and r = d (l1) only")
+    m, n = shape_for(d, side)
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(d + rank))
+    idx, low_rank = gpu_select(grad, rank, norm, backend)
+    assert_valid_selection(idx, low_rank, grad, rank, norm)
+
+
+@pytest.mark.parametrize("m,n", [(1007, 1000), (1000, 1013), (131, 67), (67, 131)], ids=str)
+@pytest.mark.parametrize("norm", [1, 2])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_select_equals_reference(m, n, norm, backend):
+    """Well-separated scores: the reference's indices exactly, and its R."""
+    if interpreted(backend) and min(m, n) == 1000:
+        pytest.skip("Triton interpreter: d = 1000 is covered by test_gpu_select_matches_exact")
+    grad = separated_gradient(m, n)
+    want_idx, want_r = ops.dct_select(grad, 17, norm, backend="reference")
+    idx, low_rank = gpu_select(grad, 17, norm, backend)
+    assert torch.equal(idx, want_idx)
+    assert_fp32_close(low_rank, want_r)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_select_low_precision_gradient(side, dtype, backend):
+    """bf16/fp16 gradients are read as fp32: a valid selection of the upcast values' exact scores
+    and their exact coefficients."""
+    m, n = shape_for(300, side)
+    grad = torch.randn(m, n, generator=torch.Generator().manual_seed(5)).to(dtype)
+    idx, low_rank = gpu_select(grad, 20, 1, backend)
+    assert_valid_selection(idx, low_rank, grad.float(), 20, 1)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_select_ties_go_to_the_lower_index(side, backend):
+    m, n = shape_for(40, side)
+    idx, low_rank = gpu_select(torch.zeros(m, n), 5, 1, backend)
+    assert torch.equal(idx, torch.arange(5, dtype=torch.int32))
+    assert not low_rank.any()
+    # d = 2: the line (1, 0) has the exactly tied coefficients (1/√2, 1/√2) (see above)
+    lines = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])
+    grad = lines if side == "right" else lines.T.contiguous()
+    assert gpu_select(grad, 1, 1, backend)[0].tolist() == [0]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_select_is_deterministic_and_takes_strided_rows(backend):
+    """No atomics: repeated calls agree bit for bit. A row-strided view gives the contiguous
+    copy's result."""
+    base = torch.randn(300, 230, generator=torch.Generator().manual_seed(3))
+    grad, view = base[:, :200].contiguous(), base[:, :200]
+    first = gpu_select(grad, 20, 1, backend)
+    for again in (gpu_select(grad, 20, 1, backend), gpu_select(view, 20, 1, backend)):
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_bad_select_arguments_raise(backend):
+    device = "cuda" if HAS_GPU else "cpu"
+    grad = torch.randn(30, 20, device=device)
+    cases = [
+        ({"grad": grad, "rank": 21}, "rank"),
+        ({"grad": grad.T, "rank": 21}, "rank"),
+        ({"grad": grad, "rank": 0}, "rank"),
+        ({"grad": grad, "rank": 3, "norm": 3}, "norm"),
+        ({"grad": grad, "rank": 3, "method": "svd"}, "method"),
+        ({"grad": torch.randn(30, device=device), "rank": 3}, "grad"),
+        ({"grad": grad.to(torch.int32), "rank": 3}, "grad"),
+        ({"grad": grad[:, :0], "rank": 1}, "grad"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            ops.dct_select(**kwargs, backend=backend)
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("d", [1, 3, 1000, 32768])
+def test_cuda_basis_equals_cpu(d):
+    idx = torch.tensor(sorted({0, d // 2, d - 1}), dtype=torch.int32)
+    rows = torch.ops.lowrank.dct_basis(d, idx.cuda()).cpu()
+    assert_fp32_close(rows, torch.ops.lowrank.dct_basis(d, idx), rtol=1e-6)
+
+
+# ---- AOT compilation of the Triton kernel for sm_89 / sm_90 --------------------------------
+@pytest.mark.skipif(not ops._triton_importable(), reason="triton is not installed")
+def test_triton_dct_kernel_compiles_without_spills():
+    """Every launch (LOWRANK_AOT_ALL_DTYPES=1; by default the two most register-hungry ones) is
+    compiled for sm_89 and sm_90 by Triton's own ptxas: no spills, shared memory within the
+    target's limit. In a subprocess: conftest's TRITON_INTERPRET=1 would hand the compiler an
+    interpreter object."""
+    aot = pytest.importorskip("lowrank_kernels.triton_kernels.aot")
+    if aot.ptxas_path() is None:
+        pytest.skip("Triton's ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [sys.executable, "-m", "lowrank_kernels.triton_kernels.aot", "--kernels",
+            "dct_select", "--targets", "89,90", "--jobs", "4"]
+    if os.environ.get("LOWRANK_AOT_ALL_DTYPES", "0") != "1":
+        args.append("--main-dtypes")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=1800,
+                          check=False)
+    assert proc.returncode == 0, f"AOT compilation failed:\n{proc.stderr[-5000:]}"
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    from lowrank_kernels.triton_kernels import dct_select as triton_dct
+
+    main_only = "--main-dtypes" in args
+    assert len(reports) == 2 * len(list(triton_dct.aot_variants(main_only)))
+    limits = {"sm_89": aot.MAX_SHARED_BYTES[89], "sm_90a": aot.MAX_SHARED_BYTES[90]}
+    for r in reports:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
+        assert r["shared_bytes"] <= limits[r["target"]], r
+        assert r["registers"] <= aot.MAX_REGISTERS, r

@@ -233,6 +233,30 @@ def fused_galore_step_reports(configs, capabilities=TARGETS, all_dtypes: bool = 
         yield from pool.map(_compile_fused_galore_step_variant, work)
 
 
+# --------------------------------------------------------------------------------------------
+# dct_select
+# --------------------------------------------------------------------------------------------
+def _compile_dct_select_variant(job) -> CompileReport:
+    from lowrank_kernels.triton_kernels import dct_select
+
+    capability, (variant, signature, constexprs, warps, stages) = job
+    return compile_and_measure("_dct_kernel", dct_select._dct_kernel, signature, constexprs,
+                               capability, warps, stages, variant)
+
+
+def dct_select_reports(capabilities=TARGETS, main_only: bool = False, jobs: int = 1):
+    """Compiles every launch of the Triton dct_select (dct_select.aot_variants) per target."""
+    from lowrank_kernels.triton_kernels import dct_select
+
+    work = [(capability, v) for capability in capabilities
+            for v in dct_select.aot_variants(main_only)]
+    if jobs <= 1:
+        yield from map(_compile_dct_select_variant, work)
+        return
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        yield from pool.map(_compile_dct_select_variant, work)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="89,90", help="compute capabilities, e.g. 89,90")
@@ -241,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                              "32-bit offsets only")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="parallel compilations (default: one per CPU)")
+    parser.add_argument("--kernels", default="fused_galore_step",
+                        choices=("fused_galore_step", "dct_select"),
+                        help="which kernel family to compile")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("aot: unset TRITON_INTERPRET to compile", file=sys.stderr)
@@ -249,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         print("aot: Triton's ptxas was not found", file=sys.stderr)
         return 3
     capabilities = [int(c) for c in args.targets.split(",")]
+    if args.kernels == "dct_select":
+        for report in dct_select_reports(capabilities, args.main_dtypes, args.jobs):
+            print(json.dumps(dataclasses.asdict(report)), flush=True)
+        return 0
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
     from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
 

@@ -11,13 +11,16 @@
 //   fft:   Makhoul's reordering v = (x0, x2, x4, ..., x5, x3, x1), V = rfft(v) (real input), then
 //          X_k = c_k * Re(exp(-i*pi*k/(2d)) * V_k), with V_k = conj(V_{d-k}) for k > d/2:
 //          O(lines * d * log d) and no d x d matrix.
-// Tiling (both paths): a tile is a block of consecutive lines. On the fft path each task gathers a
-// tile in Makhoul order (converted to fp32; columns of G through a blocked transpose) into a
-// cache-resident buffer, runs one batched rfft on it and writes the tile's rows of X while adding
-// the tile's per-frequency partial scores. Partials are summed in tile order, so the result does
-// not depend on the thread count.
-// DRAM: G read once, X (lines x d fp32) written once, and X read once more by the low_rank gather
-// (r scattered columns of every line touch most of its cache lines).
+// Tiling: a tile is a block of consecutive lines; partial scores are per tile and summed in tile
+// order, so the result does not depend on the thread count.
+//   fft, two passes over G and no X: each task gathers a tile in Makhoul order (converted to
+//   fp32; columns of G through a blocked transpose) into a cache-resident buffer and runs one
+//   batched rfft on it. Pass 1 turns the spectrum into the tile's partial scores; pass 2 (after
+//   the top-r) redoes the tile's rfft and evaluates only the r chosen coefficients into R. A
+//   second gather + rfft costs less than writing X (lines x d fp32, fresh pages) and reading it
+//   back for r scattered columns per line (measured at 2048 x 5504 by bench/bench_refresh.py).
+//   dense: X = lines @ C^T into a lines x d buffer, then per-tile scores and a gather of R.
+// DRAM (fft): G read twice, R written once; nothing of size lines x d.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/complex.h>
@@ -27,7 +30,12 @@
 #include <cmath>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
 
 #include "dct_cpu.h"
 #include "lowrank/checks.h"
@@ -91,6 +99,10 @@ int64_t tile_lines(const Geometry& g) {
   return std::clamp<int64_t>((int64_t{1} << 15) / g.d, g.right ? 32 : 128, 256);
 }
 
+// Floats added to a tile row: with d a power of two, rows d floats apart map to the same cache
+// sets, and the left side's blocked transpose writes one short run into each of 128 rows.
+constexpr int64_t kRowPad = 16;
+
 // Twiddle factors c_k * cos(pi k / 2d) and c_k * sin(pi k / 2d), rounded once from double.
 struct Twiddles {
   std::vector<float> cos, sin;
@@ -126,11 +138,11 @@ void add_line_scores(const float* __restrict__ x, int64_t d, int64_t norm,
 // Copies lines [start, start+len) of G in Makhoul order into dst (len x d, fp32).
 template <typename scalar_t>
 void gather_tile(const scalar_t* grad, const Geometry& g, const std::vector<int64_t>& order,
-                 int64_t start, int64_t len, float* dst) {
+                 int64_t start, int64_t len, float* dst, int64_t ld) {
   if (g.right) {  // a line is a contiguous row of G
     for (int64_t t = 0; t < len; ++t) {
       const scalar_t* src = grad + (start + t) * g.n;
-      float* out = dst + t * g.d;
+      float* out = dst + t * ld;
       for (int64_t p = 0; p < g.d; ++p) out[p] = static_cast<float>(src[order[p]]);
     }
     return;
@@ -142,61 +154,127 @@ void gather_tile(const scalar_t* grad, const Geometry& g, const std::vector<int6
     const int64_t width = std::min(kBlock, g.d - p0);
     const scalar_t* rows[kBlock];
     for (int64_t u = 0; u < width; ++u) rows[u] = grad + order[p0 + u] * g.n + start;
-    for (int64_t t = 0; t < len; ++t) {
-      float* out = dst + t * g.d + p0;
+    int64_t t = 0;
+#if defined(__SSE2__)
+    // fp32 full blocks: 4 x 4 register transposes instead of one scalar load per element (the
+    // scalar form was the largest cost of the left side's pass, above the rfft, in perf).
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (width == kBlock) {
+        for (; t + 4 <= len; t += 4) {
+          for (int64_t u = 0; u < kBlock; u += 4) {
+            __m128 r0 = _mm_loadu_ps(rows[u] + t), r1 = _mm_loadu_ps(rows[u + 1] + t);
+            __m128 r2 = _mm_loadu_ps(rows[u + 2] + t), r3 = _mm_loadu_ps(rows[u + 3] + t);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            float* out = dst + t * ld + p0 + u;
+            _mm_storeu_ps(out, r0);
+            _mm_storeu_ps(out + ld, r1);
+            _mm_storeu_ps(out + 2 * ld, r2);
+            _mm_storeu_ps(out + 3 * ld, r3);
+          }
+        }
+      }
+    }
+#endif
+    for (; t < len; ++t) {
+      float* out = dst + t * ld + p0;
       for (int64_t u = 0; u < width; ++u) out[u] = static_cast<float>(rows[u][t]);
     }
   }
 }
 
-// X and the per-tile partial scores through Makhoul's rfft (see the file comment).
-void fft_coefficients(const at::Tensor& grad, const Geometry& g, int64_t norm, int64_t lines_per,
-                      float* x_lines, float* partials) {
+// Runs fn(tile, start, len, spectrum) for every tile of lines, in parallel: spectrum holds the
+// (re, im) pairs of rfft(line in Makhoul order) of line start + t at 2 * t * (d / 2 + 1).
+template <typename Fn>
+void for_each_spectrum_tile(const at::Tensor& grad, const Geometry& g, int64_t lines_per,
+                            const Fn& fn) {
   const int64_t d = g.d, bins = d / 2 + 1;
-  const Twiddles tw(d);
   const std::vector<int64_t> order = makhoul_order(d);
   const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
   const auto f32 = grad.options().dtype(at::kFloat);
-  // Twiddles of k = d - j for j = 1, 2, ...: the upper half walked from its end.
-  std::vector<float> cs_upper(static_cast<size_t>(d)), sn_upper(static_cast<size_t>(d));
-  for (int64_t j = 1; j < d; ++j) {
-    cs_upper[j - 1] = tw.cos[d - j];
-    sn_upper[j - 1] = tw.sin[d - j];
-  }
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor in = at::empty({lines_per, d}, f32);
+    const int64_t ld = d + kRowPad;
+    at::Tensor in = at::empty({lines_per, ld}, f32).narrow(1, 0, d);
     at::Tensor spec = at::empty({lines_per, bins}, f32.dtype(at::kComplexFloat));
-    std::vector<float> upper_buf(static_cast<size_t>(d));
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t start = tile * lines_per;
       const int64_t len = std::min(lines_per, g.lines - start);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(),
                                       "lowrank_dct_gather", [&] {
         gather_tile<scalar_t>(grad.data_ptr<scalar_t>(), g, order, start, len,
-                              in.data_ptr<float>());
+                              in.data_ptr<float>(), ld);
       });
       at::Tensor spec_tile = spec.narrow(0, 0, len);
       at::fft_rfft_out(spec_tile, in.narrow(0, 0, len), std::nullopt, /*dim=*/1);
-      // (re, im) pairs of line t at v + 2 * t * bins
-      const float* v = reinterpret_cast<const float*>(spec_tile.data_ptr<c10::complex<float>>());
-      const float* __restrict__ cs = tw.cos.data();
-      const float* __restrict__ sn = tw.sin.data();
-      const float* __restrict__ cs_rev = cs_upper.data();
-      const float* __restrict__ sn_rev = sn_upper.data();
-      float* __restrict__ upper = upper_buf.data();
-      float* __restrict__ partial = partials + tile * d;
-      const int64_t low = std::min(bins, d);
-      for (int64_t t = 0; t < len; ++t) {
-        const float* __restrict__ vl = v + 2 * t * bins;
-        float* __restrict__ x = x_lines + (start + t) * d;
-        for (int64_t k = 0; k < low; ++k) x[k] = vl[2 * k] * cs[k] + vl[2 * k + 1] * sn[k];
-        // k > d/2: V_k = conj(V_{d-k}). Walk j = d-k upwards (the same stride-2 loads as above,
-        // so it vectorizes) into `upper`, then store it reversed.
-        for (int64_t j = 1; j <= d - low; ++j) {
-          upper[j - 1] = vl[2 * j] * cs_rev[j - 1] - vl[2 * j + 1] * sn_rev[j - 1];
+      fn(tile, start, len,
+         reinterpret_cast<const float*>(spec_tile.data_ptr<c10::complex<float>>()));
+    }
+  });
+}
+
+// Pass 1 of the fft path: the per-tile partial scores (see the file comment).
+void fft_scores(const at::Tensor& grad, const Geometry& g, int64_t norm, int64_t lines_per,
+                float* partials) {
+  const int64_t d = g.d, bins = d / 2 + 1;
+  const Twiddles tw(d);
+  // Twiddles of k = d - j for j = 1, 2, ...: the upper half walked from its end.
+  std::vector<float> cs_upper(static_cast<size_t>(d)), sn_upper(static_cast<size_t>(d));
+  for (int64_t j = 1; j < d; ++j) {
+    cs_upper[j - 1] = tw.cos[d - j];
+    sn_upper[j - 1] = tw.sin[d - j];
+  }
+  for_each_spectrum_tile(grad, g, lines_per, [&](int64_t tile, int64_t, int64_t len,
+                                                  const float* v) {
+    std::vector<float> line_buf(static_cast<size_t>(d)), upper_buf(static_cast<size_t>(d));
+    const float* __restrict__ cs = tw.cos.data();
+    const float* __restrict__ sn = tw.sin.data();
+    const float* __restrict__ cs_rev = cs_upper.data();
+    const float* __restrict__ sn_rev = sn_upper.data();
+    float* __restrict__ upper = upper_buf.data();
+    float* __restrict__ x = line_buf.data();
+    float* __restrict__ partial = partials + tile * d;
+    const int64_t low = std::min(bins, d);
+    for (int64_t t = 0; t < len; ++t) {
+      const float* __restrict__ vl = v + 2 * t * bins;
+      for (int64_t k = 0; k < low; ++k) x[k] = vl[2 * k] * cs[k] + vl[2 * k + 1] * sn[k];
+      // k > d/2: V_k = conj(V_{d-k}). Walk j = d-k upwards (the same stride-2 loads as above,
+      // so it vectorizes) into `upper`, then store it reversed.
+      for (int64_t j = 1; j <= d - low; ++j) {
+        upper[j - 1] = vl[2 * j] * cs_rev[j - 1] - vl[2 * j + 1] * sn_rev[j - 1];
+      }
+      for (int64_t j = 1; j <= d - low; ++j) x[d - j] = upper[j - 1];
+      add_line_scores(x, d, norm, partial);
+    }
+  });
+}
+
+// Pass 2 of the fft path: R from the chosen coefficients only, X_k = re(V_b) cos_k + s im(V_b)
+// sin_k with b = k, s = 1 (k <= d/2) or b = d - k, s = -1: the same products as pass 1.
+void fft_selected(const at::Tensor& grad, const Geometry& g, int64_t lines_per,
+                  const std::vector<int32_t>& chosen, float* low_rank) {
+  const int64_t d = g.d, bins = d / 2 + 1, rank = static_cast<int64_t>(chosen.size());
+  const Twiddles tw(d);
+  std::vector<int64_t> bin(static_cast<size_t>(rank));
+  std::vector<float> cos_k(static_cast<size_t>(rank)), sin_k(static_cast<size_t>(rank));
+  for (int64_t j = 0; j < rank; ++j) {
+    const int64_t k = chosen[j];
+    const bool lower = k < bins;
+    bin[j] = lower ? k : d - k;
+    cos_k[j] = tw.cos[k];
+    sin_k[j] = lower ? tw.sin[k] : -tw.sin[k];
+  }
+  for_each_spectrum_tile(grad, g, lines_per, [&](int64_t, int64_t start, int64_t len,
+                                                  const float* v) {
+    for (int64_t t = 0; t < len; ++t) {
+      const float* vl = v + 2 * t * bins;
+      if (g.right) {  // R[i, j] = X[i, idx_j]: a row of R per line
+        float* out = low_rank + (start + t) * rank;
+        for (int64_t j = 0; j < rank; ++j) {
+          out[j] = vl[2 * bin[j]] * cos_k[j] + vl[2 * bin[j] + 1] * sin_k[j];
         }
-        for (int64_t j = 1; j <= d - low; ++j) x[d - j] = upper[j - 1];
-        add_line_scores(x, d, norm, partial);
+      } else {  // R[j, c] = X[c, idx_j]: a column of R per line; the tile's writes share lines
+        for (int64_t j = 0; j < rank; ++j) {
+          low_rank[j * g.n + start + t] = vl[2 * bin[j]] * cos_k[j] + vl[2 * bin[j] + 1] * sin_k[j];
+        }
       }
     }
   });
@@ -241,29 +319,23 @@ std::vector<int32_t> top_r(const std::vector<double>& scores, int64_t r) {
 
 std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_t rank,
                                                   int64_t norm, c10::string_view method) {
-  check_float_matrix(grad, "grad");
+  check_dct_select(grad, rank, norm, method);
   LOWRANK_CHECK_VALUE(grad.device().is_cpu(), "grad: expected a CPU tensor, got ", grad.device());
   const int64_t m = grad.size(0), n = grad.size(1);
   Geometry g{m, n, 0, 0, m >= n};
   g.d = g.right ? n : m;
   g.lines = g.right ? m : n;
-  LOWRANK_CHECK_VALUE(g.d >= 1 && g.lines >= 1, "grad: expected a non-empty matrix, got shape ",
-                    shape_str(grad.sizes()));
-  LOWRANK_CHECK_VALUE(rank >= 1 && rank <= g.d, "rank: expected a value in [1, min(m, n)=", g.d,
-                    "], got ", rank);
-  LOWRANK_CHECK_VALUE(norm == 1 || norm == 2, "norm: expected 1 or 2, got ", norm);
-  LOWRANK_CHECK_VALUE(method == "auto" || method == "fft" || method == "dense",
-                    "method: expected 'auto', 'fft' or 'dense', got '", std::string(method), "'");
   const bool use_fft = method == "fft" || (method == "auto" && g.d >= kFftMinSize);
 
   const at::Tensor src = grad.contiguous();
   const int64_t lines_per = tile_lines(g);
   const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
-  at::Tensor x = at::empty({g.lines, g.d}, src.options().dtype(at::kFloat));  // X, line-major
   std::vector<float> partials(static_cast<size_t>(tiles * g.d), 0.0f);
+  at::Tensor x;  // dense path only: X, line-major
   if (use_fft) {
-    fft_coefficients(src, g, norm, lines_per, x.data_ptr<float>(), partials.data());
+    fft_scores(src, g, norm, lines_per, partials.data());
   } else {
+    x = at::empty({g.lines, g.d}, src.options().dtype(at::kFloat));
     dense_coefficients(src, g, norm, lines_per, x, partials.data());
   }
   // Tile partials summed in tile order (double): independent of the thread count.
@@ -278,8 +350,12 @@ std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_
   at::Tensor low_rank = at::empty(g.right ? std::vector<int64_t>{m, rank}
                                           : std::vector<int64_t>{rank, n},
                                   src.options().dtype(at::kFloat));
-  const float* xs = x.data_ptr<float>();
   float* out = low_rank.data_ptr<float>();
+  if (use_fft) {
+    fft_selected(src, g, lines_per, chosen, out);
+    return {indices, low_rank};
+  }
+  const float* xs = x.data_ptr<float>();
   if (g.right) {  // R[i, j] = X[i, idx_j]
     at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

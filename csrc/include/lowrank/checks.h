@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <type_traits>
 #include <optional>
@@ -153,6 +154,21 @@ inline StepGeometry check_dct_projection(int64_t m, int64_t n, const at::Tensor&
   check_dct_indices(proj, g.right ? n : m, "proj");
   g.r = proj.size(0);
   return g;
+}
+
+// dct_select(grad, rank, norm, method): a non-empty float matrix, rank in [1, min(m, n)].
+inline void check_dct_select(const at::Tensor& grad, int64_t rank, int64_t norm,
+                             c10::string_view method) {
+  check_float_matrix(grad, "grad");
+  const int64_t d = std::min(grad.size(0), grad.size(1));
+  LOWRANK_CHECK_VALUE(d >= 1, "grad: expected a non-empty matrix, got shape ",
+                      shape_str(grad.sizes()));
+  LOWRANK_CHECK_VALUE(rank >= 1 && rank <= d, "rank: expected a value in [1, min(m, n)=", d,
+                      "], got ", rank);
+  LOWRANK_CHECK_VALUE(norm == 1 || norm == 2, "norm: expected 1 or 2, got ", norm);
+  LOWRANK_CHECK_VALUE(method == "auto" || method == "fft" || method == "dense",
+                      "method: expected 'auto', 'fft' or 'dense', got '", std::string(method),
+                      "'");
 }
 
 }  // namespace lowrank

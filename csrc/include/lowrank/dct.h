@@ -21,10 +21,10 @@ LOWRANK_HD float dct_scale(int64_t k, int64_t d) {
   return k == 0 ? sqrtf(1.0f / static_cast<float>(d)) : sqrtf(2.0f / static_cast<float>(d));
 }
 
-// cos(pi * j / (2d)) for an integer phase j, exact quadrant selection.
-LOWRANK_HD float dct_cos_phase(int64_t j, int64_t d) {
-  j %= 4 * d;
-  const int64_t quadrant = j / d;
+// cos(pi * j / (2d)) for a phase already reduced to [0, 4d): the quadrant by comparisons, so that
+// GPU kernels that advance phases incrementally pay no integer division.
+LOWRANK_HD float dct_cos_reduced_phase(int64_t j, int64_t d) {
+  const int64_t quadrant = (j >= d) + (j >= 2 * d) + (j >= 3 * d);
   const float step = 1.5707963267948966f / static_cast<float>(d);  // pi / (2d)
   const float phi = static_cast<float>(j - quadrant * d) * step;
   switch (quadrant) {
@@ -33,6 +33,16 @@ LOWRANK_HD float dct_cos_phase(int64_t j, int64_t d) {
     case 2: return -cosf(phi);
     default: return sinf(phi);
   }
+}
+
+// cos(pi * j / (2d)) for an integer phase j >= 0, exact quadrant selection.
+LOWRANK_HD float dct_cos_phase(int64_t j, int64_t d) {
+  return dct_cos_reduced_phase(j % (4 * d), d);
+}
+
+// sin(pi * j / (2d)) = cos(pi * (j - d) / (2d)) for a phase in [0, 4d).
+LOWRANK_HD float dct_sin_reduced_phase(int64_t j, int64_t d) {
+  return dct_cos_reduced_phase(j >= d ? j - d : j + 3 * d, d);
 }
 
 // C[k, i] of the orthonormal DCT-II basis of size d (0 <= k, i < d).

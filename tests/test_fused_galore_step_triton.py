@@ -32,6 +32,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton is not installed")
 triton = pytest.importorskip("triton")
 tl = triton.language
+from lowrank_kernels.triton_kernels._common import _basis_tile
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LEFT, RIGHT = SMALL_ODD_SHAPES  # (67, 131): m < n, left projection; (131, 67): right
@@ -444,9 +445,8 @@ def _basis_rows_kernel(Out_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, R, LONG
     offs_long = tl.program_id(0) * BLOCK_LONG + tl.arange(0, BLOCK_LONG)
     r_mask = offs_r < R
     long_mask = offs_long < LONG
-    tile = _common()._basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long,
-                                 r_mask, long_mask, stride_projm, LONG, RIGHT, LONG_MAJOR, BASIS,
-                                 PROJ_GROUP)
+    tile = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
+                       long_mask, stride_projm, LONG, RIGHT, LONG_MAJOR, BASIS, PROJ_GROUP)
     if LONG_MAJOR:
         tile = tl.trans(tile)
     tl.store(Out_ptr + offs_r[:, None] * LONG + offs_long[None, :], tile,

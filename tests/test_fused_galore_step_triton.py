@@ -545,3 +545,31 @@ def test_auto_backend_on_gpus_is_triton_for_every_format():
     """ops.fused_galore_step sends every format to Triton on CUDA tensors ('auto'): the choice
     depends on the op and device only (the formats were once routed elsewhere)."""
     assert lk.ops.resolve_backend("fused_galore_step", torch.device("cuda")) == "triton"
+
+
+@pytest.mark.parametrize("basis,int8_group", [("int4", None), ("dct", None), ("int4", 256),
+                                              ("dct", 64)], ids=str)
+def test_64_bit_offsets_of_every_format_give_the_same_step(basis, int8_group):
+    """The 64-bit offset variants (weights of 2**31+ elements, DCT sizes ≥ 32768) forced on a
+    small weight: same arithmetic, so the same bits as the 32-bit variant."""
+    fgs = _triton_module()
+    m, n = (96, 64) if int8_group == 64 else LEFT
+    inputs, _ = _generated_inputs(m, n, 17, basis, weight=BF16, grad=BF16, int8_group=int8_group)
+    coeffs = fgs.adam_coeffs(**HYPER)
+    results = []
+    for index_64 in (False, True):
+        out = inputs.clone()
+        args = fgs.basis_args(out.proj, m, n, 17, out.grad.dtype, out.proj_scales,
+                              out.proj_zeros, 256)
+        if int8_group is None:
+            config = fgs.pick_config(m, n, 17, out.grad.dtype, args.dot_dtype, generated=True)
+            fgs._launch(config, *out.args(), 17, coeffs, index_64=index_64, basis=args)
+        else:
+            fgs.fused_galore_step_2d.launch(*out.args(), 17, coeffs, index_64=index_64,
+                                            basis=args, param_scales=out.param_scales,
+                                            param_zeros=out.param_zeros,
+                                            param_group_size=int8_group, philox_seed=2**33 + 5)
+        results.append(out)
+    for a, b in zip(results[0].tensors(), results[1].tensors()):
+        assert a is None or torch.equal(a, b)
+    assert not torch.equal(results[0].param, inputs.param)

@@ -9,7 +9,9 @@ coordinates, long being the basis' size-d axis (n right, m left), and never mate
   BASIS_DENSE  a float tensor (its own dtype), loaded as is;
   BASIS_INT4   packed codes, two per byte, low nibble first, of the row-major basis as stored
                (r×n right, m×r left); group g = PROJ_GROUP consecutive elements of that order,
-               value s[g]·(q − z[g]) in fp32 (quant.dequantize_codes, as lowrank/quant.h);
+               value s[g]·(q − z[g]) in fp32 (quant.dequantize_codes, as lowrank/quant.h).
+               PROJ_GROUP is a constexpr (divisions become shifts for powers of two): each
+               group size compiles its own kernels; the AOT test checks q-galore's 256;
   BASIS_DCT    int32 frequencies k of the orthonormal DCT-II of size d; the value at (k, i) is
                c_k·cos(π(2i+1)k/(2d)) with the integer phase reduction of lowrank/dct.h.
 Which type a generated (INT4 or DCT) basis enters tl.dot in. Its values are fp32 numbers (s·(q−z),
@@ -159,7 +161,7 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
                   INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr):
     """acc + Σ_long G[own, long]·basis[long, r]: a tile of R reduced over the whole long axis by
     one program (no split-K: the Adam epilogue that follows is nonlinear). A generated basis
-    enters the dot in G's type when G is 16-bit (module docstring)."""
+    enters the dot as hi + lo in G's type when G is 16-bit (module docstring)."""
     for start in range(0, LONG, BLOCK_LONG):
         offs_long = start + tl.arange(0, BLOCK_LONG)
         if INDEX_64:

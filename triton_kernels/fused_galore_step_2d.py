@@ -367,7 +367,7 @@ MAX_BLOCK_R = {"tc": 128, "fp32": 32}  # per dot kind
 _GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     ("tc", 32): TileConfig(block_own=64, block_r=32, block_long=64, num_warps=4, num_stages=2),
     ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=8, num_stages=2),
-    ("fp32", 32): TileConfig(block_own=64, block_r=32, block_long=32, num_warps=8, num_stages=2),
+    ("fp32", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=8, num_stages=2),
 }
 _GENERATED_BACK_BLOCKS: dict[str, TileConfig] = {
     "16bit": _BACK_BLOCKS["16bit"],
@@ -413,7 +413,10 @@ def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
 # registers, and so do 512-wide tiles and a 64 × 64 one), K = r in chunks of 16 (fp32 FMA dot:
 # the operands live in registers). Otherwise one program per BLOCK_GROUPS groups of
 # next_power_of_2(GROUP) lanes, about 256 elements, times BLOCK_R ranks per gather chunk (a 4K
-# element 3-D tile; 16 ranks for groups up to 256).
+# element 3-D tile, 16 ranks for groups up to 256). Known from the exhaustive AOT run: with a
+# DCT basis and 64-bit offsets the general kernel spills ~190 bytes on sm_89 (8 ranks instead
+# spill a few bytes even with 32-bit offsets: the libdevice cos/sin call, see
+# fused_galore_step._GENERATED_BLOCKS).
 INT8_ROWS_MAX_GROUP = 256
 
 

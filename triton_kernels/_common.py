@@ -85,18 +85,35 @@ def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _cos_sin_octant(x):
+    """(cos x, sin x) for x ∈ [0, π/4] in fp32: Cephes' single-precision minimax polynomials
+    (≈1-2 ulp there). No argument reduction is needed in this range, so unlike tl.cos/tl.sin
+    (libdevice on GPUs) there is no call and no slow-path stack frame, and the interpreter and
+    the GPU evaluate the same operations."""
+    z = x * x
+    sin_x = x + x * z * ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1)
+    cos_x = 1.0 - 0.5 * z + z * z * ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z
+                                      + 4.166664568298827e-2)
+    return cos_x, sin_x
+
+
+@triton.jit
 def _dct_value(freq, pos, d):
-    """C[freq, pos] of the orthonormal DCT-II of size d, as lowrank/dct.h computes it: the phase
-    (2·pos+1)·freq reduced mod 4d in integers picks the quadrant exactly, and only the remainder
-    φ = rem·(π/2)/d ∈ [0, π/2) is rounded to fp32. (2·pos+1)·freq < 2d²: the launchers give the
-    indices 64 bits (INDEX_64) when that reaches 2**31."""
+    """C[freq, pos] of the orthonormal DCT-II of size d, reduced as lowrank/dct.h reduces it: the
+    phase (2·pos+1)·freq mod 4d in integers picks the quadrant exactly, and only the remainder
+    φ = rem·(π/2)/d ∈ [0, π/2) is rounded to fp32 -- here further folded to [0, π/4] in integers
+    (rem or d − rem) for the polynomials of _cos_sin_octant, so values agree with the CPU's
+    cosf/sinf to a few fp32 ulps. (2·pos+1)·freq < 2d²: the launchers give the indices 64 bits
+    (INDEX_64) when that reaches 2**31."""
     phase = ((2 * pos + 1) * freq) % (4 * d)
     quadrant = phase // d
+    rem = phase - quadrant * d
     d_float = d * 1.0  # int -> fp32, rounded to nearest as static_cast<float>
     step = tl.div_rn(tl.full((), 1.5707963267948966, tl.float32), d_float)
-    phi = (phase - quadrant * d).to(tl.float32) * step
-    cos_phi = tl.cos(phi)
-    sin_phi = tl.sin(phi)
+    upper = 2 * rem > d  # φ > π/4: cos φ = sin(π/2 − φ), sin φ = cos(π/2 − φ)
+    cos_oct, sin_oct = _cos_sin_octant(tl.where(upper, d - rem, rem).to(tl.float32) * step)
+    cos_phi = tl.where(upper, sin_oct, cos_oct)
+    sin_phi = tl.where(upper, cos_oct, sin_oct)
     value = tl.where(quadrant == 0, cos_phi,
                      tl.where(quadrant == 1, -sin_phi, tl.where(quadrant == 2, -cos_phi, sin_phi)))
     one = tl.full((), 1.0, tl.float32)

@@ -196,14 +196,13 @@ MIN_RANK_PAD = 32
 # or cos/sin evaluated), then hi/lo-split for tensor cores: the dense entries above spill or
 # exceed sm_89's shared memory with it (measured by the AOT test), so it has its own narrower
 # entries, same layout; r_pad ≤ MAX_GENERATED_RANK_PAD. Known from the exhaustive AOT run
-# (LOWRANK_AOT_ALL_DTYPES=1), not fixed yet: with 64-bit offsets (2**31+ elements) the r_pad-32
-# entries spill a little: DCT 4-64 bytes on sm_89 (registers saved across the call into
-# libdevice's cos/sin, whose slow path -- never taken, φ < π/2 -- has a stack frame), INT4 with
-# an fp32 G 12 bytes on both targets.
+# (LOWRANK_AOT_ALL_DTYPES=1), not fixed yet: with 64-bit offsets (2**31+ elements, or a DCT
+# size ≥ 32768) the DCT tc entries spill 4-8 bytes on sm_89, as does the INT8 general kernel on
+# sm_90 (ptxas lowers 64-bit integer division, the phase reduction, to a called subroutine).
 _GENERATED_BLOCKS: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
     (32, "tc"): (64, 64, 64, 4, 3),
     (64, "tc"): (32, 32, 64, 8, 2),
-    (32, "fp32"): (32, 32, 32, 4, 2),
+    (32, "fp32"): (32, 32, 32, 8, 2),
     (64, "fp32"): (32, 32, 16, 8, 2),
 }
 

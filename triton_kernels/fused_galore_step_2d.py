@@ -413,10 +413,8 @@ def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
 # registers, and so do 512-wide tiles and a 64 × 64 one), K = r in chunks of 16 (fp32 FMA dot:
 # the operands live in registers). Otherwise one program per BLOCK_GROUPS groups of
 # next_power_of_2(GROUP) lanes, about 256 elements, times BLOCK_R ranks per gather chunk (a 4K
-# element 3-D tile, 16 ranks for groups up to 256). Known from the exhaustive AOT run: with a
-# DCT basis and 64-bit offsets the general kernel spills ~190 bytes on sm_89 (8 ranks instead
-# spill a few bytes even with 32-bit offsets: the libdevice cos/sin call, see
-# fused_galore_step._GENERATED_BLOCKS).
+# element 3-D tile, 16 ranks for groups up to 256). With a DCT basis and 64-bit offsets the
+# general kernel spills 4 bytes on sm_90 (fused_galore_step._GENERATED_BLOCKS says why).
 INT8_ROWS_MAX_GROUP = 256
 
 

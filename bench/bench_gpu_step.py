@@ -5,6 +5,9 @@ Providers (each skipped with a message when it cannot run here):
   triton-onepass, triton-twolaunch
                 the same with the Triton variant forced (LOWRANK_TRITON_VARIANT, set around
                 each call): one-pass kernel, or two launches through a low-rank N workspace
+  triton-q      the Triton step on the Q-GaLore formats: packed INT4 basis and INT8 weight codes
+                (groups of 256), judged against bench/traffic.py's floor-q
+  triton-dct    the Triton step on DCT frequencies (the basis generated in the kernels)
   cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
   cpu           the C++ kernel (backend="cpu"; only with --device cpu)
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
@@ -45,8 +48,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("triton", "triton-onepass", "triton-twolaunch", "cuda", "cpu", "reference",
-             "galore-torch", "q-galore-torch", "copy")
+PROVIDERS = ("triton", "triton-onepass", "triton-twolaunch", "triton-q", "triton-dct", "cuda",
+             "cpu", "reference", "galore-torch", "q-galore-torch", "copy")
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
 
@@ -66,14 +69,23 @@ def random_basis(m: int, n: int, rank: int, dtype: torch.dtype, device) -> torch
 
 
 def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device,
-         triton_variant: str | None = None) -> Callable[[], None]:
-    """A closure running one fused step in place, or raises why the backend cannot run."""
+         triton_variant: str | None = None, fmt: str = "dense") -> Callable[[], None]:
+    """A closure running one fused step in place, or raises why the backend cannot run.
+    ``fmt``: 'dense' basis and float W, 'q' (packed INT4 basis, INT8 W codes) or 'dct'."""
     from lowrank_kernels import ops
 
     ops.resolve_backend("fused_galore_step", torch.device(device), backend)  # raises if absent
     param = torch.randn(m, n, device=device, dtype=wdt) * 0.02
     grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
     proj = random_basis(m, n, rank, wdt, device)
+    formats = {}
+    if fmt == "q":
+        proj, proj_scales, proj_zeros = ops.quantize_int4(proj.float(), 256)
+        param, param_scales, param_zeros = ops.quantize_int8(param, 256)
+        formats = {"proj_scales": proj_scales, "proj_zeros": proj_zeros,
+                   "param_scales": param_scales, "param_zeros": param_zeros, "seed": 1}
+    elif fmt == "dct":
+        proj = torch.randperm(min(m, n), device=device)[:rank].sort().values.to(torch.int32)
     shape = ops.low_rank_shape(m, n, rank)
     exp_avg = torch.zeros(shape, device=device, dtype=sdt)
     exp_avg_sq = torch.zeros(shape, device=device, dtype=sdt)
@@ -86,7 +98,8 @@ def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float,
             os.environ["LOWRANK_TRITON_VARIANT"] = triton_variant
         try:
             ops.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, step=step[0],
-                                  weight_decay=weight_decay, backend=backend, **HYPER)
+                                  weight_decay=weight_decay, backend=backend, **HYPER,
+                                  **formats)
         finally:
             if triton_variant is not None and saved is None:
                 os.environ.pop("LOWRANK_TRITON_VARIANT")
@@ -156,6 +169,8 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     models = {"triton": onepass,
               "triton-onepass": onepass,
               "triton-twolaunch": traffic.fused_triton_2launch(m, n, rank, wdt, sdt).total,
+              "triton-q": traffic.fused_triton_q(m, n, rank, wdt, sdt).total,
+              "triton-dct": onepass,
               "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
               "cpu": traffic.fused(m, n, rank, wdt, sdt).total,
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
@@ -164,11 +179,15 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
                                                        weight_decay=weight_decay > 0).total}
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
               "q-galore-torch": traffic.floor_q_galore(m, n, rank, wdt).total,
+              "triton-q": traffic.floor_q(m, n, rank, wdt, sdt).total,
               "copy": 2 * m * n * torch.empty((), dtype=wdt).element_size()}
     for provider in providers:
         try:
             if provider in ("triton", "cuda", "cpu", "reference"):
                 fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
+            elif provider in ("triton-q", "triton-dct"):
+                fn = ours("triton", m, n, rank, wdt, sdt, weight_decay, device,
+                          fmt=provider.removeprefix("triton-"))
             elif provider.startswith("triton-"):
                 fn = ours("triton", m, n, rank, wdt, sdt, weight_decay, device,
                           triton_variant=provider.removeprefix("triton-"))

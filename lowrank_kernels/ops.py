@@ -14,9 +14,9 @@ reference  plain torch (lowrank_kernels.reference), any device
 
 The backend is the ``backend=`` argument if given, else the environment variable
 ``LOWRANK_BACKEND``, else the best one available for the tensors' device (cpu, then reference on
-CPU; triton, then cuda, then reference on GPUs — Triton first because it measured faster). An
-automatic choice that has no kernel for a format (Triton and the INT4/INT8 step) moves to the
-next one; asking explicitly for a backend that cannot serve the tensors raises instead.
+CPU; triton, then cuda, then reference on GPUs — Triton first because it measured faster; its
+fused step serves every projection and weight format). Asking explicitly for a backend that
+cannot serve the tensors raises instead.
 """
 
 from __future__ import annotations
@@ -284,26 +284,16 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
         torch.ops.lowrank.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper,
                                             **formats)
         return
+    if chosen == "triton":  # every format: the launcher validates, then generates the basis
+        _triton_impl("fused_galore_step")(param, grad, proj, exp_avg, exp_avg_sq, **hyper,
+                                          **formats)
+        return
     check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2,
                             eps=eps, step=step, **formats)
     if proj.dtype == torch.int32:  # DCT indices: the dense rows they stand for (§4.5)
-        # Interim for the Triton backend: until its kernel generates DCT values on the fly, it
-        # gets the r×d rows (the reference is defined this way).
         proj = reference.dct_projection(proj, *param.shape)
-    quantized = proj.dtype == torch.uint8 or param.dtype == torch.uint8
-    if quantized and chosen == "triton" and not (backend or os.environ.get("LOWRANK_BACKEND")):
-        # automatic choice: Triton has no INT4/INT8 step yet; the CUDA kernel takes both formats
-        if _extension.has_kernel("fused_galore_step", "CUDA"):
-            torch.ops.lowrank.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper,
-                                                **formats)
-            return
-        chosen = "reference"
-    if quantized and chosen == "triton":
-        raise NotImplementedError("backend: no Triton kernel of the INT4/INT8 fused step yet")
-    if quantized:
+    if proj.dtype == torch.uint8 or param.dtype == torch.uint8:
         reference.fused_qgalore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper, **formats)
-    elif chosen == "triton":
-        _triton_impl("fused_galore_step")(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
     else:
         reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
 

@@ -302,3 +302,17 @@ def test_memory_accounting_of_q_galore_torch_layout():
     probe = q_galore_torch.QGaLoreAdamW8bit([torch.nn.Parameter(torch.zeros(1))])
     unorm = 4 * (cfg.layers * len(shapes) + len(rest)) if probe.args.max_unorm > 0 else 0
     assert acc.optimizer_state == low_rank + others + 2 * 256 * 4 + unorm
+
+
+def test_fused_q_galore_step_is_the_q_floor_plus_the_fp32_workspace():
+    """fused-triton-q (INT8 W, packed INT4 P, fp32 states) against floor-q, at 4096x11008, r=256:
+    the floor counts G, 1-byte codes and fp32 group scales/zeros of W read+written, M and V,
+    the packed basis once; the step adds the fp32 N round trip and launch B's second basis read."""
+    m, n, r = 4096, 11008, 256
+    floor = traffic.floor_q(m, n, r, torch.bfloat16, torch.float32)
+    groups_w, groups_p = -(-m * n // 256), -(-r * m // 256)
+    basis = r * m // 2 + 8 * groups_p
+    assert floor.total == 2 * m * n + 2 * (m * n + 8 * groups_w) + 16 * r * n + basis
+    fused = traffic.fused_triton_q(m, n, r, torch.bfloat16, torch.float32)
+    assert fused.total - floor.total == 8 * r * n + basis
+    assert fused.kernels == 2

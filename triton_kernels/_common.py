@@ -1,16 +1,49 @@
 """Pieces shared by the Triton fused_galore_step variants (fused_galore_step.py: one pass;
-fused_galore_step_2d.py: two launches): the addressing of the two projection sides, the dot and
-rounding helpers that also work around Triton 3.8 interpreter bugs, and the host Adam scalars."""
+fused_galore_step_2d.py: two launches): the addressing of the two projection sides, the basis
+loader of every projection format, the dot and rounding helpers that also work around Triton 3.8
+interpreter bugs, and the host Adam scalars.
+
+Projection formats (DESIGN.md §4.1, §4.3, §4.5; the constexpr BASIS of every kernel). The basis is
+r×n on the right side (Q) and m×r on the left (P); a kernel reads it as tiles of (rank, long)
+coordinates, long being the basis' size-d axis (n right, m left), and never materialises it:
+  BASIS_DENSE  a float tensor (its own dtype), loaded as is;
+  BASIS_INT4   packed codes, two per byte, low nibble first, of the row-major basis as stored
+               (r×n right, m×r left); group g = PROJ_GROUP consecutive elements of that order,
+               value s[g]·(q − z[g]) in fp32 (quant.dequantize_codes, as lowrank/quant.h).
+               PROJ_GROUP is a constexpr (divisions become shifts for powers of two): each
+               group size compiles its own kernels; the AOT test checks q-galore's 256;
+  BASIS_DCT    int32 frequencies k of the orthonormal DCT-II of size d; the value at (k, i) is
+               c_k·cos(π(2i+1)k/(2d)) with the integer phase reduction of lowrank/dct.h.
+Which type a generated (INT4 or DCT) basis enters tl.dot in. Its values are fp32 numbers (s·(q−z),
+c_k·cos φ). In the projection R = G·basis with a 16-bit G, rounding them once to G's type (what
+q-galore-torch does, dequantizing P to the gradient's dtype before its matmul) would put a
+2^-9 relative error into R and the fp32 moments, 20× the 1e-4 that tests/cases.py allows fp32
+states fed by low-precision inputs (DESIGN.md §4: the arithmetic is fp32 on the stored values).
+So each value v enters as the pair hi = rn(v), lo = rn(v − hi) in G's type and R accumulates
+G·hi + G·lo in fp32: two tensor-core dots, R within ~2^-16 relative of the fp32 product, at the
+cost of one more MMA per tile in a kernel bound by DRAM (G's products with hi and lo are exact).
+With an fp32 G the dot is the exact fp32 ("ieee") one. The back projection multiplies in W's
+type when W is 16-bit (N and the basis rounded once, as for a dense basis and as galore-torch
+does; judged by the low-precision rule), else in exact fp32 (fp32 and INT8 weights)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from .quant import dequantize_codes
+
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when no GPU can be queried (interpreter, AOT)
+
+# Projection formats: the constexpr BASIS of the kernels (see the module docstring).
+BASIS_DENSE: tl.constexpr = tl.constexpr(0)
+BASIS_INT4: tl.constexpr = tl.constexpr(1)
+BASIS_DCT: tl.constexpr = tl.constexpr(2)
+BASIS_NAMES = {0: "dense", 1: "int4", 2: "dct"}
 
 
 @triton.jit
@@ -52,11 +85,100 @@ def _round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _project_tile(G_ptr, Proj_ptr, offs_own, offs_r, own_mask, r_mask, LONG, stride_gm,
-                  stride_projm, acc, RIGHT: tl.constexpr, BLOCK_LONG: tl.constexpr,
+def _cos_sin_octant(x):
+    """(cos x, sin x) for x ∈ [0, π/4] in fp32: Cephes' single-precision minimax polynomials
+    (≈1-2 ulp there). No argument reduction is needed in this range, so unlike tl.cos/tl.sin
+    (libdevice on GPUs) there is no call and no slow-path stack frame, and the interpreter and
+    the GPU evaluate the same operations."""
+    z = x * x
+    sin_x = x + x * z * ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1)
+    cos_x = 1.0 - 0.5 * z + z * z * ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z
+                                      + 4.166664568298827e-2)
+    return cos_x, sin_x
+
+
+@triton.jit
+def _dct_value(freq, pos, d):
+    """C[freq, pos] of the orthonormal DCT-II of size d, reduced as lowrank/dct.h reduces it: the
+    phase (2·pos+1)·freq mod 4d in integers picks the quadrant exactly, and only the remainder
+    φ = rem·(π/2)/d ∈ [0, π/2) is rounded to fp32 -- here further folded to [0, π/4] in integers
+    (rem or d − rem) for the polynomials of _cos_sin_octant, so values agree with the CPU's
+    cosf/sinf to a few fp32 ulps. (2·pos+1)·freq < 2d²: the launchers give the indices 64 bits
+    (INDEX_64) when that reaches 2**31."""
+    phase = ((2 * pos + 1) * freq) % (4 * d)
+    quadrant = phase // d
+    rem = phase - quadrant * d
+    d_float = d * 1.0  # int -> fp32, rounded to nearest as static_cast<float>
+    step = tl.div_rn(tl.full((), 1.5707963267948966, tl.float32), d_float)
+    upper = 2 * rem > d  # φ > π/4: cos φ = sin(π/2 − φ), sin φ = cos(π/2 − φ)
+    cos_oct, sin_oct = _cos_sin_octant(tl.where(upper, d - rem, rem).to(tl.float32) * step)
+    cos_phi = tl.where(upper, sin_oct, cos_oct)
+    sin_phi = tl.where(upper, cos_oct, sin_oct)
+    value = tl.where(quadrant == 0, cos_phi,
+                     tl.where(quadrant == 1, -sin_phi, tl.where(quadrant == 2, -cos_phi, sin_phi)))
+    one = tl.full((), 1.0, tl.float32)
+    scale = tl.where(freq == 0, tl.sqrt_rn(tl.div_rn(one, d_float)),
+                     tl.sqrt_rn(tl.div_rn(one + one, d_float)))
+    return scale * value
+
+
+@triton.jit
+def _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank_idx, rank_mask, long_idx, mask,
+                  stride_projm, LONG, RIGHT: tl.constexpr, BASIS: tl.constexpr,
+                  PROJ_GROUP: tl.constexpr):
+    """Basis values at (rank_idx, long_idx), broadcastable integer tensors of any rank (rank_mask
+    broadcasts like rank_idx, mask like the result); 0 where masked. Dense: the stored dtype;
+    INT4 and DCT: fp32 (module docstring). stride_projm is the row stride of the logical basis
+    (n right, r left; also for the 1-D packed INT4 buffer)."""
+    if BASIS == BASIS_DCT:
+        freq = tl.load(Proj_ptr + rank_idx, mask=rank_mask, other=0)
+        if long_idx.dtype == tl.int64:
+            freq = freq.to(tl.int64)
+        values = tl.where(mask, _dct_value(freq, long_idx, LONG), 0.0)
+    else:
+        if RIGHT:
+            elem = rank_idx * stride_projm + long_idx  # Q[rank, long]
+        else:
+            elem = rank_idx + long_idx * stride_projm  # P[long, rank]
+        if BASIS == BASIS_INT4:
+            byte = tl.load(Proj_ptr + (elem >> 1), mask=mask, other=0)
+            code = (byte >> ((elem & 1) * 4).to(tl.uint8)) & 0x0F
+            group = elem // PROJ_GROUP
+            scale = tl.load(ProjScales_ptr + group, mask=mask, other=0.0)
+            zero = tl.load(ProjZeros_ptr + group, mask=mask, other=0.0)
+            values = dequantize_codes(code, scale, zero)  # 0·(0 − 0) where masked
+        else:
+            values = tl.load(Proj_ptr + elem, mask=mask, other=0.0)
+    return values
+
+
+@triton.jit
+def _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask, long_mask,
+                stride_projm, LONG, RIGHT: tl.constexpr, LONG_MAJOR: tl.constexpr,
+                BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr):
+    """A tile of the basis: (long, r) when LONG_MAJOR (Qᵀ right, P left: the project operand),
+    else (r, long) (Q right, Pᵀ left: the back-project operand)."""
+    if LONG_MAJOR:
+        values = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r[None, :],
+                               r_mask[None, :], offs_long[:, None],
+                               long_mask[:, None] & r_mask[None, :], stride_projm, LONG, RIGHT,
+                               BASIS, PROJ_GROUP)
+    else:
+        values = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r[:, None],
+                               r_mask[:, None], offs_long[None, :],
+                               r_mask[:, None] & long_mask[None, :], stride_projm, LONG, RIGHT,
+                               BASIS, PROJ_GROUP)
+    return values
+
+
+@triton.jit
+def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r, own_mask,
+                  r_mask, LONG, stride_gm, stride_projm, acc, RIGHT: tl.constexpr,
+                  BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
                   INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr):
     """acc + Σ_long G[own, long]·basis[long, r]: a tile of R reduced over the whole long axis by
-    one program (no split-K: the Adam epilogue that follows is nonlinear)."""
+    one program (no split-K: the Adam epilogue that follows is nonlinear). A generated basis
+    enters the dot as hi + lo in G's type when G is 16-bit (module docstring)."""
     for start in range(0, LONG, BLOCK_LONG):
         offs_long = start + tl.arange(0, BLOCK_LONG)
         if INDEX_64:
@@ -65,9 +187,16 @@ def _project_tile(G_ptr, Proj_ptr, offs_own, offs_r, own_mask, r_mask, LONG, str
         g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, RIGHT),
                     mask=own_mask[:, None] & long_mask[None, :], other=0.0)
         # the basis as a (long, r) tile: Qᵀ on the right, P on the left
-        basis = tl.load(Proj_ptr + tl.trans(_tile_offsets(offs_r, offs_long, stride_projm, RIGHT)),
-                        mask=long_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _dot(g, basis, acc, INTERPRETED)
+        basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
+                            long_mask, stride_projm, LONG, RIGHT, True, BASIS, PROJ_GROUP)
+        if BASIS != BASIS_DENSE and g.dtype != tl.float32:
+            # fp32 values as hi + lo in G's type: two tensor-core dots (module docstring)
+            basis_hi = _round_to(basis, g.dtype, INTERPRETED)
+            basis_lo = _round_to(basis - basis_hi.to(tl.float32), g.dtype, INTERPRETED)
+            acc = _dot(g, basis_hi, acc, INTERPRETED)
+            acc = _dot(g, basis_lo, acc, INTERPRETED)
+        else:
+            acc = _dot(g, basis, acc, INTERPRETED)
     return acc
 
 
@@ -119,3 +248,42 @@ def num_sms(device: torch.device) -> int:
 def needs_index_64(*tensors: torch.Tensor) -> bool:
     """int32 offsets overflow past 2**31 elements in any one tensor."""
     return max(t.numel() for t in tensors) >= 2**31
+
+
+# --------------------------------------------------------------------------------------------
+# host side: the projection as the kernels read it
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BasisArgs:
+    """The kernel arguments of one projection: ``tensor`` (dense values, packed INT4 codes or
+    DCT frequencies), the INT4 scales/zeros (``tensor`` itself when unused: a valid pointer),
+    ``kind`` (BASIS_*), ``stride`` (row stride of the logical basis), ``group_size`` and
+    ``dot_dtype``: the type its values enter the projection dot in (module docstring)."""
+
+    tensor: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    kind: int
+    stride: int
+    group_size: int
+    dot_dtype: torch.dtype
+
+
+def basis_args(proj: torch.Tensor, m: int, n: int, rank: int, grad_dtype: torch.dtype,
+               proj_scales: torch.Tensor | None = None, proj_zeros: torch.Tensor | None = None,
+               proj_group_size: int = 256) -> BasisArgs:
+    """BasisArgs of a validated proj (float: dense; uint8: packed INT4; int32: DCT)."""
+    right = m >= n
+    generated_dtype = torch.float32 if grad_dtype == torch.float32 else grad_dtype
+    if proj.dtype == torch.uint8:
+        return BasisArgs(proj, proj_scales, proj_zeros, int(BASIS_INT4), n if right else rank,
+                         proj_group_size, generated_dtype)
+    if proj.dtype == torch.int32:
+        return BasisArgs(proj, proj, proj, int(BASIS_DCT), 0, 1, generated_dtype)
+    return BasisArgs(proj, proj, proj, int(BASIS_DENSE), proj.stride(0), 1, proj.dtype)
+
+
+def needs_wide_phase(kind: int, m: int, n: int) -> bool:
+    """The DCT phase (2i+1)·k < 2d² overflows int32 from d = 32768 (see _dct_value)."""
+    d = min(m, n)
+    return kind == int(BASIS_DCT) and 2 * d * d >= 2**31

@@ -94,11 +94,13 @@ def ptxas_resource_usage(ptx: str, capability: int) -> dict[str, int]:
 
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object], capability: int,
-                   num_warps: int, num_stages: int, aligned: bool = True):
+                   num_warps: int, num_stages: int, aligned: bool = True,
+                   options: dict | None = None):
     """``triton.compile`` of ``fn`` for sm_<capability>.
 
     ``aligned`` adds the hints the JIT derives for 16-byte aligned pointers and sizes/strides
     divisible by 16 (the common LLM case, and the variant with the widest vector accesses).
+    ``options``: further compile options the launcher passes (e.g. enable_fp_fusion).
     """
     full_signature = {name: ("constexpr" if name in constexprs else signature[name])
                       for name in fn.arg_names}
@@ -108,15 +110,52 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict[str, object],
                  if full_signature[name].startswith("*") or full_signature[name] == "i32"}
     source = ASTSource(fn=fn, signature=full_signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages,
+                                       **(options or {})))
 
 
 def compile_and_measure(name: str, fn, signature, constexprs, capability, num_warps, num_stages,
-                        variant: dict) -> CompileReport:
-    compiled = compile_kernel(fn, signature, constexprs, capability, num_warps, num_stages)
+                        variant: dict, options: dict | None = None) -> CompileReport:
+    compiled = compile_kernel(fn, signature, constexprs, capability, num_warps, num_stages,
+                              options=options)
     usage = ptxas_resource_usage(compiled.asm["ptx"], capability)
     return CompileReport(kernel=name, target=_arch_name(capability), variant=variant,
                          shared_bytes=compiled.metadata.shared, **usage)
+
+
+_FLOAT_SCALARS = {"beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps", "decay",
+                  "update_scale"}
+
+
+def _signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    """Types of ``fn``'s runtime arguments as the JIT infers them for a typical launch:
+    ``pointers`` as given, the Adam scalars fp32, the Philox seed i64, every other int i32."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            continue
+        if name in pointers:
+            signature[name] = pointers[name]
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i64" if name == "philox_seed" else "i32"
+    return signature
+
+
+def _basis_pointers(basis: str, dense_type: str) -> dict[str, str]:
+    """Pointer types of the basis arguments: dense values, packed INT4 codes (+ fp32 scales and
+    zeros) or int32 DCT frequencies; the launchers pass proj itself for unused scales/zeros."""
+    proj = {"dense": f"*{dense_type}", "int4": "*u8", "dct": "*i32"}[basis]
+    group = "*fp32" if basis == "int4" else proj
+    return {"Proj_ptr": proj, "ProjScales_ptr": group, "ProjZeros_ptr": group}
+
+
+def _basis_constexprs(basis: str) -> dict[str, object]:
+    from lowrank_kernels.triton_kernels._common import BASIS_NAMES
+
+    kind = {name: k for k, name in BASIS_NAMES.items()}[basis]
+    return {"BASIS": kind, "PROJ_GROUP": 256 if basis == "int4" else 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,66 +168,120 @@ FUSED_GALORE_DTYPES = {
     "fp32": [(torch.float32, torch.float32, torch.float32),
              (torch.bfloat16, torch.float32, torch.float32)],
 }
+# Generated bases (INT4 codes, DCT frequencies): the dot kind follows G's type alone.
+GENERATED_BASES = ("int4", "dct")
+GENERATED_DTYPES = {  # (param/grad, state) per dot kind, the most register-hungry first
+    "tc": [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)],
+    "fp32": [(torch.float32, torch.float32)],
+}
 
 
-def fused_galore_step_variants(configs, all_dtypes: bool = True):
-    """(variant description, signature, constexprs, num_warps, num_stages) for each
-    (dot kind, KernelConfig) in ``configs``, both sides, each dot path's dtypes (only the first,
-    most register-hungry set per dot kind, and 32-bit offsets only, unless ``all_dtypes``)."""
-    for kind, config in configs:
-        dtype_sets = FUSED_GALORE_DTYPES[kind] if all_dtypes else FUSED_GALORE_DTYPES[kind][:1]
-        # 64-bit offsets (weights of 2**31+ elements) only in the exhaustive run
-        index_types = (False, True) if all_dtypes else (False,)
-        for (weight, proj, state), index_64 in itertools.product(dtype_sets, index_types):
+def _dtype_sets(table, kind, all_dtypes):
+    return table[kind] if all_dtypes else table[kind][:1]
+
+
+def fused_galore_step_variants(configs, all_dtypes: bool = True, generated_configs=()):
+    """(variant description, signature, constexprs, num_warps, num_stages, options) for each
+    (dot kind, KernelConfig) in ``configs`` (dense basis) and ``generated_configs`` (INT4 and
+    DCT bases), both sides, each dot path's dtypes (only the first, most register-hungry set per
+    dot kind, and 32-bit offsets only, unless ``all_dtypes``)."""
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+
+    fn = fgs._fused_galore_step_kernel
+    index_types = (False, True) if all_dtypes else (False,)
+    dense = [(kind, config, "dense") for kind, config in configs]
+    generated = [(kind, config, "generated") for kind, config in generated_configs]
+    for kind, config, what in dense + generated:
+        if what == "dense":
+            sets = [("dense", w, p, s) for w, p, s in _dtype_sets(FUSED_GALORE_DTYPES, kind,
+                                                                   all_dtypes)]
+        else:
+            sets = [(basis, w, None, s) for basis in GENERATED_BASES
+                    for w, s in _dtype_sets(GENERATED_DTYPES, kind, all_dtypes)]
+        for (basis, weight, proj, state), index_64 in itertools.product(sets, index_types):
             for right in (True, False):
-                w, p, s = _TRITON_TYPES[weight], _TRITON_TYPES[proj], _TRITON_TYPES[state]
-                signature = dict(W_ptr=f"*{w}", G_ptr=f"*{w}", Proj_ptr=f"*{p}",
-                                 ExpAvg_ptr=f"*{s}", ExpAvgSq_ptr=f"*{s}")
-                signature.update({k: "i32" for k in ("stride_wm", "stride_gm", "stride_projm",
-                                                     "stride_statem", "M", "N", "R")})
-                signature.update({k: "fp32" for k in ("beta1", "beta2", "one_minus_beta1",
-                                                      "one_minus_beta2", "eps", "decay",
-                                                      "update_scale")})
+                w, s = _TRITON_TYPES[weight], _TRITON_TYPES[state]
+                p = _TRITON_TYPES[proj] if proj is not None else basis
                 constexprs = dict(RIGHT=right, BLOCK_OWN=config.block_own,
                                   BLOCK_LONG=config.block_long, R_PAD=config.r_pad,
-                                  INDEX_64=index_64, INTERPRETED=False)
+                                  INDEX_64=index_64, INTERPRETED=False,
+                                  **_basis_constexprs(basis))
+                pointers = dict(W_ptr=f"*{w}", G_ptr=f"*{w}", ExpAvg_ptr=f"*{s}",
+                                ExpAvgSq_ptr=f"*{s}", **_basis_pointers(basis, p))
                 variant = dict(side="right" if right else "left", weight=w, proj=p, state=s,
-                               index_64=index_64,
-                               **dataclasses.asdict(config))
-                yield variant, signature, constexprs, config.num_warps, config.num_stages
+                               basis=basis, index_64=index_64, **dataclasses.asdict(config))
+                yield (variant, _signature(fn, pointers, constexprs), constexprs,
+                       config.num_warps, config.num_stages, {})
 
 
-def fused_galore_step_2d_variants(configs, all_dtypes: bool = True):
-    """As ``fused_galore_step_variants`` for the two-launch kernels: ``configs`` are
-    fused_galore_step_2d.candidate_configs() entries (kernel, dtype class, TileConfig)."""
-    for kernel, kind, config in configs:
-        dtype_sets = TWOLAUNCH_DTYPES[(kernel, kind)]
-        dtype_sets = dtype_sets if all_dtypes else dtype_sets[:1]
-        index_types = (False, True) if all_dtypes else (False,)
-        for dtypes, index_64 in itertools.product(dtype_sets, index_types):
+def fused_galore_step_2d_variants(configs, all_dtypes: bool = True, generated_configs=()):
+    """As ``fused_galore_step_variants`` for the two-launch kernels: ``configs`` and
+    ``generated_configs`` are fused_galore_step_2d.candidate_configs() entries (kernel, dtype
+    class, TileConfig) for the dense and the generated (INT4, DCT) bases."""
+    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
+
+    index_types = (False, True) if all_dtypes else (False,)
+    jobs = ([(*c, "dense") for c in configs] + [(*c, "generated") for c in generated_configs])
+    for kernel, kind, config, what in jobs:
+        if what == "dense":
+            sets = [("dense", dtypes) for dtypes in _dtype_sets(TWOLAUNCH_DTYPES, (kernel, kind),
+                                                                  all_dtypes)]
+        else:
+            sets = [(basis, dtypes) for basis in GENERATED_BASES
+                    for dtypes in _dtype_sets(TWOLAUNCH_GENERATED_DTYPES, (kernel, kind),
+                                              all_dtypes)]
+        for (basis, dtypes), index_64 in itertools.product(sets, index_types):
             for right in (True, False):
                 if kernel == "project":
-                    g, p, s, w = (_TRITON_TYPES[t] for t in dtypes)
-                    signature = {"G_ptr": f"*{g}", "Proj_ptr": f"*{p}", "ExpAvg_ptr": f"*{s}",
-                                 "ExpAvgSq_ptr": f"*{s}", "Normalized_ptr": f"*{w}"}
-                    ints = ("stride_gm", "stride_projm", "stride_statem", "stride_normm")
-                    floats = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps")
+                    fn = fgs2d._project_adam_kernel
+                    g, p, s, w = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
+                    pointers = {"G_ptr": f"*{g}", "ExpAvg_ptr": f"*{s}", "ExpAvgSq_ptr": f"*{s}",
+                                "Normalized_ptr": f"*{w}"}
                     types = {"grad": g, "proj": p, "state": s, "weight": w}
                 else:
-                    w, p = (_TRITON_TYPES[t] for t in dtypes)
-                    signature = {"W_ptr": f"*{w}", "Proj_ptr": f"*{p}",
-                                 "Normalized_ptr": f"*{w}"}  # N in W's type (workspace_dtype)
-                    ints = ("stride_wm", "stride_projm", "stride_normm")
-                    floats = ("decay", "update_scale")
+                    fn = fgs2d._back_project_kernel
+                    w, p = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
+                    # N in W's type (workspace_dtype)
+                    pointers = {"W_ptr": f"*{w}", "Normalized_ptr": f"*{w}"}
                     types = {"weight": w, "proj": p}
-                signature.update({k: "i32" for k in (*ints, "M", "N", "R")})
-                signature.update({k: "fp32" for k in floats})
+                pointers.update(_basis_pointers(basis, p))
                 constexprs = {"RIGHT": right, "BLOCK_OWN": config.block_own,
                               "BLOCK_R": config.block_r, "BLOCK_LONG": config.block_long,
-                              "INDEX_64": index_64, "INTERPRETED": False}
+                              "INDEX_64": index_64, "INTERPRETED": False,
+                              **_basis_constexprs(basis)}
                 variant = {"kernel": kernel, "side": "right" if right else "left", **types,
-                           "index_64": index_64, **dataclasses.asdict(config)}
-                yield variant, signature, constexprs, config.num_warps, config.num_stages
+                           "basis": basis, "index_64": index_64, **dataclasses.asdict(config)}
+                yield (variant, _signature(fn, pointers, constexprs), constexprs,
+                       config.num_warps, config.num_stages, {})
+
+
+def int8_update_variants(configs, all_dtypes: bool = True):
+    """Launch B of INT8 weights (fused_galore_step_2d.int8_candidate_configs()), both sides,
+    every basis format (a dense basis in bf16 and, with ``all_dtypes``, fp32), compiled with the
+    launcher's enable_fp_fusion=False."""
+    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
+
+    bases = [("dense", "bf16"), ("int4", "int4"), ("dct", "dct")]
+    if all_dtypes:
+        bases.append(("dense", "fp32"))
+    index_types = (False, True) if all_dtypes else (False,)
+    for config in configs:
+        rows = config.path == "rows"
+        fn = fgs2d._int8_update_rows_kernel if rows else fgs2d._int8_update_groups_kernel
+        for (basis, p), index_64 in itertools.product(bases, index_types):
+            for right in (True, False):
+                pointers = {"Codes_ptr": "*u8", "Scales_ptr": "*fp32", "Zeros_ptr": "*fp32",
+                            "Normalized_ptr": "*fp32", **_basis_pointers(basis, p)}
+                blocks = ({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n} if rows else
+                          {"BLOCK_GROUPS": config.block_groups, "BLOCK_G": config.block_g})
+                constexprs = {"RIGHT": right, **blocks, "BLOCK_R": config.block_r,
+                              "GROUP": config.group_size, "INDEX_64": index_64,
+                              "INTERPRETED": False, **_basis_constexprs(basis)}
+                variant = {"kernel": f"int8_{config.path}", "side": "right" if right else "left",
+                           "weight": "u8", "proj": p, "basis": basis, "index_64": index_64,
+                           **dataclasses.asdict(config)}
+                yield (variant, _signature(fn, pointers, constexprs), constexprs,
+                       config.num_warps, config.num_stages, {"enable_fp_fusion": False})
 
 
 # dtype sets per (two-launch kernel, dtype class), the most register-hungry first:
@@ -201,30 +294,48 @@ TWOLAUNCH_DTYPES = {
     ("back", "16bit"): [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
     ("back", "fp32"): [(torch.float32, torch.float32)],
 }
+# The same for generated bases (proj None: the basis format's own pointer types). Launch A's
+# workspace is fp32 for INT8 weights too, which the fp32 rows cover.
+TWOLAUNCH_GENERATED_DTYPES = {
+    ("project", "tc"): [(torch.bfloat16, None, torch.float32, torch.bfloat16),
+                        (torch.bfloat16, None, torch.float32, torch.float32)],
+    ("project", "fp32"): [(torch.float32, None, torch.float32, torch.float32)],
+    ("back", "16bit"): [(torch.bfloat16, None)],
+    ("back", "fp32"): [(torch.float32, None)],
+}
+
+_KERNELS = {
+    "project": ("fused_galore_step_2d", "_project_adam_kernel"),
+    "back": ("fused_galore_step_2d", "_back_project_kernel"),
+    "int8_rows": ("fused_galore_step_2d", "_int8_update_rows_kernel"),
+    "int8_groups": ("fused_galore_step_2d", "_int8_update_groups_kernel"),
+}
 
 
 def _kernel_of(variant: dict):
-    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
-    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
+    import importlib
 
-    return {"project": fgs2d._project_adam_kernel,
-            "back": fgs2d._back_project_kernel}.get(variant.get("kernel"),
-                                                    fgs._fused_galore_step_kernel)
+    module, name = _KERNELS.get(variant.get("kernel"),
+                                ("fused_galore_step", "_fused_galore_step_kernel"))
+    return getattr(importlib.import_module(f"lowrank_kernels.triton_kernels.{module}"), name)
 
 
 def _compile_fused_galore_step_variant(job) -> CompileReport:
-    capability, (variant, signature, constexprs, warps, stages) = job
+    capability, (variant, signature, constexprs, warps, stages, options) = job
     kernel = _kernel_of(variant)
     return compile_and_measure(kernel.__name__, kernel, signature, constexprs, capability, warps,
-                               stages, variant)
+                               stages, variant, options)
 
 
 def fused_galore_step_reports(configs, capabilities=TARGETS, all_dtypes: bool = True,
-                              jobs: int = 1, configs_2d=()):
-    """Compiles every variant (one-pass ``configs`` and two-launch ``configs_2d``) for every
+                              jobs: int = 1, configs_2d=(), configs_int8=(),
+                              generated_configs=(), generated_configs_2d=()):
+    """Compiles every variant (one-pass ``configs`` and ``generated_configs``, two-launch
+    ``configs_2d`` and ``generated_configs_2d``, INT8 launch B ``configs_int8``) for every
     target, ``jobs`` compilations at a time."""
-    variants = [*fused_galore_step_variants(configs, all_dtypes),
-                *fused_galore_step_2d_variants(configs_2d, all_dtypes)]
+    variants = [*fused_galore_step_variants(configs, all_dtypes, generated_configs),
+                *fused_galore_step_2d_variants(configs_2d, all_dtypes, generated_configs_2d),
+                *int8_update_variants(configs_int8, all_dtypes)]
     work = [(capability, v) for capability in capabilities for v in variants]
     if jobs <= 1:
         yield from map(_compile_fused_galore_step_variant, work)
@@ -285,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = fgs.candidate_configs()
     for report in fused_galore_step_reports(configs, capabilities, not args.main_dtypes,
-                                            args.jobs, fgs2d.candidate_configs()):
+                                            args.jobs, fgs2d.candidate_configs(),
+                                            fgs2d.int8_candidate_configs(not args.main_dtypes),
+                                            fgs.candidate_configs(generated=True),
+                                            fgs2d.candidate_configs(generated=True)):
         print(json.dumps(dataclasses.asdict(report)), flush=True)
     return 0
 

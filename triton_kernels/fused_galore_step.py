@@ -1,6 +1,7 @@
 """fused_galore_step in Triton: one GaLore AdamW step as one kernel and one pass over W.
 
-What it computes (DESIGN.md §4.1-4.2, dense basis, float weights), R being the projected gradient:
+What it computes (DESIGN.md §4.1-4.2, float weights; the basis dense, packed INT4 or DCT
+frequencies, §4.3 and §4.5), R being the projected gradient:
 
     right (m >= n, proj Q r×n):  R = G Qᵀ (m×r),  back(N) = N Q
     left  (m <  n, proj P m×r):  R = Pᵀ G (r×n),  back(N) = P N
@@ -8,6 +9,11 @@ What it computes (DESIGN.md §4.1-4.2, dense basis, float weights), R being the 
     W ← decay·W − update_scale·back(N)      decay = 1 − lr·wd,  update_scale = decay·α_t·scale
 
 with the scalars of csrc/include/lowrank/adam.h ``make_adam_coeffs`` (host double, rounded once).
+The basis Q or P is read through _common._basis_tile in every format: dense values; packed INT4
+codes, Q[k, i] = s[g]·(q − z[g]) with g the group of the element in the stored row-major order;
+DCT frequencies, C[k, i] = c_k·cos(π(2i+1)k/(2d)) evaluated in the tile. No dequantized or
+generated copy of the basis exists in memory. INT8 weights are served by the two-launch variant
+only (its second launch requantizes; this kernel's single pass owns strips that cut groups).
 
 Tiling. A row of R (right side) depends only on the same row of G, so a program owns BLOCK_OWN
 rows of G, W, M and V -- the "owned" axis -- and the whole rank, padded to R_PAD (a power of two,
@@ -25,13 +31,18 @@ Dot precision: both operands of the same 16-bit type use tensor cores with fp32 
 anything involving fp32 runs as an fp32 "ieee" dot (TF32 would miss the 1e-5 fp32 tolerance). The
 back projection runs in W's type when W is 16-bit (N and the basis rounded to it, fp32 accumulate),
 else in fp32. Keep the basis in the gradient's dtype (as galore-torch does) for the fast path.
+A generated basis enters the projection dot as hi + lo in G's type when G is 16-bit (two
+tensor-core dots, R within ~2^-16 of fp32; _common.py explains why not a single rounding), else
+fp32 "ieee"; rank ≤ 64 here (MAX_GENERATED_RANK_PAD), with its own spill-free block table.
 
 DRAM bytes per call, with s(X) the element size of X and own/long the owned/streamed dimensions:
     G read once, W read and written once:   m·n·(s(G) + 2·s(W))
     M and V read and written once:          4·r·own·s(state)
     basis read once from DRAM:              r·long·s(proj)  (re-read from L2 by every program,
                                                              twice: ⌈own/BLOCK_OWN⌉·2·r·long)
-which is the DESIGN.md §5 floor.
+which is the DESIGN.md §5 floor. The basis term by format: dense r·long·s(proj); packed INT4
+⌈r·long/2⌉ code bytes + 8·⌈r·long/g⌉ bytes of fp32 scales and zeros (each element's pair is
+gathered, from L1/L2); DCT 4·r bytes of frequencies (values computed, nothing else read).
 
 Limits of this tiling (H100, bf16 G/W/basis, fp32 states): the grid has only ⌈own/BLOCK_OWN⌉
 programs and each streams its whole strip twice, so r ≤ 32 reaches 1.3-2.3 TB/s of the floor,
@@ -52,33 +63,42 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.ops import check_fused_galore_step
-from lowrank_kernels.reference import is_right_side
+from lowrank_kernels.reference import is_right_side, rounding_philox_seed
 
 from . import fused_galore_step_2d
 from ._common import (
     DEFAULT_NUM_SMS,
+    BasisArgs,
     _adam_tile,
+    _basis_tile,
     _dot,
     _project_tile,
     _round_to,
     _tile_offsets,
     adam_coeffs,
+    basis_args,
     dot_kind,
     needs_index_64,
+    needs_wide_phase,
 )
 from ._common import num_sms as _num_sms
 
 MAX_RANK_PAD = 512  # R_PAD limit: the R/N tile lives in registers (see candidate_configs)
+# R_PAD limit of a generated (INT4 or DCT) basis: its (BLOCK_LONG × R_PAD) tile is built in
+# registers rather than copied to shared memory (see _GENERATED_BLOCKS); the two-launch variant
+# tiles the rank and serves every rank.
+MAX_GENERATED_RANK_PAD = 64
 
 
 @triton.jit
 def _fused_galore_step_kernel(
-    W_ptr, G_ptr, Proj_ptr, ExpAvg_ptr, ExpAvgSq_ptr,
+    W_ptr, G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr,
     stride_wm, stride_gm, stride_projm, stride_statem,
     M, N, R,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, update_scale,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
-    R_PAD: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    R_PAD: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """One GaLore AdamW step on BLOCK_OWN rows (RIGHT) or columns (left) of an M×N weight.
 
@@ -101,9 +121,9 @@ def _fused_galore_step_kernel(
 
     # 1. R for the owned slice, reduced over the whole long axis by this program alone.
     proj_low = tl.zeros((BLOCK_OWN, R_PAD), dtype=tl.float32)
-    proj_low = _project_tile(G_ptr, Proj_ptr, offs_own, offs_r, own_mask, r_mask, LONG,
-                             stride_gm, stride_projm, proj_low, RIGHT, BLOCK_LONG, INDEX_64,
-                             INTERPRETED)
+    proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
+                             own_mask, r_mask, LONG, stride_gm, stride_projm, proj_low, RIGHT,
+                             BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
 
     # 2. Adam on the owned slice of M and V (fp32 arithmetic, one rounding on store).
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, RIGHT)
@@ -122,8 +142,8 @@ def _fused_galore_step_kernel(
         if INDEX_64:
             offs_long = offs_long.to(tl.int64)
         long_mask = offs_long < LONG
-        basis = tl.load(Proj_ptr + _tile_offsets(offs_r, offs_long, stride_projm, RIGHT),
-                        mask=r_mask[:, None] & long_mask[None, :], other=0.0)
+        basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
+                            long_mask, stride_projm, LONG, RIGHT, False, BASIS, PROJ_GROUP)
         if w_type != tl.float32 and basis.dtype != w_type:
             basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
         back = _dot(normalized, basis, tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32),
@@ -172,6 +192,19 @@ _BLOCKS: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
     (512, "fp32"): (16, 16, 16, 8, 1),
 }
 MIN_RANK_PAD = 32
+# A generated (INT4 or DCT) basis is built in registers (codes, group scales and zeros gathered,
+# or cos/sin evaluated), then hi/lo-split for tensor cores: the dense entries above spill or
+# exceed sm_89's shared memory with it (measured by the AOT test), so it has its own narrower
+# entries, same layout; r_pad ≤ MAX_GENERATED_RANK_PAD. Known from the exhaustive AOT run
+# (LOWRANK_AOT_ALL_DTYPES=1), not fixed yet: with 64-bit offsets (2**31+ elements, or a DCT
+# size ≥ 32768) the DCT tc entries spill 4-8 bytes on sm_89, as does the INT8 general kernel on
+# sm_90 (ptxas lowers 64-bit integer division, the phase reduction, to a called subroutine).
+_GENERATED_BLOCKS: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
+    (32, "tc"): (64, 64, 64, 4, 3),
+    (64, "tc"): (32, 32, 64, 8, 2),
+    (32, "fp32"): (32, 32, 32, 8, 2),
+    (64, "fp32"): (32, 32, 16, 8, 2),
+}
 
 
 def rank_pad(rank: int) -> int:
@@ -181,25 +214,33 @@ def rank_pad(rank: int) -> int:
 
 
 def pick_config(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
-                num_sms: int = DEFAULT_NUM_SMS) -> KernelConfig:
+                num_sms: int = DEFAULT_NUM_SMS, *, generated: bool = False) -> KernelConfig:
     """The launch configuration for an m×n weight at rank ``rank`` (the table above, by padded
-    rank and dot kind, with the narrower block when the grid would cover < half the SMs)."""
+    rank and dot kind, with the narrower block when the grid would cover < half the SMs).
+    proj_dtype is the type the basis enters the dot in; ``generated``: an INT4 or DCT basis."""
     r_pad = rank_pad(rank)
     if r_pad > MAX_RANK_PAD:
         raise ValueError(f"proj: rank r={rank} exceeds the Triton kernel's limit of "
                          f"{MAX_RANK_PAD}; use backend='cuda' or 'cpu'")
+    if generated and r_pad > MAX_GENERATED_RANK_PAD:
+        raise ValueError(f"proj: rank r={rank} exceeds the one-pass kernel's limit of "
+                         f"{MAX_GENERATED_RANK_PAD} for an INT4 or DCT basis; use "
+                         f"variant='twolaunch' or 'auto'")
     kind = dot_kind(grad_dtype, proj_dtype)
-    block_own, block_own_small_grid, block_long, num_warps, num_stages = _BLOCKS[(r_pad, kind)]
+    table = _GENERATED_BLOCKS if generated else _BLOCKS
+    block_own, block_own_small_grid, block_long, num_warps, num_stages = table[(r_pad, kind)]
     own = m if is_right_side(m, n) else n
     if triton.cdiv(own, block_own) < num_sms // 2:
         block_own = block_own_small_grid
     return KernelConfig(block_own, block_long, r_pad, num_warps, num_stages)
 
 
-def candidate_configs() -> list[tuple[str, KernelConfig]]:
-    """Every (dot kind, configuration) ``pick_config`` can return (the AOT test compiles them)."""
+def candidate_configs(generated: bool = False) -> list[tuple[str, KernelConfig]]:
+    """Every (dot kind, configuration) ``pick_config`` can return for a dense basis, or with
+    ``generated`` for an INT4 or DCT one (the AOT test compiles them)."""
     configs = []
-    for (r_pad, kind), (own, own_small, block_long, warps, stages) in _BLOCKS.items():
+    table = _GENERATED_BLOCKS if generated else _BLOCKS
+    for (r_pad, kind), (own, own_small, block_long, warps, stages) in table.items():
         for block_own in dict.fromkeys((own, own_small)):
             configs.append((kind, KernelConfig(block_own, block_long, r_pad, warps, stages)))
     return configs
@@ -210,13 +251,15 @@ VARIANT_ENV = "LOWRANK_TRITON_VARIANT"
 
 
 def choose_variant(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
-                   num_sms: int = DEFAULT_NUM_SMS) -> str:
+                   num_sms: int = DEFAULT_NUM_SMS, *, generated: bool = False) -> str:
     """The 'auto' choice between this one-pass kernel and the two-launch variant
     (fused_galore_step_2d.py): two launches when the rank is ≥ 128 or above the one-pass limit
     (the R_PAD-wide register tile leaves room for few rows per program) or when the one-pass grid
     has fewer programs than the GPU has SMs (the reduction cannot be split, so that grid cannot
-    grow); one pass otherwise, which saves the N round trip and a launch."""
-    if rank_pad(rank) >= 128:
+    grow); one pass otherwise, which saves the N round trip and a launch. A generated basis
+    (``generated``) takes one pass only up to MAX_GENERATED_RANK_PAD, which the first rule
+    already implies."""
+    if rank_pad(rank) >= 128 or (generated and rank_pad(rank) > MAX_GENERATED_RANK_PAD):
         return "twolaunch"
     config = pick_config(m, n, rank, grad_dtype, proj_dtype, num_sms)
     own = m if is_right_side(m, n) else n
@@ -226,51 +269,79 @@ def choose_variant(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtyp
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
                       beta2: float, eps: float, weight_decay: float, scale: float,
-                      step: int, variant: str | None = None) -> None:
+                      step: int, proj_scales: torch.Tensor | None = None,
+                      proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
+                      param_scales: torch.Tensor | None = None,
+                      param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
+                      seed: int = 0, variant: str | None = None) -> None:
     """One fused GaLore AdamW step in place (see the module docstring).
 
-    Same contract as ``lowrank_kernels.ops.fused_galore_step`` with a dense basis and float
-    weights; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. ``variant``: 'onepass' (this
-    file's kernel, one launch, rank ≤ 512), 'twolaunch' (fused_galore_step_2d.py: two launches and
-    a per-call workspace of the low-rank shape for N) or 'auto' (``choose_variant``); None
-    reads the environment variable LOWRANK_TRITON_VARIANT (default 'auto'), for benchmarks.
+    Same contract as ``lowrank_kernels.ops.fused_galore_step``, every format: proj a dense float
+    basis, a packed INT4 basis (uint8) or DCT frequencies (int32), generated tile by tile inside
+    the kernels (_common.py); param float or INT8 codes (uint8; two launches, the second
+    requantizing in place, see fused_galore_step_2d.py). CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1. ``variant``: 'onepass' (this file's kernel, one launch, rank ≤ 512,
+    float weights), 'twolaunch' (fused_galore_step_2d.py: two launches and a per-call workspace
+    of the low-rank shape for N) or 'auto' (``choose_variant``; INT8 weights always take two
+    launches); None reads the environment variable LOWRANK_TRITON_VARIANT (default 'auto'), for
+    benchmarks.
     """
     if variant is None:
         variant = os.environ.get(VARIANT_ENV, "auto")
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS} (argument or {VARIANT_ENV}), "
                          f"got {variant!r}")
+    formats = {"proj_scales": proj_scales, "proj_zeros": proj_zeros,
+               "proj_group_size": proj_group_size, "param_scales": param_scales,
+               "param_zeros": param_zeros, "param_group_size": param_group_size, "seed": seed}
     rank = check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1,
-                                   beta2=beta2, eps=eps, step=step)
+                                   beta2=beta2, eps=eps, step=step, **formats)
     if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
+    int8_weight = param.dtype == torch.uint8
+    if int8_weight and variant == "onepass":
+        raise ValueError("variant: INT8 (uint8) param codes need the 'twolaunch' variant (the "
+                         "one-pass kernel has no requantizing epilogue), got 'onepass'")
     m, n = param.shape
+    basis = basis_args(proj, m, n, rank, grad.dtype, proj_scales, proj_zeros, proj_group_size)
     sms = _num_sms(param.device)
     if variant == "auto":
-        variant = choose_variant(m, n, rank, grad.dtype, proj.dtype, sms)
+        variant = ("twolaunch" if int8_weight
+                   else choose_variant(m, n, rank, grad.dtype, basis.dot_dtype, sms,
+                                       generated=basis.kind != 0))
     coeffs = adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step)
     if variant == "twolaunch":
-        fused_galore_step_2d.launch(param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs)
+        fused_galore_step_2d.launch(param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs,
+                                    basis=basis, param_scales=param_scales,
+                                    param_zeros=param_zeros, param_group_size=param_group_size,
+                                    philox_seed=rounding_philox_seed(seed, step))
     else:
-        config = pick_config(m, n, rank, grad.dtype, proj.dtype, sms)
-        _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs)
+        config = pick_config(m, n, rank, grad.dtype, basis.dot_dtype, sms,
+                             generated=basis.kind != 0)
+        _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs, basis=basis)
 
 
 def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: int,
-            coeffs: dict[str, float], index_64: bool | None = None):
+            coeffs: dict[str, float], index_64: bool | None = None, *,
+            basis: BasisArgs | None = None):
     """Launches one validated step with a given configuration (benchmarks try others); returns
-    Triton's handle of the launched kernel (registers, spills) when compiled."""
+    Triton's handle of the launched kernel (registers, spills) when compiled. ``basis``
+    describes an INT4 or DCT proj (default: proj is a dense basis)."""
     m, n = param.shape
     right = is_right_side(m, n)
+    if basis is None:
+        basis = basis_args(proj, m, n, rank, grad.dtype)
     grid = (triton.cdiv(m if right else n, config.block_own),)
     if index_64 is None:  # int32 offsets overflow past 2**31 elements (m·n, or r·long)
-        index_64 = needs_index_64(param, proj, exp_avg)
+        index_64 = (needs_index_64(param, proj, exp_avg) or needs_wide_phase(basis.kind, m, n)
+                    or (basis.kind != 0 and rank * min(m, n) >= 2**31))
     return _fused_galore_step_kernel[grid](
-        param, grad, proj, exp_avg, exp_avg_sq,
-        param.stride(0), grad.stride(0), proj.stride(0), exp_avg.stride(0),
+        param, grad, basis.tensor, basis.scales, basis.zeros, exp_avg, exp_avg_sq,
+        param.stride(0), grad.stride(0), basis.stride, exp_avg.stride(0),
         m, n, rank, **coeffs,
         RIGHT=right, BLOCK_OWN=config.block_own, BLOCK_LONG=config.block_long,
-        R_PAD=config.r_pad, INDEX_64=index_64, INTERPRETED=param.device.type == "cpu",
+        R_PAD=config.r_pad, BASIS=basis.kind, PROJ_GROUP=basis.group_size, INDEX_64=index_64,
+        INTERPRETED=param.device.type == "cpu",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

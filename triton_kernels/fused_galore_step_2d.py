@@ -1,4 +1,5 @@
-"""fused_galore_step in Triton, two launches: project + Adam, then back-project + update.
+"""fused_galore_step in Triton, two launches: project + Adam, then back-project + update (or
+requantize INT8 weights).
 
 What it computes: the same step as fused_galore_step.py (DESIGN.md §4.1-4.2), R the projected
 gradient and N the normalized update:
@@ -40,6 +41,32 @@ second basis read):
 G is re-read from L2 ⌈r/BLOCK_R⌉ times in A, N ⌈long/BLOCK_LONG⌉ times in B; each is fetched from
 DRAM once as long as the neighbouring programs that share it run together (launch order above).
 
+Every basis format (dense, packed INT4, DCT frequencies) is read through _common._basis_tile in
+both launches (the one-pass kernel's docstring gives the formulas and the basis bytes per format:
+dense r·long·s(proj), INT4 ⌈r·long/2⌉ + 8·⌈r·long/g⌉, DCT 4·r, per launch).
+
+INT8 weights (DESIGN.md §4.4; param uint8 codes with fp32 scales/zeros of row-major groups of
+g = param_group_size): launch A is unchanged and writes N in fp32; launch B becomes the
+requantizing update of _int8_update_rows_kernel or _int8_update_groups_kernel:
+    T = back(N) (fp32 "ieee" dot: the CPU kernel's fp32 numbers),
+    per group: W' = decay·s(q − z) − update_scale·T,  s', z' from min/max of W',
+               q' = clamp(SR(W'/s') + z', 0, 255),  u = tl.rand(seed + 2**32·step, row·n + col)
+the same fp32 operations as csrc/cpu/fused_galore_step.cpp's update_int8_rows (quant.py's
+helpers, FMA contraction off in both launches), so codes, scales and zeros equal the CPU kernel's
+bit for bit wherever R and back(N) do (the tests build such inputs). Tiling of launch B:
+  rows   (n % g == 0, g a power of two ≤ 256): one program per BLOCK_M × BLOCK_N tile of W in
+         its own row/column coordinates (either side), BLOCK_N a multiple of g; the tile is
+         reshaped to (BLOCK_M, BLOCK_N/g, g) for the group min/max;
+  groups (otherwise: groups straddle rows or g is odd-sized): one program per BLOCK_GROUPS
+         whole groups of the flattened index space; back(N) per element as a chunked dot over
+         r from gathers of N and the basis (no tensor tile exists when rows change inside a
+         group) -- O(m·n·r) L1/L2 loads and FMAs, several times slower than rows, correct.
+Nothing is written before validation (ops.check_fused_galore_step, in the launcher), and a
+group's codes, scale and zero are written by the one program that read them.
+DRAM bytes with INT8 weights: G read m·n·s(G); codes read and written 2·m·n; scales and zeros
+read and written 16·⌈m·n/g⌉; M, V as above; N 8·r·own (fp32, the term that keeps this step
+above the floor: bench/traffic.py "fused-triton-q" vs "floor-q"); the basis once per launch.
+
 Precision: R and the Adam epilogue as in the one-pass kernel (fp32 accumulate; tensor cores when G
 and the basis share a 16-bit type, else an exact "ieee" fp32 dot), N computed in fp32. In B, N and
 the basis are in W's type when W is 16-bit (the back projection galore-torch does in bf16; the
@@ -56,18 +83,32 @@ import triton.language as tl
 
 from lowrank_kernels.reference import is_right_side
 
-from ._common import (_adam_tile, _dot, _project_tile, _round_to, _tile_offsets, dot_kind,
-                      needs_index_64)
+from ._common import (
+    BasisArgs,
+    _adam_tile,
+    _basis_tile,
+    _basis_values,
+    _dot,
+    _project_tile,
+    _round_to,
+    _tile_offsets,
+    basis_args,
+    dot_kind,
+    needs_index_64,
+    needs_wide_phase,
+)
+from .quant import dequantize_codes, group_quant_params, stochastic_round_codes
 
 
 @triton.jit
 def _project_adam_kernel(
-    G_ptr, Proj_ptr, ExpAvg_ptr, ExpAvgSq_ptr, Normalized_ptr,
+    G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr, Normalized_ptr,
     stride_gm, stride_projm, stride_statem, stride_normm,
     M, N, R,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_LONG: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Launch A: R[own, r] = Σ_long G[own, long]·basis[long, r] for one BLOCK_OWN × BLOCK_R tile,
     then Adam on that tile of M and V and N = M/(√V+ε) into the workspace (rounded to its type)."""
@@ -88,9 +129,9 @@ def _project_adam_kernel(
     r_mask = offs_r < R
 
     proj_low = tl.zeros((BLOCK_OWN, BLOCK_R), dtype=tl.float32)
-    proj_low = _project_tile(G_ptr, Proj_ptr, offs_own, offs_r, own_mask, r_mask, LONG,
-                             stride_gm, stride_projm, proj_low, RIGHT, BLOCK_LONG, INDEX_64,
-                             INTERPRETED)
+    proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
+                             own_mask, r_mask, LONG, stride_gm, stride_projm, proj_low, RIGHT,
+                             BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
     # only the real rank is stored; launch B reads the padding as 0 through its mask
@@ -102,12 +143,13 @@ def _project_adam_kernel(
 
 @triton.jit
 def _back_project_kernel(
-    W_ptr, Proj_ptr, Normalized_ptr,
+    W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
     stride_wm, stride_projm, stride_normm,
     M, N, R,
     decay, update_scale,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
-    BLOCK_R: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     """Launch B: W[own, long] ← decay·W − update_scale·Σ_r N[own, r]·basis[r, long] for one
     BLOCK_OWN × BLOCK_LONG tile of W."""
@@ -136,8 +178,8 @@ def _back_project_kernel(
         r_mask = offs_r < R
         normalized = tl.load(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, RIGHT),
                              mask=own_mask[:, None] & r_mask[None, :], other=0.0)
-        basis = tl.load(Proj_ptr + _tile_offsets(offs_r, offs_long, stride_projm, RIGHT),
-                        mask=r_mask[:, None] & long_mask[None, :], other=0.0)
+        basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
+                            long_mask, stride_projm, LONG, RIGHT, False, BASIS, PROJ_GROUP)
         if w_type != tl.float32 and basis.dtype != w_type:  # N is already in W's type
             basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
         back = _dot(normalized, basis, back, INTERPRETED)
@@ -147,6 +189,138 @@ def _back_project_kernel(
     w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
     tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
              mask=w_mask)
+
+
+@triton.jit
+def _int8_update_rows_kernel(
+    Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
+    stride_projm, stride_normm,
+    M, N, R,
+    decay, update_scale, philox_seed,
+    RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """Launch B for INT8 weights whose groups lie inside rows (N % GROUP == 0, BLOCK_N a multiple
+    of GROUP): one program per BLOCK_M × BLOCK_N tile of W in its own row/column coordinates
+    (either side), i.e. BLOCK_M × BLOCK_N/GROUP whole groups.
+
+    T = back(N) for the tile (fp32 "ieee" dot, K = r in BLOCK_R chunks: N·Q right, P·N left);
+    per group: W' = decay·s(q − z) − update_scale·T, s', z' from min/max of W',
+    q' = clamp(SR(W'/s') + z', 0, 255) with u = tl.rand(philox_seed, row-major index)."""
+    num_col_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    offs_m = (pid // num_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_col = (pid % num_col_tiles) * BLOCK_N
+    offs_n = first_col + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    back = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, R, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        if INDEX_64:
+            offs_r = offs_r.to(tl.int64)
+        r_mask = offs_r < R
+        if RIGHT:  # N (m×r) · Q[:, cols]
+            a = tl.load(Normalized_ptr + offs_m[:, None] * stride_normm + offs_r[None, :],
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            b = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_n, r_mask,
+                            n_mask, stride_projm, N, RIGHT, False, BASIS, PROJ_GROUP)
+        else:  # P[rows, :] · N (r×n)
+            a = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_m, r_mask,
+                            m_mask, stride_projm, M, RIGHT, True, BASIS, PROJ_GROUP)
+            b = tl.load(Normalized_ptr + offs_r[:, None] * stride_normm + offs_n[None, :],
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        back = _dot(a, b, back, INTERPRETED)
+
+    # the epilogue on (rows, groups, GROUP): group (i, j) is W[i, first_col + j·GROUP + lane]
+    col_groups = first_col // GROUP + tl.arange(0, BLOCK_N // GROUP)
+    group = offs_m[:, None] * (N // GROUP) + col_groups[None, :]
+    group_mask = m_mask[:, None] & (col_groups * GROUP < N)[None, :]
+    elem = group[:, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+    elem_mask = group_mask[:, :, None]
+    _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, group, group_mask, elem,
+                            elem_mask, tl.reshape(back, (BLOCK_M, BLOCK_N // GROUP, GROUP)),
+                            decay, update_scale, philox_seed, 2)
+
+
+@triton.jit
+def _int8_update_groups_kernel(
+    Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
+    stride_projm, stride_normm,
+    M, N, R, numel, num_groups,
+    decay, update_scale, philox_seed,
+    RIGHT: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """Launch B for INT8 weights in general (groups straddle rows, or GROUP is not a power of two
+    up to 256): one program per BLOCK_GROUPS whole groups of the flattened m·n index space.
+    Element e = row·N + col needs back(N)[row, col] = Σ_r A[row, r]·B[r, col] with rows that
+    change inside a group, so no tile of it is a matrix product: it is computed per element as a
+    chunked dot over r (gathers of N and the basis, fp32 FMAs, BLOCK_R ranks at a time) --
+    O(m·n·r) loads from L1/L2 instead of tensor-core tiles: correct, several times slower than
+    the row-aligned kernel, and used only for such layouts. Epilogue as there."""
+    groups = tl.program_id(0) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    lane = tl.arange(0, BLOCK_G)
+    if INDEX_64:
+        groups = groups.to(tl.int64)
+    group_mask = groups < num_groups
+    elem = groups[:, None] * GROUP + lane[None, :]
+    elem_mask = group_mask[:, None] & (lane < GROUP)[None, :] & (elem < numel)
+    row = elem // N
+    col = elem - row * N
+
+    back = tl.zeros((BLOCK_GROUPS, BLOCK_G), dtype=tl.float32)
+    for start in range(0, R, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        if INDEX_64:
+            offs_r = offs_r.to(tl.int64)
+        rank3 = offs_r[None, None, :]
+        r_mask3 = rank3 < R
+        mask3 = elem_mask[:, :, None] & r_mask3
+        if RIGHT:  # N[row, r] · Q[r, col]
+            a = tl.load(Normalized_ptr + row[:, :, None] * stride_normm + rank3, mask=mask3,
+                        other=0.0)
+            b = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
+                              col[:, :, None], mask3, stride_projm, N, RIGHT, BASIS, PROJ_GROUP)
+        else:  # P[row, r] · N[r, col]
+            a = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
+                              row[:, :, None], mask3, stride_projm, M, RIGHT, BASIS, PROJ_GROUP)
+            b = tl.load(Normalized_ptr + rank3 * stride_normm + col[:, :, None], mask=mask3,
+                        other=0.0)
+        back += tl.sum(a.to(tl.float32) * b, axis=2)
+
+    _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, groups, group_mask, elem,
+                            elem_mask, back, decay, update_scale, philox_seed, 1)
+
+
+@triton.jit
+def _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, group, group_mask, elem, elem_mask,
+                            back, decay, update_scale, philox_seed, LANE_AXIS: tl.constexpr):
+    """The INT8 epilogue (DESIGN.md §4.4, the CPU's update_int8_rows): ``elem``/``back`` have one
+    more axis (LANE_AXIS, the last) than ``group``: the lanes of each group. Same fp32 operations
+    in the same order as lowrank/quant.h (the launcher turns off FMA contraction), so the codes
+    equal the CPU kernel's wherever back(N) does."""
+    scale = tl.load(Scales_ptr + group, mask=group_mask, other=1.0)
+    zero = tl.load(Zeros_ptr + group, mask=group_mask, other=0.0)
+    codes = tl.load(Codes_ptr + elem, mask=elem_mask, other=0)
+    weight = decay * dequantize_codes(codes, tl.expand_dims(scale, LANE_AXIS),
+                                      tl.expand_dims(zero, LANE_AXIS)) - update_scale * back
+    lo = tl.min(tl.where(elem_mask, weight, float("inf")), axis=LANE_AXIS)
+    hi = tl.max(tl.where(elem_mask, weight, float("-inf")), axis=LANE_AXIS)
+    # groups outside the weight: any finite range (nothing of them is stored)
+    new_scale, new_zero = group_quant_params(tl.where(group_mask, lo, 0.0),
+                                             tl.where(group_mask, hi, 1.0), 255)
+    new_codes = stochastic_round_codes(weight, tl.expand_dims(new_scale, LANE_AXIS),
+                                       tl.expand_dims(new_zero, LANE_AXIS), philox_seed, elem, 255)
+    tl.store(Codes_ptr + elem, new_codes, mask=elem_mask)
+    tl.store(Scales_ptr + group, new_scale, mask=group_mask)
+    tl.store(Zeros_ptr + group, new_zero, mask=group_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,74 +361,197 @@ _BACK_BLOCKS: dict[str, TileConfig] = {
 }
 MIN_BLOCK_R = 32
 MAX_BLOCK_R = {"tc": 128, "fp32": 32}  # per dot kind
-WIDE_RANK_TILE_FROM = 512  # tensor-core launch A: 64-wide rank tiles below this rank, 128 from it
+# A generated (INT4 or DCT) basis is built in registers (INT4: codes plus per-element gathers of
+# the group scale and zero, which the pipeliner stages in shared memory too; DCT: cos/sin) and
+# hi/lo-split for tensor cores: the dense tiles above spill or overflow sm_89's shared memory
+# with it (AOT test), so it has its own, the rank in tiles of at most 64.
+_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    ("tc", 32): TileConfig(block_own=64, block_r=32, block_long=64, num_warps=4, num_stages=2),
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=8, num_stages=2),
+    ("fp32", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=8, num_stages=2),
+}
+_GENERATED_BACK_BLOCKS: dict[str, TileConfig] = {
+    "16bit": TileConfig(block_own=128, block_r=32, block_long=128, num_warps=8, num_stages=3),
+    "fp32": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=8, num_stages=2),
+}
+MAX_GENERATED_BLOCK_R = {"tc": 64, "fp32": 32}
+WIDE_RANK_TILE_FROM = 512  # dense tensor-core launch A: 64-wide rank tiles below this rank
 
 
-def project_block_r(rank: int, kind: str) -> int:
-    """Launch A's rank tile: the next power of two of r, clamped to [32, MAX_BLOCK_R[kind]],
-    and 64 for tensor-core ranks 65..511 (measured faster than 128 there: twice the programs)."""
-    block = min(MAX_BLOCK_R[kind], max(MIN_BLOCK_R, triton.next_power_of_2(rank)))
+def project_block_r(rank: int, kind: str, generated: bool = False) -> int:
+    """Launch A's rank tile: the next power of two of r, clamped to [32, MAX_BLOCK_R[kind]]
+    (MAX_GENERATED_BLOCK_R for an INT4 or DCT basis), and 64 for dense tensor-core ranks
+    65..511 (measured faster than 128 there on an H100: twice the programs)."""
+    limit = (MAX_GENERATED_BLOCK_R if generated else MAX_BLOCK_R)[kind]
+    block = min(limit, max(MIN_BLOCK_R, triton.next_power_of_2(rank)))
     if kind == "tc" and rank < WIDE_RANK_TILE_FROM:
         block = min(block, 64)
     return block
 
 
 def weight_kind(weight_dtype: torch.dtype) -> str:
-    return "fp32" if weight_dtype == torch.float32 else "16bit"
+    return "16bit" if weight_dtype in (torch.bfloat16, torch.float16) else "fp32"
 
 
 def workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """N's type: what launch B multiplies in (see the module docstring)."""
-    return torch.float32 if weight_dtype == torch.float32 else weight_dtype
+    """N's type: what launch B multiplies in (see the module docstring); fp32 for fp32 and INT8
+    weights."""
+    return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
-                 proj_dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
-    """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole)."""
+                 proj_dtype: torch.dtype, *, generated: bool = False
+                 ) -> tuple[TileConfig, TileConfig]:
+    """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole).
+    proj_dtype is the type the basis enters launch A's dot in (BasisArgs.dot_dtype);
+    ``generated``: an INT4 or DCT basis. Launch B of INT8 weights is configured by int8_config
+    instead."""
     kind = dot_kind(grad_dtype, proj_dtype)
-    return (_PROJECT_BLOCKS[(kind, project_block_r(rank, kind))],
-            _BACK_BLOCKS[weight_kind(weight_dtype)])
+    project = _GENERATED_PROJECT_BLOCKS if generated else _PROJECT_BLOCKS
+    back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+    return (project[(kind, project_block_r(rank, kind, generated))],
+            back[weight_kind(weight_dtype)])
 
 
-def candidate_configs() -> list[tuple[str, str, TileConfig]]:
-    """Every (kernel, dtype class, configuration) ``pick_configs`` can return (the AOT test
-    compiles them): kernel 'project' (A, class = dot kind) or 'back' (B, class = W's kind)."""
-    return ([("project", kind, c) for (kind, _), c in _PROJECT_BLOCKS.items()]
-            + [("back", kind, c) for kind, c in _BACK_BLOCKS.items()])
+# Launch B of INT8 weights. Row-aligned groups (n % GROUP == 0, GROUP a power of two ≤ 256): a
+# BLOCK_M × BLOCK_N tile of 4K elements with BLOCK_N = max(GROUP, 128) (16 fp32 accumulators per
+# thread at 8 warps; 8K spills on sm_89 with a DCT basis, whose cos/sin tile is built in
+# registers, and so do 512-wide tiles and a 64 × 64 one), K = r in chunks of 16 (fp32 FMA dot:
+# the operands live in registers). Otherwise one program per BLOCK_GROUPS groups of
+# next_power_of_2(GROUP) lanes, about 256 elements, times BLOCK_R ranks per gather chunk (a 4K
+# element 3-D tile, 16 ranks for groups up to 256). With a DCT basis and 64-bit offsets the
+# general kernel spills 4 bytes on sm_90 (fused_galore_step._GENERATED_BLOCKS says why).
+INT8_ROWS_MAX_GROUP = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8Config:
+    """Launch B of INT8 weights: 'rows' (block_m × block_n tiles) or 'groups' (block_groups
+    groups of block_g lanes)."""
+
+    path: str
+    group_size: int
+    block_m: int = 0
+    block_n: int = 0
+    block_groups: int = 0
+    block_g: int = 0
+    block_r: int = 16
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def int8_config(n: int, group_size: int) -> Int8Config:
+    """The INT8 launch B for an m×n weight with groups of ``group_size`` (see above)."""
+    pow2 = group_size & (group_size - 1) == 0
+    if n % group_size == 0 and pow2 and group_size <= INT8_ROWS_MAX_GROUP:
+        block_n = max(group_size, 128)
+        return Int8Config("rows", group_size, block_m=4096 // block_n, block_n=block_n)
+    block_g = triton.next_power_of_2(group_size)
+    block_groups = max(1, 256 // block_g)
+    return Int8Config("groups", group_size, block_groups=block_groups, block_g=block_g,
+                      block_r=max(1, min(16, 4096 // (block_groups * block_g))), num_warps=4)
+
+
+def int8_candidate_configs(all_groups: bool = True) -> list[Int8Config]:
+    """INT8 launch B configurations the AOT test compiles: the row-aligned path for every power
+    of two from 64 to INT8_ROWS_MAX_GROUP (smaller ones share the 64-wide tile's shape class),
+    the general path for group 256 (a row length it does not divide) and, with ``all_groups``,
+    a tiny and a non-power-of-two group. Other group sizes compile on first use unchecked
+    (groups of 512 and more spill a few bytes in the general kernel with a DCT basis)."""
+    rows = [int8_config(g, g) for g in (64, 128, 256)]
+    groups = [int8_config(257, 256)]
+    if all_groups:
+        groups += [int8_config(7, 6), int8_config(97, 96)]
+    return rows + groups if all_groups else [int8_config(256, 256), *groups]
+
+
+def candidate_configs(generated: bool = False) -> list[tuple[str, str, TileConfig]]:
+    """Every (kernel, dtype class, configuration) ``pick_configs`` can return for a dense basis,
+    or with ``generated`` an INT4/DCT one (the AOT test compiles them): kernel 'project' (A,
+    class = dot kind) or 'back' (B, class = W's kind)."""
+    project = _GENERATED_PROJECT_BLOCKS if generated else _PROJECT_BLOCKS
+    back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+    return ([("project", kind, c) for (kind, _), c in project.items()]
+            + [("back", kind, c) for kind, c in back.items()])
 
 
 def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
-           index_64: bool | None = None,
+           index_64: bool | None = None, *, basis: BasisArgs | None = None,
+           param_scales: torch.Tensor | None = None, param_zeros: torch.Tensor | None = None,
+           param_group_size: int = 256, philox_seed: int = 0,
            configs: tuple[TileConfig, TileConfig] | None = None) -> None:
-    """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs).
+    """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs). ``basis``
+    describes an INT4 or DCT proj (default: proj is a dense basis); a uint8 ``param`` holds INT8
+    codes with their scales/zeros, requantized with u = tl.rand(philox_seed, index).
     ``configs``: (launch A, launch B) in place of ``pick_configs`` (bench/tune_triton_step.py)."""
     m, n = param.shape
     right = is_right_side(m, n)
     own, long = (m, n) if right else (n, m)
-    project, back = configs or pick_configs(rank, param.dtype, grad.dtype, proj.dtype)
+    if basis is None:
+        basis = basis_args(proj, m, n, rank, grad.dtype)
+    int8_weight = param.dtype == torch.uint8
+    project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
+                                            generated=basis.kind != 0)
     normalized = torch.empty(exp_avg.shape, dtype=workspace_dtype(param.dtype),
                              device=param.device)
     if index_64 is None:
-        index_64 = needs_index_64(param, proj, exp_avg)
+        index_64 = (needs_index_64(param, exp_avg, basis.tensor)
+                    or needs_wide_phase(basis.kind, m, n)
+                    or (basis.kind != 0 and rank * long >= 2**31))
     interpreted = param.device.type == "cpu"
+    # INT8 weights: no FMA contraction, so that every fp32 operation rounds as on the CPU
+    # (lowrank/adam.h, quant.h) and the codes are the CPU kernel's wherever back(N) agrees.
+    exact = {"enable_fp_fusion": False} if int8_weight else {}
+    basis_ptrs = (basis.tensor, basis.scales, basis.zeros)
     grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)
     _project_adam_kernel[grid_a](
-        grad, proj, exp_avg, exp_avg_sq, normalized,
-        grad.stride(0), proj.stride(0), exp_avg.stride(0), normalized.stride(0),
+        grad, *basis_ptrs, exp_avg, exp_avg_sq, normalized,
+        grad.stride(0), basis.stride, exp_avg.stride(0), normalized.stride(0),
         m, n, rank,
         coeffs["beta1"], coeffs["beta2"], coeffs["one_minus_beta1"], coeffs["one_minus_beta2"],
         coeffs["eps"],
         RIGHT=right, BLOCK_OWN=project.block_own, BLOCK_R=project.block_r,
-        BLOCK_LONG=project.block_long, INDEX_64=index_64, INTERPRETED=interpreted,
-        num_warps=project.num_warps, num_stages=project.num_stages,
+        BLOCK_LONG=project.block_long, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
+        INDEX_64=index_64, INTERPRETED=interpreted,
+        num_warps=project.num_warps, num_stages=project.num_stages, **exact,
     )
+    if int8_weight:
+        _launch_int8_update(param, param_scales, param_zeros, param_group_size, philox_seed,
+                            basis, normalized, rank, coeffs, index_64, interpreted)
+        return
     grid_b = (triton.cdiv(own, back.block_own) * triton.cdiv(long, back.block_long),)
     _back_project_kernel[grid_b](
-        param, proj, normalized,
-        param.stride(0), proj.stride(0), normalized.stride(0),
+        param, *basis_ptrs, normalized,
+        param.stride(0), basis.stride, normalized.stride(0),
         m, n, rank,
         coeffs["decay"], coeffs["update_scale"],
         RIGHT=right, BLOCK_OWN=back.block_own, BLOCK_LONG=back.block_long,
-        BLOCK_R=back.block_r, INDEX_64=index_64, INTERPRETED=interpreted,
+        BLOCK_R=back.block_r, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
+        INDEX_64=index_64, INTERPRETED=interpreted,
         num_warps=back.num_warps, num_stages=back.num_stages,
     )
+
+
+def _launch_int8_update(codes, scales, zeros, group_size, philox_seed, basis, normalized, rank,
+                        coeffs, index_64, interpreted):
+    m, n = codes.shape
+    config = int8_config(n, group_size)
+    if interpreted and config.path == "groups":  # the interpreter pays per program
+        config = dataclasses.replace(config, block_groups=max(1, 4096 // config.block_g))
+    common = {"RIGHT": is_right_side(m, n), "BLOCK_R": config.block_r, "GROUP": group_size,
+              "BASIS": basis.kind, "PROJ_GROUP": basis.group_size, "INDEX_64": index_64,
+              "INTERPRETED": interpreted, "num_warps": config.num_warps,
+              "num_stages": config.num_stages, "enable_fp_fusion": False}
+    args = (codes, scales, zeros, basis.tensor, basis.scales, basis.zeros, normalized,
+            basis.stride, normalized.stride(0))
+    if config.path == "rows":
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+        _int8_update_rows_kernel[grid](
+            *args, m, n, rank, coeffs["decay"], coeffs["update_scale"], philox_seed,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
+    else:
+        groups = triton.cdiv(m * n, group_size)
+        grid = (triton.cdiv(groups, config.block_groups),)
+        _int8_update_groups_kernel[grid](
+            *args, m, n, rank, m * n, groups, coeffs["decay"], coeffs["update_scale"],
+            philox_seed, BLOCK_GROUPS=config.block_groups, BLOCK_G=config.block_g, **common)

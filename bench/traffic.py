@@ -21,7 +21,8 @@ Implementations
                   workspace; launch B back-projects N on 2-D tiles of W and updates W. Adds to
                   the floor: N written and read once (2·L·s(N)) and a second basis read.
   fused-cuda      csrc/cuda/fused_galore_step.cu: the same two-launch structure (mma.sync
-                  GEMMs). Fast path (W, G and the basis of one 16-bit type, or everything fp32):
+                  GEMMs). Fast path (opt-in with LOWRANK_CUDA_FAST_PATH=1 until it has run on a
+                  GPU; the default general path stages an fp32 basis copy and an fp32 N) (W, G and the basis of one 16-bit type, or everything fp32):
                   the floor + the N round trip (N in W's type) + a second basis read, as
                   fused-triton-2launch. A 16-bit basis beside fp32 data (or of another 16-bit
                   type) is first copied to fp32: 4·d·r written, then read by both launches; N

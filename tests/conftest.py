@@ -19,3 +19,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["general", "fast"])
+def cuda_paths(request, monkeypatch):
+    """Runs a CUDA test on both paths of the CUDA fused step: the general (fp32-staged) GEMM and
+    the opt-in 16-bit fast path (LOWRANK_CUDA_FAST_PATH=1, csrc/cuda/fused_galore_step.cu)."""
+    monkeypatch.setenv("LOWRANK_CUDA_FAST_PATH", "1" if request.param == "fast" else "0")
+    return request.param

@@ -21,6 +21,7 @@ import lowrank_kernels as lk
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
+    pytest.mark.usefixtures("cuda_paths"),  # general and opt-in fast path (conftest.py)
 ]
 
 # Beyond tests/cases.RANKS: ranks off the kernel's 64-wide tiles (130 = 2 tiles + 2), up to 512.

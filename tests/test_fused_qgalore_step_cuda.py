@@ -18,6 +18,7 @@ from lowrank_kernels import reference
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
+    pytest.mark.usefixtures("cuda_paths"),  # general and opt-in fast path (conftest.py)
 ]
 
 # (m, n, group size, pass-2 kernel). Partial last groups, partial row and column tiles, tiny

@@ -33,7 +33,7 @@ Implementations
                   loader (16-bit G; an fp32 G reads an fp32 copy that dequantize_int4 makes) and
                   writes N (fp32); pass 2 reads N and the packed basis (expanded
                   on the fly) and reads and writes each code, scale and zero once. Judged against
-                  floor-q-galore with M, V in our state dtype.
+                  floor-q (our storage: packed P, M and V in the state dtype).
   galore-torch    GaLoreAdamW.step (galore_torch/adamw.py 78-140 and galore_projector.py): one
                   kernel per torch op, states in the gradient's dtype.
   fused-triton-q  triton_kernels/fused_galore_step_2d.py on the Q-GaLore formats (INT8 W codes,
@@ -258,22 +258,17 @@ def _q_galore_layout(m: int, n: int, rank: int, float_dtype: torch.dtype):
     return g, b, w_groups, p_groups, absmax
 
 
-def floor_q_galore(m: int, n: int, rank: int, float_dtype: torch.dtype = torch.bfloat16,
-                   state_dtype: torch.dtype | None = None) -> Traffic:
+def floor_q_galore(m: int, n: int, rank: int, float_dtype: torch.dtype = torch.bfloat16
+                   ) -> Traffic:
     """The floor for q-galore-torch's storage: G read, INT8 W codes + scales/zeros read and
-    written, uint8 P codes + scales/zeros read, 8-bit M, V + absmax read and written. With
-    ``state_dtype``, M and V are stored in that dtype instead (our fused step's states)."""
+    written, uint8 P codes (one per byte) + scales/zeros read, 8-bit M, V + absmax read and
+    written. Our Q-GaLore storage (packed P, M and V in the state dtype) is ``floor_q``."""
     g, b, w_groups, p_groups, absmax = _q_galore_layout(m, n, rank, float_dtype)
-    if state_dtype is None:
-        states = Access("read+write 8-bit M, V, absmax", 2 * g.low_rank + 2 * absmax,
-                        2 * g.low_rank + 2 * absmax)
-    else:
-        mv = 2 * g.low_rank * _size(state_dtype)
-        states = Access("read+write M, V", mv, mv)
     return Traffic("floor-q-galore", (
         Access("read G", g.full * b, 0),
         Access("read+write W codes, scales, zeros", g.full + 2 * w_groups, g.full + 2 * w_groups),
-        states,
+        Access("read+write 8-bit M, V, absmax", 2 * g.low_rank + 2 * absmax,
+               2 * g.low_rank + 2 * absmax),
         Access("read P codes, scales, zeros", g.basis + 2 * p_groups, 0),
     ))
 
@@ -464,11 +459,9 @@ def implementations(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch
     ours_q_floor = floor_q(m, n, rank, weight_dtype, state_dtype)
     pairs.append((ours_q_floor, ours_q_floor))
     pairs.append((fused_triton_q(m, n, rank, weight_dtype, state_dtype), ours_q_floor))
+    pairs.append((fused_cuda_q(m, n, rank, weight_dtype, state_dtype), ours_q_floor))
     pairs.append((q_floor, q_floor))
     pairs.append((q_galore_torch(m, n, rank, weight_dtype, weight_decay=weight_decay), q_floor))
-    # Our INT8 step keeps M, V in state_dtype: judged against the floor of that storage.
-    pairs.append((fused_cuda_q(m, n, rank, weight_dtype, state_dtype),
-                  floor_q_galore(m, n, rank, weight_dtype, state_dtype)))
     return pairs
 
 

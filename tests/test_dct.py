@@ -327,19 +327,24 @@ def test_too_many_indices_raise():
             ops.fused_galore_step(*inputs.args(), **HYPER, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_select_arguments_raise(backend):
-    grad = torch.randn(30, 20)
-    cases = [
+def bad_select_cases(device="cpu"):
+    """(dct_select kwargs, the argument its error names): shared by every backend's test."""
+    grad = torch.randn(30, 20, device=device)
+    return [
         ({"grad": grad, "rank": 21}, "rank"),
         ({"grad": grad.T, "rank": 21}, "rank"),
         ({"grad": grad, "rank": 0}, "rank"),
         ({"grad": grad, "rank": 3, "norm": 3}, "norm"),
         ({"grad": grad, "rank": 3, "method": "svd"}, "method"),
-        ({"grad": torch.randn(30), "rank": 3}, "grad"),
+        ({"grad": torch.randn(30, device=device), "rank": 3}, "grad"),
         ({"grad": grad.to(torch.int32), "rank": 3}, "grad"),
+        ({"grad": grad[:, :0], "rank": 1}, "grad"),
     ]
-    for kwargs, message in cases:
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_select_arguments_raise(backend):
+    for kwargs, message in bad_select_cases():
         with pytest.raises(ValueError, match=message):
             ops.dct_select(**kwargs, backend=backend)
     with pytest.raises(ValueError, match="d: expected"):
@@ -506,19 +511,7 @@ def test_gpu_select_is_deterministic_and_takes_strided_rows(backend):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_bad_select_arguments_raise(backend):
-    device = "cuda" if HAS_GPU else "cpu"
-    grad = torch.randn(30, 20, device=device)
-    cases = [
-        ({"grad": grad, "rank": 21}, "rank"),
-        ({"grad": grad.T, "rank": 21}, "rank"),
-        ({"grad": grad, "rank": 0}, "rank"),
-        ({"grad": grad, "rank": 3, "norm": 3}, "norm"),
-        ({"grad": grad, "rank": 3, "method": "svd"}, "method"),
-        ({"grad": torch.randn(30, device=device), "rank": 3}, "grad"),
-        ({"grad": grad.to(torch.int32), "rank": 3}, "grad"),
-        ({"grad": grad[:, :0], "rank": 1}, "grad"),
-    ]
-    for kwargs, message in cases:
+    for kwargs, message in bad_select_cases("cuda" if HAS_GPU else "cpu"):
         with pytest.raises(ValueError, match=message):
             ops.dct_select(**kwargs, backend=backend)
 

@@ -302,6 +302,7 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
 # DCT projection (DESIGN.md §4.5)
 # --------------------------------------------------------------------------------------------
 TRITON_IMPLS["dct_select"] = "lowrank_kernels.triton_kernels.dct_select:dct_select"
+TRITON_IMPLS["dct_basis"] = "lowrank_kernels.triton_kernels.dct_select:dct_basis"
 
 
 def dct_select(grad: torch.Tensor, rank: int, norm: int = 1, *, method: str = "auto",
@@ -337,6 +338,8 @@ def dct_basis(d: int, indices: torch.Tensor, *, backend: str | None = None) -> t
     if chosen in ("cpu", "cuda"):
         return torch.ops.lowrank.dct_basis(d, indices)
     check_dct_indices(indices, d, "indices")
+    if chosen == "triton":
+        return _triton_impl("dct_basis")(d, indices)
     return reference.dct_basis(d, indices)
 
 

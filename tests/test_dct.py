@@ -433,6 +433,23 @@ GPU_BACKENDS = [pytest.param("triton", marks=needs_triton),
 INTERPRETED_MAX_SIZE = 1000  # d = 3001 takes minutes in the Triton interpreter
 
 
+@pytest.mark.parametrize("d", [1, 2, 3, 1000, 3001, 32768])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_basis_matches_float64_truth(d, backend):
+    """The rows the fused step's tiles generate, written out (Triton) or the CUDA op, against
+    c_k·cos(π(2i+1)k/(2d)) in float64; d = 32768 takes 64-bit phases."""
+    gen = torch.Generator().manual_seed(d)
+    picked = torch.randperm(d, generator=gen)[: min(d, 40)].tolist()
+    idx = torch.tensor(sorted(set(picked) | {0, d - 1}), dtype=torch.int32)
+    rows = ops.dct_basis(d, idx.to("cuda" if HAS_GPU else "cpu"), backend=backend).cpu()
+    i = torch.arange(d, dtype=torch.float64)
+    k = idx.double().reshape(-1, 1)
+    scale = torch.where(k == 0, math.sqrt(1.0 / d), math.sqrt(2.0 / d))
+    expected = scale * torch.cos(math.pi * (2 * i + 1) * k / (2 * d))
+    assert rows.dtype == torch.float32 and rows.shape == (len(idx), d)
+    assert (rows.double() - expected).abs().max().item() <= 2e-6 * math.sqrt(2.0 / d)
+
+
 def gpu_select(grad: torch.Tensor, rank: int, norm: int, backend: str):
     """dct_select on the backend's device (Triton: CUDA tensors when there is a GPU, else CPU
     tensors through the interpreter), results back on the CPU."""

@@ -351,7 +351,8 @@ def _compile_dct_select_variant(job) -> CompileReport:
     from lowrank_kernels.triton_kernels import dct_select
 
     capability, (variant, signature, constexprs, warps, stages) = job
-    return compile_and_measure("_dct_kernel", dct_select._dct_kernel, signature, constexprs,
+    name = "_dct_basis_kernel" if variant["kernel"] == "dct_basis" else "_dct_kernel"
+    return compile_and_measure(name, getattr(dct_select, name), signature, constexprs,
                                capability, warps, stages, variant)
 
 

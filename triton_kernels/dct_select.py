@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels import reference
-from lowrank_kernels.triton_kernels._common import _tile_offsets, needs_index_64
+from lowrank_kernels.triton_kernels._common import _dct_value, _tile_offsets, needs_index_64
 
 # MODE values of _dct_kernel
 COEFFICIENTS, SCORES_L1, SCORES_L2 = 0, 1, 2
@@ -204,3 +204,49 @@ def aot_variants(main_only: bool = False):
             variant = {"kernel": "dct_select", "side": "right" if right else "left",
                        "grad": grad_type, "mode": mode, **dataclasses.asdict(config)}
             yield variant, signature, constexprs, config.num_warps, config.num_stages
+    # dct_basis (its one configuration; 64-bit phases only past d = 32767)
+    for wide in (False,) if main_only else (False, True):
+        signature = {"Idx_ptr": "*i32", "Out_ptr": "*fp32", "R": "i32", "D": "i32"}
+        constexprs = {"BLOCK_R": BASIS_BLOCK_R, "BLOCK_D": BASIS_BLOCK_D, "WIDE": wide}
+        variant = {"kernel": "dct_basis", "wide": wide, "block_r": BASIS_BLOCK_R,
+                   "block_d": BASIS_BLOCK_D}
+        yield variant, signature, constexprs, 4, 1
+
+
+# --------------------------------------------------------------------------------------------
+# dct_basis: C[indices, :] (r×d fp32), for users and tests; the fused step generates the same
+# values inside its tiles (_common._dct_value), so this kernel is that generator written out.
+# --------------------------------------------------------------------------------------------
+BASIS_BLOCK_R, BASIS_BLOCK_D = 16, 256
+
+
+@triton.jit
+def _dct_basis_kernel(Idx_ptr, Out_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                      WIDE: tl.constexpr):
+    """One BLOCK_R × BLOCK_D tile of the rows; WIDE: 64-bit phases and offsets (the launcher's
+    bound on (2i+1)·k and r·d, as _common.needs_wide_phase)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    r_mask, d_mask = offs_r < R, offs_d < D
+    freq = tl.load(Idx_ptr + offs_r, mask=r_mask, other=0)
+    if WIDE:
+        freq = freq.to(tl.int64)
+        offs_d = offs_d.to(tl.int64)
+        offs_r = offs_r.to(tl.int64)
+    values = _dct_value(freq[:, None], offs_d[None, :], D)
+    tl.store(Out_ptr + offs_r[:, None] * D + offs_d[None, :], values,
+             mask=r_mask[:, None] & d_mask[None, :])
+
+
+def dct_basis(d: int, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` (validated: int32, distinct, in [0, d)) of the orthonormal DCT-II of size
+    d as an r×d fp32 tensor, on the indices' device (CPU tensors under TRITON_INTERPRET=1)."""
+    r = indices.numel()
+    out = torch.empty((r, d), dtype=torch.float32, device=indices.device)
+    if r == 0:
+        return out
+    grid = (triton.cdiv(r, BASIS_BLOCK_R), triton.cdiv(d, BASIS_BLOCK_D))
+    wide = 2 * d * d >= 2**31 or r * d >= 2**31
+    _dct_basis_kernel[grid](indices.contiguous(), out, r, d, BLOCK_R=BASIS_BLOCK_R,
+                            BLOCK_D=BASIS_BLOCK_D, WIDE=wide)
+    return out

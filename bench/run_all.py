@@ -10,8 +10,12 @@ Stages (a progress bar over them, and one inside the slow ones):
      weights, gradients and optimizer state of each optimizer that can step here
   4. one optimizer step on CPU at llama-60m MLP shapes: ours (C++), reference, galore-torch,
      against galore-torch in the same run (and bench/bench_cpu_step.py when it exists)
-  5. the GPU step benchmark (bench/bench_gpu_step.py), only when CUDA is available
-  6. the training demo: a tiny LLaMA, AdamW vs galore-torch vs our presets (bench/demo.py)
+  5. the Q-GaLore step on CPU (INT4 basis, INT8 weights) against q-galore-torch's step, and the
+     stochastic-rounding bias of both (bench/bench_qgalore.py)
+  6. the subspace refresh on CPU: galore-torch's SVD, torch.svd_lowrank and dct_select against
+     one projection GEMM (bench/bench_refresh.py)
+  7. the GPU step benchmark (bench/bench_gpu_step.py), only when CUDA is available
+  8. the training demo: a tiny LLaMA, AdamW vs galore-torch vs our presets (bench/demo.py)
 A stage that fails is reported in report.md (with its error) and the others still run; the exit
 status is then 1. ``--quick`` skips stage 3 and shortens the demo (a smoke run).
 """
@@ -122,13 +126,28 @@ def stage_cpu_step(out: Path) -> str:
             "and IQR of perf_counter timings; `GBps_at_floor` = floor bytes / time; "
             "`copy` = dst.copy_(src) of one m×n weight.\n\n"
             + harness.format_table(rows, cols, markdown=True))
-    lead_bench = Path(__file__).with_name("bench_cpu_step.py")
-    if lead_bench.exists():
-        proc = subprocess.run([sys.executable, str(lead_bench), "--csv", str(out / "cpu_step.csv")],
-                              capture_output=True, text=True, timeout=600, check=False)
-        text += ("\n\n`bench/bench_cpu_step.py` (fused step vs galore-torch vs the two-GEMM "
-                 f"floor), exit {proc.returncode}:\n\n```\n{proc.stdout[-6000:]}```")
-    return text
+    return text + "\n\n" + run_script("bench_cpu_step.py", "--csv", str(out / "cpu_step.csv"),
+                                       what="fused step vs galore-torch vs the two-GEMM floor")
+
+
+def run_script(name: str, *args: str, what: str) -> str:
+    """Runs bench/<name> in a subprocess (its own threads and imports) and returns its output as
+    a report block; a non-zero exit fails the stage."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name(name)), *args],
+                          capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench/{name} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return f"`python bench/{name} {' '.join(args)}` ({what}):\n\n```\n{proc.stdout[-6000:]}```"
+
+
+def stage_qgalore(out: Path) -> str:
+    return run_script("bench_qgalore.py", "--csv", str(out / "qgalore"),
+                      what="ours vs q-galore-torch's step, same inputs, same run")
+
+
+def stage_refresh(out: Path) -> str:  # the --full table stays in results/ (not rewritten)
+    return run_script("bench_refresh.py", what="SVD, svd_lowrank and dct_select vs one GEMM; "
+                      "`--full` adds 2048×5504: bench/results/bench_refresh_cpu.txt")
 
 
 def stage_gpu_step(out: Path) -> str:
@@ -170,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("Memory accounting", lambda: stage_memory(out)),
         ("Memory accounting checked against a real run", lambda: stage_memory_validation(out)),
         ("Optimizer step on CPU", lambda: stage_cpu_step(out)),
+        ("Q-GaLore step on CPU", lambda: stage_qgalore(out)),
+        ("Subspace refresh on CPU", lambda: stage_refresh(out)),
         ("Optimizer step on GPU", lambda: stage_gpu_step(out)),
         ("Training demo", lambda: stage_demo(out, 40 if args.quick else args.steps)),
     ]

@@ -26,7 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import lowrank_kernels as lk  # noqa: E402
+import lowrank_kernels as lk
 
 QUICK = [((1024, 2752), 128, torch.float32), ((2752, 1024), 128, torch.float32),
          ((2048, 5504), 256, torch.float32), ((2048, 5504), 256, torch.bfloat16)]

@@ -17,6 +17,7 @@ import argparse
 import codecs
 import contextlib
 import importlib
+import io
 import os
 import sys
 import warnings
@@ -35,8 +36,9 @@ TARGETS = r".*\.(self_attn|mlp)\..*"
 
 def corpus() -> tuple[torch.Tensor, int]:
     """(character ids, vocabulary size) of the Zen of Python."""
-    # importing `this` prints the Zen once; the module keeps the text rot13-encoded in `s`
-    zen = importlib.import_module("this")
+    # the module keeps the text rot13-encoded in `s`; its import prints the Zen, silenced here
+    with contextlib.redirect_stdout(io.StringIO()):
+        zen = importlib.import_module("this")
     text = codecs.decode(zen.s, "rot13")
     vocab = sorted(set(text))
     return torch.tensor([vocab.index(c) for c in text]), len(vocab)

@@ -37,7 +37,8 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 # op name -> "module:function" of its Triton launcher, imported on first use (Triton is optional).
 TRITON_IMPLS: dict[str, str] = {}
-TRITON_IMPLS["fused_galore_step"] = "lowrank_kernels.triton_kernels.fused_galore_step:fused_galore_step"  # noqa: E501
+TRITON_IMPLS["fused_galore_step"] = (
+    "lowrank_kernels.triton_kernels.fused_galore_step:fused_galore_step")
 
 
 # --------------------------------------------------------------------------------------------

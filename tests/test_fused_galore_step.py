@@ -2,10 +2,17 @@
 
 import pytest
 import torch
+from cases import (
+    HYPER,
+    ODD_SHAPES,
+    RANKS,
+    STATE_DTYPES,
+    WEIGHT_DTYPES,
+    assert_step_matches,
+    step_inputs,
+)
 
 import lowrank_kernels as lk
-from cases import (HYPER, ODD_SHAPES, RANKS, STATE_DTYPES, WEIGHT_DTYPES, assert_step_matches,
-                   step_inputs)
 
 pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from cases import HYPER, StepInputs, assert_fp32_close, orthonormal_basis, step_inputs
 
 import lowrank_kernels as lk
-from cases import HYPER, StepInputs, assert_fp32_close, orthonormal_basis, step_inputs
 
 pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 OPS = torch.ops.lowrank if lk.EXTENSION_AVAILABLE else None

@@ -3,14 +3,13 @@ peer it claims drop-in parity with."""
 
 import pytest
 import torch
-
 from cases import assert_fp32_close, orthonormal_basis
+
 import lowrank_kernels as lk
 from lowrank_kernels import reference
 
 galore_torch = pytest.importorskip("galore_torch")
-from galore_torch.galore_projector import GaLoreProjector  # noqa: E402
-
+from galore_torch.galore_projector import GaLoreProjector
 
 BACKENDS = ["reference"] + (["cpu"] if lk.EXTENSION_AVAILABLE else [])
 

@@ -47,6 +47,32 @@ BASIS_NAMES = {0: "dense", 1: "int4", 2: "dct"}
 
 
 @triton.jit
+def _own_long(M, N, RIGHT: tl.constexpr):
+    """(own, long) extents: the owned axis is the rows on the right side, the columns on the left
+    (the left side is the right side of the transposed problem)."""
+    if RIGHT:
+        return M, N
+    else:
+        return N, M
+
+
+@triton.jit
+def _grid_tile(ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+               INDEX_64: tl.constexpr):
+    """(row offsets, column offsets, row mask, column mask) of this program's tile of a 2-D grid
+    launched as one axis, column tiles fastest (so the programs of one row strip are neighbours
+    and share it through L2); INDEX_64 makes every later offset product 64-bit."""
+    num_col_tiles = tl.cdiv(COLS, BLOCK_COLS)
+    pid = tl.program_id(0)
+    offs_rows = (pid // num_col_tiles) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    offs_cols = (pid % num_col_tiles) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    if INDEX_64:
+        offs_rows = offs_rows.to(tl.int64)
+        offs_cols = offs_cols.to(tl.int64)
+    return offs_rows, offs_cols, offs_rows < ROWS, offs_cols < COLS
+
+
+@triton.jit
 def _tile_offsets(offs_own, offs_other, stride, RIGHT: tl.constexpr):
     """Element offsets of an (owned, other) tile of a row-major matrix with row stride ``stride``
     whose rows are the owned axis on the right side and the other axis on the left side."""

@@ -72,6 +72,7 @@ from ._common import (
     _adam_tile,
     _basis_tile,
     _dot,
+    _own_long,
     _project_tile,
     _round_to,
     _tile_offsets,
@@ -105,12 +106,7 @@ def _fused_galore_step_kernel(
     R_tile = Σ_chunks G[own, chunk] · proj[chunk, :]  (owned × R_PAD, fp32), Adam on M, V of the
     owned slice, then W[own, chunk] ← decay·W − update_scale·(N · proj[:, chunk]) chunk by chunk.
     """
-    if RIGHT:
-        OWN = M
-        LONG = N
-    else:
-        OWN = N
-        LONG = M
+    OWN, LONG = _own_long(M, N, RIGHT)
     offs_own = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     offs_r = tl.arange(0, R_PAD)
     if INDEX_64:  # every offset product (row × stride) in 64 bits

@@ -89,6 +89,8 @@ from ._common import (
     _basis_tile,
     _basis_values,
     _dot,
+    _grid_tile,
+    _own_long,
     _project_tile,
     _round_to,
     _tile_offsets,
@@ -112,21 +114,8 @@ def _project_adam_kernel(
 ):
     """Launch A: R[own, r] = Σ_long G[own, long]·basis[long, r] for one BLOCK_OWN × BLOCK_R tile,
     then Adam on that tile of M and V and N = M/(√V+ε) into the workspace (rounded to its type)."""
-    if RIGHT:
-        OWN = M
-        LONG = N
-    else:
-        OWN = N
-        LONG = M
-    num_r_tiles = tl.cdiv(R, BLOCK_R)
-    pid = tl.program_id(0)
-    offs_own = (pid // num_r_tiles) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
-    offs_r = (pid % num_r_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-    if INDEX_64:  # every offset product (row × stride) in 64 bits
-        offs_own = offs_own.to(tl.int64)
-        offs_r = offs_r.to(tl.int64)
-    own_mask = offs_own < OWN
-    r_mask = offs_r < R
+    OWN, LONG = _own_long(M, N, RIGHT)
+    offs_own, offs_r, own_mask, r_mask = _grid_tile(OWN, R, BLOCK_OWN, BLOCK_R, INDEX_64)
 
     proj_low = tl.zeros((BLOCK_OWN, BLOCK_R), dtype=tl.float32)
     proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
@@ -153,21 +142,9 @@ def _back_project_kernel(
 ):
     """Launch B: W[own, long] ← decay·W − update_scale·Σ_r N[own, r]·basis[r, long] for one
     BLOCK_OWN × BLOCK_LONG tile of W."""
-    if RIGHT:
-        OWN = M
-        LONG = N
-    else:
-        OWN = N
-        LONG = M
-    num_long_tiles = tl.cdiv(LONG, BLOCK_LONG)
-    pid = tl.program_id(0)
-    offs_own = (pid // num_long_tiles) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
-    offs_long = (pid % num_long_tiles) * BLOCK_LONG + tl.arange(0, BLOCK_LONG)
-    if INDEX_64:
-        offs_own = offs_own.to(tl.int64)
-        offs_long = offs_long.to(tl.int64)
-    own_mask = offs_own < OWN
-    long_mask = offs_long < LONG
+    OWN, LONG = _own_long(M, N, RIGHT)
+    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
+                                                          INDEX_64)
     w_type = W_ptr.dtype.element_ty
 
     back = tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32)

@@ -14,7 +14,6 @@ DESIGN.md §5: on CPU the fused step should be within 1.1× of the floor.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import lowrank_kernels as lk
+from bench import harness
 
 QUICK = [((1024, 2752), 128, torch.float32), ((2752, 1024), 128, torch.float32),
          ((2048, 5504), 256, torch.float32), ((2048, 5504), 256, torch.bfloat16)]
@@ -119,11 +119,7 @@ def run(cases, warmup: int, repeats: int, csv_path: str | None) -> list[dict]:
               f"{row['ours_ms']:>9.1f} {row['galore_ms']:>10.1f} {row['ours_over_floor']:>10.2f} "
               f"{row['galore_over_ours']:>11.2f}", flush=True)
     if csv_path:
-        os.makedirs(os.path.dirname(csv_path), exist_ok=True)
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        harness.write_csv(csv_path, rows, harness.machine_info("cpu"))
         print(f"# wrote {csv_path}")
     return rows
 

@@ -25,7 +25,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -39,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import lowrank_kernels as lk
+from bench import harness
 from lowrank_kernels import reference
 
 GROUP = 256
@@ -246,11 +246,7 @@ def time_table(cases, dtypes, warmup: int, repeats: int) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    harness.write_csv(path, rows, harness.machine_info("cpu"))
     print(f"# wrote {path}")
 
 

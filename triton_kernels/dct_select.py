@@ -45,7 +45,13 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels import reference
-from lowrank_kernels.triton_kernels._common import _dct_value, _tile_offsets, needs_index_64
+from lowrank_kernels.triton_kernels._common import (
+    BASIS_DCT,
+    _dct_value,
+    _tile_offsets,
+    needs_index_64,
+    needs_wide_phase,
+)
 
 # MODE values of _dct_kernel
 COEFFICIENTS, SCORES_L1, SCORES_L2 = 0, 1, 2
@@ -246,7 +252,7 @@ def dct_basis(d: int, indices: torch.Tensor) -> torch.Tensor:
     if r == 0:
         return out
     grid = (triton.cdiv(r, BASIS_BLOCK_R), triton.cdiv(d, BASIS_BLOCK_D))
-    wide = 2 * d * d >= 2**31 or r * d >= 2**31
+    wide = needs_wide_phase(int(BASIS_DCT), d, d) or r * d >= 2**31
     _dct_basis_kernel[grid](indices.contiguous(), out, r, d, BLOCK_R=BASIS_BLOCK_R,
                             BLOCK_D=BASIS_BLOCK_D, WIDE=wide)
     return out

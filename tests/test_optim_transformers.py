@@ -115,3 +115,40 @@ def test_preset_choice_and_keyword_overrides(model, tmp_path):
     assert kwargs["eps"] == args.adam_epsilon and kwargs["weight_decay"] == 0.01
     with pytest.raises(ValueError, match="optimizer"):
         optimizer_cls_and_kwargs(model, args, optimizer="sgd")
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_layerwise_training_with_gradient_checkpointing_equals_ordinary_training(reentrant):
+    """transformers' gradient checkpointing (the way a 7B model fits one GPU with layer-wise
+    steps): each decoder layer is a checkpointed segment; with use_reentrant=True each one's
+    backward is a nested graph task (see lowrank_kernels.optim.layerwise). The embedding and
+    head are not checkpointed here; test_optim_layerwise covers models where every weight is."""
+    from lowrank_kernels.optim import layerwise
+
+    tokens, vocab = tiny_llama.corpus()
+    data = tiny_llama.batches(tokens, 3)
+
+    def make_model():
+        model = tiny_llama.tiny_llama(vocab)
+        model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        model.train()
+        return model
+
+    def make_optimizer(model):
+        return GaLoreAdamW(lowrank_param_groups(model, rank=8, update_proj_gap=2, scale=0.25),
+                           lr=1e-2)
+
+    expected = make_model()
+    optimizer = make_optimizer(expected)
+    for ids in data:
+        expected(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    model = make_model()
+    trainer = layerwise(model, make_optimizer)
+    for ids in data:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert (trainer.micro_steps, trainer.optimizer_steps) == (3, 3)
+    for (name, a), b in zip(model.named_parameters(), expected.parameters()):
+        assert torch.equal(a, b), name

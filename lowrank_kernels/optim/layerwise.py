@@ -29,8 +29,18 @@ the trainer steps the codes there, as a float weight from its post-accumulate-gr
 per-tensor clip on ``float_grad``). With INT8 weights only INT8 codes + scales/zeros, the states
 and the largest single gradient are held: the Q-GaLore recipe's memory.
 
+End of a backward pass: the scheduler and the micro-batch count advance in a callback queued on
+the autograd graph task of the pass. Activation checkpointing with ``use_reentrant=True`` runs
+the backward of every checkpointed segment as a nested graph task of its own, whose hooks fire
+inside it; a callback queued from such a hook would end the pass once per segment. So the
+trainer also hooks the gradient of the model's outputs (a forward hook on the model registers
+it): that gradient is computed in the outermost task before any parameter's, and the callback is
+queued there. A weight used in two reentrant segments would receive its gradient in two nested
+tasks, i.e. in two parts, and be stepped on the first: that raises a RuntimeError (use
+``use_reentrant=False``, which has no nested tasks and works with shared weights).
+
 Results equal ordinary training with the same optimizer, data, accumulation and per-parameter
-clipping (tests/test_optim_layerwise.py checks this).
+clipping, with and without activation checkpointing (tests/test_optim_layerwise.py checks this).
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils import _pytree as pytree
 
 from lowrank_kernels.autograd import FLOAT_GRAD, register_float_grad_hook
 from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
@@ -61,8 +72,9 @@ class LayerwiseTrainer:
         self.micro_steps = 0  # completed backward passes
         self.optimizer_steps = 0
         self._callback_queued = False
+        self._stepped: set[int] = set()  # parameters stepped in the pass in progress
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        self._handles = []
+        self._handles = [model.register_forward_hook(self._on_forward)]
         for p in model.parameters():
             if id(p) not in held:
                 continue
@@ -70,7 +82,8 @@ class LayerwiseTrainer:
                 self._handles.append(register_float_grad_hook(p, self._on_grad))
             elif p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        if not self._handles:
+        if len(self._handles) == 1:
+            self.remove()
             raise ValueError("model: none of its trainable parameters is held by the optimizer")
 
     @property
@@ -78,12 +91,36 @@ class LayerwiseTrainer:
         """Whether the backward pass in progress (or the next one) is the last micro-batch."""
         return self.micro_steps % self.accumulation_steps == self.accumulation_steps - 1
 
-    def _on_grad(self, p: torch.Tensor) -> None:
+    def _on_forward(self, module: torch.nn.Module, args, output) -> None:
+        """Hooks the gradient of every output that will receive one (see the module docstring:
+        it arrives in the outermost graph task of the backward pass)."""
+        if not torch.is_grad_enabled():
+            return
+        for leaf in pytree.tree_leaves(output):
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                leaf.register_hook(self._on_output_grad)
+
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        self._queue_end_of_backward()
+
+    def _queue_end_of_backward(self) -> None:
+        """Queues _end_of_backward on the graph task running now, once per backward pass."""
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._callback_queued = True
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        self._queue_end_of_backward()  # a pass whose model outputs were not seen (see above)
         if not self.stepping:
             return
+        if id(p) in self._stepped:
+            raise RuntimeError(
+                "layer-wise training: a parameter received its gradient twice in one backward "
+                "pass and was already stepped on the first part: a weight used in several "
+                "activation-checkpointed segments with use_reentrant=True (each segment's "
+                "backward is a separate graph task). Use torch.utils.checkpoint with "
+                "use_reentrant=False")
+        self._stepped.add(id(p))
         int8 = p.dtype == torch.uint8
         if self.max_grad_norm is not None:
             if int8:
@@ -106,6 +143,7 @@ class LayerwiseTrainer:
                 self.scheduler.step()
         self.micro_steps += 1
         self._callback_queued = False
+        self._stepped.clear()
 
     def remove(self) -> None:
         """Removes the hooks (the model trains normally again)."""

@@ -49,7 +49,13 @@ def stage_traffic(out: Path) -> str:
     cols = traffic.COLUMNS[1:]
     return ("Bytes per optimizer step crossing DRAM; W/G bf16, our M/V fp32 (galore-torch keeps "
             "them in bf16 and is judged against the floor of that layout), no weight decay; "
-            "predicted ms = bytes / peak bandwidth. Assumptions: bench/traffic.py docstring.\n\n"
+            "predicted ms = bytes / peak bandwidth. Assumptions: bench/traffic.py docstring. "
+            "On a GPU the Triton launcher runs `fused-triton` (one pass, N on chip; r ≤ "
+            f"{traffic.ONE_PASS_MAX_RANK}) below r = 128 and `fused-triton-2launch` from "
+            "r = 128 on. `floor+N` is the least any step moves that passes N between its two "
+            "GEMMs through memory: at r = min(m, n)/4 (the recipe ranks below) it is 1.10× "
+            "the floor by itself; the two-launch steps add launch B's basis read (charged to "
+            "DRAM, though the basis is re-read from L2 throughout launch A).\n\n"
             "**4096×11008, r = 256:**\n\n" + harness.format_table(headline, cols, markdown=True)
             + "\n\n**Every projected Linear of each model, recipe rank:**\n\n"
             + harness.format_table(whole, traffic.COLUMNS, markdown=True)

@@ -15,6 +15,16 @@ Implementations
                   program reads the basis twice (project and back-project); those re-reads hit
                   L2 when P fits in half of it, which the model charges as ONE extra DRAM read
                   of P (conservative). When P does not fit, every tile reads it twice from DRAM.
+                  Listed only up to r = ONE_PASS_MAX_RANK (its register tile's limit), and the
+                  Triton launcher runs it only below r = 128 (choose_variant): above, its grid
+                  of ⌈own/BLOCK_OWN⌉ programs re-reads the basis from L2 per program and is
+                  slower than the two launches (its module docstring has the H100 numbers).
+  floor+N         the least any step moves that passes N = M/(√V+ε) (r×own) from the projection
+                  GEMM to the back projection through memory: the floor plus N written and read
+                  once in W's 16-bit type. Only a kernel that holds all r rows of N for its
+                  lines on chip (the one-pass kernel) avoids it; at r = min(m, n)/4 with bf16 W
+                  and fp32 M, V that term alone is 10% of the floor (4·r·own against
+                  6·m·n + 16·r·own bytes), so every two-launch step is ≥ 1.10× there.
   fused-triton-2launch
                   triton_kernels/fused_galore_step_2d.py: launch A projects and runs Adam on
                   2-D tiles of R, storing N (W's type when W is 16-bit, else fp32) to a low-rank
@@ -76,6 +86,11 @@ DEVICES: dict[str, tuple[float, int]] = {
 
 # The fused model's L2 test uses the smallest L2 listed, so its bytes hold on every device.
 SMALLEST_L2 = min(l2 for _, l2 in DEVICES.values())
+
+try:  # the one-pass kernel's rank limit (its R tile lives in registers)
+    from lowrank_kernels.triton_kernels.fused_galore_step import MAX_RANK_PAD as ONE_PASS_MAX_RANK
+except ImportError:  # Triton not installed: the same constant
+    ONE_PASS_MAX_RANK = 512
 
 QUANT_GROUP = 256  # q-galore-torch's group for W (INT8) and P (INT4); bitsandbytes' block too
 
@@ -167,8 +182,12 @@ def fused(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
           state_dtype: torch.dtype = torch.float32, proj_dtype: torch.dtype | None = None, *,
           l2_bytes: int = SMALLEST_L2, block_lines: int = 64, impl: str = "fused-triton"
           ) -> Traffic:
-    """Our one-pass (Triton) step under the line-tile scheme in the module docstring."""
+    """Our one-pass (Triton) step under the line-tile scheme in the module docstring; it
+    exists up to r = ONE_PASS_MAX_RANK."""
     g = Geometry(m, n, rank)
+    if rank > ONE_PASS_MAX_RANK:
+        raise ValueError(f"rank: the one-pass kernel runs up to r = {ONE_PASS_MAX_RANK}, "
+                         f"got {rank}")
     p_bytes = g.basis * _size(proj_dtype or weight_dtype)
     base = floor(m, n, rank, weight_dtype, state_dtype, proj_dtype).accesses
     if 2 * p_bytes <= l2_bytes:
@@ -184,6 +203,19 @@ def _workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The two-launch kernels store N in the type their back projection multiplies in: W's
     type when W is 16-bit, else fp32 (fused_galore_step_2d.workspace_dtype)."""
     return torch.float32 if weight_dtype == torch.float32 else weight_dtype
+
+
+def floor_plus_n(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+                 state_dtype: torch.dtype = torch.float32, proj_dtype: torch.dtype | None = None
+                 ) -> Traffic:
+    """The floor plus N written and read once in the workspace type: the least a step moves
+    that keeps N in memory between its two GEMMs (module docstring)."""
+    n_dtype = _workspace_dtype(weight_dtype)
+    n_bytes = Geometry(m, n, rank).low_rank * _size(n_dtype)
+    return Traffic("floor+N", (
+        *floor(m, n, rank, weight_dtype, state_dtype, proj_dtype).accesses,
+        Access(f"N ({n_dtype}) written once and read once", n_bytes, n_bytes),
+    ))
 
 
 def fused_triton_2launch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
@@ -449,8 +481,10 @@ def implementations(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch
     dense_floor = floor(m, n, rank, weight_dtype, state_dtype)
     q_floor = floor_q_galore(m, n, rank, weight_dtype)
     pairs = [(dense_floor, dense_floor)]
-    pairs.append((fused(m, n, rank, weight_dtype, state_dtype, l2_bytes=l2_bytes,
-                        impl="fused-triton"), dense_floor))
+    if rank <= ONE_PASS_MAX_RANK:
+        pairs.append((fused(m, n, rank, weight_dtype, state_dtype, l2_bytes=l2_bytes,
+                            impl="fused-triton"), dense_floor))
+    pairs.append((floor_plus_n(m, n, rank, weight_dtype, state_dtype), dense_floor))
     pairs.append((fused_triton_2launch(m, n, rank, weight_dtype, state_dtype), dense_floor))
     pairs.append((fused_cuda(m, n, rank, weight_dtype, state_dtype), dense_floor))
     # galore-torch keeps M, V in the gradient's dtype: judge it against the floor of that layout.
@@ -490,7 +524,9 @@ def model_rows(names: Sequence[str], rank: int | None = None,
                state_dtype: torch.dtype = torch.float32, *, weight_decay: bool = True
                ) -> list[dict[str, object]]:
     """Rows for each distinct Linear shape of the models, then for all their Linear weights
-    (every layer) together. The rank is capped at min(m, n) per shape."""
+    (every layer) together: an implementation gets that row only if it runs at every shape
+    (the one-pass kernel stops at r = ONE_PASS_MAX_RANK). The rank is capped at min(m, n) per
+    shape."""
     rows: list[dict[str, object]] = []
     for name in names:
         cfg = model(name)
@@ -505,11 +541,14 @@ def model_rows(names: Sequence[str], rank: int | None = None,
                                         weight_decay=weight_decay):
                 rows.append({"model": cfg.name, **_row(f"{m}x{n}", m, n, rr, t.impl, t.kernels,
                                                        t.total, f.total)})
-                acc = totals.setdefault(t.impl, [0, 0.0, 0.0])
+                acc = totals.setdefault(t.impl, [0, 0.0, 0.0, 0])
                 acc[0] += count * t.kernels
                 acc[1] += count * t.total
                 acc[2] += count * f.total
-        for impl, (kernels, total, judged_total) in totals.items():
+                acc[3] += 1
+        for impl, (kernels, total, judged_total, shapes) in totals.items():
+            if shapes < len(counts):
+                continue
             rows.append({"model": cfg.name, **_row(f"all Linear x{cfg.layers} layers", "", "", r,
                                                    impl, kernels, total, judged_total)})
     return rows

@@ -263,6 +263,7 @@ class OurConfig:
     preset: str
     int8_weights: bool = False  # projected Linears as Int8Linear (Q-GaLore's INT8 weights)
     layerwise: bool = False  # LayerwiseTrainer: each weight steps from its gradient hook
+    state_dtype: torch.dtype = torch.float32  # projected moments (bf16: stochastic rounding)
 
 
 OUR_CONFIGS: dict[str, OurConfig] = {
@@ -276,6 +277,11 @@ OUR_CONFIGS: dict[str, OurConfig] = {
                                              "QGaLoreAdamW", int8_weights=True, layerwise=True),
     "ours-DCTAdamW-layerwise": OurConfig("ours DCTAdamW layer-wise", "DCTAdamW",
                                          layerwise=True),
+    "ours-GaLoreAdamW-bf16": OurConfig("ours GaLoreAdamW, bf16 moments", "GaLoreAdamW",
+                                       state_dtype=torch.bfloat16),
+    "ours-QGaLoreAdamW-layerwise-bf16": OurConfig(
+        "ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise, bf16 moments", "QGaLoreAdamW",
+        int8_weights=True, layerwise=True, state_dtype=torch.bfloat16),
 }
 
 
@@ -310,7 +316,7 @@ def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape):
             ours = OUR_CONFIGS[name]
             optim = importlib.import_module("lowrank_kernels.optim")
             groups, low_rank, rest = _groups(net, cfg, recipe_keys=ours.preset != "DCTAdamW")
-            opt = getattr(optim, ours.preset)(groups, lr=1e-3)
+            opt = getattr(optim, ours.preset)(groups, lr=1e-3, state_dtype=ours.state_dtype)
             trainer = optim.LayerwiseTrainer(net, opt) if ours.layerwise else None
             return opt, rest + low_rank, trainer
     raise ValueError(f"optimizer: expected one of {tuple(ACCOUNTANTS)}, got {name!r}")
@@ -420,7 +426,9 @@ def account_ours(key: str) -> Callable:
         for p in params:
             opt.init_state(p)
         acc = account_state(ours.label, params, opt.state, layerwise=ours.layerwise)
-        acc.note = f"rank {cfg.rank}; fp32 M, V of projected weights"
+        moments = ("bf16 (stochastically rounded)" if ours.state_dtype == torch.bfloat16
+                   else "fp32")
+        acc.note = f"rank {cfg.rank}; {moments} M, V of projected weights"
         if ours.int8_weights:
             acc.note += "; Int8Linear W g256 (fp32 scales/zeros)"
         if ours.layerwise:

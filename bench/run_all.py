@@ -92,8 +92,10 @@ def stage_memory(out: Path) -> str:
             "(tests/test_memory.py checks it against a real step byte for byte). "
             "q-galore-torch is modelled, not stepped (it cannot step with the installed "
             "bitsandbytes): its own quantisers on one CPU tensor per shape + bitsandbytes' "
-            "init_state. Our projected moments are fp32 (galore-torch: the weight dtype, "
-            "q-galore-torch: 8-bit); the layer-wise Q-GaLore row steps INT8 codes from their "
+            "init_state. Our projected moments are fp32, or bf16 with stochastic rounding "
+            "in the `bf16 moments` rows (`state_dtype=torch.bfloat16`; galore-torch: the "
+            "weight dtype, nearest-rounded; q-galore-torch: 8-bit); the layer-wise Q-GaLore "
+            "rows step INT8 codes from their "
             "float_grad hook (lowrank_kernels.autograd.register_float_grad_hook). Optimizers "
             "not listed could not be imported. Per-row CSV: `memory_<model>_bf16.csv`.\n\n"
             + "\n\n".join(parts))

@@ -266,7 +266,11 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     ``GaLoreAdamW``. ``step`` is the step count after incrementing (1 on the first step).
     ``param``/``grad`` may be fp32, bf16 or fp16, ``exp_avg``/``exp_avg_sq`` fp32 or bf16; all
     arithmetic is fp32 and every stored value is rounded once. No m×n temporary is materialised
-    by the cpu, cuda and triton backends.
+    by the cpu, cuda and triton backends. bf16 moments are stored with stochastic rounding
+    (unbiased: a nearest-rounded V cannot decay at β2 = 0.999), |x| rounded up with probability
+    (dropped bits)/2^16 from Philox words under key seed + 2**32·step at counter (row-major
+    index, 1 for exp_avg / 2 for exp_avg_sq), ``reference.store_moment_``; N uses the fp32
+    moments. seed in [0, 2**32) and step < 2**31 then, as for INT8 codes.
 
     Q-GaLore formats (DESIGN.md §4.3-§4.4, see :func:`quantize_int4` / :func:`quantize_int8`):
     a uint8 ``proj`` is a packed INT4 basis (1-D, with ``proj_scales``/``proj_zeros`` and
@@ -296,7 +300,7 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     if proj.dtype == torch.uint8 or param.dtype == torch.uint8:
         reference.fused_qgalore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper, **formats)
     else:
-        reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper)
+        reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,11 +541,12 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, be
                                "INT8 (uint8) param codes")
         if param_scales is param_zeros:
             raise ValueError("param_zeros: must not alias param_scales")
+    elif param_scales is not None or param_zeros is not None:
+        raise ValueError("param_scales/param_zeros: only valid with INT8 (uint8) param codes")
+    if int8_weight or exp_avg.dtype == torch.bfloat16:  # a stochastic-rounding stream
         check_rounding_seed(seed)
         if step > MAX_ROUNDING_STEP:
             raise ValueError(f"step: expected a value <= 2^31 - 1, got {step}")
-    elif param_scales is not None or param_zeros is not None:
-        raise ValueError("param_scales/param_zeros: only valid with INT8 (uint8) param codes")
     check_hyperparameters(beta1, beta2, eps, step)
     return rank
 

@@ -47,12 +47,14 @@ def adam_normalized(low_rank_grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_
 
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, scale: float, step: int
-                      ) -> None:
+                      beta2: float, eps: float, weight_decay: float, scale: float, step: int,
+                      seed: int = 0) -> None:
     """One GaLore AdamW step (DESIGN.md §4.2), galore-torch ``GaLoreAdamW`` semantics.
 
     M ← β1·M + (1−β1)·R,  V ← β2·V + (1−β2)·R²,  N = M / (√V + ε),
     W ← W − α_t·scale·back(N),  then  W ← W − lr·wd·W  (decoupled decay after the update).
+    N uses the fp32 moments; bf16 moments are then stored with stochastic rounding
+    (:func:`store_moment_`, Philox key rounding_philox_seed(seed, step)).
     """
     m, n = param.shape
     exp_avg32, exp_avg_sq32 = exp_avg.float(), exp_avg_sq.float()
@@ -62,8 +64,9 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     if weight_decay != 0.0:
         w.mul_(1.0 - lr * weight_decay)
     param.copy_(w)
-    exp_avg.copy_(exp_avg32)
-    exp_avg_sq.copy_(exp_avg_sq32)
+    philox_seed = rounding_philox_seed(seed, step)
+    store_moment_(exp_avg, exp_avg32, philox_seed, EXP_AVG_STREAM)
+    store_moment_(exp_avg_sq, exp_avg_sq32, philox_seed, EXP_AVG_SQ_STREAM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,13 +166,10 @@ def _mul_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """u ∈ [0, 1) of Philox-4x32-10 as Triton's ``tl.rand(seed, offsets)``, in fp32.
-
-    key = (low, high) words of seed; counter = (low, high words of the offset, 0, 0); the first
-    output word x, read as int32 and bit-inverted when negative, times 4.6566127342e-10 in fp32.
-    An int32 offset is its 32 bits (high word 0), as in Triton.
-    """
+def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The first output word of Philox-4x32-10 (int64 holding the uint32), as Triton's
+    ``tl.randint(seed, offsets)``: key = (low, high) words of seed; counter = (low, high words
+    of the offset, 0, 0). An int32 offset is its 32 bits (high word 0), as in Triton."""
     off = offsets.to(torch.int64)
     if offsets.dtype == torch.int32:
         off = off & _U32
@@ -182,8 +182,42 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _mul_u32(_PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    return c0
+
+
+def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """u ∈ [0, 1) of Philox-4x32-10 as Triton's ``tl.rand(seed, offsets)``, in fp32: the word
+    of :func:`philox_uint32`, read as int32 and bit-inverted when negative, times
+    4.6566127342e-10 in fp32."""
+    c0 = philox_uint32(seed, offsets)
     x = torch.where(c0 >= 2**31, _U32 - c0, c0)  # ~x of the int32 reading, for negative ones
     return x.to(torch.float32) * torch.tensor(_UINT31_TO_UNIT, dtype=torch.float32)
+
+
+# bf16 moments (lowrank/adam.h): stored with stochastic rounding, Philox counter word 1 = stream
+EXP_AVG_STREAM, EXP_AVG_SQ_STREAM = 1 << 32, 2 << 32
+
+
+def stochastic_round_bf16(x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """x (fp32) rounded to bf16 stochastically with 32-bit random words (int64 holding uint32):
+    the top 16 bits of the word are added to the 16 bits rounding drops, so |x| rounds up with
+    probability (dropped bits)/2^16 and E[result] = x. NaN stays NaN."""
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & _U32
+    rounded = ((bits + (words >> 16)) >> 16) << 16
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    out = rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+    return torch.where(torch.isnan(x), torch.full_like(out, float("nan")), out)
+
+
+def store_moment_(state: torch.Tensor, value: torch.Tensor, philox_seed: int, stream: int
+                  ) -> None:
+    """state ← value (fp32) in state's dtype: fp32 as is; bf16 rounded stochastically with the
+    words philox_uint32(philox_seed, row-major index + stream)."""
+    if state.dtype != torch.bfloat16:
+        state.copy_(value)
+        return
+    index = torch.arange(state.numel(), device=state.device).view(state.shape)
+    state.copy_(stochastic_round_bf16(value, philox_uint32(philox_seed, index + stream)))
 
 
 def num_groups(numel: int, group_size: int) -> int:
@@ -294,7 +328,7 @@ def fused_qgalore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tens
     """
     m, n = param.shape
     hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps,
-             "weight_decay": weight_decay, "scale": scale, "step": step}
+             "weight_decay": weight_decay, "scale": scale, "step": step, "seed": seed}
     basis = proj
     if proj.dtype == torch.uint8:
         rank = exp_avg.shape[1] if is_right_side(m, n) else exp_avg.shape[0]

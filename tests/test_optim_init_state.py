@@ -21,6 +21,8 @@ CONFIGS = {
     "rsvd": (LowRankAdamW, dict(rank=6, update_proj_gap=2, projection="rsvd")),
     "random": (LowRankAdamW, dict(rank=6, update_proj_gap=2, projection="random",
                                   refresh="lazy")),
+    "galore-bf16-moments": (GaLoreAdamW, dict(rank=6, update_proj_gap=2,
+                                              state_dtype=torch.bfloat16)),
 }
 
 

@@ -95,6 +95,8 @@ RESUME_CONFIGS = {  # name -> (optimizer class, group keys)
     "random-fixed": (LowRankAdamW, dict(projection="random", update_proj_gap=4, seed=7)),
     "DCTAdamW": (DCTAdamW, {}),  # indices re-chosen every step
     "QGaLoreAdamW": (QGaLoreAdamW, dict(update_proj_gap=2)),  # INT4 basis, lazy refresh
+    # bf16 moments: stochastically rounded, the stream keyed by (seed, step) resumes too
+    "svd-bf16-moments": (LowRankAdamW, dict(update_proj_gap=3, state_dtype=torch.bfloat16)),
 }
 
 
@@ -292,6 +294,7 @@ def test_non_finite_gradient_is_an_error_naming_the_parameter():
     (dict(rank=4, refresh="sometimes"), "refresh"),
     (dict(rank=4, update_proj_gap=0), "update_proj_gap"),
     (dict(rank=4, refresh="lazy", refresh_threshold=1.5), "refresh_threshold"),
+    (dict(rank=4, state_dtype=torch.float16), "state_dtype: expected one of"),
 ])
 def test_bad_group_keys_raise_naming_the_key(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -302,3 +305,28 @@ def test_projected_parameters_must_be_matrices():
     bias = torch.nn.Parameter(torch.zeros(8))
     with pytest.raises(ValueError, match="2-D"):
         LowRankAdamW([{"params": [bias], "rank": 2}])
+
+
+def test_bf16_moments_are_stored_in_bf16_and_track_the_fp32_run():
+    """state_dtype=torch.bfloat16: the moments of projected weights are bf16 (dense parameters
+    keep torch's states), and the trajectory stays near the fp32-moment one."""
+    batches = mlp_batches(20)
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = small_mlp()
+        optimizer = LowRankAdamW(mlp_param_groups(model, rank=5, update_proj_gap=5),
+                                 lr=1e-2, state_dtype=dtype)
+        train_steps(model, optimizer, batches)
+        runs[dtype] = model, optimizer
+    model, optimizer = runs[torch.bfloat16]
+    for p in optimizer.param_groups[1]["params"]:
+        assert optimizer.state[p]["exp_avg"].dtype == torch.bfloat16
+        assert optimizer.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+    assert optimizer.state[optimizer.param_groups[0]["params"][0]]["exp_avg"].dtype == (
+        torch.float32)
+    fp32_model, _ = runs[torch.float32]
+    initial = small_mlp()
+    for a, b, w0 in zip(model.parameters(), fp32_model.parameters(), initial.parameters()):
+        moved = (b - w0).abs().max()
+        assert moved > 1e-3
+        assert (a - b).abs().max() < 0.05 * moved

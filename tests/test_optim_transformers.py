@@ -66,6 +66,9 @@ def test_optim_args_are_typed_and_checked():
         "rank": 64, "update_proj_gap": 50, "scale": 0.25, "refresh": "lazy"}
     with pytest.raises(ValueError, match="optim_args"):
         parse_optim_args("rnak=64")
+    assert parse_optim_args("state_dtype=bf16") == {"state_dtype": torch.bfloat16}
+    with pytest.raises(ValueError, match="state_dtype expected one of"):
+        parse_optim_args("state_dtype=int8")
 
 
 def _args(tmp_path, **kw):

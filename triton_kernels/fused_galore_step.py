@@ -96,7 +96,7 @@ def _fused_galore_step_kernel(
     W_ptr, G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr,
     stride_wm, stride_gm, stride_projm, stride_statem,
     M, N, R,
-    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, update_scale,
+    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, update_scale, philox_seed,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
     R_PAD: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
     INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -125,7 +125,7 @@ def _fused_galore_step_kernel(
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
     normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
-                            beta2, one_minus_beta1, one_minus_beta2, eps, INTERPRETED)
+                            beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
     # padding must be exactly 0 (not 0/(0+eps), NaN when eps = 0): it multiplies the basis below
     normalized = tl.where(state_mask, normalized, 0.0)
     w_type = W_ptr.dtype.element_ty
@@ -307,23 +307,26 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                    else choose_variant(m, n, rank, grad.dtype, basis.dot_dtype, sms,
                                        generated=basis.kind != 0))
     coeffs = adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step)
+    philox_seed = rounding_philox_seed(seed, step)
     if variant == "twolaunch":
         fused_galore_step_2d.launch(param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs,
                                     basis=basis, param_scales=param_scales,
                                     param_zeros=param_zeros, param_group_size=param_group_size,
-                                    philox_seed=rounding_philox_seed(seed, step))
+                                    philox_seed=philox_seed)
     else:
         config = pick_config(m, n, rank, grad.dtype, basis.dot_dtype, sms,
                              generated=basis.kind != 0)
-        _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs, basis=basis)
+        _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs, basis=basis,
+                philox_seed=philox_seed)
 
 
 def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: int,
             coeffs: dict[str, float], index_64: bool | None = None, *,
-            basis: BasisArgs | None = None):
+            basis: BasisArgs | None = None, philox_seed: int = 0):
     """Launches one validated step with a given configuration (benchmarks try others); returns
     Triton's handle of the launched kernel (registers, spills) when compiled. ``basis``
-    describes an INT4 or DCT proj (default: proj is a dense basis)."""
+    describes an INT4 or DCT proj (default: proj is a dense basis); ``philox_seed`` keys the
+    stochastic rounding of bf16 moments (rounding_philox_seed(seed, step))."""
     m, n = param.shape
     right = is_right_side(m, n)
     if basis is None:
@@ -335,7 +338,7 @@ def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: 
     return _fused_galore_step_kernel[grid](
         param, grad, basis.tensor, basis.scales, basis.zeros, exp_avg, exp_avg_sq,
         param.stride(0), grad.stride(0), basis.stride, exp_avg.stride(0),
-        m, n, rank, **coeffs,
+        m, n, rank, **coeffs, philox_seed=philox_seed,
         RIGHT=right, BLOCK_OWN=config.block_own, BLOCK_LONG=config.block_long,
         R_PAD=config.r_pad, BASIS=basis.kind, PROJ_GROUP=basis.group_size, INDEX_64=index_64,
         INTERPRETED=param.device.type == "cpu",

@@ -107,7 +107,7 @@ def _project_adam_kernel(
     G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr, Normalized_ptr,
     stride_gm, stride_projm, stride_statem, stride_normm,
     M, N, R,
-    beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
     INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -125,7 +125,7 @@ def _project_adam_kernel(
     state_mask = own_mask[:, None] & r_mask[None, :]
     # only the real rank is stored; launch B reads the padding as 0 through its mask
     normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
-                            beta2, one_minus_beta1, one_minus_beta2, eps, INTERPRETED)
+                            beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
     tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, RIGHT),
              _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
 
@@ -459,7 +459,8 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
            configs: tuple[TileConfig, TileConfig] | None = None) -> None:
     """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs). ``basis``
     describes an INT4 or DCT proj (default: proj is a dense basis); a uint8 ``param`` holds INT8
-    codes with their scales/zeros, requantized with u = tl.rand(philox_seed, index).
+    codes with their scales/zeros, requantized with u = tl.rand(philox_seed, index);
+    ``philox_seed`` also keys the stochastic rounding of bf16 moments in launch A.
     ``configs``: (launch A, launch B) in place of ``pick_configs`` (bench/tune_triton_step.py)."""
     m, n = param.shape
     right = is_right_side(m, n)
@@ -486,7 +487,7 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         grad.stride(0), basis.stride, exp_avg.stride(0), normalized.stride(0),
         m, n, rank,
         coeffs["beta1"], coeffs["beta2"], coeffs["one_minus_beta1"], coeffs["one_minus_beta2"],
-        coeffs["eps"],
+        coeffs["eps"], philox_seed,
         RIGHT=right, BLOCK_OWN=project.block_own, BLOCK_R=project.block_r,
         BLOCK_LONG=project.block_long, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
         INDEX_64=index_64, INTERPRETED=interpreted,

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 
 #include "dct_cpu.h"
 #include "lowrank/adam.h"
@@ -31,12 +32,18 @@ namespace {
 // tile spans about r lines: that keeps the re-read at most the G traffic while the fp32 G and
 // back(N) tiles of low-precision weights stay cache-resident (measured on 2048x5504, r=256, bf16:
 // r lines 0.98x the two-GEMM floor, 2r lines 1.05x, r/2 lines 1.21x). The upper bound keeps
-// enough tiles to balance the cores.
-int64_t tile_extent(int64_t lines, int64_t r) {
+// enough tiles to balance the cores. A tile also has a fixed cost (ATen dispatch of its narrow,
+// two GEMM and update calls, ~15 us), so it gets at least kMinTileFlops of GEMM work: small
+// weights run as one or a few tiles (llama-tiny's 128x344, r=32: 6 tiles -> 2, 1.5x faster).
+constexpr int64_t kMinTileFlops = int64_t{1} << 22;
+
+int64_t tile_extent(int64_t lines, int64_t span, int64_t r) {
   const int64_t threads = at::get_num_threads();
   int64_t extent = std::clamp<int64_t>(r, 64, 1024);
   const int64_t balanced = (lines + 2 * threads - 1) / (2 * threads);
   extent = std::min(extent, std::max<int64_t>(balanced, 16));
+  const int64_t flops_per_line = 4 * span * r;  // two GEMMs, 2 flops per multiply-add
+  extent = std::max(extent, (kMinTileFlops + flops_per_line - 1) / flops_per_line);
   return std::max<int64_t>(1, std::min(extent, lines));
 }
 
@@ -51,21 +58,34 @@ void parallel_tiles(int64_t tiles, const F& body) {
   });
 }
 
-// Adam on a rows x cols block of the low-rank state, with leading dimension ld (elements).
-// R is read and overwritten by N (contiguous rows x cols).
+// A moment stored in its dtype: fp32 as is, bf16 rounded stochastically (lowrank/adam.h).
+template <typename state_t>
+state_t store_moment(float x, const AdamCoeffs& c, uint64_t stream, int64_t index) {
+  if constexpr (std::is_same_v<state_t, float>) {
+    return x;
+  } else {
+    return c10::BFloat16(stochastic_round_state_bits(x, c, stream, index),
+                         c10::BFloat16::from_bits());
+  }
+}
+
+// Adam on a rows x cols block of the low-rank state, with leading dimension ld (elements);
+// `first` is the row-major index of the block's first element in M and V. R is read and
+// overwritten by N (contiguous rows x cols).
 template <typename state_t>
 void adam_block(float* r_then_n, state_t* exp_avg, state_t* exp_avg_sq, int64_t rows,
-                int64_t cols, int64_t ld, const AdamCoeffs& c) {
+                int64_t cols, int64_t ld, int64_t first, const AdamCoeffs& c) {
   for (int64_t i = 0; i < rows; ++i) {
     float* rn = r_then_n + i * cols;
     state_t* mrow = exp_avg + i * ld;
     state_t* vrow = exp_avg_sq + i * ld;
+    const int64_t row_first = first + i * ld;
     for (int64_t j = 0; j < cols; ++j) {
       float m = static_cast<float>(mrow[j]);
       float v = static_cast<float>(vrow[j]);
       rn[j] = adam_normalized_update(rn[j], m, v, c);
-      mrow[j] = static_cast<state_t>(m);
-      vrow[j] = static_cast<state_t>(v);
+      mrow[j] = store_moment<state_t>(m, c, kExpAvgStream, row_first + j);
+      vrow[j] = store_moment<state_t>(v, c, kExpAvgSqStream, row_first + j);
     }
   }
 }
@@ -85,18 +105,19 @@ void update_block(weight_t* w, const float* back_n, int64_t rows, int64_t cols, 
 
 template <typename state_t>
 void adam_tile(at::Tensor& r_tile, const at::Tensor& m_tile, const at::Tensor& v_tile,
-               const AdamCoeffs& c) {
+               int64_t first, const AdamCoeffs& c) {
   adam_block<state_t>(r_tile.data_ptr<float>(), m_tile.data_ptr<state_t>(),
                       v_tile.data_ptr<state_t>(), m_tile.size(0), m_tile.size(1),
-                      m_tile.stride(0), c);
+                      m_tile.stride(0), first, c);
 }
 
+// m_tile, v_tile: views of M and V whose first element has row-major index `first`.
 void run_adam_tile(at::Tensor& r_tile, const at::Tensor& m_tile, const at::Tensor& v_tile,
-                   const AdamCoeffs& c) {
+                   int64_t first, const AdamCoeffs& c) {
   if (m_tile.scalar_type() == at::kFloat) {
-    adam_tile<float>(r_tile, m_tile, v_tile, c);
+    adam_tile<float>(r_tile, m_tile, v_tile, first, c);
   } else {
-    adam_tile<at::BFloat16>(r_tile, m_tile, v_tile, c);
+    adam_tile<at::BFloat16>(r_tile, m_tile, v_tile, first, c);
   }
 }
 
@@ -160,9 +181,9 @@ void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Ten
                         at::Tensor& exp_avg_sq, const StepGeometry& g, const AdamCoeffs& c,
                         bool need_back_buf, const Epilogue& epilogue) {
   const int64_t lines = g.right ? g.m : g.n;  // rows (right) or columns (left) of W
-  const int64_t extent = tile_extent(lines, g.r);
+  const int64_t span = g.right ? g.n : g.m;   // length of one line
+  const int64_t extent = tile_extent(lines, span, g.r);
   const int64_t tiles = (lines + extent - 1) / extent;
-  const int64_t span = g.right ? g.n : g.m;  // length of one line
   const bool lowp_g = grad.scalar_type() != at::kFloat;
   const auto f32 = grad.options().dtype(at::kFloat);
   const int dim = g.right ? 0 : 1;
@@ -180,8 +201,9 @@ void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Ten
       } else {
         at::mm_out(r_tile, basis.t(), g32);  // (r x m) @ (m x len)
       }
+      // the tile's first state element: row `start` (right, m x r) or column `start` (left)
       run_adam_tile(r_tile, exp_avg.narrow(dim, start, len), exp_avg_sq.narrow(dim, start, len),
-                    c);
+                    g.right ? start * g.r : start, c);
       epilogue(start, len, r_tile, back_buf);
     }
   });
@@ -297,7 +319,8 @@ void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
       proj_group_size, param_scales, param_zeros, param_group_size, seed);
   LOWRANK_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
-  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
+  const AdamCoeffs c =
+      make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, seed);
   const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
   if (param.scalar_type() != at::kByte) {
     dense_step_tiles(param, grad, basis, exp_avg, exp_avg_sq, g, c);

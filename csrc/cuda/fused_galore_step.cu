@@ -761,9 +761,16 @@ struct AdamEpilogue {
       v = static_cast<const float*>(exp_avg_sq)[idx];
     }
     normalized[idx] = from_float<TN>(adam_normalized_update(r, m, v, coeffs));
+    store_moments(idx, m, v);
+  }
+
+  // M and V of element idx in their dtype: fp32, or bf16 rounded stochastically (adam.h).
+  __device__ __forceinline__ void store_moments(int64_t idx, float m, float v) const {
     if (state_bf16) {
-      static_cast<__nv_bfloat16*>(exp_avg)[idx] = __float2bfloat16_rn(m);
-      static_cast<__nv_bfloat16*>(exp_avg_sq)[idx] = __float2bfloat16_rn(v);
+      static_cast<__nv_bfloat16*>(exp_avg)[idx] =
+          __ushort_as_bfloat16(stochastic_round_state_bits(m, coeffs, kExpAvgStream, idx));
+      static_cast<__nv_bfloat16*>(exp_avg_sq)[idx] =
+          __ushort_as_bfloat16(stochastic_round_state_bits(v, coeffs, kExpAvgSqStream, idx));
     } else {
       static_cast<float*>(exp_avg)[idx] = m;
       static_cast<float*>(exp_avg_sq)[idx] = v;
@@ -795,13 +802,7 @@ struct AdamEpilogue {
     for (int e = 0; e < (second ? 2 : 1); ++e) {
       float m = s.m[e], v = s.v[e];
       normalized[idx + e] = from_float<TN>(adam_normalized_update(r[e], m, v, coeffs));
-      if (state_bf16) {
-        static_cast<__nv_bfloat16*>(exp_avg)[idx + e] = __float2bfloat16_rn(m);
-        static_cast<__nv_bfloat16*>(exp_avg_sq)[idx + e] = __float2bfloat16_rn(v);
-      } else {
-        static_cast<float*>(exp_avg)[idx + e] = m;
-        static_cast<float*>(exp_avg_sq)[idx + e] = v;
-      }
+      store_moments(idx + e, m, v);
     }
   }
 };
@@ -1114,7 +1115,8 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad, const at:
                     shape_str(param.sizes()));
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step);
+  const AdamCoeffs c =
+      make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, seed);
 
   // Fast path: a 16-bit G with a dense basis of its type (used as it is) or a packed INT4 basis
   // (dequantized in the tile loader) goes to the tensor cores without an fp32 basis; when W has

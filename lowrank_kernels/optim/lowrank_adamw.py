@@ -19,12 +19,19 @@ refresh              "fixed" (every update_proj_gap steps) | "lazy" (see project
 refresh_threshold,   lazy policy: grow the gap by ``refresh_growth`` (up to ``refresh_max_gap``)
 refresh_growth,      while the subspace overlap ‖P_oldᵀP_new‖²_F/r stays ≥ ``refresh_threshold``
 refresh_max_gap
-seed                 seed of random projections (mixed with each parameter's position)
+state_dtype          dtype of the projected moments M, V: torch.float32 (default) or
+                     torch.bfloat16 (half the optimizer memory; stored with stochastic rounding,
+                     see below)
+seed                 seed of random projections and of the stochastic-rounding streams (mixed
+                     with each parameter's position)
 names                optional list of parameter names, parallel to ``params`` (for messages)
 ===================  ==========================================================================
 
 Semantics of a projected step: DESIGN.md §4.2 (galore-torch's ``GaLoreAdamW``: ε not
-bias-corrected, decoupled decay after the update). Moments are fp32 whatever the weight dtype.
+bias-corrected, decoupled decay after the update). Moments are fp32 whatever the weight dtype,
+unless ``state_dtype=torch.bfloat16``: each step then computes them in fp32 and stores them
+stochastically rounded to bf16 (unbiased; nearest rounding would freeze V, whose per-step change
+with β2 = 0.999 is below half a bf16 ulp — see lowrank/adam.h and tests/test_bf16_moments.py).
 Unprojected parameters follow ``dense_adamw``: "torch" = ``torch.optim.AdamW`` (its foreach/fused
 kernels; ε bias-corrected, decay before the update) or "galore" = galore-torch's own AdamW
 formula on torch's foreach ops (what ``GaLoreAdamW`` uses, so a drop-in gives the same numbers).
@@ -60,6 +67,7 @@ from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
 
 DENSE_ADAMW = ("torch", "galore")
+STATE_DTYPES = (torch.float32, torch.bfloat16)  # of the projected moments
 INT8_GROUP_SIZE = 256
 
 
@@ -98,7 +106,8 @@ class LowRankAdamW(torch.optim.Optimizer):
                  proj_type: str = "std", projection: str = "svd", proj_bits: int = 16,
                  proj_group_size: int = 256, refresh: str = "fixed",
                  refresh_threshold: float = 0.8, refresh_growth: float = 2.0,
-                 refresh_max_gap: int | None = None, seed: int = 0, correct_bias: bool = True,
+                 refresh_max_gap: int | None = None, seed: int = 0,
+                 state_dtype: torch.dtype = torch.float32, correct_bias: bool = True,
                  dense_adamw: str = "torch", foreach: bool | None = None,
                  fused: bool | None = None, backend: str | None = None):
         if not lr >= 0.0:
@@ -114,7 +123,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                         proj_type=proj_type, projection=projection, proj_bits=proj_bits,
                         proj_group_size=proj_group_size, refresh=refresh,
                         refresh_threshold=refresh_threshold, refresh_growth=refresh_growth,
-                        refresh_max_gap=refresh_max_gap, seed=seed)
+                        refresh_max_gap=refresh_max_gap, seed=seed, state_dtype=state_dtype)
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------
@@ -132,6 +141,9 @@ class LowRankAdamW(torch.optim.Optimizer):
                 raise ValueError(f"proj_type: only 'std' (right if m >= n, else left) is "
                                  f"supported, got {group['proj_type']!r}")
             self._spec(group)  # validates the projection keys
+            if group["state_dtype"] not in STATE_DTYPES:
+                raise ValueError(f"state_dtype: expected one of {STATE_DTYPES}, got "
+                                 f"{group['state_dtype']!r}")
             for i, p in enumerate(group["params"]):
                 name = self._name(group, i, p)
                 if p.dim() != 2:
@@ -270,8 +282,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         m, n = p.shape
         shape = ops.low_rank_shape(m, n, spec.rank)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        state["exp_avg"] = torch.zeros(shape, dtype=group["state_dtype"], device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=group["state_dtype"], device=p.device)
         proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
 
     @staticmethod

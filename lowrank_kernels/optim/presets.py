@@ -21,7 +21,8 @@ class GaLoreAdamW(LowRankAdamW):
 
     Differences, all deliberate: a rank above min(m, n) raises instead of being truncated,
     proj_type must be "std", moments of projected weights are fp32 (galore-torch keeps them in the
-    gradient's dtype), and a failed SVD falls back (with a warning) instead of aborting.
+    gradient's dtype, nearest-rounded; ``state_dtype=torch.bfloat16`` stores them in bf16 with
+    stochastic rounding), and a failed SVD falls back (with a warning) instead of aborting.
     ``no_deprecation_warning`` is accepted for signature compatibility and ignored.
     """
 

@@ -4,8 +4,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "lowrank/common.h"
+#include "lowrank/philox.h"
 
 namespace lowrank {
 
@@ -18,10 +20,14 @@ struct AdamCoeffs {
   // W' = (1 - lr*wd) * (W - alpha_t*scale*back(N)), alpha_t = lr*sqrt(1-beta2^t)/(1-beta1^t).
   float decay;
   float update_scale;
+  // Philox key of the bf16 moments' stochastic rounding: rounding_philox_seed(seed, step).
+  uint64_t state_philox_seed;
 };
 
+// seed: the op's stochastic-rounding seed (only bf16 moments draw from it here).
 inline AdamCoeffs make_adam_coeffs(double lr, double beta1, double beta2, double eps,
-                                   double weight_decay, double scale, int64_t step) {
+                                   double weight_decay, double scale, int64_t step,
+                                   int64_t seed) {
   const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bias2 = 1.0 - std::pow(beta2, static_cast<double>(step));
   const double alpha_t = lr * std::sqrt(bias2) / bias1;
@@ -34,6 +40,7 @@ inline AdamCoeffs make_adam_coeffs(double lr, double beta1, double beta2, double
   c.eps = static_cast<float>(eps);
   c.decay = static_cast<float>(decay);
   c.update_scale = static_cast<float>(decay * alpha_t * scale);
+  c.state_philox_seed = rounding_philox_seed(seed, step);
   return c;
 }
 
@@ -42,6 +49,42 @@ LOWRANK_HD float adam_normalized_update(float r, float& m, float& v, const AdamC
   m = c.beta1 * m + c.one_minus_beta1 * r;
   v = c.beta2 * v + c.one_minus_beta2 * r * r;
   return m / (sqrtf(v) + c.eps);
+}
+
+// ---- bf16 moments: stochastic rounding (DESIGN.md §4.2 allows bf16 M, V) ----
+// Rounding a moment to the nearest bf16 loses every change below half an ulp (2^-9 to 2^-8 of
+// the value): with beta2 = 0.999, V <- 0.999 V + 0.001 R^2 moves V by less than that whenever
+// R^2 < 2.95 V, so a nearest-rounded V never decays. Stored bf16 moments are therefore rounded stochastically:
+// |x| is rounded up with probability (its 16 dropped bits) / 2^16, from a Philox word, which
+// makes E[stored] = x exactly. Word of element `index` (row-major in M or V): the first Philox
+// output at counter (index, stream, 0, 0) under key state_philox_seed, stream 1 for M and 2 for
+// V (Triton: tl.randint(key, index + stream * 2**32)); the INT8 weights' stream is stream 0.
+constexpr uint64_t kExpAvgStream = uint64_t{1} << 32;
+constexpr uint64_t kExpAvgSqStream = uint64_t{2} << 32;
+
+LOWRANK_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+#endif
+}
+
+// The bf16 bits of x rounded stochastically with the 32-bit random word `word` (its top 16 bits
+// are added to the 16 bits that rounding drops; the carry, if any, rounds |x| up). NaN stays a
+// (quiet) NaN; infinities stay; a finite x within an ulp of the bf16 range may round to inf.
+LOWRANK_HD uint16_t stochastic_round_bf16_bits(float x, uint32_t word) {
+  if (x != x) return 0x7FC0u;
+  return static_cast<uint16_t>((float_bits(x) + (word >> 16)) >> 16);
+}
+
+// The bf16 bits M (stream kExpAvgStream) or V (kExpAvgSqStream) element `index` is stored as.
+LOWRANK_HD uint16_t stochastic_round_state_bits(float x, const AdamCoeffs& c, uint64_t stream,
+                                                int64_t index) {
+  return stochastic_round_bf16_bits(
+      x, philox_uint32(c.state_philox_seed, static_cast<uint64_t>(index) + stream));
 }
 
 // The weight update with decay folded in: W' = decay*W - update_scale*back(N).

@@ -271,12 +271,14 @@ inline StepGeometry check_fused_galore_step(
                        "INT8 (uint8) param codes");
     LOWRANK_CHECK_VALUE(!param_scales->is_same(*param_zeros),
                       "param_zeros: must not alias param_scales");
-    check_rounding_seed(seed);
-    LOWRANK_CHECK_VALUE(step <= kMaxRoundingStep, "step: expected a value <= 2^31 - 1, got ",
-                      step);
   } else {
     LOWRANK_CHECK_VALUE(!param_scales && !param_zeros,
                       "param_scales/param_zeros: only valid with INT8 (uint8) param codes");
+  }
+  if (int8_weight || exp_avg.scalar_type() == at::kBFloat16) {  // a stochastic-rounding stream
+    check_rounding_seed(seed);
+    LOWRANK_CHECK_VALUE(step <= kMaxRoundingStep, "step: expected a value <= 2^31 - 1, got ",
+                      step);
   }
   check_hyperparameters(beta1, beta2, eps, step);
   return g;

@@ -1,0 +1,191 @@
+"""bf16 moments: stored with stochastic rounding in every backend (lowrank/adam.h).
+
+A nearest-rounded bf16 V never decays with β2 = 0.999 (0.999·V rounds back to V), which is
+what plain torch in bf16 (galore-torch with bf16 states) does; stochastic rounding keeps
+E[stored] = the fp32 value. The words come from Philox under key rounding_philox_seed(seed,
+step), counter (row-major index, 1 for M / 2 for V, 0, 0): the same bits in the reference, the
+C++ kernel, Triton and CUDA wherever the fp32 moments agree (exact inputs below).
+"""
+
+import importlib.util
+
+import pytest
+import torch
+from cases import StepInputs, step_inputs
+
+import lowrank_kernels as lk
+from lowrank_kernels import reference
+
+needs_extension = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton is not installed")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter
+
+# Dyadic betas: with the inputs of exact_inputs every moment update is exact in fp32 in any
+# evaluation order (with or without FMA contraction), so the backends' fp32 moments agree.
+EXACT_HYPER = dict(lr=1e-3, beta1=0.5, beta2=0.75, eps=1e-6, weight_decay=0.0, scale=0.25,
+                   step=3)
+
+
+def test_stochastic_rounding_keeps_bf16_values_and_rounds_to_a_neighbour_without_bias():
+    words = reference.philox_uint32(7, torch.arange(200_000))
+    exact = torch.tensor([1.0, -3.5, 2.0**-130, 0.0, float("inf"), -float("inf")])
+    for value in exact:  # representable in bf16: every word leaves it unchanged
+        rounded = reference.stochastic_round_bf16(value.expand(1000), words[:1000])
+        assert torch.equal(rounded.float(), value.expand(1000))
+    assert torch.isnan(reference.stochastic_round_bf16(torch.tensor([float("nan")]),
+                                                       words[:1])).all()
+    x = torch.tensor(1.0 + 2.0**-9 + 2.0**-20)  # 0.25 + 2^-13 of an ulp (2^-7) above 1
+    rounded = reference.stochastic_round_bf16(x.expand(words.numel()), words).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    up = (rounded > 1).double().mean().item()
+    p = 0.25 + 2.0**-13
+    assert abs(up - p) < 4 * (p * (1 - p) / words.numel()) ** 0.5
+    negative = reference.stochastic_round_bf16(-x.expand(words.numel()), words).float()
+    assert torch.equal(negative, -rounded)  # magnitude rounding: symmetric in the sign
+
+
+def _decay_run(op, steps, nearest=False):
+    """V = 1 (bf16), R = 0: V ← 0.999·V each step; returns the mean of V after ``steps``."""
+    m, n, r = 64, 96, 16
+    param = torch.zeros(m, n)
+    grad = torch.zeros(m, n)
+    proj = torch.eye(m, r)  # left side: m < n
+    exp_avg = torch.zeros(r, n, dtype=torch.bfloat16)
+    exp_avg_sq = torch.ones(r, n, dtype=torch.bfloat16)
+    for step in range(1, steps + 1):
+        if nearest:  # plain torch in bf16, as galore-torch keeps its moments
+            exp_avg_sq.mul_(0.999).addcmul_(exp_avg_sq * 0, exp_avg_sq * 0, value=0.001)
+        else:
+            op(param, grad, proj, exp_avg, exp_avg_sq, lr=1e-3, beta1=0.9, beta2=0.999,
+               eps=1e-6, weight_decay=0.0, scale=1.0, step=step, seed=11)
+    return exp_avg_sq.float().mean().item()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_extension)])
+def test_bf16_second_moment_decays_with_stochastic_rounding_and_freezes_with_nearest(backend):
+    steps = 300
+    expected = 0.999**steps  # 0.741
+
+    def op(*args, **kwargs):
+        lk.ops.fused_galore_step(*args, **kwargs, backend=backend)
+
+    assert _decay_run(op, steps, nearest=True) == 1.0  # frozen: 0.999 rounds back to 1
+    mean = _decay_run(op, steps)
+    assert abs(mean - expected) < 0.01, (mean, expected)
+
+
+def exact_inputs(m, n, rank, seed=0):
+    """fp32 weight and gradient, bf16 moments; a dyadic basis with one nonzero rank per basis
+    column and an integer G, so R is exact in any summation order, and bf16 moments of a few
+    bits, so that with EXACT_HYPER M' = M/2 + R/2 and V' = 3V/4 + R²/4 are exact fp32 values
+    (mostly not bf16 values: the rounding is exercised)."""
+    gen = torch.Generator().manual_seed(seed)
+    right = reference.is_right_side(m, n)
+    d = n if right else m
+    values = torch.randint(1, 8, (d,), generator=gen) * (1 - 2 * torch.randint(0, 2, (d,),
+                                                                               generator=gen))
+    rows = torch.zeros(rank, d)
+    rows[torch.arange(d) % rank, torch.arange(d)] = values.float() / 8
+    inputs = step_inputs(m, n, rank, state_dtype=torch.bfloat16, seed=seed)
+    inputs.grad = torch.randint(-4, 5, (m, n), generator=gen).float()
+    inputs.proj = rows if right else rows.T.contiguous()
+    return inputs
+
+
+def _run(inputs, device="cpu", **kwargs):
+    out = StepInputs(*(t.clone().to(device) for t in inputs.args()))
+    lk.ops.fused_galore_step(*out.args(), **EXACT_HYPER, seed=21, **kwargs)
+    return out
+
+
+def _assert_same_moments(a, b):
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(getattr(a, name).cpu(), getattr(b, name).cpu()), name
+
+
+SHAPES = [(67, 131, 5), (131, 67, 17)]  # left, right
+
+
+@pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
+def test_reference_moments_are_the_stochastically_rounded_fp32_update(m, n, rank):
+    inputs = exact_inputs(m, n, rank)
+    ref = _run(inputs, backend="reference")
+    right = reference.is_right_side(m, n)
+    low = inputs.grad @ inputs.proj.T if right else inputs.proj.T @ inputs.grad
+    exp_avg = inputs.exp_avg.float() / 2 + low / 2
+    exp_avg_sq = 3 * inputs.exp_avg_sq.float() / 4 + low * low / 4
+    key = reference.rounding_philox_seed(21, EXACT_HYPER["step"])
+    index = torch.arange(low.numel()).view(low.shape)
+    for name, value, stream in (("exp_avg", exp_avg, reference.EXP_AVG_STREAM),
+                                ("exp_avg_sq", exp_avg_sq, reference.EXP_AVG_SQ_STREAM)):
+        want = reference.stochastic_round_bf16(value, reference.philox_uint32(key, index + stream))
+        assert torch.equal(getattr(ref, name), want), name
+        nearest = value.to(torch.bfloat16)
+        assert not torch.equal(want, nearest)  # some elements rounded away from the nearest
+        assert (want.float() != value).any()  # and the fp32 values were not bf16 values
+
+
+@needs_extension
+@pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
+def test_cpu_kernel_moments_equal_the_reference_bit_for_bit(m, n, rank):
+    inputs = exact_inputs(m, n, rank)
+    _assert_same_moments(_run(inputs, backend="cpu"), _run(inputs, backend="reference"))
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["onepass", "twolaunch"])
+@pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
+def test_triton_moments_equal_the_reference_bit_for_bit(m, n, rank, variant, monkeypatch):
+    monkeypatch.setenv("LOWRANK_TRITON_VARIANT", variant)
+    inputs = exact_inputs(m, n, rank)
+    _assert_same_moments(_run(inputs, TRITON_DEVICE, backend="triton"),
+                         _run(inputs, backend="reference"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not lk.EXTENSION_AVAILABLE,
+                    reason="needs a GPU and the CUDA kernel")
+@pytest.mark.parametrize("fast_path", ["0", "1"], ids=["general", "fast"])
+@pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
+def test_cuda_moments_equal_the_reference_bit_for_bit(m, n, rank, fast_path, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CUDA_FAST_PATH", fast_path)
+    inputs = exact_inputs(m, n, rank)
+    _assert_same_moments(_run(inputs, "cuda", backend="cuda"), _run(inputs, backend="reference"))
+
+
+@needs_extension
+def test_streams_depend_on_seed_and_step_and_differ_between_moments():
+    inputs = exact_inputs(131, 67, 17)
+    base = _run(inputs, backend="cpu")
+    other_seed = StepInputs(*(t.clone() for t in inputs.args()))
+    lk.ops.fused_galore_step(*other_seed.args(), **EXACT_HYPER, seed=22, backend="cpu")
+    other_step = StepInputs(*(t.clone() for t in inputs.args()))
+    lk.ops.fused_galore_step(*other_step.args(), **{**EXACT_HYPER, "step": 4}, seed=21,
+                             backend="cpu")
+    assert not torch.equal(base.exp_avg, other_seed.exp_avg)
+    assert not torch.equal(base.exp_avg_sq, other_step.exp_avg_sq)
+    key = reference.rounding_philox_seed(21, EXACT_HYPER["step"])
+    index = torch.arange(10)
+    assert not torch.equal(reference.philox_uint32(key, index + reference.EXP_AVG_STREAM),
+                           reference.philox_uint32(key, index + reference.EXP_AVG_SQ_STREAM))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_extension)])
+def test_fp32_moments_ignore_the_seed(backend):
+    inputs = step_inputs(67, 131, 5)
+    a, b = (StepInputs(*(t.clone() for t in inputs.args())) for _ in range(2))
+    lk.ops.fused_galore_step(*a.args(), **EXACT_HYPER, seed=1, backend=backend)
+    lk.ops.fused_galore_step(*b.args(), **EXACT_HYPER, seed=2, backend=backend)
+    assert torch.equal(a.exp_avg, b.exp_avg) and torch.equal(a.param, b.param)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_extension)])
+def test_bf16_moments_need_a_valid_seed_and_step(backend):
+    inputs = exact_inputs(67, 131, 5)
+    before = [t.clone() for t in inputs.args()]
+    with pytest.raises((ValueError, RuntimeError), match="seed: expected a value in"):
+        lk.ops.fused_galore_step(*inputs.args(), **EXACT_HYPER, seed=2**32, backend=backend)
+    with pytest.raises((ValueError, RuntimeError), match="step: expected a value <= 2"):
+        lk.ops.fused_galore_step(*inputs.args(), **{**EXACT_HYPER, "step": 2**31}, seed=0,
+                                 backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(inputs.args(), before))  # nothing written

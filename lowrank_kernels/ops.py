@@ -268,9 +268,10 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     arithmetic is fp32 and every stored value is rounded once. No m×n temporary is materialised
     by the cpu, cuda and triton backends. bf16 moments are stored with stochastic rounding
     (unbiased: a nearest-rounded V cannot decay at β2 = 0.999), |x| rounded up with probability
-    (dropped bits)/2^16 from Philox words under key seed + 2**32·step at counter (row-major
-    index, 1 for exp_avg / 2 for exp_avg_sq), ``reference.store_moment_``; N uses the fp32
-    moments. seed in [0, 2**32) and step < 2**31 then, as for INT8 codes.
+    (dropped bits)/2^16 from the words of one Philox call per element under key seed +
+    2**32·step at counter (row-major index, 1, 0, 0), the first for exp_avg and the second for
+    exp_avg_sq (``reference.store_moments_``); N uses the fp32 moments. seed in [0, 2**32) and
+    step < 2**31 then, as for INT8 codes.
 
     Q-GaLore formats (DESIGN.md §4.3-§4.4, see :func:`quantize_int4` / :func:`quantize_int8`):
     a uint8 ``proj`` is a packed INT4 basis (1-D, with ``proj_scales``/``proj_zeros`` and

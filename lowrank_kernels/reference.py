@@ -54,7 +54,7 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     M ← β1·M + (1−β1)·R,  V ← β2·V + (1−β2)·R²,  N = M / (√V + ε),
     W ← W − α_t·scale·back(N),  then  W ← W − lr·wd·W  (decoupled decay after the update).
     N uses the fp32 moments; bf16 moments are then stored with stochastic rounding
-    (:func:`store_moment_`, Philox key rounding_philox_seed(seed, step)).
+    (:func:`store_moments_`, Philox key rounding_philox_seed(seed, step)).
     """
     m, n = param.shape
     exp_avg32, exp_avg_sq32 = exp_avg.float(), exp_avg_sq.float()
@@ -64,9 +64,7 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     if weight_decay != 0.0:
         w.mul_(1.0 - lr * weight_decay)
     param.copy_(w)
-    philox_seed = rounding_philox_seed(seed, step)
-    store_moment_(exp_avg, exp_avg32, philox_seed, EXP_AVG_STREAM)
-    store_moment_(exp_avg_sq, exp_avg_sq32, philox_seed, EXP_AVG_SQ_STREAM)
+    store_moments_(exp_avg, exp_avg_sq, exp_avg32, exp_avg_sq32, rounding_philox_seed(seed, step))
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,10 +164,11 @@ def _mul_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """The first output word of Philox-4x32-10 (int64 holding the uint32), as Triton's
-    ``tl.randint(seed, offsets)``: key = (low, high) words of seed; counter = (low, high words
-    of the offset, 0, 0). An int32 offset is its 32 bits (high word 0), as in Triton."""
+def philox_uint32x2(seed: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first two output words of Philox-4x32-10 (int64 tensors holding uint32s), as
+    Triton's ``tl.randint4x(seed, offsets)[:2]``: key = (low, high) words of seed; counter =
+    (low, high words of the offset, 0, 0). An int32 offset is its 32 bits (high word 0), as in
+    Triton."""
     off = offsets.to(torch.int64)
     if offsets.dtype == torch.int32:
         off = off & _U32
@@ -182,7 +181,12 @@ def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _mul_u32(_PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
-    return c0
+    return c0, c1
+
+
+def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """The first output word, Triton's ``tl.randint(seed, offsets)``."""
+    return philox_uint32x2(seed, offsets)[0]
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -194,8 +198,9 @@ def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * torch.tensor(_UINT31_TO_UNIT, dtype=torch.float32)
 
 
-# bf16 moments (lowrank/adam.h): stored with stochastic rounding, Philox counter word 1 = stream
-EXP_AVG_STREAM, EXP_AVG_SQ_STREAM = 1 << 32, 2 << 32
+# bf16 moments (lowrank/adam.h): stored with stochastic rounding from one Philox call per element
+# at counter (row-major index, 1, 0, 0): the first word rounds M, the second V
+MOMENT_STREAM = 1 << 32
 
 
 def stochastic_round_bf16(x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
@@ -209,15 +214,19 @@ def stochastic_round_bf16(x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), torch.full_like(out, float("nan")), out)
 
 
-def store_moment_(state: torch.Tensor, value: torch.Tensor, philox_seed: int, stream: int
-                  ) -> None:
-    """state ← value (fp32) in state's dtype: fp32 as is; bf16 rounded stochastically with the
-    words philox_uint32(philox_seed, row-major index + stream)."""
-    if state.dtype != torch.bfloat16:
-        state.copy_(value)
+def store_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, m: torch.Tensor,
+                   v: torch.Tensor, philox_seed: int) -> None:
+    """exp_avg ← m, exp_avg_sq ← v (fp32 values) in their dtype: fp32 as is; bf16 rounded
+    stochastically with the words philox_uint32x2(philox_seed, row-major index + MOMENT_STREAM),
+    the first for M and the second for V."""
+    if exp_avg.dtype != torch.bfloat16:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
         return
-    index = torch.arange(state.numel(), device=state.device).view(state.shape)
-    state.copy_(stochastic_round_bf16(value, philox_uint32(philox_seed, index + stream)))
+    index = torch.arange(m.numel(), device=m.device).view(m.shape)
+    words_m, words_v = philox_uint32x2(philox_seed, index + MOMENT_STREAM)
+    exp_avg.copy_(stochastic_round_bf16(m, words_m))
+    exp_avg_sq.copy_(stochastic_round_bf16(v, words_v))
 
 
 def num_groups(numel: int, group_size: int) -> int:

@@ -2,9 +2,10 @@
 
 A nearest-rounded bf16 V never decays with β2 = 0.999 (0.999·V rounds back to V), which is
 what plain torch in bf16 (galore-torch with bf16 states) does; stochastic rounding keeps
-E[stored] = the fp32 value. The words come from Philox under key rounding_philox_seed(seed,
-step), counter (row-major index, 1 for M / 2 for V, 0, 0): the same bits in the reference, the
-C++ kernel, Triton and CUDA wherever the fp32 moments agree (exact inputs below).
+E[stored] = the fp32 value. The words come from one Philox call per element under key
+rounding_philox_seed(seed, step) at counter (row-major index, 1, 0, 0), the first for M and the
+second for V: the same bits in the reference, the C++ kernel, Triton and CUDA wherever the fp32
+moments agree (exact inputs below).
 """
 
 import importlib.util
@@ -117,9 +118,9 @@ def test_reference_moments_are_the_stochastically_rounded_fp32_update(m, n, rank
     exp_avg_sq = 3 * inputs.exp_avg_sq.float() / 4 + low * low / 4
     key = reference.rounding_philox_seed(21, EXACT_HYPER["step"])
     index = torch.arange(low.numel()).view(low.shape)
-    for name, value, stream in (("exp_avg", exp_avg, reference.EXP_AVG_STREAM),
-                                ("exp_avg_sq", exp_avg_sq, reference.EXP_AVG_SQ_STREAM)):
-        want = reference.stochastic_round_bf16(value, reference.philox_uint32(key, index + stream))
+    words = reference.philox_uint32x2(key, index + reference.MOMENT_STREAM)
+    for name, value, word in (("exp_avg", exp_avg, words[0]), ("exp_avg_sq", exp_avg_sq, words[1])):
+        want = reference.stochastic_round_bf16(value, word)
         assert torch.equal(getattr(ref, name), want), name
         nearest = value.to(torch.bfloat16)
         assert not torch.equal(want, nearest)  # some elements rounded away from the nearest
@@ -141,6 +142,25 @@ def test_triton_moments_equal_the_reference_bit_for_bit(m, n, rank, variant, mon
     inputs = exact_inputs(m, n, rank)
     _assert_same_moments(_run(inputs, TRITON_DEVICE, backend="triton"),
                          _run(inputs, backend="reference"))
+
+
+@needs_triton
+@pytest.mark.parametrize("m,n,rank", [(67, 131, 5), (131, 67, 65)], ids=["left", "right-r65"])
+def test_triton_moments_with_a_packed_int4_basis_and_bf16_grad_equal_the_reference(m, n, rank):
+    """A generated basis (INT4 codes dequantized in the tile: scales 1/8, zeros 8, so the values
+    are the dyadic basis) and a bf16 G (integers): the tensor-core launch A with the bf16-moment
+    tile table (rank 65: 64-wide rank tiles)."""
+    inputs = exact_inputs(m, n, rank)
+    inputs.grad = inputs.grad.to(torch.bfloat16)
+    codes = (inputs.proj * 8 + 8).round().to(torch.uint8).reshape(-1)
+    groups = reference.num_groups(codes.numel(), 256)
+    packed = dict(proj_scales=torch.full((groups,), 0.125), proj_zeros=torch.full((groups,), 8.0))
+    dense = _run(inputs, backend="reference")
+    on_device = StepInputs(*(t.clone().to(TRITON_DEVICE) for t in inputs.args()))
+    on_device.proj = reference.pack_int4(codes).to(TRITON_DEVICE)
+    lk.ops.fused_galore_step(*on_device.args(), **EXACT_HYPER, seed=21, backend="triton",
+                             **{k: v.to(TRITON_DEVICE) for k, v in packed.items()})
+    _assert_same_moments(on_device, dense)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not lk.EXTENSION_AVAILABLE,
@@ -165,9 +185,11 @@ def test_streams_depend_on_seed_and_step_and_differ_between_moments():
     assert not torch.equal(base.exp_avg, other_seed.exp_avg)
     assert not torch.equal(base.exp_avg_sq, other_step.exp_avg_sq)
     key = reference.rounding_philox_seed(21, EXACT_HYPER["step"])
-    index = torch.arange(10)
-    assert not torch.equal(reference.philox_uint32(key, index + reference.EXP_AVG_STREAM),
-                           reference.philox_uint32(key, index + reference.EXP_AVG_SQ_STREAM))
+    index = torch.arange(1000)
+    words_m, words_v = reference.philox_uint32x2(key, index + reference.MOMENT_STREAM)
+    assert not torch.equal(words_m, words_v)  # M and V round independently
+    # and neither is the INT8 weights' stream (counter word 1 = 0) at the same index
+    assert not torch.equal(words_m, reference.philox_uint32(key, index))
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_extension)])

@@ -100,6 +100,24 @@ def test_every_two_launch_config_compiles_for_sm89_and_sm90(reports):
                     assert key in compiled, f"not compiled: {key}"
 
 
+def test_every_bf16_moment_config_compiles_for_sm89_and_sm90(reports):
+    """Launch A with bf16 moments (stochastic rounding: one Philox call per state element) has
+    its own table; each entry is compiled with bf16 moments, dense and generated, so that the
+    spill test below covers it."""
+    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
+
+    fields = ("side", "block_own", "block_r", "block_long", "num_warps", "num_stages")
+    compiled = {(r["target"], r["variant"]["basis"] != "dense",
+                 *(r["variant"][f] for f in fields)) for r in reports
+                if r["variant"].get("kernel") == "project" and r["variant"]["state"] == "bf16"}
+    for generated in (False, True):
+        for _, _, c in fgs2d.bf16_moment_candidate_configs(generated):
+            for target, side in itertools.product(("sm_89", "sm_90a"), ("right", "left")):
+                key = (target, generated, side, c.block_own, c.block_r, c.block_long,
+                       c.num_warps, c.num_stages)
+                assert key in compiled, f"not compiled with bf16 moments: {key}"
+
+
 def test_every_generated_basis_config_compiles_for_sm89_and_sm90(reports):
     """The one-pass kernel's INT4 and DCT configurations (fused_galore_step._GENERATED_BLOCKS),
     each compiled for both generated formats."""

@@ -39,9 +39,8 @@ from lowrank_kernels import reference
 
 from .quant import dequantize_codes
 
-# The Philox streams (counter word 1) of bf16 moments' stochastic rounding (lowrank/adam.h)
-EXP_AVG_STREAM = tl.constexpr(reference.EXP_AVG_STREAM)
-EXP_AVG_SQ_STREAM = tl.constexpr(reference.EXP_AVG_SQ_STREAM)
+# The Philox stream (counter word 1 = 1) of bf16 moments' stochastic rounding (lowrank/adam.h)
+MOMENT_STREAM = tl.constexpr(reference.MOMENT_STREAM)
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when no GPU can be queried (interpreter, AOT)
 
 # Projection formats: the constexpr BASIS of the kernels (see the module docstring).
@@ -232,31 +231,35 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
 
 
 @triton.jit
-def _store_moment(Ptr, offs, mask, x, philox_seed, STREAM: tl.constexpr):
-    """Stores the fp32 moment ``x`` at the row-major indices ``offs``: fp32 as is, bf16 rounded
-    stochastically as lowrank/adam.h does (the top 16 bits of tl.randint(philox_seed, index +
-    STREAM) added to the 16 dropped bits; the cast then only drops zero bits, exactly also in the
-    interpreter). STREAM: 2**32 for M, 2**33 for V (Philox counter word 1 = 1 or 2)."""
-    if Ptr.dtype.element_ty == tl.bfloat16:
-        word = tl.randint(philox_seed, offs.to(tl.int64) + STREAM)
-        bits = (x.to(tl.uint32, bitcast=True) + (word >> 16)) & 0xFFFF0000
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-    tl.store(Ptr + offs, x.to(Ptr.dtype.element_ty), mask=mask)
+def _stochastic_round_bf16(x, word):
+    """fp32 x rounded to bf16 stochastically with uint32 ``word`` (lowrank/adam.h): the top 16
+    bits of the word added to the 16 dropped bits; returned as the fp32 value, whose cast to
+    bf16 then only drops zero bits (exactly also in the interpreter). NaN stays NaN."""
+    bits = (x.to(tl.uint32, bitcast=True) + (word >> 16)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1, beta2,
                one_minus_beta1, one_minus_beta2, eps, philox_seed):
-    """Adam on one tile of M and V (fp32 arithmetic; bf16 moments stored with stochastic
-    rounding, _store_moment); returns N = M/(√V+ε) in fp32 from the fp32 moments (masked-out
-    entries are not meaningful). state_offs: the tile's row-major indices in M and V."""
+    """Adam on one tile of M and V (fp32 arithmetic); returns N = M/(√V+ε) in fp32 from the fp32
+    moments (masked-out entries are not meaningful). state_offs: the tile's row-major indices
+    in M and V. bf16 moments are stored stochastically rounded with the first two words of
+    tl.randint4x(philox_seed, index + MOMENT_STREAM), as lowrank/adam.h does."""
     exp_avg = tl.load(ExpAvg_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
     exp_avg_sq = tl.load(ExpAvgSq_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
     exp_avg = beta1 * exp_avg + one_minus_beta1 * proj_low
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * proj_low * proj_low
-    _store_moment(ExpAvg_ptr, state_offs, state_mask, exp_avg, philox_seed, EXP_AVG_STREAM)
-    _store_moment(ExpAvgSq_ptr, state_offs, state_mask, exp_avg_sq, philox_seed,
-                  EXP_AVG_SQ_STREAM)
+    # stores first, N last: fewer tiles alive at once (the 128×128 launch A tile spills otherwise)
+    if ExpAvg_ptr.dtype.element_ty == tl.bfloat16:
+        word_m, word_v, _, _ = tl.randint4x(philox_seed, state_offs.to(tl.int64) + MOMENT_STREAM)
+        tl.store(ExpAvg_ptr + state_offs,
+                 _stochastic_round_bf16(exp_avg, word_m).to(tl.bfloat16), mask=state_mask)
+        tl.store(ExpAvgSq_ptr + state_offs,
+                 _stochastic_round_bf16(exp_avg_sq, word_v).to(tl.bfloat16), mask=state_mask)
+    else:
+        tl.store(ExpAvg_ptr + state_offs, exp_avg, mask=state_mask)
+        tl.store(ExpAvgSq_ptr + state_offs, exp_avg_sq, mask=state_mask)
     return tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps)
 
 

@@ -162,16 +162,17 @@ def _basis_constexprs(basis: str) -> dict[str, object]:
 # fused_galore_step
 # --------------------------------------------------------------------------------------------
 # (param/grad, proj, state) dtypes compiled per configuration: every dot path of the kernel.
+# bf16 moments always take the two-launch kernel (fused_galore_step.choose_variant).
 FUSED_GALORE_DTYPES = {
     "tc": [(torch.bfloat16, torch.bfloat16, torch.float32),
-           (torch.float16, torch.float16, torch.bfloat16)],
+           (torch.float16, torch.float16, torch.float32)],
     "fp32": [(torch.float32, torch.float32, torch.float32),
              (torch.bfloat16, torch.float32, torch.float32)],
 }
 # Generated bases (INT4 codes, DCT frequencies): the dot kind follows G's type alone.
 GENERATED_BASES = ("int4", "dct")
 GENERATED_DTYPES = {  # (param/grad, state) per dot kind, the most register-hungry first
-    "tc": [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)],
+    "tc": [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
     "fp32": [(torch.float32, torch.float32)],
 }
 
@@ -214,22 +215,24 @@ def fused_galore_step_variants(configs, all_dtypes: bool = True, generated_confi
                        config.num_warps, config.num_stages, {})
 
 
-def fused_galore_step_2d_variants(configs, all_dtypes: bool = True, generated_configs=()):
+def fused_galore_step_2d_variants(configs, all_dtypes: bool = True, generated_configs=(),
+                                  moment_configs=(), generated_moment_configs=()):
     """As ``fused_galore_step_variants`` for the two-launch kernels: ``configs`` and
     ``generated_configs`` are fused_galore_step_2d.candidate_configs() entries (kernel, dtype
-    class, TileConfig) for the dense and the generated (INT4, DCT) bases."""
+    class, TileConfig) for the dense and the generated (INT4, DCT) bases; ``moment_configs``
+    and ``generated_moment_configs`` bf16_moment_candidate_configs() entries, compiled with bf16
+    moments."""
     from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
 
     index_types = (False, True) if all_dtypes else (False,)
-    jobs = ([(*c, "dense") for c in configs] + [(*c, "generated") for c in generated_configs])
+    jobs = ([(*c, "dense") for c in configs] + [(*c, "generated") for c in generated_configs]
+            + [(*c, "bf16-moments") for c in moment_configs]
+            + [(*c, "bf16-moments-generated") for c in generated_moment_configs])
     for kernel, kind, config, what in jobs:
-        if what == "dense":
-            sets = [("dense", dtypes) for dtypes in _dtype_sets(TWOLAUNCH_DTYPES, (kernel, kind),
-                                                                  all_dtypes)]
-        else:
-            sets = [(basis, dtypes) for basis in GENERATED_BASES
-                    for dtypes in _dtype_sets(TWOLAUNCH_GENERATED_DTYPES, (kernel, kind),
-                                              all_dtypes)]
+        table, generated = _TWOLAUNCH_TABLES[what]
+        dtype_sets = _dtype_sets(table, (kernel, kind), all_dtypes)
+        bases = GENERATED_BASES if generated else ("dense",)
+        sets = [(basis, dtypes) for basis in bases for dtypes in dtype_sets]
         for (basis, dtypes), index_64 in itertools.product(sets, index_types):
             for right in (True, False):
                 if kernel == "project":
@@ -288,7 +291,7 @@ def int8_update_variants(configs, all_dtypes: bool = True):
 # project: (grad, proj, state, weight = N's workspace type); back: (weight, proj)
 TWOLAUNCH_DTYPES = {
     ("project", "tc"): [(torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),
-                        (torch.float16, torch.float16, torch.bfloat16, torch.float16)],
+                        (torch.float16, torch.float16, torch.float32, torch.float16)],
     ("project", "fp32"): [(torch.float32, torch.float32, torch.float32, torch.float32),
                           (torch.bfloat16, torch.float32, torch.float32, torch.bfloat16)],
     ("back", "16bit"): [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
@@ -302,6 +305,26 @@ TWOLAUNCH_GENERATED_DTYPES = {
     ("project", "fp32"): [(torch.float32, None, torch.float32, torch.float32)],
     ("back", "16bit"): [(torch.bfloat16, None)],
     ("back", "fp32"): [(torch.float32, None)],
+}
+
+# Launch A with bf16 moments (fused_galore_step_2d.bf16_moment_candidate_configs): its own
+# table, compiled with these (grad, proj, state, workspace) sets, dense and generated.
+BF16_MOMENT_DTYPES = {
+    ("project", "tc"): [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                        (torch.float16, torch.float16, torch.bfloat16, torch.float16)],
+    ("project", "fp32"): [(torch.float32, torch.float32, torch.bfloat16, torch.float32),
+                          (torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16)],
+}
+BF16_MOMENT_GENERATED_DTYPES = {
+    ("project", "tc"): [(torch.bfloat16, None, torch.bfloat16, torch.bfloat16),
+                        (torch.bfloat16, None, torch.bfloat16, torch.float32)],
+    ("project", "fp32"): [(torch.float32, None, torch.bfloat16, torch.float32)],
+}
+_TWOLAUNCH_TABLES = {  # job kind -> (dtype table, generated basis)
+    "dense": (TWOLAUNCH_DTYPES, False),
+    "generated": (TWOLAUNCH_GENERATED_DTYPES, True),
+    "bf16-moments": (BF16_MOMENT_DTYPES, False),
+    "bf16-moments-generated": (BF16_MOMENT_GENERATED_DTYPES, True),
 }
 
 _KERNELS = {
@@ -329,12 +352,15 @@ def _compile_fused_galore_step_variant(job) -> CompileReport:
 
 def fused_galore_step_reports(configs, capabilities=TARGETS, all_dtypes: bool = True,
                               jobs: int = 1, configs_2d=(), configs_int8=(),
-                              generated_configs=(), generated_configs_2d=()):
+                              generated_configs=(), generated_configs_2d=(),
+                              moment_configs_2d=(), generated_moment_configs_2d=()):
     """Compiles every variant (one-pass ``configs`` and ``generated_configs``, two-launch
-    ``configs_2d`` and ``generated_configs_2d``, INT8 launch B ``configs_int8``) for every
-    target, ``jobs`` compilations at a time."""
+    ``configs_2d`` and ``generated_configs_2d``, launch A with bf16 moments
+    ``moment_configs_2d`` and ``generated_moment_configs_2d``, INT8 launch B ``configs_int8``)
+    for every target, ``jobs`` compilations at a time."""
     variants = [*fused_galore_step_variants(configs, all_dtypes, generated_configs),
-                *fused_galore_step_2d_variants(configs_2d, all_dtypes, generated_configs_2d),
+                *fused_galore_step_2d_variants(configs_2d, all_dtypes, generated_configs_2d,
+                                               moment_configs_2d, generated_moment_configs_2d),
                 *int8_update_variants(configs_int8, all_dtypes)]
     work = [(capability, v) for capability in capabilities for v in variants]
     if jobs <= 1:
@@ -400,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
                                             args.jobs, fgs2d.candidate_configs(),
                                             fgs2d.int8_candidate_configs(not args.main_dtypes),
                                             fgs.candidate_configs(generated=True),
-                                            fgs2d.candidate_configs(generated=True)):
+                                            fgs2d.candidate_configs(generated=True),
+                                            fgs2d.bf16_moment_candidate_configs(),
+                                            fgs2d.bf16_moment_candidate_configs(generated=True)):
         print(json.dumps(dataclasses.asdict(report)), flush=True)
     return 0
 

@@ -247,15 +247,19 @@ VARIANT_ENV = "LOWRANK_TRITON_VARIANT"
 
 
 def choose_variant(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
-                   num_sms: int = DEFAULT_NUM_SMS, *, generated: bool = False) -> str:
+                   num_sms: int = DEFAULT_NUM_SMS, *, generated: bool = False,
+                   bf16_moments: bool = False) -> str:
     """The 'auto' choice between this one-pass kernel and the two-launch variant
     (fused_galore_step_2d.py): two launches when the rank is ≥ 128 or above the one-pass limit
     (the R_PAD-wide register tile leaves room for few rows per program) or when the one-pass grid
     has fewer programs than the GPU has SMs (the reduction cannot be split, so that grid cannot
     grow); one pass otherwise, which saves the N round trip and a launch. A generated basis
     (``generated``) takes one pass only up to MAX_GENERATED_RANK_PAD, which the first rule
-    already implies."""
-    if rank_pad(rank) >= 128 or (generated and rank_pad(rank) > MAX_GENERATED_RANK_PAD):
+    already implies. bf16 moments (``bf16_moments``) always take two launches: the Philox words
+    of their stochastic rounding, drawn for the whole BLOCK_OWN × R_PAD tile at once, spill
+    registers in this kernel's tiles (AOT), not in launch A's smaller ones."""
+    if (bf16_moments or rank_pad(rank) >= 128
+            or (generated and rank_pad(rank) > MAX_GENERATED_RANK_PAD)):
         return "twolaunch"
     config = pick_config(m, n, rank, grad_dtype, proj_dtype, num_sms)
     own = m if is_right_side(m, n) else n
@@ -305,7 +309,8 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     if variant == "auto":
         variant = ("twolaunch" if int8_weight
                    else choose_variant(m, n, rank, grad.dtype, basis.dot_dtype, sms,
-                                       generated=basis.kind != 0))
+                                       generated=basis.kind != 0,
+                                       bf16_moments=exp_avg.dtype == torch.bfloat16))
     coeffs = adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step)
     philox_seed = rounding_philox_seed(seed, step)
     if variant == "twolaunch":

@@ -352,6 +352,19 @@ _GENERATED_BACK_BLOCKS: dict[str, TileConfig] = {
     "fp32": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=8, num_stages=2),
 }
 MAX_GENERATED_BLOCK_R = {"tc": 64, "fp32": 32}
+# bf16 moments: launch A also makes one Philox call per state element for their stochastic
+# rounding (_common._adam_tile). The dense 128×128 tile then spills on sm_89 and sm_90 (AOT);
+# 64×128 (32 elements per thread at 8 warps, ≤ 243 registers) does not. With a generated basis
+# the 64-wide rank tile spills 4 bytes on sm_89 (DCT), none with 32-wide basis chunks. The other
+# entries serve bf16 moments as they are.
+_BF16_MOMENT_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_PROJECT_BLOCKS,
+    ("tc", 128): TileConfig(block_own=64, block_r=128, block_long=64, num_warps=8, num_stages=3),
+}
+_BF16_MOMENT_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_GENERATED_PROJECT_BLOCKS,
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=32, num_warps=8, num_stages=2),
+}
 WIDE_RANK_TILE_FROM = 512  # dense tensor-core launch A: 64-wide rank tiles below this rank
 
 
@@ -376,15 +389,21 @@ def workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _project_blocks(generated: bool, bf16_moments: bool) -> dict[tuple[str, int], TileConfig]:
+    if generated:
+        return _BF16_MOMENT_GENERATED_PROJECT_BLOCKS if bf16_moments else _GENERATED_PROJECT_BLOCKS
+    return _BF16_MOMENT_PROJECT_BLOCKS if bf16_moments else _PROJECT_BLOCKS
+
+
 def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
-                 proj_dtype: torch.dtype, *, generated: bool = False
+                 proj_dtype: torch.dtype, *, generated: bool = False, bf16_moments: bool = False
                  ) -> tuple[TileConfig, TileConfig]:
     """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole).
     proj_dtype is the type the basis enters launch A's dot in (BasisArgs.dot_dtype);
-    ``generated``: an INT4 or DCT basis. Launch B of INT8 weights is configured by int8_config
-    instead."""
+    ``generated``: an INT4 or DCT basis; ``bf16_moments``: M and V in bf16 (stochastic rounding
+    in launch A). Launch B of INT8 weights is configured by int8_config instead."""
     kind = dot_kind(grad_dtype, proj_dtype)
-    project = _GENERATED_PROJECT_BLOCKS if generated else _PROJECT_BLOCKS
+    project = _project_blocks(generated, bf16_moments)
     back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
     return (project[(kind, project_block_r(rank, kind, generated))],
             back[weight_kind(weight_dtype)])
@@ -452,6 +471,13 @@ def candidate_configs(generated: bool = False) -> list[tuple[str, str, TileConfi
             + [("back", kind, c) for kind, c in back.items()])
 
 
+def bf16_moment_candidate_configs(generated: bool = False) -> list[tuple[str, str, TileConfig]]:
+    """The launch A configurations ``pick_configs`` returns with bf16 moments (launch B does not
+    touch the moments: candidate_configs covers it)."""
+    return [("project", kind, c)
+            for (kind, _), c in _project_blocks(generated, bf16_moments=True).items()]
+
+
 def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
            index_64: bool | None = None, *, basis: BasisArgs | None = None,
            param_scales: torch.Tensor | None = None, param_zeros: torch.Tensor | None = None,
@@ -469,7 +495,8 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         basis = basis_args(proj, m, n, rank, grad.dtype)
     int8_weight = param.dtype == torch.uint8
     project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
-                                            generated=basis.kind != 0)
+                                            generated=basis.kind != 0,
+                                            bf16_moments=exp_avg.dtype == torch.bfloat16)
     normalized = torch.empty(exp_avg.shape, dtype=workspace_dtype(param.dtype),
                              device=param.device)
     if index_64 is None:

@@ -58,14 +58,18 @@ void parallel_tiles(int64_t tiles, const F& body) {
   });
 }
 
-// A moment stored in its dtype: fp32 as is, bf16 rounded stochastically (lowrank/adam.h).
+// M and V of element `index` stored in their dtype: fp32 as is, bf16 rounded stochastically
+// (lowrank/adam.h).
 template <typename state_t>
-state_t store_moment(float x, const AdamCoeffs& c, uint64_t stream, int64_t index) {
+void store_moments(state_t& exp_avg, state_t& exp_avg_sq, float m, float v, const AdamCoeffs& c,
+                   int64_t index) {
   if constexpr (std::is_same_v<state_t, float>) {
-    return x;
+    exp_avg = m;
+    exp_avg_sq = v;
   } else {
-    return c10::BFloat16(stochastic_round_state_bits(x, c, stream, index),
-                         c10::BFloat16::from_bits());
+    const MomentBits bits = stochastic_round_moments(m, v, c, index);
+    exp_avg = c10::BFloat16(bits.exp_avg, c10::BFloat16::from_bits());
+    exp_avg_sq = c10::BFloat16(bits.exp_avg_sq, c10::BFloat16::from_bits());
   }
 }
 
@@ -84,8 +88,7 @@ void adam_block(float* r_then_n, state_t* exp_avg, state_t* exp_avg_sq, int64_t 
       float m = static_cast<float>(mrow[j]);
       float v = static_cast<float>(vrow[j]);
       rn[j] = adam_normalized_update(rn[j], m, v, c);
-      mrow[j] = store_moment<state_t>(m, c, kExpAvgStream, row_first + j);
-      vrow[j] = store_moment<state_t>(v, c, kExpAvgSqStream, row_first + j);
+      store_moments<state_t>(mrow[j], vrow[j], m, v, c, row_first + j);
     }
   }
 }

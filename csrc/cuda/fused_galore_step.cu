@@ -767,10 +767,9 @@ struct AdamEpilogue {
   // M and V of element idx in their dtype: fp32, or bf16 rounded stochastically (adam.h).
   __device__ __forceinline__ void store_moments(int64_t idx, float m, float v) const {
     if (state_bf16) {
-      static_cast<__nv_bfloat16*>(exp_avg)[idx] =
-          __ushort_as_bfloat16(stochastic_round_state_bits(m, coeffs, kExpAvgStream, idx));
-      static_cast<__nv_bfloat16*>(exp_avg_sq)[idx] =
-          __ushort_as_bfloat16(stochastic_round_state_bits(v, coeffs, kExpAvgSqStream, idx));
+      const MomentBits bits = stochastic_round_moments(m, v, coeffs, idx);
+      static_cast<__nv_bfloat16*>(exp_avg)[idx] = __ushort_as_bfloat16(bits.exp_avg);
+      static_cast<__nv_bfloat16*>(exp_avg_sq)[idx] = __ushort_as_bfloat16(bits.exp_avg_sq);
     } else {
       static_cast<float*>(exp_avg)[idx] = m;
       static_cast<float*>(exp_avg_sq)[idx] = v;

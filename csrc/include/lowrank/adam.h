@@ -54,13 +54,13 @@ LOWRANK_HD float adam_normalized_update(float r, float& m, float& v, const AdamC
 // ---- bf16 moments: stochastic rounding (DESIGN.md §4.2 allows bf16 M, V) ----
 // Rounding a moment to the nearest bf16 loses every change below half an ulp (2^-9 to 2^-8 of
 // the value): with beta2 = 0.999, V <- 0.999 V + 0.001 R^2 moves V by less than that whenever
-// R^2 < 2.95 V, so a nearest-rounded V never decays. Stored bf16 moments are therefore rounded stochastically:
-// |x| is rounded up with probability (its 16 dropped bits) / 2^16, from a Philox word, which
-// makes E[stored] = x exactly. Word of element `index` (row-major in M or V): the first Philox
-// output at counter (index, stream, 0, 0) under key state_philox_seed, stream 1 for M and 2 for
-// V (Triton: tl.randint(key, index + stream * 2**32)); the INT8 weights' stream is stream 0.
-constexpr uint64_t kExpAvgStream = uint64_t{1} << 32;
-constexpr uint64_t kExpAvgSqStream = uint64_t{2} << 32;
+// R^2 < 2.95 V, so a nearest-rounded V never decays. Stored bf16 moments are therefore rounded
+// stochastically: |x| is rounded up with probability (its 16 dropped bits) / 2^16, from a
+// Philox word, which makes E[stored] = x exactly. Words of element `index` (row-major in M and
+// V): one Philox call at counter (index, 1, 0, 0) under key state_philox_seed, the first output
+// word for M, the second for V (Triton: tl.randint4x(key, index + 2**32)); the INT8 weights'
+// stream has counter word 1 = 0.
+constexpr uint64_t kMomentStream = uint64_t{1} << 32;
 
 LOWRANK_HD uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
@@ -80,11 +80,17 @@ LOWRANK_HD uint16_t stochastic_round_bf16_bits(float x, uint32_t word) {
   return static_cast<uint16_t>((float_bits(x) + (word >> 16)) >> 16);
 }
 
-// The bf16 bits M (stream kExpAvgStream) or V (kExpAvgSqStream) element `index` is stored as.
-LOWRANK_HD uint16_t stochastic_round_state_bits(float x, const AdamCoeffs& c, uint64_t stream,
-                                                int64_t index) {
-  return stochastic_round_bf16_bits(
-      x, philox_uint32(c.state_philox_seed, static_cast<uint64_t>(index) + stream));
+// The bf16 bits M and V of element `index` are stored as.
+struct MomentBits {
+  uint16_t exp_avg, exp_avg_sq;
+};
+
+LOWRANK_HD MomentBits stochastic_round_moments(float m, float v, const AdamCoeffs& c,
+                                               int64_t index) {
+  const PhiloxPair words =
+      philox_uint32x2(c.state_philox_seed, static_cast<uint64_t>(index) + kMomentStream);
+  return {stochastic_round_bf16_bits(m, words.first),
+          stochastic_round_bf16_bits(v, words.second)};
 }
 
 // The weight update with decay folded in: W' = decay*W - update_scale*back(N).

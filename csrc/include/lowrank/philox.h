@@ -41,8 +41,13 @@ LOWRANK_HD uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// The first 32-bit output word of Philox-4x32-10 at counter (offset, 0, 0) under key `seed`.
-LOWRANK_HD uint32_t philox_uint32(uint64_t seed, uint64_t offset) {
+// The first two 32-bit output words of Philox-4x32-10 at counter (low, high words of offset, 0,
+// 0) under key `seed` (Triton's tl.randint4x(seed, offset)[0:2]).
+struct PhiloxPair {
+  uint32_t first, second;
+};
+
+LOWRANK_HD PhiloxPair philox_uint32x2(uint64_t seed, uint64_t offset) {
   uint32_t c0 = static_cast<uint32_t>(offset);
   uint32_t c1 = static_cast<uint32_t>(offset >> 32);
   uint32_t c2 = 0, c3 = 0;
@@ -60,7 +65,12 @@ LOWRANK_HD uint32_t philox_uint32(uint64_t seed, uint64_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  return {c0, c1};
+}
+
+// The first output word (tl.randint(seed, offset)).
+LOWRANK_HD uint32_t philox_uint32(uint64_t seed, uint64_t offset) {
+  return philox_uint32x2(seed, offset).first;
 }
 
 // Triton's uint_to_uniform_float for 32-bit words.

@@ -159,24 +159,42 @@ def copy_probe(m: int, n: int, wdt, device) -> Callable[[], None]:
     return lambda: dst.copy_(src)
 
 
+def _triton_auto(m: int, n: int, rank: int, wdt, sdt, device, generated: bool = False) -> str:
+    """The variant the Triton launcher picks ('onepass' or 'twolaunch'); without Triton, its
+    rank rule alone."""
+    try:
+        from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+    except ImportError:
+        return "onepass" if rank < 64 and sdt != torch.bfloat16 else "twolaunch"
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else fgs.DEFAULT_NUM_SMS)
+    return fgs.choose_variant(m, n, rank, wdt, wdt, sms, generated=generated,
+                              bf16_moments=sdt == torch.bfloat16)
+
+
 def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, providers, device,
                 peak: float | None) -> list[dict[str, object]]:
     rows = []
     lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
     l2 = (torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda"
           else traffic.SMALLEST_L2)
-    onepass = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
-    models = {"triton": onepass,
-              "triton-onepass": onepass,
-              "triton-twolaunch": traffic.fused_triton_2launch(m, n, rank, wdt, sdt).total,
+    two_launch = traffic.fused_triton_2launch(m, n, rank, wdt, sdt).total
+    models = {"triton-twolaunch": two_launch,
               "triton-q": traffic.fused_triton_q(m, n, rank, wdt, sdt).total,
-              "triton-dct": onepass,
               "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
-              "cpu": traffic.fused(m, n, rank, wdt, sdt).total,
+              "cpu": lowrank_floor,  # one pass over G and W per tile, the basis from cache
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
                                                    weight_decay=weight_decay > 0).total,
               "q-galore-torch": traffic.q_galore_torch(m, n, rank, wdt,
                                                        weight_decay=weight_decay > 0).total}
+    if rank <= traffic.ONE_PASS_MAX_RANK:  # the one-pass kernel exists up to that rank
+        onepass = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
+        models["triton-onepass"] = onepass
+        for provider, generated in (("triton", False), ("triton-dct", True)):
+            auto = _triton_auto(m, n, rank, wdt, sdt, device, generated)
+            models[provider] = onepass if auto == "onepass" else two_launch
+    else:
+        models["triton"] = models["triton-dct"] = two_launch
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
               "q-galore-torch": traffic.floor_q_galore(m, n, rank, wdt).total,
               "triton-q": traffic.floor_q(m, n, rank, wdt, sdt).total,

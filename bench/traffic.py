@@ -23,8 +23,9 @@ Implementations
                   GEMM to the back projection through memory: the floor plus N written and read
                   once in W's 16-bit type. Only a kernel that holds all r rows of N for its
                   lines on chip (the one-pass kernel) avoids it; at r = min(m, n)/4 with bf16 W
-                  and fp32 M, V that term alone is 10% of the floor (4·r·own against
-                  6·m·n + 16·r·own bytes), so every two-launch step is ≥ 1.10× there.
+                  and fp32 M, V that term alone is ≈ 10% of the floor (4·r·own bytes
+                  against 6·m·n + 16·r·own + the basis: 1.095-1.098 at LLaMA shapes), so no
+                  two-launch step gets under ≈ 1.10× there.
   fused-triton-2launch
                   triton_kernels/fused_galore_step_2d.py: launch A projects and runs Adam on
                   2-D tiles of R, storing N (W's type when W is 16-bit, else fp32) to a low-rank
@@ -481,7 +482,7 @@ def implementations(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch
     dense_floor = floor(m, n, rank, weight_dtype, state_dtype)
     q_floor = floor_q_galore(m, n, rank, weight_dtype)
     pairs = [(dense_floor, dense_floor)]
-    if rank <= ONE_PASS_MAX_RANK:
+    if rank <= ONE_PASS_MAX_RANK and state_dtype != torch.bfloat16:  # bf16 moments: 2 launches
         pairs.append((fused(m, n, rank, weight_dtype, state_dtype, l2_bytes=l2_bytes,
                             impl="fused-triton"), dense_floor))
     pairs.append((floor_plus_n(m, n, rank, weight_dtype, state_dtype), dense_floor))

@@ -533,6 +533,9 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, beta1, be
     shape = low_rank_shape(m, n, rank)
     _check_state(exp_avg, param, shape, "exp_avg")
     _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
+    if exp_avg_sq.dtype != exp_avg.dtype:
+        raise ValueError(f"exp_avg_sq: expected the dtype of exp_avg ({exp_avg.dtype}), got "
+                         f"{exp_avg_sq.dtype}")
     if exp_avg is exp_avg_sq:
         raise ValueError("exp_avg_sq: must not alias exp_avg")
     if int8_weight:

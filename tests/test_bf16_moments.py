@@ -106,6 +106,8 @@ def _assert_same_moments(a, b):
 
 
 SHAPES = [(67, 131, 5), (131, 67, 17)]  # left, right
+# several CPU tiles (each tile's first state index: column `start` left, row `start`·r right)
+MULTI_TILE_SHAPES = [(256, 512, 64), (512, 256, 64)]
 
 
 @pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
@@ -128,7 +130,8 @@ def test_reference_moments_are_the_stochastically_rounded_fp32_update(m, n, rank
 
 
 @needs_extension
-@pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
+@pytest.mark.parametrize("m,n,rank", SHAPES + MULTI_TILE_SHAPES,
+                         ids=["left", "right", "left-tiles", "right-tiles"])
 def test_cpu_kernel_moments_equal_the_reference_bit_for_bit(m, n, rank):
     inputs = exact_inputs(m, n, rank)
     _assert_same_moments(_run(inputs, backend="cpu"), _run(inputs, backend="reference"))
@@ -211,3 +214,56 @@ def test_bf16_moments_need_a_valid_seed_and_step(backend):
         lk.ops.fused_galore_step(*inputs.args(), **{**EXACT_HYPER, "step": 2**31}, seed=0,
                                  backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(inputs.args(), before))  # nothing written
+
+
+def _int8_weight(inputs):
+    """The inputs with W as INT8 codes (groups of 64 straddling rows) and their scales/zeros."""
+    codes, scales, zeros = reference.quantize_int8(inputs.param, 64)
+    return inputs.args()[1:], dict(param=codes, param_scales=scales, param_zeros=zeros,
+                                   param_group_size=64)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_extension),
+                                     pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
+def test_int8_weights_with_bf16_moments_round_them_as_the_reference(m, n, rank, backend):
+    """The INT8-weight step (moments in its launch A / low-rank pass): the same moment bits."""
+    inputs = exact_inputs(m, n, rank)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    results = {}
+    for name, where in (("reference", "cpu"), (backend, device)):
+        (grad, proj, exp_avg, exp_avg_sq), w = _int8_weight(inputs)
+        args = [t.clone().to(where) for t in (w["param"], grad, proj, exp_avg, exp_avg_sq)]
+        extra = {k: (v.clone().to(where) if torch.is_tensor(v) else v) for k, v in w.items()
+                 if k != "param"}
+        lk.ops.fused_galore_step(*args, **EXACT_HYPER, seed=21, backend=name, **extra)
+        results[name] = args
+    for got, want in zip(results[backend][3:], results["reference"][3:]):
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_extension),
+                                     pytest.param("triton", marks=needs_triton)])
+def test_nan_moments_are_stored_as_the_same_quiet_nan(backend):
+    inputs = exact_inputs(131, 67, 17)
+    inputs.grad[3, :] = float("nan")  # right side: row 3 of R, M and V
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    out = _run(inputs, device, backend=backend)
+    for state in (out.exp_avg.cpu(), out.exp_avg_sq.cpu()):
+        bits = state.view(torch.int16)
+        assert torch.isnan(state[3]).all() and (bits[3] == 0x7FC0).all()
+        assert not torch.isnan(state[4:]).any()
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_extension),
+                                     pytest.param("triton", marks=needs_triton)])
+def test_moments_of_different_dtypes_are_an_error(backend):
+    inputs = exact_inputs(67, 131, 5)
+    inputs.exp_avg = inputs.exp_avg.float()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    args = [t.to(device) for t in inputs.args()]
+    before = [t.clone() for t in args]
+    with pytest.raises((ValueError, RuntimeError), match="exp_avg_sq: expected the dtype of "
+                                                         "exp_avg"):
+        lk.ops.fused_galore_step(*args, **EXACT_HYPER, seed=1, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(args, before))

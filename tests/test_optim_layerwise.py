@@ -268,3 +268,72 @@ def test_weight_shared_across_non_reentrant_segments_trains_as_ordinary_training
     for batch in batches:
         mlp_loss(model, batch).backward()
     assert_same_training(model, trainer.optimizer, expected, expected_optimizer, steps)
+
+
+def test_gradient_penalty_graph_is_not_a_pass():
+    """torch.autograd.grad (here of a gradient penalty, create_graph=True) runs the output hook
+    but accumulates no parameter gradient: it must not count as a micro-batch."""
+    batches = mlp_batches(ACCUMULATION * 2, batch=8)
+
+    def penalized_loss(model, batch):
+        x = batch[0].clone().requires_grad_()
+        loss = mlp_loss(model, (x, batch[1]))
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        return (loss + gx.pow(2).sum()) / ACCUMULATION
+
+    expected = small_mlp()
+    optimizer = make_optimizer(expected)
+    for start in range(0, len(batches), ACCUMULATION):
+        for batch in batches[start:start + ACCUMULATION]:
+            penalized_loss(expected, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model = small_mlp()
+    trainer = layerwise(model, make_optimizer, accumulation_steps=ACCUMULATION)
+    for batch in batches:
+        penalized_loss(model, batch).backward()
+    assert (trainer.micro_steps, trainer.optimizer_steps) == (len(batches), 2)
+    for a, b in zip(model.parameters(), expected.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_backward_that_raised_does_not_break_the_next_passes():
+    model = small_mlp()
+    trainer = layerwise(model, make_optimizer)
+    batch = mlp_batches(1, batch=8)[0]
+
+    def fail(grad):
+        raise ValueError("boom")
+
+    out = model(batch[0])
+    out.register_hook(fail)
+    with pytest.raises(ValueError, match="boom"):
+        torch.nn.functional.cross_entropy(out, batch[1]).backward()
+    for expected_steps in (1, 2):  # each later pass steps every weight once and counts once
+        mlp_loss(model, batch).backward()
+        assert trainer.optimizer_steps == expected_steps
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_remove_also_stops_counting_outputs_made_before():
+    model = small_mlp()
+    trainer = layerwise(model, make_optimizer, scheduler_factory=make_scheduler)
+    loss = mlp_loss(model, mlp_batches(1, batch=8)[0])
+    trainer.remove()
+    loss.backward()
+    assert (trainer.micro_steps, trainer.optimizer_steps) == (0, 0)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_compiled_model_trains_layerwise():
+    """torch.compile(fullgraph=True) of the model: the output hook stays out of the graph."""
+    batches = mlp_batches(3, batch=8)
+    expected, _, _ = ordinary_training(batches, None, accumulation=1)
+    model = small_mlp()
+    trainer = layerwise(model, make_optimizer, scheduler_factory=make_scheduler)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for batch in batches:
+        mlp_loss(compiled, batch).backward()
+    assert trainer.optimizer_steps == 3
+    for a, b in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b)

@@ -330,3 +330,17 @@ def test_bf16_moments_are_stored_in_bf16_and_track_the_fp32_run():
         moved = (b - w0).abs().max()
         assert moved > 1e-3
         assert (a - b).abs().max() < 0.05 * moved
+
+
+def test_checkpoint_saved_before_state_dtype_existed_loads_with_fp32_moments():
+    model = small_mlp()
+    optimizer = LowRankAdamW(mlp_param_groups(model, rank=5, update_proj_gap=2), lr=1e-2)
+    train_steps(model, optimizer, mlp_batches(2))
+    saved = _save_load(optimizer.state_dict())
+    for group in saved["param_groups"]:
+        del group["state_dtype"]  # the layout of older checkpoints
+    saved["state"] = {}  # parameters without state allocate theirs on the next step
+    fresh = LowRankAdamW(mlp_param_groups(model, rank=5, update_proj_gap=2), lr=1e-2)
+    fresh.load_state_dict(saved)
+    train_steps(model, fresh, mlp_batches(1))
+    assert fresh.state[model[0].weight]["exp_avg"].dtype == torch.float32

@@ -234,9 +234,11 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
 def _stochastic_round_bf16(x, word):
     """fp32 x rounded to bf16 stochastically with uint32 ``word`` (lowrank/adam.h): the top 16
     bits of the word added to the 16 dropped bits; returned as the fp32 value, whose cast to
-    bf16 then only drops zero bits (exactly also in the interpreter). NaN stays NaN."""
+    bf16 then only drops zero bits (exactly also in the interpreter). NaN becomes the quiet NaN
+    0x7FC0 (bf16 bits), as in the C++ kernels and the reference."""
     bits = (x.to(tl.uint32, bitcast=True) + (word >> 16)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    bits = tl.where(x != x, 0x7FC00000, bits)  # noqa: PLR0124 (NaN: the quiet NaN of the CPU)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -256,8 +256,9 @@ def choose_variant(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtyp
     grow); one pass otherwise, which saves the N round trip and a launch. A generated basis
     (``generated``) takes one pass only up to MAX_GENERATED_RANK_PAD, which the first rule
     already implies. bf16 moments (``bf16_moments``) always take two launches: the Philox words
-    of their stochastic rounding, drawn for the whole BLOCK_OWN × R_PAD tile at once, spill
-    registers in this kernel's tiles (AOT), not in launch A's smaller ones."""
+    of their stochastic rounding, drawn for the whole BLOCK_OWN × R_PAD tile at once, take this
+    kernel to 236-255 registers at R_PAD = 64 (4 bytes spilled on sm_90 with an fp32 dot, AOT),
+    while launch A has tiles sized for them (fused_galore_step_2d._BF16_MOMENT_PROJECT_BLOCKS)."""
     if (bf16_moments or rank_pad(rank) >= 128
             or (generated and rank_pad(rank) > MAX_GENERATED_RANK_PAD)):
         return "twolaunch"

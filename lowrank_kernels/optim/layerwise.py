@@ -35,9 +35,14 @@ the backward of every checkpointed segment as a nested graph task of its own, wh
 inside it; a callback queued from such a hook would end the pass once per segment. So the
 trainer also hooks the gradient of the model's outputs (a forward hook on the model registers
 it): that gradient is computed in the outermost task before any parameter's, and the callback is
-queued there. A weight used in two reentrant segments would receive its gradient in two nested
-tasks, i.e. in two parts, and be stepped on the first: that raises a RuntimeError (use
-``use_reentrant=False``, which has no nested tasks and works with shared weights).
+queued there. With ``use_reentrant=True`` a weight must receive its gradient in one segment per
+backward pass: one used in two reentrant segments (shared across layers, or the model called
+twice before one backward) gets it in two nested tasks, i.e. in two parts, and by the second part
+it has already been stepped on the first; that raises a RuntimeError, and the run must restart
+from a checkpoint. ``use_reentrant=False`` has no nested tasks and none of these limits. Under
+torch.compile the output hook is not installed (dynamo cannot trace the engine callback), so
+compiled models need ``use_reentrant=False`` for checkpointing. A backward that accumulates no
+held parameter's gradient (``torch.autograd.grad`` of a gradient penalty) is not a pass.
 
 Results equal ordinary training with the same optimizer, data, accumulation and per-parameter
 clipping, with and without activation checkpointing (tests/test_optim_layerwise.py checks this).
@@ -72,7 +77,9 @@ class LayerwiseTrainer:
         self.micro_steps = 0  # completed backward passes
         self.optimizer_steps = 0
         self._callback_queued = False
+        self._saw_grad = False  # a held parameter received its gradient in the pass in progress
         self._stepped: set[int] = set()  # parameters stepped in the pass in progress
+        self._removed = False
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._handles = [model.register_forward_hook(self._on_forward)]
         for p in model.parameters():
@@ -93,7 +100,15 @@ class LayerwiseTrainer:
 
     def _on_forward(self, module: torch.nn.Module, args, output) -> None:
         """Hooks the gradient of every output that will receive one (see the module docstring:
-        it arrives in the outermost graph task of the backward pass)."""
+        it arrives in the outermost graph task of the backward pass). Under torch.compile it
+        hooks nothing (dynamo cannot trace the engine callback; the parameters' hooks queue it,
+        as without checkpointing)."""
+        if torch.compiler.is_compiling():
+            return
+        if torch._C._current_graph_task_id() == -1:
+            # not inside a backward (a reentrant segment's recomputation is): a pass that
+            # raised never ran its end-of-pass callback, so forget what it left half done
+            self._reset_pass()
         if not torch.is_grad_enabled():
             return
         for leaf in pytree.tree_leaves(output):
@@ -101,7 +116,8 @@ class LayerwiseTrainer:
                 leaf.register_hook(self._on_output_grad)
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:
-        self._queue_end_of_backward()
+        if not self._removed:
+            self._queue_end_of_backward()
 
     def _queue_end_of_backward(self) -> None:
         """Queues _end_of_backward on the graph task running now, once per backward pass."""
@@ -111,6 +127,7 @@ class LayerwiseTrainer:
 
     def _on_grad(self, p: torch.Tensor) -> None:
         self._queue_end_of_backward()  # a pass whose model outputs were not seen (see above)
+        self._saw_grad = True
         if not self.stepping:
             return
         if id(p) in self._stepped:
@@ -134,6 +151,9 @@ class LayerwiseTrainer:
             p.grad = None
 
     def _end_of_backward(self) -> None:
+        if not self._saw_grad:  # e.g. torch.autograd.grad of a gradient penalty: not a pass
+            self._reset_pass()
+            return
         if self.stepping:
             self.optimizer_steps += 1
             if self.scheduler is not None:
@@ -142,7 +162,11 @@ class LayerwiseTrainer:
                 self.optimizer._opt_called = True
                 self.scheduler.step()
         self.micro_steps += 1
+        self._reset_pass()
+
+    def _reset_pass(self) -> None:
         self._callback_queued = False
+        self._saw_grad = False
         self._stepped.clear()
 
     def remove(self) -> None:
@@ -150,6 +174,7 @@ class LayerwiseTrainer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._removed = True  # output tensors hooked before remain hooked: they must not count
 
 
 def clip_float_grad_(codes: torch.Tensor, max_norm: float) -> None:

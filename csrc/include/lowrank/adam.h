@@ -59,7 +59,8 @@ LOWRANK_HD float adam_normalized_update(float r, float& m, float& v, const AdamC
 // Philox word, which makes E[stored] = x exactly. Words of element `index` (row-major in M and
 // V): one Philox call at counter (index, 1, 0, 0) under key state_philox_seed, the first output
 // word for M, the second for V (Triton: tl.randint4x(key, index + 2**32)); the INT8 weights'
-// stream has counter word 1 = 0.
+// stream has counter word 1 = 0 (distinct for weights below 2^32 elements, i.e. all of them in
+// practice: LLaMA-70B's largest is 2^28).
 constexpr uint64_t kMomentStream = uint64_t{1} << 32;
 
 LOWRANK_HD uint32_t float_bits(float x) {

@@ -262,6 +262,9 @@ inline StepGeometry check_fused_galore_step(
   }
   check_state(exp_avg, param, g, "exp_avg");
   check_state(exp_avg_sq, param, g, "exp_avg_sq");
+  LOWRANK_CHECK_VALUE(exp_avg_sq.scalar_type() == exp_avg.scalar_type(),
+                      "exp_avg_sq: expected the dtype of exp_avg (", exp_avg.scalar_type(),
+                      "), got ", exp_avg_sq.scalar_type());
   LOWRANK_CHECK_VALUE(!exp_avg.is_same(exp_avg_sq), "exp_avg_sq: must not alias exp_avg");
   if (int8_weight) {
     check_group_size(param_group_size, "param_group_size", /*packed_int4=*/false);

@@ -309,15 +309,17 @@ TWOLAUNCH_GENERATED_DTYPES = {
 
 # Launch A with bf16 moments (fused_galore_step_2d.bf16_moment_candidate_configs): its own
 # table, compiled with these (grad, proj, state, workspace) sets, dense and generated.
-BF16_MOMENT_DTYPES = {
+BF16_MOMENT_DTYPES = {  # the fp32 workspace: INT8 weights
     ("project", "tc"): [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
-                        (torch.float16, torch.float16, torch.bfloat16, torch.float16)],
+                        (torch.float16, torch.float16, torch.bfloat16, torch.float16),
+                        (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32)],
     ("project", "fp32"): [(torch.float32, torch.float32, torch.bfloat16, torch.float32),
                           (torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16)],
 }
 BF16_MOMENT_GENERATED_DTYPES = {
     ("project", "tc"): [(torch.bfloat16, None, torch.bfloat16, torch.bfloat16),
-                        (torch.bfloat16, None, torch.bfloat16, torch.float32)],
+                        (torch.bfloat16, None, torch.bfloat16, torch.float32),
+                        (torch.float16, None, torch.bfloat16, torch.float16)],
     ("project", "fp32"): [(torch.float32, None, torch.bfloat16, torch.float32)],
 }
 _TWOLAUNCH_TABLES = {  # job kind -> (dtype table, generated basis)

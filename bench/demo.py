@@ -84,6 +84,9 @@ def optimizers(cfg: harness.ModelShape) -> dict[str, Callable[[torch.nn.Module],
     for preset in memory.OUR_PRESETS:
         if hasattr(optim, preset):
             found[f"ours {preset}"] = ours(getattr(optim, preset))
+    if hasattr(optim, "GaLoreAdamW"):  # bf16 moments (stochastic rounding) against fp32 ones
+        found["ours GaLoreAdamW bf16 moments"] = lambda net: optim.GaLoreAdamW(
+            galore_groups(net, cfg), lr=LR["galore"], state_dtype=torch.bfloat16)
     return found
 
 

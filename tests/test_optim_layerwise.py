@@ -337,3 +337,32 @@ def test_compiled_model_trains_layerwise():
     assert trainer.optimizer_steps == 3
     for a, b in zip(model.parameters(), expected.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_compiled_model_recovers_from_a_backward_that_raised():
+    """Under compile no output hook exists: a failed pass is recognised by its graph task."""
+    model = small_mlp()
+    trainer = layerwise(model, make_optimizer)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    batch = mlp_batches(1, batch=8)[0]
+    first = model[0].weight
+
+    def fail_once(p):
+        first_hook.remove()
+        raise ValueError("boom")
+
+    first_hook = first.register_post_accumulate_grad_hook(fail_once)  # after the trainer's hook
+    with pytest.raises(ValueError, match="boom"):
+        mlp_loss(compiled, batch).backward()
+    for expected_steps in (1, 2):
+        mlp_loss(compiled, batch).backward()
+        assert trainer.optimizer_steps == expected_steps
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_forward_the_trainer_cannot_see_is_warned_about():
+    model = small_mlp()
+    layerwise(model, make_optimizer)
+    x, y = mlp_batches(1, batch=8)[0]
+    with pytest.warns(UserWarning, match="without a forward of the model"):
+        torch.nn.functional.cross_entropy(model.forward(x), y).backward()

@@ -340,7 +340,10 @@ def test_checkpoint_saved_before_state_dtype_existed_loads_with_fp32_moments():
     for group in saved["param_groups"]:
         del group["state_dtype"]  # the layout of older checkpoints
     saved["state"] = {}  # parameters without state allocate theirs on the next step
-    fresh = LowRankAdamW(mlp_param_groups(model, rank=5, update_proj_gap=2), lr=1e-2)
+    # even into an optimizer built for bf16 moments: such checkpoints hold fp32 ones
+    fresh = LowRankAdamW(mlp_param_groups(model, rank=5, update_proj_gap=2), lr=1e-2,
+                         state_dtype=torch.bfloat16)
     fresh.load_state_dict(saved)
     train_steps(model, fresh, mlp_batches(1))
+    assert fresh.param_groups[1]["state_dtype"] == torch.float32
     assert fresh.state[model[0].weight]["exp_avg"].dtype == torch.float32

@@ -41,8 +41,16 @@ twice before one backward) gets it in two nested tasks, i.e. in two parts, and b
 it has already been stepped on the first; that raises a RuntimeError, and the run must restart
 from a checkpoint. ``use_reentrant=False`` has no nested tasks and none of these limits. Under
 torch.compile the output hook is not installed (dynamo cannot trace the engine callback), so
-compiled models need ``use_reentrant=False`` for checkpointing. A backward that accumulates no
-held parameter's gradient (``torch.autograd.grad`` of a gradient penalty) is not a pass.
+compiled models need ``use_reentrant=False`` for checkpointing; so does a model whose forward
+the trainer does not see (called as ``model.forward(...)`` or through a wrapper that bypasses
+``__call__``; a warning says so). A backward that accumulates no held parameter's gradient
+(``torch.autograd.grad`` of a gradient penalty) is not a pass. A backward that raised is
+recognised when the next one starts (its callback was queued on another graph task) and the
+trainer's count resumes, but what it had done stays done: the parameters stepped before the
+error, and gradients accumulated into ``.grad`` by it; restore a checkpoint to retry the batch
+exactly. The trainer is single-threaded (hooks fire on the thread running the backward) and, as
+its steps run in the post-accumulate-grad hooks, before any DistributedDataParallel all-reduce,
+for single-process training.
 
 Results equal ordinary training with the same optimizer, data, accumulation and per-parameter
 clipping, with and without activation checkpointing (tests/test_optim_layerwise.py checks this).
@@ -50,6 +58,7 @@ clipping, with and without activation checkpointing (tests/test_optim_layerwise.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -77,6 +86,10 @@ class LayerwiseTrainer:
         self.micro_steps = 0  # completed backward passes
         self.optimizer_steps = 0
         self._callback_queued = False
+        self._pass_task = -1  # the autograd graph task _end_of_backward is queued on
+        self._queued_by_output = False  # ... by the output-gradient hook (else by a parameter's)
+        self._forward_seen = False  # a forward of the model ran since the last pass ended
+        self._warned_unhooked = False
         self._saw_grad = False  # a held parameter received its gradient in the pass in progress
         self._stepped: set[int] = set()  # parameters stepped in the pass in progress
         self._removed = False
@@ -103,13 +116,8 @@ class LayerwiseTrainer:
         it arrives in the outermost graph task of the backward pass). Under torch.compile it
         hooks nothing (dynamo cannot trace the engine callback; the parameters' hooks queue it,
         as without checkpointing)."""
-        if torch.compiler.is_compiling():
-            return
-        if torch._C._current_graph_task_id() == -1:
-            # not inside a backward (a reentrant segment's recomputation is): a pass that
-            # raised never ran its end-of-pass callback, so forget what it left half done
-            self._reset_pass()
-        if not torch.is_grad_enabled():
+        self._forward_seen = True
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return
         for leaf in pytree.tree_leaves(output):
             if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
@@ -117,16 +125,30 @@ class LayerwiseTrainer:
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:
         if not self._removed:
-            self._queue_end_of_backward()
+            self._queue_end_of_backward(from_output=True)
 
-    def _queue_end_of_backward(self) -> None:
-        """Queues _end_of_backward on the graph task running now, once per backward pass."""
+    def _queue_end_of_backward(self, from_output: bool) -> None:
+        """Queues _end_of_backward on the graph task running now, once per backward pass. A
+        callback still queued on another task is left over from a backward that raised
+        (autograd then drops its callbacks) -- unless it was queued by the output hook and this
+        is a parameter's hook in a nested (reentrant checkpoint) task of the same pass."""
+        task = torch._C._current_graph_task_id()
+        if self._callback_queued and task != self._pass_task and (
+                from_output or not self._queued_by_output):
+            self._reset_pass()  # forget what the failed pass left half done
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._callback_queued = True
+            self._pass_task, self._queued_by_output = task, from_output
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        self._queue_end_of_backward()  # a pass whose model outputs were not seen (see above)
+        if not self._forward_seen and not self._callback_queued and not self._warned_unhooked:
+            self._warned_unhooked = True
+            warnings.warn("layer-wise training: a gradient arrived without a forward of the "
+                          "model the trainer hooks (called as model(...)), so the end of the "
+                          "backward pass is taken from the parameters' hooks, which is wrong "
+                          "under activation checkpointing with use_reentrant=True", stacklevel=2)
+        self._queue_end_of_backward(from_output=False)
         self._saw_grad = True
         if not self.stepping:
             return
@@ -166,6 +188,7 @@ class LayerwiseTrainer:
 
     def _reset_pass(self) -> None:
         self._callback_queued = False
+        self._forward_seen = False
         self._saw_grad = False
         self._stepped.clear()
 

@@ -383,8 +383,8 @@ class LowRankAdamW(torch.optim.Optimizer):
         to the parameter's dtype, which would turn fp32 moments of bf16 weights into bf16 and
         int64 refresh counters and packed INT4 bases into floats."""
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # saved before the key existed: the constructor's
-            group.setdefault("state_dtype", self.defaults["state_dtype"])
+        for group in self.param_groups:  # saved before the key existed: fp32 moments then
+            group.setdefault("state_dtype", torch.float32)
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):

@@ -347,3 +347,17 @@ def test_checkpoint_saved_before_state_dtype_existed_loads_with_fp32_moments():
     train_steps(model, fresh, mlp_batches(1))
     assert fresh.param_groups[1]["state_dtype"] == torch.float32
     assert fresh.state[model[0].weight]["exp_avg"].dtype == torch.float32
+
+
+def test_group_key_changes_take_effect_between_steps():
+    """The projection spec is cached per group and rebuilt when a key changes (here the refresh
+    gap, as a schedule of update_proj_gap would do)."""
+    model = small_mlp()
+    optimizer = LowRankAdamW(mlp_param_groups(model, rank=5, update_proj_gap=1000), lr=1e-2)
+    batches = mlp_batches(4)
+    train_steps(model, optimizer, batches[:2])
+    weight = model[0].weight
+    assert int(optimizer.state[weight]["proj_refreshes"]) == 1  # step 0 only
+    optimizer.param_groups[1]["update_proj_gap"] = 1
+    train_steps(model, optimizer, batches[2:])
+    assert int(optimizer.state[weight]["proj_refreshes"]) == 3  # and every step since

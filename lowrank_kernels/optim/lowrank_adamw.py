@@ -68,6 +68,8 @@ from lowrank_kernels.projection.base import check_rank
 
 DENSE_ADAMW = ("torch", "galore")
 STATE_DTYPES = (torch.float32, torch.bfloat16)  # of the projected moments
+_SPEC_KEYS = ("rank", "projection", "refresh", "update_proj_gap", "refresh_threshold",
+              "refresh_growth", "refresh_max_gap", "proj_bits", "proj_group_size")
 INT8_GROUP_SIZE = 256
 
 
@@ -118,6 +120,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         self.dense_adamw, self.foreach, self.fused, self.backend = (
             dense_adamw, foreach, fused, backend)
         self._position_of: dict[int, int] | None = None
+        self._specs: dict[int, tuple[tuple, proj_state.ProjectionSpec]] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
                         proj_type=proj_type, projection=projection, proj_bits=proj_bits,
@@ -163,8 +166,17 @@ class LowRankAdamW(torch.optim.Optimizer):
                                      "the fused low-rank step (give the group a rank)")
         self._position_of = None
 
+    def _spec(self, group: dict) -> proj_state.ProjectionSpec:
+        """The group's ProjectionSpec, rebuilt only when one of its keys changed (it is read on
+        every step of every projected weight)."""
+        key = tuple(group[k] for k in _SPEC_KEYS)
+        cached = self._specs.get(id(group))
+        if cached is None or cached[0] != key:
+            cached = self._specs[id(group)] = (key, self._build_spec(group))
+        return cached[1]
+
     @staticmethod
-    def _spec(group: dict) -> proj_state.ProjectionSpec:
+    def _build_spec(group: dict) -> proj_state.ProjectionSpec:
         policy = make_refresh_policy(group["refresh"], group["update_proj_gap"],
                                      threshold=group["refresh_threshold"],
                                      growth=group["refresh_growth"],

@@ -160,12 +160,11 @@ def copy_probe(m: int, n: int, wdt, device) -> Callable[[], None]:
 
 
 def _triton_auto(m: int, n: int, rank: int, wdt, sdt, device, generated: bool = False) -> str:
-    """The variant the Triton launcher picks ('onepass' or 'twolaunch'); without Triton, its
-    rank rule alone."""
+    """The variant the Triton launcher picks ('onepass' or 'twolaunch')."""
     try:
         from lowrank_kernels.triton_kernels import fused_galore_step as fgs
-    except ImportError:
-        return "onepass" if rank < 64 and sdt != torch.bfloat16 else "twolaunch"
+    except ImportError:  # no Triton: its providers are skipped, their model rows unused
+        return "twolaunch"
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else fgs.DEFAULT_NUM_SMS)
     return fgs.choose_variant(m, n, rank, wdt, wdt, sms, generated=generated,

@@ -18,7 +18,6 @@
 #include <algorithm>
 #include <limits>
 #include <numeric>
-#include <type_traits>
 
 #include "dct_cpu.h"
 #include "lowrank/adam.h"
@@ -58,41 +57,35 @@ void parallel_tiles(int64_t tiles, const F& body) {
   });
 }
 
-// M and V of element `index` stored in their dtype: fp32 as is, bf16 rounded stochastically
-// (lowrank/adam.h).
-// Adam on `len` consecutive elements of fp32 M and V.
+// Adam on `len` consecutive elements of M and V (row-major index of the first: `first`), R read
+// and overwritten by N. fp32 moments are stored as they are.
 void adam_run(float* r_then_n, float* exp_avg, float* exp_avg_sq, int64_t len,
-              const AdamCoeffs& c) {
+              int64_t /*first*/, const AdamCoeffs& c) {
   for (int64_t j = 0; j < len; ++j) {
     r_then_n[j] = adam_normalized_update(r_then_n[j], exp_avg[j], exp_avg_sq[j], c);
   }
 }
 
-// The same on bf16 M and V whose first element has row-major index `first`: stored rounded
-// stochastically (lowrank/adam.h). The Philox words of a chunk are drawn first, in a loop of
-// independent lanes the compiler vectorizes.
+// bf16 moments are stored rounded stochastically (lowrank/adam.h). The Philox words of a chunk
+// are drawn first, in a loop of independent lanes the compiler vectorizes.
 void adam_run(float* r_then_n, at::BFloat16* exp_avg, at::BFloat16* exp_avg_sq, int64_t len,
               int64_t first, const AdamCoeffs& c) {
   constexpr int64_t kChunk = 64;
-  uint32_t words_m[kChunk], words_v[kChunk];
+  PhiloxPair words[kChunk];
   for (int64_t start = 0; start < len; start += kChunk) {
     const int64_t n = std::min(kChunk, len - start);
-    const uint64_t counter = static_cast<uint64_t>(first + start) + kMomentStream;
 #pragma omp simd
     for (int64_t e = 0; e < n; ++e) {
-      const PhiloxPair words = philox_uint32x2(c.state_philox_seed, counter + e);
-      words_m[e] = words.first;
-      words_v[e] = words.second;
+      words[e] = moment_words(c, first + start + e);
     }
     for (int64_t e = 0; e < n; ++e) {
       const int64_t j = start + e;
       float m = static_cast<float>(exp_avg[j]);
       float v = static_cast<float>(exp_avg_sq[j]);
       r_then_n[j] = adam_normalized_update(r_then_n[j], m, v, c);
-      exp_avg[j] = c10::BFloat16(stochastic_round_bf16_bits(m, words_m[e]),
-                                 c10::BFloat16::from_bits());
-      exp_avg_sq[j] = c10::BFloat16(stochastic_round_bf16_bits(v, words_v[e]),
-                                    c10::BFloat16::from_bits());
+      const MomentBits bits = stochastic_round_moments(m, v, words[e]);
+      exp_avg[j] = c10::BFloat16(bits.exp_avg, c10::BFloat16::from_bits());
+      exp_avg_sq[j] = c10::BFloat16(bits.exp_avg_sq, c10::BFloat16::from_bits());
     }
   }
 }
@@ -104,12 +97,7 @@ template <typename state_t>
 void adam_block(float* r_then_n, state_t* exp_avg, state_t* exp_avg_sq, int64_t rows,
                 int64_t cols, int64_t ld, int64_t first, const AdamCoeffs& c) {
   for (int64_t i = 0; i < rows; ++i) {
-    if constexpr (std::is_same_v<state_t, float>) {
-      adam_run(r_then_n + i * cols, exp_avg + i * ld, exp_avg_sq + i * ld, cols, c);
-    } else {
-      adam_run(r_then_n + i * cols, exp_avg + i * ld, exp_avg_sq + i * ld, cols, first + i * ld,
-               c);
-    }
+    adam_run(r_then_n + i * cols, exp_avg + i * ld, exp_avg_sq + i * ld, cols, first + i * ld, c);
   }
 }
 

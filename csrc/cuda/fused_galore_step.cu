@@ -767,7 +767,7 @@ struct AdamEpilogue {
   // M and V of element idx in their dtype: fp32, or bf16 rounded stochastically (adam.h).
   __device__ __forceinline__ void store_moments(int64_t idx, float m, float v) const {
     if (state_bf16) {
-      const MomentBits bits = stochastic_round_moments(m, v, coeffs, idx);
+      const MomentBits bits = stochastic_round_moments(m, v, moment_words(coeffs, idx));
       static_cast<__nv_bfloat16*>(exp_avg)[idx] = __ushort_as_bfloat16(bits.exp_avg);
       static_cast<__nv_bfloat16*>(exp_avg_sq)[idx] = __ushort_as_bfloat16(bits.exp_avg_sq);
     } else {

@@ -92,7 +92,6 @@ class LayerwiseTrainer:
         self._warned_unhooked = False
         self._saw_grad = False  # a held parameter received its gradient in the pass in progress
         self._stepped: set[int] = set()  # parameters stepped in the pass in progress
-        self._removed = False
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._handles = [model.register_forward_hook(self._on_forward)]
         for p in model.parameters():
@@ -124,7 +123,7 @@ class LayerwiseTrainer:
                 leaf.register_hook(self._on_output_grad)
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:
-        if not self._removed:
+        if self._handles:  # outputs hooked before remove() remain hooked: they must not count
             self._queue_end_of_backward(from_output=True)
 
     def _queue_end_of_backward(self, from_output: bool) -> None:
@@ -197,7 +196,6 @@ class LayerwiseTrainer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._removed = True  # output tensors hooked before remain hooked: they must not count
 
 
 def clip_float_grad_(codes: torch.Tensor, max_norm: float) -> None:

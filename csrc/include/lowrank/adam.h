@@ -81,15 +81,17 @@ LOWRANK_HD uint16_t stochastic_round_bf16_bits(float x, uint32_t word) {
   return static_cast<uint16_t>((float_bits(x) + (word >> 16)) >> 16);
 }
 
-// The bf16 bits M and V of element `index` are stored as.
+// The Philox words that round M (first) and V (second) of element `index`.
+LOWRANK_HD PhiloxPair moment_words(const AdamCoeffs& c, int64_t index) {
+  return philox_uint32x2(c.state_philox_seed, static_cast<uint64_t>(index) + kMomentStream);
+}
+
+// The bf16 bits M and V are stored as, from their element's moment_words.
 struct MomentBits {
   uint16_t exp_avg, exp_avg_sq;
 };
 
-LOWRANK_HD MomentBits stochastic_round_moments(float m, float v, const AdamCoeffs& c,
-                                               int64_t index) {
-  const PhiloxPair words =
-      philox_uint32x2(c.state_philox_seed, static_cast<uint64_t>(index) + kMomentStream);
+LOWRANK_HD MomentBits stochastic_round_moments(float m, float v, PhiloxPair words) {
   return {stochastic_round_bf16_bits(m, words.first),
           stochastic_round_bf16_bits(v, words.second)};
 }

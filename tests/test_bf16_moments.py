@@ -106,8 +106,10 @@ def _assert_same_moments(a, b):
 
 
 SHAPES = [(67, 131, 5), (131, 67, 17)]  # left, right
-# several CPU tiles (each tile's first state index: column `start` left, row `start`·r right)
-MULTI_TILE_SHAPES = [(256, 512, 64), (512, 256, 64)]
+# several CPU tiles (each tile's first state index: column `start` left, row `start`·r right):
+# 512 lines in 8 tiles of 64, 520 lines in 10 of 52 (the tile count rounded up to a multiple of
+# the thread count, lengths balanced)
+MULTI_TILE_SHAPES = [(256, 512, 64), (512, 256, 64), (256, 520, 64), (520, 256, 64)]
 
 
 @pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
@@ -131,7 +133,8 @@ def test_reference_moments_are_the_stochastically_rounded_fp32_update(m, n, rank
 
 @needs_extension
 @pytest.mark.parametrize("m,n,rank", SHAPES + MULTI_TILE_SHAPES,
-                         ids=["left", "right", "left-tiles", "right-tiles"])
+                         ids=["left", "right", "left-tiles", "right-tiles", "left-uneven",
+                              "right-uneven"])
 def test_cpu_kernel_moments_equal_the_reference_bit_for_bit(m, n, rank):
     inputs = exact_inputs(m, n, rank)
     _assert_same_moments(_run(inputs, backend="cpu"), _run(inputs, backend="reference"))

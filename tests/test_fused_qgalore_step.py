@@ -81,6 +81,18 @@ def test_int8_weight_matches_reference(m, n, group_size, rank, int4_proj, hyper)
     assert_int8_step_matches(ours, ref, inputs, group_size)
 
 
+@pytest.mark.parametrize("m,n,group_size", [(600, 1024, 256), (700, 411, 256)],
+                         ids=["whole-rows", "straddling"])
+def test_int8_weight_several_update_tiles(m, n, group_size):
+    """More than 2^18 elements: the CPU kernel's requantizing pass runs in several row tiles, cut
+    on group boundaries (every row when n % g == 0: 4 tiles of 150 rows; every 256 rows when
+    groups straddle rows: 256 + 444), each tile's Philox offsets continuing the row-major index."""
+    inputs = qgalore_inputs(m, n, 9, int4_proj=True, int8_weight=True,
+                            proj_group_size=group_size, param_group_size=group_size)
+    ours, ref = run_both(inputs, SMALL_LR, group_size, group_size)
+    assert_int8_step_matches(ours, ref, inputs, group_size)
+
+
 @pytest.mark.parametrize("m,n,group_size", GROUP_CASES, ids=str)
 @pytest.mark.parametrize("rank", [1, 17])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=str)

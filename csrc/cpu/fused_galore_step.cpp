@@ -11,6 +11,10 @@
 // written once, M and V read and written once, the basis once per tile (kept in L2/L3).
 // fp32 weights fold the update into the GEMM (addmm: beta=decay, alpha=-us); bf16/fp16 weights
 // go through an fp32 tile of back(N), so every weight is rounded exactly once.
+// The elementwise loops (Adam, the 16-bit update) are cloned for AVX2 (csrc/cpu/cpu_clones.h).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +23,7 @@
 #include <limits>
 #include <numeric>
 
+#include "cpu_clones.h"
 #include "dct_cpu.h"
 #include "lowrank/adam.h"
 #include "lowrank/checks.h"
@@ -36,14 +41,38 @@ namespace {
 // weights run as one or a few tiles (llama-tiny's 128x344, r=32: 6 tiles -> 2, 1.5x faster).
 constexpr int64_t kMinTileFlops = int64_t{1} << 22;
 
-int64_t tile_extent(int64_t lines, int64_t span, int64_t r) {
+// `lines` cut into `tiles` consecutive ranges whose lengths differ by at most one `unit`, every
+// boundary but the last a multiple of `unit`. With a tile count that is a multiple of the thread
+// count, every core gets the same work: 2736 columns in 256-wide tiles were 11 tiles, 6 on one
+// core and 5 (one of them short) on the other (a fifth of that core idle); now 12 of 228.
+struct LineTiles {
+  int64_t lines, unit, tiles;
+
+  int64_t units() const { return (lines + unit - 1) / unit; }
+  int64_t start(int64_t tile) const { return std::min(lines, tile * units() / tiles * unit); }
+  int64_t length(int64_t tile) const { return start(tile + 1) - start(tile); }
+  int64_t max_length() const { return std::min(lines, (units() + tiles - 1) / tiles * unit); }
+};
+
+// Tiles of about `extent` lines (whole units), their count rounded up to a multiple of the
+// thread count when there are at least as many tiles as threads.
+LineTiles balanced_tiles(int64_t lines, int64_t extent, int64_t unit = 1) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t units = (lines + unit - 1) / unit;
+  const int64_t per_tile = std::max<int64_t>(1, extent / unit);
+  int64_t tiles = (units + per_tile - 1) / per_tile;
+  if (tiles >= threads) tiles = (tiles + threads - 1) / threads * threads;
+  return {lines, unit, std::min(tiles, units)};
+}
+
+LineTiles step_tiles(int64_t lines, int64_t span, int64_t r) {
   const int64_t threads = at::get_num_threads();
   int64_t extent = std::clamp<int64_t>(r, 64, 1024);
   const int64_t balanced = (lines + 2 * threads - 1) / (2 * threads);
   extent = std::min(extent, std::max<int64_t>(balanced, 16));
   const int64_t flops_per_line = 4 * span * r;  // two GEMMs, 2 flops per multiply-add
   extent = std::max(extent, (kMinTileFlops + flops_per_line - 1) / flops_per_line);
-  return std::max<int64_t>(1, std::min(extent, lines));
+  return balanced_tiles(lines, std::max<int64_t>(1, std::min(extent, lines)));
 }
 
 // at::parallel_for over tiles (one or more per task). Worker threads start with grad mode on, so
@@ -59,8 +88,9 @@ void parallel_tiles(int64_t tiles, const F& body) {
 
 // Adam on `len` consecutive elements of M and V (row-major index of the first: `first`), R read
 // and overwritten by N. fp32 moments are stored as they are.
-void adam_run(float* r_then_n, float* exp_avg, float* exp_avg_sq, int64_t len,
-              int64_t /*first*/, const AdamCoeffs& c) {
+LOWRANK_CPU_CLONES void adam_run(float* r_then_n, float* exp_avg, float* exp_avg_sq, int64_t len,
+                                 int64_t /*first*/, const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;  // a local copy: no aliasing with the arrays, so the loop vectorizes
   for (int64_t j = 0; j < len; ++j) {
     r_then_n[j] = adam_normalized_update(r_then_n[j], exp_avg[j], exp_avg_sq[j], c);
   }
@@ -68,8 +98,10 @@ void adam_run(float* r_then_n, float* exp_avg, float* exp_avg_sq, int64_t len,
 
 // bf16 moments are stored rounded stochastically (lowrank/adam.h). The Philox words of a chunk
 // are drawn first, in a loop of independent lanes the compiler vectorizes.
-void adam_run(float* r_then_n, at::BFloat16* exp_avg, at::BFloat16* exp_avg_sq, int64_t len,
-              int64_t first, const AdamCoeffs& c) {
+LOWRANK_CPU_CLONES void adam_run(float* r_then_n, at::BFloat16* exp_avg,
+                                 at::BFloat16* exp_avg_sq, int64_t len, int64_t first,
+                                 const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;
   constexpr int64_t kChunk = 64;
   PhiloxPair words[kChunk];
   for (int64_t start = 0; start < len; start += kChunk) {
@@ -101,17 +133,31 @@ void adam_block(float* r_then_n, state_t* exp_avg, state_t* exp_avg_sq, int64_t 
   }
 }
 
+// W' = decay*W - us*T on one row of a 16-bit W; T fp32. Inlined into each clone below.
+template <typename weight_t>
+[[gnu::always_inline]] inline void update_run(weight_t* w, const float* back_n, int64_t len,
+                                              const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;
+  for (int64_t j = 0; j < len; ++j) {
+    w[j] = static_cast<weight_t>(apply_update(static_cast<float>(w[j]), back_n[j], c));
+  }
+}
+
+LOWRANK_CPU_CLONES void update_run(at::BFloat16* w, const float* back_n, int64_t len,
+                                   const AdamCoeffs& c) {
+  update_run<at::BFloat16>(w, back_n, len, c);
+}
+
+LOWRANK_CPU_CLONES void update_run(at::Half* w, const float* back_n, int64_t len,
+                                   const AdamCoeffs& c) {
+  update_run<at::Half>(w, back_n, len, c);
+}
+
 // W' = decay*W - us*T on a rows x cols block of W (leading dimension ld); T contiguous fp32.
 template <typename weight_t>
 void update_block(weight_t* w, const float* back_n, int64_t rows, int64_t cols, int64_t ld,
                   const AdamCoeffs& c) {
-  for (int64_t i = 0; i < rows; ++i) {
-    weight_t* wrow = w + i * ld;
-    const float* trow = back_n + i * cols;
-    for (int64_t j = 0; j < cols; ++j) {
-      wrow[j] = static_cast<weight_t>(apply_update(static_cast<float>(wrow[j]), trow[j], c));
-    }
-  }
+  for (int64_t i = 0; i < rows; ++i) update_run(w + i * ld, back_n + i * cols, cols, c);
 }
 
 template <typename state_t>
@@ -193,18 +239,17 @@ void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Ten
                         bool need_back_buf, const Epilogue& epilogue) {
   const int64_t lines = g.right ? g.m : g.n;  // rows (right) or columns (left) of W
   const int64_t span = g.right ? g.n : g.m;   // length of one line
-  const int64_t extent = tile_extent(lines, span, g.r);
-  const int64_t tiles = (lines + extent - 1) / extent;
+  const LineTiles split = step_tiles(lines, span, g.r);
+  const int64_t extent = split.max_length();
   const bool lowp_g = grad.scalar_type() != at::kFloat;
   const auto f32 = grad.options().dtype(at::kFloat);
   const int dim = g.right ? 0 : 1;
-  parallel_tiles(tiles, [&](int64_t begin, int64_t end) {
+  parallel_tiles(split.tiles, [&](int64_t begin, int64_t end) {
     at::Tensor g_buf = lowp_g ? at::empty({extent * span}, f32) : at::Tensor();
     at::Tensor back_buf = need_back_buf ? at::empty({extent * span}, f32) : at::Tensor();
     at::Tensor r_buf = at::empty({extent * g.r}, f32);
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t start = tile * extent;
-      const int64_t len = std::min(extent, lines - start);
+      const int64_t start = split.start(tile), len = split.length(tile);
       at::Tensor g32 = grad_tile_f32(grad.narrow(dim, start, len), g_buf);
       at::Tensor r_tile = contiguous_view(r_buf, g.right ? len : g.r, g.right ? g.r : len);
       if (g.right) {
@@ -262,16 +307,12 @@ at::Tensor normalized_low_rank(const at::Tensor& grad, const at::Tensor& basis,
   return normalized;
 }
 
-// Rows per pass-2 tile: a multiple of group_size / gcd(n, group_size), so that every tile but
+// Pass-2 tiles: rows in multiples of group_size / gcd(n, group_size), so that every tile but
 // the last starts and ends on a group boundary; about 256K elements per tile, and a tile count
-// that is a multiple of the thread count so that the cores finish together.
-int64_t group_aligned_rows(int64_t m, int64_t n, int64_t group_size) {
+// that is a multiple of the thread count, of equal tiles, so that the cores finish together.
+LineTiles group_aligned_tiles(int64_t m, int64_t n, int64_t group_size) {
   const int64_t unit = group_size / std::gcd(n, group_size);
-  const int64_t threads = at::get_num_threads();
-  int64_t tiles = std::max<int64_t>(threads, (m * n + (int64_t{1} << 18) - 1) >> 18);
-  tiles = (tiles + threads - 1) / threads * threads;
-  const int64_t rows = (m + tiles - 1) / tiles;
-  return std::min(m, (rows + unit - 1) / unit * unit);
+  return balanced_tiles(m, std::max<int64_t>(1, (int64_t{1} << 18) / n), unit);
 }
 
 // Pass 2 on the rows [row_begin, row_end) whose fp32 back(N) is `back_n` (row-major, n columns).
@@ -298,13 +339,12 @@ void int8_weight_update(at::Tensor& codes, at::Tensor& scales, at::Tensor& zeros
                         int64_t group_size, uint64_t philox_seed, const at::Tensor& basis,
                         const at::Tensor& normalized, const StepGeometry& g,
                         const AdamCoeffs& c) {
-  const int64_t rows = group_aligned_rows(g.m, g.n, group_size);
-  const int64_t tiles = (g.m + rows - 1) / rows;
+  const LineTiles split = group_aligned_tiles(g.m, g.n, group_size);
   const auto f32 = codes.options().dtype(at::kFloat);
-  parallel_tiles(tiles, [&](int64_t begin, int64_t end) {
-    at::Tensor t_buf = at::empty({rows * g.n}, f32);
+  parallel_tiles(split.tiles, [&](int64_t begin, int64_t end) {
+    at::Tensor t_buf = at::empty({split.max_length() * g.n}, f32);
     for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t start = tile * rows, len = std::min(rows, g.m - start);
+      const int64_t start = split.start(tile), len = split.length(tile);
       at::Tensor t = contiguous_view(t_buf, len, g.n);
       if (g.right) {
         at::mm_out(t, normalized.narrow(0, start, len), basis);  // (len x r) @ (r x n)

@@ -10,18 +10,14 @@
 //
 // Tiling: at::parallel_for over whole groups; each task reads its groups once (min/max, then
 // codes from L1/L2). DRAM traffic: the input once, the codes once, scales and zeros once.
-// The hot loops below vectorise only when the compiler may if-convert float compares, which
-// -ftrapping-math (the default) forbids; nothing here reads FP exception flags. They are also
-// cloned for AVX2 (chosen at load time) since the wheel's baseline is SSE2.
+// The hot loops are cloned for AVX2 and may if-convert compares (csrc/cpu/cpu_clones.h).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LOWRANK_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#include "cpu_clones.h"
+#ifdef LOWRANK_HAVE_AVX2_CLONES
 #define LOWRANK_AVX2_PHILOX 1
 #include <immintrin.h>
-#else
-#define LOWRANK_CPU_CLONES
 #endif
 
 #include <ATen/ATen.h>
@@ -37,44 +33,80 @@ namespace lowrank {
 #ifdef LOWRANK_AVX2_PHILOX
 namespace {
 
-// High and low 32-bit words of a * b in 8 lanes (AVX2 multiplies only even lanes to 64 bits).
+// High and low 32-bit words of a * b in 8 lanes (AVX2 multiplies only even lanes to 64 bits;
+// vpmulld gives the low words in one instruction, cheaper than recombining them).
 __attribute__((target("avx2"))) inline void mul_wide_u32x8(__m256i a, __m256i b, __m256i& high,
                                                             __m256i& low) {
   const __m256i even = _mm256_mul_epu32(a, b);
   const __m256i odd = _mm256_mul_epu32(a, _mm256_srli_epi64(b, 32));
   high = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  low = _mm256_mullo_epi32(a, b);
 }
 
-// philox_uniform (lowrank/philox.h) for 8 consecutive offsets at a time: 2.5x the compiler's
-// vectorisation, which keeps the 64-bit offsets in 64-bit lanes. Bit-equal (tested against
-// tl.rand); the high offset word must be the same for the whole run (checked by the caller).
-__attribute__((target("avx2"))) int64_t philox_uniform_avx2(uint64_t seed, uint64_t first,
-                                                             int64_t count, float* u) {
+// The ten round keys of a seed, broadcast once per call instead of once per round.
+struct PhiloxKeys {
+  __m256i k0[kPhiloxRounds], k1[kPhiloxRounds];
+};
+
+__attribute__((target("avx2"))) inline PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys keys;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    keys.k0[round] = _mm256_set1_epi32(static_cast<int>(k0));
+    keys.k1[round] = _mm256_set1_epi32(static_cast<int>(k1));
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  return keys;
+}
+
+// u for the 8*V consecutive offsets starting at `first` (whose high word is `high_word` in every
+// lane). V independent vectors go through each round together: one vector's round is a chain of
+// dependent multiplies and xors, so interleaving hides their latency (measured on the CI's AMD
+// EPYC: V = 1 2.8 ns per value, V = 4 1.55 ns with vpmulld).
+template <int V>
+__attribute__((target("avx2"))) inline void philox_uniform_x8(const PhiloxKeys& keys,
+                                                              uint64_t first, __m256i high_word,
+                                                              float* u) {
   const __m256i round_a = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
   const __m256i round_b = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i high_word = _mm256_set1_epi32(static_cast<int>(first >> 32));
-  const __m256 to_unit = _mm256_set1_ps(kUint31ToUnit);
-  int64_t k = 0;
-  for (; k + 8 <= count; k += 8) {
-    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + k)), lane);
-    __m256i c1 = high_word, c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < kPhiloxRounds; ++round) {
-      __m256i high_b, low_b, high_a, low_a;
-      mul_wide_u32x8(round_b, c2, high_b, low_b);
-      mul_wide_u32x8(round_a, c0, high_a, low_a);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(high_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(high_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-      c1 = low_b;
-      c3 = low_a;
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
-    const __m256i bits = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));  // ~x when negative
-    _mm256_storeu_ps(u + k, _mm256_mul_ps(_mm256_cvtepi32_ps(bits), to_unit));
+  __m256i c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    c0[v] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first + 8 * v)), lane);
+    c1[v] = high_word;
+    c2[v] = _mm256_setzero_si256();
+    c3[v] = _mm256_setzero_si256();
   }
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    for (int v = 0; v < V; ++v) {
+      __m256i high_b, low_b, high_a, low_a;
+      mul_wide_u32x8(round_b, c2[v], high_b, low_b);
+      mul_wide_u32x8(round_a, c0[v], high_a, low_a);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(high_b, c1[v]), keys.k0[round]);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(high_a, c3[v]), keys.k1[round]);
+      c1[v] = low_b;
+      c3[v] = low_a;
+    }
+  }
+  const __m256 to_unit = _mm256_set1_ps(kUint31ToUnit);
+  for (int v = 0; v < V; ++v) {
+    const __m256i bits = _mm256_xor_si256(c0[v], _mm256_srai_epi32(c0[v], 31));  // ~x if < 0
+    _mm256_storeu_ps(u + 8 * v, _mm256_mul_ps(_mm256_cvtepi32_ps(bits), to_unit));
+  }
+}
+
+// philox_uniform (lowrank/philox.h) for a run of consecutive offsets, 32 and then 8 at a time:
+// 4.5x the compiler's vectorisation, which keeps the 64-bit offsets in 64-bit lanes. Bit-equal
+// (tested against tl.rand); the high offset word must be the same for the whole run (checked by
+// the caller). Returns how many values it wrote; the caller does the rest.
+__attribute__((target("avx2"))) int64_t philox_uniform_avx2(uint64_t seed, uint64_t first,
+                                                             int64_t count, float* u) {
+  const PhiloxKeys keys = philox_keys(seed);
+  const __m256i high_word = _mm256_set1_epi32(static_cast<int>(first >> 32));
+  int64_t k = 0;
+  for (; k + 32 <= count; k += 32) philox_uniform_x8<4>(keys, first + k, high_word, u + k);
+  for (; k + 8 <= count; k += 8) philox_uniform_x8<1>(keys, first + k, high_word, u + k);
   return k;
 }
 

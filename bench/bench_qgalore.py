@@ -10,10 +10,10 @@
                written in torch on the fp32 low-rank tensors (m×r or r×n: a small share of the
                time). Everything that touches m×n tensors is q-galore-torch's own code.
    The gradient dtype sets q-galore-torch's compute dtype (its float_grad): bf16 is its real
-   training path, fp32 is shown too. Prints milliseconds (median, interleaved repeats) and the
-   ratio q-galore/ours.
-2. The DRAM-traffic model per step (bytes) of our fused GPU step (the DESIGN.md §5 floor) and of
-   q-galore-torch's step (its tensor ops counted one by one; see `qgalore_torch_bytes`).
+   training path, fp32 is shown too. Prints milliseconds (median, interleaved repeats) of both and
+   of the two fp32 projection GEMMs alone (the floor of any step), and the ratios.
+2. The DRAM-traffic model per step (bytes, bench/traffic.py) of our fused Triton step, its floor
+   (DESIGN.md §5) and q-galore-torch's step (its tensor ops counted one by one).
 3. Stochastic-rounding bias: one INT8 group whose interior moves by 0.1 of a step, requantized
    many times: how far the dequantized mean moves (0.1 is unbiased) with our fp32 rounding and
    with q-galore-torch's `_quantize_stochastic_round` in bf16 (its training dtype) and fp32.
@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import lowrank_kernels as lk
-from bench import harness
+from bench import harness, traffic
 from lowrank_kernels import reference
 
 GROUP = 256
@@ -128,52 +128,41 @@ def qgalore_torch_step(inputs: dict):
     return step
 
 
+# ---- the two-GEMM floor -------------------------------------------------------------------------
+def two_gemm_floor(inputs: dict):
+    """The projection and back-projection GEMMs alone, in fp32 (what any step computes; our CPU
+    kernel runs both in fp32 whatever G's dtype)."""
+    basis, grad = inputs["basis"].float(), inputs["grad"].float()
+    normalized = torch.ones(inputs["low_rank_shape"])
+    right = reference.is_right_side(*grad.shape)
+
+    def gemms():
+        if right:
+            return grad @ basis.T, normalized @ basis
+        return basis.T @ grad, basis @ normalized
+
+    return gemms
+
+
 # ---- DRAM-traffic model --------------------------------------------------------------------------
-def lowrank_sizes(m: int, n: int, r: int) -> tuple[int, int]:
-    """Elements of the basis (r×n or m×r) and of the low-rank state (m×r or r×n)."""
-    return (r * n, m * r) if reference.is_right_side(m, n) else (m * r, r * n)
-
-
-def floor_bytes(m: int, n: int, r: int, grad_bytes: int) -> int:
-    """DESIGN.md §5 floor for our fused step: G read once; INT8 codes read and written once with
-    their fp32 scale and zero per group; M, V (fp32) read and written; the packed INT4 basis
-    (half a byte per element + fp32 scale and zero per group) read once."""
-    numel, basis, low_rank = m * n, *lowrank_sizes(m, n, r)
-    weight = 2 * numel + 2 * 8 * -(-numel // GROUP)
-    states = 2 * 2 * 4 * low_rank
-    proj = basis // 2 + 8 * -(-basis // GROUP)
-    return numel * grad_bytes + weight + states + proj
-
-
-def qgalore_torch_bytes(m: int, n: int, r: int, b: int) -> int:
-    """q-galore-torch's step, each tensor op reading its inputs and writing its output once
-    (b = bytes of its compute dtype, N = m·n; the INT4 basis B = r·d, low rank L):
-      dequantize W: to(dtype) N(1+b), sub_ 2Nb, mul_ 2Nb         to(dtype) of p.data N(1+b)
-      clone 2Nb;  project: read G Nb (+ basis dequant ~5Bb)      saved_data clone 2Nb
-      project_back: GEMM out Nb (+ basis dequant), ·scale 2Nb    saved + update: 3Nb
-      weight decay add_ 2Nb;  clone 2Nb
-      SR quantize: amax Nb, amin Nb, /s 2Nb, ceil 2Nb, floor 2Nb, frac 3Nb, rand_like Nb,
-                   < (2Nb + N), where (N + 3Nb), +z 2Nb, clamp 2Nb, to(uint8) (Nb + N)
-      low rank: Adam with 8-bit states ~ L(b + 4 + 2b)."""
-    numel, basis, low_rank = m * n, *lowrank_sizes(m, n, r)
-    per_element = (1 + 5 * b) + (1 + b) + 2 * b + b + 2 * b + 3 * b + 3 * b + 2 * b + 2 * b + (
-        22 * b + 3)
-    basis_bytes = 2 * (basis * (1 + 5 * b))  # dequantized twice (project and project_back)
-    return numel * per_element + basis_bytes + low_rank * (3 * b + 4)
-
-
-def traffic_table(cases, grad_bytes: int = 2) -> list[dict]:
-    print(f"\n# DRAM bytes per step (grad/compute dtype {grad_bytes} B): our fused GPU step at "
-          "the DESIGN §5 floor vs q-galore-torch's tensor ops")
-    print(f"{'shape':>12} {'r':>4} {'floor MB':>9} {'q-galore MB':>12} {'q-galore/floor':>15}")
+def traffic_table(cases, grad_dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """bench/traffic.py's models: the floor of our storage (floor_q), our Triton two-launch step
+    (fused_triton_q: the floor + the fp32 N round trip + a second basis read) and q-galore-torch's
+    tensor ops one by one (q_galore_torch), in its compute dtype = the gradient's."""
+    print(f"\n# DRAM bytes per step ({str(grad_dtype).removeprefix('torch.')} G, fp32 M and V; "
+          "bench/traffic.py): our floor, our fused Triton step, q-galore-torch's tensor ops")
+    print(f"{'shape':>12} {'r':>4} {'floor MB':>9} {'ours MB':>8} {'ours/floor':>11} "
+          f"{'q-galore MB':>12} {'q-galore/ours':>14}")
     rows = []
     for (m, n), r in cases:
-        ours = floor_bytes(m, n, r, grad_bytes)
-        theirs = qgalore_torch_bytes(m, n, r, grad_bytes)
-        rows.append({"m": m, "n": n, "rank": r, "floor_bytes": ours, "qgalore_bytes": theirs,
-                     "ratio": round(theirs / ours, 2)})
-        print(f"{f'{m}x{n}':>12} {r:>4} {ours / 1e6:>9.2f} {theirs / 1e6:>12.2f} "
-              f"{theirs / ours:>15.2f}")
+        floor = traffic.floor_q(m, n, r, grad_dtype).total
+        ours = traffic.fused_triton_q(m, n, r, grad_dtype).total
+        theirs = traffic.q_galore_torch(m, n, r, grad_dtype).total
+        rows.append({"m": m, "n": n, "rank": r, "floor_bytes": int(floor), "ours_bytes": int(ours),
+                     "qgalore_bytes": int(theirs), "ours_over_floor": round(ours / floor, 3),
+                     "qgalore_over_ours": round(theirs / ours, 2)})
+        print(f"{f'{m}x{n}':>12} {r:>4} {floor / 1e6:>9.2f} {ours / 1e6:>8.2f} "
+              f"{ours / floor:>11.3f} {theirs / 1e6:>12.2f} {theirs / ours:>14.2f}")
     return rows
 
 
@@ -226,22 +215,24 @@ def interleaved_medians(fns: dict, warmup: int, repeats: int) -> dict:
 def time_table(cases, dtypes, warmup: int, repeats: int) -> list[dict]:
     print(f"# CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}")
-    print(f"{'shape':>12} {'r':>4} {'grad':>9} {'ours ms':>9} {'q-galore ms':>12} "
-          f"{'q-galore/ours':>14}")
+    print(f"{'shape':>12} {'r':>4} {'grad':>9} {'floor ms':>9} {'ours ms':>9} {'q-galore ms':>12} "
+          f"{'ours/floor':>11} {'q-galore/ours':>14}")
     rows = []
     for (m, n), r in cases:
         for dtype in dtypes:
             inputs = make_inputs(m, n, r, dtype)
-            ms = interleaved_medians({"ours": our_step(inputs),
+            ms = interleaved_medians({"floor": two_gemm_floor(inputs), "ours": our_step(inputs),
                                       "qgalore": qgalore_torch_step(inputs)}, warmup, repeats)
             ratio = ms["qgalore"] / ms["ours"]
             name = str(dtype).removeprefix("torch.")
             rows.append({"m": m, "n": n, "rank": r, "grad_dtype": name,
-                         "threads": torch.get_num_threads(), "ours_ms": round(ms["ours"], 2),
-                         "qgalore_ms": round(ms["qgalore"], 2), "qgalore_over_ours":
-                         round(ratio, 2)})
-            print(f"{f'{m}x{n}':>12} {r:>4} {name:>9} {ms['ours']:>9.1f} "
-                  f"{ms['qgalore']:>12.1f} {ratio:>14.2f}", flush=True)
+                         "threads": torch.get_num_threads(), "floor_ms": round(ms["floor"], 2),
+                         "ours_ms": round(ms["ours"], 2), "qgalore_ms": round(ms["qgalore"], 2),
+                         "ours_over_floor": round(ms["ours"] / ms["floor"], 3),
+                         "qgalore_over_ours": round(ratio, 2)})
+            print(f"{f'{m}x{n}':>12} {r:>4} {name:>9} {ms['floor']:>9.1f} {ms['ours']:>9.1f} "
+                  f"{ms['qgalore']:>12.1f} {ms['ours'] / ms['floor']:>11.2f} {ratio:>14.2f}",
+                  flush=True)
     return rows
 
 

@@ -16,7 +16,7 @@
 #endif
 #include "cpu_clones.h"
 #ifdef LOWRANK_HAVE_AVX2_CLONES
-#define LOWRANK_AVX2_PHILOX 1
+#define LOWRANK_AVX2_KERNELS 1
 #include <immintrin.h>
 #endif
 
@@ -30,7 +30,7 @@
 
 namespace lowrank {
 
-#ifdef LOWRANK_AVX2_PHILOX
+#ifdef LOWRANK_AVX2_KERNELS
 namespace {
 
 // High and low 32-bit words of a * b in 8 lanes (AVX2 multiplies only even lanes to 64 bits;
@@ -96,6 +96,39 @@ __attribute__((target("avx2"))) inline void philox_uniform_x8(const PhiloxKeys& 
   }
 }
 
+// dequantize_update_chunk 8 elements at a time: the same fp32 operations as the scalar loop
+// (dequantize_code, apply_update; no FMA), with the group's min and max kept per lane — vminps
+// and vmaxps compare exactly as the scalar `low < x ? low : x` does — and folded at the end. The
+// compiler vectorizes the update but not that reduction (it would reorder it; the order changes
+// nothing but which NaN of a NaN group survives). Returns how many elements it did.
+__attribute__((target("avx2"))) int64_t dequantize_update_avx2(const uint8_t* codes, GroupQuant p,
+                                                                const AdamCoeffs& c, int64_t count,
+                                                                float* back_n, float& lo,
+                                                                float& hi) {
+  const __m256 scale = _mm256_set1_ps(p.scale), zero = _mm256_set1_ps(p.zero);
+  const __m256 decay = _mm256_set1_ps(c.decay), update_scale = _mm256_set1_ps(c.update_scale);
+  __m256 low = _mm256_set1_ps(lo), high = _mm256_set1_ps(hi);
+  int64_t k = 0;
+  for (; k + 8 <= count; k += 8) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + k));
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+    const __m256 w = _mm256_mul_ps(scale, _mm256_sub_ps(q, zero));
+    const __m256 updated = _mm256_sub_ps(_mm256_mul_ps(decay, w),
+                                         _mm256_mul_ps(update_scale, _mm256_loadu_ps(back_n + k)));
+    _mm256_storeu_ps(back_n + k, updated);
+    low = _mm256_min_ps(low, updated);
+    high = _mm256_max_ps(high, updated);
+  }
+  alignas(32) float lows[8], highs[8];
+  _mm256_store_ps(lows, low);
+  _mm256_store_ps(highs, high);
+  for (int lane = 0; lane < 8; ++lane) {
+    lo = lo < lows[lane] ? lo : lows[lane];
+    hi = hi > highs[lane] ? hi : highs[lane];
+  }
+  return k;
+}
+
 // philox_uniform (lowrank/philox.h) for a run of consecutive offsets, 32 and then 8 at a time:
 // 4.5x the compiler's vectorisation, which keeps the 64-bit offsets in 64-bit lanes. Bit-equal
 // (tested against tl.rand); the high offset word must be the same for the whole run (checked by
@@ -110,16 +143,22 @@ __attribute__((target("avx2"))) int64_t philox_uniform_avx2(uint64_t seed, uint6
   return k;
 }
 
+bool cpu_has_avx2() {
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  return has_avx2;
+}
+
 }  // namespace
 #endif
 
 void philox_uniform_chunk(uint64_t philox_seed, uint64_t first_offset, int64_t count, float* u) {
   int64_t done = 0;
-#ifdef LOWRANK_AVX2_PHILOX
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+#ifdef LOWRANK_AVX2_KERNELS
   const bool one_high_word = count > 0 && (first_offset >> 32) ==
                                               ((first_offset + count - 1) >> 32);
-  if (has_avx2 && one_high_word) done = philox_uniform_avx2(philox_seed, first_offset, count, u);
+  if (cpu_has_avx2() && one_high_word) {
+    done = philox_uniform_avx2(philox_seed, first_offset, count, u);
+  }
 #endif
   for (int64_t k = done; k < count; ++k) u[k] = philox_uniform(philox_seed, first_offset + k);
 }
@@ -129,12 +168,15 @@ LOWRANK_CPU_CLONES void stochastic_round_chunk(const float* x, const float* u, i
   for (int64_t k = 0; k < count; ++k) codes[k] = quantize_stochastic(x[k], u[k], p, kInt8MaxCode);
 }
 
-LOWRANK_CPU_CLONES void dequantize_update_chunk(const uint8_t* codes, GroupQuant p,
-                                                const AdamCoeffs& coeffs, int64_t count,
-                                                float* back_n, float& lo, float& hi) {
-  const AdamCoeffs c = coeffs;  // a local copy: no aliasing with back_n, so the loop vectorises
+void dequantize_update_chunk(const uint8_t* codes, GroupQuant p, const AdamCoeffs& coeffs,
+                             int64_t count, float* back_n, float& lo, float& hi) {
+  const AdamCoeffs c = coeffs;  // a local copy: no aliasing with back_n
+  int64_t done = 0;
+#ifdef LOWRANK_AVX2_KERNELS
+  if (cpu_has_avx2()) done = dequantize_update_avx2(codes, p, c, count, back_n, lo, hi);
+#endif
   float low = lo, high = hi;
-  for (int64_t k = 0; k < count; ++k) {
+  for (int64_t k = done; k < count; ++k) {
     const float updated = apply_update(dequantize_code(codes[k], p), back_n[k], c);
     back_n[k] = updated;
     low = low < updated ? low : updated;

@@ -35,8 +35,9 @@ def _build_cuda() -> bool:
 
 def _extension():
     # -fno-math-errno: sqrt without an errno branch, so that the Adam loops vectorize (nothing here
-    # reads errno; csrc/cpu/cpu_clones.h)
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    # reads errno); -ffp-contract=off: no FMA contraction even where the target has FMA (the
+    # kernels' bits are the reference's separately rounded operations; csrc/cpu/cpu_clones.h)
+    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     if not _build_cuda():

@@ -107,7 +107,7 @@ def _assert_same_moments(a, b):
 
 SHAPES = [(67, 131, 5), (131, 67, 17)]  # left, right
 # several CPU tiles (each tile's first state index: column `start` left, row `start`·r right):
-# 512 lines in 8 tiles of 64; 520 lines (on 2 threads) in 10 tiles of 48 or 64 (a tile count that
+# 512 lines in 8 tiles of 64; 520 lines (on 2 threads) in 10 tiles of 48 to 64 (a tile count that
 # is a multiple of the thread count, lengths in whole 16-line units)
 MULTI_TILE_SHAPES = [(256, 512, 64), (512, 256, 64), (256, 520, 64), (520, 256, 64)]
 

@@ -1,8 +1,8 @@
 // Function multiversioning of the CPU kernels' hot elementwise loops. The wheel's baseline is
 // x86-64 (SSE2); LOWRANK_CPU_CLONES compiles a function twice, for AVX2 and for that baseline, and
 // the dynamic loader picks one per machine (GCC target_clones; x86-64 Linux only, elsewhere the
-// plain function). FMA stays off in both clones: the kernels' bits equal the reference's
-// separately rounded multiplies and adds.
+// plain function). Neither clone enables FMA, and the build passes -ffp-contract=off besides: the
+// kernels' bits are separately rounded multiplies and adds.
 //
 // The loops vectorize only if the compiler may if-convert float compares and call sqrt without
 // an errno branch, which GCC's defaults -ftrapping-math and -fmath-errno forbid: a file with such

@@ -45,7 +45,7 @@ constexpr int64_t kLineUnit = 16;
 // `lines` cut into `tiles` consecutive ranges whose lengths differ by at most one `unit`, every
 // boundary but the last a multiple of `unit`. With a tile count that is a multiple of the thread
 // count, every core gets the same work: 2736 columns in 256-wide tiles were 11 tiles, 6 on one
-// core and 5 (one of them short) on the other (a fifth of that core idle); now 12 of 228.
+// core and 5 (one of them short) on the other (a fifth of that core idle); now 12 of 224-240.
 struct LineTiles {
   int64_t lines, unit, tiles;
 
@@ -60,7 +60,7 @@ struct LineTiles {
 LineTiles balanced_tiles(int64_t lines, int64_t extent, int64_t unit = 1) {
   const int64_t threads = at::get_num_threads();
   const int64_t units = (lines + unit - 1) / unit;
-  const int64_t per_tile = std::max<int64_t>(1, extent / unit);
+  const int64_t per_tile = (std::max<int64_t>(extent, 1) + unit - 1) / unit;  // never below extent
   int64_t tiles = (units + per_tile - 1) / per_tile;
   if (tiles >= threads) tiles = (tiles + threads - 1) / threads * threads;
   return {lines, unit, std::min(tiles, units)};
@@ -311,11 +311,14 @@ at::Tensor normalized_low_rank(const at::Tensor& grad, const at::Tensor& basis,
 }
 
 // Pass-2 tiles: rows in multiples of group_size / gcd(n, group_size), so that every tile but
-// the last starts and ends on a group boundary; about 256K elements per tile, and a tile count
-// that is a multiple of the thread count, of equal tiles, so that the cores finish together.
+// the last starts and ends on a group boundary; at most about 256K elements per tile and at least
+// one tile per thread where the units allow, a tile count that is a multiple of the thread count,
+// of equal tiles, so that the cores finish together.
 LineTiles group_aligned_tiles(int64_t m, int64_t n, int64_t group_size) {
   const int64_t unit = group_size / std::gcd(n, group_size);
-  return balanced_tiles(m, std::max<int64_t>(1, (int64_t{1} << 18) / n), unit);
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows = std::min((int64_t{1} << 18) / n, (m + threads - 1) / threads);
+  return balanced_tiles(m, std::max<int64_t>(1, rows), unit);
 }
 
 // Pass 2 on the rows [row_begin, row_end) whose fp32 back(N) is `back_n` (row-major, n columns).

@@ -99,8 +99,10 @@ __attribute__((target("avx2"))) inline void philox_uniform_x8(const PhiloxKeys& 
 // dequantize_update_chunk 8 elements at a time: the same fp32 operations as the scalar loop
 // (dequantize_code, apply_update; no FMA), with the group's min and max kept per lane — vminps
 // and vmaxps compare exactly as the scalar `low < x ? low : x` does — and folded at the end. The
-// compiler vectorizes the update but not that reduction (it would reorder it; the order changes
-// nothing but which NaN of a NaN group survives). Returns how many elements it did.
+// compiler vectorizes the update but not that reduction (it would reorder it). The order matters
+// only in a group holding NaN: the scalar loop forgets a NaN at the next element, the lanes at
+// their next element, so such a group's range (and scale, zero) differs between the two — and
+// from the reference's, which propagates NaN. Returns how many elements it did.
 __attribute__((target("avx2"))) int64_t dequantize_update_avx2(const uint8_t* codes, GroupQuant p,
                                                                 const AdamCoeffs& c, int64_t count,
                                                                 float* back_n, float& lo,

@@ -30,7 +30,8 @@ void group_min_max(const scalar_t* x, int64_t len, float& lo, float& hi) {
   }
 }
 
-// Hot loops, compiled in csrc/cpu/quant.cpp for AVX2 and a baseline (picked at load time):
+// Hot loops of csrc/cpu/quant.cpp, with AVX2 versions chosen at run time (philox_uniform_chunk,
+// dequantize_update_chunk) or at load time (stochastic_round_chunk, cloned):
 // u[k] = philox_uniform(seed, first_offset + k).
 void philox_uniform_chunk(uint64_t philox_seed, uint64_t first_offset, int64_t count, float* u);
 // codes[k] = SR INT8 code of x[k] with u[k].

@@ -76,17 +76,27 @@ def galore_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tenso
     return opt
 
 
-def bench_case(m: int, n: int, r: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
-    """Times floor, ours and galore-torch on one shape and returns the CSV row."""
-    param, grad, basis, exp_avg, exp_avg_sq = make_inputs(m, n, r, dtype)
+def two_gemm_floor(grad: torch.Tensor, basis: torch.Tensor):
+    """The floor of any step on CPU: the projection and back-projection GEMMs alone, in fp32
+    (R = G·Qᵀ and N·Q right, Pᵀ·G and P·N left), into preallocated outputs so that no
+    allocation or page fault is timed. Returns the function to time."""
+    m, n = grad.shape
     right = m >= n
     g32, q32 = grad.float(), basis.float()
-    low, full = torch.empty(exp_avg.shape), torch.empty(m, n)
+    low = torch.empty((m, basis.shape[0]) if right else (basis.shape[1], n))
+    full = torch.empty(m, n)
 
-    def floor():  # both GEMMs into preallocated outputs: no allocation or page faults timed
+    def floor():
         torch.mm(g32, q32.T, out=low) if right else torch.mm(q32.T, g32, out=low)
         torch.mm(low, q32, out=full) if right else torch.mm(q32, low, out=full)
 
+    return floor
+
+
+def bench_case(m: int, n: int, r: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
+    """Times floor, ours and galore-torch on one shape and returns the CSV row."""
+    param, grad, basis, exp_avg, exp_avg_sq = make_inputs(m, n, r, dtype)
+    floor = two_gemm_floor(grad, basis)
     step = {"n": 0}
 
     def ours():

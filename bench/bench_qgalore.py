@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import lowrank_kernels as lk
-from bench import harness, traffic
+from bench import bench_cpu_step, harness, traffic
 from lowrank_kernels import reference
 
 GROUP = 256
@@ -128,22 +128,6 @@ def qgalore_torch_step(inputs: dict):
     return step
 
 
-# ---- the two-GEMM floor -------------------------------------------------------------------------
-def two_gemm_floor(inputs: dict):
-    """The projection and back-projection GEMMs alone, in fp32 (what any step computes; our CPU
-    kernel runs both in fp32 whatever G's dtype)."""
-    basis, grad = inputs["basis"].float(), inputs["grad"].float()
-    normalized = torch.ones(inputs["low_rank_shape"])
-    right = reference.is_right_side(*grad.shape)
-
-    def gemms():
-        if right:
-            return grad @ basis.T, normalized @ basis
-        return basis.T @ grad, basis @ normalized
-
-    return gemms
-
-
 # ---- DRAM-traffic model --------------------------------------------------------------------------
 def traffic_table(cases, grad_dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """bench/traffic.py's models: the floor of our storage (floor_q), our Triton two-launch step
@@ -221,7 +205,9 @@ def time_table(cases, dtypes, warmup: int, repeats: int) -> list[dict]:
     for (m, n), r in cases:
         for dtype in dtypes:
             inputs = make_inputs(m, n, r, dtype)
-            ms = interleaved_medians({"floor": two_gemm_floor(inputs), "ours": our_step(inputs),
+            # the floor: both GEMMs in fp32 (our CPU kernel runs both in fp32 whatever G's dtype)
+            floor = bench_cpu_step.two_gemm_floor(inputs["grad"], inputs["basis"])
+            ms = interleaved_medians({"floor": floor, "ours": our_step(inputs),
                                       "qgalore": qgalore_torch_step(inputs)}, warmup, repeats)
             ratio = ms["qgalore"] / ms["ours"]
             name = str(dtype).removeprefix("torch.")

@@ -264,6 +264,17 @@ def test_tensor_hyperparameters_are_filled_in_place():
     assert isinstance(changes[0].old, float)
 
 
+def test_a_tensor_shared_by_two_groups_is_scaled_once():
+    lr = torch.tensor(1e-3)
+    params = _params()
+    opt = torch.optim.Adam([{"params": [params[0]]}, {"params": [params[1]]}], lr=lr,
+                           foreach=False)
+    assert opt.param_groups[0]["lr"] is opt.param_groups[1]["lr"] is lr
+    changes = scale_hyperparameters(opt, 1, 4)
+    assert lr.item() == pytest.approx(2e-3)
+    assert [c.group for c in changes if c.key == "lr"] == [0]
+
+
 @pytest.mark.parametrize("rule", ["SQRT", "sqrt_rule", "", None])
 def test_bad_rule_name(rule):
     with pytest.raises(ValueError, match=r"rule: expected one of \('sqrt', 'linear'\)"):

@@ -156,10 +156,18 @@ class _Planner:
         self.kappa, self.rule, self.from_batch = kappa, rule, from_batch
         self.lr_factor = math.sqrt(kappa) if rule == "sqrt" else kappa
         self.edits: list[_Edit] = []
+        self.tensors: set[int] = set()  # a tensor shared by two slots must be scaled once
+
+    def _first_time(self, value: Any) -> bool:
+        if not torch.is_tensor(value):
+            return True
+        seen = id(value) in self.tensors
+        self.tensors.add(id(value))
+        return not seen
 
     def add(self, container: Any, slot: Any, old: Any, new: float, group: int | None,
             key: str) -> None:
-        if new == _as_float(old):  # wd = 0, eps = 0: nothing changes, nothing to report
+        if new == _as_float(old) or not self._first_time(old):  # wd = 0, eps = 0: no change
             return
         fills = [(old, new)] if torch.is_tensor(old) else []
         self.edits.append(_Edit(container, slot, old if fills else new, fills,
@@ -213,7 +221,7 @@ def _plan_group(plan: _Planner, i: int, group: dict, family: str, decoupled: boo
     else:  # adam
         betas = need("betas")
         new = tuple(plan.beta(b, f"{where}: betas[{k}]") for k, b in enumerate(betas))
-        fills = [(b, v) for b, v in zip(betas, new) if torch.is_tensor(b)]
+        fills = [(b, v) for b, v in zip(betas, new) if torch.is_tensor(b) and plan._first_time(b)]
         plan.edits.append(_Edit(group, "betas",
                                 tuple(b if torch.is_tensor(b) else v for b, v in zip(betas, new)),
                                 fills, Change(i, "betas", tuple(map(_as_float, betas)), new)))

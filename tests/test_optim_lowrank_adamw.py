@@ -143,7 +143,8 @@ def test_state_dict_round_trip_resumes_bit_for_bit(config, dense_adamw):
 
 def test_load_state_dict_keeps_fp32_moments_and_int_counters_of_bf16_weights():
     model = small_mlp(dtype=torch.bfloat16)
-    optimizer = LowRankAdamW(mlp_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+    optimizer = LowRankAdamW(mlp_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2,
+                             state_dtype=torch.float32)
     batches = mlp_batches(3, dtype=torch.bfloat16)
     train_steps(model, optimizer, batches)
     saved = _save_load(optimizer.state_dict())

@@ -1,8 +1,15 @@
 """Optimizers: the LowRankAdamW core, its presets and layer-wise training (DESIGN.md §2)."""
 
-from lowrank_kernels.optim.layerwise import LayerwiseTrainer, layerwise
-from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
+from lowrank_kernels.optim.layerwise import LayerwiseTrainer, clip_float_grad_, layerwise
+from lowrank_kernels.optim.lowrank_adamw import (
+    GROUP_KEYS_WITHOUT_DEFAULT,
+    STATE_DTYPES,
+    LowRankAdamW,
+    check_group_keys,
+    moment_dtype,
+)
 from lowrank_kernels.optim.presets import DCTAdamW, GaLoreAdamW, QGaLoreAdamW
 
-__all__ = ["DCTAdamW", "GaLoreAdamW", "LayerwiseTrainer", "LowRankAdamW", "QGaLoreAdamW",
-           "layerwise"]
+__all__ = ["GROUP_KEYS_WITHOUT_DEFAULT", "STATE_DTYPES", "DCTAdamW", "GaLoreAdamW",
+           "LayerwiseTrainer", "LowRankAdamW", "QGaLoreAdamW", "check_group_keys",
+           "clip_float_grad_", "layerwise", "moment_dtype"]

@@ -1,59 +1,12 @@
 """LowRankAdamW: AdamW whose projected parameters take one fused low-rank step each.
 
-Parameter groups that carry a ``rank`` are projected: each weight's step is one call to
-``torch.ops.lowrank.fused_galore_step`` (through ``lowrank_kernels.ops``, which honours the
-backend switch), with the projection refreshed beforehand when its policy says so. Groups without
-``rank`` get plain AdamW on torch's own kernels.
-
-Group keys (galore-torch's first, then ours; constructor arguments give their defaults):
-
-===================  ==========================================================================
-rank                 projection rank r (1 ≤ r ≤ min(m, n); never truncated). Absent: plain AdamW
-update_proj_gap      steps between refreshes (the initial gap for ``refresh="lazy"``)
-scale                multiplies the back-projected update (GaLore's α; recipes use 0.25)
-proj_type            "std" (GaLore's side rule: right if m ≥ n, else left); only "std" exists
-projection           "svd" | "rsvd" | "dct" | "random" (lowrank_kernels.projection)
-proj_bits            16: dense basis in the weight's dtype; 4: packed INT4 basis (Q-GaLore)
-proj_group_size      INT4 quantization group (256)
-refresh              "fixed" (every update_proj_gap steps) | "lazy" (see projection/refresh.py)
-refresh_threshold,   lazy policy: grow the gap by ``refresh_growth`` (up to ``refresh_max_gap``)
-refresh_growth,      while the subspace overlap ‖P_oldᵀP_new‖²_F/r stays ≥ ``refresh_threshold``
-refresh_max_gap
-state_dtype          dtype of the projected moments M, V: torch.float32 (default) or
-                     torch.bfloat16 (half the optimizer memory; stored with stochastic rounding,
-                     see below)
-seed                 seed of random projections and of the stochastic-rounding streams (mixed
-                     with each parameter's position)
-names                optional list of parameter names, parallel to ``params`` (for messages)
-===================  ==========================================================================
-
-Semantics of a projected step: DESIGN.md §4.2 (galore-torch's ``GaLoreAdamW``: ε not
-bias-corrected, decoupled decay after the update). Moments are fp32 whatever the weight dtype,
-unless ``state_dtype=torch.bfloat16``: each step then computes them in fp32 and stores them
-stochastically rounded to bf16 (unbiased; nearest rounding would freeze V, whose per-step change
-with β2 = 0.999 is below half a bf16 ulp — see lowrank/adam.h and tests/test_bf16_moments.py).
-Unprojected parameters follow ``dense_adamw``: "torch" = ``torch.optim.AdamW`` (its foreach/fused
-kernels; ε bias-corrected, decay before the update) or "galore" = galore-torch's own AdamW
-formula on torch's foreach ops (what ``GaLoreAdamW`` uses, so a drop-in gives the same numbers).
-
-INT8 weights (Q-GaLore, DESIGN.md §4.4): a parameter of a projected group may be uint8 INT8
-codes, as ``ops.quantize_int8`` returns them, with the quantization parameters as attributes
-(q-galore-torch's convention): ``p.scales`` and ``p.zeros`` (fp32, one per group of
-``p.group_size`` row-major elements; 256 if the attribute is absent) and the fp32/bf16 gradient
-in ``p.float_grad`` (a uint8 tensor cannot hold a float ``.grad``). The step is the same single
-fused call: it dequantizes, updates in fp32 and requantizes with stochastic rounding (Philox
-seeded by the parameter's ``proj_seed`` and the step), rewriting ``p``, ``p.scales`` and
-``p.zeros`` in place. ``zero_grad()`` clears ``float_grad`` too. ``p.scales``/``p.zeros`` are
-model data, not optimizer state: save them with the model (as buffers of the module that owns
-the codes).
-
-All state is tensors (``step``, ``exp_avg``, ``exp_avg_sq`` and the ``proj*`` keys of
-lowrank_kernels.projection.state): ``state_dict()`` survives ``torch.load(weights_only=True)`` and
-a resumed run continues bit for bit.
+The maths, the parameter-group keys and the state are documented on :class:`LowRankAdamW`; the
+presets (GaLoreAdamW, QGaLoreAdamW, DCTAdamW) are in :mod:`lowrank_kernels.optim.presets`.
 """
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -67,10 +20,80 @@ from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
 
 DENSE_ADAMW = ("torch", "galore")
-STATE_DTYPES = (torch.float32, torch.bfloat16)  # of the projected moments
+STATE_DTYPES = ("auto", torch.float32, torch.bfloat16)  # of the projected moments
 _SPEC_KEYS = ("rank", "projection", "refresh", "update_proj_gap", "refresh_threshold",
               "refresh_growth", "refresh_max_gap", "proj_bits", "proj_group_size")
 INT8_GROUP_SIZE = 256
+
+# ---------------------------------------------------------------------------------------------
+# parameter-group keys
+# ---------------------------------------------------------------------------------------------
+# A group may carry every key the constructor has a default for (lr, betas, update_proj_gap,
+# state_dtype, ...: a new constructor argument is a group key at once) and the keys below, which
+# have no default. Any other key raises: a typo such as `rnak` would otherwise silently turn a
+# projected group into plain AdamW. A new key without a default goes in this table.
+GROUP_KEYS_WITHOUT_DEFAULT = {
+    "params": "torch.optim.Optimizer",
+    "param_names": "torch.optim.Optimizer, from (name, tensor) pairs in `params`",
+    "names": "parameter names, parallel to `params` (for messages)",
+    "rank": "galore-torch: projection rank; absent or None means plain AdamW",
+    "initial_lr": "torch.optim.lr_scheduler (every scheduler)",
+    "max_lr": "torch.optim.lr_scheduler.OneCycleLR",
+    "min_lr": "torch.optim.lr_scheduler.OneCycleLR",
+    "max_momentum": "torch.optim.lr_scheduler.OneCycleLR / CyclicLR (cycle_momentum)",
+    "base_momentum": "torch.optim.lr_scheduler.OneCycleLR / CyclicLR (cycle_momentum)",
+    "swa_lr": "torch.optim.swa_utils.SWALR",
+}
+# Keys of the peers (and of torch.optim.AdamW) that this optimizer does not take, with what to
+# write instead; they raise like any unknown key, with this hint added.
+PEER_KEY_HINTS = {
+    "quant": "q-galore-torch's INT4 basis switch: use proj_bits=4 (QGaLoreAdamW's default)",
+    "quant_n_bit": "q-galore-torch's basis bits: use proj_bits (4 or 16)",
+    "quant_group_size": "q-galore-torch's basis quantization group: use proj_group_size",
+    "cos_threshold": "q-galore-torch's lazy-refresh test (cosine of the top singular vector): "
+                     "use refresh='lazy' with refresh_threshold (subspace overlap)",
+    "gamma_proj": "q-galore-torch's gap growth factor: use refresh_growth",
+    "queue_size": "q-galore-torch's similarity queue: the lazy policy decides at each refresh "
+                  "from refresh_threshold, without a queue",
+    "alpha": "fira's back-projection scale: use scale",
+    "proj": "apollo-torch's projection type: use projection ('random' or 'svd')",
+    "amsgrad": "torch.optim.AdamW's AMSGrad is not implemented",
+    "maximize": "not implemented (negate the loss)",
+    "foreach": "a constructor argument (foreach=...), for every group without rank",
+    "fused": "a constructor argument (fused=...), for every group without rank",
+}
+
+
+def check_group_keys(group: dict, accepted: Iterable[str], where: str) -> None:
+    """Raises ValueError naming the first key of ``group`` outside ``accepted`` (``where`` names
+    the group), with a close match or a peer's equivalent, and the accepted keys."""
+    accepted = sorted(set(accepted))
+    for key in group:
+        if key in accepted:
+            continue
+        hint = PEER_KEY_HINTS.get(key)
+        if hint is None:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else None
+        hint = f" ({hint})" if hint else ""
+        raise ValueError(f"{where}: unknown key {key!r}{hint}; accepted keys: "
+                         f"{', '.join(accepted)}")
+
+
+def moment_dtype(state_dtype: str | torch.dtype, p: torch.Tensor) -> torch.dtype:
+    """The dtype of the projected moments of ``p`` for a group's ``state_dtype``.
+
+    "auto" follows the weight, as galore-torch's moments do (they take the gradient's dtype), so
+    that they never take more memory than galore-torch's: fp32 weights get fp32 moments; bf16
+    weights bf16 moments; fp16 weights bf16 moments too (the kernels store fp32 or bf16
+    moments; bf16 has the range of fp32, where V = R² of an fp16 gradient under- or overflows
+    fp16); INT8 weight codes bf16 (q-galore-torch keeps 8-bit moments there). bf16 moments are
+    stored with stochastic rounding."""
+    if state_dtype != "auto":
+        return state_dtype
+    if p.dtype in (torch.bfloat16, torch.float16, torch.uint8):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _is_projected(group: dict) -> bool:
@@ -82,7 +105,7 @@ def _int8_group_size(p: torch.Tensor) -> int:
 
 
 def _check_int8_weight(p: torch.Tensor, name: str) -> None:
-    """INT8 codes must carry their quantization parameters (see the module docstring)."""
+    """INT8 codes must carry their quantization parameters (see LowRankAdamW's docstring)."""
     for attr in ("scales", "zeros"):
         if not torch.is_tensor(getattr(p, attr, None)):
             raise ValueError(f"{name}: uint8 INT8 weight codes need a tensor attribute "
@@ -102,6 +125,100 @@ def _gradient(p: torch.Tensor) -> torch.Tensor | None:
 
 
 class LowRankAdamW(torch.optim.Optimizer):
+    r"""AdamW whose projected parameters take one fused low-rank step each.
+
+    A parameter group with a ``rank`` is projected: each of its weights W (m×n, gradient G) is
+    stepped by ONE call to ``torch.ops.lowrank.fused_galore_step`` (through
+    ``lowrank_kernels.ops``, which honours the backend switch), after a refresh of its
+    projection when the group's policy says so. Groups without ``rank`` take plain AdamW.
+
+    **Projected step** (DESIGN.md §4.2, galore-torch's ``GaLoreAdamW``), t the step count after
+    its increment, side by galore-torch's "std" rule (right: Q r×n if m ≥ n; left: P m×r)::
+
+        R = G Qᵀ (right)  or  Pᵀ G (left)                     project, r×... low-rank gradient
+        M ← β1·M + (1−β1)·R          V ← β2·V + (1−β2)·R²      moments, low rank
+        N = M / (√V + ε)                                       ε not bias-corrected
+        α_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)    (lr if correct_bias=False)
+        W ← W − α_t·scale·back(N),   back(N) = N Q (right) or P N (left)
+        W ← W − lr·weight_decay·W                               decoupled decay, after the update
+
+    All arithmetic is fp32 inside the kernel whatever the storage dtypes. The basis is
+    refreshed from the current gradient (``projection``: truncated SVD as galore-torch, or
+    randomized SVD, a seeded random basis, DCT rows) at steps 0, T, 2T, … (T = update_proj_gap)
+    or lazily (the gap grows while the subspace stays put). M and V are kept across refreshes.
+
+    **Group keys** (the constructor's arguments give their defaults; any other key raises a
+    ValueError naming it, see ``GROUP_KEYS_WITHOUT_DEFAULT`` / ``check_group_keys``):
+
+    ===================  ======================================================================
+    lr, betas, eps,      torch's; ε (default 1e-6, galore-torch's) enters the projected step as
+    weight_decay         above; ``lr`` may be changed by any torch LR scheduler
+    correct_bias         galore-torch's: False drops the bias correction of α_t
+    rank                 projection rank r (1 ≤ r ≤ min(m, n); never truncated). Absent or
+                         None: plain AdamW for the group
+    update_proj_gap      steps between refreshes (the initial gap for ``refresh="lazy"``)
+    scale                multiplies the back-projected update (GaLore's α; recipes use 0.25)
+    proj_type            "std" (GaLore's side rule above); only "std" exists
+    projection           "svd" | "rsvd" | "dct" | "random" (lowrank_kernels.projection)
+    proj_bits            16: dense basis in the weight's dtype; 4: packed INT4 basis (Q-GaLore)
+    proj_group_size      INT4 quantization group (256)
+    refresh              "fixed" (every update_proj_gap steps) | "lazy" (projection/refresh.py)
+    refresh_threshold,   lazy policy: grow the gap by ``refresh_growth`` (up to
+    refresh_growth,      ``refresh_max_gap``) while the subspace overlap ‖P_oldᵀP_new‖²_F/r
+    refresh_max_gap      stays ≥ ``refresh_threshold``
+    state_dtype          dtype of the projected moments M, V: "auto" (default: follows the
+                         weight, :func:`moment_dtype`: fp32 weights → fp32; bf16, fp16 weights
+                         and INT8 codes → bf16), torch.float32 or torch.bfloat16
+    seed                 seed of random projections and of the stochastic-rounding streams
+                         (mixed with each parameter's position)
+    names                optional parameter names, parallel to ``params`` (for messages; torch's
+                         ``param_names`` from (name, tensor) pairs serve too)
+    ===================  ======================================================================
+
+    torch's LR schedulers' own keys (``initial_lr``, ``max_lr``, …) are accepted as well. Peer
+    keys with another name here (q-galore-torch's ``quant``, fira's ``alpha``, …) raise with the
+    name to use.
+
+    **bf16 moments** (``state_dtype`` "auto" on 16-bit weights, or torch.bfloat16): each step
+    computes M and V in fp32 (N from those) and stores them stochastically rounded to bf16
+    (unbiased; nearest rounding, galore-torch's, would freeze V, whose per-step change at
+    β2 = 0.999 is below half a bf16 ulp — lowrank/adam.h, tests/test_bf16_moments.py). The
+    rounding stream is keyed by the parameter's seed and the step, so a resumed run continues
+    bit for bit. ``state_dtype=torch.float32`` keeps fp32 moments for any weight.
+
+    **Unprojected parameters** follow the constructor's ``dense_adamw``: "torch" =
+    ``torch.optim.AdamW`` (its foreach/fused kernels, ``foreach=``/``fused=`` passed through; ε
+    bias-corrected, decay before the update) or "galore" = galore-torch's AdamW formula on
+    torch's foreach ops (``GaLoreAdamW``'s default, so a drop-in gives the same numbers). Their
+    moments are ``zeros_like(p)``, as in both. ``backend`` (constructor) forces a backend of the
+    fused step (see ``lowrank_kernels.ops``).
+
+    **INT8 weights** (Q-GaLore, DESIGN.md §4.4): a parameter of a projected group may be uint8
+    INT8 codes, as ``ops.quantize_int8`` returns them, with the quantization parameters as
+    attributes (q-galore-torch's convention): ``p.scales`` and ``p.zeros`` (fp32, one per group
+    of ``p.group_size`` row-major elements; 256 if the attribute is absent) and the fp32/bf16
+    gradient in ``p.float_grad`` (a uint8 tensor cannot hold a float ``.grad``). The step is the
+    same single fused call: it dequantizes, updates in fp32 and requantizes with stochastic
+    rounding (Philox seeded by the parameter's ``proj_seed`` and the step), rewriting ``p``,
+    ``p.scales`` and ``p.zeros`` in place. ``zero_grad()`` clears ``float_grad`` too.
+    ``p.scales``/``p.zeros`` are model data, not optimizer state: save them with the model (as
+    buffers of the module that owns the codes).
+
+    **State** of a projected parameter (all tensors: ``state_dict()`` survives
+    ``torch.load(weights_only=True)`` and a resumed run continues bit for bit):
+
+    =================  ========================================================================
+    step               fp32 scalar (CPU): steps taken
+    exp_avg            M, low-rank shape (m×r right, r×n left), dtype by ``state_dtype``
+    exp_avg_sq         V, same shape and dtype
+    proj, proj_*       the projection and its refresh counters
+                       (:mod:`lowrank_kernels.projection.state`)
+    =================  ========================================================================
+
+    Unprojected parameters hold torch AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``.
+    ``load_state_dict`` keeps every state tensor's saved dtype.
+    """
+
     def __init__(self, params: Iterable, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 1.0,
@@ -109,7 +226,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                  proj_group_size: int = 256, refresh: str = "fixed",
                  refresh_threshold: float = 0.8, refresh_growth: float = 2.0,
                  refresh_max_gap: int | None = None, seed: int = 0,
-                 state_dtype: torch.dtype = torch.float32, correct_bias: bool = True,
+                 state_dtype: str | torch.dtype = "auto", correct_bias: bool = True,
                  dense_adamw: str = "torch", foreach: bool | None = None,
                  fused: bool | None = None, backend: str | None = None):
         if not lr >= 0.0:
@@ -133,6 +250,9 @@ class LowRankAdamW(torch.optim.Optimizer):
     # groups
     # ----------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):  # torch's own check reports the other types
+            check_group_keys(param_group, [*self.defaults, *GROUP_KEYS_WITHOUT_DEFAULT],
+                             self._group_label(param_group, len(self.param_groups)))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("names")
@@ -186,10 +306,19 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _name(group: dict, index: int, p: torch.Tensor) -> str:
-        names = group.get("names")
+        names = group.get("names") or group.get("param_names")
         if names is not None:
             return f"parameter {names[index]!r}"
         return f"parameter #{index} of a group ({'×'.join(map(str, p.shape))})"
+
+    @staticmethod
+    def _group_label(group: dict, index: int) -> str:
+        """How messages name a parameter group: its index and, when given, its first names."""
+        names = group.get("names") or group.get("param_names")
+        if not names:
+            return f"parameter group {index}"
+        shown = ", ".join(map(repr, list(names)[:3])) + (", …" if len(names) > 3 else "")
+        return f"parameter group {index} ({shown})"
 
     def _locate(self, p: torch.Tensor) -> tuple[dict, int, int]:
         """(group, index in the group, position in the optimizer) of a parameter."""
@@ -294,8 +423,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         m, n = p.shape
         shape = ops.low_rank_shape(m, n, spec.rank)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(shape, dtype=group["state_dtype"], device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=group["state_dtype"], device=p.device)
+        dtype = moment_dtype(group["state_dtype"], p)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
         proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
 
     @staticmethod

@@ -288,3 +288,25 @@ def test_all_lists_every_public_name_of_the_package(module):
     assert public <= set(mod.__all__), public - set(mod.__all__)
     for name in mod.__all__:
         assert hasattr(mod, name), name
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_backend_switch_reaches_every_projected_step(backend, monkeypatch):
+    """``backend=`` goes to lowrank_kernels.ops (resolved once per group and step): the same
+    trajectory as the default (C++) kernel, and the chosen backend ran."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    ran = []
+    real = ops.resolve_backend
+    monkeypatch.setattr(ops, "resolve_backend",
+                        lambda *args, **kwargs: ran.append(real(*args, **kwargs)) or ran[-1])
+    batches = mlp_batches(3)
+    models = []
+    for choice in (None, backend):
+        model = small_mlp()
+        train_steps(model, GaLoreAdamW(mlp_param_groups(model, rank=4, update_proj_gap=2),
+                                       lr=1e-2, weight_decay=0.1, backend=choice), batches)
+        models.append(model)
+    assert ran[:3] == ["cpu"] * 3 and set(ran[3:]) == {backend}
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ presets (GaLoreAdamW, QGaLoreAdamW, DCTAdamW) are in :mod:`lowrank_kernels.optim
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from lowrank_kernels import _extension, ops, reference
+from lowrank_kernels import ops, reference
 from lowrank_kernels.projection import make_projector, make_refresh_policy
 from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
@@ -345,10 +346,11 @@ class LowRankAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if _gradient(p) is not None]
+            if not with_grad:
+                continue
             if _is_projected(group):
-                for p in with_grad:
-                    self._step_projected(p)
-            elif with_grad:
+                self._step_projected(group, with_grad)
+            else:
                 self._step_dense(group, with_grad)
         return loss
 
@@ -360,7 +362,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             return
         group, _, _ = self._locate(p)
         if _is_projected(group):
-            self._step_projected(p)
+            self._step_projected(group, [p])
         else:
             self._step_dense(group, [p])
 
@@ -374,48 +376,60 @@ class LowRankAdamW(torch.optim.Optimizer):
         lr_op = lr * (1.0 - beta1**step) / math.sqrt(1.0 - beta2**step)
         return lr_op, (wd * lr / lr_op if lr_op > 0 else wd)
 
-    def _step_projected(self, p: torch.Tensor) -> None:
-        grad, proj_args, hyper = self._prepare_projected(p)
-        state = self.state[p]
-        # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the weight
-        # from at::parallel_for workers, where grad mode is not inherited, so handing it the
-        # Parameter itself trips autograd's in-place check on a leaf view.
-        args = (p.detach(), grad, proj_args.pop("proj"), state["exp_avg"], state["exp_avg_sq"])
-        if (torch.compiler.is_compiling() and _extension.AVAILABLE
-                and self.backend in (None, "cpu", "cuda")):
-            # the backend switch reads the environment and the dispatcher's tables, which dynamo
-            # cannot trace; under compile the kernel registered for the tensors' device runs
-            torch.ops.lowrank.fused_galore_step(*args, **hyper, **proj_args)
-        else:
-            ops.fused_galore_step(*args, **hyper, **proj_args, backend=self.backend)
+    def _fused_step_kernel(self, device: torch.device) -> Callable:
+        """What runs the fused step on ``device``: the backend ``ops`` picks, resolved once per
+        group and step instead of once per weight. When that is the kernel registered with the
+        dispatcher, the dispatcher is called directly (what ``ops.fused_galore_step`` does
+        then, without its per-call resolution)."""
+        chosen = ops.resolve_backend("fused_galore_step", device, self.backend)
+        if chosen in ("cpu", "cuda"):
+            return torch.ops.lowrank.fused_galore_step.default
+        return functools.partial(ops.fused_galore_step, backend=chosen)
 
     @torch.compiler.disable
-    def _prepare_projected(self, p: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
-        """Bookkeeping before the fused call, run eagerly even inside torch.compile (refreshes
-        are rare, data-dependent and call LAPACK): state init, refresh, step count. Returns the
-        gradient, the projection arguments and the scalar arguments of the fused step."""
-        group, index, position = self._locate(p)
-        grad = _gradient(p)
-        if grad.is_sparse:
-            raise RuntimeError("LowRankAdamW does not support sparse gradients")
+    def _step_projected(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One fused call per weight of a projected group, after its bookkeeping: state init,
+        refresh, step count.
+
+        Runs eagerly inside torch.compile too: refreshes are data-dependent and call LAPACK, and
+        the op takes ``lr`` as a float, on which a traced call specializes (PT2 has no symbolic
+        float for custom-op arguments: a scheduler would recompile the graph every step). The
+        kernel is one call per weight already; a graph would have nothing to fuse.
+
+        The group's spec, its shared scalars and the kernel are looked up once per call, not per
+        weight: at small shapes these per-weight costs are the step's cost (bench/
+        bench_step_overhead.py)."""
         spec = self._spec(group)
-        state = self.state[p]
-        if not state:
-            self._init_projected_state(state, p, spec, group, position)
-        step_before = int(state["step"])
-        if proj_state.refresh_due(state, step_before, spec):
-            proj_state.refresh_(state, grad, p, spec, step_before, self._name(group, index, p))
-        state["step"] += 1
-        lr, wd = self._step_size(group, step_before + 1)
         beta1, beta2 = group["betas"]
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
-                     scale=group["scale"], step=step_before + 1,
-                     seed=int(state["proj_seed"]) % (2**31))
-        if p.dtype == torch.uint8:
-            # the weight's quantization parameters belong to the model; the step rewrites them
-            hyper.update(param_scales=p.scales, param_zeros=p.zeros,
-                         param_group_size=_int8_group_size(p))
-        return grad.contiguous(), proj_state.step_args(state, spec), hyper
+        shared = {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "scale": group["scale"]}
+        kernels: dict[torch.device, Callable] = {}
+        for p in params:
+            grad = _gradient(p)
+            if grad.is_sparse:
+                raise RuntimeError("LowRankAdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                self._init_projected_state(state, p, spec, group, self._locate(p)[2])
+            step = int(state["step"]) + 1
+            if proj_state.refresh_due(state, step - 1, spec):
+                proj_state.refresh_(state, grad, p, spec, step - 1,
+                                    self._name(group, self._locate(p)[1], p))
+            state["step"].fill_(step)
+            lr, wd = self._step_size(group, step)
+            formats = proj_state.step_args(state, spec)
+            if p.dtype == torch.uint8:
+                # the weight's quantization parameters belong to the model; the step rewrites them
+                formats.update(param_scales=p.scales, param_zeros=p.zeros,
+                               param_group_size=_int8_group_size(p))
+            kernel = kernels.get(p.device)
+            if kernel is None:
+                kernel = kernels[p.device] = self._fused_step_kernel(p.device)
+            # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the
+            # weight from at::parallel_for workers, where grad mode is not inherited, so handing
+            # it the Parameter itself trips autograd's in-place check on a leaf view.
+            kernel(p.detach(), grad.contiguous(), formats.pop("proj"), state["exp_avg"],
+                   state["exp_avg_sq"], lr=lr, weight_decay=wd, step=step,
+                   seed=int(state["proj_seed"]) % (2**31), **shared, **formats)
 
     @staticmethod
     def _init_projected_state(state: dict, p: torch.Tensor, spec: proj_state.ProjectionSpec,
@@ -471,7 +485,11 @@ class LowRankAdamW(torch.optim.Optimizer):
             steps.append(state["step"])
         return exp_avgs, exp_avg_sqs, steps
 
+    @torch.compiler.disable
     def _step_dense(self, group: dict, params: list[torch.Tensor]) -> None:
+        """AdamW for a group without rank (``dense_adamw``). Eager inside torch.compile, as the
+        projected step: traced, it would specialize on the group's float lr and recompile at
+        every scheduler step (torch's own ``fused=True`` is its one-kernel form)."""
         exp_avgs, exp_avg_sqs, steps = self._dense_state(group, params)
         grads = [p.grad for p in params]
         beta1, beta2 = group["betas"]

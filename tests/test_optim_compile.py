@@ -54,6 +54,17 @@ def test_compiled_step_matches_eager_bit_for_bit(preset):
                        eager.state[eager_model[0].weight]["exp_avg"])
 
 
+def training_step(model, optimizer):
+    def step(batch):
+        loss = mlp_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    return step
+
+
 @pytest.mark.parametrize("preset,dense_adamw", [
     (GaLoreAdamW, "galore"), (GaLoreAdamW, "torch"), (DCTAdamW, "torch"), (QGaLoreAdamW, "torch")],
     ids=["galore", "galore-dense-torch", "dct-int32-proj", "qgalore-int4-proj"])
@@ -69,15 +80,8 @@ def test_a_scheduled_lr_and_the_step_count_do_not_recompile(preset, dense_adamw)
                            lr=1e-2, weight_decay=0.1, dense_adamw=dense_adamw)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
         counter = CompileCounter()
-
-        def train_step(batch):
-            loss = mlp_loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            return loss
-
-        step = torch.compile(train_step, backend=counter) if compiled else train_step
+        step = training_step(model, optimizer)
+        step = torch.compile(step, backend=counter) if compiled else step
         lrs = []
         for i, batch in enumerate(mlp_batches(6)):
             with torch._dynamo.config.patch(error_on_recompile=i > 0):

@@ -1,6 +1,6 @@
 """Per-step fixed cost: ``optimizer.step()`` of the demo's tiny LLaMA, ours against galore-torch.
 
-    python bench/bench_step_overhead.py [--rounds 30] [--steps 20] [--threads 1] [--csv]
+    python bench/bench_step_overhead.py [--rounds 30] [--steps 20] [--threads 1] [--csv [PATH]]
 
 The model is bench/demo.py's (hidden 128, 2 layers: 14 projected weights of 128×128, 344×128
 and 128×344, rank 32) on CPU, where the step's arithmetic is small and the per-weight fixed
@@ -125,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--steps", type=int, default=20, help="step() calls per sample")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--csv", action="store_true",
-                        help="write bench/results/step_overhead_cpu.csv")
+    parser.add_argument("--csv", nargs="?", type=Path, const=harness.results_path(
+        "step_overhead_cpu"), help="write the table (default bench/results/step_overhead_cpu.csv)")
     args = parser.parse_args(argv)
     rows = run(args.rounds, args.steps, args.threads)
     print(f"{demo.TINY.name}: optimizer.step() of 14 projected weights (rank {demo.TINY.rank}) "
@@ -134,9 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "interleaved rounds")
     print(harness.format_table(rows))
     if args.csv:
-        path = harness.write_csv(harness.results_path("step_overhead_cpu"), rows,
-                                 harness.machine_info("cpu"))
-        print(f"wrote {path}")
+        print(f"wrote {harness.write_csv(args.csv, rows, harness.machine_info('cpu'))}")
     return 0
 
 

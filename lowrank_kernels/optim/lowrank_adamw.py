@@ -129,9 +129,10 @@ class LowRankAdamW(torch.optim.Optimizer):
     r"""AdamW whose projected parameters take one fused low-rank step each.
 
     A parameter group with a ``rank`` is projected: each of its weights W (m×n, gradient G) is
-    stepped by ONE call to ``torch.ops.lowrank.fused_galore_step`` (through
-    ``lowrank_kernels.ops``, which honours the backend switch), after a refresh of its
-    projection when the group's policy says so. Groups without ``rank`` take plain AdamW.
+    stepped by ONE call of ``fused_galore_step`` on the backend ``lowrank_kernels.ops`` picks
+    (its switch honoured; the dispatcher's ``torch.ops.lowrank.fused_galore_step`` when that is
+    the registered kernel), after a refresh of its projection when the group's policy says so.
+    Groups without ``rank`` take plain AdamW.
 
     **Projected step** (DESIGN.md §4.2, galore-torch's ``GaLoreAdamW``), t the step count after
     its increment, side by galore-torch's "std" rule (right: Q r×n if m ≥ n; left: P m×r)::

@@ -263,7 +263,9 @@ class OurConfig:
     preset: str
     int8_weights: bool = False  # projected Linears as Int8Linear (Q-GaLore's INT8 weights)
     layerwise: bool = False  # LayerwiseTrainer: each weight steps from its gradient hook
-    state_dtype: torch.dtype = torch.float32  # projected moments (bf16: stochastic rounding)
+    # projected moments: "auto" (the presets' default: the weight's dtype, bf16 stochastically
+    # rounded), or a dtype
+    state_dtype: str | torch.dtype = "auto"
 
 
 OUR_CONFIGS: dict[str, OurConfig] = {
@@ -277,11 +279,11 @@ OUR_CONFIGS: dict[str, OurConfig] = {
                                              "QGaLoreAdamW", int8_weights=True, layerwise=True),
     "ours-DCTAdamW-layerwise": OurConfig("ours DCTAdamW layer-wise", "DCTAdamW",
                                          layerwise=True),
-    "ours-GaLoreAdamW-bf16": OurConfig("ours GaLoreAdamW, bf16 moments", "GaLoreAdamW",
-                                       state_dtype=torch.bfloat16),
-    "ours-QGaLoreAdamW-layerwise-bf16": OurConfig(
-        "ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise, bf16 moments", "QGaLoreAdamW",
-        int8_weights=True, layerwise=True, state_dtype=torch.bfloat16),
+    "ours-GaLoreAdamW-fp32": OurConfig("ours GaLoreAdamW, fp32 moments", "GaLoreAdamW",
+                                       state_dtype=torch.float32),
+    "ours-QGaLoreAdamW-layerwise-fp32": OurConfig(
+        "ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise, fp32 moments", "QGaLoreAdamW",
+        int8_weights=True, layerwise=True, state_dtype=torch.float32),
 }
 
 
@@ -426,8 +428,10 @@ def account_ours(key: str) -> Callable:
         for p in params:
             opt.init_state(p)
         acc = account_state(ours.label, params, opt.state, layerwise=ours.layerwise)
-        moments = ("bf16 (stochastically rounded)" if ours.state_dtype == torch.bfloat16
-                   else "fp32")
+        dtypes = {opt.state[p]["exp_avg"].dtype for group in opt.param_groups
+                  if group.get("rank") is not None for p in group["params"]}
+        moments = " / ".join("bf16 (stochastically rounded)" if d == torch.bfloat16
+                             else harness.dtype_name(d) for d in sorted(dtypes, key=str))
         acc.note = f"rank {cfg.rank}; {moments} M, V of projected weights"
         if ours.int8_weights:
             acc.note += "; Int8Linear W g256 (fp32 scales/zeros)"

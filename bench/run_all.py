@@ -13,7 +13,8 @@ Stages (a progress bar over them, and one inside the slow ones):
   5. the Q-GaLore step on CPU (INT4 basis, INT8 weights) against q-galore-torch's step, and the
      stochastic-rounding bias of both (bench/bench_qgalore.py)
   6. the subspace refresh on CPU: galore-torch's SVD, torch.svd_lowrank and dct_select against
-     one projection GEMM (bench/bench_refresh.py)
+     one projection GEMM (bench/bench_refresh.py); the per-step fixed cost at the demo's tiny
+     shapes, ours against galore-torch (bench/bench_step_overhead.py)
   7. the GPU step benchmark (bench/bench_gpu_step.py), only when CUDA is available
   8. the training demo: a tiny LLaMA, AdamW vs galore-torch vs our presets (bench/demo.py)
 A stage that fails is reported in report.md (with its error) and the others still run; the exit
@@ -93,10 +94,11 @@ def stage_memory(out: Path) -> str:
             "(tests/test_memory.py checks it against a real step byte for byte). "
             "q-galore-torch is modelled, not stepped (it cannot step with the installed "
             "bitsandbytes): its own quantisers on one CPU tensor per shape + bitsandbytes' "
-            "init_state. Our projected moments are fp32, or bf16 with stochastic rounding "
-            "in the `bf16 moments` rows (`state_dtype=torch.bfloat16`; galore-torch: the "
-            "weight dtype, nearest-rounded; q-galore-torch: 8-bit); the layer-wise Q-GaLore "
-            "rows step INT8 codes from their "
+            "init_state. Our projected moments take the weight's dtype by default "
+            "(`state_dtype=\"auto\"`: bf16 here, stored with stochastic rounding; INT8 codes "
+            "bf16 too), fp32 in the `fp32 moments` rows (`state_dtype=torch.float32`); "
+            "galore-torch: the weight dtype, nearest-rounded; q-galore-torch: 8-bit. The "
+            "layer-wise Q-GaLore rows step INT8 codes from their "
             "float_grad hook (lowrank_kernels.autograd.register_float_grad_hook). Optimizers "
             "not listed could not be imported. Per-row CSV: `memory_<model>_bf16.csv`.\n\n"
             + "\n\n".join(parts))
@@ -154,6 +156,12 @@ def stage_qgalore(out: Path) -> str:
                       what="ours vs q-galore-torch's step, same inputs, same run")
 
 
+def stage_step_overhead(out: Path) -> str:
+    return run_script("bench_step_overhead.py", "--csv", str(out / "step_overhead_cpu.csv"),
+                      what="optimizer.step() of the demo's tiny LLaMA, ours vs galore-torch, "
+                      "interleaved rounds, same run")
+
+
 def stage_refresh(out: Path) -> str:  # the --full table stays in results/ (not rewritten)
     return run_script("bench_refresh.py", what="SVD, svd_lowrank and dct_select vs one GEMM; "
                       "`--full` adds 2048×5504: bench/results/bench_refresh_cpu.txt")
@@ -200,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("Optimizer step on CPU", lambda: stage_cpu_step(out)),
         ("Q-GaLore step on CPU", lambda: stage_qgalore(out)),
         ("Subspace refresh on CPU", lambda: stage_refresh(out)),
+        ("Per-step fixed cost on CPU", lambda: stage_step_overhead(out)),
         ("Optimizer step on GPU", lambda: stage_gpu_step(out)),
         ("Training demo", lambda: stage_demo(out, 40 if args.quick else args.steps)),
     ]

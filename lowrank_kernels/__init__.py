@@ -3,27 +3,49 @@
 Public surface:
   * ``torch.ops.lowrank.*`` — the ops (C++ CPU and CUDA kernels; see csrc/lowrank.cpp),
   * ``lowrank_kernels.ops`` — the same ops with a backend switch (cpu | cuda | triton | reference),
-  * ``lowrank_kernels.reference`` — the plain-torch specification of every op.
+  * ``lowrank_kernels.reference`` — the plain-torch specification of every op,
+  * ``lowrank_kernels.optim`` — LowRankAdamW and its presets (GaLoreAdamW, QGaLoreAdamW,
+    DCTAdamW), layer-wise training; the optimizers are also importable from here,
+  * ``lowrank_kernels.projection`` — projectors and refresh policies,
+  * ``lowrank_kernels.autograd`` — Int8Linear (INT8 weights, Q-GaLore),
+  * ``lowrank_kernels.integrations.transformers`` — Hugging Face Trainer (imported on demand).
 """
 
-from lowrank_kernels import autograd, ops, reference
+from lowrank_kernels import autograd, integrations, ops, optim, projection, reference
 from lowrank_kernels._extension import AVAILABLE as EXTENSION_AVAILABLE
 from lowrank_kernels._extension import LOAD_ERROR as EXTENSION_LOAD_ERROR
 from lowrank_kernels.autograd import Int8Linear, int8_linear, replace_linear_with_int8
 from lowrank_kernels.ops import fused_galore_step, project, project_back
+from lowrank_kernels.optim import (
+    DCTAdamW,
+    GaLoreAdamW,
+    LayerwiseTrainer,
+    LowRankAdamW,
+    QGaLoreAdamW,
+    layerwise,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EXTENSION_AVAILABLE",
     "EXTENSION_LOAD_ERROR",
+    "DCTAdamW",
+    "GaLoreAdamW",
     "Int8Linear",
+    "LayerwiseTrainer",
+    "LowRankAdamW",
+    "QGaLoreAdamW",
     "autograd",
     "fused_galore_step",
     "int8_linear",
+    "integrations",
+    "layerwise",
     "ops",
+    "optim",
     "project",
     "project_back",
+    "projection",
     "reference",
     "replace_linear_with_int8",
 ]

@@ -8,6 +8,7 @@ an fp32 reference"), never against a hand-tuned atol.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 
 import torch
@@ -173,6 +174,52 @@ def mlp_batches(count: int, batch: int = 16, seed: int = 1, dtype=torch.float32)
 def mlp_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+
+def train_steps(model: torch.nn.Module, optimizer, batches) -> None:
+    for batch in batches:
+        optimizer.zero_grad()
+        mlp_loss(model, batch).backward()
+        optimizer.step()
+
+
+def save_load(obj):
+    """``obj`` through torch.save and ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def assert_resumes_bit_for_bit(make, batches: list, dtype=torch.float32):
+    """Trains the small MLP on ``batches`` with ``make(model)`` straight through, and again with a
+    weights_only checkpoint (model + optimizer) halfway, resumed into a differently initialised
+    model: weights and every state tensor (dtype included) must be equal. Returns the straight
+    (model, optimizer)."""
+    straight_model = small_mlp(dtype=dtype)
+    straight = make(straight_model)
+    train_steps(straight_model, straight, batches)
+
+    half = len(batches) // 2
+    first_model = small_mlp(dtype=dtype)
+    first = make(first_model)
+    train_steps(first_model, first, batches[:half])
+    checkpoint = save_load({"model": first_model.state_dict(), "optim": first.state_dict()})
+    resumed_model = small_mlp(seed=123, dtype=dtype)  # everything must come from the file
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = make(resumed_model)
+    resumed.load_state_dict(checkpoint["optim"])
+    train_steps(resumed_model, resumed, batches[half:])
+
+    for a, b in zip(resumed_model.parameters(), straight_model.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(resumed_model.parameters(), straight_model.parameters()):
+        for key, value in straight.state[q].items():
+            got = resumed.state[p][key]
+            assert got.dtype == value.dtype, key
+            assert torch.equal(got, value) or (got.isnan().all() and value.isnan().all()), key
+    assert (straight_model[0].weight.float() - small_mlp()[0].weight).abs().max() > 1e-3
+    return straight_model, straight
 
 
 # --------------------------------------------------------------------------------------------

@@ -293,6 +293,23 @@ def test_step_benchmark_runs_its_providers_on_cpu(tmp_path):
     assert float(by_provider["reference"]["ms"]) > 0
 
 
+def test_step_overhead_benchmark_times_ours_against_galore_torch(tmp_path):
+    pytest.importorskip("galore_torch")
+    from bench import bench_step_overhead
+
+    out = tmp_path / "overhead.csv"
+    assert bench_step_overhead.main(["--rounds", "2", "--steps", "1", "--csv", str(out)]) == 0
+    _, rows = harness.read_csv(out)
+    assert [(r["optimizer"], r["weights"]) for r in rows] == [
+        (label, harness.dtype_name(dtype)) for label, dtype, _ in bench_step_overhead.PROVIDERS]
+    for row in rows:
+        assert float(row["step_ms_median"]) > 0
+        assert float(row["vs_galore_torch"]) == pytest.approx(
+            float(row["step_ms_median"]) / float(next(
+                r["step_ms_median"] for r in rows
+                if r["optimizer"] == "galore-torch" and r["weights"] == row["weights"])), rel=1e-2)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
 def test_step_benchmark_without_gpu_prints_the_traffic_model(capsys):
     from bench import bench_gpu_step

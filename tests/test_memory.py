@@ -81,10 +81,26 @@ def test_projection_bytes_follow_the_rank(key):
         assert small.projection == TINY.layers * sum(8 * min(s) // 2 + 2 * 4 * 2 for s in shapes)
         assert large.projection == TINY.layers * sum(16 * min(s) // 2 + 2 * 4 * 4
                                                      for s in shapes)
-    # fp32 moments of the projected weights: 2 × r × max(m, n) × 4 bytes each
-    moments = 2 * 4 * 8 * TINY.layers * sum(max(s) for s in shapes)
+    # default moments of bf16 weights (bf16): 2 × r × max(m, n) × 2 bytes each
+    moments = 2 * 2 * 8 * TINY.layers * sum(max(s) for s in shapes)
     assert large.optimizer_state - small.optimizer_state == moments
     assert large.weights == small.weights and large.grads_all == small.grads_all
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_default_galore_adamw_holds_galore_torchs_optimizer_bytes(dtype):
+    """The drop-in never holds more optimizer memory than galore-torch: its default moments
+    take the weight's dtype (bf16 ones stochastically rounded), fp32 moments are opt-in."""
+    pytest.importorskip("galore_torch")
+    theirs, ours, ours_fp32 = memory.accounting(
+        TINY.name, dtype, ["galore-torch", "ours-GaLoreAdamW", "ours-GaLoreAdamW-fp32"],
+        verbose=False, model_cfg=TINY)
+    assert ours.optimizer_state == theirs.optimizer_state
+    assert ours.projection == theirs.projection
+    if dtype == torch.bfloat16:
+        projected_moments = 2 * 2 * TINY.rank * TINY.layers * sum(
+            max(s) for s in TINY.linear_shapes().values())
+        assert ours_fp32.optimizer_state - ours.optimizer_state == projected_moments
 
 
 @pytest.mark.parametrize("key", ["ours-GaLoreAdamW", "ours-QGaLoreAdamW"])

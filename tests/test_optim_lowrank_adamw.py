@@ -1,11 +1,19 @@
 """LowRankAdamW and GaLoreAdamW: parity with galore-torch, checkpoints, refresh, SVD fallback."""
 
-import io
 import warnings
 
 import pytest
 import torch
-from cases import assert_fp32_close, mlp_batches, mlp_loss, mlp_param_groups, small_mlp
+from cases import (
+    assert_fp32_close,
+    assert_resumes_bit_for_bit,
+    mlp_batches,
+    mlp_loss,
+    mlp_param_groups,
+    save_load,
+    small_mlp,
+    train_steps,
+)
 
 import lowrank_kernels as lk
 from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAdamW
@@ -17,13 +25,6 @@ pytestmark = [pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension n
 
 
 GALORE_KEYS = dict(rank=6, update_proj_gap=10, scale=0.25, proj_type="std")
-
-
-def train_steps(model, optimizer, batches):
-    for batch in batches:
-        optimizer.zero_grad()
-        mlp_loss(model, batch).backward()
-        optimizer.step()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +101,6 @@ RESUME_CONFIGS = {  # name -> (optimizer class, group keys)
 }
 
 
-def _save_load(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 @pytest.mark.parametrize("dense_adamw", ["torch", "galore"])
 @pytest.mark.parametrize("config", list(RESUME_CONFIGS), ids=str)
 def test_state_dict_round_trip_resumes_bit_for_bit(config, dense_adamw):
@@ -116,37 +110,16 @@ def test_state_dict_round_trip_resumes_bit_for_bit(config, dense_adamw):
         groups = mlp_param_groups(model, rank=5, scale=0.25, **keys)
         return optimizer_cls(groups, lr=1e-2, weight_decay=0.05, dense_adamw=dense_adamw)
 
-    batches = mlp_batches(12)
-    straight_model = small_mlp()
-    straight = make(straight_model)
-    train_steps(straight_model, straight, batches)
-
-    first_model = small_mlp()
-    first = make(first_model)
-    train_steps(first_model, first, batches[:6])
-    checkpoint = _save_load({"model": first_model.state_dict(), "optim": first.state_dict()})
-    resumed_model = small_mlp(seed=123)  # different init: everything must come from the file
-    resumed_model.load_state_dict(checkpoint["model"])
-    resumed = make(resumed_model)
-    resumed.load_state_dict(checkpoint["optim"])
-    train_steps(resumed_model, resumed, batches[6:])
-
-    for a, b in zip(resumed_model.parameters(), straight_model.parameters()):
-        assert torch.equal(a, b)
-    for p, q in zip(resumed_model.parameters(), straight_model.parameters()):
-        for key, value in straight.state[q].items():
-            got = resumed.state[p][key]
-            assert got.dtype == value.dtype, key
-            assert torch.equal(got, value) or (got.isnan().all() and value.isnan().all()), key
-    assert (resumed_model[0].weight - small_mlp()[0].weight).abs().max() > 1e-3
+    assert_resumes_bit_for_bit(make, mlp_batches(12))
 
 
 def test_load_state_dict_keeps_fp32_moments_and_int_counters_of_bf16_weights():
     model = small_mlp(dtype=torch.bfloat16)
-    optimizer = LowRankAdamW(mlp_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+    optimizer = LowRankAdamW(mlp_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2,
+                             state_dtype=torch.float32)
     batches = mlp_batches(3, dtype=torch.bfloat16)
     train_steps(model, optimizer, batches)
-    saved = _save_load(optimizer.state_dict())
+    saved = save_load(optimizer.state_dict())
     fresh = LowRankAdamW(mlp_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
     fresh.load_state_dict(saved)
     state = fresh.state[model[0].weight]
@@ -336,7 +309,7 @@ def test_checkpoint_saved_before_state_dtype_existed_loads_with_fp32_moments():
     model = small_mlp()
     optimizer = LowRankAdamW(mlp_param_groups(model, rank=5, update_proj_gap=2), lr=1e-2)
     train_steps(model, optimizer, mlp_batches(2))
-    saved = _save_load(optimizer.state_dict())
+    saved = save_load(optimizer.state_dict())
     for group in saved["param_groups"]:
         del group["state_dtype"]  # the layout of older checkpoints
     saved["state"] = {}  # parameters without state allocate theirs on the next step

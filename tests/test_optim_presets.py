@@ -7,7 +7,7 @@ from cases import assert_fp32_close, mlp_batches, mlp_loss, mlp_param_groups, sm
 
 import lowrank_kernels as lk
 from lowrank_kernels import ops, reference
-from lowrank_kernels.optim import DCTAdamW, QGaLoreAdamW
+from lowrank_kernels.optim import DCTAdamW, LowRankAdamW, QGaLoreAdamW
 from lowrank_kernels.projection import int4
 from lowrank_kernels.projection.base import to_layout
 from lowrank_kernels.projection.svd import top_singular_columns
@@ -139,13 +139,18 @@ def test_qgalore_lazy_refresh_measures_overlap_on_the_dequantized_basis():
 def test_each_projected_step_is_one_fused_call_on_the_compact_proj(monkeypatch, preset,
                                                                    proj_dtype):
     calls = []
-    real = ops.fused_galore_step
+    real = LowRankAdamW._fused_step_kernel
 
-    def recording(param, grad, proj, *args, **kwargs):
-        calls.append((proj.dtype, kwargs.get("proj_scales") is not None))
-        return real(param, grad, proj, *args, **kwargs)
+    def recording_kernel(self, device):  # wraps the kernel the step resolves (dispatcher or ops)
+        kernel = real(self, device)
 
-    monkeypatch.setattr(ops, "fused_galore_step", recording)
+        def recording(param, grad, proj, *args, **kwargs):
+            calls.append((proj.dtype, kwargs.get("proj_scales") is not None))
+            return kernel(param, grad, proj, *args, **kwargs)
+
+        return recording
+
+    monkeypatch.setattr(LowRankAdamW, "_fused_step_kernel", recording_kernel)
     model = small_mlp()
     optimizer = preset(mlp_param_groups(model, rank=4), lr=1e-2)
     for batch in mlp_batches(2):

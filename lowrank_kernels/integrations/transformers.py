@@ -21,8 +21,8 @@ Two ways to hand the optimizer to a ``Trainer``::
 ``optimizer`` picks the preset: "galore" (GaLoreAdamW), "qgalore" (QGaLoreAdamW), "dct"
 (DCTAdamW) or "lowrank" (LowRankAdamW). ``optim_args`` (comma-separated key=value, as the Trainer
 takes it) and keyword arguments set group keys such as rank, update_proj_gap, scale,
-projection, proj_bits, refresh, state_dtype (``bf16``: stochastically rounded bf16 moments);
-keyword arguments win.
+projection, proj_bits, refresh, state_dtype (``auto``, the default: the weight's dtype, bf16
+moments stochastically rounded; ``fp32``; ``bf16``); keyword arguments win.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAd
 PRESETS = {"galore": GaLoreAdamW, "qgalore": QGaLoreAdamW, "dct": DCTAdamW,
            "lowrank": LowRankAdamW}
 # group keys read from optim_args, with their types (strings come from the command line)
-STATE_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32,
+STATE_DTYPE_NAMES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32,
                      "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-def _state_dtype(name: str) -> torch.dtype:
+def _state_dtype(name: str) -> str | torch.dtype:
     if name not in STATE_DTYPE_NAMES:
         raise ValueError(f"optim_args: state_dtype expected one of {sorted(STATE_DTYPE_NAMES)}, "
                          f"got {name!r}")

@@ -1,9 +1,16 @@
 """Optimizers: the LowRankAdamW core, its presets and layer-wise training (DESIGN.md §2)."""
 
-from lowrank_kernels.optim.layerwise import LayerwiseTrainer, layerwise
-from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
+from lowrank_kernels.optim.layerwise import LayerwiseTrainer, clip_float_grad_, layerwise
+from lowrank_kernels.optim.lowrank_adamw import (
+    GROUP_KEYS_WITHOUT_DEFAULT,
+    STATE_DTYPES,
+    LowRankAdamW,
+    check_group_keys,
+    moment_dtype,
+)
 from lowrank_kernels.optim.presets import DCTAdamW, GaLoreAdamW, QGaLoreAdamW
 from lowrank_kernels.optim.scaling import scale_hyperparameters
 
-__all__ = ["DCTAdamW", "GaLoreAdamW", "LayerwiseTrainer", "LowRankAdamW", "QGaLoreAdamW",
-           "layerwise", "scale_hyperparameters"]
+__all__ = ["GROUP_KEYS_WITHOUT_DEFAULT", "STATE_DTYPES", "DCTAdamW", "GaLoreAdamW",
+           "LayerwiseTrainer", "LowRankAdamW", "QGaLoreAdamW", "check_group_keys",
+           "clip_float_grad_", "layerwise", "moment_dtype", "scale_hyperparameters"]

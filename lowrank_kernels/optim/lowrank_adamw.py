@@ -1,59 +1,13 @@
 """LowRankAdamW: AdamW whose projected parameters take one fused low-rank step each.
 
-Parameter groups that carry a ``rank`` are projected: each weight's step is one call to
-``torch.ops.lowrank.fused_galore_step`` (through ``lowrank_kernels.ops``, which honours the
-backend switch), with the projection refreshed beforehand when its policy says so. Groups without
-``rank`` get plain AdamW on torch's own kernels.
-
-Group keys (galore-torch's first, then ours; constructor arguments give their defaults):
-
-===================  ==========================================================================
-rank                 projection rank r (1 ≤ r ≤ min(m, n); never truncated). Absent: plain AdamW
-update_proj_gap      steps between refreshes (the initial gap for ``refresh="lazy"``)
-scale                multiplies the back-projected update (GaLore's α; recipes use 0.25)
-proj_type            "std" (GaLore's side rule: right if m ≥ n, else left); only "std" exists
-projection           "svd" | "rsvd" | "dct" | "random" (lowrank_kernels.projection)
-proj_bits            16: dense basis in the weight's dtype; 4: packed INT4 basis (Q-GaLore)
-proj_group_size      INT4 quantization group (256)
-refresh              "fixed" (every update_proj_gap steps) | "lazy" (see projection/refresh.py)
-refresh_threshold,   lazy policy: grow the gap by ``refresh_growth`` (up to ``refresh_max_gap``)
-refresh_growth,      while the subspace overlap ‖P_oldᵀP_new‖²_F/r stays ≥ ``refresh_threshold``
-refresh_max_gap
-state_dtype          dtype of the projected moments M, V: torch.float32 (default) or
-                     torch.bfloat16 (half the optimizer memory; stored with stochastic rounding,
-                     see below)
-seed                 seed of random projections and of the stochastic-rounding streams (mixed
-                     with each parameter's position)
-names                optional list of parameter names, parallel to ``params`` (for messages)
-===================  ==========================================================================
-
-Semantics of a projected step: DESIGN.md §4.2 (galore-torch's ``GaLoreAdamW``: ε not
-bias-corrected, decoupled decay after the update). Moments are fp32 whatever the weight dtype,
-unless ``state_dtype=torch.bfloat16``: each step then computes them in fp32 and stores them
-stochastically rounded to bf16 (unbiased; nearest rounding would freeze V, whose per-step change
-with β2 = 0.999 is below half a bf16 ulp — see lowrank/adam.h and tests/test_bf16_moments.py).
-Unprojected parameters follow ``dense_adamw``: "torch" = ``torch.optim.AdamW`` (its foreach/fused
-kernels; ε bias-corrected, decay before the update) or "galore" = galore-torch's own AdamW
-formula on torch's foreach ops (what ``GaLoreAdamW`` uses, so a drop-in gives the same numbers).
-
-INT8 weights (Q-GaLore, DESIGN.md §4.4): a parameter of a projected group may be uint8 INT8
-codes, as ``ops.quantize_int8`` returns them, with the quantization parameters as attributes
-(q-galore-torch's convention): ``p.scales`` and ``p.zeros`` (fp32, one per group of
-``p.group_size`` row-major elements; 256 if the attribute is absent) and the fp32/bf16 gradient
-in ``p.float_grad`` (a uint8 tensor cannot hold a float ``.grad``). The step is the same single
-fused call: it dequantizes, updates in fp32 and requantizes with stochastic rounding (Philox
-seeded by the parameter's ``proj_seed`` and the step), rewriting ``p``, ``p.scales`` and
-``p.zeros`` in place. ``zero_grad()`` clears ``float_grad`` too. ``p.scales``/``p.zeros`` are
-model data, not optimizer state: save them with the model (as buffers of the module that owns
-the codes).
-
-All state is tensors (``step``, ``exp_avg``, ``exp_avg_sq`` and the ``proj*`` keys of
-lowrank_kernels.projection.state): ``state_dict()`` survives ``torch.load(weights_only=True)`` and
-a resumed run continues bit for bit.
+The maths, the parameter-group keys and the state are documented on :class:`LowRankAdamW`; the
+presets (GaLoreAdamW, QGaLoreAdamW, DCTAdamW) are in :mod:`lowrank_kernels.optim.presets`.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -61,16 +15,86 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from lowrank_kernels import _extension, ops, reference
+from lowrank_kernels import ops, reference
 from lowrank_kernels.projection import make_projector, make_refresh_policy
 from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
 
 DENSE_ADAMW = ("torch", "galore")
-STATE_DTYPES = (torch.float32, torch.bfloat16)  # of the projected moments
+STATE_DTYPES = ("auto", torch.float32, torch.bfloat16)  # of the projected moments
 _SPEC_KEYS = ("rank", "projection", "refresh", "update_proj_gap", "refresh_threshold",
               "refresh_growth", "refresh_max_gap", "proj_bits", "proj_group_size")
 INT8_GROUP_SIZE = 256
+
+# ---------------------------------------------------------------------------------------------
+# parameter-group keys
+# ---------------------------------------------------------------------------------------------
+# A group may carry every key the constructor has a default for (lr, betas, update_proj_gap,
+# state_dtype, ...: a new constructor argument is a group key at once) and the keys below, which
+# have no default. Any other key raises: a typo such as `rnak` would otherwise silently turn a
+# projected group into plain AdamW. A new key without a default goes in this table.
+GROUP_KEYS_WITHOUT_DEFAULT = {
+    "params": "torch.optim.Optimizer",
+    "param_names": "torch.optim.Optimizer, from (name, tensor) pairs in `params`",
+    "names": "parameter names, parallel to `params` (for messages)",
+    "rank": "galore-torch: projection rank; absent or None means plain AdamW",
+    "initial_lr": "torch.optim.lr_scheduler (every scheduler)",
+    "max_lr": "torch.optim.lr_scheduler.OneCycleLR",
+    "min_lr": "torch.optim.lr_scheduler.OneCycleLR",
+    "max_momentum": "torch.optim.lr_scheduler.OneCycleLR / CyclicLR (cycle_momentum)",
+    "base_momentum": "torch.optim.lr_scheduler.OneCycleLR / CyclicLR (cycle_momentum)",
+    "swa_lr": "torch.optim.swa_utils.SWALR",
+}
+# Keys of the peers (and of torch.optim.AdamW) that this optimizer does not take, with what to
+# write instead; they raise like any unknown key, with this hint added.
+PEER_KEY_HINTS = {
+    "quant": "q-galore-torch's INT4 basis switch: use proj_bits=4 (QGaLoreAdamW's default)",
+    "quant_n_bit": "q-galore-torch's basis bits: use proj_bits (4 or 16)",
+    "quant_group_size": "q-galore-torch's basis quantization group: use proj_group_size",
+    "cos_threshold": "q-galore-torch's lazy-refresh test (cosine of the top singular vector): "
+                     "use refresh='lazy' with refresh_threshold (subspace overlap)",
+    "gamma_proj": "q-galore-torch's gap growth factor: use refresh_growth",
+    "queue_size": "q-galore-torch's similarity queue: the lazy policy decides at each refresh "
+                  "from refresh_threshold, without a queue",
+    "alpha": "fira's back-projection scale: use scale",
+    "proj": "apollo-torch's projection type: use projection ('random' or 'svd')",
+    "amsgrad": "torch.optim.AdamW's AMSGrad is not implemented",
+    "maximize": "not implemented (negate the loss)",
+    "foreach": "a constructor argument (foreach=...), for every group without rank",
+    "fused": "a constructor argument (fused=...), for every group without rank",
+}
+
+
+def check_group_keys(group: dict, accepted: Iterable[str], where: str) -> None:
+    """Raises ValueError naming the first key of ``group`` outside ``accepted`` (``where`` names
+    the group), with a close match or a peer's equivalent, and the accepted keys."""
+    accepted = sorted(set(accepted))
+    for key in group:
+        if key in accepted:
+            continue
+        hint = PEER_KEY_HINTS.get(key)
+        if hint is None:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else None
+        hint = f" ({hint})" if hint else ""
+        raise ValueError(f"{where}: unknown key {key!r}{hint}; accepted keys: "
+                         f"{', '.join(accepted)}")
+
+
+def moment_dtype(state_dtype: str | torch.dtype, p: torch.Tensor) -> torch.dtype:
+    """The dtype of the projected moments of ``p`` for a group's ``state_dtype``.
+
+    "auto" follows the weight, as galore-torch's moments do (they take the gradient's dtype), so
+    that they never take more memory than galore-torch's: fp32 weights get fp32 moments; bf16
+    weights bf16 moments; fp16 weights bf16 moments too (the kernels store fp32 or bf16
+    moments; bf16 has the range of fp32, where V = R² of an fp16 gradient under- or overflows
+    fp16); INT8 weight codes bf16 (q-galore-torch keeps 8-bit moments there). bf16 moments are
+    stored with stochastic rounding."""
+    if state_dtype != "auto":
+        return state_dtype
+    if p.dtype in (torch.bfloat16, torch.float16, torch.uint8):
+        return torch.bfloat16
+    return torch.float32
 
 
 def _is_projected(group: dict) -> bool:
@@ -82,7 +106,7 @@ def _int8_group_size(p: torch.Tensor) -> int:
 
 
 def _check_int8_weight(p: torch.Tensor, name: str) -> None:
-    """INT8 codes must carry their quantization parameters (see the module docstring)."""
+    """INT8 codes must carry their quantization parameters (see LowRankAdamW's docstring)."""
     for attr in ("scales", "zeros"):
         if not torch.is_tensor(getattr(p, attr, None)):
             raise ValueError(f"{name}: uint8 INT8 weight codes need a tensor attribute "
@@ -102,6 +126,101 @@ def _gradient(p: torch.Tensor) -> torch.Tensor | None:
 
 
 class LowRankAdamW(torch.optim.Optimizer):
+    r"""AdamW whose projected parameters take one fused low-rank step each.
+
+    A parameter group with a ``rank`` is projected: each of its weights W (m×n, gradient G) is
+    stepped by ONE call of ``fused_galore_step`` on the backend ``lowrank_kernels.ops`` picks
+    (its switch honoured; the dispatcher's ``torch.ops.lowrank.fused_galore_step`` when that is
+    the registered kernel), after a refresh of its projection when the group's policy says so.
+    Groups without ``rank`` take plain AdamW.
+
+    **Projected step** (DESIGN.md §4.2, galore-torch's ``GaLoreAdamW``), t the step count after
+    its increment, side by galore-torch's "std" rule (right: Q r×n if m ≥ n; left: P m×r)::
+
+        R = G Qᵀ (right)  or  Pᵀ G (left)                     project, r×... low-rank gradient
+        M ← β1·M + (1−β1)·R          V ← β2·V + (1−β2)·R²      moments, low rank
+        N = M / (√V + ε)                                       ε not bias-corrected
+        α_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)    (lr if correct_bias=False)
+        W ← W − α_t·scale·back(N),   back(N) = N Q (right) or P N (left)
+        W ← W − lr·weight_decay·W                               decoupled decay, after the update
+
+    All arithmetic is fp32 inside the kernel whatever the storage dtypes. The basis is
+    refreshed from the current gradient (``projection``: truncated SVD as galore-torch, or
+    randomized SVD, a seeded random basis, DCT rows) at steps 0, T, 2T, … (T = update_proj_gap)
+    or lazily (the gap grows while the subspace stays put). M and V are kept across refreshes.
+
+    **Group keys** (the constructor's arguments give their defaults; any other key raises a
+    ValueError naming it, see ``GROUP_KEYS_WITHOUT_DEFAULT`` / ``check_group_keys``):
+
+    ===================  ======================================================================
+    lr, betas, eps,      torch's; ε (default 1e-6, galore-torch's) enters the projected step as
+    weight_decay         above; ``lr`` may be changed by any torch LR scheduler
+    correct_bias         galore-torch's: False drops the bias correction of α_t
+    rank                 projection rank r (1 ≤ r ≤ min(m, n); never truncated). Absent or
+                         None: plain AdamW for the group
+    update_proj_gap      steps between refreshes (the initial gap for ``refresh="lazy"``)
+    scale                multiplies the back-projected update (GaLore's α; recipes use 0.25)
+    proj_type            "std" (GaLore's side rule above); only "std" exists
+    projection           "svd" | "rsvd" | "dct" | "random" (lowrank_kernels.projection)
+    proj_bits            16: dense basis in the weight's dtype; 4: packed INT4 basis (Q-GaLore)
+    proj_group_size      INT4 quantization group (256)
+    refresh              "fixed" (every update_proj_gap steps) | "lazy" (projection/refresh.py)
+    refresh_threshold,   lazy policy: grow the gap by ``refresh_growth`` (up to
+    refresh_growth,      ``refresh_max_gap``) while the subspace overlap ‖P_oldᵀP_new‖²_F/r
+    refresh_max_gap      stays ≥ ``refresh_threshold``
+    state_dtype          dtype of the projected moments M, V: "auto" (default: follows the
+                         weight, :func:`moment_dtype`: fp32 weights → fp32; bf16, fp16 weights
+                         and INT8 codes → bf16), torch.float32 or torch.bfloat16
+    seed                 seed of random projections and of the stochastic-rounding streams
+                         (mixed with each parameter's position)
+    names                optional parameter names, parallel to ``params`` (for messages; torch's
+                         ``param_names`` from (name, tensor) pairs serve too)
+    ===================  ======================================================================
+
+    torch's LR schedulers' own keys (``initial_lr``, ``max_lr``, …) are accepted as well. Peer
+    keys with another name here (q-galore-torch's ``quant``, fira's ``alpha``, …) raise with the
+    name to use.
+
+    **bf16 moments** (``state_dtype`` "auto" on 16-bit weights, or torch.bfloat16): each step
+    computes M and V in fp32 (N from those) and stores them stochastically rounded to bf16
+    (unbiased; nearest rounding, galore-torch's, would freeze V, whose per-step change at
+    β2 = 0.999 is below half a bf16 ulp — lowrank/adam.h, tests/test_bf16_moments.py). The
+    rounding stream is keyed by the parameter's seed and the step, so a resumed run continues
+    bit for bit. ``state_dtype=torch.float32`` keeps fp32 moments for any weight.
+
+    **Unprojected parameters** follow the constructor's ``dense_adamw``: "torch" =
+    ``torch.optim.AdamW`` (its foreach/fused kernels, ``foreach=``/``fused=`` passed through; ε
+    bias-corrected, decay before the update) or "galore" = galore-torch's AdamW formula on
+    torch's foreach ops (``GaLoreAdamW``'s default, so a drop-in gives the same numbers). Their
+    moments are ``zeros_like(p)``, as in both. ``backend`` (constructor) forces a backend of the
+    fused step (see ``lowrank_kernels.ops``).
+
+    **INT8 weights** (Q-GaLore, DESIGN.md §4.4): a parameter of a projected group may be uint8
+    INT8 codes, as ``ops.quantize_int8`` returns them, with the quantization parameters as
+    attributes (q-galore-torch's convention): ``p.scales`` and ``p.zeros`` (fp32, one per group
+    of ``p.group_size`` row-major elements; 256 if the attribute is absent) and the fp32/bf16
+    gradient in ``p.float_grad`` (a uint8 tensor cannot hold a float ``.grad``). The step is the
+    same single fused call: it dequantizes, updates in fp32 and requantizes with stochastic
+    rounding (Philox seeded by the parameter's ``proj_seed`` and the step), rewriting ``p``,
+    ``p.scales`` and ``p.zeros`` in place. ``zero_grad()`` clears ``float_grad`` too.
+    ``p.scales``/``p.zeros`` are model data, not optimizer state: save them with the model (as
+    buffers of the module that owns the codes).
+
+    **State** of a projected parameter (all tensors: ``state_dict()`` survives
+    ``torch.load(weights_only=True)`` and a resumed run continues bit for bit):
+
+    =================  ========================================================================
+    step               fp32 scalar (CPU): steps taken
+    exp_avg            M, low-rank shape (m×r right, r×n left), dtype by ``state_dtype``
+    exp_avg_sq         V, same shape and dtype
+    proj, proj_*       the projection and its refresh counters
+                       (:mod:`lowrank_kernels.projection.state`)
+    =================  ========================================================================
+
+    Unprojected parameters hold torch AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``.
+    ``load_state_dict`` keeps every state tensor's saved dtype.
+    """
+
     def __init__(self, params: Iterable, lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, *, update_proj_gap: int = 200, scale: float = 1.0,
@@ -109,7 +228,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                  proj_group_size: int = 256, refresh: str = "fixed",
                  refresh_threshold: float = 0.8, refresh_growth: float = 2.0,
                  refresh_max_gap: int | None = None, seed: int = 0,
-                 state_dtype: torch.dtype = torch.float32, correct_bias: bool = True,
+                 state_dtype: str | torch.dtype = "auto", correct_bias: bool = True,
                  dense_adamw: str = "torch", foreach: bool | None = None,
                  fused: bool | None = None, backend: str | None = None):
         if not lr >= 0.0:
@@ -133,6 +252,9 @@ class LowRankAdamW(torch.optim.Optimizer):
     # groups
     # ----------------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):  # torch's own check reports the other types
+            check_group_keys(param_group, [*self.defaults, *GROUP_KEYS_WITHOUT_DEFAULT],
+                             self._group_label(param_group, len(self.param_groups)))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("names")
@@ -186,10 +308,19 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _name(group: dict, index: int, p: torch.Tensor) -> str:
-        names = group.get("names")
+        names = group.get("names") or group.get("param_names")
         if names is not None:
             return f"parameter {names[index]!r}"
         return f"parameter #{index} of a group ({'×'.join(map(str, p.shape))})"
+
+    @staticmethod
+    def _group_label(group: dict, index: int) -> str:
+        """How messages name a parameter group: its index and, when given, its first names."""
+        names = group.get("names") or group.get("param_names")
+        if not names:
+            return f"parameter group {index}"
+        shown = ", ".join(map(repr, list(names)[:3])) + (", …" if len(names) > 3 else "")
+        return f"parameter group {index} ({shown})"
 
     def _locate(self, p: torch.Tensor) -> tuple[dict, int, int]:
         """(group, index in the group, position in the optimizer) of a parameter."""
@@ -216,10 +347,11 @@ class LowRankAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if _gradient(p) is not None]
+            if not with_grad:
+                continue
             if _is_projected(group):
-                for p in with_grad:
-                    self._step_projected(p)
-            elif with_grad:
+                self._step_projected(group, with_grad)
+            else:
                 self._step_dense(group, with_grad)
         return loss
 
@@ -231,7 +363,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             return
         group, _, _ = self._locate(p)
         if _is_projected(group):
-            self._step_projected(p)
+            self._step_projected(group, [p])
         else:
             self._step_dense(group, [p])
 
@@ -245,48 +377,60 @@ class LowRankAdamW(torch.optim.Optimizer):
         lr_op = lr * (1.0 - beta1**step) / math.sqrt(1.0 - beta2**step)
         return lr_op, (wd * lr / lr_op if lr_op > 0 else wd)
 
-    def _step_projected(self, p: torch.Tensor) -> None:
-        grad, proj_args, hyper = self._prepare_projected(p)
-        state = self.state[p]
-        # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the weight
-        # from at::parallel_for workers, where grad mode is not inherited, so handing it the
-        # Parameter itself trips autograd's in-place check on a leaf view.
-        args = (p.detach(), grad, proj_args.pop("proj"), state["exp_avg"], state["exp_avg_sq"])
-        if (torch.compiler.is_compiling() and _extension.AVAILABLE
-                and self.backend in (None, "cpu", "cuda")):
-            # the backend switch reads the environment and the dispatcher's tables, which dynamo
-            # cannot trace; under compile the kernel registered for the tensors' device runs
-            torch.ops.lowrank.fused_galore_step(*args, **hyper, **proj_args)
-        else:
-            ops.fused_galore_step(*args, **hyper, **proj_args, backend=self.backend)
+    def _fused_step_kernel(self, device: torch.device) -> Callable:
+        """What runs the fused step on ``device``: the backend ``ops`` picks, resolved once per
+        group and step instead of once per weight. When that is the kernel registered with the
+        dispatcher, the dispatcher is called directly (what ``ops.fused_galore_step`` does
+        then, without its per-call resolution)."""
+        chosen = ops.resolve_backend("fused_galore_step", device, self.backend)
+        if chosen in ("cpu", "cuda"):
+            return torch.ops.lowrank.fused_galore_step.default
+        return functools.partial(ops.fused_galore_step, backend=chosen)
 
     @torch.compiler.disable
-    def _prepare_projected(self, p: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
-        """Bookkeeping before the fused call, run eagerly even inside torch.compile (refreshes
-        are rare, data-dependent and call LAPACK): state init, refresh, step count. Returns the
-        gradient, the projection arguments and the scalar arguments of the fused step."""
-        group, index, position = self._locate(p)
-        grad = _gradient(p)
-        if grad.is_sparse:
-            raise RuntimeError("LowRankAdamW does not support sparse gradients")
+    def _step_projected(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One fused call per weight of a projected group, after its bookkeeping: state init,
+        refresh, step count.
+
+        Runs eagerly inside torch.compile too: refreshes are data-dependent and call LAPACK, and
+        the op takes ``lr`` as a float, on which a traced call specializes (PT2 has no symbolic
+        float for custom-op arguments: a scheduler would recompile the graph every step). The
+        kernel is one call per weight already; a graph would have nothing to fuse.
+
+        The group's spec, its shared scalars and the kernel are looked up once per call, not per
+        weight: at small shapes these per-weight costs are the step's cost (bench/
+        bench_step_overhead.py)."""
         spec = self._spec(group)
-        state = self.state[p]
-        if not state:
-            self._init_projected_state(state, p, spec, group, position)
-        step_before = int(state["step"])
-        if proj_state.refresh_due(state, step_before, spec):
-            proj_state.refresh_(state, grad, p, spec, step_before, self._name(group, index, p))
-        state["step"] += 1
-        lr, wd = self._step_size(group, step_before + 1)
         beta1, beta2 = group["betas"]
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
-                     scale=group["scale"], step=step_before + 1,
-                     seed=int(state["proj_seed"]) % (2**31))
-        if p.dtype == torch.uint8:
-            # the weight's quantization parameters belong to the model; the step rewrites them
-            hyper.update(param_scales=p.scales, param_zeros=p.zeros,
-                         param_group_size=_int8_group_size(p))
-        return grad.contiguous(), proj_state.step_args(state, spec), hyper
+        shared = {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "scale": group["scale"]}
+        kernels: dict[torch.device, Callable] = {}
+        for p in params:
+            grad = _gradient(p)
+            if grad.is_sparse:
+                raise RuntimeError("LowRankAdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                self._init_projected_state(state, p, spec, group, self._locate(p)[2])
+            step = int(state["step"]) + 1
+            if proj_state.refresh_due(state, step - 1, spec):
+                proj_state.refresh_(state, grad, p, spec, step - 1,
+                                    self._name(group, self._locate(p)[1], p))
+            state["step"].fill_(step)
+            lr, wd = self._step_size(group, step)
+            formats = proj_state.step_args(state, spec)
+            if p.dtype == torch.uint8:
+                # the weight's quantization parameters belong to the model; the step rewrites them
+                formats.update(param_scales=p.scales, param_zeros=p.zeros,
+                               param_group_size=_int8_group_size(p))
+            kernel = kernels.get(p.device)
+            if kernel is None:
+                kernel = kernels[p.device] = self._fused_step_kernel(p.device)
+            # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the
+            # weight from at::parallel_for workers, where grad mode is not inherited, so handing
+            # it the Parameter itself trips autograd's in-place check on a leaf view.
+            kernel(p.detach(), grad.contiguous(), formats.pop("proj"), state["exp_avg"],
+                   state["exp_avg_sq"], lr=lr, weight_decay=wd, step=step,
+                   seed=int(state["proj_seed"]) % (2**31), **shared, **formats)
 
     @staticmethod
     def _init_projected_state(state: dict, p: torch.Tensor, spec: proj_state.ProjectionSpec,
@@ -294,8 +438,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         m, n = p.shape
         shape = ops.low_rank_shape(m, n, spec.rank)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(shape, dtype=group["state_dtype"], device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=group["state_dtype"], device=p.device)
+        dtype = moment_dtype(group["state_dtype"], p)
+        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
         proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
 
     @staticmethod
@@ -341,7 +486,11 @@ class LowRankAdamW(torch.optim.Optimizer):
             steps.append(state["step"])
         return exp_avgs, exp_avg_sqs, steps
 
+    @torch.compiler.disable
     def _step_dense(self, group: dict, params: list[torch.Tensor]) -> None:
+        """AdamW for a group without rank (``dense_adamw``). Eager inside torch.compile, as the
+        projected step: traced, it would specialize on the group's float lr and recompile at
+        every scheduler step (torch's own ``fused=True`` is its one-kernel form)."""
         exp_avgs, exp_avg_sqs, steps = self._dense_state(group, params)
         grads = [p.grad for p in params]
         beta1, beta2 = group["betas"]
@@ -362,8 +511,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         for step_before, idx in by_step.items():
             ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
             ms, vs = [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx]
-            torch._foreach_add_([steps[i] for i in idx], 1.0)
             step = step_before + 1
+            for i in idx:  # fill_: a quarter of the time of add_ (or _foreach_add_) on CPU scalars
+                steps[i].fill_(step)
             torch._foreach_mul_(ms, beta1)
             torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
             torch._foreach_mul_(vs, beta2)

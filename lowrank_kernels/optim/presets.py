@@ -4,8 +4,8 @@
   keys (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``), same numbers (fp32 SVD of the
   gradient, refresh at steps 0, T, 2T, …, galore-torch's AdamW formula for unprojected params).
 * :class:`QGaLoreAdamW` — Q-GaLore: INT4-packed basis, lazy refresh, β = (0.9, 0.95) as in the
-  Q-GaLore recipes; INT8 weight codes (uint8 with ``scales``/``zeros``/``float_grad``) are
-  stepped with stochastic rounding inside the same fused call.
+  Q-GaLore pretraining script; INT8 weight codes (uint8 with ``scales``/``zeros``/
+  ``float_grad``) are stepped with stochastic rounding inside the same fused call.
 * :class:`DCTAdamW` — SVD-free DCT projection re-chosen every step (only r indices stored).
 """
 
@@ -19,11 +19,17 @@ from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
 class GaLoreAdamW(LowRankAdamW):
     """``galore_torch.GaLoreAdamW`` with each projected step fused into one kernel call.
 
-    Differences, all deliberate: a rank above min(m, n) raises instead of being truncated,
-    proj_type must be "std", moments of projected weights are fp32 (galore-torch keeps them in the
-    gradient's dtype, nearest-rounded; ``state_dtype=torch.bfloat16`` stores them in bf16 with
-    stochastic rounding), and a failed SVD falls back (with a warning) instead of aborting.
-    ``no_deprecation_warning`` is accepted for signature compatibility and ignored.
+    Moments of projected weights take the weight's dtype, as galore-torch's (``state_dtype``
+    "auto"), so they never hold more memory than galore-torch's: fp32 weights → fp32 moments
+    (the same numbers as galore-torch), bf16 weights → bf16 moments, stored with stochastic
+    rounding where galore-torch rounds to nearest (which freezes V), fp16 weights → bf16 moments
+    (galore-torch: fp16, whose range R² under- and overflows). ``state_dtype=torch.float32``
+    keeps fp32 moments for any weight.
+
+    Other differences, all deliberate: a rank above min(m, n) raises instead of being truncated,
+    proj_type must be "std", unknown group keys raise, and a failed SVD falls back (with a
+    warning) instead of aborting. ``no_deprecation_warning`` is accepted for signature
+    compatibility and ignored.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3,
@@ -37,6 +43,12 @@ class GaLoreAdamW(LowRankAdamW):
 
 class QGaLoreAdamW(LowRankAdamW):
     """Q-GaLore: INT4 basis (``proj_bits=4``, groups of 256) refreshed lazily.
+
+    Defaults: lr 1e-3, betas (0.9, 0.95) (the Q-GaLore pretraining script's), ε 1e-6 (not
+    bias-corrected, as in every preset), weight decay 0, moments "auto" (bf16 with stochastic
+    rounding for INT8 codes and 16-bit weights). q-galore-torch's ``QGaLoreAdamW8bit`` defaults
+    differ (betas (0.9, 0.999), ε 1e-8 bias-corrected inside bitsandbytes' 8-bit Adam, weight
+    decay 1e-2, 8-bit moments): docs/optimizers.md lists them side by side, with the reasons.
 
     The basis (SVD by default) is quantized by ``ops.quantize_int4`` at each refresh and kept
     packed (two codes per byte) in the state; each step passes it, with its scales and zeros, to

@@ -54,6 +54,7 @@ a resumed run continues bit for bit.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -61,7 +62,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from lowrank_kernels import _extension, ops, reference
+from lowrank_kernels import _extension, distributed, ops, reference
 from lowrank_kernels.projection import make_projector, make_refresh_policy
 from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
@@ -149,6 +150,8 @@ class LowRankAdamW(torch.optim.Optimizer):
                                  f"{group['state_dtype']!r}")
             for i, p in enumerate(group["params"]):
                 name = self._name(group, i, p)
+                if distributed.is_sharded(p):
+                    distributed.check_sharded_param(p, name)
                 if p.dim() != 2:
                     raise ValueError(f"{name}: projected parameters must be 2-D weights, got "
                                      f"shape {list(p.shape)}; put it in a group without 'rank'")
@@ -246,6 +249,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         return lr_op, (wd * lr / lr_op if lr_op > 0 else wd)
 
     def _step_projected(self, p: torch.Tensor) -> None:
+        if distributed.is_sharded(p):  # FSDP2: state placement and collectives live there
+            distributed.step_sharded(self, p)
+            return
         grad, proj_args, hyper = self._prepare_projected(p)
         state = self.state[p]
         # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the weight
@@ -277,25 +283,32 @@ class LowRankAdamW(torch.optim.Optimizer):
         if proj_state.refresh_due(state, step_before, spec):
             proj_state.refresh_(state, grad, p, spec, step_before, self._name(group, index, p))
         state["step"] += 1
-        lr, wd = self._step_size(group, step_before + 1)
+        hyper = self._step_hyper(group, state, p, step_before + 1)
+        return grad.contiguous(), proj_state.step_args(state, spec), hyper
+
+    def _step_hyper(self, group: dict, state: dict, p: torch.Tensor, step: int) -> dict:
+        """The scalar (and INT8 quantization) arguments of the fused step at ``step``."""
+        lr, wd = self._step_size(group, step)
         beta1, beta2 = group["betas"]
         hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
-                     scale=group["scale"], step=step_before + 1,
-                     seed=int(state["proj_seed"]) % (2**31))
+                     scale=group["scale"], step=step, seed=int(state["proj_seed"]) % (2**31))
         if p.dtype == torch.uint8:
             # the weight's quantization parameters belong to the model; the step rewrites them
             hyper.update(param_scales=p.scales, param_zeros=p.zeros,
                          param_group_size=_int8_group_size(p))
-        return grad.contiguous(), proj_state.step_args(state, spec), hyper
+        return hyper
 
     @staticmethod
     def _init_projected_state(state: dict, p: torch.Tensor, spec: proj_state.ProjectionSpec,
                               group: dict, position: int) -> None:
         m, n = p.shape
         shape = ops.low_rank_shape(m, n, spec.rank)
+        # a DTensor's moments are DTensors placed with it (lowrank_kernels.distributed)
+        zeros = (distributed.moment_zeros(p) if distributed.is_sharded(p)
+                 else functools.partial(torch.zeros, device=p.device))
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(shape, dtype=group["state_dtype"], device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=group["state_dtype"], device=p.device)
+        state["exp_avg"] = zeros(shape, dtype=group["state_dtype"])
+        state["exp_avg_sq"] = zeros(shape, dtype=group["state_dtype"])
         proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
 
     @staticmethod
@@ -324,6 +337,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             spec = self._spec(group)
             self._init_projected_state(state, p, spec, group, position)
             proj_state.allocate_(state, p, spec)
+            if distributed.is_sharded(p):
+                distributed.shard_projection_(state, p)
         else:
             self._init_dense_state(state, p)
         return state

@@ -114,8 +114,7 @@ def measure_overlap(state: dict, new: torch.Tensor, m: int, n: int, spec: Projec
                     ) -> float | None:
     """The overlap of the stored projection with ``new``, or None when the policy does not
     measure it or no projection was computed yet."""
-    # proj may exist before the first refresh (zeros from allocate_); only a computed one counts
-    if not spec.policy.measures_overlap or int(state["proj_last_refresh"]) < 0:
+    if not overlap_due(state, spec):
         return None
     if spec.projector.kind == "indices":
         return index_overlap(state["proj"], new)
@@ -125,6 +124,12 @@ def measure_overlap(state: dict, new: torch.Tensor, m: int, n: int, spec: Projec
         # measure the subspace they span
         old = to_layout(torch.linalg.qr(columns_of(old, m, n)).Q, m, n)
     return subspace_overlap(old, new, m, n)
+
+
+def overlap_due(state: dict, spec: ProjectionSpec) -> bool:
+    """Whether a refresh now measures the overlap: the policy uses it and a computed projection
+    exists (proj may exist before the first refresh: zeros from allocate_)."""
+    return spec.policy.measures_overlap and int(state["proj_last_refresh"]) >= 0
 
 
 def install_(state: dict, new: torch.Tensor, param: torch.Tensor, spec: ProjectionSpec,

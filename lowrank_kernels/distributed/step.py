@@ -1,0 +1,185 @@
+"""One LowRankAdamW step of an FSDP2 weight: rows sharded, states placed as placement.py says.
+
+Notation: m×n weight, rank r, w ranks on the sharding dimension, rank k holding rows I_k
+(G_k = G[I_k], m_k = |I_k| rows, possibly 0) and, for left-side moments, columns J_k.
+
+Right side (m ≥ n, Q r×n replicated). R = G Qᵀ is computed row by row, so rank k steps its rows
+alone: R_k = G_k Qᵀ, its rows M_k, V_k of the moments, W_k ← W_k − α·scale·N_k Q. **No
+communication between refreshes.** When the shard is itself tall (m_k ≥ n) this is one
+``ops.fused_galore_step`` call on the local tensors. When it is not (the usual case: a 4096×4096
+weight on 8 ranks is 512×4096 per rank) the fused op would apply the LEFT side, because its side
+follows the shape it is given and it has no side argument; the step then runs
+``reference.fused_galore_step(..., right=True)`` (plain torch: two GEMMs, Adam on m_k×r, an
+m_k×n fp32 back-projection and one pass over W_k).
+
+Left side (m < n, P m×r sharded with the rows). R = Pᵀ G = Σ_k P_kᵀ G_k is a sum over ranks. Each
+rank computes its r×n partial product, a reduce-scatter by columns leaves rank k the sum on its
+columns J_k, Adam runs there on its r×|J_k| slice of M, V (Shard(1): the moments are sharded, not
+replicated), and an all-gather of N (r×n) lets every rank apply W_k ← W_k − α·scale·P_k N to its
+rows. Per step: one reduce-scatter and one all-gather of r×n fp32 (the bytes of one all-reduce,
+with M, V and the Adam arithmetic divided by w instead of replicated). The fused op cannot run
+this: it projects inside, and the sum over ranks must happen between the projection and Adam.
+
+Refreshes. Every rank holds the refresh counters, so every rank knows when a weight refreshes.
+- SVD, randomized SVD, and DCT of a left-side weight need the whole gradient: it is gathered on
+  one owner rank per weight (round-robin by the weight's position in the optimizer), which runs
+  the single-process projector on it (same function, same generator seed) and broadcasts the
+  fp32 basis (or the r indices); every rank then stores it as one process would (its rows of a
+  dense left basis, the whole of anything else).
+- DCT of a right-side weight: the scores are sums over rows of |G Cᵀ| (or its square for ℓ2),
+  so each rank scores its rows and one all-reduce of n floats gives every rank the same top-r.
+- Random projections read only the shape and the seeded generator: every rank draws the same
+  basis, no communication.
+- The lazy policy's overlap ‖P_oldᵀ P_new‖²_F/r needs one all-reduce of r×r for a dense left
+  basis (a sum over rows); replicated bases are measured locally, identically on every rank.
+
+bf16 moments are stored with stochastic rounding keyed by the shard-local element index, with the
+shard's first row (right) or column (left) mixed into the seed: unbiased as in one process, but
+not the same random draws (so not bit-identical to a one-process run; fp32 moments are).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank_kernels import ops, reference
+from lowrank_kernels.distributed.collectives import (
+    all_gather_columns,
+    all_reduce_sum_,
+    broadcast_,
+    gather_rows,
+    reduce_scatter_columns,
+)
+from lowrank_kernels.distributed.placement import (
+    ShardLayout,
+    is_sharded,
+    layout_of,
+    local_view,
+    place_projection_,
+)
+from lowrank_kernels.projection import state as proj_state
+from lowrank_kernels.projection.base import check_rank
+from lowrank_kernels.projection.dct import NORMS
+
+_SEED_MIX = 0x9E3779B1  # odd: shards starting at different rows get different rounding streams
+
+
+@torch.compiler.disable
+def step_sharded(optimizer, p: torch.Tensor) -> None:
+    """The projected step of DTensor parameter ``p`` of ``optimizer`` (a LowRankAdamW)."""
+    group, index, position = optimizer._locate(p)
+    name = optimizer._name(group, index, p)
+    grad = p.grad
+    if not is_sharded(grad) or tuple(grad.placements) != tuple(p.placements):
+        raise ValueError(f"gradient of {name}: expected a DTensor placed as its parameter "
+                         f"{tuple(p.placements)}, got {type(grad).__name__}")
+    spec = optimizer._spec(group)
+    layout = layout_of(p)
+    state = optimizer.state[p]
+    if not state:
+        optimizer._init_projected_state(state, p, spec, group, position)
+    step_before = int(state["step"])
+    param, grad = p.to_local(), grad.to_local().contiguous()
+    if proj_state.refresh_due(state, step_before, spec):
+        refresh_sharded_(state, grad, param, layout, spec, step_before, name,
+                         owner=position % layout.world)
+    state["step"] += 1
+    hyper = optimizer._step_hyper(group, state, p, step_before + 1)
+    _local_step(local_view(state), param, grad, layout, spec, hyper, optimizer.backend)
+
+
+def refresh_sharded_(state: dict, grad: torch.Tensor, param: torch.Tensor, layout: ShardLayout,
+                     spec: proj_state.ProjectionSpec, step_before: int, name: str, owner: int
+                     ) -> None:
+    """Recomputes the projection of a sharded weight (see the module docstring for who computes
+    what) and stores it in ``state`` as DTensors; ``grad``/``param`` are this rank's rows."""
+    check_rank(spec.rank, layout.m, layout.n, name)
+    view = local_view(state)
+    new = _new_projection(view, grad, layout, spec, name, owner)
+    overlap = _overlap(view, new, layout, spec)
+    proj_state.install_(view, new, param, spec, step_before, overlap)  # counters are shared
+    place_projection_(state, view, layout)
+
+
+def _new_projection(view: dict, grad: torch.Tensor, layout: ShardLayout,
+                    spec: proj_state.ProjectionSpec, name: str, owner: int) -> torch.Tensor:
+    """The projector's output for the whole gradient, identical on every rank."""
+    m, n = layout.m, layout.n
+    if spec.projector.kind == "indices" and layout.right:
+        norm = NORMS[spec.projector.norm]
+        scores = reference.dct_scores(grad, norm, right=True)  # this rank's rows; 0 if none
+        if norm == 2:
+            scores = scores.square()
+        all_reduce_sum_(scores, layout)
+        return reference.top_r_indices(scores.sqrt() if norm == 2 else scores, spec.rank)
+    if not spec.projector.needs_gradient:
+        # compute() reads only the shape and device: a stride-0 m×n view of one zero stands in
+        return proj_state.compute_projection(view, grad.new_zeros(()).expand(m, n), spec, name)
+    whole = gather_rows(grad, layout, owner)
+    buffer = spec.projector.empty(m, n, spec.rank, grad.device)
+    error = None
+    if whole is not None:
+        try:
+            buffer.copy_(proj_state.compute_projection(view, whole, spec, name))
+        except Exception as exc:  # noqa: BLE001  (any failure: the others wait in the broadcast)
+            error = exc
+            buffer.fill_(-1 if spec.projector.kind == "indices" else float("nan"))
+    broadcast_(buffer, layout, owner)
+    if error is not None:
+        raise error
+    failed = (buffer < 0).any() if spec.projector.kind == "indices" else ~buffer.isfinite().all()
+    if bool(failed):
+        raise RuntimeError(f"refresh of {name} failed on rank {owner} of its sharding group, "
+                           "which computes its projection (that rank raised the cause)")
+    return buffer
+
+
+def _overlap(view: dict, new: torch.Tensor, layout: ShardLayout,
+             spec: proj_state.ProjectionSpec) -> float | None:
+    if not proj_state.overlap_due(view, spec):
+        return None
+    if layout.right or not view["proj"].is_floating_point():
+        # a replicated basis: every rank measures the same overlap locally
+        return proj_state.measure_overlap(view, new, layout.m, layout.n, spec)
+    start, stop = layout.rows
+    gram = view["proj"].float().T @ new[start:stop]  # P_oldᵀ P_new is a sum over the rows
+    all_reduce_sum_(gram, layout)
+    return float(gram.square().sum()) / spec.rank
+
+
+def _local_step(view: dict, param: torch.Tensor, grad: torch.Tensor, layout: ShardLayout,
+                spec: proj_state.ProjectionSpec, hyper: dict, backend: str | None) -> None:
+    m, n = layout.m, layout.n
+    exp_avg, exp_avg_sq = view["exp_avg"], view["exp_avg_sq"]
+    if layout.right:
+        if param.shape[0] == 0:
+            return
+        hyper = dict(hyper, seed=_shard_seed(hyper["seed"], layout.rows[0]))
+        if reference.is_right_side(*param.shape):
+            ops.fused_galore_step(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                                  **proj_state.step_args(view, spec), **hyper, backend=backend)
+        else:
+            reference.fused_galore_step(param, grad, proj_state.dense_basis(view, m, n, spec),
+                                        exp_avg, exp_avg_sq, **hyper, right=True)
+        return
+    start, stop = layout.rows
+    basis = (view["proj"] if view["proj"].is_floating_point()
+             else proj_state.dense_basis(view, m, n, spec)[start:stop])
+    low_rank = reduce_scatter_columns(reference.project(grad, basis, right=False), layout)
+    exp_avg32, exp_avg_sq32 = exp_avg.float(), exp_avg_sq.float()
+    normalized = reference.adam_normalized(low_rank, exp_avg32, exp_avg_sq32, hyper["beta1"],
+                                           hyper["beta2"], hyper["eps"])
+    seed = _shard_seed(hyper["seed"], layout.columns[0])
+    reference.store_moments_(exp_avg, exp_avg_sq, exp_avg32, exp_avg_sq32,
+                             reference.rounding_philox_seed(seed, hyper["step"]))
+    normalized = all_gather_columns(normalized, layout)
+    if stop > start:
+        reference.galore_update_(param, normalized, basis, lr=hyper["lr"], beta1=hyper["beta1"],
+                                 beta2=hyper["beta2"], weight_decay=hyper["weight_decay"],
+                                 scale=hyper["scale"], step=hyper["step"], right=False)
+
+
+def _shard_seed(seed: int, first: int) -> int:
+    """The stochastic-rounding seed of a shard whose first row/column is ``first`` (0: the
+    one-process seed)."""
+    return (seed + first * _SEED_MIX) % (2**31)

@@ -1,0 +1,202 @@
+"""Multi-process workers of tests/test_distributed.py (CPU, gloo), importable by spawned ranks.
+
+One tiny model covers every case the sharded step distinguishes, on 2 ranks:
+
+=========  =======  ========  ===============================================================
+weight     shape    side      rows per rank (FSDP2)
+=========  =======  ========  ===============================================================
+a.weight   41×16    right     21 / 20: uneven, each shard tall (m_k ≥ n): the fused op
+b.weight   25×41    left      13 / 12 rows, moments' 41 columns 21 / 20: uneven both ways
+c.weight   27×25    right     14 / 13: uneven, shards wide (m_k < n): the reference step
+d.weight   1×27     left      1 / 0: rank 1 holds an empty shard (rank 1 projection)
+biases     1-D      dense     AdamW on DTensor shards
+=========  =======  ========  ===============================================================
+
+The global batch is the same for every run; rank k of w takes rows k::w, and FSDP2/DDP average
+the gradients, so a sharded run and a one-process run see the same gradient up to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+BATCH = 8
+STEPS = 4
+GAP = 2  # refreshes at steps 0 and 2 (DCT: every step)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(16, 41)
+        self.b = torch.nn.Linear(41, 25)
+        self.c = torch.nn.Linear(25, 27)
+        self.d = torch.nn.Linear(27, 1, bias=False)
+
+    def forward(self, x):
+        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+def build_model() -> Net:
+    torch.manual_seed(0)
+    return Net()
+
+
+def data(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of the global batch of ``step``."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 16, generator=g)
+    y = torch.randn(BATCH, 1, generator=g)
+    return x[rank::world], y[rank::world]
+
+
+def param_groups(model: torch.nn.Module, **keys) -> list[dict]:
+    named = dict(model.named_parameters())
+    wide = ["a.weight", "b.weight", "c.weight"]
+    dense = [n for n in named if n.endswith("bias")]
+    return [{"params": [named[n] for n in wide], "names": wide, "rank": 4, **keys},
+            {"params": [named["d.weight"]], "names": ["d.weight"], "rank": 1, **keys},
+            {"params": [named[n] for n in dense], "names": dense}]
+
+
+def make_optimizer(config: str, model: torch.nn.Module):
+    from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAdamW
+
+    if config == "galore":
+        return GaLoreAdamW(param_groups(model, update_proj_gap=GAP, scale=0.25), lr=0.02,
+                           weight_decay=0.1)
+    if config == "dct":
+        return DCTAdamW(param_groups(model, scale=0.25), lr=0.02, weight_decay=0.1)
+    if config == "qgalore":
+        return QGaLoreAdamW(param_groups(model, update_proj_gap=GAP, proj_group_size=16),
+                            lr=0.02)
+    if config == "lazy_svd":  # a dense left basis under the lazy policy: sharded overlap
+        return LowRankAdamW(param_groups(model, update_proj_gap=1), lr=0.02, refresh="lazy",
+                            refresh_threshold=0.5)
+    if config == "random":
+        return LowRankAdamW(param_groups(model, update_proj_gap=GAP), lr=0.02,
+                            projection="random", seed=3)
+    if config == "rsvd":
+        return LowRankAdamW(param_groups(model, update_proj_gap=GAP), lr=0.02,
+                            projection="rsvd", dense_adamw="galore")
+    raise ValueError(config)
+
+
+CONFIGS = ("galore", "dct", "qgalore", "lazy_svd", "random", "rsvd")
+
+
+def loss_of(model, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    x, y = data(step, rank, world)
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: full(p) for n, p in model.named_parameters()}
+
+
+def state_snapshot(model: torch.nn.Module, optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    out = {}
+    for n, p in model.named_parameters():
+        out[n] = {k: full(v) for k, v in optimizer.state[p].items()}
+    return out
+
+
+def train_single(config: str, steps: int = STEPS, grads: list[dict] | None = None
+                 ) -> tuple[list[dict], object, Net]:
+    """The one-process run: parameters after every step. With ``grads`` (whole gradients per
+    step, recorded in a sharded run) it replays them instead of running backward."""
+    model = build_model()
+    optimizer = make_optimizer(config, model)
+    trajectory = []
+    for step in range(steps):
+        if grads is None:
+            loss_of(model, step).backward()
+        else:
+            for n, p in model.named_parameters():
+                p.grad = grads[step][n].clone()
+        optimizer.step()
+        optimizer.zero_grad()
+        trajectory.append(snapshot(model))
+    return trajectory, optimizer, model
+
+
+def fsdp_model(world: int) -> Net:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = build_model()
+    for layer in (model.a, model.b, model.c, model.d):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# launching
+# --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn, world: int, *args) -> None:
+    """Runs ``fn(rank, world, *args)`` on ``world`` spawned gloo ranks (raises if one fails)."""
+    # fork: the ranks inherit the imported torch and lowrank_kernels (importing them again in
+    # each spawned rank costs seconds on a loaded 2-core CI machine)
+    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True,
+                       start_method="fork")
+
+
+# --------------------------------------------------------------------------------------------
+# scenarios (rank 0 saves what the test compares into ``out``)
+# --------------------------------------------------------------------------------------------
+def fsdp_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) -> None:
+    from lowrank_kernels.distributed import CommCounter
+
+    results = {}
+    for config in configs:
+        model = fsdp_model(world)
+        optimizer = make_optimizer(config, model)
+        trajectory, grads, comm = [], [], []
+        for step in range(STEPS):
+            loss_of(model, step, rank, world).backward()
+            grads.append({n: full(p.grad) for n, p in model.named_parameters()})
+            with CommCounter() as counter:
+                optimizer.step()
+            optimizer.zero_grad()
+            trajectory.append(snapshot(model))
+            comm.append([(c.op, c.size) for c in counter.calls])
+        results[config] = {"trajectory": trajectory, "grads": grads, "comm": comm,
+                           "state": state_snapshot(model, optimizer)}
+    if rank == 0:
+        torch.save(results, Path(out) / "fsdp.pt")

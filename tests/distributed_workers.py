@@ -200,3 +200,84 @@ def fsdp_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) -> None
                            "state": state_snapshot(model, optimizer)}
     if rank == 0:
         torch.save(results, Path(out) / "fsdp.pt")
+
+
+def ddp_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) -> None:
+    """DDP: the trajectory, and every rank's parameters and states bit for bit (rank 0 stores
+    whether all ranks agree)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    results = {}
+    for config in configs:
+        model = DistributedDataParallel(build_model())
+        optimizer = make_optimizer(config, model.module)
+        trajectory = []
+        for step in range(STEPS):
+            loss_of(model, step, rank, world).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            trajectory.append(snapshot(model.module))
+        flat = torch.cat([t.flatten().double() for s in state_snapshot(model.module, optimizer)
+                          .values() for t in s.values()] +
+                         [p.detach().flatten().double() for p in model.parameters()])
+        flat = flat.view(torch.int64)  # bits: NaN (an unmeasured overlap) equals itself
+        every = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(every, flat)
+        results[config] = {"trajectory": trajectory,
+                           "ranks_identical": all(torch.equal(every[0], e) for e in every)}
+    if rank == 0:
+        torch.save(results, Path(out) / "ddp.pt")
+
+
+ACCUMULATION = 2
+MAX_GRAD_NORM = 0.05  # small enough to clip
+
+
+def train_accumulating_single(config: str, steps: int = STEPS) -> list[dict]:
+    """One process, ordinary training: ACCUMULATION micro-batches per step (the loss scaled by
+    1/ACCUMULATION), each parameter's gradient clipped by its own norm, then step()."""
+    model = build_model()
+    optimizer = make_optimizer(config, model)
+    trajectory = []
+    for step in range(steps):
+        for micro in range(ACCUMULATION):
+            (loss_of(model, ACCUMULATION * step + micro) / ACCUMULATION).backward()
+        for p in model.parameters():
+            torch.nn.utils.clip_grad_norm_([p], MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+        trajectory.append(snapshot(model))
+    return trajectory
+
+
+def layerwise_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) -> None:
+    """layerwise(...) with accumulation and clipping under FSDP2, DDP and DDP with no_sync()."""
+    import contextlib
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lowrank_kernels.optim import layerwise
+
+    results = {}
+    for config in configs:
+        for wrapper in ("fsdp", "ddp", "ddp_no_sync"):
+            model = (fsdp_model(world) if wrapper == "fsdp"
+                     else DistributedDataParallel(build_model()))
+            inner = model if wrapper == "fsdp" else model.module
+            trainer = layerwise(model, lambda m, inner=inner: make_optimizer(config, inner),
+                                accumulation_steps=ACCUMULATION, max_grad_norm=MAX_GRAD_NORM)
+            trajectory = []
+            for step in range(STEPS):
+                for micro in range(ACCUMULATION):
+                    last = micro == ACCUMULATION - 1
+                    sync = (model.no_sync() if wrapper == "ddp_no_sync" and not last
+                            else contextlib.nullcontext())
+                    with sync:
+                        loss = loss_of(model, ACCUMULATION * step + micro, rank, world)
+                        (loss / ACCUMULATION).backward()
+                trajectory.append(snapshot(inner))
+            results[(config, wrapper)] = {"trajectory": trajectory,
+                                          "steps": trainer.optimizer_steps}
+            trainer.remove()
+    if rank == 0:
+        torch.save(results, Path(out) / "layerwise.pt")

@@ -6,7 +6,8 @@
   model's parameters.
 - DDP: gradients are all-reduced before ``step()``, every rank holds every parameter, and every
   refresh is a deterministic function of the gradient and of counters all ranks share, so the
-  optimizer runs unchanged and the ranks stay identical.
+  optimizer runs unchanged and the ranks stay identical. Layer-wise stepping under DDP and the
+  gradients of INT8 weights (which DDP does not see): :mod:`.ddp`.
 - Checkpoints: :mod:`.checkpoint` (``torch.distributed.checkpoint`` with resharding).
 - :class:`CommCounter` counts the collectives (and their bytes) a region of code issues.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from lowrank_kernels.distributed.counting import CommCounter
+from lowrank_kernels.distributed.ddp import DDPLayerwiseSteps, average_int8_grads
 from lowrank_kernels.distributed.placement import (
     check_sharded_param,
     is_sharded,
@@ -39,5 +41,5 @@ def shard_projection_(state: dict, p: torch.Tensor) -> None:
     place_projection_(state, dict(state), layout_of(p))
 
 
-__all__ = ["CommCounter", "check_sharded_param", "is_sharded", "moment_zeros",
+__all__ = ["CommCounter", "DDPLayerwiseSteps", "average_int8_grads", "check_sharded_param", "is_sharded", "moment_zeros",
            "shard_projection_", "step_sharded"]

@@ -32,10 +32,10 @@ parameter joins the optimizer.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import reference
 
@@ -131,14 +131,14 @@ class ShardLayout:
         return self.wrap(torch.zeros(local, dtype=dtype, device=self.device), kind, tuple(shape))
 
 
-_LAYOUTS: dict[int, tuple[weakref.ref, ShardLayout]] = {}  # id(param) -> (param, its layout)
+_LAYOUTS = WeakIdKeyDictionary()  # param -> its ShardLayout
 
 
 def layout_of(p: DTensor) -> ShardLayout:
     """The parameter's ShardLayout (cached per parameter object)."""
-    cached = _LAYOUTS.get(id(p))
-    if cached is not None and cached[0]() is p:
-        return cached[1]
+    layout = _LAYOUTS.get(p)
+    if layout is not None:
+        return layout
     dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
     layout = ShardLayout(p.device_mesh, tuple(p.placements), dims[0] if dims else None,
                          p.to_local().device, *p.shape)
@@ -147,8 +147,7 @@ def layout_of(p: DTensor) -> ShardLayout:
         raise RuntimeError(f"a {p.shape[0]}-row DTensor holds {p.to_local().shape[0]} rows on "
                            f"rank {layout.rank} of {layout.world}; expected torch.chunk's "
                            f"{stop - start} (rows [{start}, {stop}))")
-    key = id(p)
-    _LAYOUTS[key] = (weakref.ref(p, lambda _: _LAYOUTS.pop(key, None)), layout)
+    _LAYOUTS[p] = layout
     return layout
 
 

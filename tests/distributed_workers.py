@@ -1,16 +1,22 @@
 """Multi-process workers of tests/test_distributed.py (CPU, gloo), importable by spawned ranks.
 
-One tiny model covers every case the sharded step distinguishes, on 2 ranks:
+One tiny model covers every case the sharded step distinguishes, on 2 ranks, under FSDP2's
+default placement (dim 0) and under ``lowrank_shard_placement`` ("long": left-side weights with
+an even n on dim 1):
 
-=========  =======  ========  ===============================================================
-weight     shape    side      rows per rank (FSDP2)
-=========  =======  ========  ===============================================================
-a.weight   41×16    right     21 / 20: uneven, each shard tall (m_k ≥ n): the fused op
-b.weight   25×41    left      13 / 12 rows, moments' 41 columns 21 / 20: uneven both ways
-c.weight   27×25    right     14 / 13: uneven, shards wide (m_k < n): the reference step
-d.weight   1×27     left      1 / 0: rank 1 holds an empty shard (rank 1 projection)
-biases     1-D      dense     AdamW on DTensor shards
-=========  =======  ========  ===============================================================
+=========  =====  =====  ===========================================  =========================
+weight     shape  side   dim 0 (default)                              "long" placement
+=========  =====  =====  ===========================================  =========================
+a.weight   41×16  right  rows 21 / 20, uneven; shards tall (m_k ≥ n):  (same)
+                         the fused op
+b.weight   25×41  left   rows 13 / 12; moments' columns 21 / 20:      (same: 41 is odd)
+                         reduce-scatter + all-gather, uneven both
+c.weight   27×25  right  rows 14 / 13, wide (m_k < n): reference      (same)
+e.weight   20×26  left   rows 10 / 10: reduce-scatter + all-gather    columns 13 / 13, shards
+                                                                      tall: reference step
+d.weight   1×20   left   rows 1 / 0: rank 1 holds an EMPTY shard      columns 10 / 10: fused op
+biases     1-D    dense  AdamW on DTensor shards
+=========  =====  =====  ===========================================  =========================
 
 The global batch is the same for every run; rank k of w takes rows k::w, and FSDP2/DDP average
 the gradients, so a sharded run and a one-process run see the same gradient up to rounding.
@@ -39,10 +45,15 @@ class Net(torch.nn.Module):
         self.a = torch.nn.Linear(16, 41)
         self.b = torch.nn.Linear(41, 25)
         self.c = torch.nn.Linear(25, 27)
-        self.d = torch.nn.Linear(27, 1, bias=False)
+        self.e = torch.nn.Linear(26, 20)
+        self.d = torch.nn.Linear(20, 1, bias=False)
 
     def forward(self, x):
-        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+        h = torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x))))))
+        return self.d(torch.tanh(self.e(h[:, :26])))
+
+
+LAYERS = ("a", "b", "c", "e", "d")
 
 
 def build_model() -> Net:
@@ -60,7 +71,7 @@ def data(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.
 
 def param_groups(model: torch.nn.Module, **keys) -> list[dict]:
     named = dict(model.named_parameters())
-    wide = ["a.weight", "b.weight", "c.weight"]
+    wide = ["a.weight", "b.weight", "c.weight", "e.weight"]
     dense = [n for n in named if n.endswith("bias")]
     return [{"params": [named[n] for n in wide], "names": wide, "rank": 4, **keys},
             {"params": [named["d.weight"]], "names": ["d.weight"], "rank": 1, **keys},
@@ -134,16 +145,30 @@ def train_single(config: str, steps: int = STEPS, grads: list[dict] | None = Non
     return trajectory, optimizer, model
 
 
-def fsdp_model(world: int) -> Net:
+def fsdp_model(world: int, placement: str = "default") -> Net:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from lowrank_kernels.distributed import lowrank_shard_placement
+
     mesh = init_device_mesh("cpu", (world,))
+    fn = lowrank_shard_placement(mesh) if placement == "long" else None
     model = build_model()
-    for layer in (model.a, model.b, model.c, model.d):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for name in LAYERS:
+        fully_shard(getattr(model, name), mesh=mesh, shard_placement_fn=fn)
+    fully_shard(model, mesh=mesh, shard_placement_fn=fn)
     return model
+
+
+def placements(model: torch.nn.Module, optimizer) -> dict[str, dict[str, str]]:
+    """{param: {state key: "Shard(dim=0)" / "Replicate()" / "tensor"}} and the param's own."""
+    from torch.distributed.tensor import DTensor
+
+    def describe(t):
+        return ",".join(map(str, t.placements)) if isinstance(t, DTensor) else "tensor"
+
+    return {n: {"param": describe(p), **{k: describe(v) for k, v in optimizer.state[p].items()}}
+            for n, p in model.named_parameters()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,24 +205,43 @@ def launch(fn, world: int, *args) -> None:
 # --------------------------------------------------------------------------------------------
 # scenarios (rank 0 saves what the test compares into ``out``)
 # --------------------------------------------------------------------------------------------
-def fsdp_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) -> None:
+PER_WEIGHT = ("galore", "dct")  # stepped weight by weight, each step_parameter counted alone
+
+
+def fsdp_runs(rank: int, world: int, out: str, runs: tuple[tuple[str, str], ...]) -> None:
+    """For each (config, placement): parameters after every step, the whole gradients each step
+    consumed, the optimizer's collectives per step (per weight for PER_WEIGHT configs, whose
+    steps go through step_parameter; the others through step()), final states, placements."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
     from lowrank_kernels.distributed import CommCounter
 
     results = {}
-    for config in configs:
-        model = fsdp_model(world)
+    for config, placement in runs:
+        model = fsdp_model(world, placement)
         optimizer = make_optimizer(config, model)
-        trajectory, grads, comm = [], [], []
+        trajectory, grads, comm, debug_counts = [], [], [], []
         for step in range(STEPS):
             loss_of(model, step, rank, world).backward()
             grads.append({n: full(p.grad) for n, p in model.named_parameters()})
-            with CommCounter() as counter:
-                optimizer.step()
+            calls = {}
+            with CommDebugMode() as debug:
+                if config in PER_WEIGHT:
+                    for n, p in model.named_parameters():
+                        with CommCounter() as counter:
+                            optimizer.step_parameter(p)
+                        calls[n] = [(c.op, c.size) for c in counter.calls]
+                else:
+                    with CommCounter() as counter:
+                        optimizer.step()
+                    calls["all"] = [(c.op, c.size) for c in counter.calls]
             optimizer.zero_grad()
             trajectory.append(snapshot(model))
-            comm.append([(c.op, c.size) for c in counter.calls])
-        results[config] = {"trajectory": trajectory, "grads": grads, "comm": comm,
-                           "state": state_snapshot(model, optimizer)}
+            comm.append(calls)
+            debug_counts.append(debug.get_total_counts())
+        results[(config, placement)] = {
+            "trajectory": trajectory, "grads": grads, "comm": comm, "debug_counts": debug_counts,
+            "state": state_snapshot(model, optimizer), "placements": placements(model, optimizer)}
     if rank == 0:
         torch.save(results, Path(out) / "fsdp.pt")
 

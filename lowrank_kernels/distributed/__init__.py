@@ -3,7 +3,8 @@
 - FSDP2 (``torch.distributed.fsdp.fully_shard``): a projected DTensor weight takes the sharded
   step of :mod:`lowrank_kernels.distributed.step` (state placement: :mod:`.placement`;
   collectives: :mod:`.collectives`). Nothing to configure: build the optimizer on the sharded
-  model's parameters.
+  model's parameters. ``fully_shard(..., shard_placement_fn=lowrank_shard_placement(mesh))``
+  shards left-side weights on dim 1, which removes their per-step all-reduce.
 - DDP: gradients are all-reduced before ``step()``, every rank holds every parameter, and every
   refresh is a deterministic function of the gradient and of counters all ranks share, so the
   optimizer runs unchanged and the ranks stay identical. Layer-wise stepping under DDP and the
@@ -24,6 +25,7 @@ from lowrank_kernels.distributed.placement import (
     check_sharded_param,
     is_sharded,
     layout_of,
+    lowrank_shard_placement,
     moment_zeros_for,
     place_projection_,
 )
@@ -41,5 +43,6 @@ def shard_projection_(state: dict, p: torch.Tensor) -> None:
     place_projection_(state, dict(state), layout_of(p))
 
 
-__all__ = ["CommCounter", "DDPLayerwiseSteps", "average_int8_grads", "check_sharded_param", "is_sharded", "moment_zeros",
-           "shard_projection_", "step_sharded"]
+__all__ = ["CommCounter", "DDPLayerwiseSteps", "average_int8_grads", "check_sharded_param",
+           "is_sharded", "lowrank_shard_placement", "moment_zeros", "shard_projection_",
+           "step_sharded"]

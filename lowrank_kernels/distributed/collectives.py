@@ -1,22 +1,24 @@
-"""The optimizer's own collectives, on the process group that shards one weight's rows.
+"""The optimizer's own collectives, on the process group that shards one weight.
 
-Uneven shards are padded to torch.chunk's chunk size c = ceil(size/w) so that every rank hands
-the collective a buffer of the same size (what NCCL and gloo require); the padding is dropped
-on return. Sizes below are the buffers' (w ranks, fp32 unless said otherwise):
+Tensors are 2-D and split along one dimension ``dim`` in torch.chunk's chunks (c = ceil(size/w)
+for w ranks). Collectives need equal buffers on every rank, so a chunk is zero-padded to c along
+``dim`` (and, for dim 1, transposed so that the buffer is contiguous); the padding is dropped on
+return. Buffers per rank (fp32 unless said otherwise):
 
-======================  =====================================  ================================
-function                used for                               buffer per rank
-======================  =====================================  ================================
-all_reduce_sum_         DCT scores (right side), lazy-refresh  n floats; r×r floats
-                        overlap of a sharded left basis
-reduce_scatter_columns  R = Pᵀ G of a left-side weight         in: w·ceil(n/w)×r, out: 1/w
-all_gather_columns      N of a left-side weight                in: ceil(n/w)×r, out: w×
-gather_rows             a refresh that needs the whole G       ceil(m/w)×n in G's dtype
-                        (SVD, randomized SVD, DCT left side)   (the owner receives w×)
-broadcast_              the new basis from the owner           r×n or m×r, or r int32
-======================  =====================================  ================================
+======================  ========================================  ==========================
+function                used for                                  buffer per rank
+======================  ========================================  ==========================
+all_reduce_sum_         DCT scores (n or m floats), lazy-refresh  the tensor
+                        overlap of a sharded dense basis (r×r)
+reduce_scatter_along    R of a weight sharded on its basis side   in: w·c×r, out: c×r
+all_gather_along        N of such a weight                        in: c×r, out: w·c×r
+gather_along            a refresh that needs the whole gradient   c×(other side), G's dtype
+                        (SVD, randomized SVD, DCT of a weight     (the owner receives w of
+                        sharded on its basis side)                them)
+broadcast_              the new basis from the owner              r×n or m×r fp32, r int32
+======================  ========================================  ==========================
 
-With one rank on the sharding dimension (a mesh replicated everywhere) they return at once.
+With one rank on the sharding dimension (a replicated DTensor) they return at once.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lowrank_kernels.distributed.placement import ShardLayout
+from lowrank_kernels.distributed.placement import ShardLayout, chunk_range
 
 
-def _padded(local: torch.Tensor, rows: int) -> torch.Tensor:
-    """``local`` (k×d, k ≤ rows) as a contiguous rows×d buffer, zero-padded below."""
-    if local.shape[0] == rows and local.is_contiguous():
-        return local
-    out = local.new_zeros((rows, *local.shape[1:]))
-    out[:local.shape[0]] = local
+def _padded_front(local: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+    """``local`` with ``dim`` moved to the front, as a contiguous buffer zero-padded to ``rows``
+    along it."""
+    front = local.movedim(dim, 0)
+    if front.shape[0] == rows and front.is_contiguous():
+        return front
+    out = front.new_zeros((rows, *front.shape[1:]))
+    out[:front.shape[0]] = front
     return out
 
 
@@ -49,37 +53,41 @@ def broadcast_(t: torch.Tensor, layout: ShardLayout, owner: int) -> torch.Tensor
     return t
 
 
-def gather_rows(local: torch.Tensor, layout: ShardLayout, owner: int) -> torch.Tensor | None:
-    """The whole m×n tensor on rank ``owner`` from every rank's rows; None on the others."""
+def gather_along(local: torch.Tensor, dim: int, size: int, layout: ShardLayout, owner: int
+                 ) -> torch.Tensor | None:
+    """The whole tensor (``size`` along ``dim``) on rank ``owner`` from every rank's chunk;
+    None on the others."""
     if layout.world == 1:
         return local
-    chunk = -(-layout.m // layout.world)
-    buffer = _padded(local, chunk)
-    pieces = [torch.empty_like(buffer) for _ in range(layout.world)] if (
-        layout.rank == owner) else None
+    chunk = -(-size // layout.world)
+    buffer = _padded_front(local, dim, chunk)
+    pieces = ([torch.empty_like(buffer) for _ in range(layout.world)]
+              if layout.rank == owner else None)
     dist.gather(buffer, pieces, group=layout.group, group_dst=owner)
-    return torch.cat(pieces)[:layout.m] if pieces is not None else None
+    return torch.cat(pieces)[:size].movedim(0, dim).contiguous() if pieces is not None else None
 
 
-def reduce_scatter_columns(partial: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
-    """Σ over ranks of ``partial`` (r×n), this rank's columns of it (r×n_k, a transposed view:
-    columns of a row-major matrix are not contiguous, so the buffers hold the transpose)."""
+def reduce_scatter_along(partial: torch.Tensor, dim: int, layout: ShardLayout) -> torch.Tensor:
+    """The sum over ranks of ``partial``, this rank's chunk of it along ``dim`` (a view)."""
     if layout.world == 1:
         return partial
-    chunk = -(-layout.n // layout.world)
-    buffer = _padded(partial.T, chunk * layout.world)
-    out = partial.new_empty((chunk, partial.shape[0]))
+    size = partial.shape[dim]
+    chunk = -(-size // layout.world)
+    buffer = _padded_front(partial, dim, chunk * layout.world)
+    out = buffer.new_empty((chunk, *buffer.shape[1:]))
     dist.reduce_scatter_single(out, buffer, op=dist.ReduceOp.SUM, group=layout.group)
-    start, stop = layout.columns
-    return out[:stop - start].T
+    start, stop = chunk_range(size, layout.world, layout.rank)
+    return out[:stop - start].movedim(0, dim)
 
 
-def all_gather_columns(local: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
-    """The r×n matrix whose columns ranks hold as r×n_k pieces (a transposed view)."""
+def all_gather_along(local: torch.Tensor, dim: int, size: int, layout: ShardLayout
+                     ) -> torch.Tensor:
+    """The whole tensor (``size`` along ``dim``) from every rank's chunk, on every rank (a
+    view)."""
     if layout.world == 1:
         return local
-    chunk = -(-layout.n // layout.world)
-    buffer = _padded(local.T, chunk)
-    out = local.new_empty((chunk * layout.world, local.shape[0]))
+    chunk = -(-size // layout.world)
+    buffer = _padded_front(local, dim, chunk)
+    out = buffer.new_empty((chunk * layout.world, *buffer.shape[1:]))
     dist.all_gather_single(out, buffer, group=layout.group)
-    return out[:layout.n].T
+    return out[:size].movedim(0, dim)

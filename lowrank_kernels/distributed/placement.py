@@ -1,32 +1,36 @@
 """Where the optimizer state of an FSDP2 parameter lives, and the local view a step works on.
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``) holds each parameter as a DTensor sharded on dim 0:
-with w ranks on the sharding mesh dimension, rank k holds rows [k·c, min((k+1)·c, m)) of an m×n
-weight, c = ceil(m/w) (``torch.chunk``'s rule: the last ranks may hold fewer rows, or none).
-LowRankAdamW places the state of such a weight (rank r) so that every step touches only local
-data except where the maths sums over the sharded rows:
+FSDP2 (``torch.distributed.fsdp.fully_shard``) holds each parameter as a DTensor sharded on one
+dimension: dim 0 (rows) by default, dim 1 (columns) where ``shard_placement_fn`` says so
+(:func:`lowrank_shard_placement` does for left-side weights). With w ranks on the sharding mesh
+dimension, rank k holds the k-th chunk of c = ceil(size/w) rows or columns (``torch.chunk``'s
+rule: the last ranks may hold fewer, or none; FSDP2 only allows dim 1 when w divides n).
 
-=================  ========================  ===================================================
-state              right side (m ≥ n)        left side (m < n)
-=================  ========================  ===================================================
-exp_avg, _sq       m×r, Shard(0): the rows   r×n, Shard(1): c' = ceil(n/w) columns per rank
-                   of the weight's shard     (R = Pᵀ G is a sum over rows: reduce-scattered
-                                             by columns, so Adam runs on 1/w of it per rank)
-proj (dense)       r×n, Replicate            m×r, Shard(0): the rows of the weight's shard
-proj (INT4)        packed, Replicate         packed, Replicate (quantization groups of 256
-                                             row-major elements straddle the row shards; the
-                                             packed basis is 1/8 of an fp32 one)
-proj (DCT)         r int32, Replicate        r int32, Replicate
-proj_scales/zeros  Replicate                 Replicate
-step, proj_* ints  0-d tensors, equal on every rank (plain tensors, as torch keeps ``step``)
-=================  ========================  ===================================================
+A weight's step needs a sum over ranks exactly when the sharded dimension is the one its basis
+spans (its short side: n on the right, m on the left), because the projection R sums over it.
+The state is placed accordingly (r = rank, "like W" = sharded on the weight's dimension):
 
-Every non-scalar state tensor is a DTensor on the parameter's mesh, so
-``torch.distributed.checkpoint`` saves each shard once and reloads it onto any number of ranks
-(``get_optimizer_state_dict``/``set_optimizer_state_dict``). A mesh with more dimensions (HSDP:
-``(Replicate(), Shard(0))``) is handled along its sharding dimension; the other dimensions stay
-replicated. Any other placement (tensor parallelism's Shard(1), ...) is refused when the
-parameter joins the optimizer.
+====================  =======================  ================================================
+state                 right side (m ≥ n)       left side (m < n)
+====================  =======================  ================================================
+exp_avg, exp_avg_sq   m×r, Shard(0) (rows)     r×n, Shard(1) (columns)
+proj (dense)          r×n: Replicate if W is   m×r: Replicate if W is Shard(1),
+                      Shard(0), like W (Shard  like W (Shard(0)) if W is Shard(0)
+                      (1)) if W is Shard(1)
+proj (INT4 packed),   Replicate                Replicate (INT4 groups of 256 row-major
+DCT indices, scales                            elements straddle shards; the packed basis is
+                                               1/8 of an fp32 one, indices r int32)
+step, proj_* counters 0-d tensors, equal on every rank (plain tensors, as torch keeps ``step``)
+====================  =======================  ================================================
+
+The moments follow the long side whatever W's sharding: when W is sharded on that side they are
+the rows/columns of its shard; when W is sharded on the short side, R is reduce-scattered along
+the long side so that Adam runs on 1/w of it per rank (placement.py's neighbour step.py says
+how). Every non-scalar state tensor is a DTensor on the parameter's mesh, so
+``torch.distributed.checkpoint`` saves each shard once and reloads it onto any number of ranks.
+A mesh with more dimensions (HSDP: ``(Replicate(), Shard(0))``) is handled along its sharding
+dimension; any other placement (tensor parallelism, ...) is refused when the parameter joins the
+optimizer.
 """
 
 from __future__ import annotations
@@ -38,8 +42,6 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_kernels import reference
-
-ROWS, COLUMNS, REPLICATE = "rows", "columns", "replicate"
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -60,15 +62,16 @@ def check_sharded_param(p: DTensor, name: str) -> None:
     if p.dtype == torch.uint8:
         raise ValueError(
             f"{name}: INT8 weight codes cannot be sharded by FSDP2: their quantization groups "
-            "(256 consecutive row-major elements) straddle the row shards and fully_shard drops "
-            "the codes' scales/zeros attributes. Keep INT8 weights out of fully_shard (DDP "
-            "replicates them and is supported) or train this weight in a float dtype")
-    shards = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+            "(256 consecutive row-major elements) straddle the shards and fully_shard drops the "
+            "codes' scales/zeros attributes. Keep INT8 weights out of fully_shard (DDP "
+            "replicates them: see lowrank_kernels.distributed.average_int8_grads) or train this "
+            "weight in a float dtype")
+    shards = [pl for pl in p.placements if isinstance(pl, Shard)]
     others = [pl for pl in p.placements if not isinstance(pl, (Shard, Replicate))]
-    if others or len(shards) > 1 or (shards and p.placements[shards[0]].dim != 0):
-        raise ValueError(f"{name}: expected a DTensor sharded on dim 0 (FSDP2's fully_shard, "
-                         f"optionally replicated on other mesh dims), got placements "
-                         f"{tuple(p.placements)}")
+    if others or len(shards) > 1 or (shards and shards[0].dim not in (0, 1)):
+        raise ValueError(f"{name}: expected a DTensor sharded on dim 0 or 1 over one mesh "
+                         f"dimension (FSDP2's fully_shard, optionally replicated on others), got "
+                         f"placements {tuple(p.placements)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,8 @@ class ShardLayout:
 
     mesh: object  # DeviceMesh
     placements: tuple  # the parameter's
-    mesh_dim: int | None  # the mesh dimension that shards rows; None: replicated everywhere
+    mesh_dim: int | None  # the mesh dimension that shards the weight; None: replicated
+    dim: int  # the weight's sharded dimension (0 when replicated)
     device: torch.device  # of the local tensors
     m: int
     n: int
@@ -85,6 +89,16 @@ class ShardLayout:
     @property
     def right(self) -> bool:
         return reference.is_right_side(self.m, self.n)
+
+    @property
+    def sums(self) -> bool:
+        """Whether the sharded dimension is the basis' (n right, m left): R = sum over ranks."""
+        return self.mesh_dim is not None and self.dim == (1 if self.right else 0)
+
+    @property
+    def moment_dim(self) -> int:
+        """The long side's dimension in the moments' shape (m×r right, r×n left)."""
+        return 0 if self.right else 1
 
     @property
     def group(self):
@@ -99,36 +113,34 @@ class ShardLayout:
         return 0 if self.mesh_dim is None else self.mesh.get_local_rank(self.mesh_dim)
 
     @property
-    def rows(self) -> tuple[int, int]:
-        return chunk_range(self.m, self.world, self.rank)
+    def own(self) -> tuple[int, int]:
+        """[start, stop) of this rank's rows (dim 0) or columns (dim 1) of the weight."""
+        return chunk_range((self.m, self.n)[self.dim], self.world, self.rank)
 
-    @property
-    def columns(self) -> tuple[int, int]:
-        return chunk_range(self.n, self.world, self.rank)
+    def placements_for(self, dim: int | None) -> tuple:
+        """Shard(dim) on the sharding mesh dimension (Replicate elsewhere); None: Replicate."""
+        return tuple(Shard(dim) if dim is not None and i == self.mesh_dim else Replicate()
+                     for i in range(len(self.placements)))
 
-    def placements_for(self, kind: str) -> tuple:
-        if kind == ROWS:
-            return self.placements
-        if kind == COLUMNS:
-            return tuple(Shard(1) if i == self.mesh_dim else Replicate()
-                         for i in range(len(self.placements)))
-        return tuple(Replicate() for _ in self.placements)
-
-    def wrap(self, local: torch.Tensor, kind: str, shape: tuple[int, ...]) -> DTensor:
-        """A DTensor of global ``shape`` whose local part on this rank is ``local``."""
+    def wrap(self, local: torch.Tensor, dim: int | None, shape: tuple[int, ...]) -> DTensor:
+        """A DTensor of global ``shape``, sharded on ``dim`` (None: replicated), whose local
+        part on this rank is ``local``."""
         stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local, self.mesh, self.placements_for(kind), run_check=False,
+        return DTensor.from_local(local, self.mesh, self.placements_for(dim), run_check=False,
                                   shape=torch.Size(shape), stride=stride)
 
-    def zeros(self, shape: tuple[int, ...], kind: str, dtype: torch.dtype) -> DTensor:
-        """Zeros of global ``shape`` placed as ``kind`` (rows: dim 0 sharded like the weight)."""
-        rank, world = self.rank, self.world
+    def zeros(self, shape: tuple[int, ...], dim: int | None, dtype: torch.dtype) -> DTensor:
         local = list(shape)
-        if kind in (ROWS, COLUMNS):
-            dim = 0 if kind == ROWS else 1
-            start, stop = chunk_range(shape[dim], world, rank)
+        if dim is not None:
+            start, stop = chunk_range(shape[dim], self.world, self.rank)
             local[dim] = stop - start
-        return self.wrap(torch.zeros(local, dtype=dtype, device=self.device), kind, tuple(shape))
+        return self.wrap(torch.zeros(local, dtype=dtype, device=self.device), dim, tuple(shape))
+
+    def basis_dim(self, proj: torch.Tensor) -> int | None:
+        """Where a stored projection tensor is sharded: a dense basis like the weight when the
+        weight is sharded on its basis side (the basis axis is then the weight's sharded one),
+        else (and packed INT4 bytes, DCT indices) replicated."""
+        return self.dim if self.sums and proj.is_floating_point() else None
 
 
 _LAYOUTS = WeakIdKeyDictionary()  # param -> its ShardLayout
@@ -139,27 +151,19 @@ def layout_of(p: DTensor) -> ShardLayout:
     layout = _LAYOUTS.get(p)
     if layout is not None:
         return layout
-    dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
-    layout = ShardLayout(p.device_mesh, tuple(p.placements), dims[0] if dims else None,
-                         p.to_local().device, *p.shape)
-    start, stop = layout.rows
-    if p.to_local().shape[0] != stop - start:
-        raise RuntimeError(f"a {p.shape[0]}-row DTensor holds {p.to_local().shape[0]} rows on "
+    mesh_dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+    mesh_dim = mesh_dims[0] if mesh_dims else None
+    dim = p.placements[mesh_dim].dim if mesh_dim is not None else 0
+    local = p.to_local()
+    layout = ShardLayout(p.device_mesh, tuple(p.placements), mesh_dim, dim, local.device,
+                         *p.shape)
+    start, stop = layout.own
+    if local.shape[dim] != stop - start:
+        raise RuntimeError(f"a {list(p.shape)} DTensor holds {local.shape[dim]} of dim {dim} on "
                            f"rank {layout.rank} of {layout.world}; expected torch.chunk's "
-                           f"{stop - start} (rows [{start}, {stop}))")
+                           f"{stop - start} ([{start}, {stop}))")
     _LAYOUTS[p] = layout
     return layout
-
-
-def moment_kind(layout: ShardLayout) -> str:
-    return ROWS if layout.right else COLUMNS
-
-
-def projection_kind(layout: ShardLayout, proj: torch.Tensor) -> str:
-    """A dense left basis (m×r) is sharded with the weight's rows; everything else (r×n right
-    basis, packed INT4 bytes, DCT indices, group scales) is replicated."""
-    dense = proj.is_floating_point()
-    return ROWS if dense and not layout.right else REPLICATE
 
 
 def local_view(state: dict) -> dict:
@@ -173,24 +177,42 @@ PROJECTION_TENSORS = ("proj", "proj_scales", "proj_zeros")
 
 def place_projection_(state: dict, stored: dict, layout: ShardLayout) -> None:
     """Moves the projection tensors of ``stored`` (whole-weight tensors, as
-    ``projection.state`` stores them in one process) into ``state`` as DTensors: a dense left
-    basis keeps this rank's rows, everything else is replicated."""
-    start, stop = layout.rows
+    ``projection.state`` stores them in one process) into ``state`` as DTensors placed by
+    :meth:`ShardLayout.basis_dim`."""
+    start, stop = layout.own
     for key in PROJECTION_TENSORS:
         if key not in stored:
             continue
-        full = stored[key]
-        kind = projection_kind(layout, stored["proj"]) if key == "proj" else REPLICATE
-        local = full[start:stop].contiguous() if kind == ROWS else full
-        state[key] = layout.wrap(local, kind, tuple(full.shape))
+        whole = stored[key]
+        dim = layout.basis_dim(whole) if key == "proj" else None
+        local = whole if dim is None else whole.narrow(dim, start, stop - start).contiguous()
+        state[key] = layout.wrap(local, dim, tuple(whole.shape))
 
 
 def moment_zeros_for(layout: ShardLayout):
     """``zeros(shape, dtype=...)`` for the moments of the layout's weight (see module doc)."""
     def zeros(shape, *, dtype):
-        return layout.zeros(tuple(shape), moment_kind(layout), dtype)
+        return layout.zeros(tuple(shape), layout.moment_dim if layout.mesh_dim is not None
+                            else None, dtype)
     return zeros
 
 
-__all__ = ["ShardLayout", "check_sharded_param", "chunk_range", "is_sharded",
-           "layout_of", "local_view", "moment_zeros_for", "place_projection_"]
+def lowrank_shard_placement(mesh):
+    """A ``shard_placement_fn`` for ``fully_shard`` that shards every 2-D left-side weight
+    (m < n) on dim 1 when the sharding mesh dimension's size divides n (FSDP2 refuses uneven
+    dim-1 shards), and leaves everything else on FSDP2's default dim 0. Every projected weight
+    is then sharded along its long side, where its step needs no communication between
+    refreshes (docs/distributed.md). ``mesh``: the DeviceMesh given to fully_shard (its last
+    dimension shards, as in FSDP2), or the number of ranks."""
+    world = mesh if isinstance(mesh, int) else mesh.size(-1)
+
+    def placement(param: torch.nn.Parameter) -> Shard | None:
+        if param.dim() == 2 and not reference.is_right_side(*param.shape) and (
+                param.shape[1] % world == 0):
+            return Shard(1)
+        return None
+    return placement
+
+
+__all__ = ["ShardLayout", "check_sharded_param", "chunk_range", "is_sharded", "layout_of",
+           "local_view", "lowrank_shard_placement", "moment_zeros_for", "place_projection_"]

@@ -1,41 +1,46 @@
-"""One LowRankAdamW step of an FSDP2 weight: rows sharded, states placed as placement.py says.
+"""One LowRankAdamW step of an FSDP2 weight, its state placed as placement.py says.
 
-Notation: m×n weight, rank r, w ranks on the sharding dimension, rank k holding rows I_k
-(G_k = G[I_k], m_k = |I_k| rows, possibly 0) and, for left-side moments, columns J_k.
+Notation: m×n weight, rank r, w ranks on the sharding mesh dimension; rank k holds the k-th chunk
+(possibly empty) of the weight's rows (Shard(0), FSDP2's default) or columns (Shard(1), e.g. with
+``lowrank_shard_placement``). The basis spans the short side: Q r×n on the right (m ≥ n), P m×r
+on the left (m < n); the moments span the long side (m×r right, r×n left).
 
-Right side (m ≥ n, Q r×n replicated). R = G Qᵀ is computed row by row, so rank k steps its rows
-alone: R_k = G_k Qᵀ, its rows M_k, V_k of the moments, W_k ← W_k − α·scale·N_k Q. **No
-communication between refreshes.** When the shard is itself tall (m_k ≥ n) this is one
-``ops.fused_galore_step`` call on the local tensors. When it is not (the usual case: a 4096×4096
-weight on 8 ranks is 512×4096 per rank) the fused op would apply the LEFT side, because its side
-follows the shape it is given and it has no side argument; the step then runs
-``reference.fused_galore_step(..., right=True)`` (plain torch: two GEMMs, Adam on m_k×r, an
-m_k×n fp32 back-projection and one pass over W_k).
+Sharded along the long side (right weight on rows, left weight on columns): R = G Qᵀ (or Pᵀ G) is
+computed row by row (column by column), so each rank projects, runs Adam on its slice of M, V and
+back-projects its own rows (columns) with the replicated basis. **No communication between
+refreshes.** When the shard has the weight's side by its own shape (a right shard with m_k ≥ n, a
+left shard with m < n_k) this is one ``ops.fused_galore_step`` call on the local tensors. When it
+does not (the usual case for the right side: a 4096×4096 weight on 8 ranks is 512×4096 per rank)
+the fused op would apply the other side, because its side follows the shape it is given and it
+has no side argument; the step then runs ``reference.fused_galore_step(..., right=side)`` (plain
+torch GEMMs, an m_k×n fp32 back-projection and one pass over the shard).
 
-Left side (m < n, P m×r sharded with the rows). R = Pᵀ G = Σ_k P_kᵀ G_k is a sum over ranks. Each
-rank computes its r×n partial product, a reduce-scatter by columns leaves rank k the sum on its
-columns J_k, Adam runs there on its r×|J_k| slice of M, V (Shard(1): the moments are sharded, not
-replicated), and an all-gather of N (r×n) lets every rank apply W_k ← W_k − α·scale·P_k N to its
-rows. Per step: one reduce-scatter and one all-gather of r×n fp32 (the bytes of one all-reduce,
-with M, V and the Adam arithmetic divided by w instead of replicated). The fused op cannot run
-this: it projects inside, and the sum over ranks must happen between the projection and Adam.
+Sharded along the short side (FSDP2's default dim 0 for a left weight; a right weight on
+columns): R = Σ_k P_kᵀ G_k (or Σ_k G_k Q_kᵀ) sums over ranks. Each rank computes its partial
+product, a reduce-scatter along the long side leaves rank k the sum on its chunk, Adam runs there
+on its chunk of M, V (the moments are sharded, not replicated), and an all-gather of N lets every
+rank apply W_k ← W_k − α·scale·back(N) with its rows (columns) of the basis. Per step: one
+reduce-scatter and one all-gather of r×(long side) fp32, the bytes of one all-reduce, with the
+moments and the Adam arithmetic divided by w. The fused op cannot run this step: it projects
+inside, and the sum over ranks must happen between the projection and Adam.
 
 Refreshes. Every rank holds the refresh counters, so every rank knows when a weight refreshes.
-- SVD, randomized SVD, and DCT of a left-side weight need the whole gradient: it is gathered on
-  one owner rank per weight (round-robin by the weight's position in the optimizer), which runs
-  the single-process projector on it (same function, same generator seed) and broadcasts the
-  fp32 basis (or the r indices); every rank then stores it as one process would (its rows of a
-  dense left basis, the whole of anything else).
-- DCT of a right-side weight: the scores are sums over rows of |G Cᵀ| (or its square for ℓ2),
-  so each rank scores its rows and one all-reduce of n floats gives every rank the same top-r.
+- SVD, randomized SVD, and DCT when the weight is sharded along its short side need the whole
+  gradient: it is gathered on one owner rank per weight (round-robin by the weight's position in
+  the optimizer), which runs the one-process projector on it (same function, same generator
+  seed) and broadcasts the fp32 basis (or the r indices); every rank stores it as one process
+  would, keeping its chunk of a sharded basis.
+- DCT when the weight is sharded along its long side: the scores are sums along the long side
+  of |G Cᵀ| (right) or |C G| (left) (squares for ℓ2), so each rank scores its chunk and one
+  all-reduce of n (or m) floats gives every rank the same top-r.
 - Random projections read only the shape and the seeded generator: every rank draws the same
   basis, no communication.
-- The lazy policy's overlap ‖P_oldᵀ P_new‖²_F/r needs one all-reduce of r×r for a dense left
-  basis (a sum over rows); replicated bases are measured locally, identically on every rank.
+- The lazy policy's overlap ‖P_oldᵀ P_new‖²_F/r needs one all-reduce of r×r for a sharded dense
+  basis; replicated bases are measured locally, identically on every rank.
 
 bf16 moments are stored with stochastic rounding keyed by the shard-local element index, with the
-shard's first row (right) or column (left) mixed into the seed: unbiased as in one process, but
-not the same random draws (so not bit-identical to a one-process run; fp32 moments are).
+shard's first index along the long side mixed into the seed: unbiased as in one process, but not
+the same random draws (so not bit-identical to a one-process run; fp32 moments are).
 """
 
 from __future__ import annotations
@@ -44,21 +49,22 @@ import torch
 
 from lowrank_kernels import ops, reference
 from lowrank_kernels.distributed.collectives import (
-    all_gather_columns,
+    all_gather_along,
     all_reduce_sum_,
     broadcast_,
-    gather_rows,
-    reduce_scatter_columns,
+    gather_along,
+    reduce_scatter_along,
 )
 from lowrank_kernels.distributed.placement import (
     ShardLayout,
+    chunk_range,
     is_sharded,
     layout_of,
     local_view,
     place_projection_,
 )
 from lowrank_kernels.projection import state as proj_state
-from lowrank_kernels.projection.base import check_rank
+from lowrank_kernels.projection.base import check_rank, columns_of
 from lowrank_kernels.projection.dct import NORMS
 
 _SEED_MIX = 0x9E3779B1  # odd: shards starting at different rows get different rounding streams
@@ -92,7 +98,7 @@ def refresh_sharded_(state: dict, grad: torch.Tensor, param: torch.Tensor, layou
                      spec: proj_state.ProjectionSpec, step_before: int, name: str, owner: int
                      ) -> None:
     """Recomputes the projection of a sharded weight (see the module docstring for who computes
-    what) and stores it in ``state`` as DTensors; ``grad``/``param`` are this rank's rows."""
+    what) and stores it in ``state`` as DTensors; ``grad``/``param`` are this rank's chunk."""
     check_rank(spec.rank, layout.m, layout.n, name)
     view = local_view(state)
     new = _new_projection(view, grad, layout, spec, name, owner)
@@ -105,9 +111,10 @@ def _new_projection(view: dict, grad: torch.Tensor, layout: ShardLayout,
                     spec: proj_state.ProjectionSpec, name: str, owner: int) -> torch.Tensor:
     """The projector's output for the whole gradient, identical on every rank."""
     m, n = layout.m, layout.n
-    if spec.projector.kind == "indices" and layout.right:
+    if spec.projector.kind == "indices" and not layout.sums:
         norm = NORMS[spec.projector.norm]
-        scores = reference.dct_scores(grad, norm, right=True)  # this rank's rows; 0 if none
+        # this rank's chunk of the long side: partial sums (0 for an empty chunk)
+        scores = reference.dct_scores(grad, norm, right=layout.right)
         if norm == 2:
             scores = scores.square()
         all_reduce_sum_(scores, layout)
@@ -115,7 +122,7 @@ def _new_projection(view: dict, grad: torch.Tensor, layout: ShardLayout,
     if not spec.projector.needs_gradient:
         # compute() reads only the shape and device: a stride-0 m×n view of one zero stands in
         return proj_state.compute_projection(view, grad.new_zeros(()).expand(m, n), spec, name)
-    whole = gather_rows(grad, layout, owner)
+    whole = gather_along(grad, layout.dim, (m, n)[layout.dim], layout, owner)
     buffer = spec.projector.empty(m, n, spec.rank, grad.device)
     error = None
     if whole is not None:
@@ -138,12 +145,14 @@ def _overlap(view: dict, new: torch.Tensor, layout: ShardLayout,
              spec: proj_state.ProjectionSpec) -> float | None:
     if not proj_state.overlap_due(view, spec):
         return None
-    if layout.right or not view["proj"].is_floating_point():
+    if layout.basis_dim(view["proj"]) is None:
         # a replicated basis: every rank measures the same overlap locally
         return proj_state.measure_overlap(view, new, layout.m, layout.n, spec)
-    start, stop = layout.rows
-    gram = view["proj"].float().T @ new[start:stop]  # P_oldᵀ P_new is a sum over the rows
-    all_reduce_sum_(gram, layout)
+    start, stop = layout.own
+    m, n = layout.m, layout.n
+    old_columns = columns_of(view["proj"].float(), m, n)  # this rank's d_k×r rows of P_old
+    new_columns = columns_of(new.narrow(layout.dim, start, stop - start), m, n)
+    gram = all_reduce_sum_(old_columns.T @ new_columns, layout)  # P_oldᵀ P_new sums over ranks
     return float(gram.square().sum()) / spec.rank
 
 
@@ -151,35 +160,38 @@ def _local_step(view: dict, param: torch.Tensor, grad: torch.Tensor, layout: Sha
                 spec: proj_state.ProjectionSpec, hyper: dict, backend: str | None) -> None:
     m, n = layout.m, layout.n
     exp_avg, exp_avg_sq = view["exp_avg"], view["exp_avg_sq"]
-    if layout.right:
-        if param.shape[0] == 0:
+    if not layout.sums:
+        if param.numel() == 0:
             return
-        hyper = dict(hyper, seed=_shard_seed(hyper["seed"], layout.rows[0]))
-        if reference.is_right_side(*param.shape):
+        hyper = dict(hyper, seed=_shard_seed(hyper["seed"], layout.own[0]))
+        if reference.is_right_side(*param.shape) == layout.right:
             ops.fused_galore_step(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                                   **proj_state.step_args(view, spec), **hyper, backend=backend)
         else:
             reference.fused_galore_step(param, grad, proj_state.dense_basis(view, m, n, spec),
-                                        exp_avg, exp_avg_sq, **hyper, right=True)
+                                        exp_avg, exp_avg_sq, **hyper, right=layout.right)
         return
-    start, stop = layout.rows
-    basis = (view["proj"] if view["proj"].is_floating_point()
-             else proj_state.dense_basis(view, m, n, spec)[start:stop])
-    low_rank = reduce_scatter_columns(reference.project(grad, basis, right=False), layout)
+    start, stop = layout.own
+    basis = view["proj"]
+    if layout.basis_dim(basis) is None:  # INT4 or DCT: replicated; this rank's chunk of it
+        basis = proj_state.dense_basis(view, m, n, spec).narrow(layout.dim, start, stop - start)
+    partial = reference.project(grad, basis, right=layout.right)
+    low_rank = reduce_scatter_along(partial, layout.moment_dim, layout)
     exp_avg32, exp_avg_sq32 = exp_avg.float(), exp_avg_sq.float()
     normalized = reference.adam_normalized(low_rank, exp_avg32, exp_avg_sq32, hyper["beta1"],
                                            hyper["beta2"], hyper["eps"])
-    seed = _shard_seed(hyper["seed"], layout.columns[0])
+    long_side = partial.shape[layout.moment_dim]
+    seed = _shard_seed(hyper["seed"], chunk_range(long_side, layout.world, layout.rank)[0])
     reference.store_moments_(exp_avg, exp_avg_sq, exp_avg32, exp_avg_sq32,
                              reference.rounding_philox_seed(seed, hyper["step"]))
-    normalized = all_gather_columns(normalized, layout)
-    if stop > start:
+    normalized = all_gather_along(normalized, layout.moment_dim, long_side, layout)
+    if param.numel():
         reference.galore_update_(param, normalized, basis, lr=hyper["lr"], beta1=hyper["beta1"],
                                  beta2=hyper["beta2"], weight_decay=hyper["weight_decay"],
-                                 scale=hyper["scale"], step=hyper["step"], right=False)
+                                 scale=hyper["scale"], step=hyper["step"], right=layout.right)
 
 
 def _shard_seed(seed: int, first: int) -> int:
-    """The stochastic-rounding seed of a shard whose first row/column is ``first`` (0: the
-    one-process seed)."""
+    """The stochastic-rounding seed of a shard whose first index along the long side is
+    ``first`` (0: the one-process seed)."""
     return (seed + first * _SEED_MIX) % (2**31)

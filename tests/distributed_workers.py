@@ -56,9 +56,13 @@ class Net(torch.nn.Module):
 LAYERS = ("a", "b", "c", "e", "d")
 
 
-def build_model() -> Net:
+def build_model(dtype: torch.dtype = torch.float32) -> Net:
     torch.manual_seed(0)
-    return Net()
+    return Net().to(dtype)
+
+
+def dtype_of(config: str) -> torch.dtype:
+    return torch.bfloat16 if config.endswith("_bf16") else torch.float32
 
 
 def data(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +88,9 @@ def make_optimizer(config: str, model: torch.nn.Module):
     if config == "galore":
         return GaLoreAdamW(param_groups(model, update_proj_gap=GAP, scale=0.25), lr=0.02,
                            weight_decay=0.1)
+    if config == "galore_bf16":  # bf16 weights and bf16 moments (stochastic rounding)
+        return GaLoreAdamW(param_groups(model, update_proj_gap=GAP, scale=0.25), lr=0.02,
+                           weight_decay=0.1, state_dtype=torch.bfloat16)
     if config == "dct":
         return DCTAdamW(param_groups(model, scale=0.25), lr=0.02, weight_decay=0.1)
     if config == "qgalore":
@@ -106,7 +113,8 @@ CONFIGS = ("galore", "dct", "qgalore", "lazy_svd", "random", "rsvd")
 
 def loss_of(model, step: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     x, y = data(step, rank, world)
-    return torch.nn.functional.mse_loss(model(x), y)
+    out = model(x.to(next(p for p in model.parameters() if p.is_floating_point()).dtype))
+    return torch.nn.functional.mse_loss(out.float(), y)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -130,7 +138,7 @@ def train_single(config: str, steps: int = STEPS, grads: list[dict] | None = Non
                  ) -> tuple[list[dict], object, Net]:
     """The one-process run: parameters after every step. With ``grads`` (whole gradients per
     step, recorded in a sharded run) it replays them instead of running backward."""
-    model = build_model()
+    model = build_model(dtype_of(config))
     optimizer = make_optimizer(config, model)
     trajectory = []
     for step in range(steps):
@@ -145,7 +153,8 @@ def train_single(config: str, steps: int = STEPS, grads: list[dict] | None = Non
     return trajectory, optimizer, model
 
 
-def fsdp_model(world: int, placement: str = "default") -> Net:
+def fsdp_model(world: int, placement: str = "default", dtype: torch.dtype = torch.float32
+               ) -> Net:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -153,7 +162,7 @@ def fsdp_model(world: int, placement: str = "default") -> Net:
 
     mesh = init_device_mesh("cpu", (world,))
     fn = lowrank_shard_placement(mesh) if placement == "long" else None
-    model = build_model()
+    model = build_model(dtype)
     for name in LAYERS:
         fully_shard(getattr(model, name), mesh=mesh, shard_placement_fn=fn)
     fully_shard(model, mesh=mesh, shard_placement_fn=fn)
@@ -218,7 +227,7 @@ def fsdp_runs(rank: int, world: int, out: str, runs: tuple[tuple[str, str], ...]
 
     results = {}
     for config, placement in runs:
-        model = fsdp_model(world, placement)
+        model = fsdp_model(world, placement, dtype_of(config))
         optimizer = make_optimizer(config, model)
         trajectory, grads, comm, debug_counts = [], [], [], []
         for step in range(STEPS):
@@ -308,7 +317,8 @@ def layerwise_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) ->
             model = (fsdp_model(world) if wrapper == "fsdp"
                      else DistributedDataParallel(build_model()))
             inner = model if wrapper == "fsdp" else model.module
-            trainer = layerwise(model, lambda m, inner=inner: make_optimizer(config, inner),
+            trainer = layerwise(model, lambda m, inner=inner, config=config:
+                                make_optimizer(config, inner),
                                 accumulation_steps=ACCUMULATION, max_grad_norm=MAX_GRAD_NORM)
             trajectory = []
             for step in range(STEPS):
@@ -325,3 +335,171 @@ def layerwise_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) ->
             trainer.remove()
     if rank == 0:
         torch.save(results, Path(out) / "layerwise.pt")
+
+
+SAVED_AT = 2  # the checkpoint is taken after steps 0 and 1
+
+
+def dcp_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model,
+                                                                                    optimizer)}
+
+
+def resume(model, optimizer, checkpoint: str, *, init: bool) -> None:
+    """Loads ``checkpoint`` into ``model``/``optimizer`` (fresh): with ``init``, the state is
+    allocated by init_optimizer_state first; without, DCP's zero-gradient step creates it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from lowrank_kernels.distributed import init_optimizer_state
+
+    if init:
+        init_optimizer_state(optimizer)
+    sd = dcp_state(model, optimizer)
+    dcp.load(sd, checkpoint_id=checkpoint)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, optimizer, sd["optim"])
+
+
+def train_steps(model, optimizer, steps, rank: int = 0, world: int = 1) -> None:
+    for step in steps:
+        loss_of(model, step, rank, world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def dcp_runs(rank: int, world: int, out: str, runs: tuple[tuple[str, str], ...]) -> None:
+    """Per (config, placement): train SAVED_AT steps, save with DCP, train to STEPS (the
+    uninterrupted run); then a fresh model and optimizer on the same ranks load the checkpoint
+    and train to STEPS (the resumed run). The checkpoints stay in ``out`` for a 1-process load."""
+    import torch.distributed.checkpoint as dcp
+
+    results = {}
+    for i, (config, placement) in enumerate(runs):
+        checkpoint = str(Path(out) / f"checkpoint_{config}_{placement}")
+        model = fsdp_model(world, placement)
+        optimizer = make_optimizer(config, model)
+        train_steps(model, optimizer, range(SAVED_AT), rank, world)
+        dcp.save(dcp_state(model, optimizer), checkpoint_id=checkpoint)
+        train_steps(model, optimizer, range(SAVED_AT, STEPS), rank, world)
+        uninterrupted = snapshot(model)
+        model = fsdp_model(world, placement)
+        optimizer = make_optimizer(config, model)
+        resume(model, optimizer, checkpoint, init=i % 2 == 0)
+        train_steps(model, optimizer, range(SAVED_AT, STEPS), rank, world)
+        results[(config, placement)] = {"uninterrupted": uninterrupted, "resumed": snapshot(model),
+                                        "checkpoint": checkpoint}
+    if rank == 0:
+        torch.save(results, Path(out) / "dcp.pt")
+
+
+def refusals(rank: int, world: int, out: str) -> None:
+    """The errors raised for DTensor parameters the sharded step cannot serve."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, distribute_tensor
+
+    from lowrank_kernels import ops
+    from lowrank_kernels.optim import QGaLoreAdamW
+
+    mesh = init_device_mesh("cpu", (world,))
+    codes, _, _ = ops.quantize_int8(torch.randn(8, 6))
+    cases = {"int8": torch.nn.Parameter(distribute_tensor(codes, mesh), requires_grad=False),
+             "partial": torch.nn.Parameter(DTensor.from_local(torch.randn(8, 6), mesh,
+                                                              [Partial()]))}
+    messages = {}
+    for case, p in cases.items():
+        try:
+            QGaLoreAdamW([{"params": [p], "rank": 2, "names": [f"layer.{case}"]}])
+            messages[case] = None
+        except ValueError as exc:
+            messages[case] = str(exc)
+    if rank == 0:
+        torch.save(messages, Path(out) / "refusals.pt")
+
+
+def everything(rank: int, world: int, out: str, fsdp: tuple, ddp: tuple, layerwise: tuple,
+               dcp: tuple) -> None:
+    """Every scenario in one launch (starting the ranks is the slow part)."""
+    fsdp_runs(rank, world, out, fsdp)
+    ddp_runs(rank, world, out, ddp)
+    layerwise_runs(rank, world, out, layerwise)
+    dcp_runs(rank, world, out, dcp)
+    refusals(rank, world, out)
+    int8_ddp_runs(rank, world, out)
+
+
+INT8_LAYERS = ("a", "c")
+INT8_GROUP = 16
+
+
+def int8_model(dtype: torch.dtype = torch.float32) -> Net:
+    """The model with a and c as Int8Linear (Q-GaLore's INT8 weights)."""
+    from lowrank_kernels.autograd import replace_linear_with_int8
+
+    model = build_model(dtype)
+    replace_linear_with_int8(model, lambda name: name in INT8_LAYERS, group_size=INT8_GROUP)
+    return model
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters, INT8 codes dequantized."""
+    out = {n: p.detach().clone() for n, p in model.named_parameters() if p.is_floating_point()}
+    for name in INT8_LAYERS:
+        out[f"{name}.weight"] = getattr(model, name).dequantized_weight()
+    return out
+
+
+def train_int8_single(steps: int = STEPS) -> list[dict]:
+    model = int8_model()
+    optimizer = make_optimizer("qgalore", model)
+    trajectory = []
+    for step in range(steps):
+        loss_of(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trajectory.append(weights(model))
+    return trajectory
+
+
+def int8_ddp_runs(rank: int, world: int, out: str) -> None:
+    """QGaLoreAdamW with INT8 weights under DDP: with average_int8_grads (ordinary and
+    layer-wise stepping) and without it (DDP does not see float_grad)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lowrank_kernels.distributed import average_int8_grads
+    from lowrank_kernels.optim import layerwise
+
+    results = {}
+    for variant in ("averaged", "layerwise", "not_averaged"):
+        model = DistributedDataParallel(int8_model())
+        if variant != "not_averaged":
+            average_int8_grads(model.module)
+        if variant == "layerwise":
+            trainer = layerwise(model, lambda m: make_optimizer("qgalore", model.module))
+        else:
+            optimizer = make_optimizer("qgalore", model.module)
+        trajectory = []
+        for step in range(STEPS):
+            loss_of(model, step, rank, world).backward()
+            if variant != "layerwise":
+                optimizer.step()
+                optimizer.zero_grad()
+            trajectory.append(weights(model.module))
+        if variant == "layerwise":
+            trainer.remove()
+        flat = torch.cat([t.detach().flatten().double() for t in model.module.state_dict()
+                          .values()])
+        every = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(every, flat)
+        results[variant] = {"trajectory": trajectory,
+                            "ranks_identical": all(torch.equal(every[0], e) for e in every)}
+    if rank == 0:
+        torch.save(results, Path(out) / "int8_ddp.pt")

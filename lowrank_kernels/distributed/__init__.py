@@ -9,7 +9,8 @@
   refresh is a deterministic function of the gradient and of counters all ranks share, so the
   optimizer runs unchanged and the ranks stay identical. Layer-wise stepping under DDP and the
   gradients of INT8 weights (which DDP does not see): :mod:`.ddp`.
-- Checkpoints: :mod:`.checkpoint` (``torch.distributed.checkpoint`` with resharding).
+- Checkpoints: :mod:`.checkpoint` (``torch.distributed.checkpoint`` with resharding;
+  :func:`init_optimizer_state` before loading into a fresh optimizer).
 - :class:`CommCounter` counts the collectives (and their bytes) a region of code issues.
 
 docs/distributed.md is the user guide.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from lowrank_kernels.distributed.checkpoint import init_optimizer_state
 from lowrank_kernels.distributed.counting import CommCounter
 from lowrank_kernels.distributed.ddp import DDPLayerwiseSteps, average_int8_grads
 from lowrank_kernels.distributed.placement import (
@@ -44,5 +46,5 @@ def shard_projection_(state: dict, p: torch.Tensor) -> None:
 
 
 __all__ = ["CommCounter", "DDPLayerwiseSteps", "average_int8_grads", "check_sharded_param",
-           "is_sharded", "lowrank_shard_placement", "moment_zeros", "shard_projection_",
+           "init_optimizer_state", "is_sharded", "lowrank_shard_placement", "moment_zeros", "shard_projection_",
            "step_sharded"]

@@ -37,27 +37,30 @@ class DDPLayerwiseSteps:
         self.trainer = trainer
         self.group = ddp_model.process_group
         self.reduced = {id(p) for p in ddp_model.parameters() if p.requires_grad}
-        ddp_model.register_comm_hook(self, DDPLayerwiseSteps._hook)
+        ddp_model.register_comm_hook(self, _step_after_all_reduce)
 
     def owns(self, p: torch.Tensor) -> bool:
         """Whether DDP averages ``p``'s gradient (it is then stepped by the hook)."""
         return id(p) in self.reduced
 
-    @staticmethod
-    def _hook(self, bucket):  # no annotations: DDP rejects the string ones of __future__
-        buffer = bucket.buffer()
-        buffer.div_(dist.get_world_size(self.group))
-        work = dist.all_reduce(buffer, group=self.group, async_op=True)
-        if not self.trainer.stepping:
-            return work.get_future().then(lambda fut: fut.value()[0])
-        work.wait()
-        for p, grad in zip(bucket.parameters(), bucket.gradients()):
-            if self.trainer.holds(p):
-                self.trainer.step_now(p, grad)
-        buffer.zero_()
-        done = torch.futures.Future()
-        done.set_result(buffer)
-        return done
+
+def _step_after_all_reduce(steps: DDPLayerwiseSteps, bucket):
+    """DDP's comm hook (state, bucket). No annotation on ``bucket``: DDP checks it is
+    dist.GradBucket itself and rejects the string that ``from __future__ import annotations``
+    makes of it."""
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size(steps.group))
+    work = dist.all_reduce(buffer, group=steps.group, async_op=True)
+    if not steps.trainer.stepping:
+        return work.get_future().then(lambda fut: fut.value()[0])
+    work.wait()
+    for p, grad in zip(bucket.parameters(), bucket.gradients()):
+        if steps.trainer.holds(p):
+            steps.trainer.step_now(p, grad)
+    buffer.zero_()
+    done = torch.futures.Future()
+    done.set_result(buffer)
+    return done
 
 
 def average_int8_grads(model: torch.nn.Module, group: dist.ProcessGroup | None = None) -> list:

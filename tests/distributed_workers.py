@@ -483,7 +483,7 @@ def int8_ddp_runs(rank: int, world: int, out: str) -> None:
         if variant != "not_averaged":
             average_int8_grads(model.module)
         if variant == "layerwise":
-            trainer = layerwise(model, lambda m: make_optimizer("qgalore", model.module))
+            trainer = layerwise(model, lambda m: make_optimizer("qgalore", m.module))
         else:
             optimizer = make_optimizer("qgalore", model.module)
         trajectory = []

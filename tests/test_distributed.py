@@ -179,6 +179,16 @@ def test_dct_communication_per_weight_and_step(results, placement):
                                        ("all_gather", padded)], (step, name)
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_step_refreshes_every_weight_at_once_with_the_same_collectives(results, placement):
+    """step() runs the refreshes due together (owners in parallel, refresh_due_): at the first
+    step (every weight refreshes) it issues the collectives that stepping weight by weight
+    issues (galore and qgalore share shapes and gap; INT4 bases are broadcast in fp32 too)."""
+    one_by_one = results["fsdp"][("galore", placement)]["comm"][0]
+    together = results["fsdp"][("qgalore", placement)]["comm"][0]["all"]
+    assert sorted(together) == sorted(sum(one_by_one.values(), []))
+
+
 def test_comm_counter_agrees_with_torch_comm_debug_mode(results):
     for run in results["fsdp"].values():
         for calls, debug_count in zip(run["comm"], run["debug_counts"]):

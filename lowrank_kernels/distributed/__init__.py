@@ -31,7 +31,7 @@ from lowrank_kernels.distributed.placement import (
     moment_zeros_for,
     place_projection_,
 )
-from lowrank_kernels.distributed.step import step_sharded
+from lowrank_kernels.distributed.step import refresh_due_, step_sharded
 
 
 def moment_zeros(p: torch.Tensor):
@@ -46,5 +46,5 @@ def shard_projection_(state: dict, p: torch.Tensor) -> None:
 
 
 __all__ = ["CommCounter", "DDPLayerwiseSteps", "average_int8_grads", "check_sharded_param",
-           "init_optimizer_state", "is_sharded", "lowrank_shard_placement", "moment_zeros", "shard_projection_",
-           "step_sharded"]
+           "init_optimizer_state", "is_sharded", "lowrank_shard_placement", "moment_zeros",
+           "refresh_due_", "shard_projection_", "step_sharded"]

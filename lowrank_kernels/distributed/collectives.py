@@ -12,7 +12,7 @@ all_reduce_sum_         DCT scores (n or m floats), lazy-refresh  the tensor
                         overlap of a sharded dense basis (r×r)
 reduce_scatter_along    R of a weight sharded on its basis side   in: w·c×r, out: c×r
 all_gather_along        N of such a weight                        in: c×r, out: w·c×r
-gather_along            a refresh that needs the whole gradient   c×(other side), G's dtype
+start_gather            a refresh that needs the whole gradient   c×(other side), G's dtype
                         (SVD, randomized SVD, DCT of a weight     (the owner receives w of
                         sharded on its basis side)                them)
 broadcast_              the new basis from the owner              r×n or m×r fp32, r int32
@@ -40,31 +40,51 @@ def _padded_front(local: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
     return out
 
 
-def all_reduce_sum_(t: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
-    if layout.world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=layout.group)
-    return t
-
-
-def broadcast_(t: torch.Tensor, layout: ShardLayout, owner: int) -> torch.Tensor:
-    """``t`` of rank ``owner`` (group-local rank) into ``t`` of every rank."""
-    if layout.world > 1:
-        dist.broadcast(t, group=layout.group, group_src=owner)
-    return t
-
-
-def gather_along(local: torch.Tensor, dim: int, size: int, layout: ShardLayout, owner: int
-                 ) -> torch.Tensor | None:
-    """The whole tensor (``size`` along ``dim``) on rank ``owner`` from every rank's chunk;
-    None on the others."""
+def all_reduce_sum_(t: torch.Tensor, layout: ShardLayout, *, async_op: bool = False):
+    """Sums ``t`` over the ranks in place; with ``async_op`` returns the Work to wait for
+    (None with one rank)."""
     if layout.world == 1:
-        return local
+        return None if async_op else t
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=layout.group, async_op=async_op)
+    return work if async_op else t
+
+
+def broadcast_(t: torch.Tensor, layout: ShardLayout, owner: int, *, async_op: bool = False):
+    """``t`` of rank ``owner`` (group-local rank) into ``t`` of every rank; with ``async_op``
+    returns the Work to wait for (None with one rank)."""
+    if layout.world == 1:
+        return None if async_op else t
+    work = dist.broadcast(t, group=layout.group, group_src=owner, async_op=async_op)
+    return work if async_op else t
+
+
+class PendingGather:
+    """A gather in flight (:func:`start_gather`)."""
+
+    def __init__(self, work, pieces: list[torch.Tensor] | None, dim: int, size: int,
+                 whole: torch.Tensor | None = None):
+        self.work, self.pieces, self.dim, self.size, self.whole = work, pieces, dim, size, whole
+
+    def wait(self) -> torch.Tensor | None:
+        if self.work is not None:
+            self.work.wait()
+        if self.whole is not None or self.pieces is None:
+            return self.whole
+        return torch.cat(self.pieces)[:self.size].movedim(0, self.dim).contiguous()
+
+
+def start_gather(local: torch.Tensor, dim: int, size: int, layout: ShardLayout, owner: int
+                 ) -> PendingGather:
+    """Starts gathering the whole tensor (``size`` along ``dim``) on rank ``owner`` from every
+    rank's chunk; its ``wait()`` returns it there, None on the other ranks."""
+    if layout.world == 1:
+        return PendingGather(None, None, dim, size, whole=local)
     chunk = -(-size // layout.world)
     buffer = _padded_front(local, dim, chunk)
     pieces = ([torch.empty_like(buffer) for _ in range(layout.world)]
               if layout.rank == owner else None)
-    dist.gather(buffer, pieces, group=layout.group, group_dst=owner)
-    return torch.cat(pieces)[:size].movedim(0, dim).contiguous() if pieces is not None else None
+    work = dist.gather(buffer, pieces, group=layout.group, group_dst=owner, async_op=True)
+    return PendingGather(work, pieces, dim, size)
 
 
 def reduce_scatter_along(partial: torch.Tensor, dim: int, layout: ShardLayout) -> torch.Tensor:

@@ -29,7 +29,9 @@ Refreshes. Every rank holds the refresh counters, so every rank knows when a wei
   gradient: it is gathered on one owner rank per weight (round-robin by the weight's position in
   the optimizer), which runs the one-process projector on it (same function, same generator
   seed) and broadcasts the fp32 basis (or the r indices); every rank stores it as one process
-  would, keeping its chunk of a sharded basis.
+  would, keeping its chunk of a sharded basis. ``step()`` runs all the refreshes due at a step
+  together first (:func:`refresh_due_`), in waves of one weight per owner, so the w owners
+  compute their SVDs at the same time; layer-wise stepping refreshes weight by weight.
 - DCT when the weight is sharded along its long side: the scores are sums along the long side
   of |G Cᵀ| (right) or |C G| (left) (squares for ℓ2), so each rank scores its chunk and one
   all-reduce of n (or m) floats gives every rank the same top-r.
@@ -45,6 +47,8 @@ the same random draws (so not bit-identical to a one-process run; fp32 moments a
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lowrank_kernels import ops, reference
@@ -52,8 +56,8 @@ from lowrank_kernels.distributed.collectives import (
     all_gather_along,
     all_reduce_sum_,
     broadcast_,
-    gather_along,
     reduce_scatter_along,
+    start_gather,
 )
 from lowrank_kernels.distributed.placement import (
     ShardLayout,
@@ -70,9 +74,31 @@ from lowrank_kernels.projection.dct import NORMS
 _SEED_MIX = 0x9E3779B1  # odd: shards starting at different rows get different rounding streams
 
 
-@torch.compiler.disable
-def step_sharded(optimizer, p: torch.Tensor) -> None:
-    """The projected step of DTensor parameter ``p`` of ``optimizer`` (a LowRankAdamW)."""
+@dataclasses.dataclass
+class _Weight:
+    """One sharded weight of the optimizer at the step in progress."""
+
+    group: dict  # its parameter group
+    state: dict
+    param: torch.Tensor  # this rank's chunk
+    grad: torch.Tensor  # this rank's chunk, contiguous
+    layout: ShardLayout
+    spec: proj_state.ProjectionSpec
+    name: str
+    owner: int  # the group rank that computes its gathered refreshes
+    step_before: int
+    new: torch.Tensor | None = None  # the projection a refresh computed
+    error: BaseException | None = None
+
+    @property
+    def gathers(self) -> bool:
+        """Whether its refresh needs the whole gradient on the owner."""
+        local_scores = self.spec.projector.kind == "indices" and not self.layout.sums
+        return self.spec.projector.needs_gradient and not local_scores
+
+
+def _weight(optimizer, p: torch.Tensor) -> _Weight:
+    """Looks ``p`` up in ``optimizer``, checks its gradient, allocates its state."""
     group, index, position = optimizer._locate(p)
     name = optimizer._name(group, index, p)
     grad = p.grad
@@ -84,61 +110,121 @@ def step_sharded(optimizer, p: torch.Tensor) -> None:
     state = optimizer.state[p]
     if not state:
         optimizer._init_projected_state(state, p, spec, group, position)
-    step_before = int(state["step"])
-    param, grad = p.to_local(), grad.to_local().contiguous()
-    if proj_state.refresh_due(state, step_before, spec):
-        refresh_sharded_(state, grad, param, layout, spec, step_before, name,
-                         owner=position % layout.world)
-    state["step"] += 1
-    hyper = optimizer._step_hyper(group, state, p, step_before + 1)
-    _local_step(local_view(state), param, grad, layout, spec, hyper, optimizer.backend)
+    return _Weight(group, state, p.to_local(), grad.to_local().contiguous(), layout, spec, name,
+                   position % layout.world, int(state["step"]))
 
 
-def refresh_sharded_(state: dict, grad: torch.Tensor, param: torch.Tensor, layout: ShardLayout,
-                     spec: proj_state.ProjectionSpec, step_before: int, name: str, owner: int
-                     ) -> None:
-    """Recomputes the projection of a sharded weight (see the module docstring for who computes
-    what) and stores it in ``state`` as DTensors; ``grad``/``param`` are this rank's chunk."""
-    check_rank(spec.rank, layout.m, layout.n, name)
-    view = local_view(state)
-    new = _new_projection(view, grad, layout, spec, name, owner)
-    overlap = _overlap(view, new, layout, spec)
-    proj_state.install_(view, new, param, spec, step_before, overlap)  # counters are shared
-    place_projection_(state, view, layout)
+@torch.compiler.disable
+def step_sharded(optimizer, p: torch.Tensor) -> None:
+    """The projected step of DTensor parameter ``p`` of ``optimizer`` (a LowRankAdamW)."""
+    w = _weight(optimizer, p)
+    if proj_state.refresh_due(w.state, w.step_before, w.spec):
+        refresh_([w])
+    w.state["step"] += 1
+    hyper = optimizer._step_hyper(w.group, w.state, p, w.step_before + 1)
+    _local_step(local_view(w.state), w.param, w.grad, w.layout, w.spec, hyper, optimizer.backend)
 
 
-def _new_projection(view: dict, grad: torch.Tensor, layout: ShardLayout,
-                    spec: proj_state.ProjectionSpec, name: str, owner: int) -> torch.Tensor:
-    """The projector's output for the whole gradient, identical on every rank."""
-    m, n = layout.m, layout.n
-    if spec.projector.kind == "indices" and not layout.sums:
-        norm = NORMS[spec.projector.norm]
+@torch.compiler.disable
+def refresh_due_(optimizer, params: list[torch.Tensor]) -> None:
+    """Runs together the refreshes due at this step among the DTensor ``params`` (projected,
+    with gradients), before ``step()`` steps them one by one: the owners of gathered refreshes
+    then compute in parallel instead of one weight after another (see :func:`refresh_`)."""
+    due = []
+    for p in params:
+        w = _weight(optimizer, p)
+        if proj_state.refresh_due(w.state, w.step_before, w.spec):
+            due.append(w)
+    if due:
+        refresh_(due)
+
+
+def refresh_(weights: list[_Weight]) -> None:
+    """Recomputes the projections of ``weights`` (the module docstring says who computes what)
+    and stores them in their states as DTensors. Collectives of different weights are in
+    flight together; gathered refreshes run in waves of at most one weight per owner rank, so
+    each rank holds at most one whole gradient at a time while the owners compute in parallel.
+    Every rank calls this with the same weights in the same order."""
+    for w in weights:
+        check_rank(w.spec.rank, w.layout.m, w.layout.n, w.name)
+    _local_projections([w for w in weights if not w.gathers])
+    for wave in _waves([w for w in weights if w.gathers]):
+        _gathered_projections(wave)
+    for w in weights:
+        if w.error is not None:
+            raise w.error
+    for w in weights:
+        view = local_view(w.state)
+        overlap = _overlap(view, w.new, w.layout, w.spec)
+        proj_state.install_(view, w.new, w.param, w.spec, w.step_before, overlap)
+        place_projection_(w.state, view, w.layout)
+
+
+def _local_projections(weights: list[_Weight]) -> None:
+    """Projections every rank computes itself: random bases (the shape and the seeded
+    generator suffice) and DCT indices from partial scores (one all-reduce of d floats)."""
+    pending = []
+    for w in weights:
+        m, n = w.layout.m, w.layout.n
+        if not w.spec.projector.needs_gradient:
+            # compute() reads only the shape and device: a stride-0 m×n view of a zero
+            w.new = proj_state.compute_projection(local_view(w.state),
+                                                  w.grad.new_zeros(()).expand(m, n), w.spec,
+                                                  w.name)
+            continue
+        norm = NORMS[w.spec.projector.norm]
         # this rank's chunk of the long side: partial sums (0 for an empty chunk)
-        scores = reference.dct_scores(grad, norm, right=layout.right)
+        scores = reference.dct_scores(w.grad, norm, right=w.layout.right)
         if norm == 2:
             scores = scores.square()
-        all_reduce_sum_(scores, layout)
-        return reference.top_r_indices(scores.sqrt() if norm == 2 else scores, spec.rank)
-    if not spec.projector.needs_gradient:
-        # compute() reads only the shape and device: a stride-0 m×n view of one zero stands in
-        return proj_state.compute_projection(view, grad.new_zeros(()).expand(m, n), spec, name)
-    whole = gather_along(grad, layout.dim, (m, n)[layout.dim], layout, owner)
-    buffer = spec.projector.empty(m, n, spec.rank, grad.device)
-    error = None
-    if whole is not None:
+        pending.append((w, scores, norm, all_reduce_sum_(scores, w.layout, async_op=True)))
+    for w, scores, norm, work in pending:
+        if work is not None:
+            work.wait()
+        w.new = reference.top_r_indices(scores.sqrt() if norm == 2 else scores, w.spec.rank)
+
+
+def _waves(weights: list[_Weight]) -> list[list[_Weight]]:
+    """``weights`` in order, split so that no owner rank (of one group) appears twice in a
+    wave."""
+    waves: list[tuple[set, list[_Weight]]] = []
+    for w in weights:
+        key = (id(w.layout.group), w.owner)
+        wave = next((wave for wave in waves if key not in wave[0]), None)
+        if wave is None:
+            wave = (set(), [])
+            waves.append(wave)
+        wave[0].add(key)
+        wave[1].append(w)
+    return [members for _, members in waves]
+
+
+def _gathered_projections(wave: list[_Weight]) -> None:
+    """Gathers each weight's gradient on its owner, which runs the one-process projector on it,
+    then broadcasts the result. A failure on an owner is broadcast as NaN (or -1 indices) so
+    that no rank waits forever; the owner keeps the exception, the others a RuntimeError."""
+    gathers = [start_gather(w.grad, w.layout.dim, (w.layout.m, w.layout.n)[w.layout.dim],
+                            w.layout, w.owner) for w in wave]
+    for w, gather in zip(wave, gathers):
+        whole = gather.wait()
+        w.new = w.spec.projector.empty(w.layout.m, w.layout.n, w.spec.rank, w.grad.device)
+        if whole is None:
+            continue
         try:
-            buffer.copy_(proj_state.compute_projection(view, whole, spec, name))
+            w.new.copy_(proj_state.compute_projection(local_view(w.state), whole, w.spec,
+                                                      w.name))
         except Exception as exc:  # noqa: BLE001  (any failure: the others wait in the broadcast)
-            error = exc
-            buffer.fill_(-1 if spec.projector.kind == "indices" else float("nan"))
-    broadcast_(buffer, layout, owner)
-    if error is not None:
-        raise error
-    failed = (buffer < 0).any() if spec.projector.kind == "indices" else ~buffer.isfinite().all()
-    if bool(failed):
-        raise RuntimeError(f"refresh of {name} failed on rank {owner} of its sharding group, "
-                           "which computes its projection (that rank raised the cause)")
-    return buffer
+            w.error = exc
+            w.new.fill_(-1 if w.spec.projector.kind == "indices" else float("nan"))
+    works = [broadcast_(w.new, w.layout, w.owner, async_op=True) for w in wave]
+    for w, work in zip(wave, works):
+        if work is not None:
+            work.wait()
+        indices = w.spec.projector.kind == "indices"
+        if w.error is None and bool((w.new < 0).any() if indices else ~w.new.isfinite().all()):
+            w.error = RuntimeError(f"refresh of {w.name} failed on rank {w.owner} of its "
+                                   "sharding group, which computes its projection (that rank "
+                                   "raised the cause)")
 
 
 def _overlap(view: dict, new: torch.Tensor, layout: ShardLayout,

@@ -217,6 +217,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sharded = [p for g in self.param_groups if _is_projected(g) for p in g["params"]
+                   if distributed.is_sharded(p) and p.grad is not None]
+        if sharded:  # FSDP2: the refreshes due run first, together (owner ranks in parallel)
+            distributed.refresh_due_(self, sharded)
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if _gradient(p) is not None]
             if _is_projected(group):

@@ -421,6 +421,20 @@ def refusals(rank: int, world: int, out: str) -> None:
             messages[case] = None
         except ValueError as exc:
             messages[case] = str(exc)
+    # a NaN in rank 1's rows of a.weight's gradient: its owner (rank 0) cannot compute the SVD
+    model = fsdp_model(world)
+    optimizer = make_optimizer("galore", model)
+    loss_of(model, 0, rank, world).backward()
+    if rank == 1:
+        model.a.weight.grad.to_local()[0, 0] = float("nan")
+    try:
+        optimizer.step()
+        raised = None
+    except (ValueError, RuntimeError) as exc:
+        raised = f"{type(exc).__name__}: {exc}"
+    every = [None] * world
+    dist.all_gather_object(every, raised)
+    messages["nan_refresh"] = every
     if rank == 0:
         torch.save(messages, Path(out) / "refusals.pt")
 

@@ -260,6 +260,12 @@ def test_int8_codes_and_unsupported_placements_are_refused_naming_the_parameter(
     assert "'layer.partial'" in messages["partial"] and "Partial" in messages["partial"]
 
 
+def test_a_failed_owner_refresh_raises_on_every_rank_instead_of_hanging(results):
+    owner, other = results["refusals"]["nan_refresh"]
+    assert owner.startswith("ValueError") and "'a.weight'" in owner and "NaN" in owner
+    assert other.startswith("RuntimeError") and "'a.weight'" in other and "rank 0" in other
+
+
 def test_int8_weights_under_ddp_need_their_float_grad_averaged(results):
     """DDP averages .grad, not the float_grad of INT8 codes: average_int8_grads makes every
     rank step from the averaged gradient (ordinary and layer-wise stepping), without it the

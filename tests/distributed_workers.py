@@ -448,6 +448,7 @@ def everything(rank: int, world: int, out: str, fsdp: tuple, ddp: tuple, layerwi
     dcp_runs(rank, world, out, dcp)
     refusals(rank, world, out)
     int8_ddp_runs(rank, world, out)
+    swapped_runs(rank, world, out)
 
 
 INT8_LAYERS = ("a", "c")
@@ -517,3 +518,32 @@ def int8_ddp_runs(rank: int, world: int, out: str) -> None:
                             "ranks_identical": all(torch.equal(every[0], e) for e in every)}
     if rank == 0:
         torch.save(results, Path(out) / "int8_ddp.pt")
+
+
+def swapped_runs(rank: int, world: int, out: str) -> None:
+    """The optimizer built on the plain model, then the model sharded and the optimizer's
+    parameters replaced by the sharded ones: what accelerate's FSDP2 preparation does (and so
+    transformers' Trainer with fsdp_version 2), see accelerate's _prepare_fsdp2."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model()
+    optimizer = make_optimizer("galore", model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    mesh = init_device_mesh("cpu", (world,))
+    for name in LAYERS:
+        fully_shard(getattr(model, name), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    sharded = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    trajectory = []
+    for step in range(STEPS):
+        loss_of(model, step, rank, world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        trajectory.append(snapshot(model))
+    if rank == 0:
+        torch.save({"trajectory": trajectory,
+                    "sharded": all(type(p).__name__ == "DTensor" for p in sharded.values())},
+                   Path(out) / "swapped.pt")

@@ -47,7 +47,7 @@ def results(tmp_path_factory):
     workers.launch(workers.everything, WORLD, str(out), FSDP_RUNS, DDP_RUNS, LAYERWISE_RUNS,
                    DCP_RUNS)
     return {name: torch.load(out / f"{name}.pt", weights_only=False)
-            for name in ("fsdp", "ddp", "layerwise", "dcp", "refusals", "int8_ddp")}
+            for name in ("fsdp", "ddp", "layerwise", "dcp", "refusals", "int8_ddp", "swapped")}
 
 
 def assert_trajectories_close(actual: list[dict], expected: list[dict], tolerance: float):
@@ -277,3 +277,13 @@ def test_int8_weights_under_ddp_need_their_float_grad_averaged(results):
     single = workers.train_int8_single()
     assert_trajectories_close(runs["averaged"]["trajectory"], single, 2e-2)
     assert_trajectories_close(runs["layerwise"]["trajectory"], single, 2e-2)
+
+
+def test_parameters_swapped_for_sharded_ones_after_construction_as_accelerate_does(results):
+    """transformers' Trainer with FSDP2 builds the optimizer first; accelerate then shards the
+    model and replaces the optimizer's parameters by the DTensor ones. The optimizer, which
+    creates its state at the first step, trains on as if built on the sharded model."""
+    run = results["swapped"]
+    assert run["sharded"]
+    single, _, _ = workers.train_single("galore")
+    assert_trajectories_close(run["trajectory"], single, E2E)

@@ -61,6 +61,7 @@ from lowrank_kernels.distributed.collectives import (
 )
 from lowrank_kernels.distributed.placement import (
     ShardLayout,
+    check_sharded_param,
     chunk_range,
     is_sharded,
     layout_of,
@@ -101,6 +102,7 @@ def _weight(optimizer, p: torch.Tensor) -> _Weight:
     """Looks ``p`` up in ``optimizer``, checks its gradient, allocates its state."""
     group, index, position = optimizer._locate(p)
     name = optimizer._name(group, index, p)
+    check_sharded_param(p, name)  # again: accelerate swaps sharded parameters in after __init__
     grad = p.grad
     if not is_sharded(grad) or tuple(grad.placements) != tuple(p.placements):
         raise ValueError(f"gradient of {name}: expected a DTensor placed as its parameter "

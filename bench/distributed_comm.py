@@ -148,11 +148,10 @@ def print_rows(title: str, rows: list[Row], reference: Row) -> None:
 # measured at the test's shapes
 # --------------------------------------------------------------------------------------------
 def _measure_rank(rank: int, world: int, out: str) -> None:
+    import distributed_workers as workers
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-
-    import distributed_workers as workers
 
     from lowrank_kernels.distributed import CommCounter
 

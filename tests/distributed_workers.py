@@ -255,6 +255,14 @@ def fsdp_runs(rank: int, world: int, out: str, runs: tuple[tuple[str, str], ...]
         torch.save(results, Path(out) / "fsdp.pt")
 
 
+def ranks_identical(tensors: list[torch.Tensor], world: int) -> bool:
+    """Whether every rank holds the same bits in ``tensors`` (NaN equal to itself)."""
+    flat = torch.cat([t.detach().flatten().double() for t in tensors]).view(torch.int64)
+    every = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(every, flat)
+    return all(torch.equal(every[0], e) for e in every)
+
+
 def ddp_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) -> None:
     """DDP: the trajectory, and every rank's parameters and states bit for bit (rank 0 stores
     whether all ranks agree)."""
@@ -270,14 +278,10 @@ def ddp_runs(rank: int, world: int, out: str, configs: tuple[str, ...]) -> None:
             optimizer.step()
             optimizer.zero_grad()
             trajectory.append(snapshot(model.module))
-        flat = torch.cat([t.flatten().double() for s in state_snapshot(model.module, optimizer)
-                          .values() for t in s.values()] +
-                         [p.detach().flatten().double() for p in model.parameters()])
-        flat = flat.view(torch.int64)  # bits: NaN (an unmeasured overlap) equals itself
-        every = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(every, flat)
+        tensors = [t for s in state_snapshot(model.module, optimizer).values()
+                   for t in s.values()] + list(model.parameters())
         results[config] = {"trajectory": trajectory,
-                           "ranks_identical": all(torch.equal(every[0], e) for e in every)}
+                           "ranks_identical": ranks_identical(tensors, world)}
     if rank == 0:
         torch.save(results, Path(out) / "ddp.pt")
 
@@ -510,12 +514,8 @@ def int8_ddp_runs(rank: int, world: int, out: str) -> None:
             trajectory.append(weights(model.module))
         if variant == "layerwise":
             trainer.remove()
-        flat = torch.cat([t.detach().flatten().double() for t in model.module.state_dict()
-                          .values()])
-        every = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(every, flat)
-        results[variant] = {"trajectory": trajectory,
-                            "ranks_identical": all(torch.equal(every[0], e) for e in every)}
+        results[variant] = {"trajectory": trajectory, "ranks_identical": ranks_identical(
+            list(model.module.state_dict().values()), world)}
     if rank == 0:
         torch.save(results, Path(out) / "int8_ddp.pt")
 

@@ -61,30 +61,34 @@ def broadcast_(t: torch.Tensor, layout: ShardLayout, owner: int, *, async_op: bo
 class PendingGather:
     """A gather in flight (:func:`start_gather`)."""
 
-    def __init__(self, work, pieces: list[torch.Tensor] | None, dim: int, size: int,
-                 whole: torch.Tensor | None = None):
-        self.work, self.pieces, self.dim, self.size, self.whole = work, pieces, dim, size, whole
+    def __init__(self, work, whole: torch.Tensor | None, dim: int, size: int):
+        self.work, self.whole, self.dim, self.size = work, whole, dim, size
 
     def wait(self) -> torch.Tensor | None:
+        """The whole tensor on the owner (contiguous: a copy only when gathered along dim 1),
+        None elsewhere."""
         if self.work is not None:
             self.work.wait()
-        if self.whole is not None or self.pieces is None:
-            return self.whole
-        return torch.cat(self.pieces)[:self.size].movedim(0, self.dim).contiguous()
+        if self.whole is None:
+            return None
+        return self.whole[:self.size].movedim(0, self.dim).contiguous()
 
 
 def start_gather(local: torch.Tensor, dim: int, size: int, layout: ShardLayout, owner: int
                  ) -> PendingGather:
     """Starts gathering the whole tensor (``size`` along ``dim``) on rank ``owner`` from every
-    rank's chunk; its ``wait()`` returns it there, None on the other ranks."""
+    rank's chunk; its ``wait()`` returns it there, None on the other ranks. The owner receives
+    into one buffer (the pieces are views of it), so it holds the gradient once."""
     if layout.world == 1:
-        return PendingGather(None, None, dim, size, whole=local)
+        return PendingGather(None, local.movedim(dim, 0), dim, size)
     chunk = -(-size // layout.world)
     buffer = _padded_front(local, dim, chunk)
-    pieces = ([torch.empty_like(buffer) for _ in range(layout.world)]
-              if layout.rank == owner else None)
+    whole = pieces = None
+    if layout.rank == owner:
+        whole = buffer.new_empty((chunk * layout.world, *buffer.shape[1:]))
+        pieces = list(whole.split(chunk))
     work = dist.gather(buffer, pieces, group=layout.group, group_dst=owner, async_op=True)
-    return PendingGather(work, pieces, dim, size)
+    return PendingGather(work, whole, dim, size)
 
 
 def reduce_scatter_along(partial: torch.Tensor, dim: int, layout: ShardLayout) -> torch.Tensor:

@@ -58,7 +58,8 @@ def _step_after_all_reduce(steps: DDPLayerwiseSteps, bucket):
         if steps.trainer.holds(p):
             steps.trainer.step_now(p, grad)
     buffer.zero_()
-    done = torch.futures.Future()
+    # a CUDA-aware future on GPUs, so that DDP's use of the buffer waits for the zeroing
+    done = torch.futures.Future(devices=[buffer.device] if buffer.is_cuda else None)
     done.set_result(buffer)
     return done
 

@@ -53,9 +53,10 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def sharded_dim(m: int, n: int, world: int, placement: str) -> int:
-    """The dim FSDP2 shards an m×n weight on: 0, or 1 for a left-side weight whose n the world
-    divides under lowrank_shard_placement ("long")."""
-    return 1 if placement == "long" and m < n and n % world == 0 else 0
+    """The dim FSDP2 shards an m×n weight on: 0 ("default"), or 1 when the world divides n for
+    a left-side weight under lowrank_shard_placement ("long") or for any weight ("columns")."""
+    even = n % world == 0
+    return 1 if even and (placement == "columns" or (placement == "long" and m < n)) else 0
 
 
 def weight_collectives(m: int, n: int, rank: int, world: int, *, placement: str = "default",

@@ -1,8 +1,9 @@
 """Multi-process workers of tests/test_distributed.py (CPU, gloo), importable by spawned ranks.
 
 One tiny model covers every case the sharded step distinguishes, on 2 ranks, under FSDP2's
-default placement (dim 0) and under ``lowrank_shard_placement`` ("long": left-side weights with
-an even n on dim 1):
+default placement (dim 0), under ``lowrank_shard_placement`` ("long": left-side weights with
+an even n on dim 1), and "columns" (every weight with an even n on dim 1: a.weight is then a
+right-side weight whose shard cuts its basis side, 16 columns 8 / 8, R reduce-scattered by rows):
 
 =========  =====  =====  ===========================================  =========================
 weight     shape  side   dim 0 (default)                              "long" placement
@@ -153,6 +154,14 @@ def train_single(config: str, steps: int = STEPS, grads: list[dict] | None = Non
     return trajectory, optimizer, model
 
 
+def columns(param: torch.nn.Parameter):
+    """Every 2-D weight whose columns split evenly on dim 1, right-side ones included (their
+    shard then cuts the basis side: R = G Qᵀ sums over ranks)."""
+    from torch.distributed.tensor import Shard
+
+    return Shard(1) if param.dim() == 2 and param.shape[1] % dist.get_world_size() == 0 else None
+
+
 def fsdp_model(world: int, placement: str = "default", dtype: torch.dtype = torch.float32
                ) -> Net:
     from torch.distributed.device_mesh import init_device_mesh
@@ -161,7 +170,7 @@ def fsdp_model(world: int, placement: str = "default", dtype: torch.dtype = torc
     from lowrank_kernels.distributed import lowrank_shard_placement
 
     mesh = init_device_mesh("cpu", (world,))
-    fn = lowrank_shard_placement(mesh) if placement == "long" else None
+    fn = {"default": None, "long": lowrank_shard_placement(mesh), "columns": columns}[placement]
     model = build_model(dtype)
     for name in LAYERS:
         fully_shard(getattr(model, name), mesh=mesh, shard_placement_fn=fn)

@@ -3,7 +3,9 @@
 One tiny model covers every case the sharded step distinguishes, on 2 ranks, under FSDP2's
 default placement (dim 0), under ``lowrank_shard_placement`` ("long": left-side weights with
 an even n on dim 1), and "columns" (every weight with an even n on dim 1: a.weight is then a
-right-side weight whose shard cuts its basis side, 16 columns 8 / 8, R reduce-scattered by rows):
+right-side weight whose shard cuts its basis side, 16 columns 8 / 8, R reduce-scattered by rows);
+HSDP meshes (Replicate, Shard) of 1×2 ("hsdp", the shards as above on mesh dim 1) and 2×1
+("hsdp_replicated": every rank holds whole weights, one rank per shard group):
 
 =========  =====  =====  ===========================================  =========================
 weight     shape  side   dim 0 (default)                              "long" placement
@@ -169,8 +171,12 @@ def fsdp_model(world: int, placement: str = "default", dtype: torch.dtype = torc
 
     from lowrank_kernels.distributed import lowrank_shard_placement
 
-    mesh = init_device_mesh("cpu", (world,))
-    fn = {"default": None, "long": lowrank_shard_placement(mesh), "columns": columns}[placement]
+    if placement.startswith("hsdp"):  # HSDP: (Replicate(), Shard(0)) on a 2-D mesh
+        shape = (world, 1) if placement == "hsdp_replicated" else (1, world)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+    fn = {"long": lowrank_shard_placement(mesh), "columns": columns}.get(placement)
     model = build_model(dtype)
     for name in LAYERS:
         fully_shard(getattr(model, name), mesh=mesh, shard_placement_fn=fn)

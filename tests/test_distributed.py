@@ -32,7 +32,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 WORLD = 2
 PLACEMENTS = ("default", "long", "columns")
 FSDP_RUNS = tuple((c, p) for c in workers.CONFIGS + ("galore_bf16",) for p in PLACEMENTS
-                  if p != "columns" or c in ("galore", "dct", "qgalore", "lazy_svd"))
+                  if p != "columns" or c in ("galore", "dct", "qgalore", "lazy_svd")) + (
+    ("galore", "hsdp"), ("galore", "hsdp_replicated"))
 DDP_RUNS = ("galore", "dct", "qgalore", "random")
 LAYERWISE_RUNS = ("galore", "dct", "qgalore")
 DCP_RUNS = (("galore", "default"), ("dct", "long"), ("qgalore", "default"), ("lazy_svd", "long"))
@@ -102,6 +103,15 @@ def test_fsdp_bf16_weights_and_moments_within_twice_one_process_bf16_error(resul
             one = float((bf16[step][name].float() - exact).abs().max())
             two = float((sharded[step][name].float() - exact).abs().max())
             assert two <= 2 * one + exact.abs().max() * 2**-8, (step, name, two, one)
+
+
+def test_hsdp_states_are_placed_on_the_sharding_mesh_dimension(results):
+    placed = results["fsdp"][("galore", "hsdp")]["placements"]
+    assert placed["a.weight"]["param"] == "R,S(0)" and placed["a.weight"]["exp_avg"] == "R,S(0)"
+    assert placed["b.weight"]["exp_avg"] == "R,S(1)" and placed["b.weight"]["proj"] == "R,S(0)"
+    assert placed["a.weight"]["proj"] == "R,R"
+    comm = results["fsdp"][("galore", "hsdp_replicated")]["comm"]
+    assert all(calls == [] for step in comm for calls in step.values())  # shard groups of 1
 
 
 def test_state_is_placed_with_its_weight(results):

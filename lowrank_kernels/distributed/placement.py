@@ -25,7 +25,7 @@ step, proj_* counters 0-d tensors, equal on every rank (plain tensors, as torch 
 
 The moments follow the long side whatever W's sharding: when W is sharded on that side they are
 the rows/columns of its shard; when W is sharded on the short side, R is reduce-scattered along
-the long side so that Adam runs on 1/w of it per rank (placement.py's neighbour step.py says
+the long side so that Adam runs on 1/w of it per rank (step.py says
 how). Every non-scalar state tensor is a DTensor on the parameter's mesh, so
 ``torch.distributed.checkpoint`` saves each shard once and reloads it onto any number of ranks.
 A mesh with more dimensions (HSDP: ``(Replicate(), Shard(0))``) is handled along its sharding

@@ -19,17 +19,23 @@ def is_right_side(m: int, n: int) -> bool:
     return m >= n
 
 
-def project(grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+def _side(m: int, n: int, right: bool | None) -> bool:
+    """``right`` if given, else the side rule. A row shard of a weight (FSDP2) keeps the side of
+    the whole weight, which its own shape may not show (a 512×4096 shard of a 4096×4096 one)."""
+    return is_right_side(m, n) if right is None else right
+
+
+def project(grad: torch.Tensor, proj: torch.Tensor, right: bool | None = None) -> torch.Tensor:
     """R = G Qᵀ (m×r; right, proj r×n) or R = Pᵀ G (r×n; left, proj m×r), in fp32."""
     g, p = grad.float(), proj.float()
-    return g @ p.T if is_right_side(*grad.shape) else p.T @ g
+    return g @ p.T if _side(*grad.shape, right) else p.T @ g
 
 
-def project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: int, scale: float
-                 ) -> torch.Tensor:
+def project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: int, scale: float,
+                 right: bool | None = None) -> torch.Tensor:
     """scale · N Q (right, N m×r) or scale · P N (left, N r×n), an m×n fp32 tensor."""
     lr_, p = low_rank.float(), proj.float()
-    return (lr_ @ p if is_right_side(m, n) else p @ lr_) * scale
+    return (lr_ @ p if _side(m, n, right) else p @ lr_) * scale
 
 
 def adam_step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
@@ -48,23 +54,35 @@ def adam_normalized(low_rank_grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
                       beta2: float, eps: float, weight_decay: float, scale: float, step: int,
-                      seed: int = 0) -> None:
+                      seed: int = 0, right: bool | None = None) -> None:
     """One GaLore AdamW step (DESIGN.md §4.2), galore-torch ``GaLoreAdamW`` semantics.
 
     M ← β1·M + (1−β1)·R,  V ← β2·V + (1−β2)·R²,  N = M / (√V + ε),
     W ← W − α_t·scale·back(N),  then  W ← W − lr·wd·W  (decoupled decay after the update).
     N uses the fp32 moments; bf16 moments are then stored with stochastic rounding
-    (:func:`store_moments_`, Philox key rounding_philox_seed(seed, step)).
+    (:func:`store_moments_`, Philox key rounding_philox_seed(seed, step)). ``right`` overrides
+    the side rule (see :func:`_side`).
     """
-    m, n = param.shape
     exp_avg32, exp_avg_sq32 = exp_avg.float(), exp_avg_sq.float()
-    normalized = adam_normalized(project(grad, proj), exp_avg32, exp_avg_sq32, beta1, beta2, eps)
+    normalized = adam_normalized(project(grad, proj, right), exp_avg32, exp_avg_sq32, beta1, beta2,
+                                 eps)
+    galore_update_(param, normalized, proj, lr=lr, beta1=beta1, beta2=beta2,
+                   weight_decay=weight_decay, scale=scale, step=step, right=right)
+    store_moments_(exp_avg, exp_avg_sq, exp_avg32, exp_avg_sq32, rounding_philox_seed(seed, step))
+
+
+def galore_update_(param: torch.Tensor, normalized: torch.Tensor, proj: torch.Tensor, *,
+                   lr: float, beta1: float, beta2: float, weight_decay: float, scale: float,
+                   step: int, right: bool | None = None) -> None:
+    """The weight half of :func:`fused_galore_step`, given N:
+    W ← W − α_t·scale·back(N), then W ← W − lr·wd·W."""
+    m, n = param.shape
     w = param.float()
-    w.sub_(project_back(normalized, proj, m, n, scale), alpha=adam_step_size(lr, beta1, beta2, step))
+    w.sub_(project_back(normalized, proj, m, n, scale, right),
+           alpha=adam_step_size(lr, beta1, beta2, step))
     if weight_decay != 0.0:
         w.mul_(1.0 - lr * weight_decay)
     param.copy_(w)
-    store_moments_(exp_avg, exp_avg_sq, exp_avg32, exp_avg_sq32, rounding_philox_seed(seed, step))
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,21 +99,24 @@ def dct_basis(d: int, indices: torch.Tensor) -> torch.Tensor:
     return (scale * torch.cos(phase.to(torch.float64) * (math.pi / (2 * d)))).float()
 
 
-def dct_coefficients(grad: torch.Tensor) -> torch.Tensor:
-    """G's DCT-II coefficients along its short side, fp32: G Cᵀ (m×d, right) or C G (d×n, left)."""
+def dct_coefficients(grad: torch.Tensor, right: bool | None = None) -> torch.Tensor:
+    """G's DCT-II coefficients along its short side, fp32: G Cᵀ (m×d, right) or C G (d×n, left).
+    ``right`` overrides the side rule (see :func:`_side`)."""
     m, n = grad.shape
-    right = is_right_side(m, n)
+    right = _side(m, n, right)
     d = n if right else m
     basis = dct_basis(d, torch.arange(d, device=grad.device))
     g = grad.float()
     return g @ basis.T if right else basis @ g
 
 
-def dct_scores(grad: torch.Tensor, norm: int = 1) -> torch.Tensor:
+def dct_scores(grad: torch.Tensor, norm: int = 1, right: bool | None = None) -> torch.Tensor:
     """Per-frequency alignment: the ℓ1 (norm=1) or ℓ2 (norm=2) norm of each column (right) or row
-    (left) of dct_coefficients(grad), length d = min(m, n)."""
-    coeffs = dct_coefficients(grad)
-    return torch.linalg.vector_norm(coeffs, ord=norm, dim=0 if is_right_side(*grad.shape) else 1)
+    (left) of dct_coefficients(grad), length d = min(m, n) (n right, m left when ``right`` is
+    given)."""
+    right = _side(*grad.shape, right)
+    coeffs = dct_coefficients(grad, right)
+    return torch.linalg.vector_norm(coeffs, ord=norm, dim=0 if right else 1)
 
 
 def top_r_indices(scores: torch.Tensor, rank: int) -> torch.Tensor:

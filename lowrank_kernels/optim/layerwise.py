@@ -48,9 +48,20 @@ the trainer does not see (called as ``model.forward(...)`` or through a wrapper 
 recognised when the next one starts (its callback was queued on another graph task) and the
 trainer's count resumes, but what it had done stays done: the parameters stepped before the
 error, and gradients accumulated into ``.grad`` by it; restore a checkpoint to retry the batch
-exactly. The trainer is single-threaded (hooks fire on the thread running the backward) and, as
-its steps run in the post-accumulate-grad hooks, before any DistributedDataParallel all-reduce,
-for single-process training.
+exactly. The trainer is single-threaded (hooks fire on the thread running the backward).
+
+Distributed training. FSDP2 (``fully_shard``) calls a sharded parameter's post-accumulate-grad
+hooks after its gradient's reduce-scatter, so the trainer steps each weight from its averaged
+shard as in one process (the sharded step's collectives run inside the backward pass, in the same
+order on every rank) and frees it; keep FSDP2's gradient sync on for every micro-batch (its
+default): with ``set_requires_gradient_sync(False)`` no hook fires and the micro-batch is not
+counted. DistributedDataParallel averages gradients after those hooks fire, so for a DDP model
+the trainer steps from a DDP communication hook instead, once a bucket's all-reduce is done
+(lowrank_kernels.distributed.ddp: ``no_sync()`` for the accumulating micro-batches is optional;
+under DDP the gradients live in DDP's buckets, so layer-wise stepping saves no gradient memory
+there). INT8 codes are not DDP parameters: call
+``lowrank_kernels.distributed.average_int8_grads(model)`` before ``layerwise(...)`` so that their
+``float_grad`` is averaged before their step.
 
 Results equal ordinary training with the same optimizer, data, accumulation and per-parameter
 clipping, with and without activation checkpointing (tests/test_optim_layerwise.py checks this).
@@ -65,6 +76,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from lowrank_kernels.autograd import FLOAT_GRAD, register_float_grad_hook
+from lowrank_kernels.distributed.ddp import DDPLayerwiseSteps
 from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
 
 
@@ -92,10 +104,10 @@ class LayerwiseTrainer:
         self._warned_unhooked = False
         self._saw_grad = False  # a held parameter received its gradient in the pass in progress
         self._stepped: set[int] = set()  # parameters stepped in the pass in progress
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self._held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self._handles = [model.register_forward_hook(self._on_forward)]
         for p in model.parameters():
-            if id(p) not in held:
+            if not self.holds(p):
                 continue
             if p.dtype == torch.uint8:  # INT8 codes: their gradient arrives in float_grad
                 self._handles.append(register_float_grad_hook(p, self._on_grad))
@@ -104,6 +116,13 @@ class LayerwiseTrainer:
         if len(self._handles) == 1:
             self.remove()
             raise ValueError("model: none of its trainable parameters is held by the optimizer")
+        # DDP averages gradients after the hooks above fire: its own hook steps its parameters
+        self._ddp = (DDPLayerwiseSteps(model, self)
+                     if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
+
+    def holds(self, p: torch.Tensor) -> bool:
+        """Whether the optimizer holds ``p``."""
+        return id(p) in self._held
 
     @property
     def stepping(self) -> bool:
@@ -149,8 +168,12 @@ class LayerwiseTrainer:
                           "under activation checkpointing with use_reentrant=True", stacklevel=2)
         self._queue_end_of_backward(from_output=False)
         self._saw_grad = True
-        if not self.stepping:
-            return
+        if self.stepping and not (self._ddp is not None and self._ddp.owns(p)):
+            self.step_now(p)
+
+    def step_now(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Clips and steps ``p`` once in this pass, then frees its gradient. With ``grad`` (DDP's
+        averaged bucket view) it steps from ``grad`` and leaves ``.grad`` to DDP."""
         if id(p) in self._stepped:
             raise RuntimeError(
                 "layer-wise training: a parameter received its gradient twice in one backward "
@@ -160,13 +183,17 @@ class LayerwiseTrainer:
                 "use_reentrant=False")
         self._stepped.add(id(p))
         int8 = p.dtype == torch.uint8
+        if grad is not None:
+            local_grad, p.grad = p.grad, grad
         if self.max_grad_norm is not None:
             if int8:
                 clip_float_grad_(p, self.max_grad_norm)
             else:
                 torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
         self.optimizer.step_parameter(p)
-        if int8:
+        if grad is not None:
+            p.grad = local_grad
+        elif int8:
             setattr(p, FLOAT_GRAD, None)
         else:
             p.grad = None

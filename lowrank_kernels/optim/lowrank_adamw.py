@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from lowrank_kernels import ops, reference
+from lowrank_kernels import distributed, ops, reference
 from lowrank_kernels.projection import make_projector, make_refresh_policy
 from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
@@ -271,6 +271,8 @@ class LowRankAdamW(torch.optim.Optimizer):
                                  f"{group['state_dtype']!r}")
             for i, p in enumerate(group["params"]):
                 name = self._name(group, i, p)
+                if distributed.is_sharded(p):
+                    distributed.check_sharded_param(p, name)
                 if p.dim() != 2:
                     raise ValueError(f"{name}: projected parameters must be 2-D weights, got "
                                      f"shape {list(p.shape)}; put it in a group without 'rank'")
@@ -345,6 +347,10 @@ class LowRankAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        sharded = [p for g in self.param_groups if _is_projected(g) for p in g["params"]
+                   if distributed.is_sharded(p) and p.grad is not None]
+        if sharded:  # FSDP2: the refreshes due run first, together (owner ranks in parallel)
+            distributed.refresh_due_(self, sharded)
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if _gradient(p) is not None]
             if not with_grad:
@@ -397,14 +403,15 @@ class LowRankAdamW(torch.optim.Optimizer):
         float for custom-op arguments: a scheduler would recompile the graph every step). The
         kernel is one call per weight already; a graph would have nothing to fuse.
 
-        The group's spec, its shared scalars and the kernel are looked up once per call, not per
+        The group's spec and the kernel are looked up once per call, not per
         weight: at small shapes these per-weight costs are the step's cost (bench/
         bench_step_overhead.py)."""
         spec = self._spec(group)
-        beta1, beta2 = group["betas"]
-        shared = {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "scale": group["scale"]}
         kernels: dict[torch.device, Callable] = {}
         for p in params:
+            if distributed.is_sharded(p):  # FSDP2: state placement and collectives live there
+                distributed.step_sharded(self, p)
+                continue
             grad = _gradient(p)
             if grad.is_sparse:
                 raise RuntimeError("LowRankAdamW does not support sparse gradients")
@@ -416,31 +423,40 @@ class LowRankAdamW(torch.optim.Optimizer):
                 proj_state.refresh_(state, grad, p, spec, step - 1,
                                     self._name(group, self._locate(p)[1], p))
             state["step"].fill_(step)
-            lr, wd = self._step_size(group, step)
-            formats = proj_state.step_args(state, spec)
-            if p.dtype == torch.uint8:
-                # the weight's quantization parameters belong to the model; the step rewrites them
-                formats.update(param_scales=p.scales, param_zeros=p.zeros,
-                               param_group_size=_int8_group_size(p))
             kernel = kernels.get(p.device)
             if kernel is None:
                 kernel = kernels[p.device] = self._fused_step_kernel(p.device)
+            formats = proj_state.step_args(state, spec)
             # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the
             # weight from at::parallel_for workers, where grad mode is not inherited, so handing
             # it the Parameter itself trips autograd's in-place check on a leaf view.
             kernel(p.detach(), grad.contiguous(), formats.pop("proj"), state["exp_avg"],
-                   state["exp_avg_sq"], lr=lr, weight_decay=wd, step=step,
-                   seed=int(state["proj_seed"]) % (2**31), **shared, **formats)
+                   state["exp_avg_sq"], **self._step_hyper(group, state, p, step), **formats)
+
+    def _step_hyper(self, group: dict, state: dict, p: torch.Tensor, step: int) -> dict:
+        """The scalar (and INT8 quantization) arguments of the fused step at ``step``."""
+        lr, wd = self._step_size(group, step)
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
+                     scale=group["scale"], step=step, seed=int(state["proj_seed"]) % (2**31))
+        if p.dtype == torch.uint8:
+            # the weight's quantization parameters belong to the model; the step rewrites them
+            hyper.update(param_scales=p.scales, param_zeros=p.zeros,
+                         param_group_size=_int8_group_size(p))
+        return hyper
 
     @staticmethod
     def _init_projected_state(state: dict, p: torch.Tensor, spec: proj_state.ProjectionSpec,
                               group: dict, position: int) -> None:
         m, n = p.shape
         shape = ops.low_rank_shape(m, n, spec.rank)
+        # a DTensor's moments are DTensors placed with it (lowrank_kernels.distributed)
+        zeros = (distributed.moment_zeros(p) if distributed.is_sharded(p)
+                 else functools.partial(torch.zeros, device=p.device))
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         dtype = moment_dtype(group["state_dtype"], p)
-        state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
+        state["exp_avg"] = zeros(shape, dtype=dtype)
+        state["exp_avg_sq"] = zeros(shape, dtype=dtype)
         proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
 
     @staticmethod
@@ -469,6 +485,8 @@ class LowRankAdamW(torch.optim.Optimizer):
             spec = self._spec(group)
             self._init_projected_state(state, p, spec, group, position)
             proj_state.allocate_(state, p, spec)
+            if distributed.is_sharded(p):
+                distributed.shard_projection_(state, p)
         else:
             self._init_dense_state(state, p)
         return state

@@ -56,6 +56,9 @@ class Projector:
     name = "base"
     kind = "dense"
     needs_generator = False
+    # False when compute() reads only the gradient's shape and device (a sharded step then
+    # computes the projection on every rank without gathering the gradient)
+    needs_gradient = True
 
     def compute(self, grad: torch.Tensor, rank: int, *, generator: torch.Generator | None,
                 param_name: str) -> torch.Tensor:

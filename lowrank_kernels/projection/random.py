@@ -16,6 +16,7 @@ from lowrank_kernels.projection.base import Projector, basis_dim, to_layout
 class RandomProjector(Projector):
     name = "random"
     needs_generator = True
+    needs_gradient = False
 
     def compute(self, grad, rank, *, generator, param_name):
         m, n = grad.shape

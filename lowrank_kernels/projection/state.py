@@ -97,20 +97,46 @@ def refresh_(state: dict, grad: torch.Tensor, param: torch.Tensor, spec: Project
     """Recomputes the projection from ``grad`` and advances the refresh counters."""
     m, n = param.shape
     check_rank(spec.rank, m, n, param_name)
+    new = compute_projection(state, grad, spec, param_name)
+    install_(state, new, param, spec, step_before, measure_overlap(state, new, m, n, spec))
+
+
+def compute_projection(state: dict, grad: torch.Tensor, spec: ProjectionSpec, param_name: str
+                       ) -> torch.Tensor:
+    """The projector's output for ``grad`` (the whole m×n gradient), drawing from the generator
+    that the refresh counters seed (so every process that holds the same counters draws the same
+    random numbers)."""
     generator = _generator(state, grad.device) if spec.projector.needs_generator else None
-    new = spec.projector.compute(grad, spec.rank, generator=generator, param_name=param_name)
-    # proj may exist before the first refresh (zeros from allocate_); only a computed one counts
-    had_basis = int(state["proj_last_refresh"]) >= 0
-    if spec.policy.measures_overlap and had_basis:
-        if spec.projector.kind == "indices":
-            overlap = index_overlap(state["proj"], new)
-        else:
-            old = dense_basis(state, m, n, spec)
-            if state["proj"].dtype == torch.uint8:
-                # INT4 rounding leaves the columns slightly off orthonormal (the overlap could
-                # exceed 1): measure the subspace they span
-                old = to_layout(torch.linalg.qr(columns_of(old, m, n)).Q, m, n)
-            overlap = subspace_overlap(old, new, m, n)
+    return spec.projector.compute(grad, spec.rank, generator=generator, param_name=param_name)
+
+
+def measure_overlap(state: dict, new: torch.Tensor, m: int, n: int, spec: ProjectionSpec
+                    ) -> float | None:
+    """The overlap of the stored projection with ``new``, or None when the policy does not
+    measure it or no projection was computed yet."""
+    if not overlap_due(state, spec):
+        return None
+    if spec.projector.kind == "indices":
+        return index_overlap(state["proj"], new)
+    old = dense_basis(state, m, n, spec)
+    if state["proj"].dtype == torch.uint8:
+        # INT4 rounding leaves the columns slightly off orthonormal (the overlap could exceed 1):
+        # measure the subspace they span
+        old = to_layout(torch.linalg.qr(columns_of(old, m, n)).Q, m, n)
+    return subspace_overlap(old, new, m, n)
+
+
+def overlap_due(state: dict, spec: ProjectionSpec) -> bool:
+    """Whether a refresh now measures the overlap: the policy uses it and a computed projection
+    exists (proj may exist before the first refresh: zeros from allocate_)."""
+    return spec.policy.measures_overlap and int(state["proj_last_refresh"]) >= 0
+
+
+def install_(state: dict, new: torch.Tensor, param: torch.Tensor, spec: ProjectionSpec,
+             step_before: int, overlap: float | None) -> None:
+    """Stores a computed projection (``new``, as the projector returned it) and advances the
+    refresh counters; ``overlap`` (from :func:`measure_overlap`) steers the lazy policy's gap."""
+    if overlap is not None:
         state["proj_overlap"].fill_(overlap)
         state["proj_gap"].fill_(spec.policy.next_gap(int(state["proj_gap"]), overlap))
     elif not spec.policy.measures_overlap:

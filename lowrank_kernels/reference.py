@@ -63,8 +63,9 @@ def adagrad_normalized(low_rank_grad: torch.Tensor, exp_avg_sq: torch.Tensor, ep
     (0, 1, 1, 1) -- make_adam_coeffs' beta1, one_minus_beta1, beta2, one_minus_beta2 -- and M
     starting at 0, operation for operation in fp32: M = 0·0 + 1·R = R and V = 1·V + (1·R)·R =
     V + R·R (multiplying by 1 and adding 0 are exact). A kernel runs its Adam code with those
-    coefficients, M held as 0 in registers and never loaded or stored."""
-    exp_avg_sq.addcmul_(low_rank_grad, low_rank_grad)
+    coefficients, M held as 0 in registers and never loaded or stored. R·R is rounded before
+    the addition (no fused multiply-add), as in the kernels (-ffp-contract=off)."""
+    exp_avg_sq.add_(low_rank_grad * low_rank_grad)
     return low_rank_grad / (exp_avg_sq.sqrt() + eps)
 
 

@@ -182,8 +182,8 @@ def test_fused_step_on_8bit_moments(m, n, rank, block):
     v_codes, v_scales = reference.quantize_moment(0.1 * torch.rand(shape, generator=gen),
                                                   words_for(shape, second=True), block, right,
                                                   signed=False)
-    hyper = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.1, scale=0.25,
-                 step=5)
+    hyper = {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.1,
+             "scale": 0.25, "step": 5}
     m32 = reference.dequantize_moment(m_codes, m_scales, block, right, signed=True)
     v32 = reference.dequantize_moment(v_codes, v_scales, block, right, signed=False)
     expected = param.clone()

@@ -89,12 +89,13 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
       inner="adagrad":  V ← V + R²,  N = R/(√V + ε),  α_t = lr  (§4.10; ``exp_avg`` is None,
                         ``beta1``/``beta2`` are ignored): :func:`adagrad_normalized`
       full_rank="none":   W ← d·(W − α_t·a·back(N))
-      full_rank="fira":   W ← d·(W − α_t·(a·back(N) + S)),  S = limited(φ ⊙ (G − a·back(R)))
-      full_rank="apollo": W ← d·(W − α_t·√a·φ ⊙ G·ℓ)   (no back projection at all)
+      full_rank="fira":   W ← d·(W − α_t·(a·back(N) + ℓ·φ⊙(G − a·back(R))))
+      full_rank="apollo": W ← d·(W − α_t·√a·ℓ·φ⊙G)   (no back projection at all)
 
-    φ, the limiter ℓ and ``scale_front``: :func:`full_rank_update`. ``limiter`` (fp32, one
-    element, updated in place) holds ‖S_prev‖, negative before the first limited step; None
-    turns the limiter off (APOLLO's ``disable_nl``).
+    φ (one factor per own-line, or per tensor with ``full_rank_norm="tensor"``), the limiter's
+    factor ℓ ≤ 1 and ``scale_front``: :func:`full_rank_update`. ``limiter`` (fp32, one element,
+    updated in place) holds ‖S_prev‖; a negative value means no previous step (that step stores
+    ‖S‖ and is not limited); None turns the limiter off (APOLLO's ``disable_nl``; ℓ = 1).
 
     Moments: fp32, bf16 (stochastic rounding on store) or 8-bit codes (``exp_avg`` int8,
     ``exp_avg_sq`` uint8, with ``exp_avg_scales``/``exp_avg_sq_scales`` and
@@ -624,7 +625,7 @@ def moment_scales_shape(m: int, n: int, rank: int, block_size: int = MOMENT_BLOC
     return (m if is_right_side(m, n) else n), -(-rank // block_size)
 
 
-def _moment_blocks(x: torch.Tensor, block_size: int, right: bool) -> torch.Tensor:
+def moment_blocks(x: torch.Tensor, block_size: int, right: bool) -> torch.Tensor:
     """The low-rank state as (own, ⌈r/B⌉, B) blocks along the rank axis, zero-padded."""
     lines = x if right else x.T
     own, rank = lines.shape
@@ -634,7 +635,8 @@ def _moment_blocks(x: torch.Tensor, block_size: int, right: bool) -> torch.Tenso
     return padded.view(own, blocks, block_size)
 
 
-def _from_moment_blocks(blocks: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
+def from_moment_blocks(blocks: torch.Tensor, rank: int, right: bool) -> torch.Tensor:
+    """The inverse of :func:`moment_blocks`: (own, ⌈r/B⌉, B) blocks back to the m×r or r×n state."""
     lines = blocks.reshape(blocks.shape[0], -1)[:, :rank]
     return (lines if right else lines.T).contiguous()
 
@@ -682,8 +684,8 @@ def quantize_moment(x: torch.Tensor, words: torch.Tensor, block_size: int, right
     words: int64 tensor shaped like x (uint32 values)."""
     fmt = EXP_AVG_FORMAT if signed else EXP_AVG_SQ_FORMAT
     rank = x.shape[1] if right else x.shape[0]
-    values = _moment_blocks(x.float() if signed else x.float().sqrt(), block_size, right)
-    word_blocks = _moment_blocks(words, block_size, right)
+    values = moment_blocks(x.float() if signed else x.float().sqrt(), block_size, right)
+    word_blocks = moment_blocks(words, block_size, right)
     magnitude = values.abs()
     scales = magnitude.amax(dim=2) / _f32(fmt.max_value)
     usable = (scales > 0) & torch.isfinite(scales)
@@ -696,7 +698,7 @@ def quantize_moment(x: torch.Tensor, words: torch.Tensor, block_size: int, right
     else:
         codes = torch.where((values > 0) & (codes == 0), torch.ones_like(codes), codes)
         dtype = torch.uint8
-    return _from_moment_blocks(codes, rank, right).to(dtype), scales
+    return from_moment_blocks(codes, rank, right).to(dtype), scales
 
 
 def dequantize_moment(codes: torch.Tensor, scales: torch.Tensor, block_size: int, right: bool,
@@ -705,11 +707,11 @@ def dequantize_moment(codes: torch.Tensor, scales: torch.Tensor, block_size: int
     exp_avg_sq: V = x̃·x̃ (x̃ = √V, rounded once more)."""
     fmt = EXP_AVG_FORMAT if signed else EXP_AVG_SQ_FORMAT
     rank = codes.shape[1] if right else codes.shape[0]
-    blocks = _moment_blocks(codes.to(torch.int64), block_size, right)
+    blocks = moment_blocks(codes.to(torch.int64), block_size, right)
     values = fp8_decode(blocks.abs(), fmt) * scales.unsqueeze(2)
     if signed:
-        return _from_moment_blocks(torch.where(blocks < 0, -values, values), rank, right)
-    return _from_moment_blocks(values * values, rank, right)
+        return from_moment_blocks(torch.where(blocks < 0, -values, values), rank, right)
+    return from_moment_blocks(values * values, rank, right)
 
 
 # --------------------------------------------------------------------------------------------

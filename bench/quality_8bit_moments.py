@@ -146,10 +146,12 @@ def candidates() -> list[Candidate]:
         return found
     signed = torch.sort(create_dynamic_map(signed=True).float()).values
     unsigned = torch.sort(create_dynamic_map(signed=False).float()).values
+    def table(values, stochastic, floor):
+        return lambda x, w, right: _table(x, w, right, values, stochastic, floor)
+
     for stochastic in (False, True):
         label = "SR" if stochastic else "nearest"
-        store_m = lambda x, w, r, s=stochastic: _table(x, w, r, signed, s, False)  # noqa: E731
-        store_v = lambda x, w, r, s=stochastic: _table(x, w, r, unsigned, s, True)  # noqa: E731
+        store_m, store_v = table(signed, stochastic, False), table(unsigned, stochastic, True)
         found.append(Candidate(f"bnb map {label}: V + floor", pair(store_m, store_v),
                                stochastic))
         found.append(Candidate(f"bnb map {label}: √V + floor",

@@ -1,7 +1,8 @@
 """Which 8-bit format keeps low-rank Adam moments (issue 16): candidates measured on the demo's
 tiny LLaMA against fp32 moments, and on a synthetic moment stream (the V ≈ 0 failure).
 
-    python bench/quality_8bit_moments.py [--steps 300] [--gap 200] [--seeds 2] [--out DIR]
+    python bench/quality_8bit_moments.py [--steps 300] [--gap 200] [--seeds 2] [--block-sweep]
+                                         [--skip-training] [--out DIR]
 
 Every candidate stores M and V in blocks of B = reference.MOMENT_BLOCK_SIZE consecutive rank-axis
 elements of an own-line (DESIGN.md §4.9, reference.quantize_moment), one fp32 scale per block,
@@ -108,12 +109,16 @@ def _with_sqrt_v(store_v: Callable) -> Callable:
     return lambda v, words, right: store_v(v.sqrt(), words, right) ** 2
 
 
-def _fp8_chosen(m, v, words_m, words_v, right):
-    out = []
-    for value, words, signed in ((m, words_m, True), (v, words_v, False)):
-        codes, scales = reference.quantize_moment(value, words, BLOCK, right, signed=signed)
-        out.append(reference.dequantize_moment(codes, scales, BLOCK, right, signed=signed))
-    return tuple(out)
+def fp8_chosen(block: int = BLOCK) -> Callable:
+    """reference.py's format (quantize_moment / dequantize_moment) with blocks of ``block``."""
+    def store(m, v, words_m, words_v, right):
+        out = []
+        for value, words, signed in ((m, words_m, True), (v, words_v, False)):
+            codes, scales = reference.quantize_moment(value, words, block, right, signed=signed)
+            out.append(reference.dequantize_moment(codes, scales, block, right, signed=signed))
+        return tuple(out)
+
+    return store
 
 
 def _bf16(m, v, words_m, words_v, right):
@@ -131,7 +136,7 @@ def candidates() -> list[Candidate]:
 
     found = [
         Candidate("bf16 SR (16-bit reference point)", _bf16),
-        Candidate("fp8 SR: E4M3 M, E4M4 √V + floor (chosen)", _fp8_chosen),
+        Candidate("fp8 SR: E4M3 M, E4M4 √V + floor (chosen)", fp8_chosen()),
         Candidate("linear SR: V", pair(lambda x, w, r: _linear(x, w, r, 127, False),
                                        linear(False))),
         Candidate("linear SR: √V", pair(lambda x, w, r: _linear(x, w, r, 127, False),
@@ -213,7 +218,8 @@ def final_loss(losses: list[float], window: int = 20) -> float:
     return sum(tail) / len(tail)
 
 
-def training_rows(steps: int, gap: int, seeds: int) -> list[dict[str, object]]:
+def training_rows(steps: int, gap: int, seeds: int, block_sweep: bool
+                  ) -> list[dict[str, object]]:
     torch.manual_seed(0)
     initial = memory.build_model(demo.TINY, torch.float32, device="cpu")
     data = demo.batches(demo.corpus(), steps, 16, 64, 0)
@@ -222,7 +228,10 @@ def training_rows(steps: int, gap: int, seeds: int) -> list[dict[str, object]]:
     rows = [{"moments": "fp32", "seed": "", "final_loss": round(baseline, 4),
              "vs_fp32_pct": 0.0}]
     print(f"fp32: {baseline:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for candidate in candidates():
+    runs = candidates()
+    if block_sweep:  # the chosen format with smaller blocks (r = 32: B ≥ 32 is one block a line)
+        runs += [Candidate(f"fp8 SR, B = {block}", fp8_chosen(block)) for block in (4, 8, 16)]
+    for candidate in runs:
         for seed in range(seeds if candidate.stochastic else 1):
             t0 = time.perf_counter()
             loss = final_loss(train(candidate, copy.deepcopy(initial), data, gap, 1000 * seed))
@@ -273,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap", type=int, default=200, help="SVD refresh every GAP steps")
     parser.add_argument("--seeds", type=int, default=2, help="Philox seeds per SR candidate")
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--block-sweep", action="store_true",
+                        help="also train the chosen format with blocks of 4, 8 and 16")
     parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny shapes: more threads only add noise
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.write_csv(args.out / "quality_8bit_moments_fidelity.csv", fidelity,
                       harness.machine_info("cpu"))
     if not args.skip_training:
-        training = training_rows(args.steps, args.gap, args.seeds)
+        training = training_rows(args.steps, args.gap, args.seeds, args.block_sweep)
         print(harness.format_table(training))
         harness.write_csv(args.out / "quality_8bit_moments.csv", training,
                           harness.machine_info("cpu"))

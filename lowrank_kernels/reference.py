@@ -341,6 +341,21 @@ INT4_MAX_CODE, INT8_MAX_CODE = 15, 255
 MIN_QUANT_RANGE = 1e-5
 
 
+def _f32(x: float) -> torch.Tensor:
+    """A Python float rounded to fp32 once: how every constant below enters the arithmetic."""
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _fp32_bits(x: torch.Tensor) -> torch.Tensor:
+    """The IEEE bits of fp32 values, as non-negative int64."""
+    return x.contiguous().view(torch.int32).to(torch.int64) & _U32
+
+
+def _fp32_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    return bits.view(torch.float32)
+
+
 def rounding_philox_seed(seed: int, step: int) -> int:
     """The Philox seed of step ``step`` of the stochastic-rounding stream ``seed``: key (seed, step)."""
     return seed + (step << 32)
@@ -732,21 +747,6 @@ _LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-
              1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
              3.3333331174e-1)
 _SQRT_HALF = 0.70710678118654752440
-
-
-def _f32(x: float) -> torch.Tensor:
-    """A Python float rounded to fp32 once: how every constant below enters the arithmetic."""
-    return torch.tensor(x, dtype=torch.float32)
-
-
-def _fp32_bits(x: torch.Tensor) -> torch.Tensor:
-    """The IEEE bits of fp32 values, as non-negative int64."""
-    return x.contiguous().view(torch.int32).to(torch.int64) & _U32
-
-
-def _fp32_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
-    return bits.view(torch.float32)
 
 
 def log_of_units(k: torch.Tensor, exponent: int) -> torch.Tensor:

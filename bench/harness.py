@@ -15,7 +15,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -139,6 +139,44 @@ def time_cpu(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7,
         fn()
         samples.append(time.perf_counter() - t0)
     return Timing.from_samples(samples)
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int = 5,
+                     warmup: int = 1, max_rounds: Mapping[str, int] | None = None,
+                     cold: Sequence[str] = ()) -> dict[str, Timing]:
+    """Times several providers of the same work on CPU, one call of each per round.
+
+    Every round calls each provider once (ours, peer, floor, ours, peer, floor, …), starting one
+    provider later than the round before so that none always runs right after the same other;
+    each provider's Timing is over its rounds (median, quartiles). A neighbour's job that slows
+    the machine for a while then slows every provider alike, and the ratios of medians stay
+    put where back-to-back blocks of repeats would charge the whole slowdown to one provider.
+
+    ``max_rounds`` caps a slow provider's rounds (an SVD of seconds: 1); providers in ``cold``
+    get no warm-up call (too slow to repeat). All CPU benchmarks in bench/ time through this.
+    """
+    if not fns:
+        raise ValueError("fns: expected at least one provider to time")
+    if rounds < 1:
+        raise ValueError(f"rounds: expected at least 1, got {rounds}")
+    caps = {name: min(rounds, (max_rounds or {}).get(name, rounds)) for name in fns}
+    for name, cap in caps.items():
+        if cap < 1:
+            raise ValueError(f"max_rounds: expected at least 1 round for {name!r}, got {cap}")
+    for name, fn in fns.items():
+        if name not in cold:
+            for _ in range(warmup):
+                fn()
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        start = round_ % len(names)
+        for name in names[start:] + names[:start]:
+            if len(samples[name]) < caps[name]:
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: Timing.from_samples(s) for name, s in samples.items()}
 
 
 _GPU_WARM: set[int] = set()

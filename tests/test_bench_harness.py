@@ -235,6 +235,50 @@ def test_time_cpu_counts_warmup_and_repeats():
     assert len(calls) == 8 and t.repeats == 5 and t.median_s >= 0.0
 
 
+def test_time_interleaved_alternates_providers_and_rotates_the_start():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "peer", "floor")}
+    timings = harness.time_interleaved(fns, rounds=4, warmup=1)
+    warm, timed = calls[:3], calls[3:]
+    assert warm == ["ours", "peer", "floor"]
+    assert timed == ["ours", "peer", "floor", "peer", "floor", "ours",
+                     "floor", "ours", "peer", "ours", "peer", "floor"]
+    assert {name: t.repeats for name, t in timings.items()} == {"ours": 4, "peer": 4, "floor": 4}
+
+
+def test_time_interleaved_caps_slow_providers_and_skips_their_warmup():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("svd", "dct")}
+    timings = harness.time_interleaved(fns, rounds=3, warmup=2, max_rounds={"svd": 1},
+                                       cold=("svd",))
+    assert calls.count("svd") == 1 and calls.count("dct") == 2 + 3
+    assert timings["svd"].repeats == 1 and timings["dct"].repeats == 3
+    with pytest.raises(ValueError, match="rounds"):
+        harness.time_interleaved(fns, rounds=0)
+    with pytest.raises(ValueError, match="max_rounds"):
+        harness.time_interleaved(fns, rounds=2, max_rounds={"svd": 0})
+    with pytest.raises(ValueError, match="fns"):
+        harness.time_interleaved({})
+
+
+def test_a_slow_spell_moves_every_interleaved_provider_alike(monkeypatch):
+    """A neighbour's job slows the machine 3x for four consecutive calls. Interleaved, each
+    provider gets two slow samples of five and the ratio of medians stays 2.0; timed in blocks
+    (five of one, then five of the other) the same spell would land on "ours" alone."""
+    clock = {"now": 0.0, "calls": 0}
+
+    def work(units):
+        def fn():
+            slow = 2 <= clock["calls"] < 6
+            clock["now"] += units * (3.0 if slow else 1.0)
+            clock["calls"] += 1
+        return fn
+
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
+    t = harness.time_interleaved({"ours": work(1.0), "peer": work(2.0)}, rounds=5, warmup=0)
+    assert t["peer"].median_s / t["ours"].median_s == 2.0
+
+
 def test_ratios_use_the_baseline_of_the_same_group():
     rows = [{"shape": "a", "impl": "base", "ms": 2.0}, {"shape": "a", "impl": "x", "ms": 1.0},
             {"shape": "b", "impl": "x", "ms": 4.0}]

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7,
                         help="interleaved rounds (each times floor, ours and galore-torch once)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "cpu_step.csv"))
+    parser.add_argument("--csv", default=str(harness.OUT_DIR / "cpu_step.csv"))
     args = parser.parse_args(argv)
     if not lk.EXTENSION_AVAILABLE:
         print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)

@@ -21,7 +21,7 @@ Each is timed with triton.testing.do_bench (L2 flushed between calls). Reported:
 IQR, achieved GB/s counted with the floor bytes of the provider's storage (bench/traffic.py:
 galore-torch keeps M, V in the weight dtype, ours in --state-dtype), that as a fraction of the
 device's peak DRAM bandwidth, the traffic model's prediction, and the ratio to galore-torch.
-Results go to bench/results/gpu_step_<device>.csv with the machine in its header.
+Results go to bench/out/gpu_step_<device>.csv (or --out) with the machine in its header.
 
 Without a GPU it prints the traffic model for the same shapes and exits 0. ``--device cpu`` runs
 the same providers on CPU tensors with perf_counter timing: a smoke check of this script (tests
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run the providers on CPU tensors (a smoke check)")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: bench/out/)")
     args = parser.parse_args(argv)
 
     shapes = [parse_shape(s) for s in args.shapes]

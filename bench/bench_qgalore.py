@@ -227,7 +227,8 @@ def main(argv=None) -> int:
                         help="interleaved rounds (each times floor, ours and q-galore-torch once)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "qgalore"))
+    parser.add_argument("--csv", default=str(harness.OUT_DIR / "qgalore"),
+                        help="path prefix of the three CSVs (default bench/out/qgalore)")
     args = parser.parse_args(argv)
     if not lk.EXTENSION_AVAILABLE:
         print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Training demo: a tiny LLaMA trained on CPU with AdamW, galore-torch and our presets.
 
-    python bench/demo.py [--steps 300] [--out bench/results]
+    python bench/demo.py [--steps 300] [--out bench/out]
 
 Every optimizer starts from the same initial weights and sees the same batches: byte-level
 language modelling of the Python standard library's source (no download needed). Loss curves
@@ -152,7 +152,7 @@ def plot(runs: dict[str, dict[str, list[float]]], out: Path) -> list[Path]:
     return [loss_png, time_png]
 
 
-def run(steps: int = 300, batch: int = 16, seq: int = 64, out: Path = harness.RESULTS_DIR,
+def run(steps: int = 300, batch: int = 16, seq: int = 64, out: Path = harness.OUT_DIR,
         seed: int = 0, show_progress: bool = True, threads: int = 1
         ) -> tuple[list[dict[str, object]], list[Path]]:
     # The model is tiny: more threads only add synchronisation (and fight other jobs for cores).
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=harness.OUT_DIR)
     args = parser.parse_args(argv)
     rows, pngs = run(args.steps, args.batch, args.seq, args.out, threads=args.threads)
     print(harness.format_table(rows))

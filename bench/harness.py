@@ -20,7 +20,11 @@ from pathlib import Path
 
 import torch
 
+# Committed results (rewritten only on purpose: `bash scripts/bench.sh --refresh`) and the
+# git-ignored folder every benchmark writes to by default, so that a user's run leaves the
+# checkout clean.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+OUT_DIR = Path(__file__).resolve().parent / "out"
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -358,11 +362,12 @@ def read_csv(path: Path | str) -> tuple[dict[str, str], list[dict[str, str]]]:
     return machine, list(csv.DictReader(body))
 
 
-def results_path(stem: str, device: torch.device | str | None = None, suffix: str = ".csv"
-                 ) -> Path:
-    """bench/results/<stem>[_<device label>].csv"""
+def results_path(stem: str, device: torch.device | str | None = None, suffix: str = ".csv",
+                 root: Path = OUT_DIR) -> Path:
+    """<root>/<stem>[_<device label>].csv, root bench/out/ unless given (bench/results/ to
+    refresh the committed files)."""
     label = f"_{device_label(device)}" if device is not None else ""
-    return RESULTS_DIR / f"{stem}{label}{suffix}"
+    return Path(root) / f"{stem}{label}{suffix}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -286,6 +286,26 @@ def test_ratios_use_the_baseline_of_the_same_group():
     assert [r["vs_base"] for r in rows] == [1.0, 0.5, ""]
 
 
+def test_benchmarks_write_to_an_ignored_folder_unless_refreshing():
+    """A user's run must not dirty the checkout: bench/out/ is git-ignored, and the main job
+    writes bench/results/ only with --refresh."""
+    import shutil
+    import subprocess
+
+    from bench import run_all
+
+    assert harness.results_path("x", root=harness.OUT_DIR).parent == harness.OUT_DIR
+    assert harness.results_path("x").parent == harness.OUT_DIR
+    assert run_all.output_dir(run_all.parse_args([])) == harness.OUT_DIR
+    assert run_all.output_dir(run_all.parse_args(["--refresh"])) == harness.RESULTS_DIR
+    root = harness.OUT_DIR.parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/out/report.md"], cwd=root,
+                             check=False)
+    assert ignored.returncode == 0
+
+
 def test_csv_round_trip_keeps_machine_header(tmp_path):
     machine = harness.machine_info("cpu")
     assert machine["threads"] == torch.get_num_threads() and machine["cpu"]

@@ -48,23 +48,6 @@ def make_inputs(m: int, n: int, r: int, dtype: torch.dtype):
     return param, grad, basis, torch.zeros(shape), torch.zeros(shape)
 
 
-def galore_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tensor, r: int):
-    """galore-torch's optimizer one step in, with its projector holding ``basis`` (no refresh)."""
-    from galore_torch import GaLoreAdamW
-    from galore_torch.galore_projector import GaLoreProjector
-
-    p = torch.nn.Parameter(param.clone())
-    p.grad = grad.clone()
-    opt = GaLoreAdamW([{"params": [p], "rank": r, "update_proj_gap": 10**9, "scale": HYPER["scale"],
-                        "proj_type": "std"}], lr=HYPER["lr"], weight_decay=HYPER["weight_decay"],
-                      eps=HYPER["eps"], no_deprecation_warning=True)
-    projector = GaLoreProjector(r, update_proj_gap=10**9, scale=HYPER["scale"])
-    projector.ortho_matrix = basis.clone()
-    opt.state[p]["projector"] = projector
-    opt.state[p]["step"] = 1  # refresh happens when step % gap == 0: step 1 does not refresh
-    return opt
-
-
 def two_gemm_floor(grad: torch.Tensor, basis: torch.Tensor):
     """The floor of any step on CPU: the projection and back-projection GEMMs alone, in fp32
     (R = G·Qᵀ and N·Q right, Pᵀ·G and P·N left), into preallocated outputs so that no
@@ -94,7 +77,8 @@ def bench_case(m: int, n: int, r: int, dtype: torch.dtype, warmup: int, rounds: 
                                             step=step["n"])
 
     t = harness.time_interleaved({"floor": two_gemm_floor(grad, basis), "ours": ours,
-                                  "galore": galore_optimizer(param, grad, basis, r).step},
+                                  "galore": harness.galore_torch_optimizer(
+                                      param, grad, basis, r, **HYPER).step},
                                  rounds=rounds, warmup=warmup,
                                  # galore-torch's bf16 CPU GEMMs take seconds: 3 rounds of it
                                  max_rounds={"galore": 3} if dtype != torch.float32 else None)

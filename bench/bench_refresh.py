@@ -67,10 +67,10 @@ def medians(fns: dict, repeats: dict, cold: tuple[str, ...] = ()) -> dict:
 
 def galore_refresh(rank: int):
     """galore-torch's own projector at a refresh step (SVD + projection)."""
-    from galore_torch.galore_projector import GaLoreProjector
+    projector = harness.import_galore_torch().GaLoreProjector
 
     def refresh(grad):
-        GaLoreProjector(rank, update_proj_gap=1).project(grad, 0)
+        projector(rank, update_proj_gap=1).project(grad, 0)
 
     return refresh
 

@@ -14,7 +14,9 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -224,6 +226,60 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, **kwargs) -> T
 
 
 # --------------------------------------------------------------------------------------------
+# the peer every step benchmark compares with
+# --------------------------------------------------------------------------------------------
+def import_galore_torch():
+    """galore_torch, with GaLoreProjector beside its optimizers. Its package __init__ also imports
+    its 8-bit optimizer, which needs bitsandbytes; where that is not installed (the GPU image has
+    none), an empty stand-in takes its place for that import only, so GaLoreAdamW (which never
+    touches bitsandbytes) loads; the stand-in raises if the 8-bit optimizer is ever built."""
+    try:
+        import galore_torch
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("bitsandbytes"):
+            raise
+
+        class Optimizer2State:  # what galore_torch.adamw8bit subclasses
+            def __init__(self, *args, **kwargs):
+                raise ImportError("galore-torch's 8-bit optimizer needs bitsandbytes")
+
+        names = ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer")
+        stand_ins = {name: types.ModuleType(name) for name in names}
+        stand_ins[names[-1]].Optimizer2State = Optimizer2State
+        sys.modules.update(stand_ins)
+        try:
+            import galore_torch
+        finally:  # nothing else may mistake the stand-in for bitsandbytes
+            for name in names:
+                sys.modules.pop(name, None)
+    from galore_torch.galore_projector import GaLoreProjector
+
+    galore_torch.GaLoreProjector = GaLoreProjector
+    return galore_torch
+
+
+def galore_torch_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tensor,
+                           rank: int, *, lr: float, weight_decay: float, eps: float,
+                           scale: float, beta1: float = 0.9, beta2: float = 0.999):
+    """galore-torch's GaLoreAdamW on a copy of ``param`` (gradient ``grad``) one step in, its
+    projector holding ``basis`` (r×n or m×r, the weight's dtype, as its SVD would leave it) and
+    never refreshing: ``.step`` then times its steady-state step without the SVD."""
+    galore_torch = import_galore_torch()
+    GaLoreAdamW, GaLoreProjector = galore_torch.GaLoreAdamW, galore_torch.GaLoreProjector
+
+    p = torch.nn.Parameter(param.clone())
+    p.grad = grad.clone()
+    opt = GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": 10**9, "scale": scale,
+                        "proj_type": "std"}], lr=lr, betas=(beta1, beta2), eps=eps,
+                      weight_decay=weight_decay, no_deprecation_warning=True)
+    projector = GaLoreProjector(rank, update_proj_gap=10**9, scale=scale)
+    projector.ortho_matrix = basis.clone()
+    opt.state[p]["projector"] = projector
+    opt.state[p]["step"] = 1  # refresh happens when step % gap == 0: step 1 does not refresh
+    return opt
+
+
+# --------------------------------------------------------------------------------------------
 # machine information
 # --------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
@@ -237,6 +293,10 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
+    """$LOWRANK_COMMIT (a copy of the tree without .git, e.g. on a borrowed GPU machine), else
+    git's short hash of HEAD, else 'unknown'."""
+    if os.environ.get("LOWRANK_COMMIT"):
+        return os.environ["LOWRANK_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
                              capture_output=True,

@@ -306,6 +306,49 @@ def test_benchmarks_write_to_an_ignored_folder_unless_refreshing():
     assert ignored.returncode == 0
 
 
+def test_galore_torch_loads_without_bitsandbytes_and_its_8bit_optimizer_says_why(monkeypatch):
+    """The GPU image has no bitsandbytes, which galore-torch's __init__ imports for its 8-bit
+    optimizer; GaLoreAdamW (what the benchmarks time) must still load, and nothing may be left
+    looking like bitsandbytes."""
+    import importlib.abc
+    import sys
+
+    pytest.importorskip("galore_torch")
+
+    class NoBitsandbytes(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "bitsandbytes":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    def ours(name):
+        return name.split(".")[0] in ("galore_torch", "bitsandbytes")
+
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.setattr(sys, "meta_path", [NoBitsandbytes(), *sys.meta_path])
+    try:
+        _check_galore_torch_without_bitsandbytes()
+    finally:  # later tests get the modules they had, not the ones imported without bitsandbytes
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def _check_galore_torch_without_bitsandbytes():
+    import sys
+
+    galore_torch = harness.import_galore_torch()
+    assert "bitsandbytes" not in sys.modules
+    p = torch.zeros(8, 4)
+    opt = harness.galore_torch_optimizer(p, torch.ones(8, 4), torch.eye(4)[:2].contiguous(), 2,
+                                         lr=0.1, weight_decay=0.0, eps=1e-6, scale=1.0)
+    opt.step()
+    assert opt.param_groups[0]["params"][0].abs().sum() > 0  # it stepped
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        galore_torch.GaLoreAdamW8bit([torch.nn.Parameter(torch.zeros(2))])
+
+
 def test_csv_round_trip_keeps_machine_header(tmp_path):
     machine = harness.machine_info("cpu")
     assert machine["threads"] == torch.get_num_threads() and machine["cpu"]

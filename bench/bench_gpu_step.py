@@ -85,13 +85,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     return m, n
 
 
-def random_basis(m: int, n: int, rank: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """An orthonormal basis in fused_galore_step's layout: r×n (m >= n) or m×r (m < n)."""
-    d = min(m, n)  # the projected dimension
-    q, _ = torch.linalg.qr(torch.randn(d, rank, device=device, dtype=torch.float32))
-    return (q.T if m >= n else q).contiguous().to(dtype)
-
-
 @contextlib.contextmanager
 def environment(values: dict[str, str]):
     """Sets environment variables for the duration of a call, restoring what was there."""
@@ -126,7 +119,7 @@ def ours(backend: str | None, m: int, n: int, rank: int, wdt, sdt, weight_decay:
         op = functools.partial(ops.fused_galore_step, backend=backend)
     param = torch.randn(m, n, device=device, dtype=wdt) * 0.02
     grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
-    proj = random_basis(m, n, rank, wdt, device)
+    proj = harness.random_basis(m, n, rank, wdt, device)
     formats = {}
     if fmt == "q":
         proj, proj_scales, proj_zeros = ops.quantize_int4(proj.float(), 256)
@@ -176,7 +169,7 @@ def galore_torch_step(m: int, n: int, rank: int, wdt, weight_decay: float, devic
     grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        opt = harness.galore_torch_optimizer(param, grad, random_basis(m, n, rank, wdt, device),
+        opt = harness.galore_torch_optimizer(param, grad, harness.random_basis(m, n, rank, wdt, device),
                                              rank, weight_decay=weight_decay, **HYPER)
     opt.step()  # its state allocation happens here, not in the timing
     return opt.step

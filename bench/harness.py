@@ -42,8 +42,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ModelShape:
     """A LLaMA configuration of the GaLore paper (configs/llama_*.json of its repository).
 
-    ``rank`` is the GaLore recipe's rank for that size (PEERS.md: 128 for 60M, 256 for 130M and
-    350M, 512 for 1B, 1024 for 7B); ``update_proj_gap`` 200 (500 for 7B).
+    ``rank`` is the GaLore recipe's rank for that size (docs/DESIGN.md §8: 128 for 60M, 256 for
+    130M and 350M, 512 for 1B, 1024 for 7B); ``update_proj_gap`` 200 (500 for 7B).
     """
 
     name: str
@@ -258,25 +258,46 @@ def import_galore_torch():
     return galore_torch
 
 
-def galore_torch_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tensor,
-                           rank: int, *, lr: float, weight_decay: float, eps: float,
-                           scale: float, beta1: float = 0.9, beta2: float = 0.999):
-    """galore-torch's GaLoreAdamW on a copy of ``param`` (gradient ``grad``) one step in, its
-    projector holding ``basis`` (r×n or m×r, the weight's dtype, as its SVD would leave it) and
-    never refreshing: ``.step`` then times its steady-state step without the SVD."""
-    galore_torch = import_galore_torch()
-    GaLoreAdamW, GaLoreProjector = galore_torch.GaLoreAdamW, galore_torch.GaLoreProjector
+def random_basis(m: int, n: int, rank: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """An orthonormal basis in fused_galore_step's layout: r×n (m >= n) or m×r (m < n)."""
+    q, _ = torch.linalg.qr(torch.randn(min(m, n), rank, device=device, dtype=torch.float32))
+    return (q.T if m >= n else q).contiguous().to(dtype)
 
+
+def galore_torch_fixed_bases(param_groups: list[dict], *, lr: float, weight_decay: float,
+                             eps: float, beta1: float = 0.9, beta2: float = 0.999,
+                             bases: dict[int, torch.Tensor] | None = None):
+    """galore-torch's GaLoreAdamW over ``param_groups``, one step in for every projected
+    parameter: its projector holds a fixed basis (``bases[id(p)]``, else a random orthonormal one
+    in the weight's dtype, as its SVD would leave it) and never refreshes, so ``.step`` times its
+    steady-state step without the SVD. Groups with a ``rank`` must carry ``scale``."""
+    galore_torch = import_galore_torch()
+    groups = [{**g, "update_proj_gap": 10**9} if "rank" in g else dict(g) for g in param_groups]
+    opt = galore_torch.GaLoreAdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps,
+                                   weight_decay=weight_decay, no_deprecation_warning=True)
+    for group in opt.param_groups:
+        if "rank" not in group:
+            continue
+        for p in group["params"]:
+            projector = galore_torch.GaLoreProjector(group["rank"], update_proj_gap=10**9,
+                                                     scale=group["scale"])
+            basis = (bases or {}).get(id(p))
+            projector.ortho_matrix = (basis.clone() if basis is not None else random_basis(
+                *p.shape, group["rank"], p.dtype, p.device))
+            opt.state[p]["projector"] = projector
+            opt.state[p]["step"] = 1  # refresh when step % gap == 0: step 1 does not refresh
+    return opt
+
+
+def galore_torch_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tensor,
+                           rank: int, *, scale: float, **hyper):
+    """galore_torch_fixed_bases for one weight: a copy of ``param`` with gradient ``grad`` and
+    projector basis ``basis``."""
     p = torch.nn.Parameter(param.clone())
     p.grad = grad.clone()
-    opt = GaLoreAdamW([{"params": [p], "rank": rank, "update_proj_gap": 10**9, "scale": scale,
-                        "proj_type": "std"}], lr=lr, betas=(beta1, beta2), eps=eps,
-                      weight_decay=weight_decay, no_deprecation_warning=True)
-    projector = GaLoreProjector(rank, update_proj_gap=10**9, scale=scale)
-    projector.ortho_matrix = basis.clone()
-    opt.state[p]["projector"] = projector
-    opt.state[p]["step"] = 1  # refresh happens when step % gap == 0: step 1 does not refresh
-    return opt
+    return galore_torch_fixed_bases([{"params": [p], "rank": rank, "scale": scale,
+                                      "proj_type": "std"}], bases={id(p): basis}, **hyper)
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,17 +412,20 @@ def device_label(device: torch.device | str) -> str:
 # --------------------------------------------------------------------------------------------
 def write_csv(path: Path | str, rows: Sequence[dict[str, object]],
               machine: dict[str, object] | None = None) -> Path:
-    """Writes ``rows`` as CSV; ``machine`` goes first as ``# key: value`` comment lines.
+    """Writes ``rows`` as CSV; ``machine`` (default: this CPU's ``machine_info``, so every result
+    file says which commit, date and machine made it) goes first as ``# key: value`` lines.
 
     Read it back with ``read_csv`` (or pandas ``read_csv(path, comment="#")``).
     """
     if not rows:
         raise ValueError("rows: expected at least one row to write")
+    if machine is None:
+        machine = machine_info("cpu")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as f:
-        for key, value in (machine or {}).items():
+        for key, value in machine.items():
             f.write(f"# {key}: {value}\n")
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -12,14 +12,16 @@ Stages (a progress bar over them, and one inside the slow ones):
      included (their init_state on meta tensors), with layer-wise rows
   3. the accounting checked against a real run's resident set (llama-60m shapes, 1 layer):
      weights, gradients and optimizer state of each optimizer that can step here
-  4. one optimizer step on CPU at llama-60m MLP shapes: ours (C++), reference, galore-torch,
-     against galore-torch in the same run (and bench/bench_cpu_step.py when it exists)
+  4. one optimizer step on CPU: ours (C++) vs galore-torch vs the two-GEMM floor, interleaved
+     (bench/bench_cpu_step.py)
   5. the Q-GaLore step on CPU (INT4 basis, INT8 weights) against q-galore-torch's step, and the
      stochastic-rounding bias of both (bench/bench_qgalore.py)
   6. the subspace refresh on CPU: galore-torch's SVD, torch.svd_lowrank and dct_select against
      one projection GEMM (bench/bench_refresh.py)
-  7. the GPU step benchmark (bench/bench_gpu_step.py), only when CUDA is available
-  8. the training demo: a tiny LLaMA, AdamW vs galore-torch vs our presets (bench/demo.py)
+  7. the GPU step: the committed GPU measurements (bench/results/gpu_*.csv) quoted with their
+     commit, versions and device, and bench/bench_gpu_step.py when CUDA is available
+  8. the training demo: a tiny LLaMA, AdamW (lr sweep) vs galore-torch vs our presets, and the
+     optimizer step against model size (bench/demo.py)
 A stage that fails is reported in report.md (with its error) and the others still run; the exit
 status is then 1. ``--quick`` skips stage 3 and shortens the demo (a smoke run).
 """
@@ -48,12 +50,15 @@ CPU_STEP_RANK = 128
 def stage_traffic(out: Path) -> str:
     rows = traffic.model_rows(list(harness.MODELS), weight_decay=False)
     whole = [r for r in rows if str(r["shape"]).startswith("all")]
-    harness.write_csv(out / "traffic_models.csv", rows)
+    harness.write_csv(out / "traffic_models.csv", rows, harness.machine_info("cpu"))
     headline = traffic.rows_for_shape(4096, 11008, 256, weight_decay=False)
     cols = traffic.COLUMNS[1:]
     return ("Bytes per optimizer step crossing DRAM; W/G bf16, our M/V fp32 (galore-torch keeps "
             "them in bf16 and is judged against the floor of that layout), no weight decay; "
-            "predicted ms = bytes / peak bandwidth. Assumptions: bench/traffic.py docstring. "
+            "`pred_ms@<GPU>` = bytes / peak bandwidth: a model, never a measurement (measured GPU "
+            "times: the GPU section below). `ran_on_gpu` says whether the code a row models has "
+            "ever run on a GPU; rows marked no predict code nobody has timed. Assumptions: "
+            "bench/traffic.py docstring. "
             "On a GPU the Triton launcher runs `fused-triton` (one pass, N on chip; r ≤ "
             f"{traffic.ONE_PASS_MAX_RANK}) below r = 128 when its grid fills the GPU, and "
             "`fused-triton-2launch` otherwise (always for INT8 weights and bf16 moments). "
@@ -126,21 +131,8 @@ def stage_memory_validation(out: Path) -> str:
 
 
 def stage_cpu_step(out: Path) -> str:
-    rows = []
-    providers = ("cpu", "reference", "galore-torch", "copy")
-    for m, n in harness.progress(CPU_STEP_SHAPES, desc="cpu step"):
-        rows += bench_gpu_step.bench_shape(m, n, CPU_STEP_RANK, torch.float32, torch.float32,
-                                           0.0, providers, torch.device("cpu"), None)
-    if not rows:
-        raise RuntimeError("no provider ran")
-    harness.write_csv(out / "cpu_step_providers.csv", rows, harness.machine_info("cpu"))
-    cols = ["shape", "rank", "provider", "ms", "iqr_ms", "GBps_at_floor", "vs_galore-torch"]
-    text = (f"One step, fp32, r = {CPU_STEP_RANK}, {torch.get_num_threads()} threads; median "
-            "and IQR of perf_counter timings; `GBps_at_floor` = floor bytes / time; "
-            "`copy` = dst.copy_(src) of one m×n weight.\n\n"
-            + harness.format_table(rows, cols, markdown=True))
-    return text + "\n\n" + run_script("bench_cpu_step.py", "--csv", str(out / "cpu_step.csv"),
-                                       what="fused step vs galore-torch vs the two-GEMM floor")
+    return run_script("bench_cpu_step.py", "--csv", str(out / "cpu_step.csv"),
+                      what="fused step vs galore-torch vs the two-GEMM floor, interleaved rounds")
 
 
 def run_script(name: str, *args: str, what: str) -> str:
@@ -163,9 +155,56 @@ def stage_refresh(out: Path) -> str:  # the --full table stays in results/ (not 
                       "`--full` adds 2048×5504: bench/results/bench_refresh_cpu.txt")
 
 
+# the CSV columns that name the default provider, newest convention first: gpu_check runs time
+# the "default" provider; the session-2 CSV's "triton" was lowrank_kernels.ops' default then
+DEFAULT_PROVIDERS = ("default", "triton")
+
+
+def committed_gpu_table(path: Path) -> str:
+    """The default provider against galore-torch at every shape and rank of a committed GPU CSV,
+    with the CSV's commit, date, device and versions."""
+    machine, rows = harness.read_csv(path)
+    step = [r for r in rows if r.get("provider") and r.get("ms")
+            and r.get("stage", "step-fp32-moments") == "step-fp32-moments"]
+    default = next((p for p in DEFAULT_PROVIDERS if any(r["provider"] == p for r in step)), None)
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in step:
+        cells.setdefault((r["shape"], r["rank"]), {})[r["provider"]] = r
+    table = []
+    for (shape, rank), by in cells.items():
+        ours, peer = by.get(default), by.get("galore-torch")
+        public = by.get("torch.ops") or by.get("cuda")
+        if ours is None or peer is None:
+            continue
+        speedup = float(peer["ms"]) / float(ours["ms"])
+        table.append({"shape": shape, "r": rank, "default ms": ours["ms"],
+                      "default IQR": ours.get("iqr_ms", ""), "galore-torch ms": peer["ms"],
+                      "galore-torch IQR": peer.get("iqr_ms", ""),
+                      "galore-torch / default": f"{speedup:.2f}",
+                      "torch.ops ms": public["ms"] if public else ""})
+    head = (f"`{path.name}`: {machine.get('gpu', '?')}, commit {machine.get('commit', '?')}, "
+            f"{machine.get('date_utc', '?')}, torch {machine.get('torch', '?')}, Triton "
+            f"{machine.get('triton', '?')}; bf16 W, fp32 M/V (galore-torch: bf16), "
+            "do_bench medians with L2 flushed. `default` = the provider column "
+            f"`{default}` (lowrank_kernels.ops and the optimizers at that commit); "
+            "`torch.ops ms` = torch.ops.lowrank.fused_galore_step itself (the CUDA C++ general "
+            "path at that commit). Ratio > 1: the default is faster than galore-torch.")
+    return head + "\n\n" + harness.format_table(table, markdown=True)
+
+
+def latest_gpu_csvs() -> list[Path]:
+    """Committed GPU step results: the GPU check's runs (gpu_<device>_<commit>.csv), else the
+    session-2 H100 benchmark."""
+    found = sorted(harness.RESULTS_DIR.glob("gpu_*_*.csv"), key=lambda p: p.stat().st_mtime)
+    checks = [p for p in found if not p.name.startswith("gpu_step_")]
+    return checks[-1:] or [p for p in found if p.name.startswith("gpu_step_")]
+
+
 def stage_gpu_step(out: Path) -> str:
+    committed = "\n\n".join(committed_gpu_table(p) for p in latest_gpu_csvs())
     if not torch.cuda.is_available():
-        return "No CUDA device here: skipped (the traffic model above predicts the GPU times)."
+        return ("No CUDA device here: the committed measurements follow (GPU runs: "
+                "`bash scripts/gpu_check.sh`, README 'GPU').\n\n" + committed)
     path = harness.results_path("gpu_step", "cuda", root=out)
     status = bench_gpu_step.main(["--out", str(path)])
     if status != 0:
@@ -177,14 +216,23 @@ def stage_gpu_step(out: Path) -> str:
             f"`{path.name}`\n\n" + harness.format_table(rows, cols, markdown=True))
 
 
-def stage_demo(out: Path, steps: int) -> str:
+def stage_demo(out: Path, steps: int, sizes: bool = True) -> str:
     rows, pngs = demo.run(steps=steps, out=out)
-    images = "\n\n".join(f"![{p.stem}]({p.name})" for p in pngs)
-    return (f"{demo.TINY.name}: hidden {demo.TINY.hidden}, {demo.TINY.layers} layers, byte "
+    text = (f"{demo.TINY.name}: hidden {demo.TINY.hidden}, {demo.TINY.layers} layers, byte "
             f"vocabulary, {steps} steps of 16×64 bytes of Python stdlib source, same "
             f"initial weights and batches for every optimizer; GaLore rank {demo.TINY.rank}, "
-            f"refresh every {demo.TINY.update_proj_gap} steps.\n\n"
-            + harness.format_table(rows, markdown=True) + "\n\n" + images)
+            f"refresh every {demo.TINY.update_proj_gap} steps; each optimizer at its recipe lr, "
+            "AdamW over a small sweep (its best in the plots; `opt_step_vs_AdamW` against "
+            "that best). Optimizer step times on 1 thread.\n\n"
+            + harness.format_table(rows, markdown=True))
+    if sizes:
+        size_rows, png = demo.step_time_by_size(out)
+        pngs.append(png)
+        text += ("\n\n**Optimizer step against model size** (projected weights of every "
+                 "layer, random gradients, steady state: galore-torch with fixed bases, ours "
+                 "with a random projection; the three interleaved round by round, medians):"
+                 "\n\n" + harness.format_table(size_rows, markdown=True))
+    return text + "\n\n" + "\n\n".join(f"![{p.stem}]({p.name})" for p in pngs)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -217,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("Q-GaLore step on CPU", lambda: stage_qgalore(out)),
         ("Subspace refresh on CPU", lambda: stage_refresh(out)),
         ("Optimizer step on GPU", lambda: stage_gpu_step(out)),
-        ("Training demo", lambda: stage_demo(out, 40 if args.quick else args.steps)),
+        ("Training demo", lambda: stage_demo(out, 40 if args.quick else args.steps,
+                                             sizes=not args.quick)),
     ]
     if args.quick:
         stages = [s for s in stages if not s[0].startswith("Memory accounting checked")]

@@ -6,13 +6,15 @@ Public surface:
   * ``lowrank_kernels.reference`` — the plain-torch specification of every op.
 """
 
-from lowrank_kernels import autograd, ops, reference
+from lowrank_kernels import _op_docs, autograd, ops, reference
 from lowrank_kernels._extension import AVAILABLE as EXTENSION_AVAILABLE
 from lowrank_kernels._extension import LOAD_ERROR as EXTENSION_LOAD_ERROR
 from lowrank_kernels.autograd import Int8Linear, int8_linear, replace_linear_with_int8
 from lowrank_kernels.ops import fused_galore_step, project, project_back
 
 __version__ = "0.1.0"
+
+_op_docs.attach()  # help(torch.ops.lowrank.<op>) shows the schema and the wrapper's docstring
 
 __all__ = [
     "EXTENSION_AVAILABLE",

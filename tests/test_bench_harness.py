@@ -214,9 +214,13 @@ def test_predicted_times_scale_with_bandwidth():
     floor = next(r for r in rows if r["impl"] == "floor")
     mb = traffic.floor(4096, 11008, 256).total / 1e6
     for device, (bandwidth, _) in traffic.DEVICES.items():
-        assert floor[f"ms@{device}"] == pytest.approx(mb * 1e6 / bandwidth * 1e3, rel=1e-3)
+        assert floor[f"pred_ms@{device}"] == pytest.approx(mb * 1e6 / bandwidth * 1e3, rel=1e-3)
     assert {r["impl"] for r in rows} >= {"floor", "fused-triton", "fused-cuda", "galore-torch",
                                          "q-galore-torch"}
+    # every modelled implementation says whether its code has run on a GPU
+    assert {r["ran_on_gpu"] for r in rows if r["impl"] == "fused-cuda"} == {
+        traffic.RAN_ON_GPU["fused-cuda"]}
+    assert all(r["ran_on_gpu"] for r in rows)
 
 
 # --------------------------------------------------------------------------------------------

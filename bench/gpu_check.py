@@ -453,6 +453,11 @@ class Runner:
         for d in decide(self.rows):
             self.rows.append({"stage": "decision", "kind": "rule", **d})
             self.say(f"rule: {d['regime']}: {d['candidate']} vs {d['current']}: {d['verdict']}")
+        for v in versus_galore(self.rows):
+            self.rows.append({"kind": "versus-galore-torch", **v})
+            self.say(f"default vs galore-torch, {v['stage']} r {v['ranks']}: "
+                     f"{v['default_speedup_min']}-{v['default_speedup_max']}x faster "
+                     "(below 1: slower)")
 
     def interrupt(self, signum, _frame) -> None:
         if self.proc is not None:

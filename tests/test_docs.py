@@ -48,6 +48,17 @@ def test_nothing_points_outside_the_checkout():
 
 
 @pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="the ops need the extension")
+def test_the_readme_quick_start_runs_and_steps_the_weight():
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.search(r"```python\n(import torch, lowrank_kernels.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102  (the README's own code)
+    m, n, r = scope["m"], scope["n"], scope["r"]
+    assert scope["M"].shape == scope["V"].shape == (m, r) and scope["Q"].shape == (r, n)
+    assert scope["V"].abs().sum() > 0  # three steps ran
+
+
+@pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="the ops need the extension")
 @pytest.mark.parametrize("name", _op_docs.OPS)
 def test_help_on_an_op_shows_its_schema_and_the_wrapper_docstring(name):
     text = pydoc.plain(pydoc.render_doc(getattr(torch.ops.lowrank, name)))

@@ -194,6 +194,7 @@ class Runner:
         self.status: dict[str, str] = {}
         self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOWRANK_COMMIT": commit,
+                    "TQDM_DISABLE": "1",  # progress bars would fill the log with \r lines
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                 os.environ.get("PYTHONPATH")]))}
         self.facts: dict[str, object] = {"cuda_ext": False, "galore_torch": False}
@@ -258,9 +259,15 @@ class Runner:
     def run(self, only: set[str] | None = None, skip: set[str] = frozenset()) -> int:
         failed = False
         for stage in self.plan:
-            if (only and stage.name not in only) or stage.name in skip:
+            # env (the output files) and peers always run: they take seconds
+            if stage.kind not in ("env", "peers") and (
+                    (only and stage.name not in only) or stage.name in skip):
                 self.status[stage.name] = "not selected"
                 continue
+            if ("cuda_ext" in stage.needs and self.status.get("build") == "not selected"
+                    and "probed" not in self.facts):
+                self.facts["cuda_ext"] = self.extension_state() == "cuda"  # a build from before
+                self.facts["probed"] = True
             missing = [need for need in stage.needs if not self.facts.get(need)]
             if missing and stage.kind == "pytest":
                 self.record(stage, "skipped", 0.0, f"needs {', '.join(missing)}")
@@ -346,14 +353,15 @@ class Runner:
     def stage_build(self, stage: Stage, timeout: float):
         arch = str(self.facts["arch"])
         stamp = build_stamp(arch)
+        self.start_warm_up()  # runs beside the build, or beside the first tests when none is due
         if self.extension_state() == "cuda" and stamp_matches(stamp):
             self.facts["cuda_ext"] = True
             return self.record(stage, "ok", 0.0, "reused: a build of these sources for sm_"
                                f"{arch.replace('.', '')} and this torch is in place")
-        self.start_warm_up()
         env = {**self.env, "TORCH_CUDA_ARCH_LIST": arch, "MAX_JOBS": str(os.cpu_count() or 8)}
         env.pop("LOWRANK_SKIP_CUDA_BUILD", None)
-        if not env.get("CUDA_HOME") and Path("/usr/local/cuda/bin/nvcc").exists():
+        # as scripts/setup_env.sh: nvcc may sit outside the toolkit root
+        if not env.get("CUDA_HOME") and Path("/usr/local/cuda/include/cuda_runtime.h").exists():
             env["CUDA_HOME"] = "/usr/local/cuda"
         status, seconds = self.run_process([self.python, "setup.py", "build_ext", "--inplace"],
                                            timeout, env)
@@ -387,9 +395,9 @@ class Runner:
                     i = args.index("--providers")
                     args = args[:i + 1] + keep + args[i + 1 + len(providers):]
                     cases.append([self.python, script, *args, "--compile-only"])
-        if not cases:
+        if not cases or self.warm is not None:
             return
-        script = " && ".join(" ".join(c) for c in cases)
+        script = "; ".join(" ".join(c) for c in cases)  # one failing stage stops no other
         self.say(f"warm-up: compiling the benchmarks' Triton kernels in the background "
                  f"({len(cases)} stage(s))")
         self.warm = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=self.env,

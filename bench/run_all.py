@@ -147,12 +147,15 @@ def run_script(name: str, *args: str, what: str) -> str:
 
 def stage_qgalore(out: Path) -> str:
     return run_script("bench_qgalore.py", "--csv", str(out / "qgalore"),
-                      what="ours vs q-galore-torch's step, same inputs, same run")
+                      what="ours vs q-galore-torch's step, same inputs, same run; its step is "
+                      "re-run op for op with its own functions except its bitsandbytes 8-bit "
+                      "Adam, CUDA-only, which is replaced by fp32 Adam in torch")
 
 
-def stage_refresh(out: Path) -> str:  # the --full table stays in results/ (not rewritten)
-    return run_script("bench_refresh.py", what="SVD, svd_lowrank and dct_select vs one GEMM; "
-                      "`--full` adds 2048×5504: bench/results/bench_refresh_cpu.txt")
+def stage_refresh(out: Path) -> str:
+    return run_script("bench_refresh.py", "--csv", str(out / "refresh_cpu.csv"),
+                      what="SVD, svd_lowrank and dct_select vs one GEMM, interleaved rounds; "
+                      "`--full` adds 2048×5504 (bench/cpu_ratios.py: three runs)")
 
 
 # the CSV columns that name the default provider, newest convention first: gpu_check runs time

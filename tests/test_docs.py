@@ -23,7 +23,7 @@ SOURCES = [p for pattern in ("*.md", "docs/*.md", "lowrank_kernels/**/*.py", "tr
 
 def design_sections() -> set[str]:
     text = (ROOT / "docs" / "DESIGN.md").read_text()
-    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", text, flags=re.M))
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", text, flags=re.MULTILINE))
 
 
 def test_every_cited_design_section_exists():
@@ -50,7 +50,7 @@ def test_nothing_points_outside_the_checkout():
 @pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="the ops need the extension")
 def test_the_readme_quick_start_runs_and_steps_the_weight():
     readme = (ROOT / "README.md").read_text()
-    snippet = re.search(r"```python\n(import torch, lowrank_kernels.*?)```", readme, re.S).group(1)
+    snippet = re.search(r"```python\n(import torch, lowrank_kernels.*?)```", readme, re.DOTALL).group(1)
     scope: dict = {}
     exec(compile(snippet, "README.md", "exec"), scope)  # noqa: S102  (the README's own code)
     m, n, r = scope["m"], scope["n"], scope["r"]

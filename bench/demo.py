@@ -138,11 +138,18 @@ def smooth(values: Sequence[float], window: int = 10) -> list[float]:
     return out
 
 
-def _footer(fig) -> None:
-    """The result header on the image itself: commit, date, machine, versions."""
+def _save(fig, path: Path, bottom: float = 0.03) -> Path:
+    """Writes the figure with the result header on the image itself (commit, date, machine,
+    versions) in a footer strip of height ``bottom``, and closes it."""
+    import matplotlib.pyplot as plt
+
     info = harness.machine_info("cpu")
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.text(0.01, 0.005, f"commit {info['commit']}, {info['date_utc']}, {info['cpu']}, "
              f"torch {info['torch']}", fontsize=6, color="0.4", va="bottom")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot(runs: dict[str, dict[str, list[float]]], lrs: dict[str, float], out: Path
@@ -159,11 +166,7 @@ def plot(runs: dict[str, dict[str, list[float]]], lrs: dict[str, float], out: Pa
            title=f"{TINY.name}: byte-level LM on CPU, each optimizer at its recipe lr")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    loss_png = out / "demo_loss.png"
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _footer(fig)
-    fig.savefig(loss_png, dpi=120)
-    plt.close(fig)
+    loss_png = _save(fig, out / "demo_loss.png")
 
     # horizontal boxes: the optimizers' names are long and read left to right
     names = list(runs)[::-1]
@@ -173,12 +176,7 @@ def plot(runs: dict[str, dict[str, list[float]]], lrs: dict[str, float], out: Pa
     ax.set(xlabel="optimizer.step() ms (1 thread)",
            title=f"{TINY.name} optimizer step time (after 5 warm-up steps)")
     ax.grid(alpha=0.3, axis="x")
-    time_png = out / "demo_step_time.png"
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footer(fig)
-    fig.savefig(time_png, dpi=120)
-    plt.close(fig)
-    return [loss_png, time_png]
+    return [loss_png, _save(fig, out / "demo_step_time.png", bottom=0.04)]
 
 
 def run(steps: int = 300, batch: int = 16, seq: int = 64, out: Path = harness.OUT_DIR,
@@ -318,12 +316,7 @@ def plot_sizes(rows: list[dict[str, object]], out: Path) -> Path:
     ax.set_xlim(min(sizes.values()) / 2, max(sizes.values()) * 2)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    png = out / "demo_step_time_by_size.png"
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    _footer(fig)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return _save(fig, out / "demo_step_time_by_size.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

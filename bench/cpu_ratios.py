@@ -35,21 +35,26 @@ SCRIPTS = {
 }
 
 
-def ratios(bench: str, path_stem: Path) -> dict[tuple[str, str], float]:
+def _output(bench: str, stem: Path) -> Path:
+    return Path(f"{stem}_cpu_step.csv") if bench == "qgalore" else stem.with_suffix(".csv")
+
+
+def ratios(bench: str, stem: Path) -> dict[tuple[str, str], float]:
     """(case, ratio name) -> value, from one run's CSV."""
     out: dict[tuple[str, str], float] = {}
+    rows = harness.read_csv(_output(bench, stem))[1]
     if bench == "cpu_step":
-        for r in harness.read_csv(path_stem.with_suffix(".csv"))[1]:
+        for r in rows:
             case = f"{r['m']}x{r['n']} r{r['rank']} {r['dtype']}"
             out[(case, "galore-torch / ours")] = float(r["galore_over_ours"])
             out[(case, "ours / two-GEMM floor")] = float(r["ours_over_floor"])
     elif bench == "qgalore":
-        for r in harness.read_csv(Path(f"{path_stem}_cpu_step.csv"))[1]:
+        for r in rows:
             case = f"{r['m']}x{r['n']} r{r['rank']} {r['grad_dtype']} grad"
             out[(case, "q-galore-torch* / ours")] = float(r["qgalore_over_ours"])
             out[(case, "ours / two-GEMM floor")] = float(r["ours_over_floor"])
     else:
-        for r in harness.read_csv(path_stem.with_suffix(".csv"))[1]:
+        for r in rows:
             if r["device"] != "cpu":
                 continue
             case = f"{r['shape']} {r['m']}x{r['n']} r{r['rank']}"
@@ -59,21 +64,15 @@ def ratios(bench: str, path_stem: Path) -> dict[tuple[str, str], float]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=harness.OUT_DIR)
-    parser.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=list(SCRIPTS))
-    args = parser.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="cpu_ratios_"))
+def aggregate(work: Path, runs: int, benches: Sequence[str], out: Path) -> Path:
+    """cpu_ratios.csv from the runs' CSVs in ``work`` (<bench>_<run>...): every run's value,
+    min / median / max, and each run's 1-minute load average (other jobs on the machine)."""
     values: dict[tuple[str, str, str], list[float]] = {}
-    for run in range(1, args.runs + 1):
-        for bench in args.only:
-            script, extra, option, suffix = SCRIPTS[bench]
+    load: dict[tuple[str, int], str] = {}
+    for run in range(1, runs + 1):
+        for bench in benches:
             stem = work / f"{bench}_{run}"
-            cmd = [sys.executable, str(BENCH / script), *extra, option, f"{stem}{suffix}"]
-            print(f"# run {run}/{args.runs}: {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, check=True)
+            load[(bench, run)] = harness.read_csv(_output(bench, stem))[0].get("loadavg_1m", "")
             for (case, name), value in ratios(bench, stem).items():
                 values.setdefault((bench, case, name), []).append(value)
     rows = []
@@ -81,14 +80,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append({"bench": bench, "case": case, "ratio": name,
                      **{f"run{i + 1}": round(v, 3) for i, v in enumerate(vals)},
                      "min": round(min(vals), 3), "median": round(statistics.median(vals), 3),
-                     "max": round(max(vals), 3)})
-    notes = {"runs": args.runs, "q-galore-torch*": "q-galore-torch's step re-run op for op with "
+                     "max": round(max(vals), 3),
+                     "loadavg_1m": " ".join(load[(bench, i + 1)] for i in range(len(vals)))})
+    notes = {"runs": runs, "q-galore-torch*": "q-galore-torch's step re-run op for op with "
              "its own functions, its bitsandbytes 8-bit Adam (CUDA-only) replaced by fp32 Adam "
-             "on the low-rank tensors (bench/bench_qgalore.py)"}
-    path = harness.write_csv(args.out / "cpu_ratios.csv", rows,
+             "on the low-rank tensors (bench/bench_qgalore.py)",
+             "loadavg_1m": "per run, at the end of each benchmark's run (2 cores)"}
+    path = harness.write_csv(out / "cpu_ratios.csv", rows,
                              {**harness.machine_info("cpu"), **notes})
-    print(harness.format_table(rows, ["bench", "case", "ratio", "min", "median", "max"]))
+    print(harness.format_table(rows, ["bench", "case", "ratio", "min", "median", "max",
+                                      "loadavg_1m"]))
     print(f"wrote {path}")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=harness.OUT_DIR)
+    parser.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=list(SCRIPTS))
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="cpu_ratios_"))
+    for run in range(1, args.runs + 1):
+        for bench in args.only:
+            script, extra, option, suffix = SCRIPTS[bench]
+            cmd = [sys.executable, str(BENCH / script), *extra, option,
+                   f"{work / f'{bench}_{run}'}{suffix}"]
+            print(f"# run {run}/{args.runs}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, check=True)
+    aggregate(work, args.runs, args.only, args.out)
     return 0
 
 

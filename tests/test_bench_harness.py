@@ -453,3 +453,27 @@ def test_fused_q_galore_step_is_the_q_floor_plus_the_fp32_workspace():
     fused = traffic.fused_triton_q(m, n, r, torch.bfloat16, torch.float32)
     assert fused.total - floor.total == 8 * r * n + basis
     assert fused.kernels == 2
+
+
+def test_cpu_ratio_ranges_span_the_runs(tmp_path):
+    from bench import cpu_ratios
+
+    for run, (ours, load) in enumerate([(10.0, "1.0"), (20.0, "5.5"), (12.5, "2.0")], start=1):
+        machine = {"loadavg_1m": load}
+        harness.write_csv(tmp_path / f"cpu_step_{run}.csv", [{
+            "m": 64, "n": 32, "rank": 8, "dtype": "float32", "galore_over_ours": 25.0 / ours,
+            "ours_over_floor": ours / 10.0}], machine)
+        harness.write_csv(tmp_path / f"qgalore_{run}_cpu_step.csv", [{
+            "m": 64, "n": 32, "rank": 8, "grad_dtype": "float32", "qgalore_over_ours": 3.0,
+            "ours_over_floor": 1.3}], machine)
+        harness.write_csv(tmp_path / f"refresh_{run}.csv", [{
+            "device": "cpu", "shape": "s", "m": 64, "n": 32, "rank": 8, "svd_ms": 100.0,
+            "dct_fft_ms": ours / 10.0, "gemm_ms": 2.0}], machine)
+    path = cpu_ratios.aggregate(tmp_path, 3, list(cpu_ratios.SCRIPTS), tmp_path / "out")
+    header, rows = harness.read_csv(path)
+    assert "8-bit Adam" in header["q-galore-torch*"]
+    by = {(r["bench"], r["ratio"]): r for r in rows}
+    galore = by[("cpu_step", "galore-torch / ours")]
+    assert (galore["min"], galore["median"], galore["max"]) == ("1.25", "2.0", "2.5")
+    assert galore["loadavg_1m"] == "1.0 5.5 2.0"
+    assert by[("refresh", "svd / dct_select")]["max"] == "100.0"

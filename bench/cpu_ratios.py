@@ -1,6 +1,6 @@
 """The CPU ratios the README quotes, as ranges over several runs of the three CPU benchmarks.
 
-    python bench/cpu_ratios.py [--runs 3] [--out bench/out]
+    python bench/cpu_ratios.py [--runs 3] [--threads 1] [--out bench/out]
 
 Runs bench/bench_cpu_step.py, bench/bench_qgalore.py and bench/bench_refresh.py --full in turn,
 ``--runs`` times (cpu_step, qgalore, refresh, cpu_step, …), each in a fresh process: within a
@@ -8,12 +8,19 @@ run every benchmark already alternates its providers round by round
 (harness.time_interleaved); across runs the peers' times also move with how their allocations
 fault pages in each new process. Writes cpu_ratios.csv: per benchmark, case and ratio, the value
 of every run and their min / median / max. A ratio is quoted as its min-max range.
+
+``--threads`` sets each run's intra-op threads (OMP_NUM_THREADS). On a machine shared with other
+jobs, more threads than free cores make every parallel region wait at its barrier for a thread
+the scheduler parked: a step of many small torch ops (the peers') loses far more than one fused
+call, and the ratio measures the neighbours. One thread per process has no barrier and is the
+robust reading there; on a quiet machine use the cores it has.
 About 5-10 minutes on 2 cores (the SVD refresh of 2048×5504 dominates).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -69,10 +76,13 @@ def aggregate(work: Path, runs: int, benches: Sequence[str], out: Path) -> Path:
     min / median / max, and each run's 1-minute load average (other jobs on the machine)."""
     values: dict[tuple[str, str, str], list[float]] = {}
     load: dict[tuple[str, int], str] = {}
+    threads: dict[str, set[str]] = {}
     for run in range(1, runs + 1):
         for bench in benches:
             stem = work / f"{bench}_{run}"
-            load[(bench, run)] = harness.read_csv(_output(bench, stem))[0].get("loadavg_1m", "")
+            header = harness.read_csv(_output(bench, stem))[0]
+            load[(bench, run)] = header.get("loadavg_1m", "")
+            threads.setdefault(bench, set()).add(header.get("threads", ""))
             for (case, name), value in ratios(bench, stem).items():
                 values.setdefault((bench, case, name), []).append(value)
     rows = []
@@ -80,7 +90,7 @@ def aggregate(work: Path, runs: int, benches: Sequence[str], out: Path) -> Path:
         rows.append({"bench": bench, "case": case, "ratio": name,
                      **{f"run{i + 1}": round(v, 3) for i, v in enumerate(vals)},
                      "min": round(min(vals), 3), "median": round(statistics.median(vals), 3),
-                     "max": round(max(vals), 3),
+                     "max": round(max(vals), 3), "threads": "/".join(sorted(threads[bench])),
                      "loadavg_1m": " ".join(load[(bench, i + 1)] for i in range(len(vals)))})
     notes = {"runs": runs, "q-galore-torch*": "q-galore-torch's step re-run op for op with "
              "its own functions, its bitsandbytes 8-bit Adam (CUDA-only) replaced by fp32 Adam "
@@ -99,7 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=harness.OUT_DIR)
     parser.add_argument("--only", nargs="*", choices=list(SCRIPTS), default=list(SCRIPTS))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads per run (default: torch's)")
     args = parser.parse_args(argv)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     work = Path(tempfile.mkdtemp(prefix="cpu_ratios_"))
     for run in range(1, args.runs + 1):
         for bench in args.only:
@@ -107,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd = [sys.executable, str(BENCH / script), *extra, option,
                    f"{work / f'{bench}_{run}'}{suffix}"]
             print(f"# run {run}/{args.runs}: {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, env=env)
     aggregate(work, args.runs, args.only, args.out)
     return 0
 

@@ -71,16 +71,19 @@ def ratios(bench: str, stem: Path) -> dict[tuple[str, str], float]:
     return out
 
 
-def aggregate(work: Path, runs: int, benches: Sequence[str], out: Path) -> Path:
+def aggregate(work: Path, runs: int, benches: Sequence[str], out: Path, command: str = ""
+              ) -> Path:
     """cpu_ratios.csv from the runs' CSVs in ``work`` (<bench>_<run>...): every run's value,
     min / median / max, and each run's 1-minute load average (other jobs on the machine)."""
     values: dict[tuple[str, str, str], list[float]] = {}
     load: dict[tuple[str, int], str] = {}
     threads: dict[str, set[str]] = {}
+    first: dict[str, str] = {}  # the first run's header: the commit, date and machine measured
     for run in range(1, runs + 1):
         for bench in benches:
             stem = work / f"{bench}_{run}"
             header = harness.read_csv(_output(bench, stem))[0]
+            first = first or header
             load[(bench, run)] = header.get("loadavg_1m", "")
             threads.setdefault(bench, set()).add(header.get("threads", ""))
             for (case, name), value in ratios(bench, stem).items():
@@ -92,12 +95,12 @@ def aggregate(work: Path, runs: int, benches: Sequence[str], out: Path) -> Path:
                      "min": round(min(vals), 3), "median": round(statistics.median(vals), 3),
                      "max": round(max(vals), 3), "threads": "/".join(sorted(threads[bench])),
                      "loadavg_1m": " ".join(load[(bench, i + 1)] for i in range(len(vals)))})
-    notes = {"runs": runs, "q-galore-torch*": "q-galore-torch's step re-run op for op with "
+    notes = {"command": command, "runs": runs, "q-galore-torch*": "q-galore-torch's step re-run op for op with "
              "its own functions, its bitsandbytes 8-bit Adam (CUDA-only) replaced by fp32 Adam "
              "on the low-rank tensors (bench/bench_qgalore.py)",
-             "loadavg_1m": "per run, at the end of each benchmark's run (2 cores)"}
-    path = harness.write_csv(out / "cpu_ratios.csv", rows,
-                             {**harness.machine_info("cpu"), **notes})
+             "loadavg_1m": "per run, at the end of each benchmark's run (2 cores)",
+             "threads": "/".join(sorted(set().union(*threads.values()))) + " per run"}
+    path = harness.write_csv(out / "cpu_ratios.csv", rows, {**first, **notes})
     print(harness.format_table(rows, ["bench", "case", "ratio", "min", "median", "max",
                                       "loadavg_1m"]))
     print(f"wrote {path}")
@@ -123,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"{work / f'{bench}_{run}'}{suffix}"]
             print(f"# run {run}/{args.runs}: {' '.join(cmd[1:])}", flush=True)
             subprocess.run(cmd, check=True, env=env)
-    aggregate(work, args.runs, args.only, args.out)
+    aggregate(work, args.runs, args.only, args.out,
+              command=" ".join(["python bench/cpu_ratios.py", *(argv or sys.argv[1:])]))
     return 0
 
 

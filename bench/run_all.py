@@ -130,9 +130,17 @@ def stage_memory_validation(out: Path) -> str:
             + harness.format_table(rows, markdown=True))
 
 
+LOADED = ("One run, torch's threads (the header's `threads`). On a machine shared with other "
+          "jobs (the header's `loadavg_1m` above the core count) parallel regions wait for "
+          "parked threads, which inflates the peers' times (many small ops) far more than ours: "
+          "the README quotes `python bench/cpu_ratios.py --runs 3 --threads 1` "
+          "(bench/results/cpu_ratios.csv) instead.\n\n")
+
+
 def stage_cpu_step(out: Path) -> str:
-    return run_script("bench_cpu_step.py", "--csv", str(out / "cpu_step.csv"),
-                      what="fused step vs galore-torch vs the two-GEMM floor, interleaved rounds")
+    return LOADED + run_script("bench_cpu_step.py", "--csv", str(out / "cpu_step.csv"),
+                               what="fused step vs galore-torch vs the two-GEMM floor, "
+                               "interleaved rounds")
 
 
 def run_script(name: str, *args: str, what: str) -> str:
@@ -146,7 +154,7 @@ def run_script(name: str, *args: str, what: str) -> str:
 
 
 def stage_qgalore(out: Path) -> str:
-    return run_script("bench_qgalore.py", "--csv", str(out / "qgalore"),
+    return LOADED + run_script("bench_qgalore.py", "--csv", str(out / "qgalore"),
                       what="ours vs q-galore-torch's step, same inputs, same run; its step is "
                       "re-run op for op with its own functions except its bitsandbytes 8-bit "
                       "Adam, CUDA-only, which is replaced by fp32 Adam in torch")

@@ -162,7 +162,8 @@ def plot(runs: dict[str, dict[str, list[float]]], lrs: dict[str, float], out: Pa
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for name, run in runs.items():
-        ax.plot(smooth(run["loss"]), label=f"{name} (lr {lrs[name]:g})")
+        ax.plot(smooth(run["loss"]), label=name if name.startswith("AdamW lr")
+                else f"{name} (lr {lrs[name]:g})")
     ax.set(xlabel="step", ylabel="training loss (10-step mean)",
            title=f"{TINY.name}: byte-level LM on CPU, each optimizer at its recipe lr")
     ax.grid(alpha=0.3)
@@ -322,7 +323,7 @@ def plot_sizes(rows: list[dict[str, object]], out: Path) -> Path:
            xlabel="model (its projected attention + MLP parameters)",
            ylabel="optimizer.step() ms (median)",
            title="optimizer step of the projected weights against model size "
-                 f"(CPU, {rows[0]['threads']} threads)")
+                 f"(CPU, {rows[0]['threads']} thread{'' if rows[0]['threads'] == 1 else 's'})")
     sizes = {r["model"]: r["projected_params_M"] for r in rows}
     ax.set_xticks(list(sizes.values()), [f"{m}\n{p:g} M" for m, p in sizes.items()])
     ax.minorticks_off()

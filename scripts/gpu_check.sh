@@ -3,7 +3,7 @@
 # GPU only, runs every GPU test and the benchmarks that decide defaults, and writes
 # bench/results/gpu_<device>_<commit>.csv and .log, all within 8 minutes (bench/gpu_check.py).
 #   bash scripts/gpu_check.sh --dry-run           # CPU: print and check the plan (CI runs this)
-#   bash scripts/gpu_check.sh --commit "$(git rev-parse --short HEAD)"   # on the GPU machine
+#   bash scripts/gpu_check.sh --commit 1a2b3c4    # on the GPU machine (the copied tree's commit)
 # No package index is needed: it uses the python that holds torch (PYTHON, else this checkout's
 # .venv, else python3) and installs nothing but a carried .whl/galore_torch-*.whl.
 set -euo pipefail

@@ -4,7 +4,9 @@ For each LLaMA weight shape (m×n) and rank r, one optimizer step on the same in
   ours      torch.ops.lowrank.fused_galore_step (C++ blocked one-pass kernel)
   galore    galore_torch.GaLoreAdamW.step with its basis fixed (the SVD refresh is excluded)
   floor     the two projection GEMMs alone, fp32: R = G·Qᵀ and N·Q (left side: Pᵀ·G and P·N)
-and prints milliseconds (median of repeats after a warm-up), ours/floor and galore/ours.
+and prints milliseconds, ours/floor and galore/ours. The three alternate within each round
+(harness.time_interleaved: floor, ours, galore, ours, galore, floor, …) and each reports its
+median over the rounds, so load from other jobs moves all three alike.
 DESIGN.md §5: on CPU the fused step should be within 1.1× of the floor.
 
     python bench/bench_cpu_step.py              # a CPU-sized selection (about a minute)
@@ -16,9 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
@@ -36,17 +36,6 @@ FULL = [((m, n), r, dt) for (m, n) in [(1024, 2752), (2752, 1024), (2048, 2048),
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, scale=0.25)
 
 
-def median_ms(fn, warmup: int, repeats: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), (max(times) - min(times))
-
-
 def make_inputs(m: int, n: int, r: int, dtype: torch.dtype):
     gen = torch.Generator().manual_seed(0)
     right = m >= n
@@ -57,23 +46,6 @@ def make_inputs(m: int, n: int, r: int, dtype: torch.dtype):
     grad = torch.randn(m, n, generator=gen).to(dtype)
     shape = (m, r) if right else (r, n)
     return param, grad, basis, torch.zeros(shape), torch.zeros(shape)
-
-
-def galore_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tensor, r: int):
-    """galore-torch's optimizer one step in, with its projector holding ``basis`` (no refresh)."""
-    from galore_torch import GaLoreAdamW
-    from galore_torch.galore_projector import GaLoreProjector
-
-    p = torch.nn.Parameter(param.clone())
-    p.grad = grad.clone()
-    opt = GaLoreAdamW([{"params": [p], "rank": r, "update_proj_gap": 10**9, "scale": HYPER["scale"],
-                        "proj_type": "std"}], lr=HYPER["lr"], weight_decay=HYPER["weight_decay"],
-                      eps=HYPER["eps"], no_deprecation_warning=True)
-    projector = GaLoreProjector(r, update_proj_gap=10**9, scale=HYPER["scale"])
-    projector.ortho_matrix = basis.clone()
-    opt.state[p]["projector"] = projector
-    opt.state[p]["step"] = 1  # refresh happens when step % gap == 0: step 1 does not refresh
-    return opt
 
 
 def two_gemm_floor(grad: torch.Tensor, basis: torch.Tensor):
@@ -93,10 +65,10 @@ def two_gemm_floor(grad: torch.Tensor, basis: torch.Tensor):
     return floor
 
 
-def bench_case(m: int, n: int, r: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
-    """Times floor, ours and galore-torch on one shape and returns the CSV row."""
+def bench_case(m: int, n: int, r: int, dtype: torch.dtype, warmup: int, rounds: int) -> dict:
+    """Times floor, ours and galore-torch on one shape, interleaved round by round
+    (harness.time_interleaved), and returns the CSV row (medians over the rounds)."""
     param, grad, basis, exp_avg, exp_avg_sq = make_inputs(m, n, r, dtype)
-    floor = two_gemm_floor(grad, basis)
     step = {"n": 0}
 
     def ours():
@@ -104,18 +76,23 @@ def bench_case(m: int, n: int, r: int, dtype: torch.dtype, warmup: int, repeats:
         torch.ops.lowrank.fused_galore_step(param, grad, basis, exp_avg, exp_avg_sq, **HYPER,
                                             step=step["n"])
 
-    opt = galore_optimizer(param, grad, basis, r)
-    floor_ms, _ = median_ms(floor, warmup, repeats)
-    ours_ms, ours_spread = median_ms(ours, warmup, repeats)
-    galore_ms, _ = median_ms(opt.step, warmup, repeats)
+    t = harness.time_interleaved({"floor": two_gemm_floor(grad, basis), "ours": ours,
+                                  "galore": harness.galore_torch_optimizer(
+                                      param, grad, basis, r, **HYPER).step},
+                                 rounds=rounds, warmup=warmup,
+                                 # galore-torch's bf16 CPU GEMMs take seconds: 3 rounds of it
+                                 max_rounds={"galore": 3} if dtype != torch.float32 else None)
+    ms = {k: v.median_s * 1e3 for k, v in t.items()}
     return dict(m=m, n=n, rank=r, dtype=str(dtype).removeprefix("torch."),
-                threads=torch.get_num_threads(), floor_ms=round(floor_ms, 3),
-                ours_ms=round(ours_ms, 3), ours_spread_ms=round(ours_spread, 3),
-                galore_ms=round(galore_ms, 3), ours_over_floor=round(ours_ms / floor_ms, 3),
-                galore_over_ours=round(galore_ms / ours_ms, 3))
+                threads=torch.get_num_threads(), rounds=rounds, floor_ms=round(ms["floor"], 3),
+                ours_ms=round(ms["ours"], 3), ours_iqr_ms=round(t["ours"].iqr_s * 1e3, 3),
+                galore_ms=round(ms["galore"], 3),
+                galore_iqr_ms=round(t["galore"].iqr_s * 1e3, 3),
+                ours_over_floor=round(ms["ours"] / ms["floor"], 3),
+                galore_over_ours=round(ms["galore"] / ms["ours"], 3))
 
 
-def run(cases, warmup: int, repeats: int, csv_path: str | None) -> list[dict]:
+def run(cases, warmup: int, rounds: int, csv_path: str | None) -> list[dict]:
     threads = torch.get_num_threads()
     print(f"# CPU: {platform.processor() or platform.machine()}, {threads} threads, "
           f"torch {torch.__version__}")
@@ -123,7 +100,7 @@ def run(cases, warmup: int, repeats: int, csv_path: str | None) -> list[dict]:
           f" {'ours/floor':>10} {'galore/ours':>11}")
     rows = []
     for (m, n), r, dtype in cases:
-        row = bench_case(m, n, r, dtype, warmup, repeats)
+        row = bench_case(m, n, r, dtype, warmup, rounds)
         rows.append(row)
         print(f"{f'{m}x{n}':>12} {r:>4} {row['dtype']:>8} {row['floor_ms']:>9.1f} "
               f"{row['ours_ms']:>9.1f} {row['galore_ms']:>10.1f} {row['ours_over_floor']:>10.2f} "
@@ -137,14 +114,15 @@ def run(cases, warmup: int, repeats: int, csv_path: str | None) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="all LLaMA shapes and ranks")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="interleaved rounds (each times floor, ours and galore-torch once)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "cpu_step.csv"))
+    parser.add_argument("--csv", default=str(harness.OUT_DIR / "cpu_step.csv"))
     args = parser.parse_args(argv)
     if not lk.EXTENSION_AVAILABLE:
         print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)
         return 1
-    run(FULL if args.full else QUICK, args.warmup, args.repeats, args.csv)
+    run(FULL if args.full else QUICK, args.warmup, args.rounds, args.csv)
     return 0
 
 

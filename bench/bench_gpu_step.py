@@ -1,6 +1,10 @@
 """GPU benchmark of one GaLore AdamW step: our fused kernels against galore-torch, same run.
 
 Providers (each skipped with a message when it cannot run here):
+  default       lowrank_kernels.ops.fused_galore_step(...) with no backend: what the Python API
+                and the optimizers run (the CSV's ``impl`` column names what that resolved to)
+  torch.ops     torch.ops.lowrank.fused_galore_step(...): the public op, whatever the dispatcher
+                runs for the tensors' device
   triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
   triton-onepass, triton-twolaunch
                 the same with the Triton variant forced (LOWRANK_TRITON_VARIANT, set around
@@ -9,10 +13,13 @@ Providers (each skipped with a message when it cannot run here):
                 (groups of 256), judged against bench/traffic.py's floor-q
   triton-dct    the Triton step on DCT frequencies (the basis generated in the kernels)
   cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
+  cuda-fast     the same with the CUDA 16-bit fast path (LOWRANK_CUDA_FAST_PATH=1 around each
+                call; opt-in until it has run on a GPU)
+  cuda-q        the CUDA C++ step on the Q-GaLore formats, as triton-q
   cpu           the C++ kernel (backend="cpu"; only with --device cpu)
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
-  galore-torch  galore_torch.GaLoreAdamW.step with the basis fixed (its SVD runs once, before
-                timing, and update_proj_gap is too large to refresh again)
+  galore-torch  galore_torch.GaLoreAdamW.step with its projector holding a fixed basis
+                (harness.galore_torch_optimizer: no SVD, no refresh; M, V in the weight dtype)
   q-galore-torch  QGaLoreAdamW8bit.step on an INT8 weight (INT4 basis fixed as above); needs a
                 bitsandbytes whose API it matches (1.0 calls the pre-0.45 one), else skipped
   copy          dst.copy_(src) of one m×n weight: the bandwidth a plain kernel gets on this GPU
@@ -21,7 +28,7 @@ Each is timed with triton.testing.do_bench (L2 flushed between calls). Reported:
 IQR, achieved GB/s counted with the floor bytes of the provider's storage (bench/traffic.py:
 galore-torch keeps M, V in the weight dtype, ours in --state-dtype), that as a fraction of the
 device's peak DRAM bandwidth, the traffic model's prediction, and the ratio to galore-torch.
-Results go to bench/results/gpu_step_<device>.csv with the machine in its header.
+Results go to bench/out/gpu_step_<device>.csv (or --out) with the machine in its header.
 
 Without a GPU it prints the traffic model for the same shapes and exits 0. ``--device cpu`` runs
 the same providers on CPU tensors with perf_counter timing: a smoke check of this script (tests
@@ -34,6 +41,8 @@ use it), not the CPU benchmark (that is bench/bench_cpu_step.py, where the floor
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -48,8 +57,23 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("triton", "triton-onepass", "triton-twolaunch", "triton-q", "triton-dct", "cuda",
-             "cpu", "reference", "galore-torch", "q-galore-torch", "copy")
+PROVIDERS = ("default", "torch.ops", "triton", "triton-onepass", "triton-twolaunch", "triton-q",
+             "triton-dct", "cuda", "cuda-fast", "cuda-q", "cpu", "reference", "galore-torch",
+             "q-galore-torch", "copy")
+# provider -> (backend, environment set around each call, weight/basis format)
+OURS: dict[str, tuple[str | None, dict[str, str], str]] = {
+    "default": (None, {}, "dense"),
+    "triton": ("triton", {}, "dense"),
+    "triton-onepass": ("triton", {"LOWRANK_TRITON_VARIANT": "onepass"}, "dense"),
+    "triton-twolaunch": ("triton", {"LOWRANK_TRITON_VARIANT": "twolaunch"}, "dense"),
+    "triton-q": ("triton", {}, "q"),
+    "triton-dct": ("triton", {}, "dct"),
+    "cuda": ("cuda", {}, "dense"),
+    "cuda-fast": ("cuda", {"LOWRANK_CUDA_FAST_PATH": "1"}, "dense"),
+    "cuda-q": ("cuda", {}, "q"),
+    "cpu": ("cpu", {}, "dense"),
+    "reference": ("reference", {}, "dense"),
+}
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
 
@@ -61,23 +85,41 @@ def parse_shape(text: str) -> tuple[int, int]:
     return m, n
 
 
-def random_basis(m: int, n: int, rank: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """An orthonormal basis in fused_galore_step's layout: r×n (m >= n) or m×r (m < n)."""
-    d = min(m, n)  # the projected dimension
-    q, _ = torch.linalg.qr(torch.randn(d, rank, device=device, dtype=torch.float32))
-    return (q.T if m >= n else q).contiguous().to(dtype)
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Sets environment variables for the duration of a call, restoring what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
 
 
-def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device,
-         triton_variant: str | None = None, fmt: str = "dense") -> Callable[[], None]:
+def ours(backend: str | None, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device,
+         env: dict[str, str] | None = None, fmt: str = "dense", public_op: bool = False
+         ) -> Callable[[], None]:
     """A closure running one fused step in place, or raises why the backend cannot run.
-    ``fmt``: 'dense' basis and float W, 'q' (packed INT4 basis, INT8 W codes) or 'dct'."""
+    ``backend`` None: the default pick of lowrank_kernels.ops; ``public_op``: call
+    torch.ops.lowrank.fused_galore_step itself. ``env`` is set around each call. ``fmt``:
+    'dense' basis and float W, 'q' (packed INT4 basis, INT8 W codes) or 'dct'."""
     from lowrank_kernels import ops
 
-    ops.resolve_backend("fused_galore_step", torch.device(device), backend)  # raises if absent
+    if public_op:
+        op = torch.ops.lowrank.fused_galore_step  # AttributeError: the extension is missing
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("lowrank::fused_galore_step",
+                                                              torch.device(device).type.upper()):
+            raise RuntimeError(f"torch.ops.lowrank.fused_galore_step has no {device} kernel")
+    else:
+        ops.resolve_backend("fused_galore_step", torch.device(device), backend)  # raises if absent
+        op = functools.partial(ops.fused_galore_step, backend=backend)
     param = torch.randn(m, n, device=device, dtype=wdt) * 0.02
     grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
-    proj = random_basis(m, n, rank, wdt, device)
+    proj = harness.random_basis(m, n, rank, wdt, device)
     formats = {}
     if fmt == "q":
         proj, proj_scales, proj_zeros = ops.quantize_int4(proj.float(), 256)
@@ -86,6 +128,8 @@ def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float,
                    "param_scales": param_scales, "param_zeros": param_zeros, "seed": 1}
     elif fmt == "dct":
         proj = torch.randperm(min(m, n), device=device)[:rank].sort().values.to(torch.int32)
+    if sdt == torch.bfloat16:
+        formats["seed"] = 1  # bf16 moments round stochastically: they need a seed
     shape = ops.low_rank_shape(m, n, rank)
     exp_avg = torch.zeros(shape, device=device, dtype=sdt)
     exp_avg_sq = torch.zeros(shape, device=device, dtype=sdt)
@@ -93,37 +137,41 @@ def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float,
 
     def run() -> None:
         step[0] += 1
-        saved = os.environ.get("LOWRANK_TRITON_VARIANT")
-        if triton_variant is not None:
-            os.environ["LOWRANK_TRITON_VARIANT"] = triton_variant
-        try:
-            ops.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, step=step[0],
-                                  weight_decay=weight_decay, backend=backend, **HYPER,
-                                  **formats)
-        finally:
-            if triton_variant is not None and saved is None:
-                os.environ.pop("LOWRANK_TRITON_VARIANT")
-            elif triton_variant is not None:
-                os.environ["LOWRANK_TRITON_VARIANT"] = saved
+        with environment(env or {}):
+            op(param, grad, proj, exp_avg, exp_avg_sq, step=step[0], weight_decay=weight_decay,
+               **HYPER, **formats)
 
     run()  # compiles (Triton) and fails loudly before timing if the kernel is broken
     return run
 
 
+def resolved_impl(provider: str, m: int, n: int, rank: int, wdt, sdt, device) -> str:
+    """What a provider ran: the backend the default resolved to, and the Triton variant."""
+    backend, env, fmt = OURS.get(provider, (provider, {}, "dense"))
+    if provider == "torch.ops" or provider not in OURS:
+        return ""
+    try:
+        from lowrank_kernels import ops
+
+        name = ops.resolve_backend("fused_galore_step", torch.device(device), backend)
+    except Exception:  # noqa: BLE001  (a description only; the dispatch may have changed)
+        return ""
+    if name != "triton":
+        return name
+    variant = env.get("LOWRANK_TRITON_VARIANT") or ("twolaunch" if fmt == "q" else _triton_auto(
+        m, n, rank, wdt, sdt, device, generated=fmt == "dct"))
+    return f"triton/{variant}"
+
+
 def galore_torch_step(m: int, n: int, rank: int, wdt, weight_decay: float, device
                       ) -> Callable[[], None]:
-    import galore_torch
-
-    param = torch.nn.Parameter(torch.randn(m, n, device=device, dtype=wdt) * 0.02)
-    param.grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
-    group = {"params": [param], "rank": rank, "update_proj_gap": 2**62, "scale": HYPER["scale"],
-             "proj_type": "std"}
+    param = torch.randn(m, n, device=device, dtype=wdt) * 0.02
+    grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        opt = galore_torch.GaLoreAdamW([group], lr=HYPER["lr"], betas=(HYPER["beta1"],
-                                       HYPER["beta2"]), eps=HYPER["eps"],
-                                       weight_decay=weight_decay)
-    opt.step()  # the SVD (step 0) and the state allocation happen here, not in the timing
+        opt = harness.galore_torch_optimizer(param, grad, harness.random_basis(m, n, rank, wdt, device),
+                                             rank, weight_decay=weight_decay, **HYPER)
+    opt.step()  # its state allocation happens here, not in the timing
     return opt.step
 
 
@@ -172,15 +220,17 @@ def _triton_auto(m: int, n: int, rank: int, wdt, sdt, device, generated: bool = 
 
 
 def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, providers, device,
-                peak: float | None) -> list[dict[str, object]]:
+                peak: float | None, compile_only: bool = False) -> list[dict[str, object]]:
     rows = []
     lowrank_floor = traffic.floor(m, n, rank, wdt, sdt).total
     l2 = (torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda"
           else traffic.SMALLEST_L2)
     two_launch = traffic.fused_triton_2launch(m, n, rank, wdt, sdt).total
+    # model rows only for what a model describes: "cuda" (the general path: an fp32 basis copy
+    # and fp32 N) and "torch.ops" (whatever the dispatcher runs) have none
     models = {"triton-twolaunch": two_launch,
               "triton-q": traffic.fused_triton_q(m, n, rank, wdt, sdt).total,
-              "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
+              "cuda-fast": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
               "cpu": lowrank_floor,  # one pass over G and W per tile, the basis from cache
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
                                                    weight_decay=weight_decay > 0).total,
@@ -194,37 +244,49 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
             models[provider] = onepass if auto == "onepass" else two_launch
     else:
         models["triton"] = models["triton-dct"] = two_launch
+    if resolved_impl("default", m, n, rank, wdt, sdt, device).startswith("triton"):
+        models["default"] = models["triton"]
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
               "q-galore-torch": traffic.floor_q_galore(m, n, rank, wdt).total,
               "triton-q": traffic.floor_q(m, n, rank, wdt, sdt).total,
+              "cuda-q": traffic.floor_q(m, n, rank, wdt, sdt).total,
               "copy": 2 * m * n * torch.empty((), dtype=wdt).element_size()}
+    fns: dict[str, Callable[[], None]] = {}
     for provider in providers:
         try:
-            if provider in ("triton", "cuda", "cpu", "reference"):
-                fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
-            elif provider in ("triton-q", "triton-dct"):
-                fn = ours("triton", m, n, rank, wdt, sdt, weight_decay, device,
-                          fmt=provider.removeprefix("triton-"))
-            elif provider.startswith("triton-"):
-                fn = ours("triton", m, n, rank, wdt, sdt, weight_decay, device,
-                          triton_variant=provider.removeprefix("triton-"))
+            if provider in OURS:
+                backend, env, fmt = OURS[provider]
+                fn = ours(backend, m, n, rank, wdt, sdt, weight_decay, device, env, fmt)
+            elif provider == "torch.ops":
+                fn = ours(None, m, n, rank, wdt, sdt, weight_decay, device, public_op=True)
             elif provider == "galore-torch":
                 fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
             elif provider == "q-galore-torch":
                 fn = q_galore_torch_step(m, n, rank, wdt, weight_decay, device)
             else:
                 fn = copy_probe(m, n, wdt, device)
-        except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
-            print(f"  skip {provider} at {m}x{n}: {type(exc).__name__}: {exc}")
+        except (ImportError, AttributeError, RuntimeError, ValueError,
+                NotImplementedError) as exc:
+            print(f"  skip {provider} at {m}x{n} r{rank}: {type(exc).__name__}: {exc}")
             continue
-        # CPU timings are noisier (shared cores): more samples for a stable median
-        timing = (harness.time_cuda(fn) if device.type == "cuda"
-                  else harness.time_cpu(fn, warmup=3, repeats=15, min_time_s=0.5))
+        fns[provider] = fn
+    if compile_only:  # each provider ran once above: its kernels are compiled and cached
+        return []
+    if device.type == "cuda":
+        timings = {provider: harness.time_cuda(fn) for provider, fn in fns.items()}
+    elif fns:  # shared CPU cores: interleaved rounds, more of them for a stable median
+        timings = harness.time_interleaved(fns, rounds=15, warmup=3)
+    else:
+        timings = {}
+    for provider, timing in timings.items():
         floor_bytes = floors.get(provider, lowrank_floor)
         gbps = floor_bytes / timing.median_s / 1e9
+        fmt = OURS.get(provider, (None, {}, "dense"))[2]
         row = {"shape": f"{m}x{n}", "rank": rank, "dtype": harness.dtype_name(wdt),
                "state_dtype": harness.dtype_name(wdt if provider == "galore-torch" else sdt),
                "weight_decay": weight_decay, "provider": provider,
+               "impl": resolved_impl(provider, m, n, rank, wdt, sdt, device),
+               "format": {"q": "int4-basis/int8-weight", "dct": "dct-indices"}.get(fmt, "dense"),
                "ms": round(timing.median_s * 1e3, 4),
                "iqr_ms": round(timing.iqr_s * 1e3, 4),
                "floor_MB": round(floor_bytes / 1e6, 2),
@@ -248,7 +310,7 @@ def print_traffic(shapes: Sequence[tuple[int, int]], rank: int, wdt, sdt, weight
     print(harness.format_table(rows, traffic.COLUMNS[1:]))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES))
     parser.add_argument("--model-shapes", action="store_true",
@@ -261,8 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run the providers on CPU tensors (a smoke check)")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: results/)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default: bench/out/)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="run each provider once and time nothing: fills Triton's kernel "
+                             "cache (bench/gpu_check.py does this while the extension builds)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     shapes = [parse_shape(s) for s in args.shapes]
     if args.model_shapes:
@@ -287,12 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = [(m, n, min(rank, m, n)) for m, n in shapes for rank in args.rank]
     for m, n, rank in harness.progress(cases, desc="shapes x ranks"):
         rows += bench_shape(m, n, rank, wdt, sdt, args.weight_decay, args.providers, device,
-                            peak)
+                            peak, compile_only=args.compile_only)
+    if args.compile_only:
+        print("compiled (nothing timed)")
+        return 0
     if not rows:
         print("nothing ran")
         return 1
-    columns = ["shape", "rank", "provider", "ms", "iqr_ms", "GBps_at_floor", "frac_of_peak",
-               "model_ms_at_peak", "vs_galore-torch"]
+    columns = ["shape", "rank", "provider", "impl", "ms", "iqr_ms", "GBps_at_floor",
+               "frac_of_peak", "model_ms_at_peak", "vs_galore-torch"]
     print(harness.format_table(rows, columns))
     path = args.out or harness.results_path("gpu_step", device)
     harness.write_csv(path, rows, machine)

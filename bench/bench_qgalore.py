@@ -10,7 +10,8 @@
                written in torch on the fp32 low-rank tensors (m×r or r×n: a small share of the
                time). Everything that touches m×n tensors is q-galore-torch's own code.
    The gradient dtype sets q-galore-torch's compute dtype (its float_grad): bf16 is its real
-   training path, fp32 is shown too. Prints milliseconds (median, interleaved repeats) of both and
+   training path, fp32 is shown too. Prints milliseconds (median over interleaved rounds,
+   harness.time_interleaved) of both and
    of the two fp32 projection GEMMs alone (the floor of any step), and the ratios.
 2. The DRAM-traffic model per step (bytes, bench/traffic.py) of our fused Triton step, its floor
    (DESIGN.md §5) and q-galore-torch's step (its tensor ops counted one by one).
@@ -27,9 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 import types
 
 import torch
@@ -182,23 +181,15 @@ def rounding_bias(trials: int = 20000, delta: float = 0.1) -> list[dict]:
 
 
 # ---- timing ------------------------------------------------------------------------------------
-def interleaved_medians(fns: dict, warmup: int, repeats: int) -> dict:
-    """Median ms of each function, run in turn every repeat, so that load drifts hit all."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+SUBSTITUTION = ("q-galore-torch's step re-run op for op on CPU with its own functions, its "
+                "bitsandbytes 8-bit Adam (CUDA-only) replaced by fp32 Adam in torch on the "
+                "low-rank tensors")
 
 
-def time_table(cases, dtypes, warmup: int, repeats: int) -> list[dict]:
+def time_table(cases, dtypes, warmup: int, rounds: int) -> list[dict]:
     print(f"# CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}")
+    print(f"# q-galore ms: {SUBSTITUTION}")
     print(f"{'shape':>12} {'r':>4} {'grad':>9} {'floor ms':>9} {'ours ms':>9} {'q-galore ms':>12} "
           f"{'ours/floor':>11} {'q-galore/ours':>14}")
     rows = []
@@ -207,8 +198,10 @@ def time_table(cases, dtypes, warmup: int, repeats: int) -> list[dict]:
             inputs = make_inputs(m, n, r, dtype)
             # the floor: both GEMMs in fp32 (our CPU kernel runs both in fp32 whatever G's dtype)
             floor = bench_cpu_step.two_gemm_floor(inputs["grad"], inputs["basis"])
-            ms = interleaved_medians({"floor": floor, "ours": our_step(inputs),
-                                      "qgalore": qgalore_torch_step(inputs)}, warmup, repeats)
+            t = harness.time_interleaved({"floor": floor, "ours": our_step(inputs),
+                                          "qgalore": qgalore_torch_step(inputs)},
+                                         rounds=rounds, warmup=warmup)
+            ms = {k: v.median_s * 1e3 for k, v in t.items()}
             ratio = ms["qgalore"] / ms["ours"]
             name = str(dtype).removeprefix("torch.")
             rows.append({"m": m, "n": n, "rank": r, "grad_dtype": name,
@@ -222,29 +215,31 @@ def time_table(cases, dtypes, warmup: int, repeats: int) -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    harness.write_csv(path, rows, harness.machine_info("cpu"))
+def write_csv(rows: list[dict], path: str, **notes: str) -> None:
+    harness.write_csv(path, rows, {**harness.machine_info("cpu"), **notes})
     print(f"# wrote {path}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="add LLaMA-1B shapes")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds (each times floor, ours and q-galore-torch once)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--csv", default=os.path.join(ROOT, "bench", "results", "qgalore"))
+    parser.add_argument("--csv", default=str(harness.OUT_DIR / "qgalore"),
+                        help="path prefix of the three CSVs (default bench/out/qgalore)")
     args = parser.parse_args(argv)
     if not lk.EXTENSION_AVAILABLE:
         print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)
         return 1
     cases = FULL if args.full else QUICK
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
-    timing = time_table(cases, dtypes, args.warmup, args.repeats)
+    timing = time_table(cases, dtypes, args.warmup, args.rounds)
     traffic = traffic_table(cases)
     bias = rounding_bias()
     if args.csv:
-        write_csv(timing, args.csv + "_cpu_step.csv")
+        write_csv(timing, args.csv + "_cpu_step.csv", qgalore_ms=SUBSTITUTION)
         write_csv(traffic, args.csv + "_traffic.csv")
         write_csv(bias, args.csv + "_rounding_bias.csv")
     return 0

@@ -1,7 +1,7 @@
 """Subspace-refresh cost on CPU per LLaMA weight shape, and projection-state memory of a 7B model.
 
-Per shape (m×n gradient, rank r) it times, in one interleaved run (best of N, so that every method
-sees the same machine load):
+Per shape (m×n gradient, rank r) it times, in one run whose rounds call every method in turn
+(medians over the rounds, harness.time_interleaved, so that every method sees the same load):
 
   svd        galore-torch's refresh: GaLoreProjector.project at a refresh step, i.e.
              torch.linalg.svd(G, full_matrices=False) + the projection GEMM
@@ -31,19 +31,20 @@ medians), in one run per shape:
     python bench/bench_refresh.py --vs-gemm  # only dct_fft against gemm, every shape (no SVD)
 
 Timings on a shared machine vary with its load; the ratios of an interleaved run are what to read.
+``--csv PATH`` writes every timed row (ms per method) with the machine in the header.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout's package
 import lowrank_kernels as lk
+from bench import harness
 from lowrank_kernels import reference
 
 # (name, m, n, rank): MLP weights as the gradient reaches the optimizer (down_proj: hidden × inter)
@@ -55,28 +56,21 @@ DEFAULT_SHAPES = [
 FULL_SHAPES = [("llama-1b mlp", 2048, 5504, 256), ("llama-1b mlp^T", 5504, 2048, 256)]
 
 
-def best_of(fns: dict, repeats: dict, cold: tuple[str, ...] = ()) -> dict:
-    """Best wall time (s) of each function, calls interleaved round by round; those in ``cold``
-    (too slow to repeat) get no warm-up call."""
-    best = {name: float("inf") for name in fns}
-    for name, fn in fns.items():  # warm-up (allocations, FFT plans, BLAS threads)
-        if name not in cold:
-            fn()
-    for round_ in range(max(repeats.values())):
-        for name, fn in fns.items():
-            if round_ < repeats[name]:
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+def medians(fns: dict, repeats: dict, cold: tuple[str, ...] = ()) -> dict:
+    """Median wall time (s) of each function over rounds that call them in turn
+    (harness.time_interleaved); ``repeats`` caps each one's rounds, and those in ``cold`` (too
+    slow to repeat) get no warm-up call."""
+    timings = harness.time_interleaved(fns, rounds=max(repeats.values()), max_rounds=repeats,
+                                       cold=cold)
+    return {name: t.median_s for name, t in timings.items()}
 
 
 def galore_refresh(rank: int):
     """galore-torch's own projector at a refresh step (SVD + projection)."""
-    from galore_torch.galore_projector import GaLoreProjector
+    projector = harness.import_galore_torch().GaLoreProjector
 
     def refresh(grad):
-        GaLoreProjector(rank, update_proj_gap=1).project(grad, 0)
+        projector(rank, update_proj_gap=1).project(grad, 0)
 
     return refresh
 
@@ -106,7 +100,7 @@ def bench_shape(name: str, m: int, n: int, rank: int, *, svd_repeats: int, repea
     reps["svd_lowrank"] = max(1, repeats // 3)
     reps["dct_dense"] = max(1, repeats // 2)
     torch.linalg.svd(torch.randn(64, 64), full_matrices=False)  # LAPACK's one-time setup
-    times = best_of(fns, reps, cold=("svd",))
+    times = medians(fns, reps, cold=("svd",))
     ms = {k: 1e3 * v for k, v in times.items()}
     print(f"{name:<16} {m:>5}x{n:<5} r={rank:<4} " + "  ".join(
         f"{k}={v:9.2f}" for k, v in ms.items()) + " ms")
@@ -114,7 +108,8 @@ def bench_shape(name: str, m: int, n: int, rank: int, *, svd_repeats: int, repea
           f"svd_lowrank/dct_fft={ms['svd_lowrank'] / ms['dct_fft']:5.1f}x  "
           f"dct_fft/gemm={ms['dct_fft'] / ms['gemm']:5.2f}  "
           f"dct_dense/dct_fft={ms['dct_dense'] / ms['dct_fft']:5.1f}x")
-    return ms
+    return {"device": "cpu", "shape": name, "m": m, "n": n, "rank": rank,
+            **{f"{k}_ms": round(v, 3) for k, v in ms.items()}}
 
 
 def bench_crossover(lines: int = 4096) -> None:
@@ -128,7 +123,7 @@ def bench_crossover(lines: int = 4096) -> None:
                 rank = max(1, d // 8)
                 fns = {method: (lambda g=grad, mt=method, r=rank: torch.ops.lowrank.dct_select(
                     g, r, 1, method=mt)) for method in ("fft", "dense")}
-                t = best_of(fns, {"fft": 5, "dense": 5})
+                t = medians(fns, {"fft": 5, "dense": 5})
                 print(f"  {shape!s:<14} fft {1e3 * t['fft']:8.2f} ms   dense "
                       f"{1e3 * t['dense']:8.2f} ms")
     finally:
@@ -178,17 +173,22 @@ def memory_table(rank: int = 1024) -> None:
           f"shared by all layers: d in {sizes})")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true", help="add LLaMA-1B 2048x5504 (slow SVD)")
-    parser.add_argument("--crossover", action="store_true", help="dense vs fft dct_select")
-    parser.add_argument("--memory", action="store_true", help="only the memory table")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU providers")
-    parser.add_argument("--vs-gemm", action="store_true",
-                        help="only dct_fft against one GEMM, on every shape (no SVD)")
-    args = parser.parse_args()
-    if not lk.EXTENSION_AVAILABLE:
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="add LLaMA-1B 2048x5504 (slow SVD)")
+    p.add_argument("--crossover", action="store_true", help="dense vs fft dct_select")
+    p.add_argument("--memory", action="store_true", help="only the memory table")
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds per shape")
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU providers")
+    p.add_argument("--vs-gemm", action="store_true",
+                   help="only dct_fft against one GEMM, on every shape (no SVD)")
+    p.add_argument("--csv", type=Path, default=None, help="write the timed rows here")
+    return p
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if not lk.EXTENSION_AVAILABLE and not args.gpu_only:
         raise SystemExit(f"needs the C++ extension: {lk.EXTENSION_LOAD_ERROR}")
     if args.memory:
         memory_table()
@@ -197,23 +197,29 @@ def main() -> None:
     if args.crossover:
         bench_crossover()
         return
+    rows: list[dict] = []
     if args.vs_gemm:
         for shape in DEFAULT_SHAPES + FULL_SHAPES:
-            bench_shape_without_svd(*shape, repeats=args.repeats)
-        return
-    if args.gpu_only:
-        bench_gpu(DEFAULT_SHAPES + (FULL_SHAPES if args.full else []))
-        return
-    for name, m, n, rank in DEFAULT_SHAPES:
-        bench_shape(name, m, n, rank, svd_repeats=1, repeats=args.repeats)
-    if args.full:  # the SVD costs the same on both orientations: measure it once
-        bench_shape(*FULL_SHAPES[0], svd_repeats=1, repeats=args.repeats)
-        bench_shape_without_svd(*FULL_SHAPES[1], repeats=args.repeats)
-    if torch.cuda.is_available():
+            rows.append(bench_shape_without_svd(*shape, repeats=args.repeats))
+    elif args.gpu_only:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu-only: no CUDA device here")
+        rows += bench_gpu(DEFAULT_SHAPES + (FULL_SHAPES if args.full else []))
+    else:
+        for name, m, n, rank in DEFAULT_SHAPES:
+            rows.append(bench_shape(name, m, n, rank, svd_repeats=1, repeats=args.repeats))
+        if args.full:  # the SVD costs the same on both orientations: measure it once
+            rows.append(bench_shape(*FULL_SHAPES[0], svd_repeats=1, repeats=args.repeats))
+            rows.append(bench_shape_without_svd(*FULL_SHAPES[1], repeats=args.repeats))
+        if torch.cuda.is_available():
+            print()
+            rows += bench_gpu(DEFAULT_SHAPES + (FULL_SHAPES if args.full else []))
         print()
-        bench_gpu(DEFAULT_SHAPES + (FULL_SHAPES if args.full else []))
-    print()
-    memory_table()
+        memory_table()
+    if args.csv:
+        device = "cuda" if any(r["device"] == "cuda" for r in rows) else "cpu"
+        harness.write_csv(args.csv, rows, harness.machine_info(device))
+        print(f"wrote {args.csv}")
 
 
 def bench_gpu(shapes) -> list[dict]:
@@ -229,7 +235,6 @@ def bench_gpu(shapes) -> list[dict]:
 
 
 def bench_gpu_shape(name: str, m: int, n: int, rank: int, *, cuda_kernel: bool) -> dict:
-    from bench import harness
     from lowrank_kernels import ops
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -240,25 +245,31 @@ def bench_gpu_shape(name: str, m: int, n: int, rank: int, *, cuda_kernel: bool) 
     fns = {
         "triton_dct": lambda: ops.dct_select(grad, rank, 1, backend="triton"),
         "gemm": lambda: grad @ proj.T if right else proj.T @ grad,
-        "svd": lambda: galore_refresh(rank)(grad),
         "svd_lowrank": lambda: svd_lowrank_refresh(grad, rank),
     }
+    try:
+        svd_refresh = galore_refresh(rank)
+        fns["svd"] = lambda: svd_refresh(grad)
+    except ImportError as exc:  # e.g. a GPU machine without the peer packages
+        print(f"  skip svd (galore-torch's refresh): {exc}")
     if cuda_kernel:
         fns["cuda_dct"] = lambda: torch.ops.lowrank.dct_select(grad, rank, 1)
     ms = {k: harness.time_cuda(fn).median_s * 1e3 for k, fn in fns.items()}
     print(f"{name:<16} {m:>5}x{n:<5} r={rank:<4} " + "  ".join(
         f"{k}={v:8.3f}" for k, v in ms.items()))
     ratios = [f"triton_dct/gemm={ms['triton_dct'] / ms['gemm']:5.2f}",
-              f"svd/triton_dct={ms['svd'] / ms['triton_dct']:7.1f}x",
               f"svd_lowrank/triton_dct={ms['svd_lowrank'] / ms['triton_dct']:6.1f}x"]
+    if "svd" in ms:
+        ratios.append(f"svd/triton_dct={ms['svd'] / ms['triton_dct']:7.1f}x")
     if cuda_kernel:
         ratios += [f"cuda_dct/gemm={ms['cuda_dct'] / ms['gemm']:5.2f}",
                    f"cuda_dct/triton_dct={ms['cuda_dct'] / ms['triton_dct']:5.2f}"]
     print(f"{'':<16} ratios: " + "  ".join(ratios))
-    return {"shape": name, "m": m, "n": n, "rank": rank, **ms}
+    return {"device": "cuda", "shape": name, "m": m, "n": n, "rank": rank,
+            **{f"{k}_ms": round(v, 4) for k, v in ms.items()}}
 
 
-def bench_shape_without_svd(name: str, m: int, n: int, rank: int, *, repeats: int) -> None:
+def bench_shape_without_svd(name: str, m: int, n: int, rank: int, *, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(m, n, generator=gen)
     basis = torch.linalg.qr(torch.randn(min(m, n), rank, generator=gen))[0]
@@ -267,9 +278,11 @@ def bench_shape_without_svd(name: str, m: int, n: int, rank: int, *, repeats: in
         "dct_fft": lambda: torch.ops.lowrank.dct_select(grad, rank, 1, method="fft"),
         "gemm": lambda: torch.ops.lowrank.project(grad, proj),
     }
-    ms = {k: 1e3 * v for k, v in best_of(fns, {k: repeats for k in fns}).items()}
+    ms = {k: 1e3 * v for k, v in medians(fns, {k: repeats for k in fns}).items()}
     print(f"{name:<16} {m:>5}x{n:<5} r={rank:<4} dct_fft={ms['dct_fft']:9.2f}  "
           f"gemm={ms['gemm']:9.2f} ms   dct_fft/gemm={ms['dct_fft'] / ms['gemm']:5.2f}")
+    return {"device": "cpu", "shape": name, "m": m, "n": n, "rank": rank,
+            **{f"{k}_ms": round(v, 3) for k, v in ms.items()}}
 
 
 if __name__ == "__main__":

@@ -14,13 +14,19 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+# Committed results (rewritten only on purpose: `bash scripts/bench.sh --refresh`) and the
+# git-ignored folder every benchmark writes to by default, so that a user's run leaves the
+# checkout clean.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+OUT_DIR = Path(__file__).resolve().parent / "out"
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,8 +42,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ModelShape:
     """A LLaMA configuration of the GaLore paper (configs/llama_*.json of its repository).
 
-    ``rank`` is the GaLore recipe's rank for that size (PEERS.md: 128 for 60M, 256 for 130M and
-    350M, 512 for 1B, 1024 for 7B); ``update_proj_gap`` 200 (500 for 7B).
+    ``rank`` is the GaLore recipe's rank for that size (docs/DESIGN.md §8: 128 for 60M, 256 for
+    130M and 350M, 512 for 1B, 1024 for 7B); ``update_proj_gap`` 200 (500 for 7B).
     """
 
     name: str
@@ -141,6 +147,44 @@ def time_cpu(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7,
     return Timing.from_samples(samples)
 
 
+def time_interleaved(fns: Mapping[str, Callable[[], object]], *, rounds: int = 5,
+                     warmup: int = 1, max_rounds: Mapping[str, int] | None = None,
+                     cold: Sequence[str] = ()) -> dict[str, Timing]:
+    """Times several providers of the same work on CPU, one call of each per round.
+
+    Every round calls each provider once (ours, peer, floor, ours, peer, floor, …), starting one
+    provider later than the round before so that none always runs right after the same other;
+    each provider's Timing is over its rounds (median, quartiles). A neighbour's job that slows
+    the machine for a while then slows every provider alike, and the ratios of medians stay
+    put where back-to-back blocks of repeats would charge the whole slowdown to one provider.
+
+    ``max_rounds`` caps a slow provider's rounds (an SVD of seconds: 1); providers in ``cold``
+    get no warm-up call (too slow to repeat). All CPU benchmarks in bench/ time through this.
+    """
+    if not fns:
+        raise ValueError("fns: expected at least one provider to time")
+    if rounds < 1:
+        raise ValueError(f"rounds: expected at least 1, got {rounds}")
+    caps = {name: min(rounds, (max_rounds or {}).get(name, rounds)) for name in fns}
+    for name, cap in caps.items():
+        if cap < 1:
+            raise ValueError(f"max_rounds: expected at least 1 round for {name!r}, got {cap}")
+    for name, fn in fns.items():
+        if name not in cold:
+            for _ in range(warmup):
+                fn()
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        start = round_ % len(names)
+        for name in names[start:] + names[:start]:
+            if len(samples[name]) < caps[name]:
+                t0 = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: Timing.from_samples(s) for name, s in samples.items()}
+
+
 _GPU_WARM: set[int] = set()
 
 
@@ -182,6 +226,81 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, **kwargs) -> T
 
 
 # --------------------------------------------------------------------------------------------
+# the peer every step benchmark compares with
+# --------------------------------------------------------------------------------------------
+def import_galore_torch():
+    """galore_torch, with GaLoreProjector beside its optimizers. Its package __init__ also imports
+    its 8-bit optimizer, which needs bitsandbytes; where that is not installed (the GPU image has
+    none), an empty stand-in takes its place for that import only, so GaLoreAdamW (which never
+    touches bitsandbytes) loads; the stand-in raises if the 8-bit optimizer is ever built."""
+    try:
+        import galore_torch
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("bitsandbytes"):
+            raise
+
+        class Optimizer2State:  # what galore_torch.adamw8bit subclasses
+            def __init__(self, *args, **kwargs):
+                raise ImportError("galore-torch's 8-bit optimizer needs bitsandbytes")
+
+        names = ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer")
+        stand_ins = {name: types.ModuleType(name) for name in names}
+        stand_ins[names[-1]].Optimizer2State = Optimizer2State
+        sys.modules.update(stand_ins)
+        try:
+            import galore_torch
+        finally:  # nothing else may mistake the stand-in for bitsandbytes
+            for name in names:
+                sys.modules.pop(name, None)
+    from galore_torch.galore_projector import GaLoreProjector
+
+    galore_torch.GaLoreProjector = GaLoreProjector
+    return galore_torch
+
+
+def random_basis(m: int, n: int, rank: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """An orthonormal basis in fused_galore_step's layout: r×n (m >= n) or m×r (m < n)."""
+    q, _ = torch.linalg.qr(torch.randn(min(m, n), rank, device=device, dtype=torch.float32))
+    return (q.T if m >= n else q).contiguous().to(dtype)
+
+
+def galore_torch_fixed_bases(param_groups: list[dict], *, lr: float, weight_decay: float,
+                             eps: float, beta1: float = 0.9, beta2: float = 0.999,
+                             bases: dict[int, torch.Tensor] | None = None):
+    """galore-torch's GaLoreAdamW over ``param_groups``, one step in for every projected
+    parameter: its projector holds a fixed basis (``bases[id(p)]``, else a random orthonormal one
+    in the weight's dtype, as its SVD would leave it) and never refreshes, so ``.step`` times its
+    steady-state step without the SVD. Groups with a ``rank`` must carry ``scale``."""
+    galore_torch = import_galore_torch()
+    groups = [{**g, "update_proj_gap": 10**9} if "rank" in g else dict(g) for g in param_groups]
+    opt = galore_torch.GaLoreAdamW(groups, lr=lr, betas=(beta1, beta2), eps=eps,
+                                   weight_decay=weight_decay, no_deprecation_warning=True)
+    for group in opt.param_groups:
+        if "rank" not in group:
+            continue
+        for p in group["params"]:
+            projector = galore_torch.GaLoreProjector(group["rank"], update_proj_gap=10**9,
+                                                     scale=group["scale"])
+            basis = (bases or {}).get(id(p))
+            projector.ortho_matrix = (basis.clone() if basis is not None else random_basis(
+                *p.shape, group["rank"], p.dtype, p.device))
+            opt.state[p]["projector"] = projector
+            opt.state[p]["step"] = 1  # refresh when step % gap == 0: step 1 does not refresh
+    return opt
+
+
+def galore_torch_optimizer(param: torch.Tensor, grad: torch.Tensor, basis: torch.Tensor,
+                           rank: int, *, scale: float, **hyper):
+    """galore_torch_fixed_bases for one weight: a copy of ``param`` with gradient ``grad`` and
+    projector basis ``basis``."""
+    p = torch.nn.Parameter(param.clone())
+    p.grad = grad.clone()
+    return galore_torch_fixed_bases([{"params": [p], "rank": rank, "scale": scale,
+                                      "proj_type": "std"}], bases={id(p): basis}, **hyper)
+
+
+# --------------------------------------------------------------------------------------------
 # machine information
 # --------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
@@ -195,6 +314,10 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str:
+    """$LOWRANK_COMMIT (a copy of the tree without .git, e.g. on a borrowed GPU machine), else
+    git's short hash of HEAD, else 'unknown'."""
+    if os.environ.get("LOWRANK_COMMIT"):
+        return os.environ["LOWRANK_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
                              capture_output=True,
@@ -289,17 +412,20 @@ def device_label(device: torch.device | str) -> str:
 # --------------------------------------------------------------------------------------------
 def write_csv(path: Path | str, rows: Sequence[dict[str, object]],
               machine: dict[str, object] | None = None) -> Path:
-    """Writes ``rows`` as CSV; ``machine`` goes first as ``# key: value`` comment lines.
+    """Writes ``rows`` as CSV; ``machine`` (default: this CPU's ``machine_info``, so every result
+    file says which commit, date and machine made it) goes first as ``# key: value`` lines.
 
     Read it back with ``read_csv`` (or pandas ``read_csv(path, comment="#")``).
     """
     if not rows:
         raise ValueError("rows: expected at least one row to write")
+    if machine is None:
+        machine = machine_info("cpu")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as f:
-        for key, value in (machine or {}).items():
+        for key, value in machine.items():
             f.write(f"# {key}: {value}\n")
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -320,11 +446,12 @@ def read_csv(path: Path | str) -> tuple[dict[str, str], list[dict[str, str]]]:
     return machine, list(csv.DictReader(body))
 
 
-def results_path(stem: str, device: torch.device | str | None = None, suffix: str = ".csv"
-                 ) -> Path:
-    """bench/results/<stem>[_<device label>].csv"""
+def results_path(stem: str, device: torch.device | str | None = None, suffix: str = ".csv",
+                 root: Path = OUT_DIR) -> Path:
+    """<root>/<stem>[_<device label>].csv, root bench/out/ unless given (bench/results/ to
+    refresh the committed files)."""
     label = f"_{device_label(device)}" if device is not None else ""
-    return RESULTS_DIR / f"{stem}{label}{suffix}"
+    return Path(root) / f"{stem}{label}{suffix}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -622,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--measure-model", default="llama-60m")
     parser.add_argument("--measure-layers", type=int, default=1,
                         help="decoder layers of the measured model (its shapes are kept)")
-    parser.add_argument("--csv", action="store_true", help="write bench/results/memory_*.csv")
+    parser.add_argument("--csv", action="store_true", help="write bench/out/memory_*.csv")
     args = parser.parse_args(argv)
     dtype = harness.DTYPE_NAMES[args.dtype]
     for name in args.model:

@@ -1,6 +1,10 @@
-"""The main job: a CPU-sized selection of every benchmark, written to bench/results/report.md.
+"""The main job: a CPU-sized selection of every benchmark, written to bench/out/report.md.
 
-    python bench/run_all.py [--steps 200] [--quick] [--out bench/results]
+    python bench/run_all.py [--steps 200] [--quick] [--out DIR | --refresh]
+
+It writes to bench/out/ (git-ignored), so a user's run leaves the checkout clean; ``--refresh``
+writes the committed bench/results/ instead (`bash scripts/bench.sh --refresh`), the one way
+those files change.
 
 Stages (a progress bar over them, and one inside the slow ones):
   1. DRAM-traffic model for every model size (bench/traffic.py)
@@ -8,15 +12,17 @@ Stages (a progress bar over them, and one inside the slow ones):
      included (their init_state on meta tensors), with layer-wise rows
   3. the accounting checked against a real run's resident set (llama-60m shapes, 1 layer):
      weights, gradients and optimizer state of each optimizer that can step here
-  4. one optimizer step on CPU at llama-60m MLP shapes: ours (C++), reference, galore-torch,
-     against galore-torch in the same run (and bench/bench_cpu_step.py when it exists)
+  4. one optimizer step on CPU: ours (C++) vs galore-torch vs the two-GEMM floor, interleaved
+     (bench/bench_cpu_step.py)
   5. the Q-GaLore step on CPU (INT4 basis, INT8 weights) against q-galore-torch's step, and the
      stochastic-rounding bias of both (bench/bench_qgalore.py)
   6. the subspace refresh on CPU: galore-torch's SVD, torch.svd_lowrank and dct_select against
      one projection GEMM (bench/bench_refresh.py); the per-step fixed cost at the demo's tiny
      shapes, ours against galore-torch (bench/bench_step_overhead.py)
-  7. the GPU step benchmark (bench/bench_gpu_step.py), only when CUDA is available
-  8. the training demo: a tiny LLaMA, AdamW vs galore-torch vs our presets (bench/demo.py)
+  7. the GPU step: the committed GPU measurements (bench/results/gpu_*.csv) quoted with their
+     commit, versions and device, and bench/bench_gpu_step.py when CUDA is available
+  8. the training demo: a tiny LLaMA, AdamW (lr sweep) vs galore-torch vs our presets, and the
+     optimizer step against model size (bench/demo.py)
 A stage that fails is reported in report.md (with its error) and the others still run; the exit
 status is then 1. ``--quick`` skips stage 3 and shortens the demo (a smoke run).
 """
@@ -45,12 +51,15 @@ CPU_STEP_RANK = 128
 def stage_traffic(out: Path) -> str:
     rows = traffic.model_rows(list(harness.MODELS), weight_decay=False)
     whole = [r for r in rows if str(r["shape"]).startswith("all")]
-    harness.write_csv(out / "traffic_models.csv", rows)
+    harness.write_csv(out / "traffic_models.csv", rows, harness.machine_info("cpu"))
     headline = traffic.rows_for_shape(4096, 11008, 256, weight_decay=False)
     cols = traffic.COLUMNS[1:]
     return ("Bytes per optimizer step crossing DRAM; W/G bf16, our M/V fp32 (galore-torch keeps "
             "them in bf16 and is judged against the floor of that layout), no weight decay; "
-            "predicted ms = bytes / peak bandwidth. Assumptions: bench/traffic.py docstring. "
+            "`pred_ms@<GPU>` = bytes / peak bandwidth: a model, never a measurement (measured GPU "
+            "times: the GPU section below). `ran_on_gpu` says whether the code a row models has "
+            "ever run on a GPU; rows marked no predict code nobody has timed. Assumptions: "
+            "bench/traffic.py docstring. "
             "On a GPU the Triton launcher runs `fused-triton` (one pass, N on chip; r ≤ "
             f"{traffic.ONE_PASS_MAX_RANK}) below r = 128 when its grid fills the GPU, and "
             "`fused-triton-2launch` otherwise (always for INT8 weights and bf16 moments). "
@@ -123,22 +132,17 @@ def stage_memory_validation(out: Path) -> str:
             + harness.format_table(rows, markdown=True))
 
 
+LOADED = ("One run, torch's threads (the header's `threads`). On a machine shared with other "
+          "jobs (the header's `loadavg_1m` above the core count) parallel regions wait for "
+          "parked threads, which inflates the peers' times (many small ops) far more than ours: "
+          "the README quotes `python bench/cpu_ratios.py --runs 3 --threads 1` "
+          "(bench/results/cpu_ratios.csv) instead.\n\n")
+
+
 def stage_cpu_step(out: Path) -> str:
-    rows = []
-    providers = ("cpu", "reference", "galore-torch", "copy")
-    for m, n in harness.progress(CPU_STEP_SHAPES, desc="cpu step"):
-        rows += bench_gpu_step.bench_shape(m, n, CPU_STEP_RANK, torch.float32, torch.float32,
-                                           0.0, providers, torch.device("cpu"), None)
-    if not rows:
-        raise RuntimeError("no provider ran")
-    harness.write_csv(out / "cpu_step_providers.csv", rows, harness.machine_info("cpu"))
-    cols = ["shape", "rank", "provider", "ms", "iqr_ms", "GBps_at_floor", "vs_galore-torch"]
-    text = (f"One step, fp32, r = {CPU_STEP_RANK}, {torch.get_num_threads()} threads; median "
-            "and IQR of perf_counter timings; `GBps_at_floor` = floor bytes / time; "
-            "`copy` = dst.copy_(src) of one m×n weight.\n\n"
-            + harness.format_table(rows, cols, markdown=True))
-    return text + "\n\n" + run_script("bench_cpu_step.py", "--csv", str(out / "cpu_step.csv"),
-                                       what="fused step vs galore-torch vs the two-GEMM floor")
+    return LOADED + run_script("bench_cpu_step.py", "--csv", str(out / "cpu_step.csv"),
+                               what="fused step vs galore-torch vs the two-GEMM floor, "
+                               "interleaved rounds")
 
 
 def run_script(name: str, *args: str, what: str) -> str:
@@ -152,8 +156,10 @@ def run_script(name: str, *args: str, what: str) -> str:
 
 
 def stage_qgalore(out: Path) -> str:
-    return run_script("bench_qgalore.py", "--csv", str(out / "qgalore"),
-                      what="ours vs q-galore-torch's step, same inputs, same run")
+    return LOADED + run_script("bench_qgalore.py", "--csv", str(out / "qgalore"),
+                      what="ours vs q-galore-torch's step, same inputs, same run; its step is "
+                      "re-run op for op with its own functions except its bitsandbytes 8-bit "
+                      "Adam, CUDA-only, which is replaced by fp32 Adam in torch")
 
 
 def stage_step_overhead(out: Path) -> str:
@@ -162,15 +168,63 @@ def stage_step_overhead(out: Path) -> str:
                       "interleaved rounds, same run")
 
 
-def stage_refresh(out: Path) -> str:  # the --full table stays in results/ (not rewritten)
-    return run_script("bench_refresh.py", what="SVD, svd_lowrank and dct_select vs one GEMM; "
-                      "`--full` adds 2048×5504: bench/results/bench_refresh_cpu.txt")
+def stage_refresh(out: Path) -> str:
+    return run_script("bench_refresh.py", "--csv", str(out / "refresh_cpu.csv"),
+                      what="SVD, svd_lowrank and dct_select vs one GEMM, interleaved rounds; "
+                      "`--full` adds 2048×5504 (bench/cpu_ratios.py: three runs)")
+
+
+# the CSV columns that name the default provider, newest convention first: gpu_check runs time
+# the "default" provider; the session-2 CSV's "triton" was lowrank_kernels.ops' default then
+DEFAULT_PROVIDERS = ("default", "triton")
+
+
+def committed_gpu_table(path: Path) -> str:
+    """The default provider against galore-torch at every shape and rank of a committed GPU CSV,
+    with the CSV's commit, date, device and versions."""
+    machine, rows = harness.read_csv(path)
+    step = [r for r in rows if r.get("provider") and r.get("ms")
+            and r.get("stage", "step-fp32-moments") == "step-fp32-moments"]
+    default = next((p for p in DEFAULT_PROVIDERS if any(r["provider"] == p for r in step)), None)
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in step:
+        cells.setdefault((r["shape"], r["rank"]), {})[r["provider"]] = r
+    table = []
+    for (shape, rank), by in cells.items():
+        ours, peer = by.get(default), by.get("galore-torch")
+        public = by.get("torch.ops") or by.get("cuda")
+        if ours is None or peer is None:
+            continue
+        speedup = float(peer["ms"]) / float(ours["ms"])
+        table.append({"shape": shape, "r": rank, "default ms": ours["ms"],
+                      "default IQR": ours.get("iqr_ms", ""), "galore-torch ms": peer["ms"],
+                      "galore-torch IQR": peer.get("iqr_ms", ""),
+                      "galore-torch / default": f"{speedup:.2f}",
+                      "torch.ops ms": public["ms"] if public else ""})
+    head = (f"`{path.name}`: {machine.get('gpu', '?')}, commit {machine.get('commit', '?')}, "
+            f"{machine.get('date_utc', '?')}, torch {machine.get('torch', '?')}, Triton "
+            f"{machine.get('triton', '?')}; bf16 W, fp32 M/V (galore-torch: bf16), "
+            "do_bench medians with L2 flushed. `default` = the provider column "
+            f"`{default}` (lowrank_kernels.ops and the optimizers at that commit); "
+            "`torch.ops ms` = torch.ops.lowrank.fused_galore_step itself (the CUDA C++ general "
+            "path at that commit). Ratio > 1: the default is faster than galore-torch.")
+    return head + "\n\n" + harness.format_table(table, markdown=True)
+
+
+def latest_gpu_csvs() -> list[Path]:
+    """Committed GPU step results: the GPU check's runs (gpu_<device>_<commit>.csv), else the
+    session-2 H100 benchmark."""
+    found = sorted(harness.RESULTS_DIR.glob("gpu_*_*.csv"), key=lambda p: p.stat().st_mtime)
+    checks = [p for p in found if not p.name.startswith("gpu_step_")]
+    return checks[-1:] or [p for p in found if p.name.startswith("gpu_step_")]
 
 
 def stage_gpu_step(out: Path) -> str:
+    committed = "\n\n".join(committed_gpu_table(p) for p in latest_gpu_csvs())
     if not torch.cuda.is_available():
-        return "No CUDA device here: skipped (the traffic model above predicts the GPU times)."
-    path = harness.results_path("gpu_step", "cuda")
+        return ("No CUDA device here: the committed measurements follow (GPU runs: "
+                "`bash scripts/gpu_check.sh`, README 'GPU').\n\n" + committed)
+    path = harness.results_path("gpu_step", "cuda", root=out)
     status = bench_gpu_step.main(["--out", str(path)])
     if status != 0:
         raise RuntimeError(f"bench_gpu_step exited {status}")
@@ -181,24 +235,46 @@ def stage_gpu_step(out: Path) -> str:
             f"`{path.name}`\n\n" + harness.format_table(rows, cols, markdown=True))
 
 
-def stage_demo(out: Path, steps: int) -> str:
+def stage_demo(out: Path, steps: int, sizes: bool = True) -> str:
     rows, pngs = demo.run(steps=steps, out=out)
-    images = "\n\n".join(f"![{p.stem}]({p.name})" for p in pngs)
-    return (f"{demo.TINY.name}: hidden {demo.TINY.hidden}, {demo.TINY.layers} layers, byte "
+    text = (f"{demo.TINY.name}: hidden {demo.TINY.hidden}, {demo.TINY.layers} layers, byte "
             f"vocabulary, {steps} steps of 16×64 bytes of Python stdlib source, same "
             f"initial weights and batches for every optimizer; GaLore rank {demo.TINY.rank}, "
-            f"refresh every {demo.TINY.update_proj_gap} steps.\n\n"
-            + harness.format_table(rows, markdown=True) + "\n\n" + images)
+            f"refresh every {demo.TINY.update_proj_gap} steps; each optimizer at its recipe lr, "
+            "AdamW over a small sweep (its best in the plots; `opt_step_vs_AdamW` against "
+            "that best). Optimizer step times on 1 thread.\n\n"
+            + harness.format_table(rows, markdown=True))
+    if sizes:
+        size_rows, png = demo.step_time_by_size(out)
+        pngs.append(png)
+        text += ("\n\n**Optimizer step against model size** (projected weights of every "
+                 "layer, random gradients, steady state: galore-torch with fixed bases, ours "
+                 "with a random projection; the three interleaved round by round, medians; "
+                 "1 thread):"
+                 "\n\n" + harness.format_table(size_rows, markdown=True))
+    return text + "\n\n" + "\n\n".join(f"![{p.stem}]({p.name})" for p in pngs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="training-demo steps")
     parser.add_argument("--quick", action="store_true",
                         help="skip the measured memory runs; 40 demo steps")
-    parser.add_argument("--out", type=Path, default=harness.RESULTS_DIR)
-    args = parser.parse_args(argv)
-    out = args.out
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=harness.OUT_DIR,
+                       help="output folder (default bench/out/, git-ignored)")
+    where.add_argument("--refresh", action="store_true",
+                       help="write the committed bench/results/ (to refresh them on purpose)")
+    return parser.parse_args(argv)
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    return harness.RESULTS_DIR if args.refresh else args.out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = output_dir(args)
     out.mkdir(parents=True, exist_ok=True)
 
     stages: list[tuple[str, Callable[[], str]]] = [
@@ -210,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("Subspace refresh on CPU", lambda: stage_refresh(out)),
         ("Per-step fixed cost on CPU", lambda: stage_step_overhead(out)),
         ("Optimizer step on GPU", lambda: stage_gpu_step(out)),
-        ("Training demo", lambda: stage_demo(out, 40 if args.quick else args.steps)),
+        ("Training demo", lambda: stage_demo(out, 40 if args.quick else args.steps,
+                                             sizes=not args.quick)),
     ]
     if args.quick:
         stages = [s for s in stages if not s[0].startswith("Memory accounting checked")]
@@ -233,8 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     machine = harness.machine_info("cuda" if torch.cuda.is_available() else "cpu")
     header = ("# lowrank_kernels benchmark report\n\n"
-              "Generated by `python bench/run_all.py`"
-              f"{' --quick' if args.quick else ''} in {time.perf_counter() - started:.0f} s.\n\n"
+              "Generated by `python bench/run_all.py"
+              f"{' --quick' if args.quick else ''}{' --refresh' if args.refresh else ''}` in "
+              f"{time.perf_counter() - started:.0f} s.\n\n"
               + "\n".join(f"- {k}: {v}" for k, v in machine.items()) + "\n")
     report = out / "report.md"
     report.write_text(header + "\n" + "\n".join(sections))

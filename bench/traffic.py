@@ -95,6 +95,18 @@ except ImportError:  # Triton not installed: the same constant
 
 QUANT_GROUP = 256  # q-galore-torch's group for W (INT8) and P (INT4); bitsandbytes' block too
 
+# Whether the code a row models has ever been timed on a GPU (bench/results/gpu_*.csv). A row of
+# code that never ran is a prediction about something nobody has measured: tables say so.
+RAN_ON_GPU = {
+    "fused-triton": "yes (H100)",
+    "fused-triton-2launch": "yes (H100)",
+    "galore-torch": "yes (H100)",
+    "fused-cuda": "no: models the opt-in 16-bit fast path, never run (the general path ran)",
+    "fused-triton-q": "no",
+    "fused-cuda-q": "no: models the fast path's INT4 loader",
+    "q-galore-torch": "no: cannot step with bitsandbytes >= 0.45",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Access:
@@ -505,9 +517,11 @@ def _row(label: str, m: object, n: object, rank: int, impl: str, kernels: int, t
     row: dict[str, object] = {"shape": label, "m": m, "n": n, "rank": rank, "impl": impl,
                               "kernels": "" if impl.startswith("floor") else kernels,
                               "MB": round(total / 1e6, 2),
-                              "vs_floor": round(total / judged_total, 3)}
+                              "vs_floor": round(total / judged_total, 3),
+                              "ran_on_gpu": "bound" if impl.startswith("floor")
+                              else RAN_ON_GPU.get(impl, "no")}
     for device, (bandwidth, _) in DEVICES.items():
-        row[f"ms@{device}"] = round(total / bandwidth * 1e3, 4)
+        row[f"pred_ms@{device}"] = round(total / bandwidth * 1e3, 4)
     return row
 
 
@@ -556,7 +570,7 @@ def model_rows(names: Sequence[str], rank: int | None = None,
 
 
 COLUMNS = ["model", "shape", "rank", "impl", "kernels", "MB", "vs_floor", *(
-    f"ms@{d}" for d in DEVICES)]
+    f"pred_ms@{d}" for d in DEVICES), "ran_on_gpu"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -591,7 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     rows = model_rows(args.model, args.rank, wdt, sdt, weight_decay=not args.no_weight_decay)
     print(f"DRAM bytes per optimizer step, W/G {args.dtype}, M/V {args.state_dtype} (ours), "
-          f"weight decay {'off' if args.no_weight_decay else 'on'}; predicted ms = bytes / peak")
+          f"weight decay {'off' if args.no_weight_decay else 'on'}; pred_ms = bytes / peak "
+          "bandwidth: a model, not a measurement")
     print(format_table(rows, COLUMNS))
     return 0
 

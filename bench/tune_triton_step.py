@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness
-from bench.bench_gpu_step import HYPER, parse_shape, random_basis
+from bench.bench_gpu_step import HYPER, parse_shape
+from bench.harness import random_basis
 
 # (block_own, block_r, block_long, num_warps, num_stages)
 PROJECT_CANDIDATES = [

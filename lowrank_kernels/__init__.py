@@ -11,7 +11,7 @@ Public surface:
   * ``lowrank_kernels.integrations.transformers`` — Hugging Face Trainer (imported on demand).
 """
 
-from lowrank_kernels import autograd, integrations, ops, optim, projection, reference
+from lowrank_kernels import _op_docs, autograd, integrations, ops, optim, projection, reference
 from lowrank_kernels._extension import AVAILABLE as EXTENSION_AVAILABLE
 from lowrank_kernels._extension import LOAD_ERROR as EXTENSION_LOAD_ERROR
 from lowrank_kernels.autograd import Int8Linear, int8_linear, replace_linear_with_int8
@@ -26,6 +26,8 @@ from lowrank_kernels.optim import (
 )
 
 __version__ = "0.1.0"
+
+_op_docs.attach()  # help(torch.ops.lowrank.<op>) shows the schema and the wrapper's docstring
 
 __all__ = [
     "EXTENSION_AVAILABLE",

@@ -42,10 +42,31 @@ if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; the
 fi
 src_hash=$(cd "$ROOT" && cat setup.py $(find csrc -type f | sort) | sha1sum | cut -c1-12)
 stamp_build="$VENV/.lowrank-build-$src_hash-${LOWRANK_SKIP_CUDA_BUILD:-0}"
+# The build takes minutes (about 5 on 2 cores with the CUDA sources): a line per compiled
+# source as it finishes, the whole log in $build_log, its tail when the build fails.
+build_progress() {
+  local start=$SECONDS line
+  while IFS= read -r line; do
+    printf '%s\n' "$line" >> "$build_log"
+    if [[ $line =~ ^\[([0-9]+)/([0-9]+)\].*[[:space:]]-c[[:space:]]+([^[:space:]]+) ]]; then
+      log "  compiled ${BASH_REMATCH[3]#"$ROOT"/} [${BASH_REMATCH[1]}/${BASH_REMATCH[2]}]," \
+        "$((SECONDS - start)) s"
+    fi
+  done
+}
 if [ ! -f "$stamp_build" ] || ! python -c 'import lowrank_kernels._C' 2>/dev/null; then
-  log "building lowrank_kernels._C (CUDA_HOME=${CUDA_HOME:-none}, MAX_JOBS=${MAX_JOBS:-auto})"
+  log "building lowrank_kernels._C (CUDA_HOME=${CUDA_HOME:-none}, MAX_JOBS=${MAX_JOBS:-auto};" \
+    "minutes: one line per compiled source)"
   rm -f "$VENV"/.lowrank-build-*
-  pip_q --no-build-isolation --no-deps -e "$ROOT"
+  build_log="$VENV/.lowrank-build.log"
+  : > "$build_log"
+  if ! python -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps \
+      -e "$ROOT" 2>&1 | build_progress; then
+    log "build failed; the end of $build_log:"
+    tail -n 40 "$build_log" >&2
+    exit 1
+  fi
+  log "built in $SECONDS s since set-up started"
   touch "$stamp_build"
 fi
 python - <<'PY'

@@ -1,4 +1,4 @@
-"""Shapes, inputs and tolerances shared by every test module (one fixture module, STYLE.md).
+"""Shapes, inputs and tolerances shared by every test module (one fixture module, docs/DESIGN.md §6).
 
 Tolerances follow DESIGN.md §6: fp32 results agree to ~1e-5 relative; low-precision results are
 judged against what plain torch makes in that precision ("error ≤ 2× plain torch's error against

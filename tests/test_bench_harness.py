@@ -214,9 +214,13 @@ def test_predicted_times_scale_with_bandwidth():
     floor = next(r for r in rows if r["impl"] == "floor")
     mb = traffic.floor(4096, 11008, 256).total / 1e6
     for device, (bandwidth, _) in traffic.DEVICES.items():
-        assert floor[f"ms@{device}"] == pytest.approx(mb * 1e6 / bandwidth * 1e3, rel=1e-3)
+        assert floor[f"pred_ms@{device}"] == pytest.approx(mb * 1e6 / bandwidth * 1e3, rel=1e-3)
     assert {r["impl"] for r in rows} >= {"floor", "fused-triton", "fused-cuda", "galore-torch",
                                          "q-galore-torch"}
+    # every modelled implementation says whether its code has run on a GPU
+    assert {r["ran_on_gpu"] for r in rows if r["impl"] == "fused-cuda"} == {
+        traffic.RAN_ON_GPU["fused-cuda"]}
+    assert all(r["ran_on_gpu"] for r in rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,11 +239,118 @@ def test_time_cpu_counts_warmup_and_repeats():
     assert len(calls) == 8 and t.repeats == 5 and t.median_s >= 0.0
 
 
+def test_time_interleaved_alternates_providers_and_rotates_the_start():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("ours", "peer", "floor")}
+    timings = harness.time_interleaved(fns, rounds=4, warmup=1)
+    warm, timed = calls[:3], calls[3:]
+    assert warm == ["ours", "peer", "floor"]
+    assert timed == ["ours", "peer", "floor", "peer", "floor", "ours",
+                     "floor", "ours", "peer", "ours", "peer", "floor"]
+    assert {name: t.repeats for name, t in timings.items()} == {"ours": 4, "peer": 4, "floor": 4}
+
+
+def test_time_interleaved_caps_slow_providers_and_skips_their_warmup():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("svd", "dct")}
+    timings = harness.time_interleaved(fns, rounds=3, warmup=2, max_rounds={"svd": 1},
+                                       cold=("svd",))
+    assert calls.count("svd") == 1 and calls.count("dct") == 2 + 3
+    assert timings["svd"].repeats == 1 and timings["dct"].repeats == 3
+    with pytest.raises(ValueError, match="rounds"):
+        harness.time_interleaved(fns, rounds=0)
+    with pytest.raises(ValueError, match="max_rounds"):
+        harness.time_interleaved(fns, rounds=2, max_rounds={"svd": 0})
+    with pytest.raises(ValueError, match="fns"):
+        harness.time_interleaved({})
+
+
+def test_a_slow_spell_moves_every_interleaved_provider_alike(monkeypatch):
+    """A neighbour's job slows the machine 3x for four consecutive calls. Interleaved, each
+    provider gets two slow samples of five and the ratio of medians stays 2.0; timed in blocks
+    (five of one, then five of the other) the same spell would land on "ours" alone."""
+    clock = {"now": 0.0, "calls": 0}
+
+    def work(units):
+        def fn():
+            slow = 2 <= clock["calls"] < 6
+            clock["now"] += units * (3.0 if slow else 1.0)
+            clock["calls"] += 1
+        return fn
+
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
+    t = harness.time_interleaved({"ours": work(1.0), "peer": work(2.0)}, rounds=5, warmup=0)
+    assert t["peer"].median_s / t["ours"].median_s == 2.0
+
+
 def test_ratios_use_the_baseline_of_the_same_group():
     rows = [{"shape": "a", "impl": "base", "ms": 2.0}, {"shape": "a", "impl": "x", "ms": 1.0},
             {"shape": "b", "impl": "x", "ms": 4.0}]
     harness.add_ratios(rows, key="impl", baseline="base")
     assert [r["vs_base"] for r in rows] == [1.0, 0.5, ""]
+
+
+def test_benchmarks_write_to_an_ignored_folder_unless_refreshing():
+    """A user's run must not dirty the checkout: bench/out/ is git-ignored, and the main job
+    writes bench/results/ only with --refresh."""
+    import shutil
+    import subprocess
+
+    from bench import run_all
+
+    assert harness.results_path("x", root=harness.OUT_DIR).parent == harness.OUT_DIR
+    assert harness.results_path("x").parent == harness.OUT_DIR
+    assert run_all.output_dir(run_all.parse_args([])) == harness.OUT_DIR
+    assert run_all.output_dir(run_all.parse_args(["--refresh"])) == harness.RESULTS_DIR
+    root = harness.OUT_DIR.parent.parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "bench/out/report.md"], cwd=root,
+                             check=False)
+    assert ignored.returncode == 0
+
+
+def test_galore_torch_loads_without_bitsandbytes_and_its_8bit_optimizer_says_why(monkeypatch):
+    """The GPU image has no bitsandbytes, which galore-torch's __init__ imports for its 8-bit
+    optimizer; GaLoreAdamW (what the benchmarks time) must still load, and nothing may be left
+    looking like bitsandbytes."""
+    import importlib.abc
+    import sys
+
+    pytest.importorskip("galore_torch")
+
+    class NoBitsandbytes(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] == "bitsandbytes":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    def ours(name):
+        return name.split(".")[0] in ("galore_torch", "bitsandbytes")
+
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.setattr(sys, "meta_path", [NoBitsandbytes(), *sys.meta_path])
+    try:
+        _check_galore_torch_without_bitsandbytes()
+    finally:  # later tests get the modules they had, not the ones imported without bitsandbytes
+        for name in [name for name in sys.modules if ours(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def _check_galore_torch_without_bitsandbytes():
+    import sys
+
+    galore_torch = harness.import_galore_torch()
+    assert "bitsandbytes" not in sys.modules
+    p = torch.zeros(8, 4)
+    opt = harness.galore_torch_optimizer(p, torch.ones(8, 4), torch.eye(4)[:2].contiguous(), 2,
+                                         lr=0.1, weight_decay=0.0, eps=1e-6, scale=1.0)
+    opt.step()
+    assert opt.param_groups[0]["params"][0].abs().sum() > 0  # it stepped
+    with pytest.raises(ImportError, match="bitsandbytes"):
+        galore_torch.GaLoreAdamW8bit([torch.nn.Parameter(torch.zeros(2))])
 
 
 def test_csv_round_trip_keeps_machine_header(tmp_path):
@@ -359,3 +470,27 @@ def test_fused_q_galore_step_is_the_q_floor_plus_the_fp32_workspace():
     fused = traffic.fused_triton_q(m, n, r, torch.bfloat16, torch.float32)
     assert fused.total - floor.total == 8 * r * n + basis
     assert fused.kernels == 2
+
+
+def test_cpu_ratio_ranges_span_the_runs(tmp_path):
+    from bench import cpu_ratios
+
+    for run, (ours, load) in enumerate([(10.0, "1.0"), (20.0, "5.5"), (12.5, "2.0")], start=1):
+        machine = {"loadavg_1m": load}
+        harness.write_csv(tmp_path / f"cpu_step_{run}.csv", [{
+            "m": 64, "n": 32, "rank": 8, "dtype": "float32", "galore_over_ours": 25.0 / ours,
+            "ours_over_floor": ours / 10.0}], machine)
+        harness.write_csv(tmp_path / f"qgalore_{run}_cpu_step.csv", [{
+            "m": 64, "n": 32, "rank": 8, "grad_dtype": "float32", "qgalore_over_ours": 3.0,
+            "ours_over_floor": 1.3}], machine)
+        harness.write_csv(tmp_path / f"refresh_{run}.csv", [{
+            "device": "cpu", "shape": "s", "m": 64, "n": 32, "rank": 8, "svd_ms": 100.0,
+            "dct_fft_ms": ours / 10.0, "gemm_ms": 2.0}], machine)
+    path = cpu_ratios.aggregate(tmp_path, 3, list(cpu_ratios.SCRIPTS), tmp_path / "out")
+    header, rows = harness.read_csv(path)
+    assert "8-bit Adam" in header["q-galore-torch*"]
+    by = {(r["bench"], r["ratio"]): r for r in rows}
+    galore = by[("cpu_step", "galore-torch / ours")]
+    assert (galore["min"], galore["median"], galore["max"]) == ("1.25", "2.0", "2.5")
+    assert galore["loadavg_1m"] == "1.0 5.5 2.0"
+    assert by[("refresh", "svd / dct_select")]["max"] == "100.0"

@@ -1,5 +1,5 @@
-"""reference.py (and the CPU kernel) against galore-torch (PEERS.md): the spec agrees with the
-peer it claims drop-in parity with."""
+"""reference.py (and the CPU kernel) against galore-torch (docs/DESIGN.md §8): the spec agrees
+with the peer it claims drop-in parity with."""
 
 import pytest
 import torch

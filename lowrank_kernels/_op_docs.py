@@ -1,0 +1,44 @@
+"""``help(torch.ops.lowrank.<op>)`` shows the op: its schema, then the docstring of the typed
+wrapper in ``lowrank_kernels.ops`` (the maths, formats and errors), written once, there.
+
+The dispatcher's op objects carry no documentation of their own (a C++ schema has no doc
+string), so the package attaches it to each op object when it loads.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+OPS = ("fused_galore_step", "project", "project_back", "dct_select", "dct_basis",
+       "philox_uniform", "quantize_int4", "dequantize_int4", "quantize_int8", "dequantize_int8")
+
+
+def op_doc(name: str) -> str | None:
+    """The text ``help`` shows for torch.ops.lowrank.<name>; None when the op is not registered
+    (the extension did not load)."""
+    from lowrank_kernels import ops
+
+    try:
+        packet = getattr(torch.ops.lowrank, name)
+    except (AttributeError, RuntimeError):
+        return None
+    schemas = "\n".join(f"    {getattr(packet, overload)._schema}"
+                        for overload in packet.overloads())
+    wrapper = getattr(ops, name, None)
+    body = inspect.getdoc(wrapper) if wrapper is not None else ""
+    return (f"torch.ops.lowrank.{name}\n\n{schemas}\n\n{body}\n\n"
+            f"The same op with a backend switch (backend=... or LOWRANK_BACKEND): "
+            f"lowrank_kernels.ops.{name}. Semantics, formats and layouts: docs/DESIGN.md.")
+
+
+def attach() -> None:
+    for name in OPS:
+        doc = op_doc(name)
+        if doc is None:
+            continue
+        packet = getattr(torch.ops.lowrank, name)
+        packet.__doc__ = doc
+        for overload in packet.overloads():
+            getattr(packet, overload).__doc__ = doc

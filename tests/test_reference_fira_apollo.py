@@ -1,5 +1,5 @@
 """reference.fused_galore_step's Fira and APOLLO modes (DESIGN.md §4.6-§4.7) against fira 1.0.2
-and apollo-torch 1.0.3 (PEERS.md): 20 steps side by side on the same gradients, the peer's basis
+and apollo-torch 1.0.3 (DESIGN.md §8): 20 steps side by side on the same gradients, the peer's basis
 (SVD or APOLLO's Gaussian) handed to ours after each of its refreshes, weight decay on, gradients
 whose norm swings so that the norm-growth limiter both cuts and lets through; and the Gram form
 of Fira's residual norm (the kernels' per-line sums) against a float64 residual."""

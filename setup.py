@@ -64,8 +64,10 @@ setup(
     # Triton sources live at the top-level triton_kernels/ (DESIGN.md §2) but are installed as
     # lowrank_kernels.triton_kernels: a top-level `triton_kernels` would shadow another package.
     packages=["lowrank_kernels", "lowrank_kernels.projection", "lowrank_kernels.optim",
-              "lowrank_kernels.integrations", "lowrank_kernels.triton_kernels"],
-    package_dir={"lowrank_kernels.triton_kernels": "triton_kernels"},
+              "lowrank_kernels.integrations", "lowrank_kernels.triton_kernels",
+              "lowrank_kernels.triton_kernels.experimental"],
+    package_dir={"lowrank_kernels.triton_kernels": "triton_kernels",
+                 "lowrank_kernels.triton_kernels.experimental": "triton_kernels/experimental"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,14 +1,19 @@
 """GPU benchmark of one GaLore AdamW step: our fused kernels against galore-torch, same run.
 
 Providers (each skipped with a message when it cannot run here):
-  triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
-  triton-onepass, triton-twolaunch
-                the same with the Triton variant forced (LOWRANK_TRITON_VARIANT, set around
-                each call): one-pass kernel, or two launches through a low-rank N workspace
+  default       torch.ops.lowrank.fused_galore_step, what users, the optimizers and
+                torch.compile run (on CUDA tensors the Triton kernel, or the CUDA C++ one after
+                lowrank_kernels.set_cuda_backend("cuda_cxx"))
+  triton        the Triton launcher itself (backend="triton"; two launches through a low-rank N
+                workspace): default's kernel without the dispatcher
   triton-q      the Triton step on the Q-GaLore formats: packed INT4 basis and INT8 weight codes
                 (groups of 256), judged against bench/traffic.py's floor-q
   triton-dct    the Triton step on DCT frequencies (the basis generated in the kernels)
-  cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
+  cuda          the CUDA C++ kernel (backend="cuda": torch.ops.lowrank_cuda)
+  triton-onepass  EXPERIMENTAL: the one-pass Triton kernel
+                (triton_kernels/experimental/fused_galore_step_onepass.py; rank <= 512)
+  cuda-fast16   EXPERIMENTAL: the 16-bit CUDA path (csrc/experimental; only in an extension
+                built with LOWRANK_EXPERIMENTAL_CUDA=1)
   cpu           the C++ kernel (backend="cpu"; only with --device cpu)
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
   galore-torch  galore_torch.GaLoreAdamW.step with the basis fixed (its SVD runs once, before
@@ -34,7 +39,6 @@ use it), not the CPU benchmark (that is bench/bench_cpu_step.py, where the floor
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,8 +52,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("triton", "triton-onepass", "triton-twolaunch", "triton-q", "triton-dct", "cuda",
-             "cpu", "reference", "galore-torch", "q-galore-torch", "copy")
+PROVIDERS = ("default", "triton", "triton-q", "triton-dct", "cuda", "triton-onepass",
+             "cuda-fast16", "cpu", "reference", "galore-torch", "q-galore-torch", "copy")
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
 
@@ -68,13 +72,28 @@ def random_basis(m: int, n: int, rank: int, dtype: torch.dtype, device) -> torch
     return (q.T if m >= n else q).contiguous().to(dtype)
 
 
-def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device,
-         triton_variant: str | None = None, fmt: str = "dense") -> Callable[[], None]:
-    """A closure running one fused step in place, or raises why the backend cannot run.
-    ``fmt``: 'dense' basis and float W, 'q' (packed INT4 basis, INT8 W codes) or 'dct'."""
+def _step_fn(backend: str | None) -> Callable:
+    """The fused step a provider times (module docstring), or raises why it cannot run here."""
     from lowrank_kernels import ops
 
-    ops.resolve_backend("fused_galore_step", torch.device(device), backend)  # raises if absent
+    if backend == "triton-onepass":
+        from lowrank_kernels.triton_kernels.experimental import fused_galore_step_onepass
+
+        return fused_galore_step_onepass.fused_galore_step
+    if backend == "cuda-fast16":
+        return torch.ops.lowrank_experimental.fused_galore_step  # AttributeError if not built
+    return lambda *args, **kwargs: ops.fused_galore_step(*args, **kwargs, backend=backend)
+
+
+def ours(backend: str | None, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device,
+         fmt: str = "dense") -> Callable[[], None]:
+    """A closure running one fused step in place, or raises why the backend cannot run.
+    ``fmt``: 'dense' basis and float W, 'q' (packed INT4 basis, INT8 W codes) or 'dct'."""
+    from lowrank_kernels import _dispatch, ops
+
+    step_fn = _step_fn(backend)
+    if backend in ("cpu", "cuda", "triton", "reference"):
+        _dispatch.kernel("fused_galore_step", backend, torch.device(device))  # raises if absent
     param = torch.randn(m, n, device=device, dtype=wdt) * 0.02
     grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
     proj = random_basis(m, n, rank, wdt, device)
@@ -93,18 +112,8 @@ def ours(backend: str, m: int, n: int, rank: int, wdt, sdt, weight_decay: float,
 
     def run() -> None:
         step[0] += 1
-        saved = os.environ.get("LOWRANK_TRITON_VARIANT")
-        if triton_variant is not None:
-            os.environ["LOWRANK_TRITON_VARIANT"] = triton_variant
-        try:
-            ops.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, step=step[0],
-                                  weight_decay=weight_decay, backend=backend, **HYPER,
-                                  **formats)
-        finally:
-            if triton_variant is not None and saved is None:
-                os.environ.pop("LOWRANK_TRITON_VARIANT")
-            elif triton_variant is not None:
-                os.environ["LOWRANK_TRITON_VARIANT"] = saved
+        step_fn(param, grad, proj, exp_avg, exp_avg_sq, step=step[0], weight_decay=weight_decay,
+                **HYPER, **formats)
 
     run()  # compiles (Triton) and fails loudly before timing if the kernel is broken
     return run
@@ -159,18 +168,6 @@ def copy_probe(m: int, n: int, wdt, device) -> Callable[[], None]:
     return lambda: dst.copy_(src)
 
 
-def _triton_auto(m: int, n: int, rank: int, wdt, sdt, device, generated: bool = False) -> str:
-    """The variant the Triton launcher picks ('onepass' or 'twolaunch')."""
-    try:
-        from lowrank_kernels.triton_kernels import fused_galore_step as fgs
-    except ImportError:  # no Triton: its providers are skipped, their model rows unused
-        return "twolaunch"
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else fgs.DEFAULT_NUM_SMS)
-    return fgs.choose_variant(m, n, rank, wdt, wdt, sms, generated=generated,
-                              bf16_moments=sdt == torch.bfloat16)
-
-
 def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, providers, device,
                 peak: float | None) -> list[dict[str, object]]:
     rows = []
@@ -178,7 +175,7 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     l2 = (torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda"
           else traffic.SMALLEST_L2)
     two_launch = traffic.fused_triton_2launch(m, n, rank, wdt, sdt).total
-    models = {"triton-twolaunch": two_launch,
+    models = {"default": two_launch, "triton": two_launch, "triton-dct": two_launch,
               "triton-q": traffic.fused_triton_q(m, n, rank, wdt, sdt).total,
               "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
               "cpu": lowrank_floor,  # one pass over G and W per tile, the basis from cache
@@ -187,34 +184,30 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
               "q-galore-torch": traffic.q_galore_torch(m, n, rank, wdt,
                                                        weight_decay=weight_decay > 0).total}
     if rank <= traffic.ONE_PASS_MAX_RANK:  # the one-pass kernel exists up to that rank
-        onepass = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
-        models["triton-onepass"] = onepass
-        for provider, generated in (("triton", False), ("triton-dct", True)):
-            auto = _triton_auto(m, n, rank, wdt, sdt, device, generated)
-            models[provider] = onepass if auto == "onepass" else two_launch
-    else:
-        models["triton"] = models["triton-dct"] = two_launch
+        models["triton-onepass"] = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
+    if wdt != torch.float32:
+        models["cuda-fast16"] = traffic.fused_cuda_fast16(m, n, rank, wdt, sdt).total
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
               "q-galore-torch": traffic.floor_q_galore(m, n, rank, wdt).total,
               "triton-q": traffic.floor_q(m, n, rank, wdt, sdt).total,
               "copy": 2 * m * n * torch.empty((), dtype=wdt).element_size()}
     for provider in providers:
         try:
-            if provider in ("triton", "cuda", "cpu", "reference"):
-                fn = ours(provider, m, n, rank, wdt, sdt, weight_decay, device)
-            elif provider in ("triton-q", "triton-dct"):
+            if provider in ("triton-q", "triton-dct"):
                 fn = ours("triton", m, n, rank, wdt, sdt, weight_decay, device,
                           fmt=provider.removeprefix("triton-"))
-            elif provider.startswith("triton-"):
-                fn = ours("triton", m, n, rank, wdt, sdt, weight_decay, device,
-                          triton_variant=provider.removeprefix("triton-"))
+            elif provider in ("default", "triton", "cuda", "cpu", "reference", "triton-onepass",
+                              "cuda-fast16"):
+                fn = ours(None if provider == "default" else provider, m, n, rank, wdt, sdt,
+                          weight_decay, device)
             elif provider == "galore-torch":
                 fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
             elif provider == "q-galore-torch":
                 fn = q_galore_torch_step(m, n, rank, wdt, weight_decay, device)
             else:
                 fn = copy_probe(m, n, wdt, device)
-        except (ImportError, RuntimeError, ValueError, NotImplementedError) as exc:
+        except (ImportError, AttributeError, RuntimeError, ValueError,
+                NotImplementedError) as exc:
             print(f"  skip {provider} at {m}x{n}: {type(exc).__name__}: {exc}")
             continue
         # CPU timings are noisier (shared cores): more samples for a stable median

@@ -1,15 +1,31 @@
 """lowrank_kernels: fused kernels for low-rank gradient-projection training (GaLore family).
 
 Public surface:
-  * ``torch.ops.lowrank.*`` — the ops (C++ CPU and CUDA kernels; see csrc/lowrank.cpp),
-  * ``lowrank_kernels.ops`` — the same ops with a backend switch (cpu | cuda | triton | reference),
+  * ``torch.ops.lowrank.*`` — the ops: C++ kernels on CPU tensors, Triton kernels on CUDA tensors
+    (registered at import when triton is importable; lowrank_kernels/_dispatch.py),
+  * ``set_cuda_backend("triton" | "cuda_cxx")`` — the one switch of the CUDA kernels,
+  * ``lowrank_kernels.ops`` — typed wrappers of the same ops, with an explicit ``backend=`` for
+    tests and benchmarks (cpu | cuda | triton | reference),
   * ``lowrank_kernels.reference`` — the plain-torch specification of every op.
+
+Layers, each importing only those below it: optim -> projection -> ops -> _dispatch / _fakes ->
+_checks and the kernels (C++ through torch.ops, triton_kernels) -> reference.
 """
 
-from lowrank_kernels import autograd, ops, reference
+from lowrank_kernels import _dispatch, _fakes
 from lowrank_kernels._extension import AVAILABLE as EXTENSION_AVAILABLE
 from lowrank_kernels._extension import LOAD_ERROR as EXTENSION_LOAD_ERROR
-from lowrank_kernels.autograd import Int8Linear, int8_linear, replace_linear_with_int8
+
+_fakes.register()
+_dispatch.register_cuda_kernels()
+
+from lowrank_kernels import autograd, ops, reference  # after the registrations
+from lowrank_kernels._dispatch import cuda_backend, set_cuda_backend
+from lowrank_kernels.autograd import (
+    Int8Linear,
+    int8_linear,
+    replace_linear_with_int8,
+)
 from lowrank_kernels.ops import fused_galore_step, project, project_back
 
 __version__ = "0.1.0"
@@ -19,6 +35,7 @@ __all__ = [
     "EXTENSION_LOAD_ERROR",
     "Int8Linear",
     "autograd",
+    "cuda_backend",
     "fused_galore_step",
     "int8_linear",
     "ops",
@@ -26,4 +43,5 @@ __all__ = [
     "project_back",
     "reference",
     "replace_linear_with_int8",
+    "set_cuda_backend",
 ]

@@ -1,20 +1,30 @@
-"""fused_galore_step in Triton, two launches: project + Adam, then back-project + update (or
-requantize INT8 weights).
+"""fused_galore_step in Triton: two launches, project + Adam, then back-project + update (or
+requantize INT8 weights). The kernel of ``torch.ops.lowrank.fused_galore_step`` on CUDA tensors.
 
-What it computes: the same step as fused_galore_step.py (DESIGN.md §4.1-4.2), R the projected
-gradient and N the normalized update:
+What it computes (DESIGN.md §4.1-4.5), R the projected gradient and N the normalized update:
 
     right (m >= n, proj Q r×n):  R = G Qᵀ (m×r),  back(N) = N Q
     left  (m <  n, proj P m×r):  R = Pᵀ G (r×n),  back(N) = P N
     M ← β1·M + (1−β1)·R      V ← β2·V + (1−β2)·R²      N = M / (√V + ε)
-    W ← decay·W − update_scale·back(N)
+    W ← decay·W − update_scale·back(N)      decay = 1 − lr·wd,  update_scale = decay·α_t·scale
 
-Why a second variant: the one-pass kernel has only ⌈own/BLOCK_OWN⌉ programs, each holding an
-R_PAD-wide tile in registers, which starves the GPU at r ≥ 128. Here both launches are 2-D tilings
-like an ordinary matmul, at the price of writing N (low rank) once and reading it once.
+with the scalars of csrc/include/lowrank/adam.h ``make_adam_coeffs`` (host double, rounded once).
+The basis Q or P is read through _common._basis_tile in every format: dense values (any
+strides); packed INT4 codes, Q[k, i] = s[g]·(q − z[g]) with g the group of the element in the
+stored row-major order; DCT frequencies, C[k, i] = c_k·cos(π(2i+1)k/(2d)) evaluated in the tile.
+No dequantized or generated copy of the basis exists in memory. G is read through both of its
+strides: a transposed gradient costs no copy.
 
-Tiling (as in the one-pass kernel, the left side is the right side of the transposed problem, so
-"own" is the rows of W, G, M, V on the right and their columns on the left; "long" the other axis):
+Where it wins (bench/results, H100, bf16 weights and gradients, fp32 moments): it is the only
+Triton step on a default path. Against the one-pass kernel (experimental/
+fused_galore_step_onepass.py) in one run (gpu_step_h100.csv) it was faster at every 7B shape
+(4096×11008, 11008×4096: 1.4-3.6× at r = 128-512) and slower only at 4096×4096, r ≤ 256 (0.18-0.22
+vs 0.13-0.18 ms, with an IQR as large as the gap); its tuned tables (tune_triton_step_h100.txt,
+1.22-1.39× faster than the table of that run) then took 4096×4096 to 0.065-0.075 ms at r ≤ 256.
+Against the CUDA C++ kernel: 4-12× faster at every measured shape and rank (gpu_step_h100.csv).
+
+Tiling ("own" is the rows of W, G, M, V on the right and their columns on the left -- the left
+side is the right side of the transposed problem; "long" the other axis):
   A. _project_adam_kernel: one program per BLOCK_OWN × BLOCK_R tile of R (own × rank), which it
      reduces over the WHOLE long axis in BLOCK_LONG chunks with tl.dot (no split-K: the Adam
      epilogue is nonlinear in the complete sum). Epilogue: M and V of the tile read and written
@@ -25,25 +35,25 @@ Tiling (as in the one-pass kernel, the left side is the right side of the transp
      chunks: acc = N[own, :] · basis[:, long] (N·Q right, P·N left), then
      W ← decay·W − update_scale·acc, W read and written once in its dtype. The long-tiles of one
      owned strip are neighbours, so they share the N strip in L2.
-The workspace N is allocated per call (torch.empty of the low-rank shape) in the type the back
-projection multiplies in: W's type when W is 16-bit, else fp32. N is rounded to that type once, on
-store, instead of on every load in B: the same numbers, half the bytes and no conversion between
-B's loads and its tensor-core dot. r·own·s(N) bytes, e.g. 5.6 MB at 11008×4096 bf16, r=256,
-against 270 MB of G and W traffic.
+Both launches are 2-D tilings like an ordinary matmul: any rank (the rank is tiled, not held
+whole in registers), enough programs at every shape. The workspace N is allocated per call
+(torch.empty of the low-rank shape) in the type the back projection multiplies in: W's type when
+W is 16-bit, else fp32. N is rounded to that type once, on store, instead of on every load in B:
+the same numbers, half the bytes and no conversion between B's loads and its tensor-core dot.
+r·own·s(N) bytes, e.g. 5.6 MB at 11008×4096 bf16, r=256, against 270 MB of G and W traffic.
 
-DRAM bytes per call, s(X) the element size of X (the one-pass floor, plus the N round trip and a
-second basis read):
+DRAM bytes per call, s(X) the element size of X (the DESIGN.md §5 floor, plus the N round trip
+and a second basis read):
     G read once, W read and written once:   m·n·(s(G) + 2·s(W))
     M and V read and written once:          4·r·own·s(state)
-    basis read once per launch:             2·r·long·s(proj)  (each launch re-reads it from L2
+    basis read once per launch:             2·(basis bytes)  (each launch re-reads it from L2
                                                               ⌈own/BLOCK_OWN⌉ times)
     N written once and read once:           2·r·own·s(N)
-G is re-read from L2 ⌈r/BLOCK_R⌉ times in A, N ⌈long/BLOCK_LONG⌉ times in B; each is fetched from
-DRAM once as long as the neighbouring programs that share it run together (launch order above).
-
-Every basis format (dense, packed INT4, DCT frequencies) is read through _common._basis_tile in
-both launches (the one-pass kernel's docstring gives the formulas and the basis bytes per format:
-dense r·long·s(proj), INT4 ⌈r·long/2⌉ + 8·⌈r·long/g⌉, DCT 4·r, per launch).
+with basis bytes: dense r·long·s(proj); packed INT4 ⌈r·long/2⌉ code bytes + 8·⌈r·long/g⌉ bytes of
+fp32 scales and zeros (each element's pair is gathered, from L1/L2); DCT 4·r bytes of frequencies
+(values computed, nothing else read). G is re-read from L2 ⌈r/BLOCK_R⌉ times in A, N
+⌈long/BLOCK_LONG⌉ times in B; each is fetched from DRAM once as long as the neighbouring programs
+that share it run together (launch order above).
 
 INT8 weights (DESIGN.md §4.4; param uint8 codes with fp32 scales/zeros of row-major groups of
 g = param_group_size): launch A is unchanged and writes N in fp32; launch B becomes the
@@ -61,27 +71,35 @@ bit for bit wherever R and back(N) do (the tests build such inputs). Tiling of l
          whole groups of the flattened index space; back(N) per element as a chunked dot over
          r from gathers of N and the basis (no tensor tile exists when rows change inside a
          group) -- O(m·n·r) L1/L2 loads and FMAs, several times slower than rows, correct.
-Nothing is written before validation (ops.check_fused_galore_step, in the launcher), and a
-group's codes, scale and zero are written by the one program that read them.
+Nothing is written before validation (lowrank_kernels._checks, in the launcher), and a group's
+codes, scale and zero are written by the one program that read them.
 DRAM bytes with INT8 weights: G read m·n·s(G); codes read and written 2·m·n; scales and zeros
 read and written 16·⌈m·n/g⌉; M, V as above; N 8·r·own (fp32, the term that keeps this step
 above the floor: bench/traffic.py "fused-triton-q" vs "floor-q"); the basis once per launch.
 
-Precision: R and the Adam epilogue as in the one-pass kernel (fp32 accumulate; tensor cores when G
-and the basis share a 16-bit type, else an exact "ieee" fp32 dot), N computed in fp32. In B, N and
-the basis are in W's type when W is 16-bit (the back projection galore-torch does in bf16; the
-one-pass kernel rounds the same way), fp32 "ieee" otherwise.
+Precision: R accumulates in fp32; tensor cores when G and a dense basis share a 16-bit type,
+else an exact "ieee" fp32 dot (TF32 would miss the 1e-5 fp32 tolerance); a generated (INT4, DCT)
+basis enters as hi + lo in G's type (_common.py). The Adam epilogue and N are fp32. In B, N and
+the basis are in W's type when W is 16-bit (the back projection galore-torch does in bf16),
+fp32 "ieee" otherwise.
+
+GPU verification: the dense path ran on an H100 (session 2: its tests and gpu_step_h100.csv);
+the INT4/DCT bases, INT8 weights and bf16 moments have run in the interpreter and compile for
+sm_89/sm_90 without spills (tests/test_triton_aot.py); their GPU tests run whenever a GPU is
+present.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.reference import is_right_side
+from lowrank_kernels import _checks
+from lowrank_kernels.reference import is_right_side, rounding_philox_seed
 
 from ._common import (
     BasisArgs,
@@ -94,6 +112,7 @@ from ._common import (
     _project_tile,
     _round_to,
     _tile_offsets,
+    adam_coeffs,
     basis_args,
     dot_kind,
     needs_index_64,
@@ -105,7 +124,7 @@ from .quant import dequantize_codes, group_quant_params, stochastic_round_codes
 @triton.jit
 def _project_adam_kernel(
     G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr, Normalized_ptr,
-    stride_gm, stride_projm, stride_statem, stride_normm,
+    stride_gm, stride_gn, stride_pr, stride_pl, stride_statem, stride_normm,
     M, N, R,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -119,21 +138,22 @@ def _project_adam_kernel(
 
     proj_low = tl.zeros((BLOCK_OWN, BLOCK_R), dtype=tl.float32)
     proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
-                             own_mask, r_mask, LONG, stride_gm, stride_projm, proj_low, RIGHT,
+                             own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr, stride_pl,
+                             proj_low, RIGHT,
                              BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
-    state_offs = _tile_offsets(offs_own, offs_r, stride_statem, RIGHT)
+    state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
     # only the real rank is stored; launch B reads the padding as 0 through its mask
     normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
                             beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
-    tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, RIGHT),
+    tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
              _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
 
 
 @triton.jit
 def _back_project_kernel(
     W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_wm, stride_projm, stride_normm,
+    stride_wm, stride_pr, stride_pl, stride_normm,
     M, N, R,
     decay, update_scale,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
@@ -153,15 +173,16 @@ def _back_project_kernel(
         if INDEX_64:
             offs_r = offs_r.to(tl.int64)
         r_mask = offs_r < R
-        normalized = tl.load(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, RIGHT),
+        normalized = tl.load(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1,
+                                                            RIGHT),
                              mask=own_mask[:, None] & r_mask[None, :], other=0.0)
         basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
-                            long_mask, stride_projm, LONG, RIGHT, False, BASIS, PROJ_GROUP)
+                            long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
         if w_type != tl.float32 and basis.dtype != w_type:  # N is already in W's type
             basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
         back = _dot(normalized, basis, back, INTERPRETED)
 
-    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, RIGHT)
+    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
     w_mask = own_mask[:, None] & long_mask[None, :]
     w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
     tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
@@ -171,7 +192,7 @@ def _back_project_kernel(
 @triton.jit
 def _int8_update_rows_kernel(
     Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_projm, stride_normm,
+    stride_pr, stride_pl, stride_normm,
     M, N, R,
     decay, update_scale, philox_seed,
     RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -206,10 +227,10 @@ def _int8_update_rows_kernel(
             a = tl.load(Normalized_ptr + offs_m[:, None] * stride_normm + offs_r[None, :],
                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             b = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_n, r_mask,
-                            n_mask, stride_projm, N, RIGHT, False, BASIS, PROJ_GROUP)
+                            n_mask, stride_pr, stride_pl, N, False, BASIS, PROJ_GROUP)
         else:  # P[rows, :] · N (r×n)
             a = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_m, r_mask,
-                            m_mask, stride_projm, M, RIGHT, True, BASIS, PROJ_GROUP)
+                            m_mask, stride_pr, stride_pl, M, True, BASIS, PROJ_GROUP)
             b = tl.load(Normalized_ptr + offs_r[:, None] * stride_normm + offs_n[None, :],
                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         back = _dot(a, b, back, INTERPRETED)
@@ -228,7 +249,7 @@ def _int8_update_rows_kernel(
 @triton.jit
 def _int8_update_groups_kernel(
     Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_projm, stride_normm,
+    stride_pr, stride_pl, stride_normm,
     M, N, R, numel, num_groups,
     decay, update_scale, philox_seed,
     RIGHT: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -264,10 +285,12 @@ def _int8_update_groups_kernel(
             a = tl.load(Normalized_ptr + row[:, :, None] * stride_normm + rank3, mask=mask3,
                         other=0.0)
             b = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
-                              col[:, :, None], mask3, stride_projm, N, RIGHT, BASIS, PROJ_GROUP)
+                              col[:, :, None], mask3, stride_pr, stride_pl, N, BASIS,
+                              PROJ_GROUP)
         else:  # P[row, r] · N[r, col]
             a = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
-                              row[:, :, None], mask3, stride_projm, M, RIGHT, BASIS, PROJ_GROUP)
+                              row[:, :, None], mask3, stride_pr, stride_pl, M, BASIS,
+                              PROJ_GROUP)
             b = tl.load(Normalized_ptr + rank3 * stride_normm + col[:, :, None], mask=mask3,
                         other=0.0)
         back += tl.sum(a.to(tl.float32) * b, axis=2)
@@ -365,6 +388,15 @@ _BF16_MOMENT_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     **_GENERATED_PROJECT_BLOCKS,
     ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=32, num_warps=8, num_stages=2),
 }
+# 64-bit offsets (INDEX_64: a tensor spanning 2**31+ elements, r·d ≥ 2**31, or a DCT size ≥ 32768)
+# hold every offset in two registers. The dense 128×128 tensor-core tile of launch A then spills
+# 36-124 bytes on sm_89 and sm_90 at 255 registers (AOT, fp32 moments, either G layout); its
+# 64-row form, the bf16-moment entry above, does not. Every other entry compiles spill-free with
+# 64-bit offsets as it is, so this is the one difference.
+_INDEX_64_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_PROJECT_BLOCKS,
+    ("tc", 128): _BF16_MOMENT_PROJECT_BLOCKS[("tc", 128)],
+}
 WIDE_RANK_TILE_FROM = 512  # dense tensor-core launch A: 64-wide rank tiles below this rank
 
 
@@ -389,21 +421,25 @@ def workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _project_blocks(generated: bool, bf16_moments: bool) -> dict[tuple[str, int], TileConfig]:
+def _project_blocks(generated: bool, bf16_moments: bool, index_64: bool = False
+                    ) -> dict[tuple[str, int], TileConfig]:
     if generated:
         return _BF16_MOMENT_GENERATED_PROJECT_BLOCKS if bf16_moments else _GENERATED_PROJECT_BLOCKS
-    return _BF16_MOMENT_PROJECT_BLOCKS if bf16_moments else _PROJECT_BLOCKS
+    if bf16_moments:
+        return _BF16_MOMENT_PROJECT_BLOCKS
+    return _INDEX_64_PROJECT_BLOCKS if index_64 else _PROJECT_BLOCKS
 
 
 def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
-                 proj_dtype: torch.dtype, *, generated: bool = False, bf16_moments: bool = False
-                 ) -> tuple[TileConfig, TileConfig]:
+                 proj_dtype: torch.dtype, *, generated: bool = False, bf16_moments: bool = False,
+                 index_64: bool = False) -> tuple[TileConfig, TileConfig]:
     """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole).
     proj_dtype is the type the basis enters launch A's dot in (BasisArgs.dot_dtype);
     ``generated``: an INT4 or DCT basis; ``bf16_moments``: M and V in bf16 (stochastic rounding
-    in launch A). Launch B of INT8 weights is configured by int8_config instead."""
+    in launch A); ``index_64``: 64-bit offsets. Launch B of INT8 weights is configured by
+    int8_config instead."""
     kind = dot_kind(grad_dtype, proj_dtype)
-    project = _project_blocks(generated, bf16_moments)
+    project = _project_blocks(generated, bf16_moments, index_64)
     back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
     return (project[(kind, project_block_r(rank, kind, generated))],
             back[weight_kind(weight_dtype)])
@@ -415,8 +451,9 @@ def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
 # registers, and so do 512-wide tiles and a 64 × 64 one), K = r in chunks of 16 (fp32 FMA dot:
 # the operands live in registers). Otherwise one program per BLOCK_GROUPS groups of
 # next_power_of_2(GROUP) lanes, about 256 elements, times BLOCK_R ranks per gather chunk (a 4K
-# element 3-D tile, 16 ranks for groups up to 256). With a DCT basis and 64-bit offsets the
-# general kernel spills 4 bytes on sm_90 (fused_galore_step._GENERATED_BLOCKS says why).
+# element 3-D tile, 16 ranks for groups up to 256); with 64-bit offsets about 128 elements of
+# groups (the 4K tile spills 128 bytes on sm_89 and sm_90 with an INT4 basis and groups of 6,
+# AOT), the same rank chunks: the sums over r keep their order, so the bits do not change.
 INT8_ROWS_MAX_GROUP = 256
 
 
@@ -436,46 +473,75 @@ class Int8Config:
     num_stages: int = 2
 
 
-def int8_config(n: int, group_size: int) -> Int8Config:
-    """The INT8 launch B for an m×n weight with groups of ``group_size`` (see above)."""
+def int8_config(n: int, group_size: int, index_64: bool = False) -> Int8Config:
+    """The INT8 launch B for an m×n weight with groups of ``group_size`` and 32- or 64-bit
+    offsets (see above)."""
     pow2 = group_size & (group_size - 1) == 0
     if n % group_size == 0 and pow2 and group_size <= INT8_ROWS_MAX_GROUP:
         block_n = max(group_size, 128)
         return Int8Config("rows", group_size, block_m=4096 // block_n, block_n=block_n)
     block_g = triton.next_power_of_2(group_size)
-    block_groups = max(1, 256 // block_g)
+    block_groups = max(1, (128 if index_64 else 256) // block_g)
     return Int8Config("groups", group_size, block_groups=block_groups, block_g=block_g,
-                      block_r=max(1, min(16, 4096 // (block_groups * block_g))), num_warps=4)
+                      block_r=max(1, min(16, 4096 // (max(1, 256 // block_g) * block_g))),
+                      num_warps=4)
 
 
-def int8_candidate_configs(all_groups: bool = True) -> list[Int8Config]:
-    """INT8 launch B configurations the AOT test compiles: the row-aligned path for every power
-    of two from 64 to INT8_ROWS_MAX_GROUP (smaller ones share the 64-wide tile's shape class),
-    the general path for group 256 (a row length it does not divide) and, with ``all_groups``,
-    a tiny and a non-power-of-two group. Other group sizes compile on first use unchecked
-    (groups of 512 and more spill a few bytes in the general kernel with a DCT basis)."""
-    rows = [int8_config(g, g) for g in (64, 128, 256)]
-    groups = [int8_config(257, 256)]
-    if all_groups:
-        groups += [int8_config(7, 6), int8_config(97, 96)]
-    return rows + groups if all_groups else [int8_config(256, 256), *groups]
+def int8_candidate_configs(index_64: bool = False) -> list[Int8Config]:
+    """INT8 launch B configurations the AOT test compiles (per offset width): the row-aligned
+    path for every power of two from 64 to INT8_ROWS_MAX_GROUP (smaller ones share the 64-wide
+    tile's shape class), the general path for group 256 (a row length it does not divide), a
+    tiny and a non-power-of-two group. Other group sizes compile on first use unchecked (groups
+    of 512 and more spill a few bytes in the general kernel with a DCT basis)."""
+    return [int8_config(n, g, index_64) for n, g in ((64, 64), (128, 128), (256, 256),
+                                                     (257, 256), (7, 6), (97, 96))]
 
 
-def candidate_configs(generated: bool = False) -> list[tuple[str, str, TileConfig]]:
+def candidate_configs(generated: bool = False, index_64: bool = False
+                      ) -> list[tuple[str, str, TileConfig]]:
     """Every (kernel, dtype class, configuration) ``pick_configs`` can return for a dense basis,
-    or with ``generated`` an INT4/DCT one (the AOT test compiles them): kernel 'project' (A,
-    class = dot kind) or 'back' (B, class = W's kind)."""
-    project = _GENERATED_PROJECT_BLOCKS if generated else _PROJECT_BLOCKS
+    or with ``generated`` an INT4/DCT one, with 32- or 64-bit offsets (the AOT test compiles
+    them): kernel 'project' (A, class = dot kind) or 'back' (B, class = W's kind)."""
+    project = _project_blocks(generated, bf16_moments=False, index_64=index_64)
     back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
     return ([("project", kind, c) for (kind, _), c in project.items()]
             + [("back", kind, c) for kind, c in back.items()])
 
 
-def bf16_moment_candidate_configs(generated: bool = False) -> list[tuple[str, str, TileConfig]]:
+def bf16_moment_candidate_configs(generated: bool = False, index_64: bool = False
+                                  ) -> list[tuple[str, str, TileConfig]]:
     """The launch A configurations ``pick_configs`` returns with bf16 moments (launch B does not
     touch the moments: candidate_configs covers it)."""
-    return [("project", kind, c)
-            for (kind, _), c in _project_blocks(generated, bf16_moments=True).items()]
+    return [("project", kind, c) for (kind, _), c in
+            _project_blocks(generated, bf16_moments=True, index_64=index_64).items()]
+
+
+def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
+                      exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
+                      beta2: float, eps: float, weight_decay: float, scale: float, step: int,
+                      proj_scales: torch.Tensor | None = None,
+                      proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
+                      param_scales: torch.Tensor | None = None,
+                      param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
+                      seed: int = 0) -> None:
+    """One fused step in place, with the op's schema signature (lowrank_kernels.ops
+    .fused_galore_step documents the contract): validates, then launches A and B. proj: a dense
+    float basis (any strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param:
+    float or INT8 codes (uint8). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    rank = _checks.check_fused_galore_step(
+        param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
+        proj_zeros=proj_zeros, proj_group_size=proj_group_size, param_scales=param_scales,
+        param_zeros=param_zeros, param_group_size=param_group_size, seed=seed)
+    if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got device {param.device}")
+    basis = basis_args(proj, *param.shape, rank, grad.dtype, proj_scales, proj_zeros,
+                       proj_group_size)
+    launch(param, grad, proj, exp_avg, exp_avg_sq, rank,
+           adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step), basis=basis,
+           param_scales=param_scales, param_zeros=param_zeros,
+           param_group_size=param_group_size, philox_seed=rounding_philox_seed(seed, step))
 
 
 def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
@@ -494,24 +560,25 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     if basis is None:
         basis = basis_args(proj, m, n, rank, grad.dtype)
     int8_weight = param.dtype == torch.uint8
-    project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
-                                            generated=basis.kind != 0,
-                                            bf16_moments=exp_avg.dtype == torch.bfloat16)
-    normalized = torch.empty(exp_avg.shape, dtype=workspace_dtype(param.dtype),
-                             device=param.device)
-    if index_64 is None:
-        index_64 = (needs_index_64(param, exp_avg, basis.tensor)
+    if index_64 is None:  # int32 offsets overflow past 2**31 (any tensor's span, or r·long)
+        index_64 = (needs_index_64(param, grad, exp_avg, basis.tensor)
                     or needs_wide_phase(basis.kind, m, n)
                     or (basis.kind != 0 and rank * long >= 2**31))
+    project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
+                                            generated=basis.kind != 0,
+                                            bf16_moments=exp_avg.dtype == torch.bfloat16,
+                                            index_64=index_64)
+    normalized = torch.empty(exp_avg.shape, dtype=workspace_dtype(param.dtype),
+                             device=param.device)
     interpreted = param.device.type == "cpu"
     # INT8 weights: no FMA contraction, so that every fp32 operation rounds as on the CPU
     # (lowrank/adam.h, quant.h) and the codes are the CPU kernel's wherever back(N) agrees.
     exact = {"enable_fp_fusion": False} if int8_weight else {}
-    basis_ptrs = (basis.tensor, basis.scales, basis.zeros)
+    basis_strides = (basis.stride_rank, basis.stride_long)
     grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)
     _project_adam_kernel[grid_a](
-        grad, *basis_ptrs, exp_avg, exp_avg_sq, normalized,
-        grad.stride(0), basis.stride, exp_avg.stride(0), normalized.stride(0),
+        grad, *basis.pointers, exp_avg, exp_avg_sq, normalized,
+        *grad.stride(), *basis_strides, exp_avg.stride(0), normalized.stride(0),
         m, n, rank,
         coeffs["beta1"], coeffs["beta2"], coeffs["one_minus_beta1"], coeffs["one_minus_beta2"],
         coeffs["eps"], philox_seed,
@@ -526,8 +593,8 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         return
     grid_b = (triton.cdiv(own, back.block_own) * triton.cdiv(long, back.block_long),)
     _back_project_kernel[grid_b](
-        param, *basis_ptrs, normalized,
-        param.stride(0), basis.stride, normalized.stride(0),
+        param, *basis.pointers, normalized,
+        param.stride(0), *basis_strides, normalized.stride(0),
         m, n, rank,
         coeffs["decay"], coeffs["update_scale"],
         RIGHT=right, BLOCK_OWN=back.block_own, BLOCK_LONG=back.block_long,
@@ -540,15 +607,15 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
 def _launch_int8_update(codes, scales, zeros, group_size, philox_seed, basis, normalized, rank,
                         coeffs, index_64, interpreted):
     m, n = codes.shape
-    config = int8_config(n, group_size)
+    config = int8_config(n, group_size, index_64)
     if interpreted and config.path == "groups":  # the interpreter pays per program
         config = dataclasses.replace(config, block_groups=max(1, 4096 // config.block_g))
     common = {"RIGHT": is_right_side(m, n), "BLOCK_R": config.block_r, "GROUP": group_size,
               "BASIS": basis.kind, "PROJ_GROUP": basis.group_size, "INDEX_64": index_64,
               "INTERPRETED": interpreted, "num_warps": config.num_warps,
               "num_stages": config.num_stages, "enable_fp_fusion": False}
-    args = (codes, scales, zeros, basis.tensor, basis.scales, basis.zeros, normalized,
-            basis.stride, normalized.stride(0))
+    args = (codes, scales, zeros, *basis.pointers, normalized, basis.stride_rank,
+            basis.stride_long, normalized.stride(0))
     if config.path == "rows":
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
         _int8_update_rows_kernel[grid](

@@ -1,9 +1,9 @@
 """LowRankAdamW: AdamW whose projected parameters take one fused low-rank step each.
 
 Parameter groups that carry a ``rank`` are projected: each weight's step is one call to
-``torch.ops.lowrank.fused_galore_step`` (through ``lowrank_kernels.ops``, which honours the
-backend switch), with the projection refreshed beforehand when its policy says so. Groups without
-``rank`` get plain AdamW on torch's own kernels.
+``torch.ops.lowrank.fused_galore_step`` (through ``lowrank_kernels.ops``; an explicit ``backend``
+names one implementation instead), with the projection refreshed beforehand when its policy says
+so. Groups without ``rank`` get plain AdamW on torch's own kernels.
 
 Group keys (galore-torch's first, then ours; constructor arguments give their defaults):
 
@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
-from lowrank_kernels import _extension, ops, reference
+from lowrank_kernels import ops, reference
 from lowrank_kernels.projection import make_projector, make_refresh_policy
 from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
@@ -251,14 +251,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the weight
         # from at::parallel_for workers, where grad mode is not inherited, so handing it the
         # Parameter itself trips autograd's in-place check on a leaf view.
-        args = (p.detach(), grad, proj_args.pop("proj"), state["exp_avg"], state["exp_avg_sq"])
-        if (torch.compiler.is_compiling() and _extension.AVAILABLE
-                and self.backend in (None, "cpu", "cuda")):
-            # the backend switch reads the environment and the dispatcher's tables, which dynamo
-            # cannot trace; under compile the kernel registered for the tensors' device runs
-            torch.ops.lowrank.fused_galore_step(*args, **hyper, **proj_args)
-        else:
-            ops.fused_galore_step(*args, **hyper, **proj_args, backend=self.backend)
+        # backend=None: torch.ops.lowrank.fused_galore_step, eager and compiled alike
+        ops.fused_galore_step(p.detach(), grad, proj_args.pop("proj"), state["exp_avg"],
+                              state["exp_avg_sq"], **hyper, **proj_args, backend=self.backend)
 
     @torch.compiler.disable
     def _prepare_projected(self, p: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
@@ -286,7 +281,7 @@ class LowRankAdamW(torch.optim.Optimizer):
             # the weight's quantization parameters belong to the model; the step rewrites them
             hyper.update(param_scales=p.scales, param_zeros=p.zeros,
                          param_group_size=_int8_group_size(p))
-        return grad.contiguous(), proj_state.step_args(state, spec), hyper
+        return grad, proj_state.step_args(state, spec), hyper
 
     @staticmethod
     def _init_projected_state(state: dict, p: torch.Tensor, spec: proj_state.ProjectionSpec,

@@ -1,4 +1,18 @@
-"""fused_galore_step in Triton: one GaLore AdamW step as one kernel and one pass over W.
+"""EXPERIMENTAL (on no default path, in no default test or AOT matrix): fused_galore_step in
+Triton as one kernel and one pass over W.
+
+Why it left the default path (bench/results/gpu_step_h100.csv, H100, bf16, fp32 moments, one
+run): against the two-launch kernel (triton_kernels/fused_galore_step.py, then untuned) it lost
+1.4-3.6× at every 7B shape (4096×11008 and 11008×4096, r = 128-512: e.g. 0.415 vs 0.240 ms at
+4096×11008, r = 256) and won only at 4096×4096 with r ≤ 256 (0.134-0.182 vs 0.184-0.224 ms, each
+with an IQR as large as the gap); the two-launch tables were then tuned 1.22-1.39× faster
+(tune_triton_step_h100.txt: 0.065-0.075 ms at 4096×4096, r ≤ 256, a different run). Its INT4 and
+DCT modes never ran on a GPU. What would earn it a return: beating the tuned two-launch kernel in
+one bench/bench_gpu_step.py run (provider "triton-onepass") at some shape by more than the IQRs,
+then its GPU tests and the AOT spill check for sm_89/sm_90 with 64-bit offsets (its tables below
+were checked with 32-bit offsets only) -- and then only in that measured regime.
+Run it: ``fused_galore_step(...)`` below (float weights), its tests with
+LOWRANK_TEST_EXPERIMENTAL=1 (tests/test_experimental.py).
 
 What it computes (DESIGN.md §4.1-4.2, float weights; the basis dense, packed INT4 or DCT
 frequencies, §4.3 and §4.5), R being the projected gradient:
@@ -48,9 +62,11 @@ Limits of this tiling (H100, bf16 G/W/basis, fp32 states): the grid has only ⌈
 programs and each streams its whole strip twice, so r ≤ 32 reaches 1.3-2.3 TB/s of the floor,
 r = 128 about 1.0 TB/s, r = 256 0.8 TB/s and r = 512 0.3 TB/s (the R tile then leaves room for
 only 16 rows per program without spilling). The fp32 path (FMA dots) is 5-10× slower than the
-tensor-core path. Those cases go to the two-launch variant (fused_galore_step_2d.py, 2-D grids,
-N through a low-rank workspace); the public launcher below picks between the two
-(``choose_variant``, overridable by ``variant=`` or LOWRANK_TRITON_VARIANT).
+tensor-core path. The two-launch kernel (2-D grids, N through a low-rank workspace) has neither
+limit. INT8 weights are served by the two-launch kernel only (its second launch requantizes;
+this kernel's single pass owns strips that cut groups). bf16 moments: the Philox words of their
+stochastic rounding, drawn for the whole BLOCK_OWN × R_PAD tile at once, take this kernel to
+236-255 registers at R_PAD = 64 (4 bytes spilled on sm_90 with an fp32 dot, AOT).
 """
 
 from __future__ import annotations
@@ -62,11 +78,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.ops import check_fused_galore_step
+from lowrank_kernels import _checks
 from lowrank_kernels.reference import is_right_side, rounding_philox_seed
 
-from . import fused_galore_step_2d
-from ._common import (
+from .._common import (
     DEFAULT_NUM_SMS,
     BasisArgs,
     _adam_tile,
@@ -82,7 +97,7 @@ from ._common import (
     needs_index_64,
     needs_wide_phase,
 )
-from ._common import num_sms as _num_sms
+from .._common import num_sms as _num_sms
 
 MAX_RANK_PAD = 512  # R_PAD limit: the R/N tile lives in registers (see candidate_configs)
 # R_PAD limit of a generated (INT4 or DCT) basis: its (BLOCK_LONG × R_PAD) tile is built in
@@ -94,7 +109,7 @@ MAX_GENERATED_RANK_PAD = 64
 @triton.jit
 def _fused_galore_step_kernel(
     W_ptr, G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr,
-    stride_wm, stride_gm, stride_projm, stride_statem,
+    stride_wm, stride_gm, stride_gn, stride_pr, stride_pl, stride_statem,
     M, N, R,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, update_scale, philox_seed,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
@@ -118,11 +133,12 @@ def _fused_galore_step_kernel(
     # 1. R for the owned slice, reduced over the whole long axis by this program alone.
     proj_low = tl.zeros((BLOCK_OWN, R_PAD), dtype=tl.float32)
     proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
-                             own_mask, r_mask, LONG, stride_gm, stride_projm, proj_low, RIGHT,
+                             own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr, stride_pl,
+                             proj_low, RIGHT,
                              BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
 
     # 2. Adam on the owned slice of M and V (fp32 arithmetic, one rounding on store).
-    state_offs = _tile_offsets(offs_own, offs_r, stride_statem, RIGHT)
+    state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
     normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
                             beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
@@ -139,12 +155,12 @@ def _fused_galore_step_kernel(
             offs_long = offs_long.to(tl.int64)
         long_mask = offs_long < LONG
         basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
-                            long_mask, stride_projm, LONG, RIGHT, False, BASIS, PROJ_GROUP)
+                            long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
         if w_type != tl.float32 and basis.dtype != w_type:
             basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
         back = _dot(normalized, basis, tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32),
                     INTERPRETED)
-        w_offs = _tile_offsets(offs_own, offs_long, stride_wm, RIGHT)
+        w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
         w_mask = own_mask[:, None] & long_mask[None, :]
         w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
         tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
@@ -168,9 +184,9 @@ class KernelConfig:
 # Block sizes per padded rank and dot kind ("tc": both projection operands 16-bit, tensor cores;
 # "fp32": exact fp32 FMA dot), measured on an H100 (bf16, 4096×4096, 4096×11008, 11008×4096) among
 # the variants that do not spill. What limits them is registers: the R/N tile (block_own × r_pad
-# fp32) plus the dot operands that mma.sync keeps in registers; every entry is checked spill-free
-# for sm_89 and sm_90 by tests/test_triton_aot.py, and its shared memory (num_stages × the G and
-# basis chunks) stays under sm_89's 99 KiB so one table serves Ada and Hopper.
+# fp32) plus the dot operands that mma.sync keeps in registers; every entry was checked
+# spill-free for sm_89 and sm_90 with 32-bit offsets while this kernel was in the AOT test, and
+# its shared memory (num_stages × the G and basis chunks) stays under sm_89's 99 KiB.
 # block_own_small_grid replaces block_own when the grid would not cover half the SMs: the
 # reduction over the long axis cannot be split (nonlinear epilogue), so narrower blocks are the
 # only way to more programs (a 4096-row weight at r=128: 0.116 ms with 32 rows, 0.136 with 64).
@@ -191,10 +207,9 @@ MIN_RANK_PAD = 32
 # A generated (INT4 or DCT) basis is built in registers (codes, group scales and zeros gathered,
 # or cos/sin evaluated), then hi/lo-split for tensor cores: the dense entries above spill or
 # exceed sm_89's shared memory with it (measured by the AOT test), so it has its own narrower
-# entries, same layout; r_pad ≤ MAX_GENERATED_RANK_PAD. Known from the exhaustive AOT run
-# (LOWRANK_AOT_ALL_DTYPES=1), not fixed yet: with 64-bit offsets (2**31+ elements, or a DCT
-# size ≥ 32768) the DCT tc entries spill 4-8 bytes on sm_89, as does the INT8 general kernel on
-# sm_90 (ptxas lowers 64-bit integer division, the phase reduction, to a called subroutine).
+# entries, same layout; r_pad ≤ MAX_GENERATED_RANK_PAD. Known from the exhaustive AOT run: with
+# 64-bit offsets (2**31+ elements, or a DCT size ≥ 32768) the DCT tc entries spilled 4-8 bytes on
+# sm_89 (ptxas lowers 64-bit integer division, the phase reduction, to a called subroutine).
 _GENERATED_BLOCKS: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
     (32, "tc"): (64, 64, 64, 4, 3),
     (64, "tc"): (32, 32, 64, 8, 2),
@@ -216,12 +231,11 @@ def pick_config(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: 
     proj_dtype is the type the basis enters the dot in; ``generated``: an INT4 or DCT basis."""
     r_pad = rank_pad(rank)
     if r_pad > MAX_RANK_PAD:
-        raise ValueError(f"proj: rank r={rank} exceeds the Triton kernel's limit of "
-                         f"{MAX_RANK_PAD}; use backend='cuda' or 'cpu'")
+        raise ValueError(f"proj: rank r={rank} exceeds the one-pass kernel's limit of "
+                         f"{MAX_RANK_PAD}")
     if generated and r_pad > MAX_GENERATED_RANK_PAD:
         raise ValueError(f"proj: rank r={rank} exceeds the one-pass kernel's limit of "
-                         f"{MAX_GENERATED_RANK_PAD} for an INT4 or DCT basis; use "
-                         f"variant='twolaunch' or 'auto'")
+                         f"{MAX_GENERATED_RANK_PAD} for an INT4 or DCT basis")
     kind = dot_kind(grad_dtype, proj_dtype)
     table = _GENERATED_BLOCKS if generated else _BLOCKS
     block_own, block_own_small_grid, block_long, num_warps, num_stages = table[(r_pad, kind)]
@@ -242,31 +256,6 @@ def candidate_configs(generated: bool = False) -> list[tuple[str, KernelConfig]]
     return configs
 
 
-VARIANTS = ("auto", "onepass", "twolaunch")
-VARIANT_ENV = "LOWRANK_TRITON_VARIANT"
-
-
-def choose_variant(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
-                   num_sms: int = DEFAULT_NUM_SMS, *, generated: bool = False,
-                   bf16_moments: bool = False) -> str:
-    """The 'auto' choice between this one-pass kernel and the two-launch variant
-    (fused_galore_step_2d.py): two launches when the rank is ≥ 128 or above the one-pass limit
-    (the R_PAD-wide register tile leaves room for few rows per program) or when the one-pass grid
-    has fewer programs than the GPU has SMs (the reduction cannot be split, so that grid cannot
-    grow); one pass otherwise, which saves the N round trip and a launch. A generated basis
-    (``generated``) takes one pass only up to MAX_GENERATED_RANK_PAD, which the first rule
-    already implies. bf16 moments (``bf16_moments``) always take two launches: the Philox words
-    of their stochastic rounding, drawn for the whole BLOCK_OWN × R_PAD tile at once, take this
-    kernel to 236-255 registers at R_PAD = 64 (4 bytes spilled on sm_90 with an fp32 dot, AOT),
-    while launch A has tiles sized for them (fused_galore_step_2d._BF16_MOMENT_PROJECT_BLOCKS)."""
-    if (bf16_moments or rank_pad(rank) >= 128
-            or (generated and rank_pad(rank) > MAX_GENERATED_RANK_PAD)):
-        return "twolaunch"
-    config = pick_config(m, n, rank, grad_dtype, proj_dtype, num_sms)
-    own = m if is_right_side(m, n) else n
-    return "twolaunch" if triton.cdiv(own, config.block_own) < num_sms else "onepass"
-
-
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
                       beta2: float, eps: float, weight_decay: float, scale: float,
@@ -274,56 +263,28 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                       proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
                       param_scales: torch.Tensor | None = None,
                       param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
-                      seed: int = 0, variant: str | None = None) -> None:
-    """One fused GaLore AdamW step in place (see the module docstring).
-
-    Same contract as ``lowrank_kernels.ops.fused_galore_step``, every format: proj a dense float
-    basis, a packed INT4 basis (uint8) or DCT frequencies (int32), generated tile by tile inside
-    the kernels (_common.py); param float or INT8 codes (uint8; two launches, the second
-    requantizing in place, see fused_galore_step_2d.py). CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1. ``variant``: 'onepass' (this file's kernel, one launch, rank ≤ 512,
-    float weights), 'twolaunch' (fused_galore_step_2d.py: two launches and a per-call workspace
-    of the low-rank shape for N) or 'auto' (``choose_variant``; INT8 weights always take two
-    launches); None reads the environment variable LOWRANK_TRITON_VARIANT (default 'auto'), for
-    benchmarks.
-    """
-    if variant is None:
-        variant = os.environ.get(VARIANT_ENV, "auto")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS} (argument or {VARIANT_ENV}), "
-                         f"got {variant!r}")
-    formats = {"proj_scales": proj_scales, "proj_zeros": proj_zeros,
-               "proj_group_size": proj_group_size, "param_scales": param_scales,
-               "param_zeros": param_zeros, "param_group_size": param_group_size, "seed": seed}
-    rank = check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1,
-                                   beta2=beta2, eps=eps, step=step, **formats)
+                      seed: int = 0) -> None:
+    """One fused step in place with this kernel (the op's schema signature; see the module
+    docstring): float weights, rank ≤ MAX_RANK_PAD (MAX_GENERATED_RANK_PAD for an INT4 or DCT
+    basis). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    rank = _checks.check_fused_galore_step(
+        param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
+        proj_zeros=proj_zeros, proj_group_size=proj_group_size, param_scales=param_scales,
+        param_zeros=param_zeros, param_group_size=param_group_size, seed=seed)
     if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
-    int8_weight = param.dtype == torch.uint8
-    if int8_weight and variant == "onepass":
-        raise ValueError("variant: INT8 (uint8) param codes need the 'twolaunch' variant (the "
-                         "one-pass kernel has no requantizing epilogue), got 'onepass'")
+    if param.dtype == torch.uint8:
+        raise ValueError("param: INT8 (uint8) codes need the two-launch kernel (this one has no "
+                         "requantizing epilogue)")
     m, n = param.shape
     basis = basis_args(proj, m, n, rank, grad.dtype, proj_scales, proj_zeros, proj_group_size)
-    sms = _num_sms(param.device)
-    if variant == "auto":
-        variant = ("twolaunch" if int8_weight
-                   else choose_variant(m, n, rank, grad.dtype, basis.dot_dtype, sms,
-                                       generated=basis.kind != 0,
-                                       bf16_moments=exp_avg.dtype == torch.bfloat16))
-    coeffs = adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step)
-    philox_seed = rounding_philox_seed(seed, step)
-    if variant == "twolaunch":
-        fused_galore_step_2d.launch(param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs,
-                                    basis=basis, param_scales=param_scales,
-                                    param_zeros=param_zeros, param_group_size=param_group_size,
-                                    philox_seed=philox_seed)
-    else:
-        config = pick_config(m, n, rank, grad.dtype, basis.dot_dtype, sms,
-                             generated=basis.kind != 0)
-        _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs, basis=basis,
-                philox_seed=philox_seed)
+    config = pick_config(m, n, rank, grad.dtype, basis.dot_dtype, _num_sms(param.device),
+                         generated=basis.kind != 0)
+    _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank,
+            adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step), basis=basis,
+            philox_seed=rounding_philox_seed(seed, step))
 
 
 def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: int,
@@ -338,12 +299,13 @@ def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: 
     if basis is None:
         basis = basis_args(proj, m, n, rank, grad.dtype)
     grid = (triton.cdiv(m if right else n, config.block_own),)
-    if index_64 is None:  # int32 offsets overflow past 2**31 elements (m·n, or r·long)
-        index_64 = (needs_index_64(param, proj, exp_avg) or needs_wide_phase(basis.kind, m, n)
+    if index_64 is None:  # int32 offsets overflow past 2**31 (any tensor's span, or r·long)
+        index_64 = (needs_index_64(param, grad, proj, exp_avg)
+                    or needs_wide_phase(basis.kind, m, n)
                     or (basis.kind != 0 and rank * min(m, n) >= 2**31))
     return _fused_galore_step_kernel[grid](
-        param, grad, basis.tensor, basis.scales, basis.zeros, exp_avg, exp_avg_sq,
-        param.stride(0), grad.stride(0), basis.stride, exp_avg.stride(0),
+        param, grad, *basis.pointers, exp_avg, exp_avg_sq,
+        param.stride(0), *grad.stride(), basis.stride_rank, basis.stride_long, exp_avg.stride(0),
         m, n, rank, **coeffs, philox_seed=philox_seed,
         RIGHT=right, BLOCK_OWN=config.block_own, BLOCK_LONG=config.block_long,
         R_PAD=config.r_pad, BASIS=basis.kind, PROJ_GROUP=basis.group_size, INDEX_64=index_64,

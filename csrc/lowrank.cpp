@@ -61,6 +61,7 @@ constexpr const char* kDeviceOpSchemas[] = {
     "dct_basis(int d, Tensor indices) -> Tensor",
 };
 
+#ifdef LOWRANK_EXPERIMENTAL_CUDA_FAST16
 // The schema of `name` in kDeviceOpSchemas.
 const char* device_op_schema(const std::string& name) {
   for (const char* schema : kDeviceOpSchemas) {
@@ -68,6 +69,7 @@ const char* device_op_schema(const std::string& name) {
   }
   TORCH_CHECK(false, "lowrank: no schema named ", name);
 }
+#endif
 
 }  // namespace
 

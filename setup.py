@@ -2,7 +2,8 @@
 
 C++ CPU sources are always compiled. CUDA sources are compiled when torch is a CUDA build and nvcc
 is found, unless LOWRANK_SKIP_CUDA_BUILD=1. TORCH_CUDA_ARCH_LIST (default "8.9;9.0+PTX": RTX 40xx
-and H100) and MAX_JOBS are honoured, as by torch.utils.cpp_extension.
+and H100) and MAX_JOBS are honoured, as by torch.utils.cpp_extension. LOWRANK_EXPERIMENTAL_CUDA=1
+also compiles csrc/experimental/*.cu (kernels that have not run on a GPU; see their headers).
 """
 
 import glob
@@ -46,12 +47,15 @@ def _extension():
             extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]}, extra_link_args=["-fopenmp"],
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
-                  "-DLOWRANK_WITH_CUDA"]
+    defines = ["-DLOWRANK_WITH_CUDA"]
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    if os.environ.get("LOWRANK_EXPERIMENTAL_CUDA", "0") == "1":
+        defines.append("-DLOWRANK_EXPERIMENTAL_CUDA_FAST16")
+        cuda_sources += _sources("csrc/experimental/*.cu")
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", *defines]
     return CUDAExtension(
-        "lowrank_kernels._C", sources + _sources("csrc/cuda/*.cu"), include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags + ["-fopenmp", "-DLOWRANK_WITH_CUDA"],
-                            "nvcc": nvcc_flags},
+        "lowrank_kernels._C", sources + cuda_sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags + ["-fopenmp", *defines], "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"],
     )
 
@@ -60,8 +64,10 @@ setup(
     # Triton sources live at the top-level triton_kernels/ (DESIGN.md §2) but are installed as
     # lowrank_kernels.triton_kernels: a top-level `triton_kernels` would shadow another package.
     packages=["lowrank_kernels", "lowrank_kernels.projection", "lowrank_kernels.optim",
-              "lowrank_kernels.integrations", "lowrank_kernels.triton_kernels"],
-    package_dir={"lowrank_kernels.triton_kernels": "triton_kernels"},
+              "lowrank_kernels.integrations", "lowrank_kernels.triton_kernels",
+              "lowrank_kernels.triton_kernels.experimental"],
+    package_dir={"lowrank_kernels.triton_kernels": "triton_kernels",
+                 "lowrank_kernels.triton_kernels.experimental": "triton_kernels/experimental"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

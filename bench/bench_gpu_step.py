@@ -1,21 +1,21 @@
 """GPU benchmark of one GaLore AdamW step: our fused kernels against galore-torch, same run.
 
 Providers (each skipped with a message when it cannot run here):
-  default       lowrank_kernels.ops.fused_galore_step(...) with no backend: what the Python API
-                and the optimizers run (the CSV's ``impl`` column names what that resolved to)
-  torch.ops     torch.ops.lowrank.fused_galore_step(...): the public op, whatever the dispatcher
-                runs for the tensors' device
-  triton        lowrank_kernels.ops.fused_galore_step(..., backend="triton")
-  triton-onepass, triton-twolaunch
-                the same with the Triton variant forced (LOWRANK_TRITON_VARIANT, set around
-                each call): one-pass kernel, or two launches through a low-rank N workspace
+  default       torch.ops.lowrank.fused_galore_step, what users, the optimizers and
+                torch.compile run (on CUDA tensors the Triton kernel, or the CUDA C++ one after
+                lowrank_kernels.set_cuda_backend("cuda_cxx"); the CSV's ``impl`` column says
+                which)
+  triton        the Triton launcher itself (backend="triton"; two launches through a low-rank N
+                workspace): default's kernel without the dispatcher
   triton-q      the Triton step on the Q-GaLore formats: packed INT4 basis and INT8 weight codes
                 (groups of 256), judged against bench/traffic.py's floor-q
   triton-dct    the Triton step on DCT frequencies (the basis generated in the kernels)
-  cuda          lowrank_kernels.ops.fused_galore_step(..., backend="cuda")
-  cuda-fast     the same with the CUDA 16-bit fast path (LOWRANK_CUDA_FAST_PATH=1 around each
-                call; opt-in until it has run on a GPU)
+  cuda          the CUDA C++ kernel (backend="cuda": torch.ops.lowrank_cuda)
   cuda-q        the CUDA C++ step on the Q-GaLore formats, as triton-q
+  triton-onepass  EXPERIMENTAL: the one-pass Triton kernel
+                (triton_kernels/experimental/fused_galore_step_onepass.py; rank <= 512)
+  cuda-fast16   EXPERIMENTAL: the 16-bit CUDA path (csrc/experimental; only in an extension
+                built with LOWRANK_EXPERIMENTAL_CUDA=1)
   cpu           the C++ kernel (backend="cpu"; only with --device cpu)
   reference     lowrank_kernels.ops.fused_galore_step(..., backend="reference") (plain torch)
   galore-torch  galore_torch.GaLoreAdamW.step with its projector holding a fixed basis
@@ -41,9 +41,6 @@ use it), not the CPU benchmark (that is bench/bench_cpu_step.py, where the floor
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -57,22 +54,21 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `lowrank_kern
 from bench import harness, traffic
 
 DEFAULT_SHAPES = ("4096x11008", "11008x4096")
-PROVIDERS = ("default", "torch.ops", "triton", "triton-onepass", "triton-twolaunch", "triton-q",
-             "triton-dct", "cuda", "cuda-fast", "cuda-q", "cpu", "reference", "galore-torch",
-             "q-galore-torch", "copy")
-# provider -> (backend, environment set around each call, weight/basis format)
-OURS: dict[str, tuple[str | None, dict[str, str], str]] = {
-    "default": (None, {}, "dense"),
-    "triton": ("triton", {}, "dense"),
-    "triton-onepass": ("triton", {"LOWRANK_TRITON_VARIANT": "onepass"}, "dense"),
-    "triton-twolaunch": ("triton", {"LOWRANK_TRITON_VARIANT": "twolaunch"}, "dense"),
-    "triton-q": ("triton", {}, "q"),
-    "triton-dct": ("triton", {}, "dct"),
-    "cuda": ("cuda", {}, "dense"),
-    "cuda-fast": ("cuda", {"LOWRANK_CUDA_FAST_PATH": "1"}, "dense"),
-    "cuda-q": ("cuda", {}, "q"),
-    "cpu": ("cpu", {}, "dense"),
-    "reference": ("reference", {}, "dense"),
+PROVIDERS = ("default", "triton", "triton-q", "triton-dct", "cuda", "cuda-q", "triton-onepass",
+             "cuda-fast16", "cpu", "reference", "galore-torch", "q-galore-torch", "copy")
+# provider -> (implementation: a backend of lowrank_kernels.ops, None for the dispatcher, or an
+# experimental kernel; weight/basis format)
+OURS: dict[str, tuple[str | None, str]] = {
+    "default": (None, "dense"),
+    "triton": ("triton", "dense"),
+    "triton-q": ("triton", "q"),
+    "triton-dct": ("triton", "dct"),
+    "cuda": ("cuda", "dense"),
+    "cuda-q": ("cuda", "q"),
+    "triton-onepass": ("triton-onepass", "dense"),
+    "cuda-fast16": ("cuda-fast16", "dense"),
+    "cpu": ("cpu", "dense"),
+    "reference": ("reference", "dense"),
 }
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "scale": 0.25}
 
@@ -85,38 +81,27 @@ def parse_shape(text: str) -> tuple[int, int]:
     return m, n
 
 
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """Sets environment variables for the duration of a call, restoring what was there."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+def _step_fn(backend: str | None, device: torch.device) -> Callable:
+    """The fused step a provider times (module docstring), or raises why it cannot run here."""
+    from lowrank_kernels import _dispatch
+
+    if backend == "triton-onepass":
+        from lowrank_kernels.triton_kernels.experimental import fused_galore_step_onepass
+
+        return fused_galore_step_onepass.fused_galore_step
+    if backend == "cuda-fast16":
+        return torch.ops.lowrank_experimental.fused_galore_step  # AttributeError if not built
+    return _dispatch.kernel("fused_galore_step", backend, device)  # raises if it cannot run
 
 
 def ours(backend: str | None, m: int, n: int, rank: int, wdt, sdt, weight_decay: float, device,
-         env: dict[str, str] | None = None, fmt: str = "dense", public_op: bool = False
-         ) -> Callable[[], None]:
+         fmt: str = "dense") -> Callable[[], None]:
     """A closure running one fused step in place, or raises why the backend cannot run.
-    ``backend`` None: the default pick of lowrank_kernels.ops; ``public_op``: call
-    torch.ops.lowrank.fused_galore_step itself. ``env`` is set around each call. ``fmt``:
-    'dense' basis and float W, 'q' (packed INT4 basis, INT8 W codes) or 'dct'."""
+    ``backend`` None: torch.ops.lowrank.fused_galore_step (the dispatcher); ``fmt``: 'dense'
+    basis and float W, 'q' (packed INT4 basis, INT8 W codes) or 'dct'."""
     from lowrank_kernels import ops
 
-    if public_op:
-        op = torch.ops.lowrank.fused_galore_step  # AttributeError: the extension is missing
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("lowrank::fused_galore_step",
-                                                              torch.device(device).type.upper()):
-            raise RuntimeError(f"torch.ops.lowrank.fused_galore_step has no {device} kernel")
-    else:
-        ops.resolve_backend("fused_galore_step", torch.device(device), backend)  # raises if absent
-        op = functools.partial(ops.fused_galore_step, backend=backend)
+    op = _step_fn(backend, torch.device(device))
     param = torch.randn(m, n, device=device, dtype=wdt) * 0.02
     grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3
     proj = harness.random_basis(m, n, rank, wdt, device)
@@ -137,30 +122,21 @@ def ours(backend: str | None, m: int, n: int, rank: int, wdt, sdt, weight_decay:
 
     def run() -> None:
         step[0] += 1
-        with environment(env or {}):
-            op(param, grad, proj, exp_avg, exp_avg_sq, step=step[0], weight_decay=weight_decay,
-               **HYPER, **formats)
+        op(param, grad, proj, exp_avg, exp_avg_sq, step=step[0], weight_decay=weight_decay,
+           **HYPER, **formats)
 
     run()  # compiles (Triton) and fails loudly before timing if the kernel is broken
     return run
 
 
-def resolved_impl(provider: str, m: int, n: int, rank: int, wdt, sdt, device) -> str:
-    """What a provider ran: the backend the default resolved to, and the Triton variant."""
-    backend, env, fmt = OURS.get(provider, (provider, {}, "dense"))
-    if provider == "torch.ops" or provider not in OURS:
+def resolved_impl(provider: str, device) -> str:
+    """What the default provider ran on ``device``: the kernel registered for it (the CPU C++
+    kernel, or on CUDA tensors lowrank_kernels.cuda_backend(): 'triton' or 'cuda_cxx')."""
+    if provider != "default":
         return ""
-    try:
-        from lowrank_kernels import ops
+    from lowrank_kernels import _dispatch
 
-        name = ops.resolve_backend("fused_galore_step", torch.device(device), backend)
-    except Exception:  # noqa: BLE001  (a description only; the dispatch may have changed)
-        return ""
-    if name != "triton":
-        return name
-    variant = env.get("LOWRANK_TRITON_VARIANT") or ("twolaunch" if fmt == "q" else _triton_auto(
-        m, n, rank, wdt, sdt, device, generated=fmt == "dct"))
-    return f"triton/{variant}"
+    return _dispatch.cuda_backend() if torch.device(device).type == "cuda" else "cpu"
 
 
 def galore_torch_step(m: int, n: int, rank: int, wdt, weight_decay: float, device
@@ -207,18 +183,6 @@ def copy_probe(m: int, n: int, wdt, device) -> Callable[[], None]:
     return lambda: dst.copy_(src)
 
 
-def _triton_auto(m: int, n: int, rank: int, wdt, sdt, device, generated: bool = False) -> str:
-    """The variant the Triton launcher picks ('onepass' or 'twolaunch')."""
-    try:
-        from lowrank_kernels.triton_kernels import fused_galore_step as fgs
-    except ImportError:  # no Triton: its providers are skipped, their model rows unused
-        return "twolaunch"
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count
-           if device.type == "cuda" else fgs.DEFAULT_NUM_SMS)
-    return fgs.choose_variant(m, n, rank, wdt, wdt, sms, generated=generated,
-                              bf16_moments=sdt == torch.bfloat16)
-
-
 def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, providers, device,
                 peak: float | None, compile_only: bool = False) -> list[dict[str, object]]:
     rows = []
@@ -226,26 +190,21 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     l2 = (torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda"
           else traffic.SMALLEST_L2)
     two_launch = traffic.fused_triton_2launch(m, n, rank, wdt, sdt).total
-    # model rows only for what a model describes: "cuda" (the general path: an fp32 basis copy
-    # and fp32 N) and "torch.ops" (whatever the dispatcher runs) have none
-    models = {"triton-twolaunch": two_launch,
+    models = {"triton": two_launch, "triton-dct": two_launch,
               "triton-q": traffic.fused_triton_q(m, n, rank, wdt, sdt).total,
-              "cuda-fast": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
+              "cuda": traffic.fused_cuda(m, n, rank, wdt, sdt).total,
               "cpu": lowrank_floor,  # one pass over G and W per tile, the basis from cache
               "galore-torch": traffic.galore_torch(m, n, rank, wdt,
                                                    weight_decay=weight_decay > 0).total,
               "q-galore-torch": traffic.q_galore_torch(m, n, rank, wdt,
                                                        weight_decay=weight_decay > 0).total}
     if rank <= traffic.ONE_PASS_MAX_RANK:  # the one-pass kernel exists up to that rank
-        onepass = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
-        models["triton-onepass"] = onepass
-        for provider, generated in (("triton", False), ("triton-dct", True)):
-            auto = _triton_auto(m, n, rank, wdt, sdt, device, generated)
-            models[provider] = onepass if auto == "onepass" else two_launch
-    else:
-        models["triton"] = models["triton-dct"] = two_launch
-    if resolved_impl("default", m, n, rank, wdt, sdt, device).startswith("triton"):
-        models["default"] = models["triton"]
+        models["triton-onepass"] = traffic.fused(m, n, rank, wdt, sdt, l2_bytes=l2).total
+    if wdt != torch.float32:
+        models["cuda-fast16"] = traffic.fused_cuda_fast16(m, n, rank, wdt, sdt).total
+    default_impl = resolved_impl("default", device)
+    if default_impl in ("triton", "cuda_cxx"):
+        models["default"] = models["triton" if default_impl == "triton" else "cuda"]
     floors = {"galore-torch": traffic.floor(m, n, rank, wdt, wdt).total,
               "q-galore-torch": traffic.floor_q_galore(m, n, rank, wdt).total,
               "triton-q": traffic.floor_q(m, n, rank, wdt, sdt).total,
@@ -255,10 +214,8 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     for provider in providers:
         try:
             if provider in OURS:
-                backend, env, fmt = OURS[provider]
-                fn = ours(backend, m, n, rank, wdt, sdt, weight_decay, device, env, fmt)
-            elif provider == "torch.ops":
-                fn = ours(None, m, n, rank, wdt, sdt, weight_decay, device, public_op=True)
+                backend, fmt = OURS[provider]
+                fn = ours(backend, m, n, rank, wdt, sdt, weight_decay, device, fmt)
             elif provider == "galore-torch":
                 fn = galore_torch_step(m, n, rank, wdt, weight_decay, device)
             elif provider == "q-galore-torch":
@@ -281,11 +238,11 @@ def bench_shape(m: int, n: int, rank: int, wdt, sdt, weight_decay: float, provid
     for provider, timing in timings.items():
         floor_bytes = floors.get(provider, lowrank_floor)
         gbps = floor_bytes / timing.median_s / 1e9
-        fmt = OURS.get(provider, (None, {}, "dense"))[2]
+        fmt = OURS.get(provider, (None, "dense"))[1]
         row = {"shape": f"{m}x{n}", "rank": rank, "dtype": harness.dtype_name(wdt),
                "state_dtype": harness.dtype_name(wdt if provider == "galore-torch" else sdt),
                "weight_decay": weight_decay, "provider": provider,
-               "impl": resolved_impl(provider, m, n, rank, wdt, sdt, device),
+               "impl": resolved_impl(provider, device),
                "format": {"q": "int4-basis/int8-weight", "dct": "dct-indices"}.get(fmt, "dense"),
                "ms": round(timing.median_s * 1e3, 4),
                "iqr_ms": round(timing.iqr_s * 1e3, 4),

@@ -224,7 +224,7 @@ def main(argv=None) -> None:
 
 def bench_gpu(shapes) -> list[dict]:
     """The GPU providers of the module docstring, per shape, with their ratios."""
-    cuda_kernel = lk.EXTENSION_AVAILABLE and lk._extension.has_kernel("dct_select", "CUDA")
+    cuda_kernel = lk._dispatch.CUDA_CXX_AVAILABLE
     allow_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 GEMM every method pays
     print(f"GPU: {torch.cuda.get_device_name()} (do_bench medians, ms)")
@@ -253,7 +253,7 @@ def bench_gpu_shape(name: str, m: int, n: int, rank: int, *, cuda_kernel: bool) 
     except ImportError as exc:  # e.g. a GPU machine without the peer packages
         print(f"  skip svd (galore-torch's refresh): {exc}")
     if cuda_kernel:
-        fns["cuda_dct"] = lambda: torch.ops.lowrank.dct_select(grad, rank, 1)
+        fns["cuda_dct"] = lambda: torch.ops.lowrank_cuda.dct_select(grad, rank, 1)
     ms = {k: harness.time_cuda(fn).median_s * 1e3 for k, fn in fns.items()}
     print(f"{name:<16} {m:>5}x{n:<5} r={rank:<4} " + "  ".join(
         f"{k}={v:8.3f}" for k, v in ms.items()))

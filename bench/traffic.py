@@ -9,16 +9,18 @@ first-step state allocation are excluded.
 
 Implementations
   floor           read G, read+write W, read+write M and V, read the basis P once.
-  fused-triton    triton_kernels/fused_galore_step.py: one program owns a tile of whole lines
-                  (rows when m >= n, columns when m < n) and runs project -> Adam -> back-project
-                  -> update on it while the tile is on chip, so G, W, M, V cross DRAM once. Every
-                  program reads the basis twice (project and back-project); those re-reads hit
-                  L2 when P fits in half of it, which the model charges as ONE extra DRAM read
-                  of P (conservative). When P does not fit, every tile reads it twice from DRAM.
-                  Listed only up to r = ONE_PASS_MAX_RANK (its register tile's limit), and the
-                  Triton launcher runs it only below r = 128 (choose_variant): above, its grid
-                  of ⌈own/BLOCK_OWN⌉ programs re-reads the basis from L2 per program and is
-                  slower than the two launches (its module docstring has the H100 numbers).
+  fused-triton-onepass
+                  EXPERIMENTAL (on no default path):
+                  triton_kernels/experimental/fused_galore_step_onepass.py: one program owns a
+                  tile of whole lines (rows when m >= n, columns when m < n) and runs project ->
+                  Adam -> back-project -> update on it while the tile is on chip, so G, W, M, V
+                  cross DRAM once. Every program reads the basis twice (project and
+                  back-project); those re-reads hit L2 when P fits in half of it, which the model
+                  charges as ONE extra DRAM read of P (conservative). When P does not fit, every
+                  tile reads it twice from DRAM. Listed only up to r = ONE_PASS_MAX_RANK (its
+                  register tile's limit). Measured slower than the two launches at every 7B
+                  shape despite its bytes: its grid of ⌈own/BLOCK_OWN⌉ programs re-reads the
+                  basis from L2 per program (its module docstring has the H100 numbers).
   floor+N         the least any step moves that passes N = M/(√V+ε) (r×own) from the projection
                   GEMM to the back projection through memory: the floor plus N written and read
                   once in W's 16-bit type. Only a kernel that holds all r rows of N for its
@@ -27,27 +29,27 @@ Implementations
                   against 6·m·n + 16·r·own + the basis: 1.095-1.098 at LLaMA shapes), so no
                   two-launch step gets under ≈ 1.10× there.
   fused-triton-2launch
-                  triton_kernels/fused_galore_step_2d.py: launch A projects and runs Adam on
-                  2-D tiles of R, storing N (W's type when W is 16-bit, else fp32) to a low-rank
-                  workspace; launch B back-projects N on 2-D tiles of W and updates W. Adds to
-                  the floor: N written and read once (2·L·s(N)) and a second basis read.
-  fused-cuda      csrc/cuda/fused_galore_step.cu: the same two-launch structure (mma.sync
-                  GEMMs). Fast path (opt-in with LOWRANK_CUDA_FAST_PATH=1 until it has run on a
-                  GPU; the default general path stages an fp32 basis copy and an fp32 N) (W, G and the basis of one 16-bit type, or everything fp32):
-                  the floor + the N round trip (N in W's type) + a second basis read, as
-                  fused-triton-2launch. A 16-bit basis beside fp32 data (or of another 16-bit
-                  type) is first copied to fp32: 4·d·r written, then read by both launches; N
-                  is then fp32. Counted in DRAM as the kernel's header counts them (N and the
-                  basis may partly stay in L2).
+                  triton_kernels/fused_galore_step.py, the kernel of torch.ops.lowrank on CUDA
+                  tensors: launch A projects and runs Adam on 2-D tiles of R, storing N (W's
+                  type when W is 16-bit, else fp32) to a low-rank workspace; launch B
+                  back-projects N on 2-D tiles of W and updates W. Adds to the floor: N written
+                  and read once (2·L·s(N)) and a second basis read.
+  fused-cuda      csrc/cuda/fused_galore_step.cu (set_cuda_backend("cuda_cxx")): the same
+                  two-launch structure (mma.sync GEMMs) on an fp32 basis and an fp32 N: the floor
+                  + the N round trip in fp32 + either a second read of an fp32 basis or, for any
+                  other basis, an fp32 copy of it (4·d·r written, then read by both launches).
+                  Counted in DRAM as the kernel's header counts them (N and the basis may partly
+                  stay in L2). ``fused_cuda_fast16`` models the EXPERIMENTAL 16-bit path
+                  (csrc/experimental, not built by default): W, G and the basis of one 16-bit
+                  type, N in it too, the basis read twice -- the bytes of fused-triton-2launch.
   fused-cuda-q    the same two launches on INT8 weight codes and a packed INT4 basis, plus pass
-                  2 (csrc/cuda/int8_update.cu): launch 1 dequantizes the packed basis in its tile
-                  loader (16-bit G; an fp32 G reads an fp32 copy that dequantize_int4 makes) and
-                  writes N (fp32); pass 2 reads N and the packed basis (expanded
-                  on the fly) and reads and writes each code, scale and zero once. Judged against
-                  floor-q (our storage: packed P, M and V in the state dtype).
+                  2 (csrc/cuda/int8_update.cu): launch 1 reads an fp32 copy of the basis that
+                  dequantize_int4 makes and writes N (fp32); pass 2 reads N and the packed basis
+                  (expanded on the fly) and reads and writes each code, scale and zero once.
+                  Judged against floor-q (our storage: packed P, M and V in the state dtype).
   galore-torch    GaLoreAdamW.step (galore_torch/adamw.py 78-140 and galore_projector.py): one
                   kernel per torch op, states in the gradient's dtype.
-  fused-triton-q  triton_kernels/fused_galore_step_2d.py on the Q-GaLore formats (INT8 W codes,
+  fused-triton-q  triton_kernels/fused_galore_step.py on the Q-GaLore formats (INT8 W codes,
                   packed INT4 P, M and V in the state dtype): launch A (project + Adam) writes N
                   in fp32 (the INT8 epilogue needs the CPU's fp32 numbers), launch B reads it,
                   reads the codes and group scales/zeros of W once and writes them once. P (0.5
@@ -88,8 +90,10 @@ DEVICES: dict[str, tuple[float, int]] = {
 # The fused model's L2 test uses the smallest L2 listed, so its bytes hold on every device.
 SMALLEST_L2 = min(l2 for _, l2 in DEVICES.values())
 
-try:  # the one-pass kernel's rank limit (its R tile lives in registers)
-    from lowrank_kernels.triton_kernels.fused_galore_step import MAX_RANK_PAD as ONE_PASS_MAX_RANK
+try:  # the experimental one-pass kernel's rank limit (its R tile lives in registers)
+    from lowrank_kernels.triton_kernels.experimental.fused_galore_step_onepass import (
+        MAX_RANK_PAD as ONE_PASS_MAX_RANK,
+    )
 except ImportError:  # Triton not installed: the same constant
     ONE_PASS_MAX_RANK = 512
 
@@ -98,10 +102,11 @@ QUANT_GROUP = 256  # q-galore-torch's group for W (INT8) and P (INT4); bitsandby
 # Whether the code a row models has ever been timed on a GPU (bench/results/gpu_*.csv). A row of
 # code that never ran is a prediction about something nobody has measured: tables say so.
 RAN_ON_GPU = {
-    "fused-triton": "yes (H100)",
+    "fused-triton-onepass": "yes (H100; experimental, off the default path)",
     "fused-triton-2launch": "yes (H100)",
     "galore-torch": "yes (H100)",
-    "fused-cuda": "no: models the opt-in 16-bit fast path, never run (the general path ran)",
+    "fused-cuda": "yes (H100: the general path)",
+    "fused-cuda-fast16": "no: the experimental 16-bit path (csrc/experimental), never run",
     "fused-triton-q": "no",
     "fused-cuda-q": "no: models the fast path's INT4 loader",
     "q-galore-torch": "no: cannot step with bitsandbytes >= 0.45",
@@ -193,10 +198,10 @@ def floor(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
 
 def fused(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
           state_dtype: torch.dtype = torch.float32, proj_dtype: torch.dtype | None = None, *,
-          l2_bytes: int = SMALLEST_L2, block_lines: int = 64, impl: str = "fused-triton"
+          l2_bytes: int = SMALLEST_L2, block_lines: int = 64, impl: str = "fused-triton-onepass"
           ) -> Traffic:
-    """Our one-pass (Triton) step under the line-tile scheme in the module docstring; it
-    exists up to r = ONE_PASS_MAX_RANK."""
+    """The experimental one-pass (Triton) step under the line-tile scheme in the module
+    docstring; it exists up to r = ONE_PASS_MAX_RANK."""
     g = Geometry(m, n, rank)
     if rank > ONE_PASS_MAX_RANK:
         raise ValueError(f"rank: the one-pass kernel runs up to r = {ONE_PASS_MAX_RANK}, "
@@ -214,7 +219,7 @@ def fused(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
 
 def _workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The two-launch kernels store N in the type their back projection multiplies in: W's
-    type when W is 16-bit, else fp32 (fused_galore_step_2d.workspace_dtype)."""
+    type when W is 16-bit, else fp32 (fused_galore_step.workspace_dtype)."""
     return torch.float32 if weight_dtype == torch.float32 else weight_dtype
 
 
@@ -234,8 +239,9 @@ def floor_plus_n(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bf
 def fused_triton_2launch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
                          state_dtype: torch.dtype = torch.float32,
                          proj_dtype: torch.dtype | None = None) -> Traffic:
-    """Our Triton two-launch step (fused_galore_step_2d.py): the floor, the basis read once more
-    by launch B, and N written by launch A and read by launch B in the workspace type."""
+    """Our Triton two-launch step (triton_kernels/fused_galore_step.py): the floor, the basis
+    read once more by launch B, and N written by launch A and read by launch B in the
+    workspace type."""
     g = Geometry(m, n, rank)
     proj_dtype = proj_dtype or weight_dtype
     n_dtype = _workspace_dtype(weight_dtype)
@@ -250,24 +256,37 @@ def fused_triton_2launch(m: int, n: int, rank: int, weight_dtype: torch.dtype = 
 def fused_cuda(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
                state_dtype: torch.dtype = torch.float32, proj_dtype: torch.dtype | None = None
                ) -> Traffic:
-    """Our CUDA step (module docstring); G has W's dtype here. The 16-bit fast path (W and the
-    basis of one 16-bit type) and fp32 everything move the floor plus a second basis read and
-    the N round trip (N in W's 16-bit type, or fp32). A 16-bit basis beside fp32 data (or of
-    another 16-bit type) is first copied to fp32, which both launches then read."""
+    """Our CUDA C++ step (module docstring); G has W's dtype here. The floor, the N round trip
+    in fp32, and an fp32 basis read again by launch 2, or any other basis first copied to fp32
+    (then read by both launches)."""
+    return _cuda_two_launch(m, n, rank, weight_dtype, state_dtype, proj_dtype, fast16=False)
+
+
+def fused_cuda_fast16(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+                      state_dtype: torch.dtype = torch.float32) -> Traffic:
+    """The EXPERIMENTAL 16-bit CUDA path (csrc/experimental; W, G and the basis of one 16-bit
+    type): the floor, N in W's type written and read once, the basis read by both launches."""
+    if weight_dtype == torch.float32:
+        raise ValueError("weight_dtype: the 16-bit path serves bf16 and fp16 only")
+    return _cuda_two_launch(m, n, rank, weight_dtype, state_dtype, weight_dtype, fast16=True)
+
+
+def _cuda_two_launch(m, n, rank, weight_dtype, state_dtype, proj_dtype, *, fast16: bool
+                     ) -> Traffic:
     g = Geometry(m, n, rank)
     proj_dtype = proj_dtype or weight_dtype
-    fast = weight_dtype != torch.float32 and proj_dtype == weight_dtype
-    n_dtype = weight_dtype if fast else torch.float32
+    n_dtype = weight_dtype if fast16 else torch.float32
     n_bytes = g.low_rank * _size(n_dtype)
     ops = [*floor(m, n, rank, weight_dtype, state_dtype, proj_dtype).accesses,
            Access(f"N workspace ({n_dtype}): launch 1 writes, launch 2 reads", n_bytes, n_bytes)]
-    copied = not fast and proj_dtype != torch.float32
+    copied = not fast16 and proj_dtype != torch.float32
     if copied:
         ops.append(Access("fp32 copy of the basis: written, then read by both launches",
                           8 * g.basis, 4 * g.basis))
     else:
         ops.append(Access("P again for launch 2 (back-project)", g.basis * _size(proj_dtype), 0))
-    return Traffic("fused-cuda", tuple(ops), launches=2 + copied)
+    return Traffic("fused-cuda-fast16" if fast16 else "fused-cuda", tuple(ops),
+                   launches=2 + copied)
 
 
 def galore_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
@@ -325,14 +344,10 @@ def fused_cuda_q(m: int, n: int, rank: int, grad_dtype: torch.dtype = torch.bflo
     w_groups = -(-g.full // QUANT_GROUP) * 4  # fp32 scales (or zeros), one per group
     p_codes = -(-g.basis // 2) + 2 * -(-g.basis // QUANT_GROUP) * 4
     mv = 2 * g.low_rank * _size(state_dtype)
-    if grad_dtype == torch.float32:  # general path: launch 1 multiplies an fp32 basis copy
-        launch1_basis = (
-            Access("read P codes, scales, zeros (dequantize_int4 for launch 1)", p_codes, 0),
-            Access("fp32 copy of the basis: written, then read by launch 1", 4 * g.basis,
-                   4 * g.basis))
-    else:  # 16-bit fast path: launch 1 dequantizes the packed basis in its tile loader
-        launch1_basis = (Access("read P codes, scales, zeros (launch 1, dequantized on the fly)",
-                                p_codes, 0),)
+    launch1_basis = (  # launch 1 multiplies an fp32 copy of the basis
+        Access("read P codes, scales, zeros (dequantize_int4 for launch 1)", p_codes, 0),
+        Access("fp32 copy of the basis: written, then read by launch 1", 4 * g.basis,
+               4 * g.basis))
     return Traffic("fused-cuda-q", (
         Access("read G", g.full * _size(grad_dtype), 0),
         Access("read+write W codes, scales, zeros", g.full + 2 * w_groups, g.full + 2 * w_groups),
@@ -496,7 +511,7 @@ def implementations(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch
     pairs = [(dense_floor, dense_floor)]
     if rank <= ONE_PASS_MAX_RANK and state_dtype != torch.bfloat16:  # bf16 moments: 2 launches
         pairs.append((fused(m, n, rank, weight_dtype, state_dtype, l2_bytes=l2_bytes,
-                            impl="fused-triton"), dense_floor))
+                            impl="fused-triton-onepass"), dense_floor))
     pairs.append((floor_plus_n(m, n, rank, weight_dtype, state_dtype), dense_floor))
     pairs.append((fused_triton_2launch(m, n, rank, weight_dtype, state_dtype), dense_floor))
     pairs.append((fused_cuda(m, n, rank, weight_dtype, state_dtype), dense_floor))

@@ -1,4 +1,4 @@
-"""Tunes the block sizes of the two-launch Triton step (triton_kernels/fused_galore_step_2d.py)
+"""Tunes the block sizes of the two-launch Triton step (triton_kernels/fused_galore_step.py)
 on the GPU at hand: times the whole step for each candidate launch-A configuration (launch B at
 its default), then each launch-B candidate with the best A, per shape and rank, and prints the
 best of each next to the current table's choice (ratio = current / best, measured in one run).
@@ -45,8 +45,8 @@ def describe(c) -> str:
 def tune_case(m: int, n: int, rank: int, wdt: torch.dtype, device: str = "cuda"
               ) -> dict[str, object]:
     """Best (launch A, launch B) for one shape and rank; A first with B at its default."""
-    from triton_kernels import fused_galore_step_2d as two
-    from triton_kernels._common import adam_coeffs
+    from lowrank_kernels.triton_kernels import fused_galore_step as two
+    from lowrank_kernels.triton_kernels._common import adam_coeffs
 
     param = torch.randn(m, n, device=device, dtype=wdt) * 0.02
     grad = torch.randn(m, n, device=device, dtype=wdt) * 1e-3

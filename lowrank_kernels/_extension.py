@@ -6,10 +6,6 @@ fast path is off is kept in ``LOAD_ERROR`` and shown by any call that asks for a
 
 from __future__ import annotations
 
-import functools
-
-import torch
-
 LOAD_ERROR: str | None = None
 try:
     from lowrank_kernels import _C  # noqa: F401  (registers torch.ops.lowrank.*)
@@ -20,13 +16,3 @@ except ImportError as exc:  # the build is missing or was made against another t
     )
 
 AVAILABLE = LOAD_ERROR is None
-
-
-@functools.cache
-def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether torch.ops.lowrank.<op> has a kernel registered for ``dispatch_key`` (CPU, CUDA).
-    Cached: the extension registers its kernels once, at import, and the dispatcher query cost
-    ~17 us per optimizer step and weight (a tenth of a tiny model's step)."""
-    if not AVAILABLE:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank::{op}", dispatch_key)

@@ -29,8 +29,10 @@ def op_doc(name: str) -> str | None:
     wrapper = getattr(ops, name, None)
     body = inspect.getdoc(wrapper) if wrapper is not None else ""
     return (f"torch.ops.lowrank.{name}\n\n{schemas}\n\n{body}\n\n"
-            f"The same op with a backend switch (backend=... or LOWRANK_BACKEND): "
-            f"lowrank_kernels.ops.{name}. Semantics, formats and layouts: docs/DESIGN.md.")
+            f"Typed wrapper (the same kernel; backend=... names one implementation for tests): "
+            f"lowrank_kernels.ops.{name}. On CUDA tensors the Triton kernel runs, or the CUDA "
+            f"C++ one after lowrank_kernels.set_cuda_backend('cuda_cxx'). Semantics, formats "
+            f"and layouts: docs/DESIGN.md.")
 
 
 def attach() -> None:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_kernels import ops, reference
+from lowrank_kernels import _dispatch, ops, reference
 
 FLOAT_GRAD = "float_grad"  # attribute of the INT8 weight that receives dL/dW
 _BLOCK_ELEMENTS = 1 << 20  # elements of W̃ alive at a time on the blocked path
@@ -114,7 +114,7 @@ def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
                              f"for CPU tensors), got x on {x.device}")
         return True
     if name == "auto":
-        return x.is_cuda and ops._triton_importable()
+        return x.is_cuda and _dispatch.TRITON_AVAILABLE
     return False
 
 

@@ -71,7 +71,7 @@ if [ ! -f "$stamp_build" ] || ! python -c 'import lowrank_kernels._C' 2>/dev/nul
 fi
 python - <<'PY'
 import torch, lowrank_kernels as lk
-cuda = torch._C._dispatch_has_kernel_for_dispatch_key("lowrank::fused_galore_step", "CUDA")
+cuda = lk._dispatch.CUDA_CXX_AVAILABLE
 print(f"[setup_env] torch {torch.__version__}, extension loaded: {lk.EXTENSION_AVAILABLE}, "
       f"CUDA kernels built: {cuda}, GPU present: {torch.cuda.is_available()}")
 if not lk.EXTENSION_AVAILABLE:

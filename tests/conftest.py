@@ -8,7 +8,8 @@ import torch
 if not torch.cuda.is_available():
     # Must be set before any @triton.jit runs; the kernels then execute on CPU tensors.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.pop("LOWRANK_BACKEND", None)  # tests choose backends explicitly
+
+import lowrank_kernels as lk  # after TRITON_INTERPRET
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +22,32 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["general", "fast"])
+def _experimental_fast16_built() -> bool:
+    """Whether the extension was built with LOWRANK_EXPERIMENTAL_CUDA=1 (csrc/experimental)."""
+    try:
+        torch.ops.lowrank_experimental.fused_galore_step  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+@pytest.fixture(params=["cuda_cxx", pytest.param("experimental_fast16", marks=pytest.mark.skipif(
+    not _experimental_fast16_built(), reason="csrc/experimental is not built "
+                                             "(LOWRANK_EXPERIMENTAL_CUDA=1)"))])
 def cuda_paths(request, monkeypatch):
-    """Runs a CUDA test on both paths of the CUDA fused step: the general (fp32-staged) GEMM and
-    the opt-in 16-bit fast path (LOWRANK_CUDA_FAST_PATH=1, csrc/cuda/fused_galore_step.cu)."""
-    monkeypatch.setenv("LOWRANK_CUDA_FAST_PATH", "1" if request.param == "fast" else "0")
-    return request.param
+    """Runs a test of the CUDA C++ kernels through ``torch.ops.lowrank.<op>``: the one switch
+    set to them (``set_cuda_backend("cuda_cxx")``) and, where the extension was built with
+    LOWRANK_EXPERIMENTAL_CUDA=1, once more with the registered CUDA kernel of fused_galore_step
+    pointed at the experimental 16-bit path (torch.ops.lowrank_experimental, which hands the
+    inputs it does not serve to the general path)."""
+    if not lk._dispatch.CUDA_CXX_AVAILABLE:
+        pytest.skip("the extension was built without its CUDA kernels")
+    previous = lk.cuda_backend()
+    lk.set_cuda_backend("cuda_cxx")
+    if request.param == "experimental_fast16":
+        if not lk._dispatch.register_cuda_kernels():
+            pytest.skip("needs the Triton registration to reroute the CUDA key")
+        monkeypatch.setitem(lk._dispatch._CUDA_TARGETS, "fused_galore_step",
+                            torch.ops.lowrank_experimental.fused_galore_step)
+    yield request.param
+    lk.set_cuda_backend(previous)

@@ -141,10 +141,8 @@ def test_cpu_kernel_moments_equal_the_reference_bit_for_bit(m, n, rank):
 
 
 @needs_triton
-@pytest.mark.parametrize("variant", ["onepass", "twolaunch"])
 @pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
-def test_triton_moments_equal_the_reference_bit_for_bit(m, n, rank, variant, monkeypatch):
-    monkeypatch.setenv("LOWRANK_TRITON_VARIANT", variant)
+def test_triton_moments_equal_the_reference_bit_for_bit(m, n, rank):
     inputs = exact_inputs(m, n, rank)
     _assert_same_moments(_run(inputs, TRITON_DEVICE, backend="triton"),
                          _run(inputs, backend="reference"))
@@ -171,12 +169,12 @@ def test_triton_moments_with_a_packed_int4_basis_and_bf16_grad_equal_the_referen
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not lk.EXTENSION_AVAILABLE,
                     reason="needs a GPU and the CUDA kernel")
-@pytest.mark.parametrize("fast_path", ["0", "1"], ids=["general", "fast"])
 @pytest.mark.parametrize("m,n,rank", SHAPES, ids=["left", "right"])
-def test_cuda_moments_equal_the_reference_bit_for_bit(m, n, rank, fast_path, monkeypatch):
-    monkeypatch.setenv("LOWRANK_CUDA_FAST_PATH", fast_path)
+def test_cuda_moments_equal_the_reference_bit_for_bit(m, n, rank, cuda_paths):
+    """The CUDA C++ kernel (and the experimental 16-bit path where built) through
+    torch.ops.lowrank with the CUDA switch on them (cuda_paths, tests/conftest.py)."""
     inputs = exact_inputs(m, n, rank)
-    _assert_same_moments(_run(inputs, "cuda", backend="cuda"), _run(inputs, backend="reference"))
+    _assert_same_moments(_run(inputs, "cuda"), _run(inputs, backend="reference"))
 
 
 @needs_extension

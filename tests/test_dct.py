@@ -21,7 +21,7 @@ import torch
 from cases import HYPER, assert_fp32_close, assert_step_matches, step_inputs
 
 import lowrank_kernels as lk
-from lowrank_kernels import _extension, ops, reference
+from lowrank_kernels import _dispatch, ops, reference
 
 needs_extension = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 
@@ -422,11 +422,10 @@ def test_ista_projector_selects_the_same_rows(m, n, sim_type, norm):
 # Same cases as the CPU kernel, against the float64 truth and the reference.
 # ------------------------------------------------------------------------------------------
 HAS_GPU = torch.cuda.is_available()
-needs_cuda_kernel = pytest.mark.skipif(
-    not (HAS_GPU and lk.EXTENSION_AVAILABLE and _extension.has_kernel("dct_select", "CUDA")),
-    reason="needs a GPU and the extension built with CUDA")
+needs_cuda_kernel = pytest.mark.skipif(not (HAS_GPU and _dispatch.CUDA_CXX_AVAILABLE),
+                                       reason="needs a GPU and the extension built with CUDA")
 needs_triton = pytest.mark.skipif(
-    not (ops._triton_importable() and (HAS_GPU or ops._interpreting())),
+    not (_dispatch.TRITON_AVAILABLE and (HAS_GPU or os.environ.get("TRITON_INTERPRET") == "1")),
     reason="needs triton and a GPU or TRITON_INTERPRET=1")
 GPU_BACKENDS = [pytest.param("triton", marks=needs_triton),
                 pytest.param("cuda", marks=needs_cuda_kernel)]
@@ -516,13 +515,15 @@ def test_gpu_select_ties_go_to_the_lower_index(side, backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_gpu_select_is_deterministic_and_takes_strided_rows(backend):
-    """No atomics: repeated calls agree bit for bit. A row-strided view gives the contiguous
-    copy's result."""
+def test_gpu_select_is_deterministic_and_takes_strided_gradients(backend):
+    """No atomics: repeated calls agree bit for bit. A row-strided view and a transposed layout
+    (read in place by the Triton kernel) give the contiguous copy's result."""
     base = torch.randn(300, 230, generator=torch.Generator().manual_seed(3))
     grad, view = base[:, :200].contiguous(), base[:, :200]
+    transposed = grad.t().contiguous().t()
     first = gpu_select(grad, 20, 1, backend)
-    for again in (gpu_select(grad, 20, 1, backend), gpu_select(view, 20, 1, backend)):
+    for again in (gpu_select(grad, 20, 1, backend), gpu_select(view, 20, 1, backend),
+                  gpu_select(transposed, 20, 1, backend)):
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
@@ -537,16 +538,17 @@ def test_gpu_bad_select_arguments_raise(backend):
 @pytest.mark.parametrize("d", [1, 3, 1000, 32768])
 def test_cuda_basis_equals_cpu(d):
     idx = torch.tensor(sorted({0, d // 2, d - 1}), dtype=torch.int32)
-    rows = torch.ops.lowrank.dct_basis(d, idx.cuda()).cpu()
+    rows = torch.ops.lowrank_cuda.dct_basis(d, idx.cuda()).cpu()
     assert_fp32_close(rows, torch.ops.lowrank.dct_basis(d, idx), rtol=1e-6)
 
 
 # ---- AOT compilation of the Triton kernel for sm_89 / sm_90 --------------------------------
-@pytest.mark.skipif(not ops._triton_importable(), reason="triton is not installed")
+@pytest.mark.skipif(not _dispatch.TRITON_AVAILABLE, reason="triton is not installed")
 def test_triton_dct_kernel_compiles_without_spills():
-    """Every launch (LOWRANK_AOT_ALL_DTYPES=1; by default the two most register-hungry ones) is
-    compiled for sm_89 and sm_90 by Triton's own ptxas: no spills, shared memory within the
-    target's limit. In a subprocess: conftest's TRITON_INTERPRET=1 would hand the compiler an
+    """Every launch (LOWRANK_AOT_ALL_DTYPES=1; by default the two most register-hungry ones,
+    each with 32- and 64-bit offsets and G row-major or transposed, and dct_basis) is compiled
+    for sm_89 and sm_90 by Triton's own ptxas: no spills, shared memory within the target's
+    limit. In a subprocess: conftest's TRITON_INTERPRET=1 would hand the compiler an
     interpreter object."""
     aot = pytest.importorskip("lowrank_kernels.triton_kernels.aot")
     if aot.ptxas_path() is None:

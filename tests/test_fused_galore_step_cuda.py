@@ -1,6 +1,8 @@
 """fused_galore_step: the C++/CUDA kernel (csrc/cuda) against the reference (DESIGN.md §4.2, §6).
 
-The same cases as the CPU kernel's tests, on CUDA tensors; skipped without a GPU.
+The same cases as the CPU kernel's tests, on CUDA tensors, through torch.ops.lowrank with the
+CUDA switch on the C++ kernels (the cuda_paths fixture, tests/conftest.py: also the experimental
+16-bit path when it is built); skipped without a GPU.
 """
 
 import pytest
@@ -21,17 +23,11 @@ import lowrank_kernels as lk
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
-    pytest.mark.usefixtures("cuda_paths"),  # general and opt-in fast path (conftest.py)
+    pytest.mark.usefixtures("cuda_paths"),  # CUDA C++ kernels, + experimental (conftest.py)
 ]
 
 # Beyond tests/cases.RANKS: ranks off the kernel's 64-wide tiles (130 = 2 tiles + 2), up to 512.
 CUDA_RANKS = [1, 17, 64, 130, 512]
-
-
-@pytest.fixture(autouse=True)
-def _needs_cuda_kernel():
-    if not lk._extension.has_kernel("fused_galore_step", "CUDA"):
-        pytest.skip("the extension was built without CUDA kernels")
 
 
 def run_cuda(inputs, **hyper):
@@ -62,9 +58,7 @@ def test_cuda_matches_reference(m, n, rank, weight_dtype):
 def test_cuda_state_and_basis_dtypes(m, n, weight_dtype, state_dtype, proj_dtype):
     inputs = step_inputs(m, n, 33, weight_dtype=weight_dtype, state_dtype=state_dtype,
                          proj_dtype=proj_dtype, device="cuda")
-    out = inputs.clone()
-    lk.ops.fused_galore_step(*out.args(), **HYPER, backend="cuda")
-    assert_cuda_step_matches(out, inputs, **HYPER)
+    assert_cuda_step_matches(run_cuda(inputs, **HYPER), inputs, **HYPER)
 
 
 @pytest.mark.parametrize("m,n", [(257, 1000), (1000, 257)], ids=["left", "right"])
@@ -112,13 +106,33 @@ def test_cuda_is_deterministic(m, n, weight_dtype):
         assert torch.equal(a, b)
 
 
-def test_cuda_backend_switch_by_environment(monkeypatch):
-    monkeypatch.setenv("LOWRANK_BACKEND", "cuda")
-    assert lk.ops.resolve_backend("fused_galore_step", torch.device("cuda")) == "cuda"
+def test_explicit_cuda_backend_runs_the_same_kernel(cuda_paths):
+    """ops.fused_galore_step(backend="cuda") calls lowrank_cuda::fused_galore_step directly: the
+    bits of torch.ops.lowrank on the switched CUDA key (the general path)."""
+    if cuda_paths != "cuda_cxx":
+        pytest.skip("backend='cuda' is the general path")
     inputs = step_inputs(131, 67, 9, device="cuda")
     out = inputs.clone()
-    lk.ops.fused_galore_step(*out.args(), **HYPER)
-    assert_cuda_step_matches(out, inputs, **HYPER)
+    lk.ops.fused_galore_step(*out.args(), **HYPER, backend="cuda")
+    for a, b in zip(out.args(), run_cuda(inputs, **HYPER).args()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_cuda_strided_grad_and_galore_basis(layout):
+    """Read-only inputs of any strides (copied by this kernel) give the dense inputs' step."""
+    inputs = step_inputs(300, 211, 17, device="cuda")
+    strided = inputs.clone()
+    if layout == "transposed":
+        strided.grad = inputs.grad.t().contiguous().t()
+        strided.proj = inputs.proj.t().contiguous().t()
+    else:
+        strided.grad = torch.cat([inputs.grad, inputs.grad], dim=1)[:, :211]
+        strided.proj = torch.cat([inputs.proj, inputs.proj], dim=1)[:, :211]
+    assert not strided.grad.is_contiguous() and not strided.proj.is_contiguous()
+    got, want = run_cuda(strided, **HYPER), run_cuda(inputs, **HYPER)
+    for name in ("param", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
 def _bad(inputs, **changes):

@@ -1,8 +1,7 @@
-"""fused_galore_step: the Triton kernels against the reference (DESIGN.md §4.2, §6).
-
-Both variants (one pass, triton_kernels/fused_galore_step.py; two launches,
-triton_kernels/fused_galore_step_2d.py) run every numerical test, chosen through
-LOWRANK_TRITON_VARIANT so the public launcher's override is exercised too.
+"""fused_galore_step: the Triton kernel (triton_kernels/fused_galore_step.py, two launches, the
+kernel of torch.ops.lowrank.fused_galore_step on CUDA tensors) against the reference
+(DESIGN.md §4.2, §6). The experimental one-pass kernel has its own opt-in tests
+(tests/test_experimental.py).
 
 Without a GPU the kernel runs in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1). The interpreter is slow, so shapes are small and the cases below cover every
@@ -55,23 +54,13 @@ CASES = [
 ]
 
 
-VARIANTS = ["onepass", "twolaunch"]
-
-
-@pytest.fixture(params=VARIANTS)
-def variant(request, monkeypatch):
-    """Forces one Triton variant for lk.ops.fused_galore_step(..., backend='triton')."""
-    monkeypatch.setenv("LOWRANK_TRITON_VARIANT", request.param)
-    return request.param
-
-
 def _ids(case):
     m, n, rank, weight, state, proj = case
     return f"{m}x{n}-r{rank}-w{str(weight)[6:]}-s{str(state)[6:]}-p{str(proj)[6:]}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_triton_matches_reference(case, variant):
+def test_triton_matches_reference(case):
     m, n, rank, weight, state, proj = case
     inputs = step_inputs(m, n, rank, weight_dtype=weight, state_dtype=state, proj_dtype=proj,
                          device=DEVICE)
@@ -80,17 +69,8 @@ def test_triton_matches_reference(case, variant):
     assert_step_matches(out, inputs, **HYPER)
 
 
-def test_backend_from_environment(monkeypatch):
-    monkeypatch.setenv("LOWRANK_BACKEND", "triton")
-    assert lk.ops.resolve_backend("fused_galore_step", torch.device(DEVICE)) == "triton"
-    inputs = step_inputs(*RIGHT, 9, weight_dtype=BF16, device=DEVICE)
-    out = inputs.clone()
-    lk.fused_galore_step(*out.args(), **HYPER)
-    assert_step_matches(out, inputs, **HYPER)
-
-
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide")  # the padding's 0/0
-def test_zero_eps_leaves_padding_out(variant):
+def test_zero_eps_leaves_padding_out():
     """eps = 0 makes the padded rank columns 0/0; they must not reach W (rank 17 pads to 32)."""
     hyper = {**HYPER, "eps": 0.0}
     inputs = step_inputs(*LEFT, 17, device=DEVICE)
@@ -100,7 +80,7 @@ def test_zero_eps_leaves_padding_out(variant):
     assert_step_matches(out, inputs, **hyper)
 
 
-def test_steps_track_reference(variant):
+def test_steps_track_reference():
     """Three consecutive steps (new gradient each) stay on the reference trajectory."""
     inputs = step_inputs(*RIGHT, 5, device=DEVICE)
     ours, ref = inputs.clone(), inputs.clone()
@@ -118,40 +98,21 @@ def test_steps_track_reference(variant):
 
 
 @pytest.mark.parametrize("m,n", SMALL_ODD_SHAPES, ids=["left", "right"])
-@pytest.mark.parametrize("variant_name", VARIANTS)
-def test_64_bit_offsets_match(m, n, variant_name):
-    """The 64-bit offset variant (chosen for 2**31+ elements) on a small weight, forced."""
+def test_64_bit_offsets_match(m, n):
+    """The 64-bit offset variant (chosen past 2**31 elements) on a small weight, forced."""
     fgs = _triton_module()
     inputs = step_inputs(m, n, 17, weight_dtype=BF16, proj_dtype=BF16, device=DEVICE)
     out = inputs.clone()
-    coeffs = fgs.adam_coeffs(**HYPER)
-    if variant_name == "onepass":
-        config = fgs.pick_config(m, n, 17, BF16, BF16)
-        fgs._launch(config, *out.args(), 17, coeffs, index_64=True)
-    else:
-        fgs.fused_galore_step_2d.launch(*out.args(), 17, coeffs, index_64=True)
+    fgs.launch(*out.args(), 17, fgs.adam_coeffs(**HYPER), index_64=True)
     assert_step_matches(out, inputs, **HYPER)
-
-
-def test_ranks_above_the_one_pass_limit_go_to_two_launches():
-    """Rank 513 > MAX_RANK_PAD: 'auto' picks the two-launch variant (it tiles the rank), an
-    explicit 'onepass' raises before writing."""
-    fgs = _triton_module()
-    assert fgs.choose_variant(540, 520, 513, F32, F32) == "twolaunch"
-    inputs = step_inputs(540, 520, 513, device=DEVICE)
-    out = inputs.clone()
-    with pytest.raises(ValueError, match="proj: rank r=513"):
-        fgs.fused_galore_step(*out.args(), **HYPER, variant="onepass")
-    for got, before in zip(out.args(), inputs.args()):
-        assert torch.equal(got, before)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="a minute in the interpreter; rank tiling is covered "
                     "by r=130 (several rank tiles) above")
-def test_two_launch_variant_runs_ranks_above_the_one_pass_limit():
+def test_rank_above_512_runs():
     inputs = step_inputs(540, 520, 513, weight_dtype=BF16, proj_dtype=BF16, device=DEVICE)
     out = inputs.clone()
-    _triton_module().fused_galore_step(*out.args(), **HYPER, variant="auto")
+    _triton_module().fused_galore_step(*out.args(), **HYPER)
     assert_step_matches(out, inputs, **HYPER)
 
 
@@ -166,56 +127,22 @@ CONFIG_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (67, 131), (1, 5000
 
 
 @pytest.mark.parametrize("m,n,rank", [(m, n, r) for m, n in CONFIG_SHAPES
-                                      for r in (1, 17, 33, 64, 128, 130, 256, 512)
-                                      if r <= min(m, n)], ids=str)
-@pytest.mark.parametrize("dtypes", [(BF16, BF16), (F32, F32), (BF16, F32)], ids=str)
-def test_picked_config_is_a_candidate(m, n, rank, dtypes):
-    """The AOT test compiles candidate_configs(); whatever the heuristic picks must be in it."""
-    fgs = _triton_module()
-    config = fgs.pick_config(m, n, rank, *dtypes)
-    assert (fgs.dot_kind(*dtypes), config) in fgs.candidate_configs()
-    assert config.r_pad >= rank
-
-
-@pytest.mark.parametrize("m,n,rank", [(m, n, r) for m, n in CONFIG_SHAPES
                                       for r in (1, 17, 33, 64, 128, 130, 256, 512, 1000)
                                       if r <= min(m, n)], ids=str)
 @pytest.mark.parametrize("dtypes", [(BF16, BF16, BF16), (F32, F32, F32), (F16, BF16, F32)],
                          ids=str)
-def test_two_launch_configs_are_candidates(m, n, rank, dtypes):
-    """Both launches' picked configurations are among those the AOT test compiles."""
-    fgs2d = _triton_module().fused_galore_step_2d
-    project, back = fgs2d.pick_configs(rank, *dtypes)
-    candidates = fgs2d.candidate_configs()
-    assert ("project", fgs2d.dot_kind(*dtypes[1:]), project) in candidates
-    assert ("back", fgs2d.weight_kind(dtypes[0]), back) in candidates
-
-
-@pytest.mark.parametrize("m,n,rank,expected", [
-    (4096, 11008, 256, "twolaunch"),  # rank >= 128
-    (11008, 4096, 128, "twolaunch"),
-    (11008, 4096, 32, "onepass"),  # 11008/64 = 172 programs >= 132 SMs
-    (4096, 4096, 32, "twolaunch"),  # 4096/64 = 64 programs < 132 SMs
-    (5000, 11008, 1, "onepass"),  # left side: 11008 owned columns
-])
-def test_auto_variant_heuristic(m, n, rank, expected):
-    assert _triton_module().choose_variant(m, n, rank, BF16, BF16, num_sms=132) == expected
-
-
-def test_bad_variant_raises(monkeypatch):
+@pytest.mark.parametrize("index_64", [False, True], ids=["i32", "i64"])
+def test_picked_configs_are_candidates(m, n, rank, dtypes, index_64):
+    """Both launches' picked configurations, with either offset width and either moment dtype,
+    are among those the AOT test compiles."""
     fgs = _triton_module()
-    inputs = step_inputs(*RIGHT, 4, device=DEVICE)
-    with pytest.raises(ValueError, match="variant: expected one of"):
-        fgs.fused_galore_step(*inputs.clone().args(), **HYPER, variant="fast")
-    monkeypatch.setenv("LOWRANK_TRITON_VARIANT", "fast")
-    with pytest.raises(ValueError, match="LOWRANK_TRITON_VARIANT"):
-        fgs.fused_galore_step(*inputs.clone().args(), **HYPER)
-
-
-def test_rank_above_the_kernel_limit_raises():
-    fgs = _triton_module()
-    with pytest.raises(ValueError, match="proj: rank r=513"):
-        fgs.pick_config(600, 600, 513, BF16, BF16)
+    project, back = fgs.pick_configs(rank, *dtypes, index_64=index_64)
+    candidates = fgs.candidate_configs(index_64=index_64)
+    assert ("project", fgs.dot_kind(*dtypes[1:]), project) in candidates
+    assert ("back", fgs.weight_kind(dtypes[0]), back) in candidates
+    project, _ = fgs.pick_configs(rank, *dtypes, bf16_moments=True, index_64=index_64)
+    assert ("project", fgs.dot_kind(*dtypes[1:]), project) in fgs.bf16_moment_candidate_configs(
+        index_64=index_64)
 
 
 def test_adam_coeffs_follow_make_adam_coeffs():
@@ -317,37 +244,33 @@ def _generated_inputs(m, n, rank, basis, *, weight=F32, grad=None, int8_group=No
     return moved, dense
 
 
-def _step(inputs, hyper, proj_group, int8_group, backend="triton", seed=7, **kwargs):
+def _step(inputs, hyper, proj_group, int8_group, backend="triton", seed=7):
     out = inputs.clone()
     fmt = out.formats(proj_group, int8_group or 256, seed)
-    if backend == "triton" and kwargs:
-        _triton_module().fused_galore_step(*out.args(), **hyper, **fmt, **kwargs)
-    else:
-        lk.ops.fused_galore_step(*out.args(), **hyper, **fmt, backend=backend)
+    lk.ops.fused_galore_step(*out.args(), **hyper, **fmt, backend=backend)
     return out
 
 
-# (basis, m, n, rank, weight dtype, variant): both sides, r in {1, 17, 64}, fp32 and bf16
-# (G and W in the same dtype; the 16-bit generated basis enters the projection dot in G's type).
+# (basis, m, n, rank, weight dtype): both sides, r in {1, 17, 64, 65}, fp32 and bf16 (G and W in
+# the same dtype; the 16-bit generated basis enters the projection dot in G's type).
 GENERATED_FLOAT_CASES = [
-    ("int4", *LEFT, 17, F32, "onepass"),
-    ("int4", *RIGHT, 17, BF16, "twolaunch"),
-    ("int4", *RIGHT, 64, F32, "onepass"),
-    ("int4", *LEFT, 1, BF16, "twolaunch"),
-    ("dct", *LEFT, 17, F32, "twolaunch"),
-    ("dct", *RIGHT, 64, BF16, "onepass"),
-    ("dct", *RIGHT, 1, F32, "auto"),  # through lk.ops with backend="triton"
-    ("dct", *LEFT, 17, BF16, "onepass"),
-    ("dct", 131, 200, 65, BF16, "twolaunch"),  # left, two rank tiles of 64 in launch A
+    ("int4", *LEFT, 17, F32),
+    ("int4", *RIGHT, 17, BF16),
+    ("int4", *RIGHT, 64, F32),
+    ("int4", *LEFT, 1, BF16),
+    ("dct", *LEFT, 17, F32),
+    ("dct", *RIGHT, 64, BF16),
+    ("dct", *RIGHT, 1, F32),
+    ("dct", 131, 200, 65, BF16),  # left, two rank tiles of 64 in launch A
 ]
 
 
 @pytest.mark.parametrize("case", GENERATED_FLOAT_CASES,
-                         ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-r{c[3]}-{str(c[4])[6:]}-{c[5]}")
+                         ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-r{c[3]}-{str(c[4])[6:]}")
 def test_generated_basis_float_weight_matches_reference(case):
-    basis, m, n, rank, weight, variant = case
+    basis, m, n, rank, weight = case
     inputs, dense = _generated_inputs(m, n, rank, basis, weight=weight)
-    out = _step(inputs, HYPER, 256, None, **({} if variant == "auto" else {"variant": variant}))
+    out = _step(inputs, HYPER, 256, None)
     before = StepInputs(inputs.param, inputs.grad, dense.to(DEVICE), inputs.exp_avg,
                         inputs.exp_avg_sq)
     after = StepInputs(out.param, out.grad, dense.to(DEVICE), out.exp_avg, out.exp_avg_sq)
@@ -377,7 +300,7 @@ def test_int8_weight_matches_reference(case):
     inputs, dense = _generated_inputs(m, n, rank, basis, grad=grad, int8_group=group)
     if basis == "dense":
         inputs.proj = inputs.proj.to(grad)
-    config = _triton_module().fused_galore_step_2d.int8_config(n, group)
+    config = _triton_module().int8_config(n, group)
     assert config.path == ("rows" if n % group == 0 and group in (64, 128, 256) else "groups")
     ours = _step(inputs, hyper, 256, group)
     ref = inputs.clone()
@@ -436,8 +359,8 @@ def test_int8_codes_equal_the_cpu_kernel_bit_for_bit(m, n, rank, group, basis):
 
 # ---- the basis loader itself: generated values against the dense rows they stand for -------
 @triton.jit
-def _basis_rows_kernel(Out_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, R, LONG, stride_projm,
-                       RIGHT: tl.constexpr, LONG_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr,
+def _basis_rows_kernel(Out_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, R, LONG, stride_pr,
+                       stride_pl, LONG_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr):
     """Out (r × long) = the basis in (rank, long) coordinates, through _basis_tile in either
     orientation (one program per BLOCK_LONG columns)."""
@@ -446,7 +369,7 @@ def _basis_rows_kernel(Out_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, R, LONG
     r_mask = offs_r < R
     long_mask = offs_long < LONG
     tile = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
-                       long_mask, stride_projm, LONG, RIGHT, LONG_MAJOR, BASIS, PROJ_GROUP)
+                       long_mask, stride_pr, stride_pl, LONG, LONG_MAJOR, BASIS, PROJ_GROUP)
     if LONG_MAJOR:
         tile = tl.trans(tile)
     tl.store(Out_ptr + offs_r[:, None] * LONG + offs_long[None, :], tile,
@@ -464,8 +387,8 @@ def _basis_rows(inputs, m, n, rank, long_major):
     long = n if reference.is_right_side(m, n) else m
     out = torch.empty(rank, long, device=DEVICE)
     _basis_rows_kernel[(triton.cdiv(long, 256),)](
-        out, args.tensor, args.scales, args.zeros, rank, long, args.stride,
-        RIGHT=reference.is_right_side(m, n), LONG_MAJOR=long_major,
+        out, *args.pointers, rank, long, args.stride_rank, args.stride_long,
+        LONG_MAJOR=long_major,
         BLOCK_R=max(16, triton.next_power_of_2(rank)), BLOCK_LONG=256, BASIS=args.kind,
         PROJ_GROUP=args.group_size)
     return out.cpu()
@@ -493,58 +416,33 @@ def test_basis_tiles_equal_the_rows_they_stand_for(m, n, rank, long_major):
                                       if r <= min(m, n)], ids=str)
 @pytest.mark.parametrize("grad_dtype", [BF16, F16, F32], ids=str)
 def test_generated_basis_configs_are_candidates(m, n, rank, grad_dtype):
-    """What an INT4/DCT basis gets from 'auto' is among the configurations the AOT test
-    compiles for generated bases; the one pass only up to MAX_GENERATED_RANK_PAD."""
+    """What an INT4/DCT basis gets is among the configurations the AOT test compiles for
+    generated bases."""
     fgs = _triton_module()
-    fgs2d = fgs.fused_galore_step_2d
     dot_dtype = F32 if grad_dtype == F32 else grad_dtype
-    variant = fgs.choose_variant(m, n, rank, grad_dtype, dot_dtype, generated=True)
-    if variant == "onepass":
-        assert fgs.rank_pad(rank) <= fgs.MAX_GENERATED_RANK_PAD
-        config = fgs.pick_config(m, n, rank, grad_dtype, dot_dtype, generated=True)
-        assert (fgs.dot_kind(grad_dtype, dot_dtype), config) in fgs.candidate_configs(True)
     for weight in (grad_dtype, torch.uint8):
-        project, back = fgs2d.pick_configs(rank, weight, grad_dtype, dot_dtype, generated=True)
-        candidates = fgs2d.candidate_configs(generated=True)
-        assert ("project", fgs2d.dot_kind(grad_dtype, dot_dtype), project) in candidates
+        project, back = fgs.pick_configs(rank, weight, grad_dtype, dot_dtype, generated=True)
+        candidates = fgs.candidate_configs(generated=True)
+        assert ("project", fgs.dot_kind(grad_dtype, dot_dtype), project) in candidates
         if weight != torch.uint8:
-            assert ("back", fgs2d.weight_kind(weight), back) in candidates
-
-
-def test_generated_basis_above_the_one_pass_limit_raises_before_writing():
-    fgs = _triton_module()
-    int4, _ = _generated_inputs(*RIGHT, 65, "int4")
-    int8, _ = _generated_inputs(*RIGHT, 5, "dct", int8_group=256)
-    for inputs, match in ((int4, "proj: rank r=65 exceeds the one-pass kernel's limit"),
-                          (int8, "variant: INT8")):
-        out = inputs.clone()
-        with pytest.raises(ValueError, match=match):
-            fgs.fused_galore_step(*out.args(), **HYPER, **out.formats(256, 256, 7),
-                                  variant="onepass")
-        assert all(a is None or torch.equal(a, b) for a, b in zip(out.tensors(),
-                                                                  inputs.tensors()))
+            assert ("back", fgs.weight_kind(weight), back) in candidates
 
 
 @pytest.mark.parametrize("n,group,path", [(4096, 256, "rows"), (11008, 256, "rows"),
                                           (4096, 64, "rows"), (4096, 512, "groups"),
                                           (5461, 256, "groups"), (4096, 96, "groups"),
                                           (4096, 1024, "groups"), (70, 6, "groups")])
-def test_int8_path_and_configs(n, group, path):
+@pytest.mark.parametrize("index_64", [False, True], ids=["i32", "i64"])
+def test_int8_path_and_configs(n, group, path, index_64):
     """The row-aligned kernel exactly when n % g == 0 and g is a power of two ≤ 256; the
-    typical configurations are AOT candidates."""
-    fgs2d = _triton_module().fused_galore_step_2d
-    config = fgs2d.int8_config(n, group)
+    typical configurations are AOT candidates, for either offset width."""
+    fgs = _triton_module()
+    config = fgs.int8_config(n, group, index_64)
     assert config.path == path
     if path == "rows":
         assert config.block_n % group == 0
     if group <= 256:  # group sizes beyond the AOT set compile on first use, unchecked
-        assert config in fgs2d.int8_candidate_configs()
-
-
-def test_auto_backend_on_gpus_is_triton_for_every_format():
-    """ops.fused_galore_step sends every format to Triton on CUDA tensors ('auto'): the choice
-    depends on the op and device only (the formats were once routed elsewhere)."""
-    assert lk.ops.resolve_backend("fused_galore_step", torch.device("cuda")) == "triton"
+        assert config in fgs.int8_candidate_configs(index_64)
 
 
 @pytest.mark.parametrize("basis,int8_group", [("int4", None), ("dct", None), ("int4", 256),
@@ -561,14 +459,9 @@ def test_64_bit_offsets_of_every_format_give_the_same_step(basis, int8_group):
         out = inputs.clone()
         args = fgs.basis_args(out.proj, m, n, 17, out.grad.dtype, out.proj_scales,
                               out.proj_zeros, 256)
-        if int8_group is None:
-            config = fgs.pick_config(m, n, 17, out.grad.dtype, args.dot_dtype, generated=True)
-            fgs._launch(config, *out.args(), 17, coeffs, index_64=index_64, basis=args)
-        else:
-            fgs.fused_galore_step_2d.launch(*out.args(), 17, coeffs, index_64=index_64,
-                                            basis=args, param_scales=out.param_scales,
-                                            param_zeros=out.param_zeros,
-                                            param_group_size=int8_group, philox_seed=2**33 + 5)
+        fgs.launch(*out.args(), 17, coeffs, index_64=index_64, basis=args,
+                   param_scales=out.param_scales, param_zeros=out.param_zeros,
+                   param_group_size=int8_group or 256, philox_seed=2**33 + 5)
         results.append(out)
     for a, b in zip(results[0].tensors(), results[1].tensors()):
         assert a is None or torch.equal(a, b)

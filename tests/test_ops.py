@@ -1,10 +1,15 @@
-"""Registration, fake kernels, torch.compile, autograd and input validation of the ops."""
+"""Registration, dispatch, fake kernels, torch.compile, autograd and input validation of the
+ops."""
+
+import os
 
 import pytest
 import torch
 from cases import HYPER, StepInputs, assert_fp32_close, orthonormal_basis, step_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_kernels as lk
+from lowrank_kernels import _dispatch
 
 pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 OPS = torch.ops.lowrank if lk.EXTENSION_AVAILABLE else None
@@ -139,15 +144,163 @@ def test_fake_kernel_validates_like_the_kernel():
         OPS.fused_galore_step(*bad.args(), **HYPER)
 
 
-def test_backend_switch_errors_are_clear(monkeypatch):
+def test_backend_switch_errors_are_clear():
     inputs = step_inputs(20, 10, 2)
     with pytest.raises(ValueError, match="backend: expected one of"):
         lk.ops.fused_galore_step(*inputs.args(), **HYPER, backend="nope")
     with pytest.raises(ValueError, match="cannot run on cpu"):
         lk.ops.fused_galore_step(*inputs.args(), **HYPER, backend="cuda")
-    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
-    assert lk.ops.resolve_backend("fused_galore_step", inputs.param.device) == "reference"
-    monkeypatch.setenv("LOWRANK_BACKEND", "cpu")
-    assert lk.ops.resolve_backend("fused_galore_step", inputs.param.device) == "cpu"
-    monkeypatch.delenv("LOWRANK_BACKEND")
-    assert lk.ops.resolve_backend("fused_galore_step", inputs.param.device) == "cpu"
+    with pytest.raises(NotImplementedError, match="no Triton kernel of project"):
+        lk.ops.project(inputs.grad, inputs.proj, backend="triton")
+    with pytest.raises(ValueError, match="expected one of"):
+        lk.set_cuda_backend("cuda")
+    if not _dispatch.CUDA_CXX_AVAILABLE:
+        with pytest.raises(RuntimeError, match="'cuda_cxx' needs the extension built with"):
+            lk.set_cuda_backend("cuda_cxx")
+    assert lk.cuda_backend() == ("triton" if _dispatch.TRITON_AVAILABLE else "cuda_cxx")
+
+
+# ---------------------------------------------------------------------------------------------
+# one dispatch: torch.ops.lowrank.<op> is the entry of ops.<op>, Triton sits on its CUDA key
+# ---------------------------------------------------------------------------------------------
+needs_triton = pytest.mark.skipif(not _dispatch.TRITON_AVAILABLE, reason="triton not installed")
+CUDA_KEY = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+
+@needs_triton
+@pytest.mark.parametrize("op", _dispatch.TRITON_OPS)
+def test_triton_kernels_are_registered_on_the_cuda_key(op):
+    """Registered at import whenever triton is importable (no GPU needed): the CUDA kernel of
+    lowrank::<op> is the Python kernel of lowrank_kernels/_dispatch.py; the C++ CUDA kernel, if
+    built, stays behind it (inactive) and under lowrank_cuda::<op>."""
+    dump = torch._C._dispatch_dump(f"lowrank::{op}")
+    cuda_lines = [line for line in dump.splitlines() if line.startswith("CUDA")]
+    assert cuda_lines[0].startswith("CUDA: registered at")
+    assert os.path.join("lowrank_kernels", "_dispatch.py") in cuda_lines[0], dump
+    assert all("inactive" in line for line in cuda_lines[1:]), dump
+    if _dispatch.CUDA_CXX_AVAILABLE:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank_cuda::{op}", "CUDA")
+
+
+@needs_triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need the "
+                    "Triton interpreter (no GPU)")
+@pytest.mark.parametrize("m,n", [(40, 23), (23, 40)], ids=["right", "left"])
+def test_the_cuda_key_runs_the_triton_kernel_and_the_switch_reroutes_it(m, n):
+    """The dispatcher's CUDA kernel of lowrank::fused_galore_step, called on CPU tensors (Triton
+    runs them in its interpreter): the Triton launcher's numbers, bit for bit, and the
+    reference's. set_cuda_backend("cuda_cxx") sends the same call to lowrank_cuda::<op> (which
+    then finds no CPU kernel for the CPU tensors: the error names it), or, without a CUDA
+    build, refuses to switch."""
+    inputs = step_inputs(m, n, 5, weight_dtype=torch.bfloat16, proj_dtype=torch.bfloat16)
+    via_key, via_triton = inputs.clone(), inputs.clone()
+    OPS.fused_galore_step.default.redispatch(CUDA_KEY, *via_key.args(), **HYPER)
+    lk.ops.fused_galore_step(*via_triton.args(), **HYPER, backend="triton")
+    for a, b in zip(via_key.args(), via_triton.args()):
+        assert torch.equal(a, b)
+    assert not torch.equal(via_key.param, inputs.param)
+    if not _dispatch.CUDA_CXX_AVAILABLE:
+        return
+    try:
+        lk.set_cuda_backend("cuda_cxx")
+        out = inputs.clone()
+        with pytest.raises(NotImplementedError, match="lowrank_cuda::fused_galore_step"):
+            OPS.fused_galore_step.default.redispatch(CUDA_KEY, *out.args(), **HYPER)
+    finally:
+        lk.set_cuda_backend("triton")
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op,args", [
+    ("fused_galore_step", lambda i: (i.args(), HYPER)),
+    ("project", lambda i: ((i.grad, i.proj), {})),
+    ("quantize_int4", lambda i: ((i.proj,), {})),
+    ("dct_select", lambda i: ((i.grad, 3), {})),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_ops_wrappers_call_the_dispatcher_op(op, args):
+    """lowrank_kernels.ops.<op> with backend=None is torch.ops.lowrank.<op>: whatever kernel the
+    dispatcher holds for the tensors' device (C++ on CPU, Triton on CUDA) runs for both."""
+    inputs = step_inputs(40, 23, 5)
+    positional, keywords = args(inputs.clone())
+    with _RecordOps() as recorded:
+        getattr(lk.ops, op)(*positional, **keywords)
+    assert recorded.ops[0] == f"lowrank.{op}.default", recorded.ops
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _dispatch.TRITON_AVAILABLE,
+                    reason="needs a GPU and triton")
+@pytest.mark.parametrize("m,n", [(1000, 3001), (3001, 1000)], ids=["left", "right"])
+def test_on_gpus_ops_and_torch_ops_run_the_triton_kernel(m, n):
+    """On CUDA tensors: ops.fused_galore_step, torch.ops.lowrank.fused_galore_step and the
+    Triton launcher give the same bits."""
+    inputs = step_inputs(m, n, 130, weight_dtype=torch.bfloat16, proj_dtype=torch.bfloat16,
+                         device="cuda")
+    results = [inputs.clone() for _ in range(3)]
+    lk.ops.fused_galore_step(*results[0].args(), **HYPER)
+    OPS.fused_galore_step(*results[1].args(), **HYPER)
+    lk.ops.fused_galore_step(*results[2].args(), **HYPER, backend="triton")
+    for other in results[1:]:
+        for a, b in zip(results[0].args(), other.args()):
+            assert torch.equal(a, b)
+
+
+def test_fake_kernels_do_not_specialise_dynamic_shapes():
+    """One compiled graph serves weights of different shapes (the fakes check sizes with
+    torch._check_value, recorded as guards on the symbols, not as constants)."""
+    counter = torch._dynamo.testing.CompileCounter()
+
+    def step(p, g, q, m_, v):
+        OPS.fused_galore_step(p, g, q, m_, v, **HYPER)
+        return OPS.project(g, q)
+
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    torch._dynamo.reset()
+    for m, n, rank in [(48, 30, 6), (61, 37, 9), (90, 41, 5)]:
+        inputs = step_inputs(m, n, rank)
+        want = inputs.clone()
+        got_low_rank = compiled(*inputs.args())
+        want_low_rank = step(*want.args())
+        torch.testing.assert_close(got_low_rank, want_low_rank)
+        for a, b in zip(inputs.args(), want.args()):
+            assert torch.equal(a, b)
+    assert counter.frame_count == 1
+
+
+def _imports(path: str) -> set[str]:
+    import ast
+
+    tree = ast.parse(open(path, encoding="utf8").read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_layering_reads_one_way():
+    """optimizer -> projection -> ops -> _dispatch/_fakes -> kernels -> _checks -> reference: no
+    kernel module and no validation imports the layers above it (no import cycle, hidden by a
+    lazy import or not)."""
+    import glob
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    above = ("lowrank_kernels.ops", "lowrank_kernels._dispatch", "lowrank_kernels._fakes",
+             "lowrank_kernels.optim", "lowrank_kernels.projection", "lowrank_kernels.autograd")
+    kernels = glob.glob(os.path.join(root, "triton_kernels", "**", "*.py"), recursive=True)
+    for path in [*kernels, os.path.join(root, "lowrank_kernels", "_checks.py"),
+                 os.path.join(root, "lowrank_kernels", "reference.py")]:
+        bad = {name for name in _imports(path) if name.startswith(above)}
+        assert not bad, f"{os.path.relpath(path, root)} imports {sorted(bad)}"
+    leaf = _imports(os.path.join(root, "lowrank_kernels", "_checks.py"))
+    assert {n for n in leaf if n.startswith("lowrank_kernels")} == {"lowrank_kernels.reference"}

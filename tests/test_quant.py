@@ -44,8 +44,9 @@ def test_philox_cpu_equals_triton_tl_rand_bit_for_bit(offset_dtype):
         ours = torch.ops.lowrank.philox_uniform(seed, offsets)
         theirs = triton_quant.philox_uniform(seed, offsets.to(device)).cpu()
         assert torch.equal(ours, theirs), f"seed {seed}: C++ Philox differs from tl.rand"
-        if torch.cuda.is_available() and lk.ops._extension.has_kernel("philox_uniform", "CUDA"):
-            assert torch.equal(torch.ops.lowrank.philox_uniform(seed, offsets.cuda()).cpu(), ours)
+        if torch.cuda.is_available() and lk._dispatch.CUDA_CXX_AVAILABLE:
+            assert torch.equal(torch.ops.lowrank_cuda.philox_uniform(seed, offsets.cuda()).cpu(),
+                               ours)
 
 
 @pytest.mark.parametrize("seed", PHILOX_SEEDS)

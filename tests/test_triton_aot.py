@@ -1,16 +1,19 @@
 """Ahead-of-time compilation of the Triton kernels for sm_89 and sm_90 (DESIGN.md §3, §6).
 
 The interpreter accepts code the real compiler rejects and says nothing about registers, so every
-configuration the launchers can pick (lowrank_kernels.triton_kernels.fused_galore_step
-.candidate_configs, and fused_galore_step_2d.candidate_configs for the two-launch variant, each
-for the dense and the generated INT4/DCT bases, and fused_galore_step_2d.int8_candidate_configs
-for INT8 weights) is compiled for both targets and both sides, and ptxas reports registers,
-spills and shared memory. Any spill fails: each of these configurations is one the launcher uses.
+configuration the fused step's launcher can pick (lowrank_kernels.triton_kernels
+.fused_galore_step: candidate_configs for the dense and the generated INT4/DCT bases,
+bf16_moment_candidate_configs, int8_candidate_configs) is compiled for both targets, both
+sides, both offset widths (the 64-bit INDEX_64 variants a launch picks past 2**31 elements or a
+DCT size of 32768) and, for launch A, G row-major and transposed (the unit stride the JIT makes a
+constant); ptxas reports registers, spills and shared memory. Any spill fails: each of these
+configurations is one a default launch uses.
 
 The compiler runs in a subprocess because tests/conftest.py sets TRITON_INTERPRET=1 without a GPU,
 and under it @triton.jit yields interpreter objects. The default run compiles the most
-register-hungry dtype set of each dot path (fp32 states; see aot.FUSED_GALORE_DTYPES);
-LOWRANK_AOT_ALL_DTYPES=1 compiles every dtype set.
+register-hungry dtype set of each dtype class (see aot.STEP_DTYPES);
+LOWRANK_AOT_ALL_DTYPES=1 compiles every dtype set. The experimental kernels
+(triton_kernels/experimental) are not compiled here.
 """
 
 import itertools
@@ -47,106 +50,83 @@ def reports() -> list[dict]:
 
 def _row(report: dict) -> str:
     v = report["variant"]
-    if v.get("kernel", "").startswith("int8"):  # INT8 launch B (fused_galore_step_2d)
+    if v["kernel"].startswith("int8"):  # INT8 launch B
         blocks = (f"m={v['block_m']} n={v['block_n']}" if v["path"] == "rows" else
                   f"groups={v['block_groups']} g={v['block_g']}")
         config = f"{v['kernel']:11} group={v['group_size']} {blocks} r={v['block_r']} " \
                  f"warps={v['num_warps']} stages={v['num_stages']}"
-        types = f"{'P=' + v['proj']:20}"
-    elif "kernel" in v:  # two-launch kernels (fused_galore_step_2d)
+        types = f"{'P=' + v['proj']:24}"
+    else:  # launches A (project) and B (back)
         config = f"{v['kernel']:7} own={v['block_own']} r={v['block_r']} " \
                  f"long={v['block_long']} warps={v['num_warps']} stages={v['num_stages']}"
         types = " ".join(f"{k[0].upper()}={v[k]:4}" for k in ("grad", "weight", "proj", "state")
                          if k in v)
-        types = f"{types:20}"
-    else:
-        config = f"own={v['block_own']} long={v['block_long']} r_pad={v['r_pad']} " \
-                 f"warps={v['num_warps']} stages={v['num_stages']}"
-        types = f"W={v['weight']:4} P={v['proj']:4} S={v['state']:4}"
-    return (f"{report['target']:7} {v['side']:5} {types} {config:48} regs={report['registers']:3} "
+        types = f"{types:24}"
+    layout = "G^T" if v.get("grad_layout") == "column" else "   "
+    return (f"{report['target']:7} {v['side']:5} {types} {layout} i64={int(v['index_64'])} "
+            f"{config:48} regs={report['registers']:3} "
             f"spill={report['spill_store_bytes']}/{report['spill_load_bytes']} "
             f"smem={report['shared_bytes']}")
 
 
-def test_every_candidate_config_compiles_for_sm89_and_sm90(reports):
+TARGETS_SIDES_WIDTHS = list(itertools.product(("sm_89", "sm_90a"), ("right", "left"),
+                                              aot.INDEX_TYPES))
+
+
+def test_every_step_config_compiles_for_sm89_and_sm90(reports):
+    """Launches A and B of every table entry (dense and generated bases), each target, side and
+    offset width, launch A with G row-major and transposed."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
     print("\n" + "\n".join(_row(r) for r in reports))
-    compiled = {(r["target"], r["variant"]["side"], r["variant"]["block_own"],
-                 r["variant"]["block_long"], r["variant"]["r_pad"], r["variant"]["num_warps"],
-                 r["variant"]["num_stages"]) for r in reports
-                if "kernel" not in r["variant"] and r["variant"]["basis"] == "dense"}
-    for _, c in fgs.candidate_configs():
-        for target in ("sm_89", "sm_90a"):
-            for side in ("right", "left"):
-                key = (target, side, c.block_own, c.block_long, c.r_pad, c.num_warps,
-                       c.num_stages)
-                assert key in compiled, f"not compiled: {key}"
-
-
-def test_every_two_launch_config_compiles_for_sm89_and_sm90(reports):
-    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
-
-    fields = ("side", "kernel", "block_own", "block_r", "block_long", "num_warps", "num_stages")
+    fields = ("side", "index_64", "kernel", "block_own", "block_r", "block_long", "num_warps",
+              "num_stages")
     compiled = {(r["target"], r["variant"]["basis"] != "dense",
-                 *(r["variant"][f] for f in fields)) for r in reports
-                if r["variant"].get("kernel") in ("project", "back")}
-    for generated in (False, True):
-        for kernel, _, c in fgs2d.candidate_configs(generated):
-            for target in ("sm_89", "sm_90a"):
-                for side in ("right", "left"):
-                    key = (target, generated, side, kernel, c.block_own, c.block_r,
-                           c.block_long, c.num_warps, c.num_stages)
-                    assert key in compiled, f"not compiled: {key}"
+                 r["variant"].get("grad_layout", "row"), *(r["variant"][f] for f in fields))
+                for r in reports if r["variant"]["kernel"] in ("project", "back")}
+    for (target, side, index_64), generated in itertools.product(TARGETS_SIDES_WIDTHS,
+                                                                 (False, True)):
+        for kernel, _, c in fgs.candidate_configs(generated, index_64):
+            for layout in ("row", "column") if kernel == "project" else ("row",):
+                key = (target, generated, layout, side, index_64, kernel, c.block_own,
+                       c.block_r, c.block_long, c.num_warps, c.num_stages)
+                assert key in compiled, f"not compiled: {key}"
 
 
 def test_every_bf16_moment_config_compiles_for_sm89_and_sm90(reports):
     """Launch A with bf16 moments (stochastic rounding: one Philox call per state element) has
     its own table; each entry is compiled with bf16 moments, dense and generated, so that the
     spill test below covers it."""
-    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
-
-    fields = ("side", "block_own", "block_r", "block_long", "num_warps", "num_stages")
-    compiled = {(r["target"], r["variant"]["basis"] != "dense",
-                 *(r["variant"][f] for f in fields)) for r in reports
-                if r["variant"].get("kernel") == "project" and r["variant"]["state"] == "bf16"}
-    for generated in (False, True):
-        for _, _, c in fgs2d.bf16_moment_candidate_configs(generated):
-            for target, side in itertools.product(("sm_89", "sm_90a"), ("right", "left")):
-                key = (target, generated, side, c.block_own, c.block_r, c.block_long,
-                       c.num_warps, c.num_stages)
-                assert key in compiled, f"not compiled with bf16 moments: {key}"
-
-
-def test_every_generated_basis_config_compiles_for_sm89_and_sm90(reports):
-    """The one-pass kernel's INT4 and DCT configurations (fused_galore_step._GENERATED_BLOCKS),
-    each compiled for both generated formats."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
-    compiled = {(r["target"], r["variant"]["side"], r["variant"]["basis"],
-                 r["variant"]["block_own"], r["variant"]["block_long"], r["variant"]["r_pad"],
-                 r["variant"]["num_warps"], r["variant"]["num_stages"]) for r in reports
-                if "kernel" not in r["variant"]}
-    for _, c in fgs.candidate_configs(generated=True):
-        for target, side, basis in itertools.product(("sm_89", "sm_90a"), ("right", "left"),
-                                                     ("int4", "dct")):
-            key = (target, side, basis, c.block_own, c.block_long, c.r_pad, c.num_warps,
-                   c.num_stages)
-            assert key in compiled, f"not compiled: {key}"
+    fields = ("side", "index_64", "block_own", "block_r", "block_long", "num_warps",
+              "num_stages")
+    compiled = {(r["target"], r["variant"]["basis"] != "dense",
+                 *(r["variant"][f] for f in fields)) for r in reports
+                if r["variant"]["kernel"] == "project" and r["variant"]["state"] == "bf16"}
+    for (target, side, index_64), generated in itertools.product(TARGETS_SIDES_WIDTHS,
+                                                                 (False, True)):
+        for _, _, c in fgs.bf16_moment_candidate_configs(generated, index_64):
+            key = (target, generated, side, index_64, c.block_own, c.block_r, c.block_long,
+                   c.num_warps, c.num_stages)
+            assert key in compiled, f"not compiled with bf16 moments: {key}"
 
 
 def test_every_int8_update_config_compiles_for_sm89_and_sm90(reports):
     """INT8 launch B: the row-aligned and the general kernel (int8_candidate_configs), every
-    basis format, both sides."""
-    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
+    basis format, both sides and offset widths."""
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
-    compiled = {(r["target"], r["variant"]["side"], r["variant"]["basis"],
-                 r["variant"]["path"], r["variant"]["group_size"]) for r in reports
-                if r["variant"].get("kernel", "").startswith("int8")}
-    for c in fgs2d.int8_candidate_configs(ALL_DTYPES):
-        for target, side, basis in itertools.product(("sm_89", "sm_90a"), ("right", "left"),
-                                                     ("dense", "int4", "dct")):
-            assert (target, side, basis, c.path, c.group_size) in compiled
+    fields = ("path", "group_size", "block_groups", "block_r")
+    compiled = {(r["target"], r["variant"]["side"], r["variant"]["index_64"],
+                 r["variant"]["basis"], *(r["variant"][f] for f in fields))
+                for r in reports if r["variant"]["kernel"].startswith("int8")}
+    for (target, side, index_64), basis in itertools.product(TARGETS_SIDES_WIDTHS,
+                                                             ("dense", "int4", "dct")):
+        for c in fgs.int8_candidate_configs(index_64):
+            key = (target, side, index_64, basis, c.path, c.group_size, c.block_groups,
+                   c.block_r)
+            assert key in compiled, f"not compiled: {key}"
 
 
 def test_no_register_spills(reports):

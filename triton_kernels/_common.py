@@ -1,12 +1,19 @@
-"""Pieces shared by the Triton fused_galore_step variants (fused_galore_step.py: one pass;
-fused_galore_step_2d.py: two launches): the addressing of the two projection sides, the basis
-loader of every projection format, the dot and rounding helpers that also work around Triton 3.8
-interpreter bugs, and the host Adam scalars.
+"""Pieces shared by the Triton kernels of the fused step (fused_galore_step.py; the experimental
+one-pass kernel, experimental/fused_galore_step_onepass.py) and dct_select.py: the addressing of
+the two projection sides, the basis loader of every projection format, the dot and rounding
+helpers that also work around Triton 3.8 interpreter bugs, and the host Adam scalars.
+
+Strides. Every matrix is addressed through both of its strides (``_tile_offsets``): read-only
+inputs (G, a dense basis) may have any layout -- a transposed gradient or galore-torch's strided
+SVD basis is read in place, never copied. The launchers pass the dense tensors' unit strides as
+the integer 1, which the JIT specialises to a constant: a row-major operand compiles to the same
+code as with one stride (aot.py compiles those specialisations).
 
 Projection formats (DESIGN.md §4.1, §4.3, §4.5; the constexpr BASIS of every kernel). The basis is
 r×n on the right side (Q) and m×r on the left (P); a kernel reads it as tiles of (rank, long)
-coordinates, long being the basis' size-d axis (n right, m left), and never materialises it:
-  BASIS_DENSE  a float tensor (its own dtype), loaded as is;
+coordinates, long being the basis' size-d axis (n right, m left), and never materialises it.
+Element (k, i) sits at k·stride_pr + i·stride_pl (BasisArgs: the strides along rank and long):
+  BASIS_DENSE  a float tensor (its own dtype, any strides), loaded as is;
   BASIS_INT4   packed codes, two per byte, low nibble first, of the row-major basis as stored
                (r×n right, m×r left); group g = PROJ_GROUP consecutive elements of that order,
                value s[g]·(q − z[g]) in fp32 (quant.dequantize_codes, as lowrank/quant.h).
@@ -77,13 +84,14 @@ def _grid_tile(ROWS, COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 
 
 @triton.jit
-def _tile_offsets(offs_own, offs_other, stride, RIGHT: tl.constexpr):
-    """Element offsets of an (owned, other) tile of a row-major matrix with row stride ``stride``
-    whose rows are the owned axis on the right side and the other axis on the left side."""
+def _tile_offsets(offs_own, offs_other, stride_row, stride_col, RIGHT: tl.constexpr):
+    """Element offsets of an (owned, other) tile of a matrix with strides (stride_row,
+    stride_col) whose rows are the owned axis on the right side and the other axis on the left
+    side. A unit stride passed as 1 is a compile-time constant (module docstring)."""
     if RIGHT:
-        return offs_own[:, None] * stride + offs_other[None, :]
+        return offs_own[:, None] * stride_row + offs_other[None, :] * stride_col
     else:
-        return offs_own[:, None] + offs_other[None, :] * stride
+        return offs_own[:, None] * stride_col + offs_other[None, :] * stride_row
 
 
 @triton.jit
@@ -154,22 +162,18 @@ def _dct_value(freq, pos, d):
 
 @triton.jit
 def _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank_idx, rank_mask, long_idx, mask,
-                  stride_projm, LONG, RIGHT: tl.constexpr, BASIS: tl.constexpr,
-                  PROJ_GROUP: tl.constexpr):
+                  stride_pr, stride_pl, LONG, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr):
     """Basis values at (rank_idx, long_idx), broadcastable integer tensors of any rank (rank_mask
     broadcasts like rank_idx, mask like the result); 0 where masked. Dense: the stored dtype;
-    INT4 and DCT: fp32 (module docstring). stride_projm is the row stride of the logical basis
-    (n right, r left; also for the 1-D packed INT4 buffer)."""
+    INT4 and DCT: fp32 (module docstring). (stride_pr, stride_pl): the element strides along
+    rank and long (of the logical row-major basis for the 1-D packed INT4 buffer)."""
     if BASIS == BASIS_DCT:
         freq = tl.load(Proj_ptr + rank_idx, mask=rank_mask, other=0)
         if long_idx.dtype == tl.int64:
             freq = freq.to(tl.int64)
         values = tl.where(mask, _dct_value(freq, long_idx, LONG), 0.0)
     else:
-        if RIGHT:
-            elem = rank_idx * stride_projm + long_idx  # Q[rank, long]
-        else:
-            elem = rank_idx + long_idx * stride_projm  # P[long, rank]
+        elem = rank_idx * stride_pr + long_idx * stride_pl  # Q[rank, long] or P[long, rank]
         if BASIS == BASIS_INT4:
             byte = tl.load(Proj_ptr + (elem >> 1), mask=mask, other=0)
             code = (byte >> ((elem & 1) * 4).to(tl.uint8)) & 0x0F
@@ -184,28 +188,28 @@ def _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank_idx, rank_mask, 
 
 @triton.jit
 def _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask, long_mask,
-                stride_projm, LONG, RIGHT: tl.constexpr, LONG_MAJOR: tl.constexpr,
-                BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr):
+                stride_pr, stride_pl, LONG, LONG_MAJOR: tl.constexpr, BASIS: tl.constexpr,
+                PROJ_GROUP: tl.constexpr):
     """A tile of the basis: (long, r) when LONG_MAJOR (Qᵀ right, P left: the project operand),
     else (r, long) (Q right, Pᵀ left: the back-project operand)."""
     if LONG_MAJOR:
         values = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r[None, :],
                                r_mask[None, :], offs_long[:, None],
-                               long_mask[:, None] & r_mask[None, :], stride_projm, LONG, RIGHT,
+                               long_mask[:, None] & r_mask[None, :], stride_pr, stride_pl, LONG,
                                BASIS, PROJ_GROUP)
     else:
         values = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r[:, None],
                                r_mask[:, None], offs_long[None, :],
-                               r_mask[:, None] & long_mask[None, :], stride_projm, LONG, RIGHT,
+                               r_mask[:, None] & long_mask[None, :], stride_pr, stride_pl, LONG,
                                BASIS, PROJ_GROUP)
     return values
 
 
 @triton.jit
 def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r, own_mask,
-                  r_mask, LONG, stride_gm, stride_projm, acc, RIGHT: tl.constexpr,
-                  BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-                  INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr):
+                  r_mask, LONG, stride_gm, stride_gn, stride_pr, stride_pl, acc,
+                  RIGHT: tl.constexpr, BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr,
+                  PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr):
     """acc + Σ_long G[own, long]·basis[long, r]: a tile of R reduced over the whole long axis by
     one program (no split-K: the Adam epilogue that follows is nonlinear). A generated basis
     enters the dot as hi + lo in G's type when G is 16-bit (module docstring)."""
@@ -214,11 +218,11 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
         if INDEX_64:
             offs_long = offs_long.to(tl.int64)
         long_mask = offs_long < LONG
-        g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, RIGHT),
+        g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, stride_gn, RIGHT),
                     mask=own_mask[:, None] & long_mask[None, :], other=0.0)
         # the basis as a (long, r) tile: Qᵀ on the right, P on the left
         basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
-                            long_mask, stride_projm, LONG, RIGHT, True, BASIS, PROJ_GROUP)
+                            long_mask, stride_pr, stride_pl, LONG, True, BASIS, PROJ_GROUP)
         if BASIS != BASIS_DENSE and g.dtype != tl.float32:
             # fp32 values as hi + lo in G's type: two tensor-core dots (module docstring)
             basis_hi = _round_to(basis, g.dtype, INTERPRETED)
@@ -295,8 +299,10 @@ def num_sms(device: torch.device) -> int:
 
 
 def needs_index_64(*tensors: torch.Tensor) -> bool:
-    """int32 offsets overflow past 2**31 elements in any one tensor."""
-    return max(t.numel() for t in tensors) >= 2**31
+    """int32 offsets overflow in some tensor: its largest element offset (its span through its
+    strides: a strided view reaches beyond its element count) is 2**31 or more."""
+    return max(sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+               for t in tensors) >= 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,30 +312,43 @@ def needs_index_64(*tensors: torch.Tensor) -> bool:
 class BasisArgs:
     """The kernel arguments of one projection: ``tensor`` (dense values, packed INT4 codes or
     DCT frequencies), the INT4 scales/zeros (``tensor`` itself when unused: a valid pointer),
-    ``kind`` (BASIS_*), ``stride`` (row stride of the logical basis), ``group_size`` and
-    ``dot_dtype``: the type its values enter the projection dot in (module docstring)."""
+    ``kind`` (BASIS_*), ``stride_rank``/``stride_long`` (element strides along the rank and the
+    size-d axis; module docstring), ``group_size`` and ``dot_dtype``: the type its values enter
+    the projection dot in (module docstring)."""
 
     tensor: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
     kind: int
-    stride: int
+    stride_rank: int
+    stride_long: int
     group_size: int
     dot_dtype: torch.dtype
+
+    @property
+    def pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tensor, self.scales, self.zeros
 
 
 def basis_args(proj: torch.Tensor, m: int, n: int, rank: int, grad_dtype: torch.dtype,
                proj_scales: torch.Tensor | None = None, proj_zeros: torch.Tensor | None = None,
                proj_group_size: int = 256) -> BasisArgs:
-    """BasisArgs of a validated proj (float: dense; uint8: packed INT4; int32: DCT)."""
+    """BasisArgs of a validated proj (float: dense, any strides; uint8: packed INT4; int32:
+    DCT). The 1-D packed codes, scales, zeros and DCT indices are made dense (a copy of at most
+    r·d/2 bytes when strided); a dense basis is read through its strides."""
     right = m >= n
     generated_dtype = torch.float32 if grad_dtype == torch.float32 else grad_dtype
     if proj.dtype == torch.uint8:
-        return BasisArgs(proj, proj_scales, proj_zeros, int(BASIS_INT4), n if right else rank,
+        return BasisArgs(proj.contiguous(), proj_scales.contiguous(), proj_zeros.contiguous(),
+                         int(BASIS_INT4), n if right else 1, 1 if right else rank,
                          proj_group_size, generated_dtype)
     if proj.dtype == torch.int32:
-        return BasisArgs(proj, proj, proj, int(BASIS_DCT), 0, 1, generated_dtype)
-    return BasisArgs(proj, proj, proj, int(BASIS_DENSE), proj.stride(0), 1, proj.dtype)
+        proj = proj.contiguous()
+        return BasisArgs(proj, proj, proj, int(BASIS_DCT), 0, 0, 1, generated_dtype)
+    # Q[rank, long] (right, r×n) or P[long, rank] (left, m×r)
+    stride_rank, stride_long = proj.stride() if right else proj.stride()[::-1]
+    return BasisArgs(proj, proj, proj, int(BASIS_DENSE), stride_rank, stride_long, 1,
+                     proj.dtype)
 
 
 def needs_wide_phase(kind: int, m: int, n: int) -> bool:

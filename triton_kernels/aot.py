@@ -159,137 +159,116 @@ def _basis_constexprs(basis: str) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------------------------
-# fused_galore_step
+# fused_galore_step (triton_kernels/fused_galore_step.py: launch A "project", launch B "back",
+# INT8 launch B "int8_rows" / "int8_groups")
 # --------------------------------------------------------------------------------------------
-# (param/grad, proj, state) dtypes compiled per configuration: every dot path of the kernel.
-# bf16 moments always take the two-launch kernel (fused_galore_step.choose_variant).
-FUSED_GALORE_DTYPES = {
-    "tc": [(torch.bfloat16, torch.bfloat16, torch.float32),
-           (torch.float16, torch.float16, torch.float32)],
-    "fp32": [(torch.float32, torch.float32, torch.float32),
-             (torch.bfloat16, torch.float32, torch.float32)],
-}
 # Generated bases (INT4 codes, DCT frequencies): the dot kind follows G's type alone.
 GENERATED_BASES = ("int4", "dct")
-GENERATED_DTYPES = {  # (param/grad, state) per dot kind, the most register-hungry first
-    "tc": [(torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
-    "fp32": [(torch.float32, torch.float32)],
-}
+# Offset widths: 32-bit, and the 64-bit variant a launch picks past 2**31 (tensor spans, r·d, or
+# a DCT size ≥ 32768). Both are compiled in every run: each is a kernel a launch can pick.
+INDEX_TYPES = (False, True)
 
 
 def _dtype_sets(table, kind, all_dtypes):
     return table[kind] if all_dtypes else table[kind][:1]
 
 
-def fused_galore_step_variants(configs, all_dtypes: bool = True, generated_configs=()):
-    """(variant description, signature, constexprs, num_warps, num_stages, options) for each
-    (dot kind, KernelConfig) in ``configs`` (dense basis) and ``generated_configs`` (INT4 and
-    DCT bases), both sides, each dot path's dtypes (only the first, most register-hungry set per
-    dot kind, and 32-bit offsets only, unless ``all_dtypes``)."""
+def unit_strides(kernel: str, right: bool, basis: str, grad_layout: str = "row"
+                 ) -> dict[str, int]:
+    """The stride arguments a launch on dense operands passes as 1, which the JIT turns into
+    compile-time constants (so must the AOT compile): the basis' stride along its size-d axis
+    (right, Q r×n) or along the rank (left, P m×r), for dense and packed INT4 bases; and in
+    launch A, G's column stride (``grad_layout`` "row") or its row stride ("column": a
+    transposed gradient, G = Xᵀ of a row-major X)."""
+    unit = {}
+    if basis != "dct":
+        unit["stride_pl" if right else "stride_pr"] = 1
+    if kernel == "project":
+        unit["stride_gn" if grad_layout == "row" else "stride_gm"] = 1
+    return unit
+
+
+def step_variants(all_dtypes: bool = True, grad_layouts=("row", "column")):
+    """(variant description, signature, constexprs, num_warps, num_stages, options) of launches
+    A and B: for each offset width (INDEX_TYPES), every fused_galore_step.candidate_configs()
+    entry (kernel, dtype class, TileConfig) for the dense and the generated (INT4, DCT) bases,
+    and every bf16_moment_candidate_configs() entry compiled with bf16 moments. Both sides,
+    launch A for each G layout in ``grad_layouts`` (unit_strides); each dtype class's most
+    register-hungry dtype set, or every set with ``all_dtypes``."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
-    fn = fgs._fused_galore_step_kernel
-    index_types = (False, True) if all_dtypes else (False,)
-    dense = [(kind, config, "dense") for kind, config in configs]
-    generated = [(kind, config, "generated") for kind, config in generated_configs]
-    for kind, config, what in dense + generated:
-        if what == "dense":
-            sets = [("dense", w, p, s) for w, p, s in _dtype_sets(FUSED_GALORE_DTYPES, kind,
-                                                                   all_dtypes)]
-        else:
-            sets = [(basis, w, None, s) for basis in GENERATED_BASES
-                    for w, s in _dtype_sets(GENERATED_DTYPES, kind, all_dtypes)]
-        for (basis, weight, proj, state), index_64 in itertools.product(sets, index_types):
-            for right in (True, False):
-                w, s = _TRITON_TYPES[weight], _TRITON_TYPES[state]
-                p = _TRITON_TYPES[proj] if proj is not None else basis
-                constexprs = dict(RIGHT=right, BLOCK_OWN=config.block_own,
-                                  BLOCK_LONG=config.block_long, R_PAD=config.r_pad,
-                                  INDEX_64=index_64, INTERPRETED=False,
-                                  **_basis_constexprs(basis))
-                pointers = dict(W_ptr=f"*{w}", G_ptr=f"*{w}", ExpAvg_ptr=f"*{s}",
-                                ExpAvgSq_ptr=f"*{s}", **_basis_pointers(basis, p))
-                variant = dict(side="right" if right else "left", weight=w, proj=p, state=s,
-                               basis=basis, index_64=index_64, **dataclasses.asdict(config))
-                yield (variant, _signature(fn, pointers, constexprs), constexprs,
-                       config.num_warps, config.num_stages, {})
+    for index_64 in INDEX_TYPES:
+        jobs = [(*c, what) for what, configs in (
+            ("dense", fgs.candidate_configs(False, index_64)),
+            ("generated", fgs.candidate_configs(True, index_64)),
+            ("bf16-moments", fgs.bf16_moment_candidate_configs(False, index_64)),
+            ("bf16-moments-generated", fgs.bf16_moment_candidate_configs(True, index_64)))
+            for c in configs]
+        for kernel, kind, config, what in jobs:
+            table, generated = _STEP_TABLES[what]
+            bases = GENERATED_BASES if generated else ("dense",)
+            sets = [(basis, dtypes) for basis in bases
+                    for dtypes in _dtype_sets(table, (kernel, kind), all_dtypes)]
+            layouts = grad_layouts if kernel == "project" else ("row",)
+            for (basis, dtypes), right, layout in itertools.product(sets, (True, False),
+                                                                    layouts):
+                yield _step_variant(fgs, kernel, config, basis, dtypes, index_64, right,
+                                    layout)
 
 
-def fused_galore_step_2d_variants(configs, all_dtypes: bool = True, generated_configs=(),
-                                  moment_configs=(), generated_moment_configs=()):
-    """As ``fused_galore_step_variants`` for the two-launch kernels: ``configs`` and
-    ``generated_configs`` are fused_galore_step_2d.candidate_configs() entries (kernel, dtype
-    class, TileConfig) for the dense and the generated (INT4, DCT) bases; ``moment_configs``
-    and ``generated_moment_configs`` bf16_moment_candidate_configs() entries, compiled with bf16
-    moments."""
-    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
-
-    index_types = (False, True) if all_dtypes else (False,)
-    jobs = ([(*c, "dense") for c in configs] + [(*c, "generated") for c in generated_configs]
-            + [(*c, "bf16-moments") for c in moment_configs]
-            + [(*c, "bf16-moments-generated") for c in generated_moment_configs])
-    for kernel, kind, config, what in jobs:
-        table, generated = _TWOLAUNCH_TABLES[what]
-        dtype_sets = _dtype_sets(table, (kernel, kind), all_dtypes)
-        bases = GENERATED_BASES if generated else ("dense",)
-        sets = [(basis, dtypes) for basis in bases for dtypes in dtype_sets]
-        for (basis, dtypes), index_64 in itertools.product(sets, index_types):
-            for right in (True, False):
-                if kernel == "project":
-                    fn = fgs2d._project_adam_kernel
-                    g, p, s, w = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
-                    pointers = {"G_ptr": f"*{g}", "ExpAvg_ptr": f"*{s}", "ExpAvgSq_ptr": f"*{s}",
-                                "Normalized_ptr": f"*{w}"}
-                    types = {"grad": g, "proj": p, "state": s, "weight": w}
-                else:
-                    fn = fgs2d._back_project_kernel
-                    w, p = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
-                    # N in W's type (workspace_dtype)
-                    pointers = {"W_ptr": f"*{w}", "Normalized_ptr": f"*{w}"}
-                    types = {"weight": w, "proj": p}
-                pointers.update(_basis_pointers(basis, p))
-                constexprs = {"RIGHT": right, "BLOCK_OWN": config.block_own,
-                              "BLOCK_R": config.block_r, "BLOCK_LONG": config.block_long,
-                              "INDEX_64": index_64, "INTERPRETED": False,
-                              **_basis_constexprs(basis)}
-                variant = {"kernel": kernel, "side": "right" if right else "left", **types,
-                           "basis": basis, "index_64": index_64, **dataclasses.asdict(config)}
-                yield (variant, _signature(fn, pointers, constexprs), constexprs,
-                       config.num_warps, config.num_stages, {})
+def _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, layout):
+    if kernel == "project":
+        fn = fgs._project_adam_kernel
+        g, p, s, w = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
+        pointers = {"G_ptr": f"*{g}", "ExpAvg_ptr": f"*{s}", "ExpAvgSq_ptr": f"*{s}",
+                    "Normalized_ptr": f"*{w}"}
+        types = {"grad": g, "proj": p, "state": s, "weight": w, "grad_layout": layout}
+    else:
+        fn = fgs._back_project_kernel
+        w, p = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
+        pointers = {"W_ptr": f"*{w}", "Normalized_ptr": f"*{w}"}  # N in W's type
+        types = {"weight": w, "proj": p}
+    pointers.update(_basis_pointers(basis, p))
+    constexprs = {"RIGHT": right, "BLOCK_OWN": config.block_own, "BLOCK_R": config.block_r,
+                  "BLOCK_LONG": config.block_long, "INDEX_64": index_64, "INTERPRETED": False,
+                  **_basis_constexprs(basis), **unit_strides(kernel, right, basis, layout)}
+    variant = {"kernel": kernel, "side": "right" if right else "left", **types, "basis": basis,
+               "index_64": index_64, **dataclasses.asdict(config)}
+    return (variant, _signature(fn, pointers, constexprs), constexprs, config.num_warps,
+            config.num_stages, {})
 
 
-def int8_update_variants(configs, all_dtypes: bool = True):
-    """Launch B of INT8 weights (fused_galore_step_2d.int8_candidate_configs()), both sides,
-    every basis format (a dense basis in bf16 and, with ``all_dtypes``, fp32), compiled with the
-    launcher's enable_fp_fusion=False."""
-    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
+def int8_update_variants(all_dtypes: bool = True):
+    """Launch B of INT8 weights (fused_galore_step.int8_candidate_configs() of each offset
+    width), both sides, every basis format (a dense basis in bf16 and, with ``all_dtypes``,
+    fp32), compiled with the launcher's enable_fp_fusion=False."""
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
     bases = [("dense", "bf16"), ("int4", "int4"), ("dct", "dct")]
     if all_dtypes:
         bases.append(("dense", "fp32"))
-    index_types = (False, True) if all_dtypes else (False,)
-    for config in configs:
+    for index_64, config in ((i, c) for i in INDEX_TYPES for c in fgs.int8_candidate_configs(i)):
         rows = config.path == "rows"
-        fn = fgs2d._int8_update_rows_kernel if rows else fgs2d._int8_update_groups_kernel
-        for (basis, p), index_64 in itertools.product(bases, index_types):
-            for right in (True, False):
-                pointers = {"Codes_ptr": "*u8", "Scales_ptr": "*fp32", "Zeros_ptr": "*fp32",
-                            "Normalized_ptr": "*fp32", **_basis_pointers(basis, p)}
-                blocks = ({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n} if rows else
-                          {"BLOCK_GROUPS": config.block_groups, "BLOCK_G": config.block_g})
-                constexprs = {"RIGHT": right, **blocks, "BLOCK_R": config.block_r,
-                              "GROUP": config.group_size, "INDEX_64": index_64,
-                              "INTERPRETED": False, **_basis_constexprs(basis)}
-                variant = {"kernel": f"int8_{config.path}", "side": "right" if right else "left",
-                           "weight": "u8", "proj": p, "basis": basis, "index_64": index_64,
-                           **dataclasses.asdict(config)}
-                yield (variant, _signature(fn, pointers, constexprs), constexprs,
-                       config.num_warps, config.num_stages, {"enable_fp_fusion": False})
+        fn = fgs._int8_update_rows_kernel if rows else fgs._int8_update_groups_kernel
+        for (basis, p), right in itertools.product(bases, (True, False)):
+            pointers = {"Codes_ptr": "*u8", "Scales_ptr": "*fp32", "Zeros_ptr": "*fp32",
+                        "Normalized_ptr": "*fp32", **_basis_pointers(basis, p)}
+            blocks = ({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n} if rows else
+                      {"BLOCK_GROUPS": config.block_groups, "BLOCK_G": config.block_g})
+            constexprs = {"RIGHT": right, **blocks, "BLOCK_R": config.block_r,
+                          "GROUP": config.group_size, "INDEX_64": index_64,
+                          "INTERPRETED": False, **_basis_constexprs(basis),
+                          **unit_strides(f"int8_{config.path}", right, basis)}
+            variant = {"kernel": f"int8_{config.path}", "side": "right" if right else "left",
+                       "weight": "u8", "proj": p, "basis": basis, "index_64": index_64,
+                       **dataclasses.asdict(config)}
+            yield (variant, _signature(fn, pointers, constexprs), constexprs,
+                   config.num_warps, config.num_stages, {"enable_fp_fusion": False})
 
 
-# dtype sets per (two-launch kernel, dtype class), the most register-hungry first:
+# dtype sets per (kernel, dtype class), the most register-hungry first:
 # project: (grad, proj, state, weight = N's workspace type); back: (weight, proj)
-TWOLAUNCH_DTYPES = {
+STEP_DTYPES = {
     ("project", "tc"): [(torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16),
                         (torch.float16, torch.float16, torch.float32, torch.float16)],
     ("project", "fp32"): [(torch.float32, torch.float32, torch.float32, torch.float32),
@@ -299,7 +278,7 @@ TWOLAUNCH_DTYPES = {
 }
 # The same for generated bases (proj None: the basis format's own pointer types). Launch A's
 # workspace is fp32 for INT8 weights too, which the fp32 rows cover.
-TWOLAUNCH_GENERATED_DTYPES = {
+STEP_GENERATED_DTYPES = {
     ("project", "tc"): [(torch.bfloat16, None, torch.float32, torch.bfloat16),
                         (torch.bfloat16, None, torch.float32, torch.float32)],
     ("project", "fp32"): [(torch.float32, None, torch.float32, torch.float32)],
@@ -307,8 +286,8 @@ TWOLAUNCH_GENERATED_DTYPES = {
     ("back", "fp32"): [(torch.float32, None)],
 }
 
-# Launch A with bf16 moments (fused_galore_step_2d.bf16_moment_candidate_configs): its own
-# table, compiled with these (grad, proj, state, workspace) sets, dense and generated.
+# Launch A with bf16 moments (fused_galore_step.bf16_moment_candidate_configs): its own table,
+# compiled with these (grad, proj, state, workspace) sets, dense and generated.
 BF16_MOMENT_DTYPES = {  # the fp32 workspace: INT8 weights
     ("project", "tc"): [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
                         (torch.float16, torch.float16, torch.bfloat16, torch.float16),
@@ -322,54 +301,46 @@ BF16_MOMENT_GENERATED_DTYPES = {
                         (torch.float16, None, torch.bfloat16, torch.float16)],
     ("project", "fp32"): [(torch.float32, None, torch.bfloat16, torch.float32)],
 }
-_TWOLAUNCH_TABLES = {  # job kind -> (dtype table, generated basis)
-    "dense": (TWOLAUNCH_DTYPES, False),
-    "generated": (TWOLAUNCH_GENERATED_DTYPES, True),
+_STEP_TABLES = {  # job kind -> (dtype table, generated basis)
+    "dense": (STEP_DTYPES, False),
+    "generated": (STEP_GENERATED_DTYPES, True),
     "bf16-moments": (BF16_MOMENT_DTYPES, False),
     "bf16-moments-generated": (BF16_MOMENT_GENERATED_DTYPES, True),
 }
 
 _KERNELS = {
-    "project": ("fused_galore_step_2d", "_project_adam_kernel"),
-    "back": ("fused_galore_step_2d", "_back_project_kernel"),
-    "int8_rows": ("fused_galore_step_2d", "_int8_update_rows_kernel"),
-    "int8_groups": ("fused_galore_step_2d", "_int8_update_groups_kernel"),
+    "project": "_project_adam_kernel",
+    "back": "_back_project_kernel",
+    "int8_rows": "_int8_update_rows_kernel",
+    "int8_groups": "_int8_update_groups_kernel",
 }
 
 
-def _kernel_of(variant: dict):
-    import importlib
+def _compile_step_variant(job) -> CompileReport:
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
-    module, name = _KERNELS.get(variant.get("kernel"),
-                                ("fused_galore_step", "_fused_galore_step_kernel"))
-    return getattr(importlib.import_module(f"lowrank_kernels.triton_kernels.{module}"), name)
-
-
-def _compile_fused_galore_step_variant(job) -> CompileReport:
     capability, (variant, signature, constexprs, warps, stages, options) = job
-    kernel = _kernel_of(variant)
+    kernel = getattr(fgs, _KERNELS[variant["kernel"]])
     return compile_and_measure(kernel.__name__, kernel, signature, constexprs, capability, warps,
                                stages, variant, options)
 
 
-def fused_galore_step_reports(configs, capabilities=TARGETS, all_dtypes: bool = True,
-                              jobs: int = 1, configs_2d=(), configs_int8=(),
-                              generated_configs=(), generated_configs_2d=(),
-                              moment_configs_2d=(), generated_moment_configs_2d=()):
-    """Compiles every variant (one-pass ``configs`` and ``generated_configs``, two-launch
-    ``configs_2d`` and ``generated_configs_2d``, launch A with bf16 moments
-    ``moment_configs_2d`` and ``generated_moment_configs_2d``, INT8 launch B ``configs_int8``)
-    for every target, ``jobs`` compilations at a time."""
-    variants = [*fused_galore_step_variants(configs, all_dtypes, generated_configs),
-                *fused_galore_step_2d_variants(configs_2d, all_dtypes, generated_configs_2d,
-                                               moment_configs_2d, generated_moment_configs_2d),
-                *int8_update_variants(configs_int8, all_dtypes)]
-    work = [(capability, v) for capability in capabilities for v in variants]
+def _run(compile_one, work, jobs: int):
     if jobs <= 1:
-        yield from map(_compile_fused_galore_step_variant, work)
+        yield from map(compile_one, work)
         return
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        yield from pool.map(_compile_fused_galore_step_variant, work)
+        yield from pool.map(compile_one, work)
+
+
+def fused_galore_step_reports(capabilities=TARGETS, all_dtypes: bool = True, jobs: int = 1,
+                              grad_layouts=("row", "column")):
+    """Compiles every configuration the fused step's launcher can pick (step_variants and
+    int8_update_variants) for every target, ``jobs`` at a time."""
+    variants = [*step_variants(all_dtypes, grad_layouts),
+                *int8_update_variants(all_dtypes)]
+    work = [(capability, v) for capability in capabilities for v in variants]
+    yield from _run(_compile_step_variant, work, jobs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,19 +361,15 @@ def dct_select_reports(capabilities=TARGETS, main_only: bool = False, jobs: int 
 
     work = [(capability, v) for capability in capabilities
             for v in dct_select.aot_variants(main_only)]
-    if jobs <= 1:
-        yield from map(_compile_dct_select_variant, work)
-        return
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        yield from pool.map(_compile_dct_select_variant, work)
+    yield from _run(_compile_dct_select_variant, work, jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="89,90", help="compute capabilities, e.g. 89,90")
     parser.add_argument("--main-dtypes", action="store_true",
-                        help="one dtype set per dot kind (the most register-hungry one) and "
-                             "32-bit offsets only")
+                        help="one dtype set per dtype class (the most register-hungry one); "
+                             "every configuration, side, offset width and G layout still")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="parallel compilations (default: one per CPU)")
     parser.add_argument("--kernels", default="fused_galore_step",
@@ -420,17 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         for report in dct_select_reports(capabilities, args.main_dtypes, args.jobs):
             print(json.dumps(dataclasses.asdict(report)), flush=True)
         return 0
-    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
-    from lowrank_kernels.triton_kernels import fused_galore_step_2d as fgs2d
-
-    configs = fgs.candidate_configs()
-    for report in fused_galore_step_reports(configs, capabilities, not args.main_dtypes,
-                                            args.jobs, fgs2d.candidate_configs(),
-                                            fgs2d.int8_candidate_configs(not args.main_dtypes),
-                                            fgs.candidate_configs(generated=True),
-                                            fgs2d.candidate_configs(generated=True),
-                                            fgs2d.bf16_moment_candidate_configs(),
-                                            fgs2d.bf16_moment_candidate_configs(generated=True)):
+    for report in fused_galore_step_reports(capabilities, not args.main_dtypes, args.jobs):
         print(json.dumps(dataclasses.asdict(report)), flush=True)
     return 0
 

@@ -38,13 +38,14 @@ accuracy: the dropped lo·lo term is ~2^-22 relative) and as plain fp32 in the i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels import reference
+from lowrank_kernels import _checks, reference
 from lowrank_kernels.triton_kernels._common import (
     BASIS_DCT,
     _dct_value,
@@ -82,7 +83,8 @@ def candidate_configs() -> list[DctConfig]:
 
 
 @triton.jit
-def _dct_kernel(G_ptr, Chunk_ptr, Rot_ptr, Out_ptr, LINES, D, NFREQ, stride_g, stride_out,
+def _dct_kernel(G_ptr, Chunk_ptr, Rot_ptr, Out_ptr, LINES, D, NFREQ, stride_gm, stride_gn,
+                stride_out,
                 RIGHT: tl.constexpr, MODE: tl.constexpr, BLOCK_LINES: tl.constexpr,
                 BLOCK_FREQ: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr,
                 INDEX_64: tl.constexpr):
@@ -109,7 +111,7 @@ def _dct_kernel(G_ptr, Chunk_ptr, Rot_ptr, Out_ptr, LINES, D, NFREQ, stride_g, s
         offs_j = j0 + offs_t
         if INDEX_64:
             offs_j = offs_j.to(tl.int64)
-        g = tl.load(G_ptr + _tile_offsets(offs_line, offs_j, stride_g, RIGHT),
+        g = tl.load(G_ptr + _tile_offsets(offs_line, offs_j, stride_gm, stride_gn, RIGHT),
                     mask=line_mask[:, None] & (offs_j < D)[None, :], other=0.0).to(tl.float32)
         chunk_offs = (j0 // BLOCK_J) * NFREQ + offs_f
         cos_a = tl.load(Chunk_ptr + chunk_offs, mask=freq_mask, other=0.0)
@@ -117,7 +119,7 @@ def _dct_kernel(G_ptr, Chunk_ptr, Rot_ptr, Out_ptr, LINES, D, NFREQ, stride_g, s
         basis_t = cos_a[None, :] * rot_cos - sin_a[None, :] * rot_sin  # C[k, j0 + t] as (t, k)
         acc = tl.dot(g, basis_t, acc, input_precision=PRECISION)
     if MODE == 0:
-        offs_out = _tile_offsets(offs_line, offs_f, stride_out, RIGHT)
+        offs_out = _tile_offsets(offs_line, offs_f, stride_out, 1, RIGHT)
         tl.store(Out_ptr + offs_out, acc, mask=line_mask[:, None] & freq_mask[None, :])
     else:
         # lines past LINES read zeros, so their X rows are exactly 0 and add nothing
@@ -154,20 +156,19 @@ def _launch(grad: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor, mode: in
     d, lines = (n, m) if right else (m, n)
     chunk, rotation = basis_tables(d, freqs, config.block_j)
     grid = (triton.cdiv(freqs.numel(), config.block_freq), grid_lines)
-    _dct_kernel[grid](grad, chunk, rotation, out, lines, d, freqs.numel(), grad.stride(0),
+    _dct_kernel[grid](grad, chunk, rotation, out, lines, d, freqs.numel(), *grad.stride(),
                       stride_out, RIGHT=right, MODE=mode, BLOCK_LINES=config.block_lines,
                       BLOCK_FREQ=config.block_freq, BLOCK_J=config.block_j, PRECISION=precision,
                       INDEX_64=needs_index_64(grad, out),
                       num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def dct_select(grad: torch.Tensor, rank: int, norm: int = 1, method: str = "auto"
+def dct_select(grad: torch.Tensor, rank: int, norm: int = 1, *, method: str = "auto"
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher (arguments checked by lowrank_kernels.ops.check_dct_select). ``method`` selects
-    the CPU kernel's algorithm; this kernel has one."""
-    del method
-    if grad.stride(1) != 1:
-        grad = grad.contiguous()
+    """Launcher, with the op's schema signature: validates (lowrank_kernels._checks), then scores
+    and projects. G of any strides is read in place. ``method`` selects the CPU kernel's
+    algorithm; this kernel has one."""
+    _checks.check_dct_select(grad, rank, norm, method=method)
     m, n = grad.shape
     right = reference.is_right_side(m, n)
     d, lines = (n, m) if right else (m, n)
@@ -194,24 +195,28 @@ MAIN_AOT_LAUNCHES = (("fp32", True, COEFFICIENTS), ("fp32", False, SCORES_L1))
 
 def aot_variants(main_only: bool = False):
     """(variant, signature, constexprs, num_warps, num_stages) of every launch the GPU path makes:
-    both sides, scores (l1, l2) and coefficients, fp32 and bf16 gradients, 32-bit offsets (only
-    MAIN_AOT_LAUNCHES with ``main_only``)."""
-    ints = dict.fromkeys(("LINES", "D", "NFREQ", "stride_g", "stride_out"), "i32")
+    both sides, scores (l1, l2) and coefficients, fp32 and bf16 gradients (only
+    MAIN_AOT_LAUNCHES with ``main_only``), each with 32- and 64-bit offsets and G row-major or
+    transposed (the unit stride the JIT makes a constant)."""
+    ints = dict.fromkeys(("LINES", "D", "NFREQ", "stride_gm", "stride_gn", "stride_out"), "i32")
     launches = MAIN_AOT_LAUNCHES if main_only else [
         (grad_type, right, mode) for grad_type in ("fp32", "bf16") for right in (True, False)
         for mode in (COEFFICIENTS, SCORES_L1, SCORES_L2)]
     for config in candidate_configs():
-        for grad_type, right, mode in launches:
+        for (grad_type, right, mode), index_64, layout in itertools.product(
+                launches, (False, True), ("row", "column")):
+            unit = {"stride_gn" if layout == "row" else "stride_gm": 1}
             signature = {"G_ptr": f"*{grad_type}", "Chunk_ptr": "*fp32", "Rot_ptr": "*fp32",
-                         "Out_ptr": "*fp32", **ints}
+                         "Out_ptr": "*fp32", **{k: v for k, v in ints.items() if k not in unit}}
             constexprs = {"RIGHT": right, "MODE": mode, "BLOCK_LINES": config.block_lines,
                           "BLOCK_FREQ": config.block_freq, "BLOCK_J": config.block_j,
-                          "PRECISION": GPU_PRECISION, "INDEX_64": False}
+                          "PRECISION": GPU_PRECISION, "INDEX_64": index_64, **unit}
             variant = {"kernel": "dct_select", "side": "right" if right else "left",
-                       "grad": grad_type, "mode": mode, **dataclasses.asdict(config)}
+                       "grad": grad_type, "mode": mode, "index_64": index_64,
+                       "grad_layout": layout, **dataclasses.asdict(config)}
             yield variant, signature, constexprs, config.num_warps, config.num_stages
-    # dct_basis (its one configuration; 64-bit phases only past d = 32767)
-    for wide in (False,) if main_only else (False, True):
+    # dct_basis (its one configuration; 64-bit phases and offsets past d = 32767 or r·d = 2**31)
+    for wide in (False, True):
         signature = {"Idx_ptr": "*i32", "Out_ptr": "*fp32", "R": "i32", "D": "i32"}
         constexprs = {"BLOCK_R": BASIS_BLOCK_R, "BLOCK_D": BASIS_BLOCK_D, "WIDE": wide}
         variant = {"kernel": "dct_basis", "wide": wide, "block_r": BASIS_BLOCK_R,
@@ -245,8 +250,10 @@ def _dct_basis_kernel(Idx_ptr, Out_ptr, R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl
 
 
 def dct_basis(d: int, indices: torch.Tensor) -> torch.Tensor:
-    """Rows ``indices`` (validated: int32, distinct, in [0, d)) of the orthonormal DCT-II of size
-    d as an r×d fp32 tensor, on the indices' device (CPU tensors under TRITON_INTERPRET=1)."""
+    """Rows ``indices`` (int32, distinct, in [0, d); validated, values on CPU only) of the
+    orthonormal DCT-II of size d as an r×d fp32 tensor, on the indices' device (CPU tensors under
+    TRITON_INTERPRET=1)."""
+    _checks.check_dct_basis(d, indices)
     r = indices.numel()
     out = torch.empty((r, d), dtype=torch.float32, device=indices.device)
     if r == 0:

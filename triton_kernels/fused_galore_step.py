@@ -1,7 +1,7 @@
-"""fused_galore_step in Triton: one GaLore AdamW step as one kernel and one pass over W.
+"""fused_galore_step in Triton: two launches, project + Adam, then back-project + update (or
+requantize INT8 weights). The kernel of ``torch.ops.lowrank.fused_galore_step`` on CUDA tensors.
 
-What it computes (DESIGN.md §4.1-4.2, float weights; the basis dense, packed INT4 or DCT
-frequencies, §4.3 and §4.5), R being the projected gradient:
+What it computes (DESIGN.md §4.1-4.5), R the projected gradient and N the normalized update:
 
     right (m >= n, proj Q r×n):  R = G Qᵀ (m×r),  back(N) = N Q
     left  (m <  n, proj P m×r):  R = Pᵀ G (r×n),  back(N) = P N
@@ -9,48 +9,84 @@ frequencies, §4.3 and §4.5), R being the projected gradient:
     W ← decay·W − update_scale·back(N)      decay = 1 − lr·wd,  update_scale = decay·α_t·scale
 
 with the scalars of csrc/include/lowrank/adam.h ``make_adam_coeffs`` (host double, rounded once).
-The basis Q or P is read through _common._basis_tile in every format: dense values; packed INT4
-codes, Q[k, i] = s[g]·(q − z[g]) with g the group of the element in the stored row-major order;
-DCT frequencies, C[k, i] = c_k·cos(π(2i+1)k/(2d)) evaluated in the tile. No dequantized or
-generated copy of the basis exists in memory. INT8 weights are served by the two-launch variant
-only (its second launch requantizes; this kernel's single pass owns strips that cut groups).
+The basis Q or P is read through _common._basis_tile in every format: dense values (any
+strides); packed INT4 codes, Q[k, i] = s[g]·(q − z[g]) with g the group of the element in the
+stored row-major order; DCT frequencies, C[k, i] = c_k·cos(π(2i+1)k/(2d)) evaluated in the tile.
+No dequantized or generated copy of the basis exists in memory. G is read through both of its
+strides: a transposed gradient costs no copy.
 
-Tiling. A row of R (right side) depends only on the same row of G, so a program owns BLOCK_OWN
-rows of G, W, M and V -- the "owned" axis -- and the whole rank, padded to R_PAD (a power of two,
-32 ≤ R_PAD ≤ 512). It
-  1. streams its BLOCK_OWN × n strip of G in BLOCK_LONG-wide chunks along the "long" axis and
-     accumulates its BLOCK_OWN × R_PAD tile of R with tl.dot (fp32 accumulator in registers),
-  2. updates its rows of M and V in place and keeps N = M/(√V+ε) in registers,
-  3. streams the same strip of W once, chunk by chunk: W ← decay·W − update_scale·(N · Q[:, chunk]).
-There is no split along the long axis (N is a nonlinear function of the complete sum) and no m×n
-temporary. The left side is the right side of the transposed problem (Wᵀ, Gᵀ, Pᵀ, Mᵀ, Vᵀ), so one
-kernel serves both: the constexpr RIGHT only changes address arithmetic, and a program then owns
-BLOCK_OWN columns of W and G and streams rows.
+Where it wins (bench/results, H100, bf16 weights and gradients, fp32 moments): it is the only
+Triton step on a default path. Against the one-pass kernel (experimental/
+fused_galore_step_onepass.py) in one run (gpu_step_h100.csv) it was faster at every 7B shape
+(4096×11008, 11008×4096: 1.4-3.6× at r = 128-512) and slower only at 4096×4096, r ≤ 256 (0.18-0.22
+vs 0.13-0.18 ms, with an IQR as large as the gap); its tuned tables (tune_triton_step_h100.txt,
+1.22-1.39× faster than the table of that run) then took 4096×4096 to 0.065-0.075 ms at r ≤ 256.
+Against the CUDA C++ kernel: 4-12× faster at every measured shape and rank (gpu_step_h100.csv).
 
-Dot precision: both operands of the same 16-bit type use tensor cores with fp32 accumulation;
-anything involving fp32 runs as an fp32 "ieee" dot (TF32 would miss the 1e-5 fp32 tolerance). The
-back projection runs in W's type when W is 16-bit (N and the basis rounded to it, fp32 accumulate),
-else in fp32. Keep the basis in the gradient's dtype (as galore-torch does) for the fast path.
-A generated basis enters the projection dot as hi + lo in G's type when G is 16-bit (two
-tensor-core dots, R within ~2^-16 of fp32; _common.py explains why not a single rounding), else
-fp32 "ieee"; rank ≤ 64 here (MAX_GENERATED_RANK_PAD), with its own spill-free block table.
+Tiling ("own" is the rows of W, G, M, V on the right and their columns on the left -- the left
+side is the right side of the transposed problem; "long" the other axis):
+  A. _project_adam_kernel: one program per BLOCK_OWN × BLOCK_R tile of R (own × rank), which it
+     reduces over the WHOLE long axis in BLOCK_LONG chunks with tl.dot (no split-K: the Adam
+     epilogue is nonlinear in the complete sum). Epilogue: M and V of the tile read and written
+     once, N = M/(√V+ε) stored to the low-rank workspace (m×r right, r×n left). The r-tiles
+     of one owned strip are neighbours in launch order, so the strip of G they all read is
+     fetched from DRAM once and re-read from L2.
+  B. _back_project_kernel: one program per BLOCK_OWN × BLOCK_LONG tile of W, K = r in BLOCK_R
+     chunks: acc = N[own, :] · basis[:, long] (N·Q right, P·N left), then
+     W ← decay·W − update_scale·acc, W read and written once in its dtype. The long-tiles of one
+     owned strip are neighbours, so they share the N strip in L2.
+Both launches are 2-D tilings like an ordinary matmul: any rank (the rank is tiled, not held
+whole in registers), enough programs at every shape. The workspace N is allocated per call
+(torch.empty of the low-rank shape) in the type the back projection multiplies in: W's type when
+W is 16-bit, else fp32. N is rounded to that type once, on store, instead of on every load in B:
+the same numbers, half the bytes and no conversion between B's loads and its tensor-core dot.
+r·own·s(N) bytes, e.g. 5.6 MB at 11008×4096 bf16, r=256, against 270 MB of G and W traffic.
 
-DRAM bytes per call, with s(X) the element size of X and own/long the owned/streamed dimensions:
+DRAM bytes per call, s(X) the element size of X (the DESIGN.md §5 floor, plus the N round trip
+and a second basis read):
     G read once, W read and written once:   m·n·(s(G) + 2·s(W))
     M and V read and written once:          4·r·own·s(state)
-    basis read once from DRAM:              r·long·s(proj)  (re-read from L2 by every program,
-                                                             twice: ⌈own/BLOCK_OWN⌉·2·r·long)
-which is the DESIGN.md §5 floor. The basis term by format: dense r·long·s(proj); packed INT4
-⌈r·long/2⌉ code bytes + 8·⌈r·long/g⌉ bytes of fp32 scales and zeros (each element's pair is
-gathered, from L1/L2); DCT 4·r bytes of frequencies (values computed, nothing else read).
+    basis read once per launch:             2·(basis bytes)  (each launch re-reads it from L2
+                                                              ⌈own/BLOCK_OWN⌉ times)
+    N written once and read once:           2·r·own·s(N)
+with basis bytes: dense r·long·s(proj); packed INT4 ⌈r·long/2⌉ code bytes + 8·⌈r·long/g⌉ bytes of
+fp32 scales and zeros (each element's pair is gathered, from L1/L2); DCT 4·r bytes of frequencies
+(values computed, nothing else read). G is re-read from L2 ⌈r/BLOCK_R⌉ times in A, N
+⌈long/BLOCK_LONG⌉ times in B; each is fetched from DRAM once as long as the neighbouring programs
+that share it run together (launch order above).
 
-Limits of this tiling (H100, bf16 G/W/basis, fp32 states): the grid has only ⌈own/BLOCK_OWN⌉
-programs and each streams its whole strip twice, so r ≤ 32 reaches 1.3-2.3 TB/s of the floor,
-r = 128 about 1.0 TB/s, r = 256 0.8 TB/s and r = 512 0.3 TB/s (the R tile then leaves room for
-only 16 rows per program without spilling). The fp32 path (FMA dots) is 5-10× slower than the
-tensor-core path. Those cases go to the two-launch variant (fused_galore_step_2d.py, 2-D grids,
-N through a low-rank workspace); the public launcher below picks between the two
-(``choose_variant``, overridable by ``variant=`` or LOWRANK_TRITON_VARIANT).
+INT8 weights (DESIGN.md §4.4; param uint8 codes with fp32 scales/zeros of row-major groups of
+g = param_group_size): launch A is unchanged and writes N in fp32; launch B becomes the
+requantizing update of _int8_update_rows_kernel or _int8_update_groups_kernel:
+    T = back(N) (fp32 "ieee" dot: the CPU kernel's fp32 numbers),
+    per group: W' = decay·s(q − z) − update_scale·T,  s', z' from min/max of W',
+               q' = clamp(SR(W'/s') + z', 0, 255),  u = tl.rand(seed + 2**32·step, row·n + col)
+the same fp32 operations as csrc/cpu/fused_galore_step.cpp's update_int8_rows (quant.py's
+helpers, FMA contraction off in both launches), so codes, scales and zeros equal the CPU kernel's
+bit for bit wherever R and back(N) do (the tests build such inputs). Tiling of launch B:
+  rows   (n % g == 0, g a power of two ≤ 256): one program per BLOCK_M × BLOCK_N tile of W in
+         its own row/column coordinates (either side), BLOCK_N a multiple of g; the tile is
+         reshaped to (BLOCK_M, BLOCK_N/g, g) for the group min/max;
+  groups (otherwise: groups straddle rows or g is odd-sized): one program per BLOCK_GROUPS
+         whole groups of the flattened index space; back(N) per element as a chunked dot over
+         r from gathers of N and the basis (no tensor tile exists when rows change inside a
+         group) -- O(m·n·r) L1/L2 loads and FMAs, several times slower than rows, correct.
+Nothing is written before validation (lowrank_kernels._checks, in the launcher), and a group's
+codes, scale and zero are written by the one program that read them.
+DRAM bytes with INT8 weights: G read m·n·s(G); codes read and written 2·m·n; scales and zeros
+read and written 16·⌈m·n/g⌉; M, V as above; N 8·r·own (fp32, the term that keeps this step
+above the floor: bench/traffic.py "fused-triton-q" vs "floor-q"); the basis once per launch.
+
+Precision: R accumulates in fp32; tensor cores when G and a dense basis share a 16-bit type,
+else an exact "ieee" fp32 dot (TF32 would miss the 1e-5 fp32 tolerance); a generated (INT4, DCT)
+basis enters as hi + lo in G's type (_common.py). The Adam epilogue and N are fp32. In B, N and
+the basis are in W's type when W is 16-bit (the back projection galore-torch does in bf16),
+fp32 "ieee" otherwise.
+
+GPU verification: the dense path ran on an H100 (session 2: its tests and gpu_step_h100.csv);
+the INT4/DCT bases, INT8 weights and bf16 moments have run in the interpreter and compile for
+sm_89/sm_90 without spills (tests/test_triton_aot.py); their GPU tests run whenever a GPU is
+present.
 """
 
 from __future__ import annotations
@@ -62,16 +98,16 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.ops import check_fused_galore_step
+from lowrank_kernels import _checks
 from lowrank_kernels.reference import is_right_side, rounding_philox_seed
 
-from . import fused_galore_step_2d
 from ._common import (
-    DEFAULT_NUM_SMS,
     BasisArgs,
     _adam_tile,
     _basis_tile,
+    _basis_values,
     _dot,
+    _grid_tile,
     _own_long,
     _project_tile,
     _round_to,
@@ -82,271 +118,512 @@ from ._common import (
     needs_index_64,
     needs_wide_phase,
 )
-from ._common import num_sms as _num_sms
-
-MAX_RANK_PAD = 512  # R_PAD limit: the R/N tile lives in registers (see candidate_configs)
-# R_PAD limit of a generated (INT4 or DCT) basis: its (BLOCK_LONG × R_PAD) tile is built in
-# registers rather than copied to shared memory (see _GENERATED_BLOCKS); the two-launch variant
-# tiles the rank and serves every rank.
-MAX_GENERATED_RANK_PAD = 64
+from .quant import dequantize_codes, group_quant_params, stochastic_round_codes
 
 
 @triton.jit
-def _fused_galore_step_kernel(
-    W_ptr, G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr,
-    stride_wm, stride_gm, stride_projm, stride_statem,
+def _project_adam_kernel(
+    G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr, Normalized_ptr,
+    stride_gm, stride_gn, stride_pr, stride_pl, stride_statem, stride_normm,
     M, N, R,
-    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, update_scale, philox_seed,
-    RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
-    R_PAD: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed,
+    RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
     INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    """One GaLore AdamW step on BLOCK_OWN rows (RIGHT) or columns (left) of an M×N weight.
-
-    R_tile = Σ_chunks G[own, chunk] · proj[chunk, :]  (owned × R_PAD, fp32), Adam on M, V of the
-    owned slice, then W[own, chunk] ← decay·W − update_scale·(N · proj[:, chunk]) chunk by chunk.
-    """
+    """Launch A: R[own, r] = Σ_long G[own, long]·basis[long, r] for one BLOCK_OWN × BLOCK_R tile,
+    then Adam on that tile of M and V and N = M/(√V+ε) into the workspace (rounded to its type)."""
     OWN, LONG = _own_long(M, N, RIGHT)
-    offs_own = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
-    offs_r = tl.arange(0, R_PAD)
-    if INDEX_64:  # every offset product (row × stride) in 64 bits
-        offs_own = offs_own.to(tl.int64)
-        offs_r = offs_r.to(tl.int64)
-    own_mask = offs_own < OWN
-    r_mask = offs_r < R
+    offs_own, offs_r, own_mask, r_mask = _grid_tile(OWN, R, BLOCK_OWN, BLOCK_R, INDEX_64)
 
-    # 1. R for the owned slice, reduced over the whole long axis by this program alone.
-    proj_low = tl.zeros((BLOCK_OWN, R_PAD), dtype=tl.float32)
+    proj_low = tl.zeros((BLOCK_OWN, BLOCK_R), dtype=tl.float32)
     proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
-                             own_mask, r_mask, LONG, stride_gm, stride_projm, proj_low, RIGHT,
+                             own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr, stride_pl,
+                             proj_low, RIGHT,
                              BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
-
-    # 2. Adam on the owned slice of M and V (fp32 arithmetic, one rounding on store).
-    state_offs = _tile_offsets(offs_own, offs_r, stride_statem, RIGHT)
+    state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
+    # only the real rank is stored; launch B reads the padding as 0 through its mask
     normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
                             beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
-    # padding must be exactly 0 (not 0/(0+eps), NaN when eps = 0): it multiplies the basis below
-    normalized = tl.where(state_mask, normalized, 0.0)
-    w_type = W_ptr.dtype.element_ty
-    if w_type != tl.float32:
-        normalized = _round_to(normalized, w_type, INTERPRETED)
+    tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
+             _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
 
-    # 3. One pass over the owned strip of W, with the decay folded into the same store.
-    for start in range(0, LONG, BLOCK_LONG):
-        offs_long = start + tl.arange(0, BLOCK_LONG)
+
+@triton.jit
+def _back_project_kernel(
+    W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
+    stride_wm, stride_pr, stride_pl, stride_normm,
+    M, N, R,
+    decay, update_scale,
+    RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
+    BLOCK_R: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """Launch B: W[own, long] ← decay·W − update_scale·Σ_r N[own, r]·basis[r, long] for one
+    BLOCK_OWN × BLOCK_LONG tile of W."""
+    OWN, LONG = _own_long(M, N, RIGHT)
+    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
+                                                          INDEX_64)
+    w_type = W_ptr.dtype.element_ty
+
+    back = tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32)
+    for start in range(0, R, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
         if INDEX_64:
-            offs_long = offs_long.to(tl.int64)
-        long_mask = offs_long < LONG
+            offs_r = offs_r.to(tl.int64)
+        r_mask = offs_r < R
+        normalized = tl.load(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1,
+                                                            RIGHT),
+                             mask=own_mask[:, None] & r_mask[None, :], other=0.0)
         basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
-                            long_mask, stride_projm, LONG, RIGHT, False, BASIS, PROJ_GROUP)
-        if w_type != tl.float32 and basis.dtype != w_type:
+                            long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
+        if w_type != tl.float32 and basis.dtype != w_type:  # N is already in W's type
             basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
-        back = _dot(normalized, basis, tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32),
-                    INTERPRETED)
-        w_offs = _tile_offsets(offs_own, offs_long, stride_wm, RIGHT)
-        w_mask = own_mask[:, None] & long_mask[None, :]
-        w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-        tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
-                 mask=w_mask)
+        back = _dot(normalized, basis, back, INTERPRETED)
+
+    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
+    w_mask = own_mask[:, None] & long_mask[None, :]
+    w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
+             mask=w_mask)
+
+
+@triton.jit
+def _int8_update_rows_kernel(
+    Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
+    stride_pr, stride_pl, stride_normm,
+    M, N, R,
+    decay, update_scale, philox_seed,
+    RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """Launch B for INT8 weights whose groups lie inside rows (N % GROUP == 0, BLOCK_N a multiple
+    of GROUP): one program per BLOCK_M × BLOCK_N tile of W in its own row/column coordinates
+    (either side), i.e. BLOCK_M × BLOCK_N/GROUP whole groups.
+
+    T = back(N) for the tile (fp32 "ieee" dot, K = r in BLOCK_R chunks: N·Q right, P·N left);
+    per group: W' = decay·s(q − z) − update_scale·T, s', z' from min/max of W',
+    q' = clamp(SR(W'/s') + z', 0, 255) with u = tl.rand(philox_seed, row-major index)."""
+    num_col_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    offs_m = (pid // num_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_col = (pid % num_col_tiles) * BLOCK_N
+    offs_n = first_col + tl.arange(0, BLOCK_N)
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    back = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, R, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        if INDEX_64:
+            offs_r = offs_r.to(tl.int64)
+        r_mask = offs_r < R
+        if RIGHT:  # N (m×r) · Q[:, cols]
+            a = tl.load(Normalized_ptr + offs_m[:, None] * stride_normm + offs_r[None, :],
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            b = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_n, r_mask,
+                            n_mask, stride_pr, stride_pl, N, False, BASIS, PROJ_GROUP)
+        else:  # P[rows, :] · N (r×n)
+            a = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_m, r_mask,
+                            m_mask, stride_pr, stride_pl, M, True, BASIS, PROJ_GROUP)
+            b = tl.load(Normalized_ptr + offs_r[:, None] * stride_normm + offs_n[None, :],
+                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        back = _dot(a, b, back, INTERPRETED)
+
+    # the epilogue on (rows, groups, GROUP): group (i, j) is W[i, first_col + j·GROUP + lane]
+    col_groups = first_col // GROUP + tl.arange(0, BLOCK_N // GROUP)
+    group = offs_m[:, None] * (N // GROUP) + col_groups[None, :]
+    group_mask = m_mask[:, None] & (col_groups * GROUP < N)[None, :]
+    elem = group[:, :, None] * GROUP + tl.arange(0, GROUP)[None, None, :]
+    elem_mask = group_mask[:, :, None]
+    _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, group, group_mask, elem,
+                            elem_mask, tl.reshape(back, (BLOCK_M, BLOCK_N // GROUP, GROUP)),
+                            decay, update_scale, philox_seed, 2)
+
+
+@triton.jit
+def _int8_update_groups_kernel(
+    Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
+    stride_pr, stride_pl, stride_normm,
+    M, N, R, numel, num_groups,
+    decay, update_scale, philox_seed,
+    RIGHT: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """Launch B for INT8 weights in general (groups straddle rows, or GROUP is not a power of two
+    up to 256): one program per BLOCK_GROUPS whole groups of the flattened m·n index space.
+    Element e = row·N + col needs back(N)[row, col] = Σ_r A[row, r]·B[r, col] with rows that
+    change inside a group, so no tile of it is a matrix product: it is computed per element as a
+    chunked dot over r (gathers of N and the basis, fp32 FMAs, BLOCK_R ranks at a time) --
+    O(m·n·r) loads from L1/L2 instead of tensor-core tiles: correct, several times slower than
+    the row-aligned kernel, and used only for such layouts. Epilogue as there."""
+    groups = tl.program_id(0) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
+    lane = tl.arange(0, BLOCK_G)
+    if INDEX_64:
+        groups = groups.to(tl.int64)
+    group_mask = groups < num_groups
+    elem = groups[:, None] * GROUP + lane[None, :]
+    elem_mask = group_mask[:, None] & (lane < GROUP)[None, :] & (elem < numel)
+    row = elem // N
+    col = elem - row * N
+
+    back = tl.zeros((BLOCK_GROUPS, BLOCK_G), dtype=tl.float32)
+    for start in range(0, R, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        if INDEX_64:
+            offs_r = offs_r.to(tl.int64)
+        rank3 = offs_r[None, None, :]
+        r_mask3 = rank3 < R
+        mask3 = elem_mask[:, :, None] & r_mask3
+        if RIGHT:  # N[row, r] · Q[r, col]
+            a = tl.load(Normalized_ptr + row[:, :, None] * stride_normm + rank3, mask=mask3,
+                        other=0.0)
+            b = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
+                              col[:, :, None], mask3, stride_pr, stride_pl, N, BASIS,
+                              PROJ_GROUP)
+        else:  # P[row, r] · N[r, col]
+            a = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
+                              row[:, :, None], mask3, stride_pr, stride_pl, M, BASIS,
+                              PROJ_GROUP)
+            b = tl.load(Normalized_ptr + rank3 * stride_normm + col[:, :, None], mask=mask3,
+                        other=0.0)
+        back += tl.sum(a.to(tl.float32) * b, axis=2)
+
+    _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, groups, group_mask, elem,
+                            elem_mask, back, decay, update_scale, philox_seed, 1)
+
+
+@triton.jit
+def _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, group, group_mask, elem, elem_mask,
+                            back, decay, update_scale, philox_seed, LANE_AXIS: tl.constexpr):
+    """The INT8 epilogue (DESIGN.md §4.4, the CPU's update_int8_rows): ``elem``/``back`` have one
+    more axis (LANE_AXIS, the last) than ``group``: the lanes of each group. Same fp32 operations
+    in the same order as lowrank/quant.h (the launcher turns off FMA contraction), so the codes
+    equal the CPU kernel's wherever back(N) does."""
+    scale = tl.load(Scales_ptr + group, mask=group_mask, other=1.0)
+    zero = tl.load(Zeros_ptr + group, mask=group_mask, other=0.0)
+    codes = tl.load(Codes_ptr + elem, mask=elem_mask, other=0)
+    weight = decay * dequantize_codes(codes, tl.expand_dims(scale, LANE_AXIS),
+                                      tl.expand_dims(zero, LANE_AXIS)) - update_scale * back
+    lo = tl.min(tl.where(elem_mask, weight, float("inf")), axis=LANE_AXIS)
+    hi = tl.max(tl.where(elem_mask, weight, float("-inf")), axis=LANE_AXIS)
+    # groups outside the weight: any finite range (nothing of them is stored)
+    new_scale, new_zero = group_quant_params(tl.where(group_mask, lo, 0.0),
+                                             tl.where(group_mask, hi, 1.0), 255)
+    new_codes = stochastic_round_codes(weight, tl.expand_dims(new_scale, LANE_AXIS),
+                                       tl.expand_dims(new_zero, LANE_AXIS), philox_seed, elem, 255)
+    tl.store(Codes_ptr + elem, new_codes, mask=elem_mask)
+    tl.store(Scales_ptr + group, new_scale, mask=group_mask)
+    tl.store(Zeros_ptr + group, new_zero, mask=group_mask)
 
 
 # --------------------------------------------------------------------------------------------
 # launch configuration
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Block sizes and launch shape of one compiled variant of the kernel."""
+class TileConfig:
+    """Block sizes and launch shape of one compiled variant of launch A or B."""
 
-    block_own: int  # rows (right side) or columns (left side) of W owned by one program
-    block_long: int  # width of one streamed chunk along the other axis
-    r_pad: int  # rank padded to a power of two (the register tile of R and N)
+    block_own: int
+    block_r: int
+    block_long: int
     num_warps: int
     num_stages: int
 
 
-# Block sizes per padded rank and dot kind ("tc": both projection operands 16-bit, tensor cores;
-# "fp32": exact fp32 FMA dot), measured on an H100 (bf16, 4096×4096, 4096×11008, 11008×4096) among
-# the variants that do not spill. What limits them is registers: the R/N tile (block_own × r_pad
-# fp32) plus the dot operands that mma.sync keeps in registers; every entry is checked spill-free
-# for sm_89 and sm_90 by tests/test_triton_aot.py, and its shared memory (num_stages × the G and
-# basis chunks) stays under sm_89's 99 KiB so one table serves Ada and Hopper.
-# block_own_small_grid replaces block_own when the grid would not cover half the SMs: the
-# reduction over the long axis cannot be split (nonlinear epilogue), so narrower blocks are the
-# only way to more programs (a 4096-row weight at r=128: 0.116 ms with 32 rows, 0.136 with 64).
-_BLOCKS: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
-    # (r_pad, kind): (block_own, block_own_small_grid, block_long, num_warps, num_stages)
-    (32, "tc"): (64, 64, 128, 4, 3),
-    (64, "tc"): (64, 64, 128, 4, 2),
-    (128, "tc"): (64, 32, 64, 8, 3),
-    (256, "tc"): (32, 32, 64, 8, 3),
-    (512, "tc"): (16, 16, 64, 8, 2),
-    (32, "fp32"): (64, 64, 32, 4, 2),
-    (64, "fp32"): (64, 64, 32, 4, 2),
-    (128, "fp32"): (16, 16, 32, 4, 2),
-    (256, "fp32"): (16, 16, 16, 8, 1),
-    (512, "fp32"): (16, 16, 16, 8, 1),
+# Launch A per (dot kind, BLOCK_R). Its Adam epilogue holds R, M, V and N of the tile at once
+# (4·BLOCK_OWN·BLOCK_R / threads fp32 registers), hence 8 warps for the 128×128 tile. Shared memory
+# is num_stages × (G chunk + basis chunk), kept under sm_89's 99 KiB so one table serves Ada and
+# Hopper. The fp32 ("ieee" FMA) dot, the slow exact path, keeps one small tile (its operands live
+# in registers; one configuration keeps the AOT test short) at 8 warps (at 4, the bf16-G/fp32-basis
+# variant with 64-bit offsets spills a few bytes).
+# Launch B per W's dtype class ("16bit": tensor cores, "fp32": FMA): a 128×128 W tile (64 fp32
+# accumulators per thread at 8 warps), K = r in chunks of 64.
+# Tuned on an H100 (bf16, bench/tune_triton_step.py, bench/results/tune_triton_step_h100.txt):
+# 64×64 rank tiles win up to r = 256 and 128×128 above, 1.2-1.4x faster than the first, untuned
+# table at 4096×11008, 11008×4096 and 4096×4096, r = 128-1024. Every entry is checked spill-free
+# for sm_89 and sm_90 by tests/test_triton_aot.py.
+_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    ("tc", 32): TileConfig(block_own=64, block_r=32, block_long=128, num_warps=4, num_stages=3),
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=4, num_stages=4),
+    ("tc", 128): TileConfig(block_own=128, block_r=128, block_long=64, num_warps=8, num_stages=3),
+    ("fp32", 32): TileConfig(block_own=64, block_r=32, block_long=32, num_warps=8, num_stages=2),
 }
-MIN_RANK_PAD = 32
-# A generated (INT4 or DCT) basis is built in registers (codes, group scales and zeros gathered,
-# or cos/sin evaluated), then hi/lo-split for tensor cores: the dense entries above spill or
-# exceed sm_89's shared memory with it (measured by the AOT test), so it has its own narrower
-# entries, same layout; r_pad ≤ MAX_GENERATED_RANK_PAD. Known from the exhaustive AOT run
-# (LOWRANK_AOT_ALL_DTYPES=1), not fixed yet: with 64-bit offsets (2**31+ elements, or a DCT
-# size ≥ 32768) the DCT tc entries spill 4-8 bytes on sm_89, as does the INT8 general kernel on
-# sm_90 (ptxas lowers 64-bit integer division, the phase reduction, to a called subroutine).
-_GENERATED_BLOCKS: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
-    (32, "tc"): (64, 64, 64, 4, 3),
-    (64, "tc"): (32, 32, 64, 8, 2),
-    (32, "fp32"): (32, 32, 32, 8, 2),
-    (64, "fp32"): (32, 32, 16, 8, 2),
+_BACK_BLOCKS: dict[str, TileConfig] = {
+    "16bit": TileConfig(block_own=128, block_r=64, block_long=128, num_warps=8, num_stages=3),
+    "fp32": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=4, num_stages=2),
 }
+MIN_BLOCK_R = 32
+MAX_BLOCK_R = {"tc": 128, "fp32": 32}  # per dot kind
+# A generated (INT4 or DCT) basis is built in registers (INT4: codes plus per-element gathers of
+# the group scale and zero, which the pipeliner stages in shared memory too; DCT: cos/sin) and
+# hi/lo-split for tensor cores: the dense tiles above spill or overflow sm_89's shared memory
+# with it (AOT test), so it has its own, the rank in tiles of at most 64.
+_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    ("tc", 32): TileConfig(block_own=64, block_r=32, block_long=64, num_warps=4, num_stages=2),
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=8, num_stages=2),
+    ("fp32", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=8, num_stages=2),
+}
+_GENERATED_BACK_BLOCKS: dict[str, TileConfig] = {
+    "16bit": TileConfig(block_own=128, block_r=32, block_long=128, num_warps=8, num_stages=3),
+    "fp32": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=8, num_stages=2),
+}
+MAX_GENERATED_BLOCK_R = {"tc": 64, "fp32": 32}
+# bf16 moments: launch A also makes one Philox call per state element for their stochastic
+# rounding (_common._adam_tile). The dense 128×128 tile then spills on sm_89 and sm_90 (AOT);
+# 64×128 (32 elements per thread at 8 warps, ≤ 243 registers) does not. With a generated basis
+# the 64-wide rank tile spills 4 bytes on sm_89 (DCT), none with 32-wide basis chunks. The other
+# entries serve bf16 moments as they are.
+_BF16_MOMENT_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_PROJECT_BLOCKS,
+    ("tc", 128): TileConfig(block_own=64, block_r=128, block_long=64, num_warps=8, num_stages=3),
+}
+_BF16_MOMENT_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_GENERATED_PROJECT_BLOCKS,
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=32, num_warps=8, num_stages=2),
+}
+# 64-bit offsets (INDEX_64: a tensor spanning 2**31+ elements, r·d ≥ 2**31, or a DCT size ≥ 32768)
+# hold every offset in two registers. The dense 128×128 tensor-core tile of launch A then spills
+# 36-124 bytes on sm_89 and sm_90 at 255 registers (AOT, fp32 moments, either G layout); its
+# 64-row form, the bf16-moment entry above, does not. Every other entry compiles spill-free with
+# 64-bit offsets as it is, so this is the one difference.
+_INDEX_64_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_PROJECT_BLOCKS,
+    ("tc", 128): _BF16_MOMENT_PROJECT_BLOCKS[("tc", 128)],
+}
+WIDE_RANK_TILE_FROM = 512  # dense tensor-core launch A: 64-wide rank tiles below this rank
 
 
-def rank_pad(rank: int) -> int:
-    """The register tile width for ``rank``: the next power of two, at least MIN_RANK_PAD (tl.dot
-    needs 16; 32 halves the number of compiled variants at no measurable cost)."""
-    return max(MIN_RANK_PAD, triton.next_power_of_2(rank))
+def project_block_r(rank: int, kind: str, generated: bool = False) -> int:
+    """Launch A's rank tile: the next power of two of r, clamped to [32, MAX_BLOCK_R[kind]]
+    (MAX_GENERATED_BLOCK_R for an INT4 or DCT basis), and 64 for dense tensor-core ranks
+    65..511 (measured faster than 128 there on an H100: twice the programs)."""
+    limit = (MAX_GENERATED_BLOCK_R if generated else MAX_BLOCK_R)[kind]
+    block = min(limit, max(MIN_BLOCK_R, triton.next_power_of_2(rank)))
+    if kind == "tc" and rank < WIDE_RANK_TILE_FROM:
+        block = min(block, 64)
+    return block
 
 
-def pick_config(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
-                num_sms: int = DEFAULT_NUM_SMS, *, generated: bool = False) -> KernelConfig:
-    """The launch configuration for an m×n weight at rank ``rank`` (the table above, by padded
-    rank and dot kind, with the narrower block when the grid would cover < half the SMs).
-    proj_dtype is the type the basis enters the dot in; ``generated``: an INT4 or DCT basis."""
-    r_pad = rank_pad(rank)
-    if r_pad > MAX_RANK_PAD:
-        raise ValueError(f"proj: rank r={rank} exceeds the Triton kernel's limit of "
-                         f"{MAX_RANK_PAD}; use backend='cuda' or 'cpu'")
-    if generated and r_pad > MAX_GENERATED_RANK_PAD:
-        raise ValueError(f"proj: rank r={rank} exceeds the one-pass kernel's limit of "
-                         f"{MAX_GENERATED_RANK_PAD} for an INT4 or DCT basis; use "
-                         f"variant='twolaunch' or 'auto'")
+def weight_kind(weight_dtype: torch.dtype) -> str:
+    return "16bit" if weight_dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+def workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """N's type: what launch B multiplies in (see the module docstring); fp32 for fp32 and INT8
+    weights."""
+    return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _project_blocks(generated: bool, bf16_moments: bool, index_64: bool = False
+                    ) -> dict[tuple[str, int], TileConfig]:
+    if generated:
+        return _BF16_MOMENT_GENERATED_PROJECT_BLOCKS if bf16_moments else _GENERATED_PROJECT_BLOCKS
+    if bf16_moments:
+        return _BF16_MOMENT_PROJECT_BLOCKS
+    return _INDEX_64_PROJECT_BLOCKS if index_64 else _PROJECT_BLOCKS
+
+
+def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
+                 proj_dtype: torch.dtype, *, generated: bool = False, bf16_moments: bool = False,
+                 index_64: bool = False) -> tuple[TileConfig, TileConfig]:
+    """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole).
+    proj_dtype is the type the basis enters launch A's dot in (BasisArgs.dot_dtype);
+    ``generated``: an INT4 or DCT basis; ``bf16_moments``: M and V in bf16 (stochastic rounding
+    in launch A); ``index_64``: 64-bit offsets. Launch B of INT8 weights is configured by
+    int8_config instead."""
     kind = dot_kind(grad_dtype, proj_dtype)
-    table = _GENERATED_BLOCKS if generated else _BLOCKS
-    block_own, block_own_small_grid, block_long, num_warps, num_stages = table[(r_pad, kind)]
-    own = m if is_right_side(m, n) else n
-    if triton.cdiv(own, block_own) < num_sms // 2:
-        block_own = block_own_small_grid
-    return KernelConfig(block_own, block_long, r_pad, num_warps, num_stages)
+    project = _project_blocks(generated, bf16_moments, index_64)
+    back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+    return (project[(kind, project_block_r(rank, kind, generated))],
+            back[weight_kind(weight_dtype)])
 
 
-def candidate_configs(generated: bool = False) -> list[tuple[str, KernelConfig]]:
-    """Every (dot kind, configuration) ``pick_config`` can return for a dense basis, or with
-    ``generated`` for an INT4 or DCT one (the AOT test compiles them)."""
-    configs = []
-    table = _GENERATED_BLOCKS if generated else _BLOCKS
-    for (r_pad, kind), (own, own_small, block_long, warps, stages) in table.items():
-        for block_own in dict.fromkeys((own, own_small)):
-            configs.append((kind, KernelConfig(block_own, block_long, r_pad, warps, stages)))
-    return configs
+# Launch B of INT8 weights. Row-aligned groups (n % GROUP == 0, GROUP a power of two ≤ 256): a
+# BLOCK_M × BLOCK_N tile of 4K elements with BLOCK_N = max(GROUP, 128) (16 fp32 accumulators per
+# thread at 8 warps; 8K spills on sm_89 with a DCT basis, whose cos/sin tile is built in
+# registers, and so do 512-wide tiles and a 64 × 64 one), K = r in chunks of 16 (fp32 FMA dot:
+# the operands live in registers). Otherwise one program per BLOCK_GROUPS groups of
+# next_power_of_2(GROUP) lanes, about 256 elements, times BLOCK_R ranks per gather chunk (a 4K
+# element 3-D tile, 16 ranks for groups up to 256); with 64-bit offsets about 128 elements of
+# groups (the 4K tile spills 128 bytes on sm_89 and sm_90 with an INT4 basis and groups of 6,
+# AOT), the same rank chunks: the sums over r keep their order, so the bits do not change.
+INT8_ROWS_MAX_GROUP = 256
 
 
-VARIANTS = ("auto", "onepass", "twolaunch")
-VARIANT_ENV = "LOWRANK_TRITON_VARIANT"
+@dataclasses.dataclass(frozen=True)
+class Int8Config:
+    """Launch B of INT8 weights: 'rows' (block_m × block_n tiles) or 'groups' (block_groups
+    groups of block_g lanes)."""
+
+    path: str
+    group_size: int
+    block_m: int = 0
+    block_n: int = 0
+    block_groups: int = 0
+    block_g: int = 0
+    block_r: int = 16
+    num_warps: int = 8
+    num_stages: int = 2
 
 
-def choose_variant(m: int, n: int, rank: int, grad_dtype: torch.dtype, proj_dtype: torch.dtype,
-                   num_sms: int = DEFAULT_NUM_SMS, *, generated: bool = False,
-                   bf16_moments: bool = False) -> str:
-    """The 'auto' choice between this one-pass kernel and the two-launch variant
-    (fused_galore_step_2d.py): two launches when the rank is ≥ 128 or above the one-pass limit
-    (the R_PAD-wide register tile leaves room for few rows per program) or when the one-pass grid
-    has fewer programs than the GPU has SMs (the reduction cannot be split, so that grid cannot
-    grow); one pass otherwise, which saves the N round trip and a launch. A generated basis
-    (``generated``) takes one pass only up to MAX_GENERATED_RANK_PAD, which the first rule
-    already implies. bf16 moments (``bf16_moments``) always take two launches: the Philox words
-    of their stochastic rounding, drawn for the whole BLOCK_OWN × R_PAD tile at once, take this
-    kernel to 236-255 registers at R_PAD = 64 (4 bytes spilled on sm_90 with an fp32 dot, AOT),
-    while launch A has tiles sized for them (fused_galore_step_2d._BF16_MOMENT_PROJECT_BLOCKS)."""
-    if (bf16_moments or rank_pad(rank) >= 128
-            or (generated and rank_pad(rank) > MAX_GENERATED_RANK_PAD)):
-        return "twolaunch"
-    config = pick_config(m, n, rank, grad_dtype, proj_dtype, num_sms)
-    own = m if is_right_side(m, n) else n
-    return "twolaunch" if triton.cdiv(own, config.block_own) < num_sms else "onepass"
+def int8_config(n: int, group_size: int, index_64: bool = False) -> Int8Config:
+    """The INT8 launch B for an m×n weight with groups of ``group_size`` and 32- or 64-bit
+    offsets (see above)."""
+    pow2 = group_size & (group_size - 1) == 0
+    if n % group_size == 0 and pow2 and group_size <= INT8_ROWS_MAX_GROUP:
+        block_n = max(group_size, 128)
+        return Int8Config("rows", group_size, block_m=4096 // block_n, block_n=block_n)
+    block_g = triton.next_power_of_2(group_size)
+    block_groups = max(1, (128 if index_64 else 256) // block_g)
+    return Int8Config("groups", group_size, block_groups=block_groups, block_g=block_g,
+                      block_r=max(1, min(16, 4096 // (max(1, 256 // block_g) * block_g))),
+                      num_warps=4)
+
+
+def int8_candidate_configs(index_64: bool = False) -> list[Int8Config]:
+    """INT8 launch B configurations the AOT test compiles (per offset width): the row-aligned
+    path for every power of two from 64 to INT8_ROWS_MAX_GROUP (smaller ones share the 64-wide
+    tile's shape class), the general path for group 256 (a row length it does not divide), a
+    tiny and a non-power-of-two group. Other group sizes compile on first use unchecked (groups
+    of 512 and more spill a few bytes in the general kernel with a DCT basis)."""
+    return [int8_config(n, g, index_64) for n, g in ((64, 64), (128, 128), (256, 256),
+                                                     (257, 256), (7, 6), (97, 96))]
+
+
+def candidate_configs(generated: bool = False, index_64: bool = False
+                      ) -> list[tuple[str, str, TileConfig]]:
+    """Every (kernel, dtype class, configuration) ``pick_configs`` can return for a dense basis,
+    or with ``generated`` an INT4/DCT one, with 32- or 64-bit offsets (the AOT test compiles
+    them): kernel 'project' (A, class = dot kind) or 'back' (B, class = W's kind)."""
+    project = _project_blocks(generated, bf16_moments=False, index_64=index_64)
+    back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+    return ([("project", kind, c) for (kind, _), c in project.items()]
+            + [("back", kind, c) for kind, c in back.items()])
+
+
+def bf16_moment_candidate_configs(generated: bool = False, index_64: bool = False
+                                  ) -> list[tuple[str, str, TileConfig]]:
+    """The launch A configurations ``pick_configs`` returns with bf16 moments (launch B does not
+    touch the moments: candidate_configs covers it)."""
+    return [("project", kind, c) for (kind, _), c in
+            _project_blocks(generated, bf16_moments=True, index_64=index_64).items()]
 
 
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
                       exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, scale: float,
-                      step: int, proj_scales: torch.Tensor | None = None,
+                      beta2: float, eps: float, weight_decay: float, scale: float, step: int,
+                      proj_scales: torch.Tensor | None = None,
                       proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
                       param_scales: torch.Tensor | None = None,
                       param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
-                      seed: int = 0, variant: str | None = None) -> None:
-    """One fused GaLore AdamW step in place (see the module docstring).
-
-    Same contract as ``lowrank_kernels.ops.fused_galore_step``, every format: proj a dense float
-    basis, a packed INT4 basis (uint8) or DCT frequencies (int32), generated tile by tile inside
-    the kernels (_common.py); param float or INT8 codes (uint8; two launches, the second
-    requantizing in place, see fused_galore_step_2d.py). CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1. ``variant``: 'onepass' (this file's kernel, one launch, rank ≤ 512,
-    float weights), 'twolaunch' (fused_galore_step_2d.py: two launches and a per-call workspace
-    of the low-rank shape for N) or 'auto' (``choose_variant``; INT8 weights always take two
-    launches); None reads the environment variable LOWRANK_TRITON_VARIANT (default 'auto'), for
-    benchmarks.
-    """
-    if variant is None:
-        variant = os.environ.get(VARIANT_ENV, "auto")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS} (argument or {VARIANT_ENV}), "
-                         f"got {variant!r}")
-    formats = {"proj_scales": proj_scales, "proj_zeros": proj_zeros,
-               "proj_group_size": proj_group_size, "param_scales": param_scales,
-               "param_zeros": param_zeros, "param_group_size": param_group_size, "seed": seed}
-    rank = check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, beta1=beta1,
-                                   beta2=beta2, eps=eps, step=step, **formats)
+                      seed: int = 0) -> None:
+    """One fused step in place, with the op's schema signature (lowrank_kernels.ops
+    .fused_galore_step documents the contract): validates, then launches A and B. proj: a dense
+    float basis (any strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param:
+    float or INT8 codes (uint8). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    rank = _checks.check_fused_galore_step(
+        param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
+        proj_zeros=proj_zeros, proj_group_size=proj_group_size, param_scales=param_scales,
+        param_zeros=param_zeros, param_group_size=param_group_size, seed=seed)
     if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
-    int8_weight = param.dtype == torch.uint8
-    if int8_weight and variant == "onepass":
-        raise ValueError("variant: INT8 (uint8) param codes need the 'twolaunch' variant (the "
-                         "one-pass kernel has no requantizing epilogue), got 'onepass'")
-    m, n = param.shape
-    basis = basis_args(proj, m, n, rank, grad.dtype, proj_scales, proj_zeros, proj_group_size)
-    sms = _num_sms(param.device)
-    if variant == "auto":
-        variant = ("twolaunch" if int8_weight
-                   else choose_variant(m, n, rank, grad.dtype, basis.dot_dtype, sms,
-                                       generated=basis.kind != 0,
-                                       bf16_moments=exp_avg.dtype == torch.bfloat16))
-    coeffs = adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step)
-    philox_seed = rounding_philox_seed(seed, step)
-    if variant == "twolaunch":
-        fused_galore_step_2d.launch(param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs,
-                                    basis=basis, param_scales=param_scales,
-                                    param_zeros=param_zeros, param_group_size=param_group_size,
-                                    philox_seed=philox_seed)
-    else:
-        config = pick_config(m, n, rank, grad.dtype, basis.dot_dtype, sms,
-                             generated=basis.kind != 0)
-        _launch(config, param, grad, proj, exp_avg, exp_avg_sq, rank, coeffs, basis=basis,
-                philox_seed=philox_seed)
+    basis = basis_args(proj, *param.shape, rank, grad.dtype, proj_scales, proj_zeros,
+                       proj_group_size)
+    launch(param, grad, proj, exp_avg, exp_avg_sq, rank,
+           adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step), basis=basis,
+           param_scales=param_scales, param_zeros=param_zeros,
+           param_group_size=param_group_size, philox_seed=rounding_philox_seed(seed, step))
 
 
-def _launch(config: KernelConfig, param, grad, proj, exp_avg, exp_avg_sq, rank: int,
-            coeffs: dict[str, float], index_64: bool | None = None, *,
-            basis: BasisArgs | None = None, philox_seed: int = 0):
-    """Launches one validated step with a given configuration (benchmarks try others); returns
-    Triton's handle of the launched kernel (registers, spills) when compiled. ``basis``
-    describes an INT4 or DCT proj (default: proj is a dense basis); ``philox_seed`` keys the
-    stochastic rounding of bf16 moments (rounding_philox_seed(seed, step))."""
+def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
+           index_64: bool | None = None, *, basis: BasisArgs | None = None,
+           param_scales: torch.Tensor | None = None, param_zeros: torch.Tensor | None = None,
+           param_group_size: int = 256, philox_seed: int = 0,
+           configs: tuple[TileConfig, TileConfig] | None = None) -> None:
+    """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs). ``basis``
+    describes an INT4 or DCT proj (default: proj is a dense basis); a uint8 ``param`` holds INT8
+    codes with their scales/zeros, requantized with u = tl.rand(philox_seed, index);
+    ``philox_seed`` also keys the stochastic rounding of bf16 moments in launch A.
+    ``configs``: (launch A, launch B) in place of ``pick_configs`` (bench/tune_triton_step.py)."""
     m, n = param.shape
     right = is_right_side(m, n)
+    own, long = (m, n) if right else (n, m)
     if basis is None:
         basis = basis_args(proj, m, n, rank, grad.dtype)
-    grid = (triton.cdiv(m if right else n, config.block_own),)
-    if index_64 is None:  # int32 offsets overflow past 2**31 elements (m·n, or r·long)
-        index_64 = (needs_index_64(param, proj, exp_avg) or needs_wide_phase(basis.kind, m, n)
-                    or (basis.kind != 0 and rank * min(m, n) >= 2**31))
-    return _fused_galore_step_kernel[grid](
-        param, grad, basis.tensor, basis.scales, basis.zeros, exp_avg, exp_avg_sq,
-        param.stride(0), grad.stride(0), basis.stride, exp_avg.stride(0),
-        m, n, rank, **coeffs, philox_seed=philox_seed,
-        RIGHT=right, BLOCK_OWN=config.block_own, BLOCK_LONG=config.block_long,
-        R_PAD=config.r_pad, BASIS=basis.kind, PROJ_GROUP=basis.group_size, INDEX_64=index_64,
-        INTERPRETED=param.device.type == "cpu",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    int8_weight = param.dtype == torch.uint8
+    if index_64 is None:  # int32 offsets overflow past 2**31 (any tensor's span, or r·long)
+        index_64 = (needs_index_64(param, grad, exp_avg, basis.tensor)
+                    or needs_wide_phase(basis.kind, m, n)
+                    or (basis.kind != 0 and rank * long >= 2**31))
+    project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
+                                            generated=basis.kind != 0,
+                                            bf16_moments=exp_avg.dtype == torch.bfloat16,
+                                            index_64=index_64)
+    normalized = torch.empty(exp_avg.shape, dtype=workspace_dtype(param.dtype),
+                             device=param.device)
+    interpreted = param.device.type == "cpu"
+    # INT8 weights: no FMA contraction, so that every fp32 operation rounds as on the CPU
+    # (lowrank/adam.h, quant.h) and the codes are the CPU kernel's wherever back(N) agrees.
+    exact = {"enable_fp_fusion": False} if int8_weight else {}
+    basis_strides = (basis.stride_rank, basis.stride_long)
+    grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)
+    _project_adam_kernel[grid_a](
+        grad, *basis.pointers, exp_avg, exp_avg_sq, normalized,
+        *grad.stride(), *basis_strides, exp_avg.stride(0), normalized.stride(0),
+        m, n, rank,
+        coeffs["beta1"], coeffs["beta2"], coeffs["one_minus_beta1"], coeffs["one_minus_beta2"],
+        coeffs["eps"], philox_seed,
+        RIGHT=right, BLOCK_OWN=project.block_own, BLOCK_R=project.block_r,
+        BLOCK_LONG=project.block_long, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
+        INDEX_64=index_64, INTERPRETED=interpreted,
+        num_warps=project.num_warps, num_stages=project.num_stages, **exact,
     )
+    if int8_weight:
+        _launch_int8_update(param, param_scales, param_zeros, param_group_size, philox_seed,
+                            basis, normalized, rank, coeffs, index_64, interpreted)
+        return
+    grid_b = (triton.cdiv(own, back.block_own) * triton.cdiv(long, back.block_long),)
+    _back_project_kernel[grid_b](
+        param, *basis.pointers, normalized,
+        param.stride(0), *basis_strides, normalized.stride(0),
+        m, n, rank,
+        coeffs["decay"], coeffs["update_scale"],
+        RIGHT=right, BLOCK_OWN=back.block_own, BLOCK_LONG=back.block_long,
+        BLOCK_R=back.block_r, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
+        INDEX_64=index_64, INTERPRETED=interpreted,
+        num_warps=back.num_warps, num_stages=back.num_stages,
+    )
+
+
+def _launch_int8_update(codes, scales, zeros, group_size, philox_seed, basis, normalized, rank,
+                        coeffs, index_64, interpreted):
+    m, n = codes.shape
+    config = int8_config(n, group_size, index_64)
+    if interpreted and config.path == "groups":  # the interpreter pays per program
+        config = dataclasses.replace(config, block_groups=max(1, 4096 // config.block_g))
+    common = {"RIGHT": is_right_side(m, n), "BLOCK_R": config.block_r, "GROUP": group_size,
+              "BASIS": basis.kind, "PROJ_GROUP": basis.group_size, "INDEX_64": index_64,
+              "INTERPRETED": interpreted, "num_warps": config.num_warps,
+              "num_stages": config.num_stages, "enable_fp_fusion": False}
+    args = (codes, scales, zeros, *basis.pointers, normalized, basis.stride_rank,
+            basis.stride_long, normalized.stride(0))
+    if config.path == "rows":
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+        _int8_update_rows_kernel[grid](
+            *args, m, n, rank, coeffs["decay"], coeffs["update_scale"], philox_seed,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, **common)
+    else:
+        groups = triton.cdiv(m * n, group_size)
+        grid = (triton.cdiv(groups, config.block_groups),)
+        _int8_update_groups_kernel[grid](
+            *args, m, n, rank, m * n, groups, coeffs["decay"], coeffs["update_scale"],
+            philox_seed, BLOCK_GROUPS=config.block_groups, BLOCK_G=config.block_g, **common)

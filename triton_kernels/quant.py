@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels import _checks
+
 PHILOX_BLOCK = 1024
 # The interpreter pays per program, not per element: it runs CPU tensors in far fewer programs.
 INTERPRETER_BLOCK = 65536
@@ -33,7 +35,9 @@ def _philox_uniform_kernel(out_ptr, offsets_ptr, seed, numel, BLOCK: tl.constexp
 
 
 def philox_uniform(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Launcher of :func:`_philox_uniform_kernel` (arguments checked by lowrank_kernels.ops)."""
+    """Launcher of :func:`_philox_uniform_kernel`; the launchers below validate their arguments
+    (lowrank_kernels._checks) and take the ops' schema signatures."""
+    _checks.check_philox_uniform(seed, offsets)
     offsets = offsets.contiguous()
     out = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
     numel = offsets.numel()
@@ -155,13 +159,15 @@ def _quantize(x: torch.Tensor, group_size: int, max_code: int, stochastic: bool,
 
 
 def quantize_int4(x: torch.Tensor, group_size: int = 256):
-    """Packed INT4 codes, scales, zeros (arguments checked by lowrank_kernels.ops)."""
+    """Packed INT4 codes, scales, zeros."""
+    _checks.check_quantize_int4(x, group_size)
     return _quantize(x, group_size, 15, False, 0, pack_int4=True)
 
 
 def quantize_int8(x: torch.Tensor, group_size: int = 256, stochastic: bool = False,
                   seed: int = 0):
     """INT8 codes, scales, zeros; stochastic rounding draws tl.rand(seed, row-major index)."""
+    _checks.check_quantize_int8(x, group_size, stochastic, seed)
     return _quantize(x, group_size, 255, stochastic, seed, pack_int4=False)
 
 
@@ -169,14 +175,16 @@ def _dequantize(codes, scales, zeros, shape, group_size, packed_int4):
     out = torch.empty(shape, dtype=torch.float32, device=codes.device)
     numel = out.numel()
     _dequantize_kernel[(triton.cdiv(numel, DEQUANT_BLOCK),)](
-        codes.contiguous(), scales, zeros, out, numel, GROUP=group_size,
+        codes.contiguous(), scales.contiguous(), zeros.contiguous(), out, numel, GROUP=group_size,
         PACKED_INT4=packed_int4, BLOCK=DEQUANT_BLOCK)
     return out
 
 
 def dequantize_int4(packed, scales, zeros, shape, group_size: int = 256):
+    _checks.check_dequantize_int4(packed, scales, zeros, shape, group_size)
     return _dequantize(packed, scales, zeros, list(shape), group_size, packed_int4=True)
 
 
 def dequantize_int8(codes, scales, zeros, group_size: int = 256):
+    _checks.check_dequantize_int8(codes, scales, zeros, group_size)
     return _dequantize(codes, scales, zeros, list(codes.shape), group_size, packed_int4=False)

@@ -86,17 +86,24 @@ at::Tensor dct_rows_cpu(int64_t d, const at::Tensor& indices) {
 
 namespace {
 
+// Element p of line l is G's element l * line_stride + p * pos_stride (G of any strides: a
+// transposed gradient is read in place, never copied).
 struct Geometry {
   int64_t m, n, d, lines;
   bool right;
+  int64_t line_stride, pos_stride;
+  // lines are gathered across: consecutive lines are adjacent in memory, positions are not
+  // (the left side of a row-major G, the right side of a transposed one)
+  bool across() const { return line_stride == 1 && pos_stride != 1; }
 };
 
-// Lines per tile: a tile's fp32 input and its rfft output (~12 bytes x lines x d) stay in L2 on
-// the right side. The left side gathers columns of G, reading runs of `lines` elements from d
-// different rows: it needs runs of >= 512 bytes (measured: 32 lines cost ~1.2x, 128 lines ~1.0x
-// the time of one projection GEMM at 2048 x 5504), so its tiles spill to L3.
+// Lines per tile: a tile's fp32 input and its rfft output (~12 bytes x lines x d) stay in L2 when
+// each line is read along its own run. Gathering across lines (the left side of a row-major G)
+// reads runs of `lines` elements from d different places: it needs runs of >= 512 bytes
+// (measured: 32 lines cost ~1.2x, 128 lines ~1.0x the time of one projection GEMM at
+// 2048 x 5504), so its tiles spill to L3.
 int64_t tile_lines(const Geometry& g) {
-  return std::clamp<int64_t>((int64_t{1} << 15) / g.d, g.right ? 32 : 128, 256);
+  return std::clamp<int64_t>((int64_t{1} << 15) / g.d, g.across() ? 128 : 32, 256);
 }
 
 // Floats added to a tile row: with d a power of two, rows d floats apart map to the same cache
@@ -139,21 +146,23 @@ void add_line_scores(const float* __restrict__ x, int64_t d, int64_t norm,
 template <typename scalar_t>
 void gather_tile(const scalar_t* grad, const Geometry& g, const std::vector<int64_t>& order,
                  int64_t start, int64_t len, float* dst, int64_t ld) {
-  if (g.right) {  // a line is a contiguous row of G
+  if (!g.across()) {  // each line along its own run (a row of a row-major G on the right)
+    const int64_t step = g.pos_stride;
     for (int64_t t = 0; t < len; ++t) {
-      const scalar_t* src = grad + (start + t) * g.n;
+      const scalar_t* src = grad + (start + t) * g.line_stride;
       float* out = dst + t * ld;
-      for (int64_t p = 0; p < g.d; ++p) out[p] = static_cast<float>(src[order[p]]);
+      for (int64_t p = 0; p < g.d; ++p) out[p] = static_cast<float>(src[order[p] * step]);
     }
     return;
   }
-  // A line is a column of G: a blocked transpose, reading kBlock rows of G side by side so that
-  // each write fills kBlock consecutive floats (one cache line) of a line.
+  // Consecutive lines are adjacent (a column of a row-major G): a blocked transpose, reading
+  // kBlock positions side by side so that each write fills kBlock consecutive floats (one cache
+  // line) of a line.
   constexpr int64_t kBlock = 16;
   for (int64_t p0 = 0; p0 < g.d; p0 += kBlock) {
     const int64_t width = std::min(kBlock, g.d - p0);
     const scalar_t* rows[kBlock];
-    for (int64_t u = 0; u < width; ++u) rows[u] = grad + order[p0 + u] * g.n + start;
+    for (int64_t u = 0; u < width; ++u) rows[u] = grad + order[p0 + u] * g.pos_stride + start;
     int64_t t = 0;
 #if defined(__SSE2__)
     // fp32 full blocks: 4 x 4 register transposes instead of one scalar load per element (the
@@ -322,21 +331,22 @@ std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_
   check_dct_select(grad, rank, norm, method);
   LOWRANK_CHECK_VALUE(grad.device().is_cpu(), "grad: expected a CPU tensor, got ", grad.device());
   const int64_t m = grad.size(0), n = grad.size(1);
-  Geometry g{m, n, 0, 0, m >= n};
+  Geometry g{m, n, 0, 0, m >= n, 0, 0};
   g.d = g.right ? n : m;
   g.lines = g.right ? m : n;
+  g.line_stride = grad.stride(g.right ? 0 : 1);
+  g.pos_stride = grad.stride(g.right ? 1 : 0);
   const bool use_fft = method == "fft" || (method == "auto" && g.d >= kFftMinSize);
 
-  const at::Tensor src = grad.contiguous();
   const int64_t lines_per = tile_lines(g);
   const int64_t tiles = (g.lines + lines_per - 1) / lines_per;
   std::vector<float> partials(static_cast<size_t>(tiles * g.d), 0.0f);
   at::Tensor x;  // dense path only: X, line-major
   if (use_fft) {
-    fft_scores(src, g, norm, lines_per, partials.data());
+    fft_scores(grad, g, norm, lines_per, partials.data());
   } else {
-    x = at::empty({g.lines, g.d}, src.options().dtype(at::kFloat));
-    dense_coefficients(src, g, norm, lines_per, x, partials.data());
+    x = at::empty({g.lines, g.d}, grad.options().dtype(at::kFloat));
+    dense_coefficients(grad, g, norm, lines_per, x, partials.data());
   }
   // Tile partials summed in tile order (double): independent of the thread count.
   std::vector<double> scores(static_cast<size_t>(g.d), 0.0);
@@ -345,14 +355,14 @@ std::tuple<at::Tensor, at::Tensor> dct_select_cpu(const at::Tensor& grad, int64_
   }
   const std::vector<int32_t> chosen = top_r(scores, rank);
 
-  at::Tensor indices = at::empty({rank}, src.options().dtype(at::kInt));
+  at::Tensor indices = at::empty({rank}, grad.options().dtype(at::kInt));
   std::copy(chosen.begin(), chosen.end(), indices.data_ptr<int32_t>());
   at::Tensor low_rank = at::empty(g.right ? std::vector<int64_t>{m, rank}
                                           : std::vector<int64_t>{rank, n},
-                                  src.options().dtype(at::kFloat));
+                                  grad.options().dtype(at::kFloat));
   float* out = low_rank.data_ptr<float>();
   if (use_fft) {
-    fft_selected(src, g, lines_per, chosen, out);
+    fft_selected(grad, g, lines_per, chosen, out);
     return {indices, low_rank};
   }
   const float* xs = x.data_ptr<float>();

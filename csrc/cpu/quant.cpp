@@ -193,9 +193,12 @@ at::Tensor dequantize_int4_cpu(const at::Tensor& packed, const at::Tensor& scale
                                int64_t group_size) {
   at::Tensor out = at::empty(shape, packed.options().dtype(at::kFloat));
   const int64_t numel = out.numel();
-  const uint8_t* codes = packed.data_ptr<uint8_t>();
-  const float* s = scales.data_ptr<float>();
-  const float* z = zeros.data_ptr<float>();
+  // read-only inputs of any stride: dense copies when strided (basis-sized, once per call)
+  const at::Tensor packed_c = packed.contiguous(), scales_c = scales.contiguous();
+  const at::Tensor zeros_c = zeros.contiguous();
+  const uint8_t* codes = packed_c.data_ptr<uint8_t>();
+  const float* s = scales_c.data_ptr<float>();
+  const float* z = zeros_c.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, num_groups(numel, group_size), 16, [&](int64_t begin, int64_t end) {
     for (int64_t gi = begin; gi < end; ++gi) {
@@ -300,11 +303,12 @@ at::Tensor dequantize_int4_entry(const at::Tensor& packed, const at::Tensor& sca
                     "packed: expected shape [", (numel + 1) / 2, "] (ceil(", numel,
                     " / 2) bytes for shape ", shape_str(shape), "), got ",
                     shape_str(packed.sizes()));
-  check_contiguous(packed, "packed");
   LOWRANK_CHECK_VALUE(packed.device().is_cpu(), "packed: expected a CPU tensor, got ",
                     packed.device());
-  check_group_params(scales, numel, group_size, packed.device(), "scales", "INT4 codes");
-  check_group_params(zeros, numel, group_size, packed.device(), "zeros", "INT4 codes");
+  check_group_params(scales, numel, group_size, packed.device(), "scales", "INT4 codes",
+                     /*written=*/false);
+  check_group_params(zeros, numel, group_size, packed.device(), "zeros", "INT4 codes",
+                     /*written=*/false);
   return dequantize_int4_cpu(packed, scales, zeros, shape, group_size);
 }
 
@@ -352,14 +356,17 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& codes, const at::Tensor& scales
   LOWRANK_CHECK_VALUE(codes.numel() >= 1, "codes: expected at least one element");
   LOWRANK_CHECK_VALUE(codes.device().is_cpu(), "codes: expected a CPU tensor, got ",
                     codes.device());
-  check_group_params(scales, codes.numel(), group_size, codes.device(), "scales", "INT8 codes");
-  check_group_params(zeros, codes.numel(), group_size, codes.device(), "zeros", "INT8 codes");
+  check_group_params(scales, codes.numel(), group_size, codes.device(), "scales", "INT8 codes",
+                     /*written=*/false);
+  check_group_params(zeros, codes.numel(), group_size, codes.device(), "zeros", "INT8 codes",
+                     /*written=*/false);
   const at::Tensor src = codes.contiguous();
+  const at::Tensor scales_c = scales.contiguous(), zeros_c = zeros.contiguous();
   at::Tensor out = at::empty(src.sizes(), src.options().dtype(at::kFloat));
   const int64_t numel = src.numel();
   const uint8_t* q = src.data_ptr<uint8_t>();
-  const float* s = scales.data_ptr<float>();
-  const float* z = zeros.data_ptr<float>();
+  const float* s = scales_c.data_ptr<float>();
+  const float* z = zeros_c.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, num_groups(numel, group_size), 16, [&](int64_t begin, int64_t end) {
     for (int64_t gi = begin; gi < end; ++gi) {

@@ -33,6 +33,7 @@
 
 #include "lowrank/checks.h"
 #include "lowrank/dct.h"
+#include "registration.h"
 
 namespace lowrank {
 namespace {
@@ -261,11 +262,13 @@ at::Tensor dct_basis_cuda(int64_t d, const at::Tensor& indices) {
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
+void register_kernels(torch::Library& m) {
   m.impl("dct_select", &dct_select_cuda);
   m.impl("dct_basis", &dct_basis_cuda);
 }
+
+}  // namespace
+
+LOWRANK_REGISTER_CUDA_KERNELS(register_kernels)
 
 }  // namespace lowrank

@@ -25,6 +25,7 @@
 #include "lowrank/checks.h"
 #include "lowrank/philox.h"
 #include "lowrank/quant.h"
+#include "registration.h"
 
 namespace lowrank {
 namespace {
@@ -204,8 +205,11 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& scales,
   at::Tensor out = at::empty(shape, codes.options().dtype(at::kFloat));
   const int64_t numel = out.numel();
   auto stream = c10::cuda::getCurrentCUDAStream();
+  // read-only inputs of any stride: dense copies when strided
+  const at::Tensor codes_c = codes.contiguous(), scales_c = scales.contiguous();
+  const at::Tensor zeros_c = zeros.contiguous();
   dequantize_kernel<<<elementwise_blocks(numel), kThreads, 0, stream>>>(
-      codes.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<float>(),
+      codes_c.data_ptr<uint8_t>(), scales_c.data_ptr<float>(), zeros_c.data_ptr<float>(),
       out.data_ptr<float>(), numel, group_size, packed_int4);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -223,10 +227,11 @@ at::Tensor dequantize_int4_cuda(const at::Tensor& packed, const at::Tensor& scal
                     "packed: expected shape [", (numel + 1) / 2, "] (ceil(", numel,
                     " / 2) bytes for shape ", shape_str(shape), "), got ",
                     shape_str(packed.sizes()));
-  check_contiguous(packed, "packed");
   check_cuda_input(packed, "packed");
-  check_group_params(scales, numel, group_size, packed.device(), "scales", "INT4 codes");
-  check_group_params(zeros, numel, group_size, packed.device(), "zeros", "INT4 codes");
+  check_group_params(scales, numel, group_size, packed.device(), "scales", "INT4 codes",
+                     /*written=*/false);
+  check_group_params(zeros, numel, group_size, packed.device(), "zeros", "INT4 codes",
+                     /*written=*/false);
   return dequantize_cuda(packed, scales, zeros, shape, group_size, /*packed_int4=*/true);
 }
 
@@ -236,20 +241,24 @@ at::Tensor dequantize_int8_cuda(const at::Tensor& codes, const at::Tensor& scale
   check_group_size(group_size, "group_size", /*packed_int4=*/false);
   LOWRANK_CHECK_VALUE(codes.numel() >= 1, "codes: expected at least one element");
   check_cuda_input(codes, "codes");
-  check_group_params(scales, codes.numel(), group_size, codes.device(), "scales", "INT8 codes");
-  check_group_params(zeros, codes.numel(), group_size, codes.device(), "zeros", "INT8 codes");
+  check_group_params(scales, codes.numel(), group_size, codes.device(), "scales", "INT8 codes",
+                     /*written=*/false);
+  check_group_params(zeros, codes.numel(), group_size, codes.device(), "zeros", "INT8 codes",
+                     /*written=*/false);
   const at::Tensor src = codes.contiguous();
   return dequantize_cuda(src, scales, zeros, src.sizes(), group_size, /*packed_int4=*/false);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
+void register_kernels(torch::Library& m) {
   m.impl("philox_uniform", &philox_uniform_cuda);
   m.impl("quantize_int4", &quantize_int4_cuda);
   m.impl("dequantize_int4", &dequantize_int4_cuda);
   m.impl("quantize_int8", &quantize_int8_cuda);
   m.impl("dequantize_int8", &dequantize_int8_cuda);
 }
+
+}  // namespace
+
+LOWRANK_REGISTER_CUDA_KERNELS(register_kernels)
 
 }  // namespace lowrank

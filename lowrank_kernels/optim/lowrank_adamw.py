@@ -129,9 +129,9 @@ class LowRankAdamW(torch.optim.Optimizer):
     r"""AdamW whose projected parameters take one fused low-rank step each.
 
     A parameter group with a ``rank`` is projected: each of its weights W (m×n, gradient G) is
-    stepped by ONE call of ``fused_galore_step`` on the backend ``lowrank_kernels.ops`` picks
-    (its switch honoured; the dispatcher's ``torch.ops.lowrank.fused_galore_step`` when that is
-    the registered kernel), after a refresh of its projection when the group's policy says so.
+    stepped by ONE call of ``torch.ops.lowrank.fused_galore_step`` (the kernel registered for its
+    device: C++ on CPU, Triton on CUDA; the constructor's ``backend`` forces one implementation),
+    after a refresh of its projection when the group's policy says so.
     Groups without ``rank`` take plain AdamW.
 
     **Projected step** (DESIGN.md §4.2, galore-torch's ``GaLoreAdamW``), t the step count after
@@ -383,15 +383,13 @@ class LowRankAdamW(torch.optim.Optimizer):
         lr_op = lr * (1.0 - beta1**step) / math.sqrt(1.0 - beta2**step)
         return lr_op, (wd * lr / lr_op if lr_op > 0 else wd)
 
-    def _fused_step_kernel(self, device: torch.device) -> Callable:
-        """What runs the fused step on ``device``: the backend ``ops`` picks, resolved once per
-        group and step instead of once per weight. When that is the kernel registered with the
-        dispatcher, the dispatcher is called directly (what ``ops.fused_galore_step`` does
-        then, without its per-call resolution)."""
-        chosen = ops.resolve_backend("fused_galore_step", device, self.backend)
-        if chosen in ("cpu", "cuda"):
+    def _fused_step_kernel(self) -> Callable:
+        """What runs the fused step: the dispatcher's op (the kernel registered for the tensors'
+        device: C++ on CPU, Triton on CUDA; lowrank_kernels._dispatch), or, with an explicit
+        ``backend``, that implementation through ``ops``. Looked up once per group and step."""
+        if self.backend is None:
             return torch.ops.lowrank.fused_galore_step.default
-        return functools.partial(ops.fused_galore_step, backend=chosen)
+        return functools.partial(ops.fused_galore_step, backend=self.backend)
 
     @torch.compiler.disable
     def _step_projected(self, group: dict, params: list[torch.Tensor]) -> None:
@@ -407,7 +405,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         weight: at small shapes these per-weight costs are the step's cost (bench/
         bench_step_overhead.py)."""
         spec = self._spec(group)
-        kernels: dict[torch.device, Callable] = {}
+        kernel = self._fused_step_kernel()
         for p in params:
             if distributed.is_sharded(p):  # FSDP2: state placement and collectives live there
                 distributed.step_sharded(self, p)
@@ -423,14 +421,11 @@ class LowRankAdamW(torch.optim.Optimizer):
                 proj_state.refresh_(state, grad, p, spec, step - 1,
                                     self._name(group, self._locate(p)[1], p))
             state["step"].fill_(step)
-            kernel = kernels.get(p.device)
-            if kernel is None:
-                kernel = kernels[p.device] = self._fused_step_kernel(p.device)
             formats = proj_state.step_args(state, spec)
             # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the
             # weight from at::parallel_for workers, where grad mode is not inherited, so handing
             # it the Parameter itself trips autograd's in-place check on a leaf view.
-            kernel(p.detach(), grad.contiguous(), formats.pop("proj"), state["exp_avg"],
+            kernel(p.detach(), grad, formats.pop("proj"), state["exp_avg"],
                    state["exp_avg_sq"], **self._step_hyper(group, state, p, step), **formats)
 
     def _step_hyper(self, group: dict, state: dict, p: torch.Tensor, step: int) -> dict:

@@ -1,6 +1,12 @@
 // Argument validation shared by every C++ entry point (CPU and CUDA). Each failure names the
 // argument and the value expected, and runs before any tensor is written.
-// Host-only (ATen); the Python fake kernels in lowrank_kernels/ops.py mirror these messages.
+// Host-only (ATen); lowrank_kernels/_checks.py (the fake kernels, the Triton launchers and the
+// reference path) mirrors these messages.
+// Layout rule: tensors written in place (param, exp_avg, exp_avg_sq, param_scales/zeros) must be
+// dense row-major (check_contiguous); read-only inputs (grad, proj, proj_scales/zeros, indices,
+// packed codes) may have any strides, as other libraries hold them (a galore-torch basis is a
+// strided SVD output, a gradient may be a transposed view): kernels read them through their
+// strides or copy a small (basis-sized, never m x n on a default path) operand.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -128,7 +134,7 @@ inline void check_hyperparameters(double beta1, double beta2, double eps, int64_
 // An int32 proj holds r row indices of the size-d DCT-II basis, d = the projected dimension.
 // Shape and dtype are checked everywhere; values (range, repeats) only where they are on the host:
 // reading device memory would cost a host sync per call, so GPU callers rely on dct_select (which
-// only produces valid indices) or on ops.check_dct_indices.
+// only produces valid indices).
 inline void check_dct_indices(const at::Tensor& indices, int64_t d, const char* name) {
   LOWRANK_CHECK_VALUE(indices.dim() == 1, name, ": expected a 1-D tensor of DCT row indices, got ",
                     indices.dim(), "-D");
@@ -187,10 +193,11 @@ inline void check_group_size(int64_t group_size, const char* name, bool packed_i
                     group_size);
 }
 
-// scales/zeros of `numel` quantized elements: fp32, 1-D, one per group, on `device`.
+// scales/zeros of `numel` quantized elements: fp32, 1-D, one per group, on `device`; dense
+// when the kernel rewrites them (`written`), of any stride when it only reads them.
 inline void check_group_params(const std::optional<at::Tensor>& t, int64_t numel,
                                int64_t group_size, const at::Device& device, const char* name,
-                               const char* what) {
+                               const char* what, bool written) {
   LOWRANK_CHECK_VALUE(t.has_value(), name, ": required with ", what);
   const int64_t groups = num_groups(numel, group_size);
   LOWRANK_CHECK_VALUE(t->scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
@@ -200,7 +207,7 @@ inline void check_group_params(const std::optional<at::Tensor>& t, int64_t numel
                     ")), got ", shape_str(t->sizes()));
   LOWRANK_CHECK_VALUE(t->device() == device, name, ": expected device ", device, ", got ",
                     t->device());
-  check_contiguous(*t, name);
+  if (written) check_contiguous(*t, name);
 }
 
 inline void check_rounding_seed(int64_t seed) {
@@ -231,7 +238,6 @@ inline StepGeometry check_fused_galore_step(
   check_same_device(grad, param, "grad");
   LOWRANK_CHECK_VALUE(grad.sizes() == param.sizes(), "grad: expected the shape of param ",
                     shape_str(param.sizes()), ", got ", shape_str(grad.sizes()));
-  check_contiguous(grad, "grad");
   check_same_device(proj, param, "proj");
   const int64_t m = param.size(0), n = param.size(1);
   StepGeometry g{m, n, 0, m >= n};
@@ -246,17 +252,15 @@ inline StepGeometry check_fused_galore_step(
     LOWRANK_CHECK_VALUE(proj.dim() == 1 && proj.size(0) == (basis_numel + 1) / 2,
                       "proj: expected a 1-D packed INT4 basis of ", (basis_numel + 1) / 2,
                       " bytes (ceil(", basis_numel, " / 2)), got shape ", shape_str(proj.sizes()));
-    check_contiguous(proj, "proj");
     check_group_size(proj_group_size, "proj_group_size", /*packed_int4=*/true);
     check_group_params(proj_scales, basis_numel, proj_group_size, param.device(), "proj_scales",
-                       "a packed INT4 (uint8) proj");
+                       "a packed INT4 (uint8) proj", /*written=*/false);
     check_group_params(proj_zeros, basis_numel, proj_group_size, param.device(), "proj_zeros",
-                       "a packed INT4 (uint8) proj");
+                       "a packed INT4 (uint8) proj", /*written=*/false);
   } else {
     // Signed integers can only mean DCT indices (uint8 is packed INT4): report them as such.
     const bool dct = at::isIntegralType(proj.scalar_type(), /*includeBool=*/false);
     g = dct ? check_dct_projection(m, n, proj) : check_dense_projection(m, n, proj);
-    check_contiguous(proj, "proj");
     LOWRANK_CHECK_VALUE(!proj_scales && !proj_zeros,
                       "proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj");
   }
@@ -269,9 +273,9 @@ inline StepGeometry check_fused_galore_step(
   if (int8_weight) {
     check_group_size(param_group_size, "param_group_size", /*packed_int4=*/false);
     check_group_params(param_scales, m * n, param_group_size, param.device(), "param_scales",
-                       "INT8 (uint8) param codes");
+                       "INT8 (uint8) param codes", /*written=*/true);
     check_group_params(param_zeros, m * n, param_group_size, param.device(), "param_zeros",
-                       "INT8 (uint8) param codes");
+                       "INT8 (uint8) param codes", /*written=*/true);
     LOWRANK_CHECK_VALUE(!param_scales->is_same(*param_zeros),
                       "param_zeros: must not alias param_scales");
   } else {

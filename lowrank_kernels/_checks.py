@@ -1,0 +1,347 @@
+"""Argument validation of every lowrank op, one function per op with the op's schema signature.
+
+A leaf module (it imports torch and the reference only), used by every Python entry that does
+not reach a C++ kernel: the reference path (lowrank_kernels._dispatch), the fake kernels
+(lowrank_kernels._fakes) and the Triton launchers (lowrank_kernels.triton_kernels). It mirrors
+csrc/include/lowrank/checks.h, message for message: each failure is a ValueError naming the
+argument and the value expected, raised before any tensor is written.
+
+Layout rule (as checks.h): tensors an op writes in place (param, exp_avg, exp_avg_sq,
+param_scales, param_zeros) must be dense row-major; read-only inputs (grad, proj, proj_scales,
+proj_zeros, indices, packed codes, scales and zeros of dequantize) may have any strides, as
+other libraries hold them (galore-torch's basis is a strided SVD output; a gradient may be a
+transposed view).
+
+Sizes may be symbolic (fake tensors under torch.compile with dynamic shapes): size and value
+conditions go through ``_require`` (torch._check_value), which records a guard or a deferred
+runtime assert on the symbols instead of specialising them to the traced values. Values that
+live in device memory (DCT indices) are read only for real CPU tensors, as checks.h does: on a
+GPU that read would synchronise the host on every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from lowrank_kernels import reference
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+MAX_ROUNDING_SEED = 2**32 - 1
+MAX_ROUNDING_STEP = 2**31 - 1
+
+
+def _require(cond, message: Callable[[], str]) -> None:
+    """ValueError(message()) unless ``cond``; a plain True costs one comparison, a SymBool is
+    handed to torch._check_value (see the module docstring)."""
+    if cond is not True:
+        torch._check_value(cond, message)
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """Fake (meta/tracing) tensors carry no values to check."""
+    return isinstance(t, torch._subclasses.FakeTensor) or t.device.type == "meta"
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------------
+def check_float_matrix(t: torch.Tensor, name: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got {t.dim()}-D")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
+
+
+def check_same_device(t: torch.Tensor, ref: torch.Tensor, name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (that of param), got {t.device}")
+
+
+def check_contiguous(t: torch.Tensor, name: str) -> None:
+    """For tensors written in place (read-only inputs may have any strides)."""
+    _require(t.is_contiguous(),
+             lambda: f"{name}: expected a contiguous (row-major) tensor; call .contiguous() first")
+
+
+def low_rank_shape(m: int, n: int, rank: int) -> tuple[int, int]:
+    """Shape of R, M and V for an m×n weight: (m, r) on the right side, (r, n) on the left."""
+    return (m, rank) if reference.is_right_side(m, n) else (rank, n)
+
+
+def _check_rank(rank: int, m: int, n: int, name: str) -> None:
+    _require(rank >= 1, lambda: f"{name}: rank r={rank} must lie in [1, min(m, n)="
+                                f"{min(m, n)}]")
+    _require(rank <= torch.sym_min(m, n),
+             lambda: f"{name}: rank r={rank} must lie in [1, min(m, n)={min(m, n)}]")
+
+
+def _check_shape(t: torch.Tensor, shape: tuple | list, name: str, what: str = "") -> None:
+    if t.dim() != len(shape):
+        raise ValueError(f"{name}: expected shape {list(shape)}{what}, got {list(t.shape)}")
+    for have, want in zip(t.shape, shape, strict=True):
+        _require(have == want, lambda: f"{name}: expected shape {list(shape)}{what}, "
+                                       f"got {list(t.shape)}")
+
+
+def check_dense_projection(m: int, n: int, proj: torch.Tensor) -> int:
+    """Validates a dense basis for an m×n weight and returns its rank."""
+    check_float_matrix(proj, "proj")
+    if reference.is_right_side(m, n):
+        _require(proj.shape[1] == n, lambda: f"proj: expected shape (r, n={n}) for a right "
+                                             f"projection (m >= n), got {list(proj.shape)}")
+        rank = proj.shape[0]
+    else:
+        _require(proj.shape[0] == m, lambda: f"proj: expected shape (m={m}, r) for a left "
+                                             f"projection (m < n), got {list(proj.shape)}")
+        rank = proj.shape[1]
+    _check_rank(rank, m, n, "proj")
+    return rank
+
+
+def _check_state(s: torch.Tensor, param: torch.Tensor, shape: tuple[int, int], name: str) -> None:
+    check_same_device(s, param, name)
+    if s.dtype not in STATE_DTYPES:
+        raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {s.dtype}")
+    _check_shape(s, shape, name)
+    check_contiguous(s, name)
+
+
+def check_hyperparameters(beta1: float, beta2: float, eps: float, step: int) -> None:
+    _require(0.0 <= beta1, lambda: f"beta1: expected a value in [0, 1), got {beta1}")
+    _require(beta1 < 1.0, lambda: f"beta1: expected a value in [0, 1), got {beta1}")
+    _require(0.0 <= beta2, lambda: f"beta2: expected a value in [0, 1), got {beta2}")
+    _require(beta2 < 1.0, lambda: f"beta2: expected a value in [0, 1), got {beta2}")
+    _require(eps >= 0.0, lambda: f"eps: expected a value >= 0, got {eps}")
+    _require(step >= 1,
+             lambda: f"step: expected the already-incremented step (>= 1), got {step}")
+
+
+def check_dct_indices(indices: torch.Tensor, d: int, name: str) -> int:
+    """Validates DCT row indices of a size-d basis (1-D int32, length r in [1, d]) and returns r.
+    Their values (in [0, d), no repeats) are checked for real CPU tensors only (module
+    docstring); GPU callers rely on dct_select, which produces valid indices."""
+    if indices.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor of DCT row indices, got {indices.dim()}-D")
+    if indices.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype int32, got {indices.dtype}")
+    rank = indices.shape[0]
+    _require(rank >= 1, lambda: f"{name}: rank r={rank} must lie in [1, d={d}]")
+    _require(rank <= d, lambda: f"{name}: rank r={rank} must lie in [1, d={d}]")
+    if indices.device.type == "cpu" and not is_fake(indices):
+        values = indices.tolist()
+        bad = [v for v in values if not 0 <= v < d]
+        if bad:
+            raise ValueError(f"{name}: index {bad[0]} is outside [0, d={d})")
+        if len(set(values)) != rank:
+            repeated = next(v for v in values if values.count(v) > 1)
+            raise ValueError(f"{name}: index {repeated} is repeated")
+    return rank
+
+
+def check_dct_projection(m: int, n: int, proj: torch.Tensor) -> int:
+    """Validates DCT indices standing for the basis of an m×n weight (d = n right, m left)."""
+    return check_dct_indices(proj, n if reference.is_right_side(m, n) else m, "proj")
+
+
+def check_group_size(group_size: int, name: str, *, packed_int4: bool) -> None:
+    _require(group_size >= 1,
+             lambda: f"{name}: expected a positive group size, got {group_size}")
+    if packed_int4:
+        _require(group_size % 2 == 0, lambda: f"{name}: expected an even group size for packed "
+                                              f"INT4 codes (two per byte), got {group_size}")
+
+
+def check_group_params(t: torch.Tensor | None, numel: int, group_size: int,
+                       device: torch.device, name: str, what: str, *, written: bool = False
+                       ) -> None:
+    """Scales or zeros of ``numel`` quantized elements: fp32, 1-D, one per group, on
+    ``device``; dense when the op rewrites them (``written``)."""
+    if t is None:
+        raise ValueError(f"{name}: required with {what}")
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected dtype float32, got {t.dtype}")
+    groups = reference.num_groups(numel, group_size)
+    _check_shape(t, [groups], name, f" (ceil({numel} / group size {group_size}))")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if written:
+        check_contiguous(t, name)
+
+
+def check_rounding_seed(seed: int) -> None:
+    _require(0 <= seed, lambda: f"seed: expected a value in [0, 2^32 - 1], got {seed}")
+    _require(seed <= MAX_ROUNDING_SEED,
+             lambda: f"seed: expected a value in [0, 2^32 - 1], got {seed}")
+
+
+def _check_uint8(t: torch.Tensor, name: str, what: str) -> None:
+    if t.dtype != torch.uint8:
+        raise ValueError(f"{name}: expected dtype uint8 ({what}), got {t.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# one check per op, with the op's schema signature (csrc/lowrank.cpp)
+# --------------------------------------------------------------------------------------------
+def check_project(grad: torch.Tensor, proj: torch.Tensor) -> int:
+    """project(grad, proj): returns the rank."""
+    check_float_matrix(grad, "grad")
+    check_same_device(proj, grad, "proj")
+    return check_dense_projection(*grad.shape, proj)
+
+
+def check_project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: int,
+                       scale: float = 1.0) -> int:
+    """project_back(low_rank, proj, m, n, scale): returns the rank."""
+    _require(m >= 1, lambda: f"m, n: expected positive sizes, got m={m}, n={n}")
+    _require(n >= 1, lambda: f"m, n: expected positive sizes, got m={m}, n={n}")
+    check_float_matrix(low_rank, "low_rank")
+    check_same_device(proj, low_rank, "proj")
+    rank = check_dense_projection(m, n, proj)
+    _check_shape(low_rank, low_rank_shape(m, n, rank), "low_rank")
+    return rank
+
+
+def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
+                            weight_decay, scale, step, proj_scales=None, proj_zeros=None,
+                            proj_group_size=256, param_scales=None, param_zeros=None,
+                            param_group_size=256, seed=0) -> int:
+    """fused_galore_step(...) in any format; returns the rank. proj: dense float basis, int32
+    DCT indices, or a packed INT4 basis (uint8; the rank is then that of exp_avg); param: float
+    weight or INT8 codes (uint8)."""
+    del lr, weight_decay, scale  # any value is valid
+    int8_weight = param.dtype == torch.uint8
+    if param.dim() != 2:
+        raise ValueError(f"param: expected a 2-D tensor, got {param.dim()}-D")
+    if not int8_weight:
+        check_float_matrix(param, "param")
+    check_contiguous(param, "param")
+    check_float_matrix(grad, "grad")
+    check_same_device(grad, param, "grad")
+    for have, want in zip(grad.shape, param.shape, strict=True):  # both 2-D
+        _require(have == want, lambda: f"grad: expected the shape of param {list(param.shape)}, "
+                                       f"got {list(grad.shape)}")
+    check_same_device(proj, param, "proj")
+    m, n = param.shape
+    right = reference.is_right_side(m, n)
+    if proj.dtype == torch.uint8:
+        if exp_avg.dim() != 2:
+            raise ValueError(f"exp_avg: expected shape {'(m, r)' if right else '(r, n)'} (its "
+                             f"rank sets that of the packed proj), got {list(exp_avg.shape)}")
+        _require(exp_avg.shape[0 if right else 1] == (m if right else n),
+                 lambda: f"exp_avg: expected shape {'(m, r)' if right else '(r, n)'} (its rank "
+                         f"sets that of the packed proj), got {list(exp_avg.shape)}")
+        rank = exp_avg.shape[1] if right else exp_avg.shape[0]
+        _check_rank(rank, m, n, "exp_avg")
+        basis_numel = math.prod(reference.quantized_basis_shape(m, n, rank))
+        if proj.dim() != 1:
+            raise ValueError(f"proj: expected a 1-D packed INT4 basis of {(basis_numel + 1) // 2}"
+                             f" bytes (ceil({basis_numel} / 2)), got shape {list(proj.shape)}")
+        _require(proj.shape[0] == (basis_numel + 1) // 2,
+                 lambda: f"proj: expected a 1-D packed INT4 basis of {(basis_numel + 1) // 2} "
+                         f"bytes (ceil({basis_numel} / 2)), got shape {list(proj.shape)}")
+        check_group_size(proj_group_size, "proj_group_size", packed_int4=True)
+        for t, name in ((proj_scales, "proj_scales"), (proj_zeros, "proj_zeros")):
+            check_group_params(t, basis_numel, proj_group_size, param.device, name,
+                               "a packed INT4 (uint8) proj")
+    else:
+        # Signed integers can only mean DCT indices (uint8 is packed INT4): report them as such.
+        dct = not proj.dtype.is_floating_point and proj.dtype not in (torch.bool, torch.uint8)
+        rank = check_dct_projection(m, n, proj) if dct else check_dense_projection(m, n, proj)
+        if proj_scales is not None or proj_zeros is not None:
+            raise ValueError("proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj")
+    shape = low_rank_shape(m, n, rank)
+    _check_state(exp_avg, param, shape, "exp_avg")
+    _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
+    if exp_avg_sq.dtype != exp_avg.dtype:
+        raise ValueError(f"exp_avg_sq: expected the dtype of exp_avg ({exp_avg.dtype}), got "
+                         f"{exp_avg_sq.dtype}")
+    if exp_avg is exp_avg_sq:
+        raise ValueError("exp_avg_sq: must not alias exp_avg")
+    if int8_weight:
+        check_group_size(param_group_size, "param_group_size", packed_int4=False)
+        for t, name in ((param_scales, "param_scales"), (param_zeros, "param_zeros")):
+            check_group_params(t, m * n, param_group_size, param.device, name,
+                               "INT8 (uint8) param codes", written=True)
+        if param_scales is param_zeros:
+            raise ValueError("param_zeros: must not alias param_scales")
+    elif param_scales is not None or param_zeros is not None:
+        raise ValueError("param_scales/param_zeros: only valid with INT8 (uint8) param codes")
+    if int8_weight or exp_avg.dtype == torch.bfloat16:  # a stochastic-rounding stream
+        check_rounding_seed(seed)
+        _require(step <= MAX_ROUNDING_STEP,
+                 lambda: f"step: expected a value <= 2^31 - 1, got {step}")
+    check_hyperparameters(beta1, beta2, eps, step)
+    return rank
+
+
+def check_philox_uniform(seed: int, offsets: torch.Tensor) -> None:
+    _require(0 <= seed, lambda: f"seed: expected a value in [0, 2^63 - 1], got {seed}")
+    _require(seed < 2**63, lambda: f"seed: expected a value in [0, 2^63 - 1], got {seed}")
+    if offsets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"offsets: expected dtype int64 or int32, got {offsets.dtype}")
+
+
+def _check_quantize_input(x: torch.Tensor) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x: expected dtype float32, bfloat16 or float16, got {x.dtype}")
+    _require(x.numel() >= 1, lambda: "x: expected at least one element")
+
+
+def check_quantize_int4(x: torch.Tensor, group_size: int = 256) -> None:
+    _check_quantize_input(x)
+    check_group_size(group_size, "group_size", packed_int4=True)
+
+
+def check_quantize_int8(x: torch.Tensor, group_size: int = 256, stochastic: bool = False,
+                        seed: int = 0) -> None:
+    _check_quantize_input(x)
+    check_group_size(group_size, "group_size", packed_int4=False)
+    check_rounding_seed(seed)
+
+
+def check_dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          shape: list[int], group_size: int = 256) -> int:
+    """dequantize_int4(...): returns the number of elements."""
+    _check_uint8(packed, "packed", "two INT4 codes per byte")
+    check_group_size(group_size, "group_size", packed_int4=True)
+    for d in shape:
+        _require(d >= 0, lambda: f"shape: expected at least one element, got {list(shape)}")
+    numel = math.prod(shape)
+    _require(numel >= 1, lambda: f"shape: expected at least one element, got {list(shape)}")
+    what = f" (ceil({numel} / 2) bytes for shape {list(shape)})"
+    _check_shape(packed, [(numel + 1) // 2], "packed", what)
+    for t, name in ((scales, "scales"), (zeros, "zeros")):
+        check_group_params(t, numel, group_size, packed.device, name, "INT4 codes")
+    return numel
+
+
+def check_dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          group_size: int = 256) -> None:
+    _check_uint8(codes, "codes", "INT8 codes")
+    check_group_size(group_size, "group_size", packed_int4=False)
+    _require(codes.numel() >= 1, lambda: "codes: expected at least one element")
+    for t, name in ((scales, "scales"), (zeros, "zeros")):
+        check_group_params(t, codes.numel(), group_size, codes.device, name, "INT8 codes")
+
+
+def check_dct_select(grad: torch.Tensor, rank: int, norm: int = 1, *, method: str = "auto"
+                     ) -> None:
+    check_float_matrix(grad, "grad")
+    d = torch.sym_min(*grad.shape)
+    _require(d >= 1, lambda: f"grad: expected a non-empty matrix, got shape {list(grad.shape)}")
+    _require(rank >= 1, lambda: f"rank: expected a value in [1, min(m, n)={d}], got {rank}")
+    _require(rank <= d, lambda: f"rank: expected a value in [1, min(m, n)={d}], got {rank}")
+    if norm not in (1, 2):
+        raise ValueError(f"norm: expected 1 or 2, got {norm}")
+    if method not in ("auto", "fft", "dense"):
+        raise ValueError(f"method: expected 'auto', 'fft' or 'dense', got {method!r}")
+
+
+def check_dct_basis(d: int, indices: torch.Tensor) -> int:
+    """dct_basis(d, indices): returns the rank."""
+    _require(d >= 1, lambda: f"d: expected a basis size >= 1, got {d}")
+    return check_dct_indices(indices, d, "indices")

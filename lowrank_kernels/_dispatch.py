@@ -36,7 +36,9 @@ launches; the launchers pick block sizes and allocate the low-rank workspace per
 optimizer's step is one op call per weight either way.
 
 Everything here is per-op tables keyed by op name; a keyword argument added to a schema needs no
-change in this module (the kernels, the checks and the reference take it).
+change in this module (the kernels, the checks and the reference take it), except a mode the
+CUDA C++ kernel does not serve: it goes into ``CUDA_CXX_DEFAULT_ONLY``, so that under
+``set_cuda_backend("cuda_cxx")`` a call setting it runs the Triton kernel (``cuda_target``).
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ def _reference_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, proj
                                  proj_zeros=None, proj_group_size=256, param_scales=None,
                                  param_zeros=None, param_group_size=256, seed=0, **hyper):
     """The reference of every format: DCT indices become their dense rows (§4.5); a packed INT4
-    basis or INT8 weight codes take the Q-GaLore step (§4.3-§4.4)."""
+    basis or INT8 weight codes take the Q-GaLore step (§4.3-§4.4). ``hyper``: the scalars and
+    the keyword-only modes (inner rule, 8-bit moments, side), passed through."""
     if proj.dtype == torch.int32:
-        proj = reference.dct_projection(proj, *param.shape)
+        proj = reference.dct_projection(proj, *param.shape, right=hyper.get("right"))
     if proj.dtype == torch.uint8 or param.dtype == torch.uint8:
         reference.fused_qgalore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper,
                                      proj_scales=proj_scales, proj_zeros=proj_zeros,
@@ -154,11 +157,39 @@ def _set_targets(backend: str) -> None:
                              else getattr(torch.ops.lowrank_cuda, op))
 
 
-def _cuda_kernel(op: str) -> Callable:
-    targets = _CUDA_TARGETS
+# op -> {keyword: default}: the modes the CUDA C++ kernel serves only at their defaults (it was
+# not extended: no GPU to test it on). Under set_cuda_backend("cuda_cxx") a call that sets one of
+# them runs the Triton kernel instead; lowrank_cuda::<op> called directly refuses it.
+CUDA_CXX_DEFAULT_ONLY: dict[str, dict[str, object]] = {
+    "fused_galore_step": {"inner": "adam", "exp_avg_scales": None, "exp_avg_sq_scales": None,
+                          "right": None},
+}
 
+
+def _is_default(value, default) -> bool:
+    if default is None:
+        return value is None
+    return not isinstance(value, torch.Tensor) and value == default
+
+
+def needs_triton(op: str, kwargs: dict) -> bool:
+    """Whether a call of ``op`` with ``kwargs`` sets a mode that only the Triton kernel serves on
+    CUDA tensors (CUDA_CXX_DEFAULT_ONLY)."""
+    return any(not _is_default(kwargs.get(key, default), default)
+               for key, default in CUDA_CXX_DEFAULT_ONLY.get(op, {}).items())
+
+
+def cuda_target(op: str, kwargs: dict) -> Callable:
+    """What the registered CUDA kernel of ``op`` runs for a call with ``kwargs``: the current
+    backend's kernel, or the Triton kernel for a mode the CUDA C++ kernel lacks."""
+    if _cuda_backend == "cuda_cxx" and TRITON_AVAILABLE and needs_triton(op, kwargs):
+        return triton_kernel(op)
+    return _CUDA_TARGETS[op]
+
+
+def _cuda_kernel(op: str) -> Callable:
     def kernel(*args, **kwargs):
-        return targets[op](*args, **kwargs)
+        return cuda_target(op, kwargs)(*args, **kwargs)
 
     kernel.__name__ = kernel.__qualname__ = f"lowrank_{op}_cuda"
     return kernel

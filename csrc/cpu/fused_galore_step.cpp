@@ -234,80 +234,103 @@ struct StepState {
 // A tile's codes are decoded into fp32 buffers laid out as its R tile (rows x cols contiguous:
 // len x r right, r x len left), updated by the fp32 loops above, and encoded again: the block
 // scales first (absmax along the rank axis: along a row on the right, down a column on the
-// left), then the codes, with the Philox words of the bf16 moments. Block b of a tile row's
-// element j has scale index (j >> shift) * stride + base: right (row = line) base =
-// line * blocks, shift = log2(B), stride 1; left (row = rank i) base = start * blocks + i / B,
-// shift 0, stride = blocks.
-struct ScaleIndex {
-  int64_t base;
-  int shift;
-  int64_t stride;
-  int64_t at(int64_t j) const { return base + (j >> shift) * stride; }
-};
+// left), then the codes, with the Philox words of the bf16 moments. Every elementwise loop runs
+// over one tile row with that row's scales expanded into a contiguous array first (right: the
+// row's blocks repeated B times; left: one scale per column, for the row's block), so that the
+// decode and encode loops are branch-free lanes the compiler vectorizes.
 
-LOWRANK_CPU_CLONES void decode_exp_avg_run(float* out, const int8_t* codes, const float* scales,
-                                           int64_t len, ScaleIndex index) {
-  for (int64_t j = 0; j < len; ++j) out[j] = decode_exp_avg(codes[j], scales[index.at(j)]);
+// The scales of tile row i, one per element, into `out` (cols floats).
+void expand_row_scales(const float* scales, const StepGeometry& g, int64_t start, int64_t i,
+                       int64_t cols, int64_t block, float* out) {
+  const int64_t blocks = (g.r + block - 1) / block;
+  if (g.right) {  // row i is line start + i; its elements j run along the rank
+    const float* line = scales + (start + i) * blocks;
+    for (int64_t j = 0; j < cols; ++j) out[j] = line[j / block];
+  } else {  // row i is rank i; element j is line start + j
+    const float* column = scales + start * blocks + i / block;
+    for (int64_t j = 0; j < cols; ++j) out[j] = column[j * blocks];
+  }
+}
+
+LOWRANK_CPU_CLONES void decode_exp_avg_run(float* out, const int8_t* codes, const float* scale,
+                                           int64_t len) {
+  for (int64_t j = 0; j < len; ++j) out[j] = decode_exp_avg(codes[j], scale[j]);
 }
 
 LOWRANK_CPU_CLONES void decode_exp_avg_sq_run(float* out, const uint8_t* codes,
-                                              const float* scales, int64_t len,
-                                              ScaleIndex index) {
-  for (int64_t j = 0; j < len; ++j) out[j] = decode_exp_avg_sq(codes[j], scales[index.at(j)]);
+                                              const float* scale, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) out[j] = decode_exp_avg_sq(codes[j], scale[j]);
 }
 
 LOWRANK_CPU_CLONES void sqrt_run(float* x, int64_t len) {
   for (int64_t j = 0; j < len; ++j) x[j] = sqrtf(x[j]);
 }
 
-// Stores the codes of `len` consecutive fp32 values (M when `m_values`, sqrt(V) in `v_roots`)
-// whose first has state index `first`, with their (already written) block scales.
-LOWRANK_CPU_CLONES void encode_run(const float* m_values, int8_t* m_codes, const float* m_scales,
-                                   const float* v_roots, uint8_t* v_codes, const float* v_scales,
-                                   int64_t len, int64_t first, ScaleIndex index,
-                                   const AdamCoeffs& c) {
+// The codes of `len` consecutive fp32 values (M, or sqrt(V) when !signed_codes) whose first has
+// state index `first`, given their scales; the Philox words of the bf16 moments (the first word
+// for M, the second for V).
+template <bool signed_codes, typename code_t>
+[[gnu::always_inline]] inline void encode_run(const float* values, const float* scale,
+                                              code_t* codes, int64_t len, int64_t first,
+                                              const AdamCoeffs& c) {
   constexpr int64_t kChunk = 64;
   PhiloxPair words[kChunk];
   for (int64_t start = 0; start < len; start += kChunk) {
     const int64_t n = std::min(kChunk, len - start);
     moment_words_run(words, n, first + start, c);
-    if (m_values != nullptr) {
-      for (int64_t e = 0; e < n; ++e) {
-        const int64_t j = start + e;
-        m_codes[j] = encode_exp_avg(m_values[j], m_scales[index.at(j)], words[e].first);
-      }
-    }
     for (int64_t e = 0; e < n; ++e) {
       const int64_t j = start + e;
-      v_codes[j] = encode_exp_avg_sq(v_roots[j], v_scales[index.at(j)], words[e].second);
+      if constexpr (signed_codes) {
+        codes[j] = encode_exp_avg(values[j], scale[j], words[e].first);
+      } else {
+        codes[j] = encode_exp_avg_sq(values[j], scale[j], words[e].second);
+      }
     }
   }
 }
 
-// The block scales (absmax / max_value) of the rows x cols fp32 tile `x` (|x| taken), written
-// to scales[line * blocks + b]; the rank axis is the columns (right) or the rows (left).
+LOWRANK_CPU_CLONES void encode_exp_avg_run(const float* values, const float* scale,
+                                           int8_t* codes, int64_t len, int64_t first,
+                                           const AdamCoeffs& c) {
+  encode_run<true>(values, scale, codes, len, first, c);
+}
+
+LOWRANK_CPU_CLONES void encode_exp_avg_sq_run(const float* roots, const float* scale,
+                                              uint8_t* codes, int64_t len, int64_t first,
+                                              const AdamCoeffs& c) {
+  encode_run<false>(roots, scale, codes, len, first, c);
+}
+
+// Running absmax of |x| into acc (NaN-propagating), lane by lane.
+LOWRANK_CPU_CLONES void absmax_lanes(float* acc, const float* x, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) acc[j] = absmax_step(acc[j], fabsf(x[j]));
+}
+
+// The block scales (absmax / max_value) of the rows x cols fp32 tile `x`, written to
+// scales[line * blocks + b]; the rank axis is the columns (right) or the rows (left). `work`:
+// room for max(cols, B) floats.
 void block_scales(const float* x, int64_t rows, int64_t cols, const StepGeometry& g,
-                  int64_t start, int64_t block, float max_value, float* scales) {
+                  int64_t start, int64_t block, float max_value, float* scales, float* work) {
   const int64_t blocks = (g.r + block - 1) / block;
-  if (g.right) {  // row i = line start + i, rank along the row
+  if (g.right) {  // row i = line start + i, each block B contiguous ranks of the row
     for (int64_t i = 0; i < rows; ++i) {
       for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t first = b * block, len = std::min(g.r, first + block) - first;
+        std::fill(work, work + len, 0.0f);
+        absmax_lanes(work, x + i * cols + first, len);
         float amax = 0.0f;
-        for (int64_t k = b * block; k < std::min(g.r, (b + 1) * block); ++k) {
-          amax = absmax_step(amax, fabsf(x[i * cols + k]));
-        }
+        for (int64_t k = 0; k < len; ++k) amax = absmax_step(amax, work[k]);
         scales[(start + i) * blocks + b] = amax / max_value;
       }
     }
     return;
   }
-  std::vector<float> amax(static_cast<size_t>(cols));  // column j = line start + j
-  for (int64_t b = 0; b < blocks; ++b) {
-    std::fill(amax.begin(), amax.end(), 0.0f);
+  for (int64_t b = 0; b < blocks; ++b) {  // column j = line start + j, a block B rows of it
+    std::fill(work, work + cols, 0.0f);
     for (int64_t k = b * block; k < std::min(g.r, (b + 1) * block); ++k) {
-      for (int64_t j = 0; j < cols; ++j) amax[j] = absmax_step(amax[j], fabsf(x[k * cols + j]));
+      absmax_lanes(work, x + k * cols, cols);
     }
-    for (int64_t j = 0; j < cols; ++j) scales[(start + j) * blocks + b] = amax[j] / max_value;
+    for (int64_t j = 0; j < cols; ++j) scales[(start + j) * blocks + b] = work[j] / max_value;
   }
 }
 
@@ -317,27 +340,27 @@ void moments8_tile(float* r_then_n, const StepState& s, const StepGeometry& g, i
   const int64_t rows = g.right ? len : g.r, cols = g.right ? g.r : len;
   const int64_t ld = g.right ? g.r : g.n;               // the state's row length
   const int64_t first = g.right ? start * g.r : start;  // state index of tile element (0, 0)
-  const int64_t block = s.block, blocks = (g.r + block - 1) / block;
-  int shift = 0;
-  while ((int64_t{1} << shift) < block) ++shift;
-  const auto index_of_row = [&](int64_t i) {
-    return g.right ? ScaleIndex{(start + i) * blocks, shift, 1}
-                   : ScaleIndex{start * blocks + i / block, 0, blocks};
-  };
+  const int64_t block = s.block;
   const bool has_m = s.exp_avg.defined();
   int8_t* m_codes = has_m ? s.exp_avg.data_ptr<int8_t>() + first : nullptr;
   uint8_t* v_codes = s.exp_avg_sq.data_ptr<uint8_t>() + first;
   float* m_scales = has_m ? s.exp_avg_scales.data_ptr<float>() : nullptr;
   float* v_scales = s.exp_avg_sq_scales.data_ptr<float>();
+  // per task: the fp32 M and V of the tile, a row of scales, the absmax lanes
   thread_local std::vector<float> buffer;
-  buffer.resize(static_cast<size_t>(2 * rows * cols));
+  const int64_t span = std::max(cols, block);
+  buffer.resize(static_cast<size_t>(2 * rows * cols + 2 * span));
   float* m32 = buffer.data();
   float* v32 = m32 + rows * cols;
+  float* row_scale = v32 + rows * cols;
+  float* work = row_scale + span;
   for (int64_t i = 0; i < rows; ++i) {
     if (has_m) {
-      decode_exp_avg_run(m32 + i * cols, m_codes + i * ld, m_scales, cols, index_of_row(i));
+      expand_row_scales(m_scales, g, start, i, cols, block, row_scale);
+      decode_exp_avg_run(m32 + i * cols, m_codes + i * ld, row_scale, cols);
     }
-    decode_exp_avg_sq_run(v32 + i * cols, v_codes + i * ld, v_scales, cols, index_of_row(i));
+    expand_row_scales(v_scales, g, start, i, cols, block, row_scale);
+    decode_exp_avg_sq_run(v32 + i * cols, v_codes + i * ld, row_scale, cols);
   }
   if (has_m) {
     adam_block<float>(r_then_n, m32, v32, rows, cols, cols, 0, c);
@@ -346,13 +369,16 @@ void moments8_tile(float* r_then_n, const StepState& s, const StepGeometry& g, i
   }
   sqrt_run(v32, rows * cols);  // sqrt(V): what the codes hold
   if (has_m) {
-    block_scales(m32, rows, cols, g, start, block, kExpAvgFormat.max_value, m_scales);
+    block_scales(m32, rows, cols, g, start, block, kExpAvgFormat.max_value, m_scales, work);
   }
-  block_scales(v32, rows, cols, g, start, block, kExpAvgSqFormat.max_value, v_scales);
+  block_scales(v32, rows, cols, g, start, block, kExpAvgSqFormat.max_value, v_scales, work);
   for (int64_t i = 0; i < rows; ++i) {
-    encode_run(has_m ? m32 + i * cols : nullptr, has_m ? m_codes + i * ld : nullptr, m_scales,
-               v32 + i * cols, v_codes + i * ld, v_scales, cols, first + i * ld,
-               index_of_row(i), c);
+    if (has_m) {
+      expand_row_scales(m_scales, g, start, i, cols, block, row_scale);
+      encode_exp_avg_run(m32 + i * cols, row_scale, m_codes + i * ld, cols, first + i * ld, c);
+    }
+    expand_row_scales(v_scales, g, start, i, cols, block, row_scale);
+    encode_exp_avg_sq_run(v32 + i * cols, row_scale, v_codes + i * ld, cols, first + i * ld, c);
   }
 }
 

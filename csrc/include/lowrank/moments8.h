@@ -43,24 +43,25 @@ LOWRANK_HD float power_of_two(int e) {
   return float_from_bits(static_cast<uint32_t>(e + 127) << 23);
 }
 
-// The code of a magnitude 0 <= y <= max_value, rounded stochastically with `word`.
-LOWRANK_HD uint32_t fp8_encode(float y, uint32_t word, int mantissa_bits) {
-  int e = static_cast<int>((float_bits(y) >> 23) & 0xFFu) - 127;
+// The code of a magnitude 0 <= y <= max_value, rounded stochastically with `word`. Branch-free
+// 32-bit integer and float lanes (the CPU loops vectorize it): z < 2^(mb+1), so int32 is wide.
+LOWRANK_HD int32_t fp8_encode(float y, uint32_t word, int mantissa_bits) {
+  int32_t e = static_cast<int32_t>((float_bits(y) >> 23) & 0xFFu) - 127;
   e = e < kMinNormalExponent ? kMinNormalExponent : e;
   const float z = y * power_of_two(mantissa_bits - e);
   const float down = floorf(z);
-  const float u = static_cast<float>(word >> 8) * 5.9604644775390625e-08f;  // * 2^-24
-  const uint32_t k = static_cast<uint32_t>(down) + (u < z - down ? 1u : 0u);
-  return (static_cast<uint32_t>(e - kMinNormalExponent) << mantissa_bits) + k;
+  const float u = static_cast<float>(static_cast<int32_t>(word >> 8)) *
+                  5.9604644775390625e-08f;  // * 2^-24, exact
+  const int32_t k = static_cast<int32_t>(down) + (u < z - down ? 1 : 0);
+  return ((e - kMinNormalExponent) << mantissa_bits) + k;
 }
 
 // The exact value of a code (before the block scale).
-LOWRANK_HD float fp8_decode(uint32_t code, int mantissa_bits) {
-  uint32_t field = code >> mantissa_bits;
-  field = field < 1u ? 1u : field;
-  const uint32_t mantissa = code - ((field - 1u) << mantissa_bits);
-  return static_cast<float>(mantissa) *
-         power_of_two(static_cast<int>(field) - 7 - mantissa_bits);
+LOWRANK_HD float fp8_decode(int32_t code, int mantissa_bits) {
+  int32_t field = code >> mantissa_bits;
+  field = field < 1 ? 1 : field;
+  const int32_t mantissa = code - ((field - 1) << mantissa_bits);
+  return static_cast<float>(mantissa) * power_of_two(field - 7 - mantissa_bits);
 }
 
 // The running max of magnitudes |x| >= 0 of a block, NaN-propagating (a NaN anywhere makes the
@@ -69,32 +70,30 @@ LOWRANK_HD float absmax_step(float running, float magnitude) {
   return (magnitude > running || magnitude != magnitude) ? magnitude : running;
 }
 
-// y = min(|x| / s, max_value), or 0 where s is not a positive finite number.
+// y = min(|x| / s, max_value), or 0 where s is not a positive finite number (branch-free).
 LOWRANK_HD float scaled_magnitude(float magnitude, float scale, float max_value) {
-  if (!(scale > 0.0f && scale <= 3.4028234663852886e+38f)) return 0.0f;
-  const float y = magnitude / scale;
-  return y < max_value ? y : max_value;
+  const bool usable = scale > 0.0f && scale <= 3.4028234663852886e+38f;
+  const float y = magnitude / (usable ? scale : 1.0f);
+  return usable ? (y < max_value ? y : max_value) : 0.0f;
 }
 
 LOWRANK_HD int8_t encode_exp_avg(float m, float scale, uint32_t word) {
-  const int c = static_cast<int>(fp8_encode(
-      scaled_magnitude(fabsf(m), scale, kExpAvgFormat.max_value), word,
-      kExpAvgFormat.mantissa_bits));
+  const int32_t c = fp8_encode(scaled_magnitude(fabsf(m), scale, kExpAvgFormat.max_value), word,
+                               kExpAvgFormat.mantissa_bits);
   return static_cast<int8_t>(m < 0.0f ? -c : c);
 }
 
 // `root` = sqrt(V); a positive root never gets code 0.
 LOWRANK_HD uint8_t encode_exp_avg_sq(float root, float scale, uint32_t word) {
-  uint32_t c = fp8_encode(scaled_magnitude(root, scale, kExpAvgSqFormat.max_value), word,
-                          kExpAvgSqFormat.mantissa_bits);
-  if (root > 0.0f && c == 0u) c = 1u;
+  int32_t c = fp8_encode(scaled_magnitude(root, scale, kExpAvgSqFormat.max_value), word,
+                         kExpAvgSqFormat.mantissa_bits);
+  c = (root > 0.0f && c == 0) ? 1 : c;
   return static_cast<uint8_t>(c);
 }
 
 LOWRANK_HD float decode_exp_avg(int8_t code, float scale) {
-  const int c = code;
-  const float value = fp8_decode(static_cast<uint32_t>(c < 0 ? -c : c),
-                                 kExpAvgFormat.mantissa_bits) * scale;
+  const int32_t c = code;
+  const float value = fp8_decode(c < 0 ? -c : c, kExpAvgFormat.mantissa_bits) * scale;
   return c < 0 ? -value : value;
 }
 

@@ -74,6 +74,21 @@ def _reference_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, proj
         reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper, seed=seed)
 
 
+def _reference_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, *rows,
+                                   proj_scales=None, proj_zeros=None, proj_group_size=256,
+                                   **hyper):
+    """The reference on the dense basis every projection format stands for (§4.3, §4.5)."""
+    m, n = param.shape
+    if proj.dtype == torch.int32:
+        proj = reference.dct_projection(proj, m, n)
+    elif proj.dtype == torch.uint8:
+        rank = exp_avg_sq.shape[1] if reference.is_right_side(m, n) else exp_avg_sq.shape[0]
+        proj = reference.dequantize_int4(proj, proj_scales, proj_zeros,
+                                         reference.quantized_basis_shape(m, n, rank),
+                                         proj_group_size)
+    reference.fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, *rows, **hyper)
+
+
 def _reference_dct_select(grad, rank, norm=1, *, method="auto"):
     del method  # one algorithm; the choice only concerns the CPU kernel
     return reference.dct_select(grad, rank, norm)
@@ -95,6 +110,9 @@ OPS: dict[str, Op] = {
     "project_back": Op(_checks.check_project_back, reference.project_back),
     "fused_galore_step": Op(_checks.check_fused_galore_step, _reference_fused_galore_step,
                             "fused_galore_step:fused_galore_step"),
+    "fused_gradnorm_step": Op(_checks.check_fused_gradnorm_step,
+                              _reference_fused_gradnorm_step,
+                              "fused_gradnorm_step:fused_gradnorm_step"),
     "philox_uniform": Op(_checks.check_philox_uniform, reference.philox_uniform,
                          "quant:philox_uniform"),
     "quantize_int4": Op(_checks.check_quantize_int4, reference.quantize_int4,
@@ -148,10 +166,49 @@ def _load_triton(op: str) -> Callable:
     return load_and_run
 
 
+# Calls the CUDA C++ kernels do not serve stay on Triton under set_cuda_backend("cuda_cxx"):
+# those kernels are not extended for modes or ops added since (no GPU to test them on), so per
+# op this table names the keyword arguments the CUDA C++ kernel serves only at their schema
+# default, or holds None when it serves no call at all (lowrank_cuda::<op> then raises
+# NotImplementedError saying so; ops.<op>(..., backend="cuda") reaches that error).
+CUDA_CXX_DEFAULT_ONLY: dict[str, tuple[str, ...] | None] = {
+    "fused_gradnorm_step": None,  # GradNormLoRP: Triton only (DESIGN.md §4.8)
+}
+
+
+def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
+    """Whether lowrank_cuda::<op> serves a call with these keyword arguments (the table
+    above): the registered CUDA kernel sends every other call to the Triton kernel."""
+    if op not in CUDA_CXX_DEFAULT_ONLY:
+        return True
+    default_only = CUDA_CXX_DEFAULT_ONLY[op]
+    if default_only is None:
+        return False
+    schema = getattr(torch.ops.lowrank, op).default._schema
+    defaults = {a.name: a.default_value for a in schema.arguments if a.name in default_only}
+    return all((kwargs.get(k) is None) if defaults[k] is None else kwargs.get(k, defaults[k])
+               == defaults[k] for k in default_only)
+
+
+def _cuda_cxx_target(op: str) -> Callable:
+    """What the registered CUDA kernel runs under set_cuda_backend("cuda_cxx")."""
+    if op not in CUDA_CXX_DEFAULT_ONLY:
+        return getattr(torch.ops.lowrank_cuda, op)
+    if CUDA_CXX_DEFAULT_ONLY[op] is None:
+        return _load_triton(op)
+    cuda_cxx = getattr(torch.ops.lowrank_cuda, op)
+
+    def route(*args, **kwargs):
+        if cuda_cxx_serves(op, kwargs):
+            return cuda_cxx(*args, **kwargs)
+        return triton_kernel(op)(*args, **kwargs)
+
+    return route
+
+
 def _set_targets(backend: str) -> None:
     for op in TRITON_OPS:
-        _CUDA_TARGETS[op] = (_load_triton(op) if backend == "triton"
-                             else getattr(torch.ops.lowrank_cuda, op))
+        _CUDA_TARGETS[op] = _load_triton(op) if backend == "triton" else _cuda_cxx_target(op)
 
 
 def _cuda_kernel(op: str) -> Callable:

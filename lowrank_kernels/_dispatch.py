@@ -36,7 +36,9 @@ launches; the launchers pick block sizes and allocate the low-rank workspace per
 optimizer's step is one op call per weight either way.
 
 Everything here is per-op tables keyed by op name; a keyword argument added to a schema needs no
-change in this module (the kernels, the checks and the reference take it).
+change in this module (the kernels, the checks and the reference take it) unless the CUDA C++
+kernel does not serve it: ``CUDA_CXX_DEFAULT_ONLY`` then keeps such calls on Triton under
+``set_cuda_backend("cuda_cxx")`` (fused_gradnorm_step: every call, it has no CUDA C++ kernel).
 """
 
 from __future__ import annotations

@@ -84,9 +84,9 @@ from ._common import (
     basis_args,
     dot_kind,
 )
+from .fused_galore_step import _BACK_BLOCKS as _GALORE_BACK_BLOCKS
+from .fused_galore_step import _GENERATED_BACK_BLOCKS as _GALORE_GENERATED_BACK_BLOCKS
 from .fused_galore_step import (
-    _BACK_BLOCKS,
-    _GENERATED_BACK_BLOCKS,
     TileConfig,
     index_64_needed,
     weight_kind,
@@ -338,10 +338,14 @@ def _gradnorm_update_kernel(
 # launch configuration
 # --------------------------------------------------------------------------------------------
 # Launch A holds two fp32 accumulators (R and U on the right side) besides the Adam epilogue's
-# R, M, V and N, so its tiles are at most 64 ranks wide, per dot kind (GaLore's 128-wide tile
-# spills with them); generated bases (INT4, DCT: values built in registers, hi/lo split) and
-# bf16 moments (a Philox call per state element) have their own entries where the AOT test
-# found spills. Launches V and B are GaLore's launch B plus a per-row epilogue: its tables.
+# R, M, V and N, so its tiles are at most 64 ranks wide, per dot kind; generated bases (INT4,
+# DCT: values built in registers, hi/lo split) have their own entries. Launches V and B are
+# GaLore's launch B plus a per-row epilogue, with N read in fp32 (rounded to a 16-bit W's type
+# after the load): GaLore's tiles with a 32-rank chunk for 16-bit weights (its 64-rank chunk
+# stages 128 KiB of fp32 N and basis in shared memory, above sm_89's 99 KiB); with a generated
+# basis its 3-stage 128×128 tile overflows too (INT4: 104 KiB) and spills 40 bytes with 64-bit
+# offsets, so 64 rows and 2 stages there (the AOT test). The fp32 launch A on a generated basis
+# spills 8-64 bytes with 32-long chunks (64-bit offsets, DCT and INT4): 16-long ones.
 _PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     ("tc", 32): TileConfig(block_own=64, block_r=32, block_long=64, num_warps=4, num_stages=3),
     ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=8, num_stages=3),
@@ -350,7 +354,15 @@ _PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
 _GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     ("tc", 32): TileConfig(block_own=64, block_r=32, block_long=32, num_warps=4, num_stages=2),
     ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=32, num_warps=8, num_stages=2),
-    ("fp32", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=8, num_stages=2),
+    ("fp32", 32): TileConfig(block_own=32, block_r=32, block_long=16, num_warps=8, num_stages=2),
+}
+_BACK_BLOCKS = {
+    "16bit": TileConfig(block_own=128, block_r=32, block_long=128, num_warps=8, num_stages=3),
+    "fp32": _GALORE_BACK_BLOCKS["fp32"],
+}
+_GENERATED_BACK_BLOCKS = {
+    "16bit": TileConfig(block_own=64, block_r=32, block_long=128, num_warps=8, num_stages=2),
+    "fp32": _GALORE_GENERATED_BACK_BLOCKS["fp32"],
 }
 MAX_BLOCK_R = {"tc": 64, "fp32": 32}
 
@@ -365,7 +377,8 @@ class SmallConfig:
     num_warps: int = 4
 
 
-GRAM_CONFIG = SmallConfig(block_a=32, block_b=64)  # BLOCK_R, BLOCK_LONG
+# BLOCK_R, BLOCK_LONG: a 64-long chunk spills 8 bytes with a DCT basis and 64-bit offsets
+GRAM_CONFIG = SmallConfig(block_a=32, block_b=32)
 ROWS_CONFIG = SmallConfig(block_a=32, block_b=32, block_c=32)  # BLOCK_M, BLOCK_R, BLOCK_PARTS
 
 

@@ -38,7 +38,8 @@ optimizer's step is one op call per weight either way.
 Everything here is per-op tables keyed by op name; a keyword argument added to a schema needs no
 change in this module (the kernels, the checks and the reference take it) unless the CUDA C++
 kernel does not serve it: ``CUDA_CXX_DEFAULT_ONLY`` then keeps such calls on Triton under
-``set_cuda_backend("cuda_cxx")`` (fused_gradnorm_step: every call, it has no CUDA C++ kernel).
+``set_cuda_backend("cuda_cxx")``, and ``TRITON_ONLY_OPS`` every call of an op without a CUDA C++
+kernel (fused_gradnorm_step).
 """
 
 from __future__ import annotations
@@ -168,55 +169,36 @@ def _load_triton(op: str) -> Callable:
     return load_and_run
 
 
-# Calls the CUDA C++ kernels do not serve stay on Triton under set_cuda_backend("cuda_cxx"):
-# those kernels are not extended for modes or ops added since (no GPU to test them on), so per
-# op this table names the keyword arguments the CUDA C++ kernel serves only at their schema
-# default, or holds None when it serves no call at all (lowrank_cuda::<op> then raises
-# NotImplementedError saying so; ops.<op>(..., backend="cuda") reaches that error).
-CUDA_CXX_DEFAULT_ONLY: dict[str, tuple[str, ...] | None] = {
-    "fused_gradnorm_step": None,  # GradNormLoRP: Triton only (DESIGN.md §4.8)
-}
+# Ops without a CUDA C++ kernel (lowrank_cuda::<op> raises NotImplementedError): their CUDA key
+# runs the Triton kernel under either CUDA backend.
+TRITON_ONLY_OPS = ("fused_gradnorm_step",)
+# Keyword arguments that the CUDA C++ kernel of an op serves only at their default value (the
+# modes added after it, never run on a GPU in C++): under set_cuda_backend("cuda_cxx") a call
+# that sets one of them runs the Triton kernel instead (the C++ kernel would refuse it).
+CUDA_CXX_DEFAULT_ONLY: dict[str, dict[str, object]] = {}
 
 
 def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
-    """Whether lowrank_cuda::<op> serves a call with these keyword arguments (the table
-    above): the registered CUDA kernel sends every other call to the Triton kernel."""
-    if op not in CUDA_CXX_DEFAULT_ONLY:
-        return True
-    default_only = CUDA_CXX_DEFAULT_ONLY[op]
-    if default_only is None:
+    """Whether the CUDA C++ kernel of ``op`` serves a call with these keyword arguments."""
+    if op in TRITON_ONLY_OPS:
         return False
-    schema = getattr(torch.ops.lowrank, op).default._schema
-    defaults = {a.name: a.default_value for a in schema.arguments if a.name in default_only}
-    return all((kwargs.get(k) is None) if defaults[k] is None else kwargs.get(k, defaults[k])
-               == defaults[k] for k in default_only)
-
-
-def _cuda_cxx_target(op: str) -> Callable:
-    """What the registered CUDA kernel runs under set_cuda_backend("cuda_cxx")."""
-    if op not in CUDA_CXX_DEFAULT_ONLY:
-        return getattr(torch.ops.lowrank_cuda, op)
-    if CUDA_CXX_DEFAULT_ONLY[op] is None:
-        return _load_triton(op)
-    cuda_cxx = getattr(torch.ops.lowrank_cuda, op)
-
-    def route(*args, **kwargs):
-        if cuda_cxx_serves(op, kwargs):
-            return cuda_cxx(*args, **kwargs)
-        return triton_kernel(op)(*args, **kwargs)
-
-    return route
+    defaults = CUDA_CXX_DEFAULT_ONLY.get(op, {})
+    return all(kwargs.get(key, default) == default for key, default in defaults.items())
 
 
 def _set_targets(backend: str) -> None:
     for op in TRITON_OPS:
-        _CUDA_TARGETS[op] = _load_triton(op) if backend == "triton" else _cuda_cxx_target(op)
+        _CUDA_TARGETS[op] = (_load_triton(op) if backend == "triton" or op in TRITON_ONLY_OPS
+                             else getattr(torch.ops.lowrank_cuda, op))
 
 
 def _cuda_kernel(op: str) -> Callable:
     targets = _CUDA_TARGETS
+    default_only = op in CUDA_CXX_DEFAULT_ONLY
 
     def kernel(*args, **kwargs):
+        if default_only and _cuda_backend == "cuda_cxx" and not cuda_cxx_serves(op, kwargs):
+            return triton_kernel(op)(*args, **kwargs)
         return targets[op](*args, **kwargs)
 
     kernel.__name__ = kernel.__qualname__ = f"lowrank_{op}_cuda"
@@ -301,6 +283,9 @@ def kernel(op: str, backend: str | None, device: torch.device) -> Callable:
                                f"{_extension.LOAD_ERROR}")
         if backend == "cpu" or OPS[op].triton is None:  # project(_back): ATen on every device
             return getattr(torch.ops.lowrank, op)
+        if op in TRITON_ONLY_OPS:
+            raise NotImplementedError(f"backend: {op} has no CUDA C++ kernel (Triton serves "
+                                      "CUDA tensors)")
         if not _has_cuda_cxx(op):
             raise RuntimeError(f"backend: the extension was built without a cuda kernel of {op}")
         return getattr(torch.ops.lowrank_cuda, op)

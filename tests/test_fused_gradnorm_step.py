@@ -404,18 +404,23 @@ def test_fake_kernel_validates_and_compile_traces_the_step():
         torch.testing.assert_close(a, b)
 
 
-def test_cuda_cxx_backend_routes_gradnorm_to_triton():
-    """The CUDA C++ library has no GradNormLoRP kernel: under set_cuda_backend("cuda_cxx")
-    the registered CUDA kernel keeps running Triton for this op (the routing table of
-    lowrank_kernels/_dispatch.py), while fused_galore_step goes to the CUDA C++ kernel."""
+def test_cuda_cxx_backend_routes_gradnorm_to_triton(monkeypatch):
+    """The CUDA C++ library has no GradNormLoRP kernel: under set_cuda_backend("cuda_cxx") the
+    registered CUDA kernel keeps running Triton for this op (TRITON_ONLY_OPS in
+    lowrank_kernels/_dispatch.py), while fused_galore_step goes to the CUDA C++ kernel; and
+    backend="cuda" says so."""
     assert not _dispatch.cuda_cxx_serves("fused_gradnorm_step", {})
     assert _dispatch.cuda_cxx_serves("fused_galore_step", {"seed": 3})
-    if not _dispatch.CUDA_CXX_AVAILABLE or not HAS_TRITON:
-        return
-    target = _dispatch._cuda_cxx_target("fused_gradnorm_step")
-    assert target.__name__ == "load_and_run"  # the Triton launcher, loaded on first call
-    assert _dispatch._cuda_cxx_target("fused_galore_step") is torch.ops.lowrank_cuda.\
-        fused_galore_step
+    targets = {}
+    monkeypatch.setattr(_dispatch, "_CUDA_TARGETS", targets)
+    monkeypatch.setattr(torch.ops, "lowrank_cuda", type("Stub", (), {
+        op: f"lowrank_cuda::{op}" for op in _dispatch.TRITON_OPS}), raising=False)
+    _dispatch._set_targets("cuda_cxx")
+    assert targets["fused_gradnorm_step"].__name__ == "load_and_run"  # Triton, on first call
+    assert targets["fused_galore_step"] == "lowrank_cuda::fused_galore_step"
+    if _dispatch.CUDA_CXX_AVAILABLE:
+        with pytest.raises(NotImplementedError, match="fused_gradnorm_step has no CUDA C"):
+            _dispatch.kernel("fused_gradnorm_step", "cuda", torch.device("cuda"))
 
 
 @needs_triton
@@ -441,4 +446,4 @@ def test_cuda_key_runs_triton_under_both_backends(m, n):
             assert torch.equal(a, b), backend
     with pytest.raises(NotImplementedError, match="not implemented in CUDA C\\+\\+"):
         torch.ops.lowrank_cuda.fused_gradnorm_step.default.redispatch(key, *inputs.args(),
-                                                                      **HYPER)
+                                                                      **HYPER)  # the stub

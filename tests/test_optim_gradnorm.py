@@ -90,7 +90,7 @@ def test_state_and_checkpoint_resume_bit_for_bit():
     """State: LowRankAdamW's plus the four fp32 row tensors; a weights_only checkpoint halfway
     resumes bit for bit (cases.assert_resumes_bit_for_bit), bf16 moments included."""
     batches = mlp_batches(6)
-    model, optimizer = assert_resumes_bit_for_bit(_make, batches)
+    _, optimizer = assert_resumes_bit_for_bit(_make, batches)
     for group in optimizer.param_groups[1:]:
         for p in group["params"]:
             state = optimizer.state[p]

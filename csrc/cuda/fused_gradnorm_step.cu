@@ -1,7 +1,7 @@
 // fused_gradnorm_step (GradNormLoRP, DESIGN.md §4.8) has no CUDA C++ kernel: CUDA tensors run the
 // Triton kernel (triton_kernels/fused_gradnorm_step.py), which lowrank_kernels registers on
 // lowrank::fused_gradnorm_step's CUDA key and keeps there under set_cuda_backend("cuda_cxx")
-// (lowrank_kernels/_dispatch.py, CUDA_CXX_DEFAULT_ONLY): the CUDA C++ kernels are not extended
+// (lowrank_kernels/_dispatch.py, TRITON_ONLY_OPS): the CUDA C++ kernels are not extended
 // for modes added without a GPU to test them on. This registration validates the call like
 // every kernel, then says so: it is what lowrank_cuda::fused_gradnorm_step (ops.<op>(...,
 // backend="cuda")) and, when triton is not installed, lowrank::fused_gradnorm_step run.

@@ -85,10 +85,16 @@ def build_model(cfg: harness.ModelShape, dtype: torch.dtype, device: str = "meta
     Q-GaLore user prepares a model."""
     net = _build_float_model(cfg, dtype, device, use_transformers)
     if int8_weights:
-        from lowrank_kernels.autograd import replace_linear_with_int8
-
-        replace_linear_with_int8(net, lambda name: name.rpartition(".")[2] in GALORE_TARGETS)
+        int8_projected_linears(net)
     return net
+
+
+def int8_projected_linears(net: torch.nn.Module) -> None:
+    """The projected Linears (GALORE_TARGETS) become Int8Linear (INT8 codes, groups of 256), in
+    place, as a Q-GaLore user prepares a model."""
+    from lowrank_kernels.autograd import replace_linear_with_int8
+
+    replace_linear_with_int8(net, lambda name: name.rpartition(".")[2] in GALORE_TARGETS)
 
 
 def _build_float_model(cfg: harness.ModelShape, dtype: torch.dtype, device: str,
@@ -266,11 +272,12 @@ class OurConfig:
     # projected moments: "auto" (the presets' default: the weight's dtype, bf16 stochastically
     # rounded), or a dtype
     state_dtype: str | torch.dtype = "auto"
-    rank: int | None = None  # the projection rank; None: the model's recipe rank
+    rank: int | None = None  # the projection rank; None: the model's recipe rank / rank_divisor
+    rank_divisor: int = 1
     options: tuple[tuple[str, object], ...] = ()  # further group keys of the projected group
 
     def rank_for(self, cfg: harness.ModelShape) -> int:
-        return cfg.rank if self.rank is None else self.rank
+        return max(1, cfg.rank // self.rank_divisor) if self.rank is None else self.rank
 
 
 OUR_CONFIGS: dict[str, OurConfig] = {
@@ -308,7 +315,8 @@ def _groups(net, cfg, recipe_keys: bool = True, rank: int | None = None,
     return [{"params": rest}, group], low_rank, rest
 
 
-def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape):
+def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape,
+                    lr: float = 1e-3):
     """(optimizer, its parameters in accounting order, layer-wise trainer or None) for
     ``name`` on ``net``. ImportError when the package is missing."""
     with _quiet():
@@ -329,8 +337,8 @@ def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape):
             ours = OUR_CONFIGS[name]
             optim = importlib.import_module("lowrank_kernels.optim")
             groups, low_rank, rest = _groups(net, cfg, recipe_keys=ours.preset != "DCTAdamW",
-                                             rank=ours.rank, options=dict(ours.options))
-            opt = getattr(optim, ours.preset)(groups, lr=1e-3, state_dtype=ours.state_dtype)
+                                             rank=ours.rank_for(cfg), options=dict(ours.options))
+            opt = getattr(optim, ours.preset)(groups, lr=lr, state_dtype=ours.state_dtype)
             trainer = optim.LayerwiseTrainer(net, opt) if ours.layerwise else None
             return opt, rest + low_rank, trainer
     raise ValueError(f"optimizer: expected one of {tuple(ACCOUNTANTS)}, got {name!r}")

@@ -625,9 +625,15 @@ def measure(optimizer: str, model_name: str, dtype_name: str = "bf16",
             layers: int | None = None, timeout: float = 600) -> dict | None:
     """Runs ``_measure_in_this_process`` in a fresh interpreter; None when it fails."""
     call = f"{optimizer!r}, {model_name!r}, harness.DTYPE_NAMES[{dtype_name!r}], {layers!r}"
+    return _in_fresh_interpreter(f"_measure_in_this_process({call})",
+                                 f"measured run of {optimizer}", timeout)
+
+
+def _in_fresh_interpreter(call: str, what: str, timeout: float):
+    """``memory.<call>``'s JSON result, evaluated in a fresh interpreter; None when it fails."""
     code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
             "from bench import memory, harness; "
-            f"print('RESULT', json.dumps(memory._measure_in_this_process({call})))")
+            f"print('RESULT', json.dumps(memory.{call}))")
     # A fixed mmap threshold makes glibc return every large freed block to the OS at once (its
     # adaptive threshold would keep freed temporaries resident and blur the growth).
     env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="131072")
@@ -636,7 +642,7 @@ def measure(optimizer: str, model_name: str, dtype_name: str = "bf16",
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    print(f"  measured run of {optimizer} failed: {out.stderr.strip().splitlines()[-1:]}")
+    print(f"  {what} failed: {out.stderr.strip().splitlines()[-1:]}")
     return None
 
 
@@ -807,17 +813,9 @@ def measure_refresh_peak(m: int, n: int, rank: int, dtype_name: str = "bf16",
                          projection: str = "svd", timeout: float = 600) -> int | None:
     """Peak resident growth (VmHWM) of one ``projector.compute`` of an m×n gradient, measured in
     a fresh interpreter (the basis it returns excluded); None when the run fails."""
-    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from bench import memory; "
-            f"print('RESULT', json.dumps(memory._refresh_peak_in_this_process("
-            f"{m}, {n}, {rank}, {dtype_name!r}, {projection!r})))")
-    env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=timeout, env=env, cwd=REPO, check=False)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    print(f"  refresh measurement failed: {out.stderr.strip().splitlines()[-1:]}")
-    return None
+    return _in_fresh_interpreter(
+        f"_refresh_peak_in_this_process({m}, {n}, {rank}, {dtype_name!r}, {projection!r})",
+        "refresh measurement", timeout)
 
 
 def _refresh_peak_in_this_process(m: int, n: int, rank: int, dtype_name: str,

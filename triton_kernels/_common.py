@@ -242,6 +242,28 @@ def _dot_basis(x, basis, acc, BASIS: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _weight_tile_back(W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr, stride_wm,
+                      stride_pr, stride_pl, stride_normm, M, N, R, RIGHT: tl.constexpr,
+                      BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
+                      INTERPRETED: tl.constexpr):
+    """This program's BLOCK_OWN × BLOCK_LONG tile of W in a launch tiled like the back
+    projection (_grid_tile over (own, long)): (offs_own, offs_long, own_mask, long_mask, w_offs,
+    w_mask, W's tile in fp32, back(N) of the tile in fp32 (_back_project_tile in W's type))."""
+    OWN, LONG = _own_long(M, N, RIGHT)
+    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
+                                                          INDEX_64)
+    back = _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
+                              offs_long, own_mask, long_mask, stride_pr, stride_pl, stride_normm,
+                              LONG, R, W_ptr.dtype.element_ty, RIGHT, BLOCK_OWN, BLOCK_LONG,
+                              BLOCK_R, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
+    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
+    w_mask = own_mask[:, None] & long_mask[None, :]
+    w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    return offs_own, offs_long, own_mask, long_mask, w_offs, w_mask, w, back
+
+
+@triton.jit
 def _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
                        offs_long, own_mask, long_mask, stride_pr, stride_pl, stride_normm, LONG,
                        R, DOT_TYPE: tl.constexpr, RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr,

@@ -104,7 +104,6 @@ from lowrank_kernels.reference import is_right_side, rounding_philox_seed
 from ._common import (
     BasisArgs,
     _adam_tile,
-    _back_project_tile,
     _basis_tile,
     _basis_values,
     _dot,
@@ -113,6 +112,7 @@ from ._common import (
     _project_tile,
     _round_to,
     _tile_offsets,
+    _weight_tile_back,
     adam_coeffs,
     basis_args,
     dot_kind,
@@ -163,21 +163,13 @@ def _back_project_kernel(
 ):
     """Launch B: W[own, long] ← decay·W − update_scale·Σ_r N[own, r]·basis[r, long] for one
     BLOCK_OWN × BLOCK_LONG tile of W."""
-    OWN, LONG = _own_long(M, N, RIGHT)
-    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
-                                                          INDEX_64)
-    w_type = W_ptr.dtype.element_ty
     # N is already in W's type (the workspace): only the basis is rounded to it
-    back = _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
-                              offs_long, own_mask, long_mask, stride_pr, stride_pl, stride_normm,
-                              LONG, R, w_type, RIGHT, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
-                              PROJ_GROUP, INDEX_64, INTERPRETED)
-
-    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
-    w_mask = own_mask[:, None] & long_mask[None, :]
-    w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
-             mask=w_mask)
+    _, _, _, _, w_offs, w_mask, w, back = _weight_tile_back(
+        W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr, stride_wm, stride_pr,
+        stride_pl, stride_normm, M, N, R, RIGHT, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
+        PROJ_GROUP, INDEX_64, INTERPRETED)
+    tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, W_ptr.dtype.element_ty,
+                                       INTERPRETED), mask=w_mask)
 
 
 @triton.jit

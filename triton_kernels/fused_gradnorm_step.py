@@ -72,7 +72,6 @@ from lowrank_kernels.reference import is_right_side, rounding_philox_seed
 from ._common import (
     BasisArgs,
     _adam_tile,
-    _back_project_tile,
     _basis_tile,
     _dot,
     _dot_basis,
@@ -80,6 +79,7 @@ from ._common import (
     _own_long,
     _round_to,
     _tile_offsets,
+    _weight_tile_back,
     adam_coeffs,
     basis_args,
     dot_kind,
@@ -288,22 +288,16 @@ def _gradnorm_vnorm_kernel(
     """Launch V (left side only): for one BLOCK_OWN (columns) × BLOCK_LONG (rows) tile,
     v' = a_i·W − us·back(N) and Σ over the tile's columns of v'² per row, into
     VnormParts[row·strips + column strip]."""
-    OWN, LONG = _own_long(M, N, False)
-    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
-                                                          INDEX_64)
-    w_type = W_ptr.dtype.element_ty
-    back = _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
-                              offs_long, own_mask, long_mask, stride_pr, stride_pl, stride_normm,
-                              LONG, R, w_type, False, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
-                              PROJ_GROUP, INDEX_64, INTERPRETED)
+    _, offs_long, _, long_mask, _, w_mask, w, back = _weight_tile_back(
+        W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr, stride_wm, stride_pr,
+        stride_pl, stride_normm, M, N, R, False, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
+        PROJ_GROUP, INDEX_64, INTERPRETED)
     a, _, _ = _row_factor(RowScale_ptr, RowNorm_ptr, offs_long, long_mask, decay)
-    w_mask = own_mask[:, None] & long_mask[None, :]
-    w = tl.load(W_ptr + _tile_offsets(offs_own, offs_long, stride_wm, 1, False), mask=w_mask,
-                other=0.0).to(tl.float32)
     v = a[None, :] * w - update_scale * back
     part = tl.sum(tl.where(w_mask, v * v, 0.0), axis=0)
-    strip = tl.program_id(0) // tl.cdiv(LONG, BLOCK_LONG)
-    tl.store(VnormParts_ptr + offs_long * tl.cdiv(OWN, BLOCK_OWN) + strip, part, mask=long_mask)
+    # the tile is (columns, rows) of W: its column strip is the owned tile index (_grid_tile)
+    strip = tl.program_id(0) // tl.cdiv(M, BLOCK_LONG)
+    tl.store(VnormParts_ptr + offs_long * tl.cdiv(N, BLOCK_OWN) + strip, part, mask=long_mask)
 
 
 @triton.jit
@@ -317,21 +311,14 @@ def _gradnorm_update_kernel(
 ):
     """Launch B: W ← Coeffs[i]·W − Coeffs[m + i]·back(N) on one BLOCK_OWN × BLOCK_LONG tile,
     rounded once to W's dtype."""
-    OWN, LONG = _own_long(M, N, RIGHT)
-    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
-                                                          INDEX_64)
-    w_type = W_ptr.dtype.element_ty
-    back = _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
-                              offs_long, own_mask, long_mask, stride_pr, stride_pl, stride_normm,
-                              LONG, R, w_type, RIGHT, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
-                              PROJ_GROUP, INDEX_64, INTERPRETED)
+    offs_own, offs_long, own_mask, long_mask, w_offs, w_mask, w, back = _weight_tile_back(
+        W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr, stride_wm, stride_pr,
+        stride_pl, stride_normm, M, N, R, RIGHT, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
+        PROJ_GROUP, INDEX_64, INTERPRETED)
     coeff_w = _row_vector(Coeffs_ptr, offs_own, offs_long, own_mask, long_mask, RIGHT)
     coeff_back = _row_vector(Coeffs_ptr + M, offs_own, offs_long, own_mask, long_mask, RIGHT)
-    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
-    w_mask = own_mask[:, None] & long_mask[None, :]
-    w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    tl.store(W_ptr + w_offs, _round_to(coeff_w * w - coeff_back * back, w_type, INTERPRETED),
-             mask=w_mask)
+    tl.store(W_ptr + w_offs, _round_to(coeff_w * w - coeff_back * back, W_ptr.dtype.element_ty,
+                                       INTERPRETED), mask=w_mask)
 
 
 # --------------------------------------------------------------------------------------------

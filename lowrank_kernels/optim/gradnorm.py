@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
 from lowrank_kernels import distributed, ops, reference
 from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW, _is_projected
+from lowrank_kernels.optim.presets import GaLoreAdamW
 from lowrank_kernels.projection import state as proj_state
 
 ROW_STATE_KEYS = ("row_scale", "row_norm", "scale_exp_avg", "scale_exp_avg_sq")
 
 
-class GradNormLoRPAdamW(LowRankAdamW):
+class GradNormLoRPAdamW(GaLoreAdamW):
     r"""GradNormLoRP: the authors' ``LowRankWeightNormAdamW`` (github Jhhuangkay/Gradient-Weight-
     normalized-Low-rank-Projection-for-Efficient-LLM-Training) with each projected weight's step
     fused into one ``torch.ops.lowrank.fused_gradnorm_step`` call, keeping W itself and four
@@ -33,6 +34,8 @@ class GradNormLoRPAdamW(LowRankAdamW):
     SVD is taken of G, which equals ∇v up to rounding). Ours stores g and ‖v‖ and rebuilds
     v = (‖v‖/g) ⊙ W (ops.fused_gradnorm_step has the maths); the trajectory is the authors' to
     fp32 rounding (tests/test_optim_gradnorm.py: 20 steps through this optimizer).
+
+    The constructor is GaLoreAdamW's (the authors' has galore-torch's signature).
 
     **Group keys**: those of :class:`LowRankAdamW` (galore-torch's ``rank``,
     ``update_proj_gap``, ``scale``, ``proj_type``; ``projection``, ``proj_bits``, ``refresh``,
@@ -61,14 +64,6 @@ class GradNormLoRPAdamW(LowRankAdamW):
     ``lowrank_shard_placement``'s column sharding would split every row norm across ranks: not
     implemented. DDP works unchanged (every rank holds whole weights), layer-wise stepping too.
     """
-
-    def __init__(self, params: Iterable, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True,
-                 no_deprecation_warning: bool = False, **lowrank_options):
-        lowrank_options.setdefault("dense_adamw", "galore")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, **lowrank_options)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

@@ -36,9 +36,10 @@ launches; the launchers pick block sizes and allocate the low-rank workspace per
 optimizer's step is one op call per weight either way.
 
 Everything here is per-op tables keyed by op name; a keyword argument added to a schema needs no
-change in this module (the kernels, the checks and the reference take it), except a mode the
-CUDA C++ kernel does not serve: it goes into ``CUDA_CXX_DEFAULT_ONLY``, so that under
-``set_cuda_backend("cuda_cxx")`` a call setting it runs the Triton kernel (``cuda_target``).
+change in this module (the kernels, the checks and the reference take it) unless the CUDA C++
+kernel does not serve it: ``CUDA_CXX_DEFAULT_ONLY`` then keeps such calls on Triton under
+``set_cuda_backend("cuda_cxx")``, and ``TRITON_ONLY_OPS`` every call of an op without a CUDA C++
+kernel (fused_gradnorm_step).
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ def _reference_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, proj
         reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper, seed=seed)
 
 
+def _reference_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, *rows,
+                                   proj_scales=None, proj_zeros=None, proj_group_size=256,
+                                   **hyper):
+    """The reference on the dense basis every projection format stands for (§4.3, §4.5)."""
+    m, n = param.shape
+    if proj.dtype == torch.int32:
+        proj = reference.dct_projection(proj, m, n)
+    elif proj.dtype == torch.uint8:
+        rank = exp_avg_sq.shape[1] if reference.is_right_side(m, n) else exp_avg_sq.shape[0]
+        proj = reference.dequantize_int4(proj, proj_scales, proj_zeros,
+                                         reference.quantized_basis_shape(m, n, rank),
+                                         proj_group_size)
+    reference.fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, *rows, **hyper)
+
+
 def _reference_dct_select(grad, rank, norm=1, *, method="auto"):
     del method  # one algorithm; the choice only concerns the CPU kernel
     return reference.dct_select(grad, rank, norm)
@@ -98,6 +114,9 @@ OPS: dict[str, Op] = {
     "project_back": Op(_checks.check_project_back, reference.project_back),
     "fused_galore_step": Op(_checks.check_fused_galore_step, _reference_fused_galore_step,
                             "fused_galore_step:fused_galore_step"),
+    "fused_gradnorm_step": Op(_checks.check_fused_gradnorm_step,
+                              _reference_fused_gradnorm_step,
+                              "fused_gradnorm_step:fused_gradnorm_step"),
     "philox_uniform": Op(_checks.check_philox_uniform, reference.philox_uniform,
                          "quant:philox_uniform"),
     "quantize_int4": Op(_checks.check_quantize_int4, reference.quantize_int4,
@@ -151,15 +170,12 @@ def _load_triton(op: str) -> Callable:
     return load_and_run
 
 
-def _set_targets(backend: str) -> None:
-    for op in TRITON_OPS:
-        _CUDA_TARGETS[op] = (_load_triton(op) if backend == "triton"
-                             else getattr(torch.ops.lowrank_cuda, op))
-
-
-# op -> {keyword: default}: the modes the CUDA C++ kernel serves only at their defaults (it was
-# not extended: no GPU to test it on). Under set_cuda_backend("cuda_cxx") a call that sets one of
-# them runs the Triton kernel instead; lowrank_cuda::<op> called directly refuses it.
+# Ops without a CUDA C++ kernel (lowrank_cuda::<op> raises NotImplementedError): their CUDA key
+# runs the Triton kernel under either CUDA backend.
+TRITON_ONLY_OPS = ("fused_gradnorm_step",)
+# Keyword arguments that the CUDA C++ kernel of an op serves only at their default value (the
+# modes added after it, never run on a GPU in C++): under set_cuda_backend("cuda_cxx") a call
+# that sets one of them runs the Triton kernel instead (the C++ kernel would refuse it).
 CUDA_CXX_DEFAULT_ONLY: dict[str, dict[str, object]] = {
     "fused_galore_step": {"inner": "adam", "exp_avg_scales": None, "exp_avg_sq_scales": None,
                           "right": None},
@@ -172,17 +188,25 @@ def _is_default(value, default) -> bool:
     return not isinstance(value, torch.Tensor) and value == default
 
 
-def needs_triton(op: str, kwargs: dict) -> bool:
-    """Whether a call of ``op`` with ``kwargs`` sets a mode that only the Triton kernel serves on
-    CUDA tensors (CUDA_CXX_DEFAULT_ONLY)."""
-    return any(not _is_default(kwargs.get(key, default), default)
-               for key, default in CUDA_CXX_DEFAULT_ONLY.get(op, {}).items())
+def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
+    """Whether the CUDA C++ kernel of ``op`` serves a call with these keyword arguments."""
+    if op in TRITON_ONLY_OPS:
+        return False
+    defaults = CUDA_CXX_DEFAULT_ONLY.get(op, {})
+    return all(_is_default(kwargs.get(key, default), default)
+               for key, default in defaults.items())
+
+
+def _set_targets(backend: str) -> None:
+    for op in TRITON_OPS:
+        _CUDA_TARGETS[op] = (_load_triton(op) if backend == "triton" or op in TRITON_ONLY_OPS
+                             else getattr(torch.ops.lowrank_cuda, op))
 
 
 def cuda_target(op: str, kwargs: dict) -> Callable:
     """What the registered CUDA kernel of ``op`` runs for a call with ``kwargs``: the current
     backend's kernel, or the Triton kernel for a mode the CUDA C++ kernel lacks."""
-    if _cuda_backend == "cuda_cxx" and TRITON_AVAILABLE and needs_triton(op, kwargs):
+    if _cuda_backend == "cuda_cxx" and TRITON_AVAILABLE and not cuda_cxx_serves(op, kwargs):
         return triton_kernel(op)
     return _CUDA_TARGETS[op]
 
@@ -273,6 +297,9 @@ def kernel(op: str, backend: str | None, device: torch.device) -> Callable:
                                f"{_extension.LOAD_ERROR}")
         if backend == "cpu" or OPS[op].triton is None:  # project(_back): ATen on every device
             return getattr(torch.ops.lowrank, op)
+        if op in TRITON_ONLY_OPS:
+            raise NotImplementedError(f"backend: {op} has no CUDA C++ kernel (Triton serves "
+                                      "CUDA tensors)")
         if not _has_cuda_cxx(op):
             raise RuntimeError(f"backend: the extension was built without a cuda kernel of {op}")
         return getattr(torch.ops.lowrank_cuda, op)

@@ -112,6 +112,7 @@ from ._common import (
     _project_tile,
     _round_to,
     _tile_offsets,
+    _weight_tile_back,
     adam_coeffs,
     basis_args,
     dot_kind,
@@ -168,31 +169,13 @@ def _back_project_kernel(
 ):
     """Launch B: W[own, long] ← decay·W − update_scale·Σ_r N[own, r]·basis[r, long] for one
     BLOCK_OWN × BLOCK_LONG tile of W."""
-    OWN, LONG = _own_long(M, N, RIGHT)
-    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
-                                                          INDEX_64)
-    w_type = W_ptr.dtype.element_ty
-
-    back = tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32)
-    for start in range(0, R, BLOCK_R):
-        offs_r = start + tl.arange(0, BLOCK_R)
-        if INDEX_64:
-            offs_r = offs_r.to(tl.int64)
-        r_mask = offs_r < R
-        normalized = tl.load(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1,
-                                                            RIGHT),
-                             mask=own_mask[:, None] & r_mask[None, :], other=0.0)
-        basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
-                            long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
-        if w_type != tl.float32 and basis.dtype != w_type:  # N is already in W's type
-            basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
-        back = _dot(normalized, basis, back, INTERPRETED)
-
-    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
-    w_mask = own_mask[:, None] & long_mask[None, :]
-    w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
-             mask=w_mask)
+    # N is already in W's type (the workspace): only the basis is rounded to it
+    _, _, _, _, w_offs, w_mask, w, back = _weight_tile_back(
+        W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr, stride_wm, stride_pr,
+        stride_pl, stride_normm, M, N, R, RIGHT, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
+        PROJ_GROUP, INDEX_64, INTERPRETED)
+    tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, W_ptr.dtype.element_ty,
+                                       INTERPRETED), mask=w_mask)
 
 
 @triton.jit
@@ -602,6 +585,18 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                                           state_block_size))
 
 
+def index_64_needed(param: torch.Tensor, grad: torch.Tensor, moment: torch.Tensor,
+                    basis: BasisArgs, rank: int, right: bool | None = None) -> bool:
+    """Whether a step's int32 offsets overflow past 2**31 (any tensor's span, the r·long
+    elements of a generated basis, or a DCT phase): its launches then take INDEX_64. ``moment``:
+    a low-rank state (V: AdaGrad has no M); ``right``: the side (None: the side rule)."""
+    m, n = param.shape
+    long = n if (is_right_side(m, n) if right is None else right) else m
+    return (needs_index_64(param, grad, moment, basis.tensor)
+            or needs_wide_phase(basis.kind, m, n)
+            or (basis.kind != 0 and rank * long >= 2**31))
+
+
 def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
            index_64: bool | None = None, *, basis: BasisArgs | None = None,
            param_scales: torch.Tensor | None = None, param_zeros: torch.Tensor | None = None,
@@ -621,10 +616,8 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     if basis is None:
         basis = basis_args(proj, m, n, rank, grad.dtype, right=right)
     int8_weight = param.dtype == torch.uint8
-    if index_64 is None:  # int32 offsets overflow past 2**31 (any tensor's span, or r·long)
-        index_64 = (needs_index_64(param, grad, exp_avg_sq, basis.tensor)
-                    or needs_wide_phase(basis.kind, m, n)
-                    or (basis.kind != 0 and rank * long >= 2**31))
+    if index_64 is None:
+        index_64 = index_64_needed(param, grad, exp_avg_sq, basis, rank, right)
     kind = moment_kind(exp_avg_sq)
     project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
                                             generated=basis.kind != 0,

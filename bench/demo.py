@@ -46,7 +46,8 @@ LR = {"galore-torch": 1e-2, "ours GaLoreAdamW": 1e-2, "ours QGaLoreAdamW": 1.5e-
 # Configurations of bench/memory.py trained as they are accounted there (INT8 weights,
 # layer-wise stepping, moment dtype, rank), each at its preset's lr: the memory table's
 # candidates for a small 7B budget, whose loss the README compares with GaLoreAdamW's.
-MEMORY_CONFIGS = ("ours-QGaLoreAdamW-layerwise", "ours-QGaLoreAdamW-layerwise-8bit")
+MEMORY_CONFIGS = ("ours-QGaLoreAdamW-layerwise", "ours-QGaLoreAdamW-layerwise-8bit",
+                  "ours-GradNormLoRPAdamW-layerwise-8bit")
 # AdamW's recipe at 60M is 1e-3; the sweep brackets it (and shows it at GaLore's 0.01)
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 TINY = harness.ModelShape("llama-tiny", hidden=128, intermediate=344, layers=2, heads=4,

@@ -305,6 +305,9 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-GradNormLoRPAdamW": OurConfig("ours GradNormLoRPAdamW", "GradNormLoRPAdamW"),
     "ours-GradNormLoRPAdamW-layerwise": OurConfig("ours GradNormLoRPAdamW layer-wise",
                                                   "GradNormLoRPAdamW", layerwise=True),
+    "ours-GradNormLoRPAdamW-layerwise-8bit": OurConfig(
+        "ours GradNormLoRPAdamW layer-wise, 8-bit moments", "GradNormLoRPAdamW", layerwise=True,
+        state_dtype="8bit"),
 }
 
 

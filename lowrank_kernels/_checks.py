@@ -400,10 +400,11 @@ def check_row_state(t: torch.Tensor, param: torch.Tensor, name: str) -> None:
 def check_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, row_scale, row_norm,
                               scale_exp_avg, scale_exp_avg_sq, *, lr, beta1, beta2, eps,
                               weight_decay, scale, step, proj_scales=None, proj_zeros=None,
-                              proj_group_size=256, seed=0) -> int:
+                              proj_group_size=256, seed=0, exp_avg_scales=None,
+                              exp_avg_sq_scales=None, state_block_size=32) -> int:
     """fused_gradnorm_step(...): a float weight (INT8 codes refused), the projection and the
-    low-rank moments of fused_galore_step, four distinct per-row fp32 states; returns the
-    rank."""
+    low-rank moments of fused_galore_step (Adam: fp32, bf16, or 8-bit codes with their block
+    scales), four distinct per-row fp32 states; returns the rank."""
     if param.dtype == torch.uint8:
         raise ValueError("param: INT8 weight codes (uint8) are not supported by "
                          "fused_gradnorm_step (the row renormalisation needs each row in fp32); "
@@ -411,7 +412,9 @@ def check_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, row_scale,
     rank = check_fused_galore_step(
         param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
-        proj_zeros=proj_zeros, proj_group_size=proj_group_size, seed=seed)
+        proj_zeros=proj_zeros, proj_group_size=proj_group_size, seed=seed,
+        exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+        state_block_size=state_block_size)
     rows = (row_scale, row_norm, scale_exp_avg, scale_exp_avg_sq)
     for i, (t, name) in enumerate(zip(rows, ROW_STATES, strict=True)):
         check_row_state(t, param, name)

@@ -148,7 +148,9 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
                         weight_decay: float = 0.0, scale: float = 1.0, step: int,
                         proj_scales: torch.Tensor | None = None,
                         proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
-                        seed: int = 0, backend: str | None = None) -> None:
+                        seed: int = 0, exp_avg_scales: torch.Tensor | None = None,
+                        exp_avg_sq_scales: torch.Tensor | None = None,
+                        state_block_size: int = 32, backend: str | None = None) -> None:
     """One fused GradNormLoRP step on an m×n weight, in place (DESIGN.md §4.8): the authors'
     ``LowRankWeightNormAdamW`` with W = g ⊙ v/‖v‖ (row norms) kept as W itself.
 
@@ -163,7 +165,10 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
         W ← (g'/‖v'‖) ⊙ v',   row_scale ← g',   row_norm ← ‖v'‖   (‖v'_i‖ the row norms)
 
     Adam as in :func:`fused_galore_step` (ε not bias-corrected, fp32 arithmetic, bf16 moments
-    stochastically rounded with ``seed``); g's moments are fp32. Initial states:
+    stochastically rounded with ``seed``; 8-bit moments — int8 ``exp_avg``, uint8
+    ``exp_avg_sq`` codes with their fp32 ``exp_avg_scales``/``exp_avg_sq_scales`` of
+    ``state_block_size`` ranks, DESIGN.md §4.9 — decoded, updated and re-encoded in the step);
+    g's moments are fp32. Initial states:
     ``reference.gradnorm_init_state(W)`` (g = ‖v‖ = ‖W_i‖, the authors' v = W).
 
     ``proj`` is a dense basis, a packed INT4 basis (uint8, with ``proj_scales``/``proj_zeros``)
@@ -179,7 +184,8 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
                    row_scale, row_norm, scale_exp_avg, scale_exp_avg_sq, lr=lr, beta1=beta1,
                    beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, step=step,
                    proj_scales=proj_scales, proj_zeros=proj_zeros,
-                   proj_group_size=proj_group_size, seed=seed)
+                   proj_group_size=proj_group_size, seed=seed, exp_avg_scales=exp_avg_scales,
+                   exp_avg_sq_scales=exp_avg_sq_scales, state_block_size=state_block_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ from cases import (
     assert_fp32_close,
     assert_lowp_close,
     assert_states_equal,
+    assert_8bit_moments_within_a_grid_step,
     assert_step_matches,
+    decoded_8bit_moments,
     mode_args,
     plain_torch_galore_step,
     run_mode_step,
@@ -154,16 +156,6 @@ def test_adagrad_matches_the_reference(m, n, rank, weight, moments, backend):
     assert_step_matches(out.to(device="cpu"), inputs, **hyper)
 
 
-def _decoded(result, right, block):
-    m32 = None
-    if result.get("exp_avg") is not None:
-        m32 = reference.dequantize_moment(result["exp_avg"], result["exp_avg_scales"], block,
-                                          right, signed=True)
-    v32 = reference.dequantize_moment(result["exp_avg_sq"], result["exp_avg_sq_scales"], block,
-                                      right, signed=False)
-    return m32, v32
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("m,n,rank,basis,weight,inner", [
     (*RIGHT, 17, "dense", "bf16", "adam"), (*LEFT, 40, "dct", "fp32", "adam"),
@@ -171,35 +163,23 @@ def _decoded(result, right, block):
     ids=["right-dense-bf16w", "left-dct", "left-int4-adagrad"])
 def test_8bit_moments_on_general_inputs_stay_within_a_grid_step(m, n, rank, basis, weight,
                                                                 inner, backend):
-    """GEMM rounding differs between backends, so a code may differ where u falls within it:
-    the decoded moments stay within one grid step of the reference's (E4M3: 2^-3 relative for
-    M, E4M4: 2^-4 for √V), almost every code is equal, and the weight follows the reference
-    (bf16 weights to two bf16 ulps, with Triton's back projection in bf16)."""
+    """The moments within a grid step of the reference's (cases.assert_8bit_moments_within_a_
+    grid_step), and the weight follows the reference (bf16 weights to two bf16 ulps, with
+    Triton's back projection in bf16)."""
     block = 8 if basis == "dct" else 32
     args = mode_args(m, n, rank, basis=basis, weight=weight, moments="8bit", inner=inner,
                      block=block)
     ref = run_mode_step(args, "reference", **HYPER)
     out = run_mode_step(args, backend, _device(backend), **HYPER)
     right = reference.is_right_side(m, n)
-    (m_ref, v_ref), (m_out, v_out) = _decoded(ref, right, block), _decoded(out, right, block)
-    scales = ref["exp_avg_sq_scales"].repeat_interleave(block, 1)[:, :rank]
-    grid = reference.EXP_AVG_SQ_FORMAT.max_value * scales * 2.0**-4
-    grid = grid if right else grid.T
-    assert ((v_out.sqrt() - v_ref.sqrt()).abs() <= grid * 1.01 + 1e-30).all()
-    if m_ref is not None:
-        m_grid = ref["exp_avg_scales"].repeat_interleave(block, 1)[:, :rank] * 480 * 2.0**-3
-        assert ((m_out - m_ref).abs() <= (m_grid if right else m_grid.T) * 1.01).all()
-        assert (out["exp_avg"] == ref["exp_avg"]).float().mean() > 0.95
-    assert (out["exp_avg_sq"] == ref["exp_avg_sq"]).float().mean() > 0.95
-    torch.testing.assert_close(out["exp_avg_sq_scales"], ref["exp_avg_sq_scales"], rtol=1e-5,
-                               atol=0)
+    assert_8bit_moments_within_a_grid_step(out, ref, right, block)
     if weight == "bf16":  # DESIGN.md §6: within twice plain torch's error in bf16
         exact = run_mode_step({**args, "param": args["param"].float()}, "reference", **HYPER)
         dense = {"dense": lambda: args["proj"], "dct": lambda: reference.dct_projection(
             args["proj"], m, n), "int4": lambda: reference.dequantize_int4(
             args["proj"], args["proj_scales"], args["proj_zeros"],
             reference.quantized_basis_shape(m, n, rank), 256)}[basis]()
-        m0, v0 = _decoded(args, right, block)
+        m0, v0 = decoded_8bit_moments(args, right, block)
         plain = plain_torch_galore_step(StepInputs(args["param"], args["grad"], dense, m0, v0),
                                         **HYPER, inner=inner)
         assert_lowp_close(out["param"], exact["param"], plain.param, before=args["param"])
@@ -214,7 +194,7 @@ def test_a_nan_makes_its_blocks_scale_nan_and_leaves_the_others(backend):
     out = run_mode_step(args, backend, _device(backend), **HYPER)
     for name in ("exp_avg_scales", "exp_avg_sq_scales"):
         assert out[name][3].isnan().all() and not out[name][4:].isnan().any()
-    m32, v32 = _decoded(out, True, 8)
+    m32, v32 = decoded_8bit_moments(out, True, 8)
     assert m32[3].isnan().all() and v32[3].isnan().all() and v32[4:].isfinite().all()
 
 

@@ -167,8 +167,8 @@ def test_every_int8_update_config_compiles_for_sm89_and_sm90(reports):
 
 def test_every_gradnorm_config_compiles_for_sm89_and_sm90(reports):
     """fused_gradnorm_step: launches A, V and B of every table entry (dense and generated
-    bases, both sides where the launch exists), K of every basis format and F of both sides,
-    each target and offset width."""
+    bases, both sides where the launch exists; A also with 8-bit moments), K of every basis
+    format and F of both sides, each target and offset width."""
     from lowrank_kernels.triton_kernels import fused_gradnorm_step as gns
 
     fields = ("side", "index_64", "kernel", "block_own", "block_r", "block_long", "num_warps",
@@ -191,6 +191,17 @@ def test_every_gradnorm_config_compiles_for_sm89_and_sm90(reports):
         key = (target, "dense", side, index_64, "gn_rows", None, None, None,
                gns.ROWS_CONFIG.num_warps, None)
         assert key in compiled, f"not compiled: {key}"
+    # launch A with 8-bit moments: every table entry, both sides, each basis format
+    eight_bit = {(r["target"], r["variant"]["basis"], *(r["variant"].get(f) for f in fields))
+                 for r in reports if r["variant"]["kernel"] == "gn_project"
+                 and r["variant"]["state"] == "8bit"}
+    for (target, side, index_64), generated in itertools.product(TARGETS_SIDES_WIDTHS,
+                                                                 (False, True)):
+        for basis in ("int4", "dct") if generated else ("dense",):
+            for _, _, c in (e for e in gns.candidate_configs(generated) if e[0] == "gn_project"):
+                key = (target, basis, side, index_64, "gn_project", c.block_own, c.block_r,
+                       c.block_long, c.num_warps, c.num_stages)
+                assert key in eight_bit, f"8-bit moments not compiled: {key}"
 
 
 def test_no_register_spills(reports):

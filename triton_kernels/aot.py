@@ -379,6 +379,18 @@ GRADNORM_PROJECT_GENERATED_DTYPES = {
     "fp32": [(torch.float32, torch.float32, None, torch.bfloat16),
              (torch.float32, torch.float32, None, torch.float32)],
 }
+# 8-bit moments (int8 M, uint8 √V codes and fp32 block scales; enable_fp_fusion=False), compiled
+# beside the fp32/bf16 sets of each class: their epilogue holds the scales and codes too.
+GRADNORM_PROJECT_8BIT_DTYPES = {
+    "tc": [(torch.bfloat16, torch.bfloat16, torch.bfloat16, "8bit"),
+           (torch.float16, torch.float16, torch.float16, "8bit")],
+    "fp32": [(torch.float32, torch.float32, torch.float32, "8bit"),
+             (torch.bfloat16, torch.bfloat16, torch.float32, "8bit")],
+}
+GRADNORM_PROJECT_8BIT_GENERATED_DTYPES = {
+    "tc": [(torch.bfloat16, torch.bfloat16, None, "8bit")],
+    "fp32": [(torch.float32, torch.float32, None, "8bit")],
+}
 GRADNORM_BACK_DTYPES = {"16bit": [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
                         "fp32": [(torch.float32, torch.float32)]}
 GRADNORM_BACK_GENERATED_DTYPES = {"16bit": [(torch.bfloat16, None)], "fp32": [(torch.float32, None)]}
@@ -387,6 +399,9 @@ GRADNORM_BACK_GENERATED_DTYPES = {"16bit": [(torch.bfloat16, None)], "fp32": [(t
 def _gradnorm_dtype_sets(kernel: str, kind: str, generated: bool, all_dtypes: bool):
     if kernel == "gn_project":
         table = GRADNORM_PROJECT_GENERATED_DTYPES if generated else GRADNORM_PROJECT_DTYPES
+        eight_bit = (GRADNORM_PROJECT_8BIT_GENERATED_DTYPES if generated
+                     else GRADNORM_PROJECT_8BIT_DTYPES)
+        return _dtype_sets(table, kind, all_dtypes) + _dtype_sets(eight_bit, kind, all_dtypes)
     else:
         table = GRADNORM_BACK_GENERATED_DTYPES if generated else GRADNORM_BACK_DTYPES
     return _dtype_sets(table, kind, all_dtypes)
@@ -424,6 +439,8 @@ def _gradnorm_tile_variant(gns, kernel, config, basis, dtypes, index_64, right):
         described = {"grad": g, "weight": w, "proj": p, "state": s}
         unit = unit_strides("project", right, basis)
         extra = {"MOMENT_BLOCK": MOMENT_BLOCK}
+        # 8-bit moments are launched with enable_fp_fusion=False (the CPU kernel's codes)
+        options = {"enable_fp_fusion": False} if s == "8bit" else {}
     else:
         w, p = types
         fn = gns._gradnorm_vnorm_kernel if kernel == "gn_vnorm" else gns._gradnorm_update_kernel

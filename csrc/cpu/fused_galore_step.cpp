@@ -754,16 +754,21 @@ void fused_gradnorm_step_cpu(at::Tensor& param, const at::Tensor& grad, const at
                              double eps, double weight_decay, double scale, int64_t step,
                              const std::optional<at::Tensor>& proj_scales,
                              const std::optional<at::Tensor>& proj_zeros,
-                             int64_t proj_group_size, int64_t seed) {
+                             int64_t proj_group_size, int64_t seed,
+                             const std::optional<at::Tensor>& exp_avg_scales,
+                             const std::optional<at::Tensor>& exp_avg_sq_scales,
+                             int64_t state_block_size) {
   const StepGeometry g = check_fused_gradnorm_step(
       param, grad, proj, exp_avg, exp_avg_sq, row_scale, row_norm, scale_exp_avg,
-      scale_exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros, proj_group_size, seed);
+      scale_exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros, proj_group_size, seed,
+      exp_avg_scales, exp_avg_sq_scales, state_block_size);
   LOWRANK_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
   const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, seed);
   const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
   const GradNormRows rows{row_scale.data_ptr<float>(), row_norm.data_ptr<float>(),
                           scale_exp_avg.data_ptr<float>(), scale_exp_avg_sq.data_ptr<float>()};
-  const StepState state{exp_avg, exp_avg_sq, at::Tensor(), at::Tensor(), 32};
+  const StepState state{exp_avg, exp_avg_sq, exp_avg_scales.value_or(at::Tensor()),
+                        exp_avg_sq_scales.value_or(at::Tensor()), state_block_size};
   if (g.right) {
     gradnorm_right(param, grad, basis, state, rows, g, c);
   } else {

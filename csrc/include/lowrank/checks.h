@@ -422,21 +422,26 @@ inline void check_row_state(const at::Tensor& t, const at::Tensor& param, const 
 }
 
 // fused_gradnorm_step: a float weight (INT8 codes refused), the projection and low-rank moments
-// of fused_galore_step, and four distinct per-row states.
+// of fused_galore_step (Adam; fp32, bf16 or 8-bit with their block scales), and four distinct
+// per-row states.
 inline StepGeometry check_fused_gradnorm_step(
     const at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& row_scale,
     const at::Tensor& row_norm, const at::Tensor& scale_exp_avg,
     const at::Tensor& scale_exp_avg_sq, double beta1, double beta2, double eps, int64_t step,
     const std::optional<at::Tensor>& proj_scales, const std::optional<at::Tensor>& proj_zeros,
-    int64_t proj_group_size, int64_t seed) {
+    int64_t proj_group_size, int64_t seed,
+    const std::optional<at::Tensor>& exp_avg_scales = std::nullopt,
+    const std::optional<at::Tensor>& exp_avg_sq_scales = std::nullopt,
+    int64_t state_block_size = kMaxMomentBlock) {
   LOWRANK_CHECK_VALUE(param.scalar_type() != at::kByte,
                       "param: INT8 weight codes (uint8) are not supported by "
                       "fused_gradnorm_step (the row renormalisation needs each row in fp32); "
                       "expected dtype float32, bfloat16 or float16");
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
-      proj_group_size, std::nullopt, std::nullopt, 256, seed);
+      proj_group_size, std::nullopt, std::nullopt, 256, seed,
+      StepModes{false, exp_avg_scales, exp_avg_sq_scales, state_block_size, std::nullopt});
   const at::Tensor* rows[] = {&row_scale, &row_norm, &scale_exp_avg, &scale_exp_avg_sq};
   const char* names[] = {"row_scale", "row_norm", "scale_exp_avg", "scale_exp_avg_sq"};
   for (int i = 0; i < 4; ++i) {

@@ -189,6 +189,29 @@ def mlp_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model(x).float(), y)
 
 
+def assert_8bit_moments_train_like_fp32_moments(make_optimizer) -> None:
+    """40 steps of the small MLP on 4 repeated batches with ``make_optimizer(model,
+    state_dtype)`` (the caller's rank 8, refresh every 10): the loss curve of 8-bit moments
+    follows that of fp32 moments (mean relative gap below 3 %), both learn, and the curves
+    differ (the codes are not fp32 values in disguise)."""
+    curves = {}
+    for state_dtype in (torch.float32, "8bit"):
+        model = small_mlp()
+        optimizer = make_optimizer(model, state_dtype)
+        losses = []
+        for batch in mlp_batches(4) * 10:
+            optimizer.zero_grad()
+            loss = mlp_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        curves[state_dtype] = torch.tensor(losses)
+    fp32, eight = curves[torch.float32], curves["8bit"]
+    assert fp32[-10:].mean() < 0.8 * fp32[:5].mean()
+    assert ((eight - fp32).abs() / fp32).mean() < 0.03
+    assert not torch.equal(eight, fp32)
+
+
 def train_steps(model: torch.nn.Module, optimizer, batches) -> None:
     for batch in batches:
         optimizer.zero_grad()

@@ -5,6 +5,7 @@ them bit for bit, and train like fp32 moments."""
 import pytest
 import torch
 from cases import (
+    assert_8bit_moments_train_like_fp32_moments,
     assert_resumes_bit_for_bit,
     mlp_batches,
     mlp_loss,
@@ -118,23 +119,8 @@ def test_8bit_moments_train_like_fp32_moments(cls):
     curve of 8-bit moments follows that of fp32 moments (mean relative gap below 3 %), and
     both learn."""
     lr = 1e-2 if cls is GaLoreAdamW else 5e-2
-    curves = {}
-    for state_dtype in (torch.float32, "8bit"):
-        model = small_mlp()
-        optimizer = cls(mlp_param_groups(model, rank=8, update_proj_gap=10), lr=lr,
-                        state_dtype=state_dtype)
-        losses = []
-        for batch in mlp_batches(4) * 10:
-            optimizer.zero_grad()
-            loss = mlp_loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        curves[state_dtype] = torch.tensor(losses)
-    fp32, eight = curves[torch.float32], curves["8bit"]
-    assert fp32[-10:].mean() < 0.8 * fp32[:5].mean()
-    assert ((eight - fp32).abs() / fp32).mean() < 0.03
-    assert not torch.equal(eight, fp32)  # the codes are not fp32 values in disguise
+    assert_8bit_moments_train_like_fp32_moments(lambda model, state_dtype: cls(
+        mlp_param_groups(model, rank=8, update_proj_gap=10), lr=lr, state_dtype=state_dtype))
 
 
 def test_an_unknown_state_dtype_names_the_choices():

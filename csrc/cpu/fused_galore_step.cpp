@@ -132,46 +132,46 @@ LOWRANK_CPU_CLONES void adagrad_run(float* r_then_n, float* exp_avg_sq, int64_t 
   }
 }
 
-// bf16 moments are stored rounded stochastically (lowrank/adam.h). The Philox words of a chunk
-// are drawn first, in a loop of independent lanes the compiler vectorizes.
-LOWRANK_CPU_CLONES void adam_run(float* r_then_n, at::BFloat16* exp_avg,
-                                 at::BFloat16* exp_avg_sq, int64_t len, int64_t first,
-                                 const AdamCoeffs& coeffs) {
-  const AdamCoeffs c = coeffs;
+// body(j, words of j) for j in [0, len), state element j having row-major index first + j: the
+// Philox words of a chunk are drawn first, in a loop of independent lanes the compiler
+// vectorizes, then the chunk's elements run (inlined into each clone that calls it).
+template <typename Body>
+[[gnu::always_inline]] inline void with_moment_words(int64_t len, int64_t first,
+                                                     const AdamCoeffs& c, const Body& body) {
   constexpr int64_t kChunk = 64;
   PhiloxPair words[kChunk];
   for (int64_t start = 0; start < len; start += kChunk) {
     const int64_t n = std::min(kChunk, len - start);
     moment_words_run(words, n, first + start, c);
-    for (int64_t e = 0; e < n; ++e) {
-      const int64_t j = start + e;
-      float m = static_cast<float>(exp_avg[j]);
-      float v = static_cast<float>(exp_avg_sq[j]);
-      r_then_n[j] = adam_normalized_update(r_then_n[j], m, v, c);
-      const MomentBits bits = stochastic_round_moments(m, v, words[e]);
-      exp_avg[j] = c10::BFloat16(bits.exp_avg, c10::BFloat16::from_bits());
-      exp_avg_sq[j] = c10::BFloat16(bits.exp_avg_sq, c10::BFloat16::from_bits());
-    }
+    for (int64_t e = 0; e < n; ++e) body(start + e, words[e]);
   }
+}
+
+// bf16 moments are stored rounded stochastically (lowrank/adam.h).
+LOWRANK_CPU_CLONES void adam_run(float* r_then_n, at::BFloat16* exp_avg,
+                                 at::BFloat16* exp_avg_sq, int64_t len, int64_t first,
+                                 const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;
+  with_moment_words(len, first, c, [&](int64_t j, const PhiloxPair& words) {
+    float m = static_cast<float>(exp_avg[j]);
+    float v = static_cast<float>(exp_avg_sq[j]);
+    r_then_n[j] = adam_normalized_update(r_then_n[j], m, v, c);
+    const MomentBits bits = stochastic_round_moments(m, v, words);
+    exp_avg[j] = c10::BFloat16(bits.exp_avg, c10::BFloat16::from_bits());
+    exp_avg_sq[j] = c10::BFloat16(bits.exp_avg_sq, c10::BFloat16::from_bits());
+  });
 }
 
 // AdaGrad on a bf16 V: only V is rounded (the second word, as with Adam).
 LOWRANK_CPU_CLONES void adagrad_run(float* r_then_n, at::BFloat16* exp_avg_sq, int64_t len,
                                     int64_t first, const AdamCoeffs& coeffs) {
   const AdamCoeffs c = coeffs;
-  constexpr int64_t kChunk = 64;
-  PhiloxPair words[kChunk];
-  for (int64_t start = 0; start < len; start += kChunk) {
-    const int64_t n = std::min(kChunk, len - start);
-    moment_words_run(words, n, first + start, c);
-    for (int64_t e = 0; e < n; ++e) {
-      const int64_t j = start + e;
-      float v = static_cast<float>(exp_avg_sq[j]);
-      r_then_n[j] = adagrad_normalized_update(r_then_n[j], v, c);
-      exp_avg_sq[j] = c10::BFloat16(stochastic_round_bf16_bits(v, words[e].second),
-                                    c10::BFloat16::from_bits());
-    }
-  }
+  with_moment_words(len, first, c, [&](int64_t j, const PhiloxPair& words) {
+    float v = static_cast<float>(exp_avg_sq[j]);
+    r_then_n[j] = adagrad_normalized_update(r_then_n[j], v, c);
+    exp_avg_sq[j] = c10::BFloat16(stochastic_round_bf16_bits(v, words.second),
+                                  c10::BFloat16::from_bits());
+  });
 }
 
 // Adam on a rows x cols block of the low-rank state, with leading dimension ld (elements);
@@ -273,20 +273,13 @@ template <bool signed_codes, typename code_t>
 [[gnu::always_inline]] inline void encode_run(const float* values, const float* scale,
                                               code_t* codes, int64_t len, int64_t first,
                                               const AdamCoeffs& c) {
-  constexpr int64_t kChunk = 64;
-  PhiloxPair words[kChunk];
-  for (int64_t start = 0; start < len; start += kChunk) {
-    const int64_t n = std::min(kChunk, len - start);
-    moment_words_run(words, n, first + start, c);
-    for (int64_t e = 0; e < n; ++e) {
-      const int64_t j = start + e;
-      if constexpr (signed_codes) {
-        codes[j] = encode_exp_avg(values[j], scale[j], words[e].first);
-      } else {
-        codes[j] = encode_exp_avg_sq(values[j], scale[j], words[e].second);
-      }
+  with_moment_words(len, first, c, [&](int64_t j, const PhiloxPair& words) {
+    if constexpr (signed_codes) {
+      codes[j] = encode_exp_avg(values[j], scale[j], words.first);
+    } else {
+      codes[j] = encode_exp_avg_sq(values[j], scale[j], words.second);
     }
-  }
+  });
 }
 
 LOWRANK_CPU_CLONES void encode_exp_avg_run(const float* values, const float* scale,

@@ -145,13 +145,13 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
 
 def galore_update_(param: torch.Tensor, normalized: torch.Tensor, proj: torch.Tensor, *,
                    lr: float, beta1: float, beta2: float, weight_decay: float, scale: float,
-                   step: int, right: bool | None = None) -> None:
+                   step: int, right: bool | None = None, inner: str = "adam") -> None:
     """The weight half of :func:`fused_galore_step`, given N:
-    W ← W − α_t·scale·back(N), then W ← W − lr·wd·W."""
+    W ← W − α_t·scale·back(N) (α_t = lr for inner="adagrad"), then W ← W − lr·wd·W."""
     m, n = param.shape
     w = param.float()
-    w.sub_(project_back(normalized, proj, m, n, scale, right),
-           alpha=adam_step_size(lr, beta1, beta2, step))
+    step_size = lr if inner == "adagrad" else adam_step_size(lr, beta1, beta2, step)
+    w.sub_(project_back(normalized, proj, m, n, scale, right), alpha=step_size)
     if weight_decay != 0.0:
         w.mul_(1.0 - lr * weight_decay)
     param.copy_(w)
@@ -334,10 +334,11 @@ def dct_select(grad: torch.Tensor, rank: int, norm: int = 1) -> tuple[torch.Tens
     return idx, low_rank.contiguous()
 
 
-def dct_projection(indices: torch.Tensor, m: int, n: int) -> torch.Tensor:
+def dct_projection(indices: torch.Tensor, m: int, n: int, right: bool | None = None
+                   ) -> torch.Tensor:
     """The dense basis that DCT indices stand for in fused_galore_step: Q = C[idx, :] (r×n, right)
-    or P = C[idx, :]ᵀ (m×r, left)."""
-    right = is_right_side(m, n)
+    or P = C[idx, :]ᵀ (m×r, left); ``right`` overrides the side rule (:func:`_side`)."""
+    right = _side(m, n, right)
     rows = dct_basis(n if right else m, indices)
     return rows if right else rows.T.contiguous()
 
@@ -585,9 +586,9 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return dequantize_codes(codes, scales, zeros, group_size).view(codes.shape)
 
 
-def quantized_basis_shape(m: int, n: int, rank: int) -> list[int]:
+def quantized_basis_shape(m: int, n: int, rank: int, right: bool | None = None) -> list[int]:
     """Logical shape of the basis a packed INT4 proj holds: r×n (right) or m×r (left)."""
-    return [rank, n] if is_right_side(m, n) else [m, rank]
+    return [rank, n] if _side(m, n, right) else [m, rank]
 
 
 def fused_qgalore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
@@ -612,9 +613,10 @@ def fused_qgalore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tens
              "weight_decay": weight_decay, "scale": scale, "step": step, "seed": seed, **modes}
     basis = proj
     if proj.dtype == torch.uint8:
-        rank = exp_avg_sq.shape[1] if is_right_side(m, n) else exp_avg_sq.shape[0]
-        basis = dequantize_int4(proj, proj_scales, proj_zeros, quantized_basis_shape(m, n, rank),
-                                proj_group_size)
+        right = _side(m, n, modes.get("right"))
+        rank = exp_avg_sq.shape[1] if right else exp_avg_sq.shape[0]
+        basis = dequantize_int4(proj, proj_scales, proj_zeros,
+                                quantized_basis_shape(m, n, rank, right), proj_group_size)
     if param.dtype != torch.uint8:
         fused_galore_step(param, grad, basis, exp_avg, exp_avg_sq, **hyper)
         return
@@ -682,6 +684,20 @@ def from_moment_blocks(blocks: torch.Tensor, rank: int, right: bool) -> torch.Te
     return (lines if right else lines.T).contiguous()
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """√x of fp32 values, correctly rounded (IEEE sqrt, the kernels' sqrtf / tl.sqrt_rn):
+    computed in float64 and rounded once, which is exact for sqrt (53 ≥ 2·24 + 2 bits). torch's
+    vectorized fp32 sqrt on CPU is not always correctly rounded (√75.2373046875 comes out one ulp
+    low with torch 2.14 on AVX-512), which would change a code of √V."""
+    return x.double().sqrt().float()
+
+
+def div_rn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b of fp32 values, correctly rounded (IEEE division, tl.div_rn): in float64, rounded
+    once (exact for division as for sqrt), whatever path torch's fp32 division takes."""
+    return (a.double() / b.double()).float()
+
+
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
     """2^e in fp32 for integer tensors e in the normal range, built from its bits (exact)."""
     return _fp32_from_bits((exponent + 127) << 23)
@@ -725,12 +741,12 @@ def quantize_moment(x: torch.Tensor, words: torch.Tensor, block_size: int, right
     words: int64 tensor shaped like x (uint32 values)."""
     fmt = EXP_AVG_FORMAT if signed else EXP_AVG_SQ_FORMAT
     rank = x.shape[1] if right else x.shape[0]
-    values = moment_blocks(x.float() if signed else x.float().sqrt(), block_size, right)
+    values = moment_blocks(x.float() if signed else sqrt_rn(x.float()), block_size, right)
     word_blocks = moment_blocks(words, block_size, right)
     magnitude = values.abs()
-    scales = magnitude.amax(dim=2) / _f32(fmt.max_value)
+    scales = div_rn(magnitude.amax(dim=2), _f32(fmt.max_value))
     usable = (scales > 0) & torch.isfinite(scales)
-    y = torch.where(usable.unsqueeze(2), magnitude / scales.unsqueeze(2), _f32(0.0))
+    y = torch.where(usable.unsqueeze(2), div_rn(magnitude, scales.unsqueeze(2)), _f32(0.0))
     y = y.clamp(max=fmt.max_value)
     codes = fp8_encode(y, word_blocks, fmt)
     if signed:

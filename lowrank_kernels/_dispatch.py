@@ -74,6 +74,10 @@ def _reference_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, proj
         reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper, seed=seed)
 
 
+def _reference_random_basis(d, rank, seed, refresh, *, device=None):
+    return reference.random_basis(d, rank, seed, refresh, device=device)
+
+
 def _reference_dct_select(grad, rank, norm=1, *, method="auto"):
     del method  # one algorithm; the choice only concerns the CPU kernel
     return reference.dct_select(grad, rank, norm)
@@ -107,8 +111,28 @@ OPS: dict[str, Op] = {
                           "quant:dequantize_int8"),
     "dct_select": Op(_checks.check_dct_select, _reference_dct_select, "dct_select:dct_select"),
     "dct_basis": Op(_checks.check_dct_basis, reference.dct_basis, "dct_select:dct_basis"),
+    "random_basis": Op(_checks.check_random_basis, _reference_random_basis,
+                       "random_basis:random_basis"),
 }
 TRITON_OPS = tuple(op for op, impl in OPS.items() if impl.triton is not None)
+
+# Ops without a CUDA C++ kernel (no lowrank_cuda::<op>): their CUDA key runs the Triton kernel
+# under either CUDA backend.
+TRITON_ONLY_OPS = ("random_basis",)
+# Keyword arguments that the CUDA C++ kernel of an op serves only at their default value (the
+# modes added after it, never run on a GPU in C++): under set_cuda_backend("cuda_cxx") a call
+# that sets one of them runs the Triton kernel instead (the C++ kernel would refuse it).
+CUDA_CXX_DEFAULT_ONLY: dict[str, dict[str, object]] = {
+    "fused_galore_step": {"full_rank": "none"},
+}
+
+
+def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
+    """Whether the CUDA C++ kernel of ``op`` serves a call with these keyword arguments."""
+    if op in TRITON_ONLY_OPS:
+        return False
+    defaults = CUDA_CXX_DEFAULT_ONLY.get(op, {})
+    return all(kwargs.get(key, default) == default for key, default in defaults.items())
 
 
 def triton_kernel(op: str) -> Callable:
@@ -150,14 +174,17 @@ def _load_triton(op: str) -> Callable:
 
 def _set_targets(backend: str) -> None:
     for op in TRITON_OPS:
-        _CUDA_TARGETS[op] = (_load_triton(op) if backend == "triton"
+        _CUDA_TARGETS[op] = (_load_triton(op) if backend == "triton" or op in TRITON_ONLY_OPS
                              else getattr(torch.ops.lowrank_cuda, op))
 
 
 def _cuda_kernel(op: str) -> Callable:
     targets = _CUDA_TARGETS
+    default_only = op in CUDA_CXX_DEFAULT_ONLY
 
     def kernel(*args, **kwargs):
+        if default_only and _cuda_backend == "cuda_cxx" and not cuda_cxx_serves(op, kwargs):
+            return triton_kernel(op)(*args, **kwargs)
         return targets[op](*args, **kwargs)
 
     kernel.__name__ = kernel.__qualname__ = f"lowrank_{op}_cuda"
@@ -206,8 +233,13 @@ def set_cuda_backend(backend: str) -> None:
 # --------------------------------------------------------------------------------------------
 # lowrank_kernels.ops: backend=None (the dispatcher) or an explicit backend
 # --------------------------------------------------------------------------------------------
-def _device_of(args: tuple) -> torch.device:
-    return next(a.device for a in args if isinstance(a, torch.Tensor))
+def _device_of(args: tuple, kwargs: dict) -> torch.device:
+    """The device an op call runs on: its first tensor's, else its ``device`` argument's (ops
+    without tensor arguments: random_basis), else the CPU."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if tensor is not None:
+        return tensor.device
+    return torch.device(kwargs.get("device") or "cpu")
 
 
 def _reference(op: str) -> Callable:
@@ -242,6 +274,9 @@ def kernel(op: str, backend: str | None, device: torch.device) -> Callable:
                                f"{_extension.LOAD_ERROR}")
         if backend == "cpu" or OPS[op].triton is None:  # project(_back): ATen on every device
             return getattr(torch.ops.lowrank, op)
+        if op in TRITON_ONLY_OPS:
+            raise NotImplementedError(f"backend: {op} has no CUDA C++ kernel (Triton serves "
+                                      "CUDA tensors)")
         if not _has_cuda_cxx(op):
             raise RuntimeError(f"backend: the extension was built without a cuda kernel of {op}")
         return getattr(torch.ops.lowrank_cuda, op)
@@ -259,4 +294,4 @@ def call(op: str, backend: str | None, *args, **kwargs):
     ``torch.ops.lowrank.<op>(*args, **kwargs)``."""
     if backend is None and _extension.AVAILABLE:
         return getattr(torch.ops.lowrank, op)(*args, **kwargs)
-    return kernel(op, backend, _device_of(args))(*args, **kwargs)
+    return kernel(op, backend, _device_of(args, kwargs))(*args, **kwargs)

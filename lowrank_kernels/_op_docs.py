@@ -12,7 +12,8 @@ import inspect
 import torch
 
 OPS = ("fused_galore_step", "project", "project_back", "dct_select", "dct_basis",
-       "philox_uniform", "quantize_int4", "dequantize_int4", "quantize_int8", "dequantize_int8")
+       "philox_uniform", "quantize_int4", "dequantize_int4", "quantize_int8", "dequantize_int8",
+       "random_basis")
 
 
 def op_doc(name: str) -> str | None:

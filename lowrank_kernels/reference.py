@@ -775,6 +775,21 @@ _LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-
 _SQRT_HALF = 0.70710678118654752440
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded (IEEE) fp32 square root of fp32 ``x``. torch's CPU sqrt is not:
+    its vectorized kernel returns a neighbour of the rounded root for some inputs (1.0946693 ->
+    1.0462644 instead of 1.0462645), so the root is taken in float64 and rounded once, which is
+    exact for fp32 inputs (53 >= 2·24 + 2 bits); C++ sqrtf and Triton's tl.sqrt_rn agree."""
+    return torch.sqrt(x.double()).float()
+
+
+def div_rn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 quotient x / y (float64 then one rounding: exact for fp32
+    operands, as for :func:`sqrt_rn`), independent of how torch vectorizes a division by a
+    scalar."""
+    return (x.double() / y.double()).float()
+
+
 def log_of_units(k: torch.Tensor, exponent: int) -> torch.Tensor:
     """ln(k·2^exponent) in fp32 for integers 1 ≤ k ≤ 2^24 (int64 tensor): Cephes' logf.
 
@@ -841,9 +856,10 @@ def gaussian_pair(radius_word: torch.Tensor, angle_word: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent N(0, 1) fp32 values from two 32-bit words (int64 tensors) by Box-Muller:
     u = (⌊w_r/2^8⌋ + 1)·2^-24 ∈ (0, 1], θ = 2π·⌊w_θ/2^8⌋·2^-24,
-    ρ = √(−2·ln u) (:func:`log_of_units`, then ×(−2), sqrt), values (ρ·cos θ, ρ·sin θ)."""
+    ρ = √(−2·ln u) (:func:`log_of_units`, then ×(−2), :func:`sqrt_rn`), values (ρ·cos θ,
+    ρ·sin θ)."""
     log_u = log_of_units((radius_word >> 8) + 1, -24)
-    radius = torch.sqrt(_f32(-2.0) * log_u)
+    radius = sqrt_rn(_f32(-2.0) * log_u)
     cos_t, sin_t = cos_sin_turn(angle_word >> 8)
     return radius * cos_t, radius * sin_t
 
@@ -878,7 +894,7 @@ def random_basis(d: int, rank: int, seed: int, refresh: int, device=None) -> tor
     counters = k * groups + (i >> 2) + BASIS_STREAM
     values = philox_gaussian(rounding_philox_seed(seed, refresh), counters,
                              (i & 3).expand(rank, d))
-    return values / torch.sqrt(_f32(float(rank)))
+    return div_rn(values, sqrt_rn(_f32(float(rank))))
 
 
 def random_projection(seed: int, refresh: int, m: int, n: int, rank: int, device=None

@@ -213,6 +213,21 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
     """acc + Σ_long G[own, long]·basis[long, r]: a tile of R reduced over the whole long axis by
     one program (no split-K: the Adam epilogue that follows is nonlinear). A generated basis
     enters the dot as hi + lo in G's type when G is 16-bit (module docstring)."""
+    acc, _ = _project_tile_stats(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
+                                 offs_r, own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr,
+                                 stride_pl, acc, acc, RIGHT, BLOCK_LONG, BASIS, PROJ_GROUP,
+                                 INDEX_64, INTERPRETED, False)
+    return acc
+
+
+@triton.jit
+def _project_tile_stats(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
+                        own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr, stride_pl, acc,
+                        grad_sq, RIGHT: tl.constexpr, BLOCK_LONG: tl.constexpr,
+                        BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
+                        INTERPRETED: tl.constexpr, GRAD_SQ: tl.constexpr):
+    """_project_tile, and with GRAD_SQ also grad_sq + ‖G_own‖² per own-line (a BLOCK_OWN fp32
+    vector: the full-rank modes' γ_i, gathered while G streams); returns (acc, grad_sq)."""
     for start in range(0, LONG, BLOCK_LONG):
         offs_long = start + tl.arange(0, BLOCK_LONG)
         if INDEX_64:
@@ -220,6 +235,9 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
         long_mask = offs_long < LONG
         g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, stride_gn, RIGHT),
                     mask=own_mask[:, None] & long_mask[None, :], other=0.0)
+        if GRAD_SQ:
+            g32 = g.to(tl.float32)
+            grad_sq += tl.sum(g32 * g32, axis=1)
         # the basis as a (long, r) tile: Qᵀ on the right, P on the left
         basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
                             long_mask, stride_pr, stride_pl, LONG, True, BASIS, PROJ_GROUP)
@@ -231,7 +249,7 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
             acc = _dot(g, basis_lo, acc, INTERPRETED)
         else:
             acc = _dot(g, basis, acc, INTERPRETED)
-    return acc
+    return acc, grad_sq
 
 
 @triton.jit

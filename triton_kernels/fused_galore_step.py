@@ -109,7 +109,7 @@ from ._common import (
     _dot,
     _grid_tile,
     _own_long,
-    _project_tile,
+    _project_tile_stats,
     _round_to,
     _tile_offsets,
     adam_coeffs,
@@ -118,86 +118,128 @@ from ._common import (
     needs_index_64,
     needs_wide_phase,
 )
+from .full_rank import (
+    FULL_RANK_MODES,
+    _store_line_sums_of_r,
+    finalize_full_rank,
+    full_rank_buffers,
+    grad_scale,
+)
 from .quant import dequantize_codes, group_quant_params, stochastic_round_codes
 
 
 @triton.jit
 def _project_adam_kernel(
     G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr, Normalized_ptr,
+    LowRank_ptr, LineSums_ptr,
     stride_gm, stride_gn, stride_pr, stride_pl, stride_statem, stride_normm,
     M, N, R,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch A: R[own, r] = Σ_long G[own, long]·basis[long, r] for one BLOCK_OWN × BLOCK_R tile,
-    then Adam on that tile of M and V and N = M/(√V+ε) into the workspace (rounded to its type)."""
+    then Adam on that tile of M and V and N = M/(√V+ε) into the workspace (rounded to its type).
+    FULL_RANK (full_rank.FIRA / APOLLO): also the per-line partial sums of this rank tile
+    (full_rank.py: ν = Σ N², ρ = Σ R², and γ = ‖G_own‖² from the first rank tile) and, for
+    Fira, R itself into the fp32 LowRank workspace (LowRank_ptr, LineSums_ptr are unused
+    otherwise)."""
     OWN, LONG = _own_long(M, N, RIGHT)
     offs_own, offs_r, own_mask, r_mask = _grid_tile(OWN, R, BLOCK_OWN, BLOCK_R, INDEX_64)
 
     proj_low = tl.zeros((BLOCK_OWN, BLOCK_R), dtype=tl.float32)
-    proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
-                             own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr, stride_pl,
-                             proj_low, RIGHT,
-                             BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
+    grad_sq = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
+    proj_low, grad_sq = _project_tile_stats(
+        G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r, own_mask, r_mask, LONG,
+        stride_gm, stride_gn, stride_pr, stride_pl, proj_low, grad_sq, RIGHT, BLOCK_LONG, BASIS,
+        PROJ_GROUP, INDEX_64, INTERPRETED, FULL_RANK != 0)
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
+    norm_offs = _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT)
+    if FULL_RANK != 0:
+        line_sums = _store_line_sums_of_r(LowRank_ptr, LineSums_ptr, norm_offs, state_mask,
+                                          offs_own, own_mask, proj_low, grad_sq, OWN, R, BLOCK_R,
+                                          FULL_RANK, INDEX_64)
     # only the real rank is stored; launch B reads the padding as 0 through its mask
     normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
                             beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
-    tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
+    tl.store(Normalized_ptr + norm_offs,
              _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
+    if FULL_RANK != 0:
+        tl.store(line_sums, tl.sum(tl.where(state_mask, normalized * normalized, 0.0), axis=1),
+                 mask=own_mask)
 
 
 @triton.jit
 def _back_project_kernel(
     W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_wm, stride_pr, stride_pl, stride_normm,
+    G_ptr, LowRank_ptr, LineCoef_ptr, GradCoef_ptr,
+    stride_wm, stride_pr, stride_pl, stride_normm, stride_gm, stride_gn,
     M, N, R,
     decay, update_scale,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
     BLOCK_R: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch B: W[own, long] ← decay·W − update_scale·Σ_r N[own, r]·basis[r, long] for one
-    BLOCK_OWN × BLOCK_LONG tile of W."""
+    BLOCK_OWN × BLOCK_LONG tile of W. FULL_RANK (full_rank.py): Fira takes N' = N − c ⊙ R
+    (fp32 workspaces, c = LineCoef per own-line) as the N operand; Fira and APOLLO then subtract
+    GradCoef_own·G (G read through its strides); APOLLO skips the back projection."""
     OWN, LONG = _own_long(M, N, RIGHT)
     offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
                                                           INDEX_64)
     w_type = W_ptr.dtype.element_ty
 
     back = tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32)
-    for start in range(0, R, BLOCK_R):
-        offs_r = start + tl.arange(0, BLOCK_R)
-        if INDEX_64:
-            offs_r = offs_r.to(tl.int64)
-        r_mask = offs_r < R
-        normalized = tl.load(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1,
-                                                            RIGHT),
-                             mask=own_mask[:, None] & r_mask[None, :], other=0.0)
-        basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
-                            long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
-        if w_type != tl.float32 and basis.dtype != w_type:  # N is already in W's type
-            basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
-        back = _dot(normalized, basis, back, INTERPRETED)
+    if FULL_RANK == 1:
+        line_coef = tl.load(LineCoef_ptr + offs_own, mask=own_mask, other=0.0)
+    if FULL_RANK != 2:
+        for start in range(0, R, BLOCK_R):
+            offs_r = start + tl.arange(0, BLOCK_R)
+            if INDEX_64:
+                offs_r = offs_r.to(tl.int64)
+            r_mask = offs_r < R
+            low_offs = _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT)
+            low_mask = own_mask[:, None] & r_mask[None, :]
+            normalized = tl.load(Normalized_ptr + low_offs, mask=low_mask, other=0.0)
+            if FULL_RANK == 1:  # N' = N − c ⊙ R in fp32, rounded once to W's type
+                low = tl.load(LowRank_ptr + low_offs, mask=low_mask, other=0.0)
+                normalized = normalized - line_coef[:, None] * low
+                if w_type != tl.float32:
+                    normalized = _round_to(normalized, w_type, INTERPRETED)
+            basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long,
+                                r_mask, long_mask, stride_pr, stride_pl, LONG, False, BASIS,
+                                PROJ_GROUP)
+            if w_type != tl.float32 and basis.dtype != w_type:  # N is already in W's type
+                basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
+            back = _dot(normalized, basis, back, INTERPRETED)
 
     w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
     w_mask = own_mask[:, None] & long_mask[None, :]
     w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, w_type, INTERPRETED),
-             mask=w_mask)
+    if FULL_RANK == 2:
+        w = decay * w
+    else:
+        w = decay * w - update_scale * back
+    if FULL_RANK != 0:
+        g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, stride_gn, RIGHT),
+                    mask=w_mask, other=0.0).to(tl.float32)
+        grad_coef = tl.load(GradCoef_ptr + offs_own, mask=own_mask, other=0.0)
+        w = w - grad_coef[:, None] * g
+    tl.store(W_ptr + w_offs, _round_to(w, w_type, INTERPRETED), mask=w_mask)
 
 
 @triton.jit
 def _int8_update_rows_kernel(
     Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_pr, stride_pl, stride_normm,
+    G_ptr, LowRank_ptr, LineCoef_ptr, GradCoef_ptr,
+    stride_pr, stride_pl, stride_normm, stride_gm, stride_gn,
     M, N, R,
     decay, update_scale, philox_seed,
     RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch B for INT8 weights whose groups lie inside rows (N % GROUP == 0, BLOCK_N a multiple
     of GROUP): one program per BLOCK_M × BLOCK_N tile of W in its own row/column coordinates
@@ -205,7 +247,10 @@ def _int8_update_rows_kernel(
 
     T = back(N) for the tile (fp32 "ieee" dot, K = r in BLOCK_R chunks: N·Q right, P·N left);
     per group: W' = decay·s(q − z) − update_scale·T, s', z' from min/max of W',
-    q' = clamp(SR(W'/s') + z', 0, 255) with u = tl.rand(philox_seed, row-major index)."""
+    q' = clamp(SR(W'/s') + z', 0, 255) with u = tl.rand(philox_seed, row-major index).
+    FULL_RANK (full_rank.py): Fira's N operand is N − c ⊙ R; then T ← update_scale·T + gc·G
+    (APOLLO: T = gc·G, no back projection) and W' = decay·s(q − z) − 1·T, as the CPU kernel's
+    fold_grad_term_rows."""
     num_col_tiles = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     offs_m = (pid // num_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -218,22 +263,44 @@ def _int8_update_rows_kernel(
     n_mask = offs_n < N
 
     back = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, R, BLOCK_R):
-        offs_r = start + tl.arange(0, BLOCK_R)
-        if INDEX_64:
-            offs_r = offs_r.to(tl.int64)
-        r_mask = offs_r < R
-        if RIGHT:  # N (m×r) · Q[:, cols]
-            a = tl.load(Normalized_ptr + offs_m[:, None] * stride_normm + offs_r[None, :],
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            b = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_n, r_mask,
-                            n_mask, stride_pr, stride_pl, N, False, BASIS, PROJ_GROUP)
-        else:  # P[rows, :] · N (r×n)
-            a = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_m, r_mask,
-                            m_mask, stride_pr, stride_pl, M, True, BASIS, PROJ_GROUP)
-            b = tl.load(Normalized_ptr + offs_r[:, None] * stride_normm + offs_n[None, :],
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        back = _dot(a, b, back, INTERPRETED)
+    if FULL_RANK == 1:  # c of the own-lines: rows (right) or columns (left)
+        line_coef = tl.load(LineCoef_ptr + (offs_m if RIGHT else offs_n),
+                            mask=m_mask if RIGHT else n_mask, other=0.0)
+    if FULL_RANK != 2:
+        for start in range(0, R, BLOCK_R):
+            offs_r = start + tl.arange(0, BLOCK_R)
+            if INDEX_64:
+                offs_r = offs_r.to(tl.int64)
+            r_mask = offs_r < R
+            if RIGHT:  # N (m×r) · Q[:, cols]
+                low_offs = offs_m[:, None] * stride_normm + offs_r[None, :]
+                low_mask = m_mask[:, None] & r_mask[None, :]
+                a = tl.load(Normalized_ptr + low_offs, mask=low_mask, other=0.0)
+                if FULL_RANK == 1:
+                    a = a - line_coef[:, None] * tl.load(LowRank_ptr + low_offs, mask=low_mask,
+                                                         other=0.0)
+                b = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_n, r_mask,
+                                n_mask, stride_pr, stride_pl, N, False, BASIS, PROJ_GROUP)
+            else:  # P[rows, :] · N (r×n)
+                a = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_m, r_mask,
+                                m_mask, stride_pr, stride_pl, M, True, BASIS, PROJ_GROUP)
+                low_offs = offs_r[:, None] * stride_normm + offs_n[None, :]
+                low_mask = r_mask[:, None] & n_mask[None, :]
+                b = tl.load(Normalized_ptr + low_offs, mask=low_mask, other=0.0)
+                if FULL_RANK == 1:
+                    b = b - line_coef[None, :] * tl.load(LowRank_ptr + low_offs, mask=low_mask,
+                                                         other=0.0)
+            back = _dot(a, b, back, INTERPRETED)
+    back_scale = update_scale
+    if FULL_RANK != 0:
+        g = tl.load(G_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        if RIGHT:
+            grad_coef = tl.load(GradCoef_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+        else:
+            grad_coef = tl.load(GradCoef_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        back = _fold_grad_term(back, g, grad_coef, update_scale, FULL_RANK)
+        back_scale = 1.0
 
     # the epilogue on (rows, groups, GROUP): group (i, j) is W[i, first_col + j·GROUP + lane]
     col_groups = first_col // GROUP + tl.arange(0, BLOCK_N // GROUP)
@@ -243,18 +310,29 @@ def _int8_update_rows_kernel(
     elem_mask = group_mask[:, :, None]
     _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, group, group_mask, elem,
                             elem_mask, tl.reshape(back, (BLOCK_M, BLOCK_N // GROUP, GROUP)),
-                            decay, update_scale, philox_seed, 2)
+                            decay, back_scale, philox_seed, 2)
+
+
+@triton.jit
+def _fold_grad_term(back, g, grad_coef, update_scale, FULL_RANK: tl.constexpr):
+    """The whole INT8 update T of the full-rank modes: update_scale·back + gc·G (Fira) or gc·G
+    (APOLLO), the operations of the CPU's fold_grad_term_rows."""
+    if FULL_RANK == 1:
+        return update_scale * back + grad_coef * g
+    else:
+        return grad_coef * g
 
 
 @triton.jit
 def _int8_update_groups_kernel(
     Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_pr, stride_pl, stride_normm,
+    G_ptr, LowRank_ptr, LineCoef_ptr, GradCoef_ptr,
+    stride_pr, stride_pl, stride_normm, stride_gm, stride_gn,
     M, N, R, numel, num_groups,
     decay, update_scale, philox_seed,
     RIGHT: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch B for INT8 weights in general (groups straddle rows, or GROUP is not a power of two
     up to 256): one program per BLOCK_GROUPS whole groups of the flattened m·n index space.
@@ -262,7 +340,8 @@ def _int8_update_groups_kernel(
     change inside a group, so no tile of it is a matrix product: it is computed per element as a
     chunked dot over r (gathers of N and the basis, fp32 FMAs, BLOCK_R ranks at a time) --
     O(m·n·r) loads from L1/L2 instead of tensor-core tiles: correct, several times slower than
-    the row-aligned kernel, and used only for such layouts. Epilogue as there."""
+    the row-aligned kernel, and used only for such layouts. Epilogue as there, FULL_RANK as in
+    _int8_update_rows_kernel (N, R and the coefficients gathered per element)."""
     groups = tl.program_id(0) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
     lane = tl.arange(0, BLOCK_G)
     if INDEX_64:
@@ -272,31 +351,46 @@ def _int8_update_groups_kernel(
     elem_mask = group_mask[:, None] & (lane < GROUP)[None, :] & (elem < numel)
     row = elem // N
     col = elem - row * N
+    line = row if RIGHT else col  # the element's own-line
 
     back = tl.zeros((BLOCK_GROUPS, BLOCK_G), dtype=tl.float32)
-    for start in range(0, R, BLOCK_R):
-        offs_r = start + tl.arange(0, BLOCK_R)
-        if INDEX_64:
-            offs_r = offs_r.to(tl.int64)
-        rank3 = offs_r[None, None, :]
-        r_mask3 = rank3 < R
-        mask3 = elem_mask[:, :, None] & r_mask3
-        if RIGHT:  # N[row, r] · Q[r, col]
-            a = tl.load(Normalized_ptr + row[:, :, None] * stride_normm + rank3, mask=mask3,
-                        other=0.0)
-            b = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
-                              col[:, :, None], mask3, stride_pr, stride_pl, N, BASIS,
-                              PROJ_GROUP)
-        else:  # P[row, r] · N[r, col]
-            a = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
-                              row[:, :, None], mask3, stride_pr, stride_pl, M, BASIS,
-                              PROJ_GROUP)
-            b = tl.load(Normalized_ptr + rank3 * stride_normm + col[:, :, None], mask=mask3,
-                        other=0.0)
-        back += tl.sum(a.to(tl.float32) * b, axis=2)
+    if FULL_RANK == 1:
+        line_coef = tl.load(LineCoef_ptr + line, mask=elem_mask, other=0.0)[:, :, None]
+    if FULL_RANK != 2:
+        for start in range(0, R, BLOCK_R):
+            offs_r = start + tl.arange(0, BLOCK_R)
+            if INDEX_64:
+                offs_r = offs_r.to(tl.int64)
+            rank3 = offs_r[None, None, :]
+            r_mask3 = rank3 < R
+            mask3 = elem_mask[:, :, None] & r_mask3
+            if RIGHT:  # N[row, r] · Q[r, col]
+                low_offs = row[:, :, None] * stride_normm + rank3
+                a = tl.load(Normalized_ptr + low_offs, mask=mask3, other=0.0)
+                if FULL_RANK == 1:
+                    a = a - line_coef * tl.load(LowRank_ptr + low_offs, mask=mask3, other=0.0)
+                b = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
+                                  col[:, :, None], mask3, stride_pr, stride_pl, N, BASIS,
+                                  PROJ_GROUP)
+            else:  # P[row, r] · N[r, col]
+                a = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
+                                  row[:, :, None], mask3, stride_pr, stride_pl, M, BASIS,
+                                  PROJ_GROUP)
+                low_offs = rank3 * stride_normm + col[:, :, None]
+                b = tl.load(Normalized_ptr + low_offs, mask=mask3, other=0.0)
+                if FULL_RANK == 1:
+                    b = b - line_coef * tl.load(LowRank_ptr + low_offs, mask=mask3, other=0.0)
+            back += tl.sum(a.to(tl.float32) * b, axis=2)
+    back_scale = update_scale
+    if FULL_RANK != 0:
+        g = tl.load(G_ptr + row * stride_gm + col * stride_gn, mask=elem_mask,
+                    other=0.0).to(tl.float32)
+        grad_coef = tl.load(GradCoef_ptr + line, mask=elem_mask, other=0.0)
+        back = _fold_grad_term(back, g, grad_coef, update_scale, FULL_RANK)
+        back_scale = 1.0
 
     _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, groups, group_mask, elem,
-                            elem_mask, back, decay, update_scale, philox_seed, 1)
+                            elem_mask, back, decay, back_scale, philox_seed, 1)
 
 
 @triton.jit
@@ -432,7 +526,8 @@ def _project_blocks(generated: bool, bf16_moments: bool, index_64: bool = False
 
 def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
                  proj_dtype: torch.dtype, *, generated: bool = False, bf16_moments: bool = False,
-                 index_64: bool = False) -> tuple[TileConfig, TileConfig]:
+                 index_64: bool = False, full_rank: bool = False
+                 ) -> tuple[TileConfig, TileConfig]:
     """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole).
     proj_dtype is the type the basis enters launch A's dot in (BasisArgs.dot_dtype);
     ``generated``: an INT4 or DCT basis; ``bf16_moments``: M and V in bf16 (stochastic rounding
@@ -523,43 +618,71 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                       proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
                       param_scales: torch.Tensor | None = None,
                       param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
-                      seed: int = 0) -> None:
+                      seed: int = 0, full_rank: str = "none", full_rank_norm: str = "channel",
+                      limiter: torch.Tensor | None = None, limiter_growth: float = 1.01,
+                      scale_front: bool = False) -> None:
     """One fused step in place, with the op's schema signature (lowrank_kernels.ops
-    .fused_galore_step documents the contract): validates, then launches A and B. proj: a dense
-    float basis (any strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param:
-    float or INT8 codes (uint8). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    .fused_galore_step documents the contract): validates, then launches A and B (with the
+    full-rank modes' kernels of full_rank.py between them). proj: a dense float basis (any
+    strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param: float or INT8 codes
+    (uint8). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     rank = _checks.check_fused_galore_step(
         param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
         proj_zeros=proj_zeros, proj_group_size=proj_group_size, param_scales=param_scales,
-        param_zeros=param_zeros, param_group_size=param_group_size, seed=seed)
+        param_zeros=param_zeros, param_group_size=param_group_size, seed=seed,
+        full_rank=full_rank, full_rank_norm=full_rank_norm, limiter=limiter,
+        limiter_growth=limiter_growth, scale_front=scale_front)
     if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
     basis = basis_args(proj, *param.shape, rank, grad.dtype, proj_scales, proj_zeros,
                        proj_group_size)
+    full = None
+    if full_rank != "none":
+        mode = FULL_RANK_MODES[full_rank]
+        full = FullRankStep(mode, full_rank_norm == "tensor", limiter, limiter_growth,
+                            scale_front, scale,
+                            grad_scale(lr, beta1, beta2, weight_decay, scale, step, mode))
     launch(param, grad, proj, exp_avg, exp_avg_sq, rank,
            adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step), basis=basis,
            param_scales=param_scales, param_zeros=param_zeros,
-           param_group_size=param_group_size, philox_seed=rounding_philox_seed(seed, step))
+           param_group_size=param_group_size, philox_seed=rounding_philox_seed(seed, step),
+           full_rank=full)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullRankStep:
+    """The full-rank arguments of one validated step (full_rank.py)."""
+
+    mode: int  # full_rank.FIRA or APOLLO
+    tensor_norm: bool
+    limiter: torch.Tensor | None
+    growth: float
+    scale_front: bool
+    scale: float
+    grad_scale: float
 
 
 def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
            index_64: bool | None = None, *, basis: BasisArgs | None = None,
            param_scales: torch.Tensor | None = None, param_zeros: torch.Tensor | None = None,
            param_group_size: int = 256, philox_seed: int = 0,
-           configs: tuple[TileConfig, TileConfig] | None = None) -> None:
+           configs: tuple[TileConfig, TileConfig] | None = None,
+           full_rank: FullRankStep | None = None) -> None:
     """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs). ``basis``
     describes an INT4 or DCT proj (default: proj is a dense basis); a uint8 ``param`` holds INT8
     codes with their scales/zeros, requantized with u = tl.rand(philox_seed, index);
     ``philox_seed`` also keys the stochastic rounding of bf16 moments in launch A.
-    ``configs``: (launch A, launch B) in place of ``pick_configs`` (bench/tune_triton_step.py)."""
+    ``configs``: (launch A, launch B) in place of ``pick_configs`` (bench/tune_triton_step.py).
+    ``full_rank``: Fira or APOLLO (full_rank.py runs its kernels between A and B)."""
     m, n = param.shape
     right = is_right_side(m, n)
     own, long = (m, n) if right else (n, m)
     if basis is None:
         basis = basis_args(proj, m, n, rank, grad.dtype)
     int8_weight = param.dtype == torch.uint8
+    mode = full_rank.mode if full_rank is not None else 0
     if index_64 is None:  # int32 offsets overflow past 2**31 (any tensor's span, or r·long)
         index_64 = (needs_index_64(param, grad, exp_avg, basis.tensor)
                     or needs_wide_phase(basis.kind, m, n)
@@ -567,9 +690,12 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
                                             generated=basis.kind != 0,
                                             bf16_moments=exp_avg.dtype == torch.bfloat16,
-                                            index_64=index_64)
-    normalized = torch.empty(exp_avg.shape, dtype=workspace_dtype(param.dtype),
-                             device=param.device)
+                                            index_64=index_64, full_rank=mode != 0)
+    # Fira folds N − c ⊙ R before rounding, so the full-rank modes keep N in fp32
+    normalized = torch.empty(exp_avg.shape, dtype=torch.float32 if mode else
+                             workspace_dtype(param.dtype), device=param.device)
+    buffers = (full_rank_buffers(mode, own, exp_avg.shape, triton.cdiv(rank, project.block_r),
+                                 param.device) if mode else None)
     interpreted = param.device.type == "cpu"
     # INT8 weights: no FMA contraction, so that every fp32 operation rounds as on the CPU
     # (lowrank/adam.h, quant.h) and the codes are the CPU kernel's wherever back(N) agrees.
@@ -578,44 +704,63 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)
     _project_adam_kernel[grid_a](
         grad, *basis.pointers, exp_avg, exp_avg_sq, normalized,
+        *_full_rank_pointers(buffers, normalized)[:2],
         *grad.stride(), *basis_strides, exp_avg.stride(0), normalized.stride(0),
         m, n, rank,
         coeffs["beta1"], coeffs["beta2"], coeffs["one_minus_beta1"], coeffs["one_minus_beta2"],
         coeffs["eps"], philox_seed,
         RIGHT=right, BLOCK_OWN=project.block_own, BLOCK_R=project.block_r,
         BLOCK_LONG=project.block_long, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
-        INDEX_64=index_64, INTERPRETED=interpreted,
+        INDEX_64=index_64, INTERPRETED=interpreted, FULL_RANK=mode,
         num_warps=project.num_warps, num_stages=project.num_stages, **exact,
     )
+    if mode:
+        finalize_full_rank(buffers, basis, rank, long, right,
+                           tensor_norm=full_rank.tensor_norm, limiter=full_rank.limiter,
+                           scale=full_rank.scale, scale_front=full_rank.scale_front,
+                           growth=full_rank.growth, grad_scale_=full_rank.grad_scale,
+                           index_64=index_64, interpreted=interpreted)
+    full_rank_args = (grad, *_full_rank_pointers(buffers, normalized)[2:])
     if int8_weight:
         _launch_int8_update(param, param_scales, param_zeros, param_group_size, philox_seed,
-                            basis, normalized, rank, coeffs, index_64, interpreted)
+                            basis, normalized, rank, coeffs, index_64, interpreted,
+                            full_rank_args, mode)
         return
     grid_b = (triton.cdiv(own, back.block_own) * triton.cdiv(long, back.block_long),)
     _back_project_kernel[grid_b](
-        param, *basis.pointers, normalized,
-        param.stride(0), *basis_strides, normalized.stride(0),
+        param, *basis.pointers, normalized, *full_rank_args,
+        param.stride(0), *basis_strides, normalized.stride(0), *grad.stride(),
         m, n, rank,
         coeffs["decay"], coeffs["update_scale"],
         RIGHT=right, BLOCK_OWN=back.block_own, BLOCK_LONG=back.block_long,
         BLOCK_R=back.block_r, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
-        INDEX_64=index_64, INTERPRETED=interpreted,
+        INDEX_64=index_64, INTERPRETED=interpreted, FULL_RANK=mode,
         num_warps=back.num_warps, num_stages=back.num_stages,
     )
 
 
+def _full_rank_pointers(buffers, normalized: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(LowRank, LineSums, LowRank, LineCoef, GradCoef) kernel arguments: the full-rank
+    workspaces, or ``normalized`` (a valid pointer, never read) where a mode does not use one."""
+    if buffers is None:
+        return (normalized,) * 5
+    low_rank = buffers.low_rank if buffers.low_rank is not None else normalized
+    return low_rank, buffers.line_sums, low_rank, buffers.line_coef, buffers.grad_coef
+
+
 def _launch_int8_update(codes, scales, zeros, group_size, philox_seed, basis, normalized, rank,
-                        coeffs, index_64, interpreted):
+                        coeffs, index_64, interpreted, full_rank_args, mode):
     m, n = codes.shape
     config = int8_config(n, group_size, index_64)
     if interpreted and config.path == "groups":  # the interpreter pays per program
         config = dataclasses.replace(config, block_groups=max(1, 4096 // config.block_g))
     common = {"RIGHT": is_right_side(m, n), "BLOCK_R": config.block_r, "GROUP": group_size,
               "BASIS": basis.kind, "PROJ_GROUP": basis.group_size, "INDEX_64": index_64,
-              "INTERPRETED": interpreted, "num_warps": config.num_warps,
+              "INTERPRETED": interpreted, "FULL_RANK": mode, "num_warps": config.num_warps,
               "num_stages": config.num_stages, "enable_fp_fusion": False}
-    args = (codes, scales, zeros, *basis.pointers, normalized, basis.stride_rank,
-            basis.stride_long, normalized.stride(0))
+    grad = full_rank_args[0]
+    args = (codes, scales, zeros, *basis.pointers, normalized, *full_rank_args,
+            basis.stride_rank, basis.stride_long, normalized.stride(0), *grad.stride())
     if config.path == "rows":
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
         _int8_update_rows_kernel[grid](

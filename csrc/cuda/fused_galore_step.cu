@@ -425,10 +425,20 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad_in,
                             const std::optional<at::Tensor>& proj_zeros_in,
                             int64_t proj_group_size, const std::optional<at::Tensor>& param_scales,
                             const std::optional<at::Tensor>& param_zeros,
-                            int64_t param_group_size, int64_t seed) {
+                            int64_t param_group_size, int64_t seed,
+                            c10::string_view full_rank, c10::string_view full_rank_norm,
+                            const std::optional<at::Tensor>& limiter, double limiter_growth,
+                            bool scale_front) {
   const StepGeometry g = check_fused_galore_step(
       param, grad_in, proj_in, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales_in,
       proj_zeros_in, proj_group_size, param_scales, param_zeros, param_group_size, seed);
+  const FullRankArgs full = check_full_rank(param, full_rank, full_rank_norm, limiter,
+                                            limiter_growth, scale_front, scale);
+  // Fira/APOLLO run in the Triton kernel (lowrank_kernels/_dispatch.py routes them there under
+  // set_cuda_backend("cuda_cxx") too); this kernel has no finalize between its passes.
+  LOWRANK_CHECK_NOT_IMPLEMENTED(full.mode == FullRank::kNone,
+                                "full_rank: the CUDA C++ kernel serves only full_rank='none', got '",
+                                std::string(full_rank), "' (the Triton kernel serves it)");
   // check_fused_galore_step puts every tensor on param's device; that device must be a GPU.
   LOWRANK_CHECK_VALUE(param.is_cuda(), "param: expected a CUDA tensor, got ", param.device());
   LOWRANK_CHECK_VALUE(g.m < (int64_t{1} << 31) && g.n < (int64_t{1} << 25),

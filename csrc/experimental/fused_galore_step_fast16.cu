@@ -613,18 +613,23 @@ void fused_galore_step_fast16(at::Tensor& param, const at::Tensor& grad, const a
                               int64_t proj_group_size,
                               const std::optional<at::Tensor>& param_scales,
                               const std::optional<at::Tensor>& param_zeros,
-                              int64_t param_group_size, int64_t seed) {
+                              int64_t param_group_size, int64_t seed,
+                              c10::string_view full_rank, c10::string_view full_rank_norm,
+                              const std::optional<at::Tensor>& limiter, double limiter_growth,
+                              bool scale_front) {
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
       proj_group_size, param_scales, param_zeros, param_group_size, seed);
-  if (!serves(param, grad, proj, proj_scales, proj_zeros, g)) {
+  const bool full_rank_term = full_rank != "none";
+  if (full_rank_term || !serves(param, grad, proj, proj_scales, proj_zeros, g)) {
     static const auto general =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("lowrank_cuda::fused_galore_step", "")
             .typed<decltype(fused_galore_step_fast16)>();
     general.call(param, grad, proj, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
                  scale, step, proj_scales, proj_zeros, proj_group_size, param_scales,
-                 param_zeros, param_group_size, seed);
+                 param_zeros, param_group_size, seed, full_rank, full_rank_norm, limiter,
+                 limiter_growth, scale_front);
     return;
   }
   const c10::cuda::CUDAGuard guard(param.device());

@@ -39,6 +39,7 @@ coefficients. APOLLO's launch B does no GEMM and reads no basis. bench/traffic.p
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -46,12 +47,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _basis_tile, _dot, _grid_tile, _tile_offsets
+from ._common import BASIS_NAMES, _basis_tile, _dot, _grid_tile, _tile_offsets
 
 NONE, FIRA, APOLLO = 0, 1, 2
 FULL_RANK_MODES = {"none": NONE, "fira": FIRA, "apollo": APOLLO}
 NORM_GUARD = 1e-8  # the peers' "+ 1e-8"
 GRAM_BLOCK, GRAM_BLOCK_LONG = 32, 64
+
+
+def gram_warps(basis_kind: int) -> int:
+    """The Gram's warps: 8 for a DCT basis (4 spill 8 bytes on sm_89 with 64-bit offsets),
+    4 otherwise (8 spill with a packed INT4 basis)."""
+    return 8 if BASIS_NAMES[int(basis_kind)] == "dct" else 4
+
 QUAD_BLOCK_OWN, QUAD_BLOCK_K = 64, 32
 FINALIZE_BLOCK = 1024
 
@@ -243,7 +251,7 @@ def finalize_full_rank(buffers: FullRankBuffers, basis, rank: int, long: int, ri
             *basis.pointers, gram, basis.stride_rank, basis.stride_long, rank, long,
             BLOCK_K=GRAM_BLOCK, BLOCK_LONG=GRAM_BLOCK_LONG, BASIS=basis.kind,
             PROJ_GROUP=basis.group_size, INDEX_64=index_64, INTERPRETED=interpreted,
-            num_warps=4, num_stages=2)
+            num_warps=gram_warps(basis.kind), num_stages=2)
         quad = torch.empty(own, dtype=torch.float32, device=device)
         _gram_quadratic_kernel[(triton.cdiv(own, QUAD_BLOCK_OWN),)](
             buffers.low_rank, gram, quad, buffers.low_rank.stride(0), own, rank, RIGHT=right,
@@ -255,3 +263,44 @@ def finalize_full_rank(buffers: FullRankBuffers, basis, rank: int, long: int, ri
         _fp32(scale) if scale_front else 1.0, _fp32(growth), grad_scale_,
         FULL_RANK=buffers.mode, TENSOR=tensor_norm, HAS_LIMITER=limiter is not None,
         BLOCK=FINALIZE_BLOCK, num_warps=4, enable_fp_fusion=False)
+
+
+def aot_variants():
+    """(variant, signature, constexprs, num_warps, num_stages, options) of every launch of this
+    module (triton_kernels/aot.py --kernels full_rank): the Gram for each basis format (dense in
+    bf16 and fp32, packed INT4, DCT), side (the unit stride of a dense or INT4 basis) and offset
+    width; the quadratic per side and offset width; the finalize per mode, φ kind and limiter."""
+    from .aot import _basis_constexprs, _basis_pointers
+
+    for (basis, proj), right, index_64 in itertools.product(
+            (("dense", "bf16"), ("dense", "fp32"), ("int4", "int4"), ("dct", "dct")),
+            (True, False), (False, True)):
+        unit = {} if basis == "dct" else {"stride_pl" if right else "stride_pr": 1}
+        signature = {**_basis_pointers(basis, proj), "Gram_ptr": "*fp32",
+                     **{k: "i32" for k in ("stride_pr", "stride_pl", "R", "LONG") if k not in unit}}
+        constexprs = {"BLOCK_K": GRAM_BLOCK, "BLOCK_LONG": GRAM_BLOCK_LONG, "INDEX_64": index_64,
+                      "INTERPRETED": False, **_basis_constexprs(basis), **unit}
+        variant = {"kernel": "gram", "basis": basis, "proj": proj,
+                   "side": "right" if right else "left", "index_64": index_64}
+        yield variant, signature, constexprs, gram_warps(constexprs["BASIS"]), 2, {}
+    for right, index_64 in itertools.product((True, False), (False, True)):
+        signature = {"LowRank_ptr": "*fp32", "Gram_ptr": "*fp32", "Quad_ptr": "*fp32",
+                     "stride_lowm": "i32", "OWN": "i32", "R": "i32"}
+        constexprs = {"RIGHT": right, "BLOCK_OWN": QUAD_BLOCK_OWN, "BLOCK_K": QUAD_BLOCK_K,
+                      "INDEX_64": index_64}
+        variant = {"kernel": "gram_quadratic", "side": "right" if right else "left",
+                   "index_64": index_64}
+        yield variant, signature, constexprs, 4, 2, {}
+    for mode, tensor, limiter in itertools.product((FIRA, APOLLO), (False, True), (False, True)):
+        signature = {**dict.fromkeys(("LineSums_ptr", "Quad_ptr", "Limiter_ptr", "LineCoef_ptr",
+                                      "GradCoef_ptr"), "*fp32"),
+                     "OWN": "i32", "R_TILES": "i32",
+                     **dict.fromkeys(("scale", "front", "growth", "grad_scale"), "fp32")}
+        constexprs = {"FULL_RANK": mode, "TENSOR": tensor, "HAS_LIMITER": limiter,
+                      "BLOCK": FINALIZE_BLOCK}
+        variant = {"kernel": "finalize", "full_rank": mode, "tensor": tensor, "limiter": limiter}
+        yield variant, signature, constexprs, 4, 1, {"enable_fp_fusion": False}
+
+
+AOT_KERNELS = {"gram": "_gram_kernel", "gram_quadratic": "_gram_quadratic_kernel",
+               "finalize": "_finalize_kernel"}

@@ -109,6 +109,7 @@ from ._common import (
     _dot,
     _grid_tile,
     _own_long,
+    _project_tile,
     _project_tile_stats,
     _round_to,
     _tile_offsets,
@@ -149,22 +150,28 @@ def _project_adam_kernel(
     offs_own, offs_r, own_mask, r_mask = _grid_tile(OWN, R, BLOCK_OWN, BLOCK_R, INDEX_64)
 
     proj_low = tl.zeros((BLOCK_OWN, BLOCK_R), dtype=tl.float32)
-    grad_sq = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
-    proj_low, grad_sq = _project_tile_stats(
-        G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r, own_mask, r_mask, LONG,
-        stride_gm, stride_gn, stride_pr, stride_pl, proj_low, grad_sq, RIGHT, BLOCK_LONG, BASIS,
-        PROJ_GROUP, INDEX_64, INTERPRETED, FULL_RANK != 0)
+    if FULL_RANK != 0:
+        grad_sq = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
+        proj_low, grad_sq = _project_tile_stats(
+            G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r, own_mask, r_mask,
+            LONG, stride_gm, stride_gn, stride_pr, stride_pl, proj_low, grad_sq, RIGHT,
+            BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED, True)
+    else:
+        proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
+                                 own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr,
+                                 stride_pl, proj_low, RIGHT,
+                                 BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
-    norm_offs = _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT)
     if FULL_RANK != 0:
-        line_sums = _store_line_sums_of_r(LowRank_ptr, LineSums_ptr, norm_offs, state_mask,
-                                          offs_own, own_mask, proj_low, grad_sq, OWN, R, BLOCK_R,
-                                          FULL_RANK, INDEX_64)
+        line_sums = _store_line_sums_of_r(LowRank_ptr, LineSums_ptr,
+                                          _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
+                                          state_mask, offs_own, own_mask, proj_low, grad_sq, OWN,
+                                          R, BLOCK_R, FULL_RANK, INDEX_64)
     # only the real rank is stored; launch B reads the padding as 0 through its mask
     normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
                             beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
-    tl.store(Normalized_ptr + norm_offs,
+    tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
              _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
     if FULL_RANK != 0:
         tl.store(line_sums, tl.sum(tl.where(state_mask, normalized * normalized, 0.0), axis=1),
@@ -491,6 +498,37 @@ _INDEX_64_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     **_PROJECT_BLOCKS,
     ("tc", 128): _BF16_MOMENT_PROJECT_BLOCKS[("tc", 128)],
 }
+# The full-rank modes (Fira, APOLLO; full_rank.py): launch A also sums G², R² and N² per line
+# and stores R (Fira), launch B also holds a tile of G and the per-line coefficients. Their
+# own tables, each entry checked spill-free for sm_89 and sm_90 by the AOT test with FULL_RANK
+# 1 and 2 (both sides, offset widths, G layouts): the 128×128 tensor-core tile of A spills
+# 20-140 bytes (both modes) and becomes the 64×128 one; with bf16 moments (Philox as well) the
+# 64-wide rank tiles spill 190-320 bytes at 4 warps and 64-row 128-wide ones at 8 warps, so they
+# get 8 warps and 32 rows; Fira's launch B (N, R and the coefficient in the K loop, G after it)
+# spills at 128 rows and takes 64. Not tuned on a GPU (none was available): chosen for no spills
+# with the plain tables' block shapes otherwise.
+_FULL_RANK_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_PROJECT_BLOCKS,
+    ("tc", 128): _BF16_MOMENT_PROJECT_BLOCKS[("tc", 128)],
+}
+_FULL_RANK_BF16_MOMENT_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_PROJECT_BLOCKS,
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=8, num_stages=3),
+    ("tc", 128): TileConfig(block_own=32, block_r=128, block_long=64, num_warps=8, num_stages=3),
+}
+_FULL_RANK_GENERATED_PROJECT_BLOCKS = _GENERATED_PROJECT_BLOCKS
+_FULL_RANK_BF16_MOMENT_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_BF16_MOMENT_GENERATED_PROJECT_BLOCKS,
+    ("fp32", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=4, num_stages=2),
+}
+_FULL_RANK_BACK_BLOCKS: dict[str, TileConfig] = {
+    "16bit": TileConfig(block_own=64, block_r=64, block_long=128, num_warps=8, num_stages=3),
+    "fp32": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=8, num_stages=2),
+}
+_FULL_RANK_GENERATED_BACK_BLOCKS: dict[str, TileConfig] = {  # 128 long: 16 bytes (INT4, G^T)
+    "16bit": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=8, num_stages=3),
+    "fp32": _GENERATED_BACK_BLOCKS["fp32"],
+}
 WIDE_RANK_TILE_FROM = 512  # dense tensor-core launch A: 64-wide rank tiles below this rank
 
 
@@ -515,13 +553,24 @@ def workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype if weight_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _project_blocks(generated: bool, bf16_moments: bool, index_64: bool = False
-                    ) -> dict[tuple[str, int], TileConfig]:
+def _project_blocks(generated: bool, bf16_moments: bool, index_64: bool = False,
+                    full_rank: bool = False) -> dict[tuple[str, int], TileConfig]:
+    if full_rank:  # one table for both offset widths: it has no 128-row tile
+        if generated:
+            return (_FULL_RANK_BF16_MOMENT_GENERATED_PROJECT_BLOCKS if bf16_moments
+                    else _FULL_RANK_GENERATED_PROJECT_BLOCKS)
+        return _FULL_RANK_BF16_MOMENT_PROJECT_BLOCKS if bf16_moments else _FULL_RANK_PROJECT_BLOCKS
     if generated:
         return _BF16_MOMENT_GENERATED_PROJECT_BLOCKS if bf16_moments else _GENERATED_PROJECT_BLOCKS
     if bf16_moments:
         return _BF16_MOMENT_PROJECT_BLOCKS
     return _INDEX_64_PROJECT_BLOCKS if index_64 else _PROJECT_BLOCKS
+
+
+def _back_blocks(generated: bool, full_rank: bool = False) -> dict[str, TileConfig]:
+    if full_rank:
+        return _FULL_RANK_GENERATED_BACK_BLOCKS if generated else _FULL_RANK_BACK_BLOCKS
+    return _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
 
 
 def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
@@ -531,13 +580,12 @@ def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
     """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole).
     proj_dtype is the type the basis enters launch A's dot in (BasisArgs.dot_dtype);
     ``generated``: an INT4 or DCT basis; ``bf16_moments``: M and V in bf16 (stochastic rounding
-    in launch A); ``index_64``: 64-bit offsets. Launch B of INT8 weights is configured by
-    int8_config instead."""
+    in launch A); ``index_64``: 64-bit offsets; ``full_rank``: Fira or APOLLO (their own
+    tables). Launch B of INT8 weights is configured by int8_config instead."""
     kind = dot_kind(grad_dtype, proj_dtype)
-    project = _project_blocks(generated, bf16_moments, index_64)
-    back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+    project = _project_blocks(generated, bf16_moments, index_64, full_rank)
     return (project[(kind, project_block_r(rank, kind, generated))],
-            back[weight_kind(weight_dtype)])
+            _back_blocks(generated, full_rank)[weight_kind(weight_dtype)])
 
 
 # Launch B of INT8 weights. Row-aligned groups (n % GROUP == 0, GROUP a power of two ≤ 256): a
@@ -592,23 +640,25 @@ def int8_candidate_configs(index_64: bool = False) -> list[Int8Config]:
                                                      (257, 256), (7, 6), (97, 96))]
 
 
-def candidate_configs(generated: bool = False, index_64: bool = False
+def candidate_configs(generated: bool = False, index_64: bool = False, full_rank: bool = False
                       ) -> list[tuple[str, str, TileConfig]]:
     """Every (kernel, dtype class, configuration) ``pick_configs`` can return for a dense basis,
-    or with ``generated`` an INT4/DCT one, with 32- or 64-bit offsets (the AOT test compiles
-    them): kernel 'project' (A, class = dot kind) or 'back' (B, class = W's kind)."""
-    project = _project_blocks(generated, bf16_moments=False, index_64=index_64)
-    back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+    or with ``generated`` an INT4/DCT one, with 32- or 64-bit offsets, for GaLore or (with
+    ``full_rank``) the Fira/APOLLO modes (the AOT test compiles them): kernel 'project' (A,
+    class = dot kind) or 'back' (B, class = W's kind)."""
+    project = _project_blocks(generated, bf16_moments=False, index_64=index_64,
+                              full_rank=full_rank)
     return ([("project", kind, c) for (kind, _), c in project.items()]
-            + [("back", kind, c) for kind, c in back.items()])
+            + [("back", kind, c) for kind, c in _back_blocks(generated, full_rank).items()])
 
 
-def bf16_moment_candidate_configs(generated: bool = False, index_64: bool = False
-                                  ) -> list[tuple[str, str, TileConfig]]:
+def bf16_moment_candidate_configs(generated: bool = False, index_64: bool = False,
+                                  full_rank: bool = False) -> list[tuple[str, str, TileConfig]]:
     """The launch A configurations ``pick_configs`` returns with bf16 moments (launch B does not
     touch the moments: candidate_configs covers it)."""
     return [("project", kind, c) for (kind, _), c in
-            _project_blocks(generated, bf16_moments=True, index_64=index_64).items()]
+            _project_blocks(generated, bf16_moments=True, index_64=index_64,
+                            full_rank=full_rank).items()]
 
 
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,

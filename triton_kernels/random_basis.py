@@ -131,3 +131,15 @@ def random_basis(d: int, rank: int, seed: int, refresh: int, *,
                                BLOCK_RANK=BLOCK_RANK, BLOCK_CALLS=BLOCK_CALLS,
                                num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
+
+
+def aot_variants():
+    """The one launch configuration, for triton_kernels/aot.py --kernels full_rank."""
+    signature = {"Out_ptr": "*fp32", "D": "i32", "RANK": "i32", "philox_seed": "i64",
+                 "root_rank": "fp32"}
+    constexprs = {"BLOCK_RANK": BLOCK_RANK, "BLOCK_CALLS": BLOCK_CALLS}
+    yield ({"kernel": "random_basis"}, signature, constexprs, NUM_WARPS, 1,
+           {"enable_fp_fusion": False})
+
+
+AOT_KERNELS = {"random_basis": "_random_basis_kernel"}

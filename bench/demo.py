@@ -41,7 +41,12 @@ from bench import harness, memory
 
 # recipe learning rates: GaLore's LLaMA recipe 0.01 (scale 0.25), Q-GaLore's 0.015 at 60M/130M
 LR = {"galore-torch": 1e-2, "ours GaLoreAdamW": 1e-2, "ours QGaLoreAdamW": 1.5e-2,
-      "ours DCTAdamW": 1e-2, "ours LowRankAdamW": 1e-2, "ours GaLoreAdamW bf16 moments": 1e-2}
+      "ours DCTAdamW": 1e-2, "ours LowRankAdamW": 1e-2, "ours GaLoreAdamW bf16 moments": 1e-2,
+      "ours GradNormLoRPAdamW": 1e-2}
+# Configurations of bench/memory.py trained as they are accounted there (INT8 weights,
+# layer-wise stepping, moment dtype, rank), each at its preset's lr: the memory table's
+# candidates for a small 7B budget, whose loss the README compares with GaLoreAdamW's.
+MEMORY_CONFIGS = ("ours-QGaLoreAdamW-layerwise",)
 # AdamW's recipe at 60M is 1e-3; the sweep brackets it (and shows it at GaLore's 0.01)
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 TINY = harness.ModelShape("llama-tiny", hidden=128, intermediate=344, layers=2, heads=4,
@@ -105,7 +110,38 @@ def optimizers(cfg: harness.ModelShape, adamw_lrs: Sequence[float] = ADAMW_LRS
     if hasattr(optim, "GaLoreAdamW"):  # bf16 moments (stochastic rounding) against fp32 ones
         name = "ours GaLoreAdamW bf16 moments"
         found[name] = (LR[name], ours(optim.GaLoreAdamW, LR[name], state_dtype=torch.bfloat16))
+    for key in MEMORY_CONFIGS:
+        config = memory.OUR_CONFIGS[key]
+        lr = LR[f"ours {config.preset}"]
+        found[config.label] = (lr, memory_config_optimizer(key, cfg, lr))
     return found
+
+
+class _LayerwiseSteps:
+    """A layer-wise trainer seen by ``train``: its hooks step every weight during backward, so
+    step() and zero_grad() have nothing left to do."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
+def memory_config_optimizer(key: str, cfg: harness.ModelShape, lr: float
+                            ) -> Callable[[torch.nn.Module], object]:
+    """A factory training bench/memory.py's configuration ``key`` on the demo's model: its
+    projected Linears quantized to INT8 first when the configuration has INT8 weights, the
+    optimizer (and layer-wise trainer) built as the accounting builds them."""
+    def make(net):
+        if memory.OUR_CONFIGS[key].int8_weights:
+            memory.int8_projected_linears(net)
+        opt, _, trainer = memory.build_optimizer(key, net, cfg, lr=lr)
+        return opt if trainer is None else _LayerwiseSteps(trainer)
+    return make
 
 
 def train(name: str, make_opt, net: torch.nn.Module, data: list[torch.Tensor],

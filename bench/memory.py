@@ -85,10 +85,16 @@ def build_model(cfg: harness.ModelShape, dtype: torch.dtype, device: str = "meta
     Q-GaLore user prepares a model."""
     net = _build_float_model(cfg, dtype, device, use_transformers)
     if int8_weights:
-        from lowrank_kernels.autograd import replace_linear_with_int8
-
-        replace_linear_with_int8(net, lambda name: name.rpartition(".")[2] in GALORE_TARGETS)
+        int8_projected_linears(net)
     return net
+
+
+def int8_projected_linears(net: torch.nn.Module) -> None:
+    """The projected Linears (GALORE_TARGETS) become Int8Linear (INT8 codes, groups of 256), in
+    place, as a Q-GaLore user prepares a model."""
+    from lowrank_kernels.autograd import replace_linear_with_int8
+
+    replace_linear_with_int8(net, lambda name: name.rpartition(".")[2] in GALORE_TARGETS)
 
 
 def _build_float_model(cfg: harness.ModelShape, dtype: torch.dtype, device: str,
@@ -266,6 +272,12 @@ class OurConfig:
     # projected moments: "auto" (the presets' default: the weight's dtype, bf16 stochastically
     # rounded), or a dtype
     state_dtype: str | torch.dtype = "auto"
+    rank: int | None = None  # the projection rank; None: the model's recipe rank / rank_divisor
+    rank_divisor: int = 1
+    options: tuple[tuple[str, object], ...] = ()  # further group keys of the projected group
+
+    def rank_for(self, cfg: harness.ModelShape) -> int:
+        return max(1, cfg.rank // self.rank_divisor) if self.rank is None else self.rank
 
 
 OUR_CONFIGS: dict[str, OurConfig] = {
@@ -284,20 +296,27 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-QGaLoreAdamW-layerwise-fp32": OurConfig(
         "ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise, fp32 moments", "QGaLoreAdamW",
         int8_weights=True, layerwise=True, state_dtype=torch.float32),
+    "ours-GradNormLoRPAdamW": OurConfig("ours GradNormLoRPAdamW", "GradNormLoRPAdamW"),
+    "ours-GradNormLoRPAdamW-layerwise": OurConfig("ours GradNormLoRPAdamW layer-wise",
+                                                  "GradNormLoRPAdamW", layerwise=True),
 }
 
 
-def _groups(net, cfg, recipe_keys: bool = True) -> tuple[list[dict], list, list]:
+def _groups(net, cfg, recipe_keys: bool = True, rank: int | None = None,
+            options: dict | None = None) -> tuple[list[dict], list, list]:
     """GaLore's grouping; ``recipe_keys=False`` leaves update_proj_gap to the preset (DCTAdamW:
-    1, indices re-chosen every step)."""
+    1, indices re-chosen every step); ``rank`` overrides the recipe's, ``options`` are further
+    keys of the projected group."""
     low_rank, rest = split_params(net)
-    group = {"params": low_rank, "rank": cfg.rank, "scale": 0.25, "proj_type": "std"}
+    group = {"params": low_rank, "rank": cfg.rank if rank is None else rank, "scale": 0.25,
+             "proj_type": "std", **(options or {})}
     if recipe_keys:
-        group["update_proj_gap"] = cfg.update_proj_gap
+        group.setdefault("update_proj_gap", cfg.update_proj_gap)
     return [{"params": rest}, group], low_rank, rest
 
 
-def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape):
+def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape,
+                    lr: float = 1e-3):
     """(optimizer, its parameters in accounting order, layer-wise trainer or None) for
     ``name`` on ``net``. ImportError when the package is missing."""
     with _quiet():
@@ -317,8 +336,9 @@ def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape):
         if name in OUR_CONFIGS:
             ours = OUR_CONFIGS[name]
             optim = importlib.import_module("lowrank_kernels.optim")
-            groups, low_rank, rest = _groups(net, cfg, recipe_keys=ours.preset != "DCTAdamW")
-            opt = getattr(optim, ours.preset)(groups, lr=1e-3, state_dtype=ours.state_dtype)
+            groups, low_rank, rest = _groups(net, cfg, recipe_keys=ours.preset != "DCTAdamW",
+                                             rank=ours.rank_for(cfg), options=dict(ours.options))
+            opt = getattr(optim, ours.preset)(groups, lr=lr, state_dtype=ours.state_dtype)
             trainer = optim.LayerwiseTrainer(net, opt) if ours.layerwise else None
             return opt, rest + low_rank, trainer
     raise ValueError(f"optimizer: expected one of {tuple(ACCOUNTANTS)}, got {name!r}")
@@ -413,8 +433,60 @@ def account_q_galore_torch(net, cfg) -> Account:
     return acc
 
 
+# apollo-torch's APOLLO-Mini, as its README sets it up: rank 1, a random projection refreshed
+# every 200 steps, one tensor-wise scaling factor, scale 128.
+APOLLO_MINI = {"rank": 1, "proj": "random", "scale_type": "tensor", "scale": 128.0,
+               "update_proj_gap": 200, "proj_type": "std"}
+
+
+def account_apollo_torch_mini(net: torch.nn.Module) -> Account:
+    """apollo-torch 1.0.3 ``APOLLOAdamW`` as APOLLO-Mini (:data:`APOLLO_MINI`), its own state
+    layout: low-rank M, V in the gradient's dtype, the projector object holding its random
+    basis (r×n or m×r, the weight's dtype) and seed. MODELLED like q-galore-torch's row: its
+    projector seeds a torch.Generator on the tensor's device, which the meta device lacks, so
+    one weight of each distinct projected shape takes a real step on the CPU and its state
+    bytes count for every weight of that shape; the parameters without rank step on meta."""
+    apollo_torch = importlib.import_module("apollo_torch")
+    dtype = cfg_dtype(net)
+    low_rank, rest = split_params(net)
+    per_shape: dict[tuple[int, ...], Account] = {}
+    for p in low_rank:
+        shape = tuple(p.shape)
+        if shape not in per_shape:
+            weight = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+            weight.grad = torch.ones_like(weight)
+            opt = apollo_torch.APOLLOAdamW([{"params": [weight], **APOLLO_MINI}], lr=1e-3)
+            opt.step()
+            per_shape[shape] = account_state("", [weight], opt.state)
+    acc = Account("apollo-torch APOLLOAdamW, APOLLO-Mini (modelled)",
+                  note="rank 1, random P (seeded, stored), tensor scaling; M, V and P in the "
+                       "weight dtype; its own AdamW for the rest")
+    for p in low_rank:
+        acc.add(per_shape[tuple(p.shape)])
+    _meta_grads(rest)
+    opt = apollo_torch.APOLLOAdamW([{"params": rest}], lr=1e-3)
+    opt.step()
+    acc.add(account_state("rest", rest, opt.state))
+    return acc
+
+
+def apollo_torch_mini_temporary(cfg: harness.ModelShape, dtype: torch.dtype) -> Temporary:
+    """apollo-torch's step, from its code: parameters without rank take its AdamW loop
+    (√V + ε and M/(√V + ε): two parameter-sized results, one parameter at a time); a projected
+    weight's refresh copies the gradient to fp32 (``module_params.data.float()``, m·n·4) and its
+    step scales the full gradient (m·n in its dtype)."""
+    net = build_model(cfg, dtype)
+    low_rank, rest = split_params(net)
+    dense = 2 * max(_nbytes(p) for p in rest)
+    refresh = max(4 * p.numel() for p in low_rank)
+    if dense >= refresh:
+        return Temporary(dense, "its AdamW results (2x the largest parameter without rank)")
+    return Temporary(refresh, "the fp32 copy of a gradient at a refresh")
+
+
 # Our optimizers that bench/demo.py trains (each when lowrank_kernels.optim has it).
-OUR_PRESETS = ("GaLoreAdamW", "QGaLoreAdamW", "DCTAdamW", "FiraAdamW", "LowRankAdamW")
+OUR_PRESETS = ("GaLoreAdamW", "QGaLoreAdamW", "DCTAdamW", "FiraAdamW", "LowRankAdamW",
+               "GradNormLoRPAdamW")
 
 
 def account_ours(key: str) -> Callable:
@@ -432,9 +504,11 @@ def account_ours(key: str) -> Callable:
                   if group.get("rank") is not None for p in group["params"]}
         moments = " / ".join("bf16 (stochastically rounded)" if d == torch.bfloat16
                              else harness.dtype_name(d) for d in sorted(dtypes, key=str))
-        acc.note = f"rank {cfg.rank}; {moments} M, V of projected weights"
+        acc.note = f"rank {ours.rank_for(cfg)}; {moments} M, V of projected weights"
         if ours.int8_weights:
             acc.note += "; Int8Linear W g256 (fp32 scales/zeros)"
+        if ours.preset == "GradNormLoRPAdamW":
+            acc.note += "; 4 fp32 per row (g, ||v||, g's moments)"
         if ours.layerwise:
             acc.note += "; grads held = the largest one"
         return acc
@@ -452,6 +526,7 @@ ACCOUNTANTS: dict[str, Callable] = {
     "adamw8bit": account_adamw8bit,
     "galore-torch": account_galore_torch,
     "q-galore-torch": account_q_galore_torch,
+    "apollo-torch-mini": lambda net, cfg: account_apollo_torch_mini(net),
     **{key: account_ours(key) for key in OUR_CONFIGS},
 }
 MEASURABLE = ("adamw", "adamw8bit", "galore-torch",
@@ -550,9 +625,15 @@ def measure(optimizer: str, model_name: str, dtype_name: str = "bf16",
             layers: int | None = None, timeout: float = 600) -> dict | None:
     """Runs ``_measure_in_this_process`` in a fresh interpreter; None when it fails."""
     call = f"{optimizer!r}, {model_name!r}, harness.DTYPE_NAMES[{dtype_name!r}], {layers!r}"
+    return _in_fresh_interpreter(f"_measure_in_this_process({call})",
+                                 f"measured run of {optimizer}", timeout)
+
+
+def _in_fresh_interpreter(call: str, what: str, timeout: float):
+    """``memory.<call>``'s JSON result, evaluated in a fresh interpreter; None when it fails."""
     code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
             "from bench import memory, harness; "
-            f"print('RESULT', json.dumps(memory._measure_in_this_process({call})))")
+            f"print('RESULT', json.dumps(memory.{call}))")
     # A fixed mmap threshold makes glibc return every large freed block to the OS at once (its
     # adaptive threshold would keep freed temporaries resident and blur the growth).
     env = dict(os.environ, PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="131072")
@@ -561,7 +642,7 @@ def measure(optimizer: str, model_name: str, dtype_name: str = "bf16",
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    print(f"  measured run of {optimizer} failed: {out.stderr.strip().splitlines()[-1:]}")
+    print(f"  {what} failed: {out.stderr.strip().splitlines()[-1:]}")
     return None
 
 
@@ -607,8 +688,265 @@ def validate(model_name: str, dtype_name: str, optimizers: Sequence[str] = MEASU
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# the full step budget: the states above, activations, and the step's largest temporary
+# --------------------------------------------------------------------------------------------
+SEQ_LEN, BATCH = 256, 1  # the budget's training shape (issue 16: sequence 256, batch 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Activation bytes of a LLaMA training step with activation checkpointing of every decoder
+    layer (T = batch·seq tokens, s = the model dtype's bytes, h hidden, i intermediate, a heads,
+    V vocab, L layers; FlashAttention as PyTorch's SDPA runs it for bf16 on a GPU):
+
+      checkpoints = L·s·T·h + 2·s·S·h/a   each layer's input, kept through the forward, and the
+                                          RoPE cos/sin every layer shares (S = seq: one per
+                                          position, broadcast over the batch)
+      layer       = (8 + 9s)·T·h + 4s·T·i + (8 + 4a)·T
+                    one layer's saved tensors while its forward is recomputed in the backward:
+                    two RMSNorms (fp32 input 4Th, normalised input sTh, fp32 rsqrt per token),
+                    the q/k/v input, FlashAttention's q, k, v, output (4sTh) and fp32 log-sum-exp
+                    (4aT), the o_proj input, the MLP input, and the MLP's gate, SiLU(gate), up and
+                    down_proj input (4sTi)
+      head        = (4 + 2s)·T·h + 4T + (4 + s)·T·V
+                    the final RMSNorm, the lm_head input, cross-entropy's fp32 log-softmax (4TV),
+                    and the logits (sTV) the training loop holds until backward
+
+    peak = checkpoints + max(layer, head): the head's tensors are freed before the first layer
+    is recomputed (tests/test_memory.py checks the terms against the tensors autograd saves)."""
+
+    checkpoints: int
+    layer: int
+    head: int
+
+    @property
+    def total(self) -> int:
+        return self.checkpoints + max(self.layer, self.head)
+
+
+def activation_bytes(cfg: harness.ModelShape, seq: int = SEQ_LEN, batch: int = BATCH,
+                     elem: int = 2) -> Activations:
+    """:class:`Activations` of ``cfg`` at ``seq``×``batch`` tokens in a dtype of ``elem`` bytes."""
+    t, h, i, a, v = batch * seq, cfg.hidden, cfg.intermediate, cfg.heads, cfg.vocab
+    layer = (8 + 9 * elem) * t * h + 4 * elem * t * i + (8 + 4 * a) * t
+    head = (4 + 2 * elem) * t * h + 4 * t + (4 + elem) * t * v
+    return Activations(cfg.layers * elem * t * h + 2 * elem * seq * (h // a), layer, head)
+
+
+class _FlashAttentionSaves(torch.autograd.Function):
+    """scaled_dot_product_attention saving what its FlashAttention backend saves for backward
+    (q, k, v, the output and an fp32 log-sum-exp per query and head), for counting on devices
+    (CPU, meta) whose SDPA takes the math path, which saves the s×s attention matrix too."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, is_causal, scale):
+        with torch.no_grad():
+            out = _SDPA(query, key, value, is_causal=is_causal, scale=scale)
+        ctx.save_for_backward(query, key, value, out,
+                              query.new_empty(query.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # counting only
+        raise NotImplementedError
+
+
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def saved_tensor_bytes(cfg: harness.ModelShape, layers: int, seq: int = SEQ_LEN,
+                       batch: int = BATCH, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the tensors autograd saves in a forward + cross-entropy of LlamaForCausalLM
+    (``layers`` decoder layers, no checkpointing) on the meta device, each storage once,
+    parameters (and views of them) excluded; FlashAttention's saves (:class:`_FlashAttentionSaves`)."""
+    import transformers
+
+    model_cfg = dataclasses.replace(cfg, layers=layers)
+    net = build_model(model_cfg, dtype, device="meta")
+    params = {p.untyped_storage()._cdata for p in net.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in params:
+            storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    def flash(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              **kwargs):
+        del attn_mask, dropout_p, kwargs  # causal, no dropout (HF's sdpa path for LLaMA)
+        return _FlashAttentionSaves.apply(query, key, value, True, scale)
+
+    tokens = torch.zeros(batch, seq + 1, dtype=torch.long, device="meta")
+    original = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = flash
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = net(tokens[:, :-1]).logits
+            torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab),
+                                              tokens[:, 1:].reshape(-1))
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    del transformers
+    return sum(storages.values())
+
+
+# The step's largest temporary: the biggest transient one optimizer step (refresh included)
+# allocates beyond the states, the maximum of three sequential phases, each derived from the
+# code that runs on a GPU (and checked on CPU by tests/test_memory.py at small shapes):
+#   dense    AdamW of the parameters without rank (embeddings, lm_head, norms). LowRankAdamW's
+#            dense_adamw="galore" (GaLoreAdamW, GradNormLoRPAdamW) holds two parameter-sized
+#            foreach results at once (√V + ε, then M/(√V + ε)); torch's foreach AdamW
+#            (dense_adamw="torch", the GPU default) one (√V). Layer-wise: one parameter at a time.
+#   refresh  recomputing one weight's basis, the largest weight: an SVD's working set (G in fp32,
+#            U, S, Vᵀ and LAPACK's workspace: svd_bytes_per_element, measured on this CPU by
+#            measure_refresh_peak at half the 11008×4096 shape in each dimension and scaled by
+#            m·n; cuSOLVER's workspace differs), a random basis (its d×r Gaussian, Q and R of the
+#            QR), DCT scores (R and d scores).
+#   step     the fused op's workspaces in its Triton launcher (triton_kernels/fused_*_step.py):
+#            GaLore's N (r·own, in a 16-bit W's type, else fp32); GradNormLoRP's fp32 N, U
+#            (right side), K = QQᵀ.
+
+
+def measure_refresh_peak(m: int, n: int, rank: int, dtype_name: str = "bf16",
+                         projection: str = "svd", timeout: float = 600) -> int | None:
+    """Peak resident growth (VmHWM) of one ``projector.compute`` of an m×n gradient, measured in
+    a fresh interpreter (the basis it returns excluded); None when the run fails."""
+    return _in_fresh_interpreter(
+        f"_refresh_peak_in_this_process({m}, {n}, {rank}, {dtype_name!r}, {projection!r})",
+        "refresh measurement", timeout)
+
+
+def _refresh_peak_in_this_process(m: int, n: int, rank: int, dtype_name: str,
+                                  projection: str) -> int:
+    from lowrank_kernels.projection import make_projector
+
+    torch.set_num_threads(1)
+    dtype = harness.DTYPE_NAMES[dtype_name]
+    projector = make_projector(projection)
+    gen = torch.Generator().manual_seed(0)
+    projector.compute(torch.randn(64, 32).to(dtype), 8, generator=gen, param_name="warm-up")
+    grad = torch.randn(m, n, generator=gen).to(dtype)
+    gc.collect()
+    rss_before, _ = _rss_kib()
+    Path("/proc/self/clear_refs").write_text("5")
+    basis = projector.compute(grad, rank, generator=gen, param_name="weight")
+    _, hwm = _rss_kib()
+    return (hwm - rss_before) * 1024 - _nbytes(basis)
+
+
+def svd_bytes_per_element(dtype_name: str = "bf16") -> float:
+    """The SVD refresh's peak per gradient element, measured now at 5504×2048 (half of
+    11008×4096 in each dimension): every term of the working set (G in fp32, U, Vᵀ, the copy
+    LAPACK's gesdd overwrites, its O(k²) workspace, k = min(m, n)) scales as m·n when both
+    dimensions scale together; on this CPU 23.7, 21.5 and 20.2 bytes at 1/8, 1/4 and 1/2
+    scale (fixed costs fade), so the half-scale value slightly overstates the full one."""
+    peak = measure_refresh_peak(5504, 2048, 512, dtype_name)
+    return peak / (5504 * 2048) if peak else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Temporary:
+    nbytes: int
+    what: str
+
+
+def _dense_adamw_temporary(opt, rest: Sequence[torch.Tensor], layerwise: bool) -> Temporary:
+    sizes = [_nbytes(p) for p in rest]
+    copies = 2 if getattr(opt, "dense_adamw", "torch") == "galore" else 1
+    nbytes = copies * (max(sizes) if layerwise else sum(sizes))
+    where = "the largest parameter" if layerwise else "every parameter without rank"
+    return Temporary(nbytes, f"dense AdamW foreach results ({copies}x {where})")
+
+
+def _refresh_temporary(projection: str, m: int, n: int, rank: int, svd_per_element: float
+                       ) -> Temporary:
+    d = min(m, n)
+    if projection in ("svd", "rsvd"):
+        return Temporary(int(svd_per_element * m * n), f"SVD refresh of a {m}x{n} gradient")
+    if projection == "random":
+        return Temporary(3 * 4 * d * rank, f"random basis refresh ({d}x{rank} QR)")
+    return Temporary(4 * rank * max(m, n) + 4 * d, f"DCT refresh of a {m}x{n} gradient")
+
+
+def _step_workspace(preset: str, m: int, n: int, rank: int, weight_dtype: torch.dtype
+                    ) -> Temporary:
+    own = max(m, n)  # the owned axis: rows (right side, m >= n) or columns (left)
+    if preset == "GradNormLoRPAdamW":
+        right = m >= n
+        nbytes = 4 * rank * own + (4 * m * rank if right else 0) + (4 * rank * rank if right
+                                                                      else 0)
+        return Temporary(nbytes, f"fused_gradnorm_step workspaces ({m}x{n})")
+    elem = 2 if weight_dtype in (torch.bfloat16, torch.float16) else 4
+    return Temporary(elem * rank * own, f"fused_galore_step N workspace ({m}x{n})")
+
+
+def largest_temporary(key: str, cfg: harness.ModelShape, dtype: torch.dtype,
+                      svd_per_element: float) -> Temporary:
+    """The largest temporary of one step of our configuration ``key`` (see above)."""
+    ours = OUR_CONFIGS[key]
+    with _quiet():
+        net = _model_for(key, cfg, dtype)
+        opt, _, _ = build_optimizer(key, net, cfg)
+    low_rank, rest = split_params(net)
+    group = next(g for g in opt.param_groups if g.get("rank") is not None)
+    rank, projection = group["rank"], group["projection"]
+    shapes = {tuple(p.shape) for p in low_rank}
+    m, n = max(shapes, key=lambda s: s[0] * s[1])
+    weight_dtype = low_rank[0].dtype
+    candidates = [_dense_adamw_temporary(opt, rest, ours.layerwise),
+                  _refresh_temporary(projection, m, n, rank, svd_per_element),
+                  *(_step_workspace(ours.preset, *shape, rank, weight_dtype)
+                    for shape in shapes)]
+    return max(candidates, key=lambda t: t.nbytes)
+
+
+def step_budget(model_name: str, dtype: torch.dtype = torch.bfloat16,
+                keys: Sequence[str] = tuple(OUR_CONFIGS), svd_per_element: float | None = None,
+                seq: int = SEQ_LEN, batch: int = BATCH,
+                model_cfg: harness.ModelShape | None = None) -> list[dict[str, object]]:
+    """The full step budget of each configuration: the states of :func:`accounting`, the
+    activations (:func:`activation_bytes`) and the largest temporary; total = their sum (the
+    temporary counted as if it met the activations, as in layer-wise training, where a weight
+    is stepped -- and refreshed -- inside the backward pass)."""
+    cfg = model_cfg or model_config(model_name)
+    if svd_per_element is None:
+        svd_per_element = svd_bytes_per_element(harness.dtype_name(dtype))
+    activations = activation_bytes(cfg, seq, batch, torch.tensor([], dtype=dtype).element_size())
+    rows = []
+    gib = 2**30
+    for key, acc in zip(keys, accounting(model_name, dtype, keys, verbose=False,
+                                         model_cfg=cfg), strict=True):
+        temporary = largest_temporary(key, cfg, dtype, svd_per_element)
+        rows.append(_budget_row(acc, activations.total, temporary))
+    try:
+        with _quiet():
+            apollo = account_apollo_torch_mini(build_model(cfg, dtype))
+        rows.append(_budget_row(apollo, activations.total, apollo_torch_mini_temporary(cfg, dtype)))
+    except ImportError as exc:
+        print(f"  skip apollo-torch APOLLO-Mini: {exc}")
+    for row in rows:
+        row["activations_GiB"] = round(activations.total / gib, 3)
+    return rows
+
+
+def _budget_row(acc: Account, activations: int, temporary: Temporary) -> dict[str, object]:
+    gib = 2**30
+    total = acc.total + activations + temporary.nbytes
+    return {"optimizer": acc.optimizer, "weights_GiB": round(acc.weights / gib, 3),
+            "grads_held_GiB": round(acc.grads_held / gib, 3),
+            "optimizer_GiB": round(acc.optimizer_state / gib, 3),
+            "projection_GiB": round(acc.projection / gib, 4),
+            "activations_GiB": round(activations / gib, 3),
+            "largest_temporary_GiB": round(temporary.nbytes / gib, 3),
+            "total_GiB": round(total / gib, 3), "temporary": temporary.what, "note": acc.note}
+
+
 COLUMNS = ["optimizer", "weights_GiB", "grads_held_GiB", "optimizer_GiB", "projection_GiB",
-           "total_GiB", "note"]  # the CSVs also keep grads_all_GiB and grads_layer_GiB
+           "total_GiB", "note"]
+BUDGET_COLUMNS = ["optimizer", "weights_GiB", "grads_held_GiB", "optimizer_GiB", "projection_GiB",
+                  "activations_GiB", "largest_temporary_GiB", "total_GiB", "temporary"]  # the CSVs also keep grads_all_GiB and grads_layer_GiB
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -623,6 +961,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--measure-layers", type=int, default=1,
                         help="decoder layers of the measured model (its shapes are kept)")
     parser.add_argument("--csv", action="store_true", help="write bench/out/memory_*.csv")
+    parser.add_argument("--step-budget", action="store_true",
+                        help="also the full step budget of our configurations and apollo-torch's "
+                             "APOLLO-Mini: + activations (seq 256, batch 1, checkpointing) and "
+                             "the largest temporary (measures the SVD working set on this CPU)")
     args = parser.parse_args(argv)
     dtype = harness.DTYPE_NAMES[args.dtype]
     for name in args.model:
@@ -635,6 +977,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = harness.results_path(f"memory_{cfg.name}_{args.dtype}")
             harness.write_csv(path, rows, harness.machine_info("cpu"))
             print(f"wrote {path}")
+        if args.step_budget:
+            acts = activation_bytes(cfg, elem=torch.tensor([], dtype=dtype).element_size())
+            per_element = svd_bytes_per_element(args.dtype)
+            print(f"\nstep budget, sequence {SEQ_LEN} x batch {BATCH} with activation "
+                  f"checkpointing: activations {acts.total / 2**20:.1f} MiB (checkpoints "
+                  f"{acts.checkpoints / 2**20:.1f}, one layer {acts.layer / 2**20:.1f}, head "
+                  f"{acts.head / 2**20:.1f}); SVD refresh {per_element:.2f} bytes per gradient "
+                  "element (measured on this CPU at 5504x2048):")
+            budget = step_budget(name, dtype, [k for k in args.optimizers if k in OUR_CONFIGS],
+                                 per_element)
+            print(harness.format_table(budget, BUDGET_COLUMNS))
+            if args.csv:
+                path = harness.results_path(f"memory_step_{cfg.name}_{args.dtype}")
+                harness.write_csv(path, budget, {**harness.machine_info("cpu"),
+                                                 "svd_bytes_per_element": round(per_element, 3)})
+                print(f"wrote {path}")
     if args.measure:
         measurable = [o for o in args.optimizers if o in MEASURABLE]
         rows = validate(args.measure_model, args.dtype, measurable, args.measure_layers)

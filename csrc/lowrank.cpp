@@ -47,6 +47,19 @@ constexpr const char* kDeviceOpSchemas[] = {
     "str full_rank='none', str full_rank_norm='channel', Tensor(l!)? limiter=None, "
     "float limiter_growth=1.01, bool scale_front=False) -> ()",
 
+    // ---- the fused GradNormLoRP step (DESIGN.md §4.8) ----
+    // W = g * v/||v|| per row, kept as W itself plus fp32 per-row states: row_scale (g),
+    // row_norm (||v||) and g's Adam moments scale_exp_avg/scale_exp_avg_sq (length m each).
+    // proj and the low-rank moments as in fused_galore_step (dense, packed INT4 or DCT basis);
+    // param a float weight (INT8 codes are refused: the row renormalisation needs fp32 rows).
+    // The CUDA C++ namespace has no kernel of it (Triton serves CUDA tensors).
+    "fused_gradnorm_step(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!) exp_avg, "
+    "Tensor(c!) exp_avg_sq, Tensor(d!) row_scale, Tensor(e!) row_norm, "
+    "Tensor(f!) scale_exp_avg, Tensor(g!) scale_exp_avg_sq, *, float lr, float beta1, "
+    "float beta2, float eps, float weight_decay, float scale, int step, "
+    "Tensor? proj_scales=None, Tensor? proj_zeros=None, int proj_group_size=256, int seed=0) "
+    "-> ()",
+
     // ---- quantization (DESIGN.md §4.3-§4.4) ----
     // Groups are `group_size` consecutive row-major elements of the flattened tensor (the last
     // may be partial); scales and zeros are fp32, one per group; dequantized results are fp32.

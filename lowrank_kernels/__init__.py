@@ -8,7 +8,8 @@ Public surface:
     tests and benchmarks (cpu | cuda | triton | reference),
   * ``lowrank_kernels.reference`` — the plain-torch specification of every op,
   * ``lowrank_kernels.optim`` — LowRankAdamW and its presets (GaLoreAdamW, QGaLoreAdamW,
-    DCTAdamW), layer-wise training, scaling rules; the optimizers are also importable from here,
+    DCTAdamW), GradNormLoRPAdamW, layer-wise training, scaling rules; the optimizers are also
+    importable from here,
   * ``lowrank_kernels.projection`` — projectors and refresh policies,
   * ``lowrank_kernels.distributed`` — FSDP2/DDP placement, collectives, DCP helpers,
   * ``lowrank_kernels.autograd`` — Int8Linear (INT8 weights, Q-GaLore),
@@ -33,12 +34,13 @@ from lowrank_kernels.autograd import (
     int8_linear,
     replace_linear_with_int8,
 )
-from lowrank_kernels.ops import fused_galore_step, project, project_back
+from lowrank_kernels.ops import fused_galore_step, fused_gradnorm_step, project, project_back
 from lowrank_kernels.optim import (
     APOLLOAdamW,
     DCTAdamW,
     FiraAdamW,
     GaLoreAdamW,
+    GradNormLoRPAdamW,
     LayerwiseTrainer,
     LowRankAdamW,
     QGaLoreAdamW,
@@ -56,6 +58,7 @@ __all__ = [
     "DCTAdamW",
     "FiraAdamW",
     "GaLoreAdamW",
+    "GradNormLoRPAdamW",
     "Int8Linear",
     "LayerwiseTrainer",
     "LowRankAdamW",
@@ -63,6 +66,7 @@ __all__ = [
     "autograd",
     "cuda_backend",
     "fused_galore_step",
+    "fused_gradnorm_step",
     "int8_linear",
     "integrations",
     "layerwise",

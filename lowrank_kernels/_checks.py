@@ -341,6 +341,42 @@ def check_random_basis(d: int, rank: int, seed: int, refresh: int, *, device=Non
              lambda: f"refresh: expected a value in [0, 2^31 - 1], got {refresh}")
 
 
+ROW_STATES = ("row_scale", "row_norm", "scale_exp_avg", "scale_exp_avg_sq")
+
+
+def check_row_state(t: torch.Tensor, param: torch.Tensor, name: str) -> None:
+    """A per-row fp32 state of an m×n weight: 1-D, length m, on param's device, dense."""
+    check_same_device(t, param, name)
+    if t.dtype != torch.float32:
+        raise ValueError(f"{name}: expected dtype float32, got {t.dtype}")
+    _check_shape(t, [param.shape[0]], name, " (one value per row of param)")
+    check_contiguous(t, name)
+
+
+def check_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, row_scale, row_norm,
+                              scale_exp_avg, scale_exp_avg_sq, *, lr, beta1, beta2, eps,
+                              weight_decay, scale, step, proj_scales=None, proj_zeros=None,
+                              proj_group_size=256, seed=0) -> int:
+    """fused_gradnorm_step(...): a float weight (INT8 codes refused), the projection and the
+    low-rank moments of fused_galore_step, four distinct per-row fp32 states; returns the
+    rank."""
+    if param.dtype == torch.uint8:
+        raise ValueError("param: INT8 weight codes (uint8) are not supported by "
+                         "fused_gradnorm_step (the row renormalisation needs each row in fp32); "
+                         "expected dtype float32, bfloat16 or float16")
+    rank = check_fused_galore_step(
+        param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
+        proj_zeros=proj_zeros, proj_group_size=proj_group_size, seed=seed)
+    rows = (row_scale, row_norm, scale_exp_avg, scale_exp_avg_sq)
+    for i, (t, name) in enumerate(zip(rows, ROW_STATES, strict=True)):
+        check_row_state(t, param, name)
+        for other, other_name in zip(rows[:i], ROW_STATES[:i], strict=False):
+            if t is other:
+                raise ValueError(f"{name}: must not alias {other_name}")
+    return rank
+
+
 def check_philox_uniform(seed: int, offsets: torch.Tensor) -> None:
     _require(0 <= seed, lambda: f"seed: expected a value in [0, 2^63 - 1], got {seed}")
     _require(seed < 2**63, lambda: f"seed: expected a value in [0, 2^63 - 1], got {seed}")

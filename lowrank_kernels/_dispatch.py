@@ -36,7 +36,10 @@ launches; the launchers pick block sizes and allocate the low-rank workspace per
 optimizer's step is one op call per weight either way.
 
 Everything here is per-op tables keyed by op name; a keyword argument added to a schema needs no
-change in this module (the kernels, the checks and the reference take it).
+change in this module (the kernels, the checks and the reference take it) unless the CUDA C++
+kernel does not serve it: ``CUDA_CXX_DEFAULT_ONLY`` then keeps such calls on Triton under
+``set_cuda_backend("cuda_cxx")`` (Fira/APOLLO's full_rank), and ``TRITON_ONLY_OPS`` every call of
+an op without a CUDA C++ kernel (fused_gradnorm_step, random_basis).
 """
 
 from __future__ import annotations
@@ -78,6 +81,21 @@ def _reference_random_basis(d, rank, seed, refresh, *, device=None):
     return reference.random_basis(d, rank, seed, refresh, device=device)
 
 
+def _reference_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, *rows,
+                                   proj_scales=None, proj_zeros=None, proj_group_size=256,
+                                   **hyper):
+    """The reference on the dense basis every projection format stands for (§4.3, §4.5)."""
+    m, n = param.shape
+    if proj.dtype == torch.int32:
+        proj = reference.dct_projection(proj, m, n)
+    elif proj.dtype == torch.uint8:
+        rank = exp_avg_sq.shape[1] if reference.is_right_side(m, n) else exp_avg_sq.shape[0]
+        proj = reference.dequantize_int4(proj, proj_scales, proj_zeros,
+                                         reference.quantized_basis_shape(m, n, rank),
+                                         proj_group_size)
+    reference.fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, *rows, **hyper)
+
+
 def _reference_dct_select(grad, rank, norm=1, *, method="auto"):
     del method  # one algorithm; the choice only concerns the CPU kernel
     return reference.dct_select(grad, rank, norm)
@@ -99,6 +117,9 @@ OPS: dict[str, Op] = {
     "project_back": Op(_checks.check_project_back, reference.project_back),
     "fused_galore_step": Op(_checks.check_fused_galore_step, _reference_fused_galore_step,
                             "fused_galore_step:fused_galore_step"),
+    "fused_gradnorm_step": Op(_checks.check_fused_gradnorm_step,
+                              _reference_fused_gradnorm_step,
+                              "fused_gradnorm_step:fused_gradnorm_step"),
     "philox_uniform": Op(_checks.check_philox_uniform, reference.philox_uniform,
                          "quant:philox_uniform"),
     "quantize_int4": Op(_checks.check_quantize_int4, reference.quantize_int4,
@@ -115,25 +136,6 @@ OPS: dict[str, Op] = {
                        "random_basis:random_basis"),
 }
 TRITON_OPS = tuple(op for op, impl in OPS.items() if impl.triton is not None)
-
-# Ops without a CUDA C++ kernel (no lowrank_cuda::<op>): their CUDA key runs the Triton kernel
-# under either CUDA backend.
-TRITON_ONLY_OPS = ("random_basis",)
-# Keyword arguments that the CUDA C++ kernel of an op serves only at their default value (the
-# modes added after it, never run on a GPU in C++): under set_cuda_backend("cuda_cxx") a call
-# that sets one of them runs the Triton kernel instead (the C++ kernel would refuse it).
-CUDA_CXX_DEFAULT_ONLY: dict[str, dict[str, object]] = {
-    "fused_galore_step": {"full_rank": "none"},
-}
-
-
-def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
-    """Whether the CUDA C++ kernel of ``op`` serves a call with these keyword arguments."""
-    if op in TRITON_ONLY_OPS:
-        return False
-    defaults = CUDA_CXX_DEFAULT_ONLY.get(op, {})
-    return all(kwargs.get(key, default) == default for key, default in defaults.items())
-
 
 def triton_kernel(op: str) -> Callable:
     """The Triton launcher of ``op`` (imported on first use: triton is optional)."""
@@ -170,6 +172,25 @@ def _load_triton(op: str) -> Callable:
         _CUDA_TARGETS[op] = triton_kernel(op)
         return _CUDA_TARGETS[op](*args, **kwargs)
     return load_and_run
+
+
+# Ops without a CUDA C++ kernel (lowrank_cuda::<op> raises NotImplementedError, or random_basis:
+# none at all): their CUDA key runs the Triton kernel under either CUDA backend.
+TRITON_ONLY_OPS = ("fused_gradnorm_step", "random_basis")
+# Keyword arguments that the CUDA C++ kernel of an op serves only at their default value (the
+# modes added after it, never run on a GPU in C++): under set_cuda_backend("cuda_cxx") a call
+# that sets one of them runs the Triton kernel instead (the C++ kernel would refuse it).
+CUDA_CXX_DEFAULT_ONLY: dict[str, dict[str, object]] = {
+    "fused_galore_step": {"full_rank": "none"},
+}
+
+
+def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
+    """Whether the CUDA C++ kernel of ``op`` serves a call with these keyword arguments."""
+    if op in TRITON_ONLY_OPS:
+        return False
+    defaults = CUDA_CXX_DEFAULT_ONLY.get(op, {})
+    return all(kwargs.get(key, default) == default for key, default in defaults.items())
 
 
 def _set_targets(backend: str) -> None:

@@ -34,6 +34,10 @@ def _fused_galore_step_fake(*args, **kwargs):
     _checks.check_fused_galore_step(*args, **kwargs)
 
 
+def _fused_gradnorm_step_fake(*args, **kwargs):
+    _checks.check_fused_gradnorm_step(*args, **kwargs)
+
+
 def _philox_uniform_fake(seed, offsets):
     _checks.check_philox_uniform(seed, offsets)
     return offsets.new_empty(offsets.shape, dtype=torch.float32)
@@ -81,6 +85,7 @@ FAKES = {
     "project": _project_fake,
     "project_back": _project_back_fake,
     "fused_galore_step": _fused_galore_step_fake,
+    "fused_gradnorm_step": _fused_gradnorm_step_fake,
     "philox_uniform": _philox_uniform_fake,
     "quantize_int4": _quantize_int4_fake,
     "dequantize_int4": _dequantize_int4_fake,

@@ -149,6 +149,48 @@ def random_basis(d: int, rank: int, seed: int, refresh: int, *,
                           device=None if device is None else torch.device(device))
 
 
+def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
+                        exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                        row_scale: torch.Tensor, row_norm: torch.Tensor,
+                        scale_exp_avg: torch.Tensor, scale_exp_avg_sq: torch.Tensor, *,
+                        lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
+                        weight_decay: float = 0.0, scale: float = 1.0, step: int,
+                        proj_scales: torch.Tensor | None = None,
+                        proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
+                        seed: int = 0, backend: str | None = None) -> None:
+    """One fused GradNormLoRP step on an m×n weight, in place (DESIGN.md §4.8): the authors'
+    ``LowRankWeightNormAdamW`` with W = g ⊙ v/‖v‖ (row norms) kept as W itself.
+
+    Per-row fp32 states (length m): ``row_scale`` = g, ``row_norm`` = ‖v‖ (so v = c ⊙ W with
+    c_i = row_norm_i/row_scale_i), ``scale_exp_avg``/``scale_exp_avg_sq`` = g's Adam moments.
+    With R = project(G, proj) (side by §4.1), d = 1 − lr·wd, a = ``scale`` and
+    α_t = lr·√(1−β2ᵗ)/(1−β1ᵗ)::
+
+        ∇g_i = (Σ_j G_ij·W_ij)/row_scale_i
+        N = Adam(R; exp_avg, exp_avg_sq),   N_g = Adam(∇g; scale_exp_avg, scale_exp_avg_sq)
+        v' = d·(c ⊙ W − α_t·a·back(N)),     g' = d·(row_norm − α_t·N_g)
+        W ← (g'/‖v'‖) ⊙ v',   row_scale ← g',   row_norm ← ‖v'‖   (‖v'_i‖ the row norms)
+
+    Adam as in :func:`fused_galore_step` (ε not bias-corrected, fp32 arithmetic, bf16 moments
+    stochastically rounded with ``seed``); g's moments are fp32. Initial states:
+    ``reference.gradnorm_init_state(W)`` (g = ‖v‖ = ‖W_i‖, the authors' v = W).
+
+    ``proj`` is a dense basis, a packed INT4 basis (uint8, with ``proj_scales``/``proj_zeros``)
+    or DCT indices (int32), as for fused_galore_step; ``param`` fp32, bf16 or fp16 (INT8 codes
+    raise: the renormalisation needs each row in fp32). No m×n temporary and no host sync: the
+    C++ CPU kernel holds whole rows (right side) or takes a low-rank pass then row tiles (left
+    side); the Triton kernel takes ‖v'‖ from per-row sums streamed with G and W (right side:
+    a Gram form, DESIGN.md §4.8; left side: partial row sums). CUDA tensors always run the
+    Triton kernel (the CUDA C++ library has none: ``backend="cuda"`` raises
+    NotImplementedError).
+    """
+    _dispatch.call("fused_gradnorm_step", backend, param, grad, proj, exp_avg, exp_avg_sq,
+                   row_scale, row_norm, scale_exp_avg, scale_exp_avg_sq, lr=lr, beta1=beta1,
+                   beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, step=step,
+                   proj_scales=proj_scales, proj_zeros=proj_zeros,
+                   proj_group_size=proj_group_size, seed=seed)
+
+
 # --------------------------------------------------------------------------------------------
 # DCT projection (DESIGN.md §4.5)
 # --------------------------------------------------------------------------------------------

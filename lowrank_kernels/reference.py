@@ -916,6 +916,24 @@ def gradnorm_init_state(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return norms.clone(), norms
 
 
+def gradnorm_vnorm_sq_gram(param: torch.Tensor, proj: torch.Tensor, normalized: torch.Tensor,
+                           factor: torch.Tensor, update_scale: float) -> torch.Tensor:
+    """‖v'_i‖² of the right side's kernel form (:func:`fused_gradnorm_step`) from per-row sums
+    and the r×r Gram, in fp32: v'_i = a_i·W_i − us·N_i Q with a = ``factor`` (length m) and
+    us = ``update_scale``, so
+        ‖v'_i‖² = a_i²·ω_i − 2·a_i·us·N_i·U_i + us²·N_i K N_iᵀ,
+        ω_i = ‖W_i‖²,  U = W Qᵀ (m×r),  K = Q Qᵀ (r×r),
+    clamped at 0 (exact for any basis). The spec of the Triton kernel's per-row sums; its
+    error against the direct sum is measured in tests/test_fused_gradnorm_step.py."""
+    w, q, n_ = param.float(), proj.float(), normalized.float()
+    omega = (w * w).sum(1)
+    cross = (n_ * (w @ q.T)).sum(1)
+    quad = ((n_ @ (q @ q.T)) * n_).sum(1)
+    a = factor.float()
+    return (a * a * omega - 2.0 * a * update_scale * cross
+            + update_scale * update_scale * quad).clamp(min=0.0)
+
+
 def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
                         exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, row_scale: torch.Tensor,
                         row_norm: torch.Tensor, scale_exp_avg: torch.Tensor,

@@ -273,3 +273,13 @@ def test_bad_input_is_named_and_nothing_is_written(backend, kwargs, match):
         assert torch.equal(a, b)
     if limiter is not None:
         assert torch.equal(limiter, before)
+
+
+def test_cuda_cxx_routes_the_full_rank_modes_and_random_basis_to_triton():
+    """Under set_cuda_backend("cuda_cxx") the CUDA C++ kernel serves GaLore only; a call with
+    full_rank set, and every random_basis call, run the Triton kernel (_dispatch)."""
+    serves = lk._dispatch.cuda_cxx_serves
+    assert serves("fused_galore_step", {}) and serves("fused_galore_step", {"full_rank": "none"})
+    assert not serves("fused_galore_step", {"full_rank": "fira"})
+    assert not serves("fused_galore_step", {"full_rank": "apollo", "limiter": None})
+    assert not serves("random_basis", {})

@@ -152,7 +152,8 @@ def test_adam_coeffs_follow_make_adam_coeffs():
     coeffs = fgs.adam_coeffs(lr, beta1, beta2, 1e-6, wd, scale, step)
     decay = 1.0 - lr * wd
     alpha = lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
-    expected = dict(decay=decay, update_scale=decay * alpha * scale, one_minus_beta2=1 - beta2)
+    expected = dict(decay=decay, update_scale=decay * alpha * scale, one_minus_beta2=1 - beta2,
+                    step_size=alpha)
     for name, value in expected.items():
         assert coeffs[name] == torch.tensor(value, dtype=torch.float32).item(), name
 

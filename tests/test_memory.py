@@ -145,3 +145,48 @@ def test_gradients_held_during_backward_are_the_accounted_ones(key):
                                       tokens[:, 1:].reshape(-1)).backward()
     assert len(alive) == len(params)
     assert max(alive) == meta.grads_held
+
+
+# --------------------------------------------------------------------------------------------
+# the full step budget: activations and the largest temporary
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seq,batch", [(16, 1), (12, 3)])
+def test_activation_formula_is_what_autograd_saves(seq, batch):
+    """memory.Activations' per-layer and head terms equal the bytes of the tensors autograd
+    saves in LlamaForCausalLM's forward and loss (meta device, FlashAttention's saves), each
+    storage counted once: one layer = saved(2 layers) − saved(1 layer); the rest = the head
+    (less the logits the loop holds, which autograd does not save), RoPE's cos/sin, the int64
+    tokens and the loss's fp32 total weight."""
+    pytest.importorskip("transformers")
+    acts = memory.activation_bytes(TINY, seq, batch)
+    one = memory.saved_tensor_bytes(TINY, 1, seq, batch)
+    two = memory.saved_tensor_bytes(TINY, 2, seq, batch)
+    tokens = seq * batch
+    assert two - one == acts.layer
+    rope = 2 * 2 * seq * (TINY.hidden // TINY.heads)  # one cos/sin per position
+    logits_held = 2 * tokens * TINY.vocab
+    # the token batch (inputs are a view of it); the targets tokens[:, 1:] are one too for a
+    # single sequence, a reshaped copy for several
+    token_ids = 8 * batch * (seq + 1) + (8 * tokens if batch > 1 else 0)
+    assert one == acts.layer + acts.head - logits_held + rope + token_ids + 4
+    assert acts.checkpoints == TINY.layers * 2 * tokens * TINY.hidden + rope
+    assert acts.total == acts.checkpoints + max(acts.layer, acts.head)
+
+
+def test_step_budget_rows_add_up():
+    """Every row of the step budget: weights + grads held + states + projection + activations +
+    the largest temporary = total; the temporary is the largest of its phases (a layer-wise DCT
+    row has no SVD: its largest is the dense AdamW of one parameter)."""
+    keys = ["ours-GaLoreAdamW", "ours-DCTAdamW-layerwise", "ours-GradNormLoRPAdamW"]
+    rows = memory.step_budget(TINY.name, torch.bfloat16, keys, svd_per_element=20.0,
+                              seq=16, batch=1, model_cfg=TINY)
+    assert [r["optimizer"] for r in rows[:3]] == [memory.OUR_CONFIGS[k].label for k in keys]
+    for row in rows:
+        parts = sum(row[k] for k in ("weights_GiB", "grads_held_GiB", "optimizer_GiB",
+                                     "projection_GiB", "activations_GiB",
+                                     "largest_temporary_GiB"))
+        assert abs(parts - row["total_GiB"]) < 5e-3
+    dct = memory.largest_temporary("ours-DCTAdamW-layerwise", TINY, torch.bfloat16, 20.0)
+    assert dct.nbytes == 2 * TINY.vocab * TINY.hidden  # one bf16 embedding, torch's foreach √V
+    svd = memory.largest_temporary("ours-GaLoreAdamW", TINY, torch.bfloat16, 1e3)
+    assert svd.what.startswith("SVD refresh") and svd.nbytes == 1e3 * 96 * 64

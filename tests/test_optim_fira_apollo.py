@@ -236,3 +236,37 @@ def test_peer_group_keys_are_accepted():
     group = apollo.param_groups[0]
     assert (group["projection"], group["scale_front"], group["disable_nl"]) == ("gaussian", True,
                                                                                   False)
+
+
+# ---- transformers integration ------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer,optim_args,cls", [
+    ("apollo", "rank=4,proj=random,scale_type=tensor,update_proj_gap=2,scale=128,proj_type=std",
+     APOLLOAdamW),
+    ("apollo", "", APOLLOAdamW),
+    ("fira", "rank=4,update_proj_gap=2,alpha=0.25", FiraAdamW)])
+def test_transformers_integration_builds_and_steps(tmp_path, optimizer, optim_args, cls):
+    """optim_args as transformers passes them to apollo-torch for optim="apollo_adamw" (its
+    defaults when absent: rank 128, proj random, scale_type channel, gap 200, scale 1.0)."""
+    transformers = pytest.importorskip("transformers")
+    from lowrank_kernels.integrations.transformers import build_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.GELU(),
+                                torch.nn.Linear(10, 3))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), optim_target_modules="0",
+                                          optim_args=optim_args, learning_rate=1e-2,
+                                          weight_decay=0.01, report_to=[], use_cpu=True)
+    if not optim_args:  # transformers' default rank 128 exceeds this weight: kept, not cut
+        with pytest.raises(ValueError, match="rank of parameter '0.weight'"):
+            build_optimizer(model, args, optimizer)
+        return
+    opt = build_optimizer(model, args, optimizer)
+    assert type(opt) is cls
+    group = opt.param_groups[1]
+    if optimizer == "apollo":
+        assert (group["rank"], group["projection"], group["scale_type"], group["scale"]) == (
+            4, "gaussian", "tensor", 128.0)
+    else:
+        assert (group["rank"], group["scale"]) == (4, 0.25)
+    model(torch.randn(5, 12)).sum().backward()
+    opt.step()
+    assert opt.state[model[0].weight]["limiter"].item() > 0

@@ -141,8 +141,8 @@ def test_each_projected_step_is_one_fused_call_on_the_compact_proj(monkeypatch, 
     calls = []
     real = LowRankAdamW._fused_step_kernel
 
-    def recording_kernel(self, device):  # wraps the kernel the step resolves (dispatcher or ops)
-        kernel = real(self, device)
+    def recording_kernel(self):  # wraps the kernel the step resolves (dispatcher or ops)
+        kernel = real(self)
 
         def recording(param, grad, proj, *args, **kwargs):
             calls.append((proj.dtype, kwargs.get("proj_scales") is not None))

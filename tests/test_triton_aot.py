@@ -1,9 +1,10 @@
 """Ahead-of-time compilation of the Triton kernels for sm_89 and sm_90 (DESIGN.md §3, §6).
 
 The interpreter accepts code the real compiler rejects and says nothing about registers, so every
-configuration the fused step's launcher can pick (lowrank_kernels.triton_kernels
+configuration the fused steps' launchers can pick (lowrank_kernels.triton_kernels
 .fused_galore_step: candidate_configs for the dense and the generated INT4/DCT bases,
-bf16_moment_candidate_configs, int8_candidate_configs) is compiled for both targets, both
+bf16_moment_candidate_configs, int8_candidate_configs; fused_gradnorm_step.candidate_configs
+and its two one-configuration launches) is compiled for both targets, both
 sides, both offset widths (the 64-bit INDEX_64 variants a launch picks past 2**31 elements or a
 DCT size of 32768) and, for launch A, G row-major and transposed (the unit stride the JIT makes a
 constant); ptxas reports registers, spills and shared memory. Any spill fails: each of these
@@ -56,7 +57,11 @@ def full_rank_reports() -> list[dict]:
 
 def _row(report: dict) -> str:
     v = report["variant"]
-    if v["kernel"].startswith("int8"):  # INT8 launch B
+    if v["kernel"] in ("gn_gram", "gn_rows"):  # GradNormLoRP launches K and F
+        config = f"{v['kernel']:11} blocks={v['block_a']}/{v['block_b']}/{v['block_c']} " \
+                 f"warps={v['num_warps']}"
+        types = f"{'P=' + v['basis']:24}"
+    elif v["kernel"].startswith("int8"):  # INT8 launch B
         blocks = (f"m={v['block_m']} n={v['block_n']}" if v["path"] == "rows" else
                   f"groups={v['block_groups']} g={v['block_g']}")
         config = f"{v['kernel']:11} group={v['group_size']} {blocks} r={v['block_r']} " \
@@ -134,6 +139,34 @@ def test_every_int8_update_config_compiles_for_sm89_and_sm90(reports):
             key = (target, side, index_64, basis, mode, c.path, c.group_size, c.block_groups,
                    c.block_r)
             assert key in compiled, f"not compiled: {key}"
+
+
+def test_every_gradnorm_config_compiles_for_sm89_and_sm90(reports):
+    """fused_gradnorm_step: launches A, V and B of every table entry (dense and generated
+    bases, both sides where the launch exists), K of every basis format and F of both sides,
+    each target and offset width."""
+    from lowrank_kernels.triton_kernels import fused_gradnorm_step as gns
+
+    fields = ("side", "index_64", "kernel", "block_own", "block_r", "block_long", "num_warps",
+              "num_stages")
+    compiled = {(r["target"], r["variant"]["basis"], *(r["variant"].get(f) for f in fields))
+                for r in reports if r["variant"]["kernel"].startswith("gn_")}
+    for (target, side, index_64), generated in itertools.product(TARGETS_SIDES_WIDTHS,
+                                                                 (False, True)):
+        for basis in ("int4", "dct") if generated else ("dense",):
+            for kernel, _, c in gns.candidate_configs(generated):
+                if kernel == "gn_vnorm" and side == "right":
+                    continue
+                key = (target, basis, side, index_64, kernel, c.block_own, c.block_r,
+                       c.block_long, c.num_warps, c.num_stages)
+                assert key in compiled, f"not compiled: {key}"
+            if side == "right":
+                key = (target, basis, side, index_64, "gn_gram", None, None, None,
+                       gns.GRAM_CONFIG.num_warps, None)
+                assert key in compiled, f"not compiled: {key}"
+        key = (target, "dense", side, index_64, "gn_rows", None, None, None,
+               gns.ROWS_CONFIG.num_warps, None)
+        assert key in compiled, f"not compiled: {key}"
 
 
 def test_no_register_spills(reports):

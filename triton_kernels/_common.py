@@ -241,15 +241,88 @@ def _project_tile_stats(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own
         # the basis as a (long, r) tile: Qᵀ on the right, P on the left
         basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
                             long_mask, stride_pr, stride_pl, LONG, True, BASIS, PROJ_GROUP)
-        if BASIS != BASIS_DENSE and g.dtype != tl.float32:
-            # fp32 values as hi + lo in G's type: two tensor-core dots (module docstring)
-            basis_hi = _round_to(basis, g.dtype, INTERPRETED)
-            basis_lo = _round_to(basis - basis_hi.to(tl.float32), g.dtype, INTERPRETED)
-            acc = _dot(g, basis_hi, acc, INTERPRETED)
-            acc = _dot(g, basis_lo, acc, INTERPRETED)
-        else:
-            acc = _dot(g, basis, acc, INTERPRETED)
+        acc = _dot_basis(g, basis, acc, BASIS, INTERPRETED)
     return acc, grad_sq
+
+
+@triton.jit
+def _dot_basis(x, basis, acc, BASIS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + x·basis for a basis tile of _basis_tile: a generated (INT4, DCT) basis enters as
+    hi + lo in x's type when x is 16-bit, two tensor-core dots (module docstring)."""
+    if BASIS != BASIS_DENSE and x.dtype != tl.float32:
+        basis_hi = _round_to(basis, x.dtype, INTERPRETED)
+        basis_lo = _round_to(basis - basis_hi.to(tl.float32), x.dtype, INTERPRETED)
+        acc = _dot(x, basis_hi, acc, INTERPRETED)
+        acc = _dot(x, basis_lo, acc, INTERPRETED)
+    else:
+        acc = _dot(x, basis, acc, INTERPRETED)
+    return acc
+
+
+@triton.jit
+def _weight_tile_back(W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr, stride_wm,
+                      stride_pr, stride_pl, stride_normm, M, N, R, RIGHT: tl.constexpr,
+                      BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
+                      INTERPRETED: tl.constexpr, LowRank_ptr=None, LineCoef_ptr=None,
+                      FULL_RANK: tl.constexpr = 0):
+    """This program's BLOCK_OWN × BLOCK_LONG tile of W in a launch tiled like the back
+    projection (_grid_tile over (own, long)): (offs_own, offs_long, own_mask, long_mask, w_offs,
+    w_mask, W's tile in fp32, back(N) of the tile in fp32 (_back_project_tile in W's type;
+    FULL_RANK as there))."""
+    OWN, LONG = _own_long(M, N, RIGHT)
+    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
+                                                          INDEX_64)
+    back = _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
+                              offs_long, own_mask, long_mask, stride_pr, stride_pl, stride_normm,
+                              LONG, R, W_ptr.dtype.element_ty, RIGHT, BLOCK_OWN, BLOCK_LONG,
+                              BLOCK_R, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED, LowRank_ptr,
+                              LineCoef_ptr, FULL_RANK)
+    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
+    w_mask = own_mask[:, None] & long_mask[None, :]
+    w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
+    return offs_own, offs_long, own_mask, long_mask, w_offs, w_mask, w, back
+
+
+@triton.jit
+def _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
+                       offs_long, own_mask, long_mask, stride_pr, stride_pl, stride_normm, LONG,
+                       R, DOT_TYPE: tl.constexpr, RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr,
+                       BLOCK_LONG: tl.constexpr, BLOCK_R: tl.constexpr, BASIS: tl.constexpr,
+                       PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
+                       INTERPRETED: tl.constexpr, LowRank_ptr=None, LineCoef_ptr=None,
+                       FULL_RANK: tl.constexpr = 0):
+    """back(N) of one BLOCK_OWN × BLOCK_LONG tile in fp32: Σ_r N[own, r]·basis[r, long] (N·Q
+    right, P·N left; N of the low-rank shape, row stride stride_normm), K = r in BLOCK_R chunks.
+    A 16-bit DOT_TYPE (the weight's) rounds both operands to it (tensor cores; the numbers
+    galore-torch's bf16 back projection uses); fp32 multiplies exactly. FULL_RANK
+    (full_rank.py): 1 (Fira) folds N' = N − c ⊙ R in fp32 (LowRank: R, same layout as N;
+    LineCoef: c per own-line) before that rounding; 2 (APOLLO) has no back projection (0)."""
+    back = tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32)
+    if FULL_RANK == 2:
+        return back
+    if FULL_RANK == 1:
+        line_coef = tl.load(LineCoef_ptr + offs_own, mask=own_mask, other=0.0)
+    for start in range(0, R, BLOCK_R):
+        offs_r = start + tl.arange(0, BLOCK_R)
+        if INDEX_64:
+            offs_r = offs_r.to(tl.int64)
+        r_mask = offs_r < R
+        low_offs = _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT)
+        low_mask = own_mask[:, None] & r_mask[None, :]
+        normalized = tl.load(Normalized_ptr + low_offs, mask=low_mask, other=0.0)
+        if FULL_RANK == 1:
+            low = tl.load(LowRank_ptr + low_offs, mask=low_mask, other=0.0)
+            normalized = normalized - line_coef[:, None] * low
+        basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
+                            long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
+        if DOT_TYPE != tl.float32:
+            if normalized.dtype != DOT_TYPE:
+                normalized = _round_to(normalized.to(tl.float32), DOT_TYPE, INTERPRETED)
+            if basis.dtype != DOT_TYPE:
+                basis = _round_to(basis.to(tl.float32), DOT_TYPE, INTERPRETED)
+        back = _dot(normalized, basis, back, INTERPRETED)
+    return back
 
 
 @triton.jit
@@ -306,7 +379,7 @@ def adam_coeffs(lr: float, beta1: float, beta2: float, eps: float, weight_decay:
     decay = 1.0 - lr * weight_decay
     coeffs = dict(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1,
                   one_minus_beta2=1.0 - beta2, eps=eps, decay=decay,
-                  update_scale=decay * alpha_t * scale)
+                  update_scale=decay * alpha_t * scale, step_size=alpha_t)
     return {k: _round_to_fp32(v) for k, v in coeffs.items()}
 
 

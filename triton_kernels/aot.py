@@ -124,7 +124,7 @@ def compile_and_measure(name: str, fn, signature, constexprs, capability, num_wa
 
 
 _FLOAT_SCALARS = {"beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps", "decay",
-                  "update_scale"}
+                  "update_scale", "step_size"}
 
 
 def _signature(fn, pointers: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -322,19 +322,127 @@ _STEP_TABLES = {  # job kind -> (dtype table, generated basis)
     "bf16-moments-generated": (BF16_MOMENT_GENERATED_DTYPES, True),
 }
 
-_KERNELS = {
-    "project": "_project_adam_kernel",
-    "back": "_back_project_kernel",
-    "int8_rows": "_int8_update_rows_kernel",
-    "int8_groups": "_int8_update_groups_kernel",
+# --------------------------------------------------------------------------------------------
+# fused_gradnorm_step (triton_kernels/fused_gradnorm_step.py): launches K "gn_gram", A
+# "gn_project", V "gn_vnorm" (left side), F "gn_rows", B "gn_update"
+# --------------------------------------------------------------------------------------------
+# (grad, weight, proj, state) of launch A and (weight, proj) of launches V and B (N is an fp32
+# workspace) per dtype class, the most register-hungry first (bf16 moments: a Philox call per
+# state element); the default run compiles that first set of each class.
+GRADNORM_PROJECT_DTYPES = {
+    "tc": [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+           (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32),
+           (torch.float16, torch.float16, torch.float16, torch.float32)],
+    "fp32": [(torch.float32, torch.float32, torch.float32, torch.bfloat16),
+             (torch.float32, torch.float32, torch.float32, torch.float32),
+             (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)],
+}
+GRADNORM_PROJECT_GENERATED_DTYPES = {
+    "tc": [(torch.bfloat16, torch.bfloat16, None, torch.bfloat16),
+           (torch.bfloat16, torch.bfloat16, None, torch.float32)],
+    "fp32": [(torch.float32, torch.float32, None, torch.bfloat16),
+             (torch.float32, torch.float32, None, torch.float32)],
+}
+GRADNORM_BACK_DTYPES = {"16bit": [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+                        "fp32": [(torch.float32, torch.float32)]}
+GRADNORM_BACK_GENERATED_DTYPES = {"16bit": [(torch.bfloat16, None)], "fp32": [(torch.float32, None)]}
+
+
+def _gradnorm_dtype_sets(kernel: str, kind: str, generated: bool, all_dtypes: bool):
+    if kernel == "gn_project":
+        table = GRADNORM_PROJECT_GENERATED_DTYPES if generated else GRADNORM_PROJECT_DTYPES
+    else:
+        table = GRADNORM_BACK_GENERATED_DTYPES if generated else GRADNORM_BACK_DTYPES
+    return _dtype_sets(table, kind, all_dtypes)
+
+
+def gradnorm_variants(all_dtypes: bool = True):
+    """(variant, signature, constexprs, num_warps, num_stages, options) of every launch of
+    fused_gradnorm_step: launches A, V and B for each fused_gradnorm_step.candidate_configs()
+    entry (dense and generated bases, both sides where the launch exists), K for each basis
+    format and F for each side, each offset width. G row-major (the transposed layout's unit
+    stride is GaLore's launch A's concern, compiled there)."""
+    from lowrank_kernels.triton_kernels import fused_gradnorm_step as gns
+
+    for index_64, generated in itertools.product(INDEX_TYPES, (False, True)):
+        bases = GENERATED_BASES if generated else ("dense",)
+        for kernel, kind, config in gns.candidate_configs(generated):
+            sides = (False,) if kernel == "gn_vnorm" else (True, False)
+            for basis, dtypes, right in itertools.product(
+                    bases, _gradnorm_dtype_sets(kernel, kind, generated, all_dtypes), sides):
+                yield _gradnorm_tile_variant(gns, kernel, config, basis, dtypes, index_64, right)
+        for basis in bases:  # launch K (right side only): its basis formats
+            yield _gradnorm_small_variant(gns, "gn_gram", basis, index_64, True)
+    for index_64, right in itertools.product(INDEX_TYPES, (True, False)):
+        yield _gradnorm_small_variant(gns, "gn_rows", "dense", index_64, right)
+
+
+def _gradnorm_tile_variant(gns, kernel, config, basis, dtypes, index_64, right):
+    types = [_TRITON_TYPES[t] if t is not None else basis for t in dtypes]
+    if kernel == "gn_project":
+        g, w, p, s = types
+        fn = gns._gradnorm_project_kernel
+        pointers = {"G_ptr": f"*{g}", "W_ptr": f"*{w}", "ExpAvg_ptr": f"*{s}",
+                    "ExpAvgSq_ptr": f"*{s}", "Normalized_ptr": "*fp32", "ProjW_ptr": "*fp32",
+                    "RowSums_ptr": "*fp32"}
+        described = {"grad": g, "weight": w, "proj": p, "state": s}
+        unit = unit_strides("project", right, basis)
+    else:
+        w, p = types
+        fn = gns._gradnorm_vnorm_kernel if kernel == "gn_vnorm" else gns._gradnorm_update_kernel
+        pointers = {"W_ptr": f"*{w}", "Normalized_ptr": "*fp32", "Coeffs_ptr": "*fp32",
+                    "RowScale_ptr": "*fp32", "RowNorm_ptr": "*fp32", "VnormParts_ptr": "*fp32"}
+        described = {"weight": w, "proj": p}
+        unit = unit_strides("back", right, basis)
+    pointers.update(_basis_pointers(basis, p))
+    constexprs = {"BLOCK_OWN": config.block_own, "BLOCK_R": config.block_r,
+                  "BLOCK_LONG": config.block_long, "INDEX_64": index_64, "INTERPRETED": False,
+                  **_basis_constexprs(basis), **unit}
+    if kernel != "gn_vnorm":
+        constexprs["RIGHT"] = right
+    pointers = {k: v for k, v in pointers.items() if k in fn.arg_names}
+    variant = {"kernel": kernel, "side": "right" if right else "left", **described,
+               "basis": basis, "index_64": index_64, **dataclasses.asdict(config)}
+    return (variant, _signature(fn, pointers, constexprs), constexprs, config.num_warps,
+            config.num_stages, {})
+
+
+def _gradnorm_small_variant(gns, kernel, basis, index_64, right):
+    if kernel == "gn_gram":
+        fn, config = gns._gram_kernel, gns.GRAM_CONFIG
+        pointers = {"Gram_ptr": "*fp32", **_basis_pointers(basis, "bf16")}
+        constexprs = {"BLOCK_R": config.block_a, "BLOCK_LONG": config.block_b,
+                      "INDEX_64": index_64, "INTERPRETED": False, **_basis_constexprs(basis),
+                      **unit_strides("back", right, basis)}
+    else:
+        fn, config = gns._gradnorm_rows_kernel, gns.ROWS_CONFIG
+        pointers = {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")}
+        constexprs = {"RIGHT": right, "BLOCK_M": config.block_a, "BLOCK_R": config.block_b,
+                      "BLOCK_PARTS": config.block_c, "INDEX_64": index_64}
+    variant = {"kernel": kernel, "side": "right" if right else "left", "basis": basis,
+               "index_64": index_64, **dataclasses.asdict(config)}
+    return (variant, _signature(fn, pointers, constexprs), constexprs, config.num_warps, 1, {})
+
+
+_KERNELS = {  # variant kernel -> (module, function)
+    "project": ("fused_galore_step", "_project_adam_kernel"),
+    "back": ("fused_galore_step", "_back_project_kernel"),
+    "int8_rows": ("fused_galore_step", "_int8_update_rows_kernel"),
+    "int8_groups": ("fused_galore_step", "_int8_update_groups_kernel"),
+    "gn_gram": ("fused_gradnorm_step", "_gram_kernel"),
+    "gn_project": ("fused_gradnorm_step", "_gradnorm_project_kernel"),
+    "gn_vnorm": ("fused_gradnorm_step", "_gradnorm_vnorm_kernel"),
+    "gn_rows": ("fused_gradnorm_step", "_gradnorm_rows_kernel"),
+    "gn_update": ("fused_gradnorm_step", "_gradnorm_update_kernel"),
 }
 
 
 def _compile_step_variant(job) -> CompileReport:
-    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+    import importlib
 
     capability, (variant, signature, constexprs, warps, stages, options) = job
-    kernel = getattr(fgs, _KERNELS[variant["kernel"]])
+    module, name = _KERNELS[variant["kernel"]]
+    kernel = getattr(importlib.import_module(f"lowrank_kernels.triton_kernels.{module}"), name)
     return compile_and_measure(kernel.__name__, kernel, signature, constexprs, capability, warps,
                                stages, variant, options)
 
@@ -349,10 +457,10 @@ def _run(compile_one, work, jobs: int):
 
 def fused_galore_step_reports(capabilities=TARGETS, all_dtypes: bool = True, jobs: int = 1,
                               grad_layouts=("row", "column")):
-    """Compiles every configuration the fused step's launcher can pick (step_variants and
-    int8_update_variants) for every target, ``jobs`` at a time."""
+    """Compiles every configuration the fused steps' launchers can pick (step_variants,
+    int8_update_variants and gradnorm_variants) for every target, ``jobs`` at a time."""
     variants = [*step_variants(all_dtypes, grad_layouts),
-                *int8_update_variants(all_dtypes)]
+                *int8_update_variants(all_dtypes), *gradnorm_variants(all_dtypes)]
     work = [(capability, v) for capability in capabilities for v in variants]
     yield from _run(_compile_step_variant, work, jobs)
 

@@ -113,6 +113,7 @@ from ._common import (
     _project_tile_stats,
     _round_to,
     _tile_offsets,
+    _weight_tile_back,
     adam_coeffs,
     basis_args,
     dot_kind,
@@ -193,48 +194,18 @@ def _back_project_kernel(
     BLOCK_OWN × BLOCK_LONG tile of W. FULL_RANK (full_rank.py): Fira takes N' = N − c ⊙ R
     (fp32 workspaces, c = LineCoef per own-line) as the N operand; Fira and APOLLO then subtract
     GradCoef_own·G (G read through its strides); APOLLO skips the back projection."""
-    OWN, LONG = _own_long(M, N, RIGHT)
-    offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
-                                                          INDEX_64)
-    w_type = W_ptr.dtype.element_ty
-
-    back = tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32)
-    if FULL_RANK == 1:
-        line_coef = tl.load(LineCoef_ptr + offs_own, mask=own_mask, other=0.0)
-    if FULL_RANK != 2:
-        for start in range(0, R, BLOCK_R):
-            offs_r = start + tl.arange(0, BLOCK_R)
-            if INDEX_64:
-                offs_r = offs_r.to(tl.int64)
-            r_mask = offs_r < R
-            low_offs = _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT)
-            low_mask = own_mask[:, None] & r_mask[None, :]
-            normalized = tl.load(Normalized_ptr + low_offs, mask=low_mask, other=0.0)
-            if FULL_RANK == 1:  # N' = N − c ⊙ R in fp32, rounded once to W's type
-                low = tl.load(LowRank_ptr + low_offs, mask=low_mask, other=0.0)
-                normalized = normalized - line_coef[:, None] * low
-                if w_type != tl.float32:
-                    normalized = _round_to(normalized, w_type, INTERPRETED)
-            basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long,
-                                r_mask, long_mask, stride_pr, stride_pl, LONG, False, BASIS,
-                                PROJ_GROUP)
-            if w_type != tl.float32 and basis.dtype != w_type:  # N is already in W's type
-                basis = _round_to(basis.to(tl.float32), w_type, INTERPRETED)
-            back = _dot(normalized, basis, back, INTERPRETED)
-
-    w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
-    w_mask = own_mask[:, None] & long_mask[None, :]
-    w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
-    if FULL_RANK == 2:
-        w = decay * w
-    else:
-        w = decay * w - update_scale * back
+    # GaLore: N is already in W's type (the workspace), only the basis is rounded to it
+    offs_own, offs_long, own_mask, long_mask, w_offs, w_mask, w, back = _weight_tile_back(
+        W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr, stride_wm, stride_pr,
+        stride_pl, stride_normm, M, N, R, RIGHT, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
+        PROJ_GROUP, INDEX_64, INTERPRETED, LowRank_ptr, LineCoef_ptr, FULL_RANK)
+    w = decay * w - update_scale * back
     if FULL_RANK != 0:
         g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, stride_gn, RIGHT),
                     mask=w_mask, other=0.0).to(tl.float32)
         grad_coef = tl.load(GradCoef_ptr + offs_own, mask=own_mask, other=0.0)
         w = w - grad_coef[:, None] * g
-    tl.store(W_ptr + w_offs, _round_to(w, w_type, INTERPRETED), mask=w_mask)
+    tl.store(W_ptr + w_offs, _round_to(w, W_ptr.dtype.element_ty, INTERPRETED), mask=w_mask)
 
 
 @triton.jit
@@ -714,6 +685,16 @@ class FullRankStep:
     grad_scale: float
 
 
+def index_64_needed(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                    basis: BasisArgs, rank: int) -> bool:
+    """Whether a step's int32 offsets overflow past 2**31 (any tensor's span, the r·long
+    elements of a generated basis, or a DCT phase): its launches then take INDEX_64."""
+    m, n = param.shape
+    return (needs_index_64(param, grad, exp_avg, basis.tensor)
+            or needs_wide_phase(basis.kind, m, n)
+            or (basis.kind != 0 and rank * min(m, n) >= 2**31))
+
+
 def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
            index_64: bool | None = None, *, basis: BasisArgs | None = None,
            param_scales: torch.Tensor | None = None, param_zeros: torch.Tensor | None = None,
@@ -733,10 +714,8 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         basis = basis_args(proj, m, n, rank, grad.dtype)
     int8_weight = param.dtype == torch.uint8
     mode = full_rank.mode if full_rank is not None else 0
-    if index_64 is None:  # int32 offsets overflow past 2**31 (any tensor's span, or r·long)
-        index_64 = (needs_index_64(param, grad, exp_avg, basis.tensor)
-                    or needs_wide_phase(basis.kind, m, n)
-                    or (basis.kind != 0 and rank * long >= 2**31))
+    if index_64 is None:
+        index_64 = index_64_needed(param, grad, exp_avg, basis, rank)
     project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
                                             generated=basis.kind != 0,
                                             bf16_moments=exp_avg.dtype == torch.bfloat16,

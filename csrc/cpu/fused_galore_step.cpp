@@ -238,11 +238,12 @@ struct NoProjectedHook {
   void operator()(int64_t, int64_t, const at::Tensor&, const at::Tensor&) const {}
 };
 
-// The tile loop shared by every weight format. Per tile of whole lines (rows right, columns
-// left): R = project(G tile), projected(start, len, g32, r_tile) (R before Adam overwrites it:
-// the full-rank modes' per-line sums), Adam on that slice of M, V -> N (fp32, in cache), then
-// epilogue(start, len, g32, n_tile, back_buf), g32 the tile of G in fp32. Workspaces are
-// allocated once per task; back_buf (room for one fp32 tile of back(N)) only when need_back_buf.
+// The tile loop shared by every weight format and by fused_gradnorm_step. Per tile of whole
+// lines (rows right, columns left): R = project(G tile), projected(start, len, g32, r_tile) (R
+// before Adam overwrites it: the full-rank modes' per-line sums), Adam on that slice of M, V -> N
+// (fp32, in cache), then epilogue(start, len, n_tile, back_buf, g32) (g32: the tile of G in fp32,
+// still in cache). Workspaces are allocated once per task; back_buf (room for one fp32 tile of
+// back(N)) only when need_back_buf.
 template <typename Epilogue, typename Projected = NoProjectedHook>
 void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Tensor& exp_avg,
                         at::Tensor& exp_avg_sq, const StepGeometry& g, const AdamCoeffs& c,
@@ -272,7 +273,7 @@ void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Ten
       // the tile's first state element: row `start` (right, m x r) or column `start` (left)
       run_adam_tile(r_tile, exp_avg.narrow(dim, start, len), exp_avg_sq.narrow(dim, start, len),
                     g.right ? start * g.r : start, c);
-      epilogue(start, len, g32, r_tile, back_buf);
+      epilogue(start, len, r_tile, back_buf, g32);
     }
   });
 }
@@ -284,8 +285,8 @@ void dense_step_tiles(at::Tensor& param, const at::Tensor& grad, const at::Tenso
   const int dim = g.right ? 0 : 1;
   const bool lowp_w = param.scalar_type() != at::kFloat;
   project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, lowp_w,
-                     [&](int64_t start, int64_t len, const at::Tensor&, at::Tensor& n_tile,
-                         at::Tensor& back_buf) {
+                     [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
+                         const at::Tensor&) {
                        at::Tensor w_tile = param.narrow(dim, start, len);
                        if (g.right) {
                          update_tile(w_tile, n_tile, basis, back_buf, c);  // (len x r) @ (r x n)
@@ -314,8 +315,8 @@ at::Tensor normalized_low_rank(const at::Tensor& grad, const at::Tensor& basis,
   at::Tensor normalized = at::empty(g.low_rank_shape(), grad.options().dtype(at::kFloat));
   const int dim = g.right ? 0 : 1;
   project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, /*need_back_buf=*/false,
-                     [&](int64_t start, int64_t len, const at::Tensor&, at::Tensor& n_tile,
-                         at::Tensor&) {
+                     [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor&,
+                         const at::Tensor&) {
                        normalized.narrow(dim, start, len).copy_(n_tile);
                      });
   return normalized;
@@ -654,8 +655,8 @@ void full_rank_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor&
   const bool lowp_w = param.scalar_type() != at::kFloat && !int8_weight;
   project_adam_tiles(
       grad, basis, exp_avg, exp_avg_sq, g, c, one_pass && lowp_w && work.fira,
-      [&](int64_t start, int64_t len, const at::Tensor& g32, at::Tensor& n_tile,
-          at::Tensor& back_buf) {
+      [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
+          const at::Tensor& g32) {
         own_line_dot_sums(n_tile, n_tile, g.right, work.norm_sq.data() + start);
         if (!one_pass) {
           work.normalized.narrow(dim, start, len).copy_(n_tile);
@@ -745,8 +746,151 @@ void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::
                      basis, normalized, g, c);
 }
 
+// ---- GradNormLoRP: fused_gradnorm_step (DESIGN.md §4.8) ----
+//
+//   c_i = row_norm_i / row_scale_i      gamma_i = sum_j G_ij W_ij      dg_i = gamma_i / row_scale_i
+//   N = adam(R; M, V)      N_g = adam(dg; M_g, V_g)      g'_i = decay * (row_norm_i - alpha_t N_g,i)
+//   v'_i = (decay c_i) W_i - us back(N)_i      W_i <- (g'_i / ||v'_i||) v'_i
+//   row_scale <- g', row_norm <- ||v'||      (us = decay alpha_t scale, as in the GaLore step)
+//
+// ||v'_i|| needs the whole row i of back(N). Right side (m >= n): the tiles of whole rows of the
+// GaLore loop have it, so each tile runs R = G Q^T -> Adam -> gamma (from the G tile in cache)
+// -> T = N Q -> v', ||v'|| -> W, in cache: G read once, W read and written once (read twice
+// from cache). Left side (m < n): the column tiles (R = P^T G needs whole columns) hold no
+// whole row, so 1. column tiles: R -> Adam -> N into an r x n fp32 buffer, and per (tile, row)
+// partial sums of gamma; 2. row tiles: T = P[rows] N (fp32, in cache), gamma summed over the
+// tiles in order, the row update as on the right. G read once, W read twice and written once.
+// ||v'|| is summed from v' directly (the Triton kernel's right side uses a Gram form instead).
+// Tile temporaries (elementwise products, v') live in the tile's back(N) buffer: never m x n.
+
+struct GradNormRows {
+  float* scale;  // g
+  float* norm;  // ||v||
+  float* exp_avg;  // g's Adam moments
+  float* exp_avg_sq;
+};
+
+// The per-row scalars of rows [first, first + len): g's Adam step, g' (out: g_new) and v's
+// factor a_i = decay * c_i (out: a), from gamma_i (in).
+void gradnorm_row_scalars(const float* gamma, int64_t first, int64_t len,
+                          const GradNormRows& rows, const AdamCoeffs& c, float* a,
+                          float* g_new) {
+  for (int64_t k = 0; k < len; ++k) {
+    const int64_t i = first + k;
+    const float grad_scale = gamma[k] / rows.scale[i];
+    const float normalized =
+        adam_normalized_update(grad_scale, rows.exp_avg[i], rows.exp_avg_sq[i], c);
+    a[k] = c.decay * (rows.norm[i] / rows.scale[i]);
+    g_new[k] = (rows.norm[i] - c.step_size * normalized) * c.decay;
+  }
+}
+
+// The row update of the rows [first, first + len) of W (w_tile, any float dtype): back_n holds
+// T = back(N) of those rows in fp32 on entry and v' on exit; gamma their gamma_i.
+void gradnorm_update_rows(at::Tensor& w_tile, at::Tensor& back_n, const at::Tensor& gamma,
+                          int64_t first, const GradNormRows& rows, const AdamCoeffs& c) {
+  const int64_t len = w_tile.size(0);
+  const auto f32 = back_n.options();
+  at::Tensor a = at::empty({len, 1}, f32), g_new = at::empty({len}, f32);
+  gradnorm_row_scalars(gamma.data_ptr<float>(), first, len, rows, c, a.data_ptr<float>(),
+                       g_new.data_ptr<float>());
+  back_n.mul_(-c.update_scale).addcmul_(a, w_tile);  // v' = a_i W - us T
+  const at::Tensor norm = at::linalg_vector_norm(back_n, 2, {1}, /*keepdim=*/false, at::kFloat);
+  back_n.mul_((g_new / norm).unsqueeze(1));
+  w_tile.copy_(back_n);  // rounded once to W's dtype
+  at::Tensor(at::from_blob(rows.scale + first, {len}, f32)).copy_(g_new);
+  at::Tensor(at::from_blob(rows.norm + first, {len}, f32)).copy_(norm);
+}
+
+// gamma of the tile: sum_j G_ij W_ij over the tile's columns, by rows; `scratch` (room for the
+// tile) holds the products.
+at::Tensor row_sums_of_products(const at::Tensor& g32, const at::Tensor& w_tile,
+                                const at::Tensor& scratch_buf) {
+  at::Tensor products = contiguous_view(scratch_buf, g32.size(0), g32.size(1));
+  at::mul_out(products, g32, w_tile);
+  return products.sum(1);
+}
+
+void gradnorm_right(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
+                    at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const GradNormRows& rows,
+                    const StepGeometry& g, const AdamCoeffs& c) {
+  project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, /*need_back_buf=*/true,
+                     [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
+                         const at::Tensor& g32) {
+                       at::Tensor w_tile = param.narrow(0, start, len);
+                       const at::Tensor gamma = row_sums_of_products(g32, w_tile, back_buf);
+                       at::Tensor t = contiguous_view(back_buf, len, g.n);
+                       at::mm_out(t, n_tile, basis);  // (len x r) @ (r x n)
+                       gradnorm_update_rows(w_tile, t, gamma, start, rows, c);
+                     });
+}
+
+void gradnorm_left(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
+                   at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const GradNormRows& rows,
+                   const StepGeometry& g, const AdamCoeffs& c) {
+  const auto f32 = grad.options().dtype(at::kFloat);
+  const LineTiles columns = step_tiles(g.n, g.m, g.r);
+  at::Tensor normalized = at::empty({g.r, g.n}, f32);
+  at::Tensor gamma_parts = at::empty({columns.tiles, g.m}, f32);
+  project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, /*need_back_buf=*/true,
+                     [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
+                         const at::Tensor& g32) {
+                       normalized.narrow(1, start, len).copy_(n_tile);
+                       // project_adam_tiles cuts the columns as `columns` does: find the tile
+                       int64_t tile = 0;
+                       while (columns.start(tile) != start) ++tile;
+                       gamma_parts[tile].copy_(
+                           row_sums_of_products(g32, param.narrow(1, start, len), back_buf));
+                     });
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_tile = std::min((int64_t{1} << 18) / g.n + 1, (g.m + threads - 1) / threads);
+  const LineTiles row_split = balanced_tiles(g.m, std::max<int64_t>(1, per_tile));
+  const float* parts = gamma_parts.data_ptr<float>();
+  parallel_tiles(row_split.tiles, [&](int64_t begin, int64_t end) {
+    at::Tensor t_buf = at::empty({row_split.max_length() * g.n}, f32);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t start = row_split.start(tile), len = row_split.length(tile);
+      at::Tensor gamma = at::zeros({len}, f32);
+      float* gamma_ptr = gamma.data_ptr<float>();
+      for (int64_t part = 0; part < columns.tiles; ++part) {  // a fixed order
+        for (int64_t k = 0; k < len; ++k) gamma_ptr[k] += parts[part * g.m + start + k];
+      }
+      at::Tensor t = contiguous_view(t_buf, len, g.n);
+      at::mm_out(t, basis.narrow(0, start, len), normalized);  // (len x r) @ (r x n)
+      at::Tensor w_tile = param.narrow(0, start, len);
+      gradnorm_update_rows(w_tile, t, gamma, start, rows, c);
+    }
+  });
+}
+
+void fused_gradnorm_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
+                             at::Tensor& exp_avg, at::Tensor& exp_avg_sq, at::Tensor& row_scale,
+                             at::Tensor& row_norm, at::Tensor& scale_exp_avg,
+                             at::Tensor& scale_exp_avg_sq, double lr, double beta1, double beta2,
+                             double eps, double weight_decay, double scale, int64_t step,
+                             const std::optional<at::Tensor>& proj_scales,
+                             const std::optional<at::Tensor>& proj_zeros,
+                             int64_t proj_group_size, int64_t seed) {
+  const StepGeometry g = check_fused_gradnorm_step(
+      param, grad, proj, exp_avg, exp_avg_sq, row_scale, row_norm, scale_exp_avg,
+      scale_exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros, proj_group_size, seed);
+  LOWRANK_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
+  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, seed);
+  const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
+  const GradNormRows rows{row_scale.data_ptr<float>(), row_norm.data_ptr<float>(),
+                          scale_exp_avg.data_ptr<float>(), scale_exp_avg_sq.data_ptr<float>()};
+  if (g.right) {
+    gradnorm_right(param, grad, basis, exp_avg, exp_avg_sq, rows, g, c);
+  } else {
+    gradnorm_left(param, grad, basis, exp_avg, exp_avg_sq, rows, g, c);
+  }
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowrank, CPU, m) { m.impl("fused_galore_step", &fused_galore_step_cpu); }
+TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
+  m.impl("fused_galore_step", &fused_galore_step_cpu);
+  m.impl("fused_gradnorm_step", &fused_gradnorm_step_cpu);
+}
 
 }  // namespace lowrank

@@ -20,6 +20,8 @@ struct AdamCoeffs {
   // W' = (1 - lr*wd) * (W - alpha_t*scale*back(N)), alpha_t = lr*sqrt(1-beta2^t)/(1-beta1^t).
   float decay;
   float update_scale;
+  // alpha_t itself (GradNormLoRP's per-row scale g takes an unscaled step: DESIGN.md §4.8)
+  float step_size;
   // Philox key of the bf16 moments' stochastic rounding: rounding_philox_seed(seed, step).
   uint64_t state_philox_seed;
 };
@@ -40,6 +42,7 @@ inline AdamCoeffs make_adam_coeffs(double lr, double beta1, double beta2, double
   c.eps = static_cast<float>(eps);
   c.decay = static_cast<float>(decay);
   c.update_scale = static_cast<float>(decay * alpha_t * scale);
+  c.step_size = static_cast<float>(alpha_t);
   c.state_philox_seed = rounding_philox_seed(seed, step);
   return c;
 }

@@ -292,6 +292,46 @@ inline StepGeometry check_fused_galore_step(
   return g;
 }
 
+// ---- GradNormLoRP (DESIGN.md §4.8) ----
+// A per-row fp32 state of an m x n weight: 1-D, length m, on param's device, dense.
+inline void check_row_state(const at::Tensor& t, const at::Tensor& param, const char* name) {
+  check_same_device(t, param, name);
+  LOWRANK_CHECK_VALUE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+                      t.scalar_type());
+  LOWRANK_CHECK_VALUE(t.dim() == 1 && t.size(0) == param.size(0), name, ": expected shape [",
+                      param.size(0), "] (one value per row of param), got ",
+                      shape_str(t.sizes()));
+  check_contiguous(t, name);
+}
+
+// fused_gradnorm_step: a float weight (INT8 codes refused), the projection and low-rank moments
+// of fused_galore_step, and four distinct per-row states.
+inline StepGeometry check_fused_gradnorm_step(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
+    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& row_scale,
+    const at::Tensor& row_norm, const at::Tensor& scale_exp_avg,
+    const at::Tensor& scale_exp_avg_sq, double beta1, double beta2, double eps, int64_t step,
+    const std::optional<at::Tensor>& proj_scales, const std::optional<at::Tensor>& proj_zeros,
+    int64_t proj_group_size, int64_t seed) {
+  LOWRANK_CHECK_VALUE(param.scalar_type() != at::kByte,
+                      "param: INT8 weight codes (uint8) are not supported by "
+                      "fused_gradnorm_step (the row renormalisation needs each row in fp32); "
+                      "expected dtype float32, bfloat16 or float16");
+  const StepGeometry g = check_fused_galore_step(
+      param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
+      proj_group_size, std::nullopt, std::nullopt, 256, seed);
+  const at::Tensor* rows[] = {&row_scale, &row_norm, &scale_exp_avg, &scale_exp_avg_sq};
+  const char* names[] = {"row_scale", "row_norm", "scale_exp_avg", "scale_exp_avg_sq"};
+  for (int i = 0; i < 4; ++i) {
+    check_row_state(*rows[i], param, names[i]);
+    for (int j = 0; j < i; ++j) {
+      LOWRANK_CHECK_VALUE(!rows[i]->is_same(*rows[j]), names[i], ": must not alias ",
+                          names[j]);
+    }
+  }
+  return g;
+}
+
 }  // namespace lowrank
 
 // ---- Fira / APOLLO: the scaled full-rank term (DESIGN.md §4.6-§4.7) ----

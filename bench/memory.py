@@ -299,6 +299,18 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-GradNormLoRPAdamW": OurConfig("ours GradNormLoRPAdamW", "GradNormLoRPAdamW"),
     "ours-GradNormLoRPAdamW-layerwise": OurConfig("ours GradNormLoRPAdamW layer-wise",
                                                   "GradNormLoRPAdamW", layerwise=True),
+    "ours-FiraAdamW": OurConfig("ours FiraAdamW", "FiraAdamW"),
+    # APOLLO (rank 256, its 7B recipe) and APOLLO-Mini (rank 1, tensor scale, scale 128): the
+    # random basis is generated from the seed in each step, so it takes no state
+    "ours-APOLLOAdamW": OurConfig("ours APOLLOAdamW r256", "APOLLOAdamW", rank=256),
+    "ours-APOLLOAdamW-int8-layerwise": OurConfig("ours APOLLOAdamW r256, INT8 W, layer-wise",
+                                                 "APOLLOAdamW", rank=256, int8_weights=True,
+                                                 layerwise=True),
+    "ours-APOLLO-Mini": OurConfig("ours APOLLO-Mini (APOLLOAdamW r1, tensor)", "APOLLOAdamW",
+                                  rank=1, options=(("scale_type", "tensor"), ("scale", 128.0))),
+    "ours-APOLLO-Mini-int8-layerwise": OurConfig(
+        "ours APOLLO-Mini, INT8 W, layer-wise", "APOLLOAdamW", rank=1, int8_weights=True,
+        layerwise=True, options=(("scale_type", "tensor"), ("scale", 128.0))),
 }
 
 
@@ -485,8 +497,8 @@ def apollo_torch_mini_temporary(cfg: harness.ModelShape, dtype: torch.dtype) -> 
 
 
 # Our optimizers that bench/demo.py trains (each when lowrank_kernels.optim has it).
-OUR_PRESETS = ("GaLoreAdamW", "QGaLoreAdamW", "DCTAdamW", "FiraAdamW", "LowRankAdamW",
-               "GradNormLoRPAdamW")
+OUR_PRESETS = ("GaLoreAdamW", "QGaLoreAdamW", "DCTAdamW", "FiraAdamW", "APOLLOAdamW",
+               "LowRankAdamW", "GradNormLoRPAdamW")
 
 
 def account_ours(key: str) -> Callable:
@@ -867,6 +879,8 @@ def _refresh_temporary(projection: str, m: int, n: int, rank: int, svd_per_eleme
         return Temporary(int(svd_per_element * m * n), f"SVD refresh of a {m}x{n} gradient")
     if projection == "random":
         return Temporary(3 * 4 * d * rank, f"random basis refresh ({d}x{rank} QR)")
+    if projection == "gaussian":  # generated in every step: _step_workspace counts it
+        return Temporary(0, "no refresh work (APOLLO's basis: seed + refresh count)")
     return Temporary(4 * rank * max(m, n) + 4 * d, f"DCT refresh of a {m}x{n} gradient")
 
 
@@ -878,6 +892,12 @@ def _step_workspace(preset: str, m: int, n: int, rank: int, weight_dtype: torch.
         nbytes = 4 * rank * own + (4 * m * rank if right else 0) + (4 * rank * rank if right
                                                                       else 0)
         return Temporary(nbytes, f"fused_gradnorm_step workspaces ({m}x{n})")
+    if preset in ("FiraAdamW", "APOLLOAdamW"):  # fp32 N (+ R and the Gram: Fira; + the
+        # generated fp32 basis: APOLLO); the per-line sums are O(own)
+        fira = preset == "FiraAdamW"
+        nbytes = (8 * rank * own + 4 * rank * rank if fira
+                  else 4 * rank * own + 4 * rank * min(m, n))
+        return Temporary(nbytes, f"full-rank step workspaces ({m}x{n})")
     elem = 2 if weight_dtype in (torch.bfloat16, torch.float16) else 4
     return Temporary(elem * rank * own, f"fused_galore_step N workspace ({m}x{n})")
 

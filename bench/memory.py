@@ -300,12 +300,15 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-GradNormLoRPAdamW-layerwise": OurConfig("ours GradNormLoRPAdamW layer-wise",
                                                   "GradNormLoRPAdamW", layerwise=True),
     "ours-FiraAdamW": OurConfig("ours FiraAdamW", "FiraAdamW"),
-    # APOLLO (rank 256, its 7B recipe) and APOLLO-Mini (rank 1, tensor scale, scale 128): the
-    # random basis is generated from the seed in each step, so it takes no state
-    "ours-APOLLOAdamW": OurConfig("ours APOLLOAdamW r256", "APOLLOAdamW", rank=256),
-    "ours-APOLLOAdamW-int8-layerwise": OurConfig("ours APOLLOAdamW r256, INT8 W, layer-wise",
-                                                 "APOLLOAdamW", rank=256, int8_weights=True,
-                                                 layerwise=True),
+    # APOLLO (rank = GaLore's / 4: 256 at 7B, its recipe; scale 1) and APOLLO-Mini (rank 1,
+    # tensor scale, scale 128): the random basis is generated from the seed in each step, so
+    # it takes no state
+    "ours-APOLLOAdamW": OurConfig("ours APOLLOAdamW", "APOLLOAdamW", rank_divisor=4,
+                                  options=(("scale", 1.0),)),
+    "ours-APOLLOAdamW-int8-layerwise": OurConfig("ours APOLLOAdamW, INT8 W, layer-wise",
+                                                 "APOLLOAdamW", rank_divisor=4,
+                                                 int8_weights=True, layerwise=True,
+                                                 options=(("scale", 1.0),)),
     "ours-APOLLO-Mini": OurConfig("ours APOLLO-Mini (APOLLOAdamW r1, tensor)", "APOLLOAdamW",
                                   rank=1, options=(("scale_type", "tensor"), ("scale", 128.0))),
     "ours-APOLLO-Mini-int8-layerwise": OurConfig(

@@ -347,19 +347,22 @@ def _peer_factor(low: int, own: int) -> list[Access]:
             Access("+ 1e-8", own, own), Access("φ = division", 2 * own, own)]
 
 
-def _peer_limiter_and_update(full: int, weight_decay: bool) -> list[Access]:
-    ops = [Access("norm(S) (limiter)", full, 0), Access("S / limiter (m×n)", full, full)]
-    return ops, ([Access("p.add_(p, alpha=-lr*wd) (decay pass)", full, full)]
-                 if weight_decay else [])
+def _peer_sizes(m: int, n: int, rank: int, weight_dtype: torch.dtype, weight_decay: bool):
+    """(full, low, basis, own bytes, the limiter's kernels, the decay pass) of fira's and
+    apollo-torch's steps (everything in the weight's dtype)."""
+    g = Geometry(m, n, rank)
+    b = _size(weight_dtype)
+    full = g.full * b
+    limiter = [Access("norm(S) (limiter)", full, 0), Access("S / limiter (m×n)", full, full)]
+    decay = ([Access("p.add_(p, alpha=-lr*wd) (decay pass)", full, full)] if weight_decay
+             else [])
+    return full, g.low_rank * b, g.basis * b, max(m, n) * b, limiter, decay
 
 
 def fira_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
                *, weight_decay: bool = True) -> Traffic:
     """fira's FiraAdamW.step, one Access per torch kernel (states in the gradient's dtype)."""
-    g = Geometry(m, n, rank)
-    b = _size(weight_dtype)
-    full, low, basis, own = g.full * b, g.low_rank * b, g.basis * b, max(m, n) * b
-    limiter, decay = _peer_limiter_and_update(full, weight_decay)
+    full, low, basis, own, limiter, decay = _peer_sizes(m, n, rank, weight_dtype, weight_decay)
     return Traffic("fira", (
         *_peer_adam(low, basis, full),
         Access("back(R) = matmul (m×n)", low + basis, full), Access("× alpha (m×n)", full, full),
@@ -374,10 +377,7 @@ def fira_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bflo
 def apollo_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
                  *, weight_decay: bool = True) -> Traffic:
     """apollo-torch's APOLLOAdamW.step (channel scale), one Access per torch kernel."""
-    g = Geometry(m, n, rank)
-    b = _size(weight_dtype)
-    full, low, basis, own = g.full * b, g.low_rank * b, g.basis * b, max(m, n) * b
-    limiter, decay = _peer_limiter_and_update(full, weight_decay)
+    full, low, basis, own, limiter, decay = _peer_sizes(m, n, rank, weight_dtype, weight_decay)
     return Traffic("apollo-torch", (
         *_peer_adam(low, basis, full), *_peer_factor(low, own),
         Access("S = G × φ (m×n)", full + own, full), *limiter,

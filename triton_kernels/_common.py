@@ -326,6 +326,33 @@ def _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, 
 
 
 @triton.jit
+def _gram_kernel(
+    Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Gram_ptr,
+    stride_pr, stride_pl,
+    R, LONG,
+    BLOCK_R: tl.constexpr, BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr,
+    PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """One BLOCK_R × BLOCK_R tile of the Gram K = Q Qᵀ of any basis format (fp32, r×r, row-major;
+    Q r×long as _basis_tile reads it), reduced over the long axis: GradNormLoRP's launch K and
+    Fira's (full_rank.py)."""
+    offs_a, offs_b, mask_a, mask_b = _grid_tile(R, R, BLOCK_R, BLOCK_R, INDEX_64)
+    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    for start in range(0, LONG, BLOCK_LONG):
+        offs_long = start + tl.arange(0, BLOCK_LONG)
+        if INDEX_64:
+            offs_long = offs_long.to(tl.int64)
+        long_mask = offs_long < LONG
+        rows = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_a, offs_long, mask_a,
+                           long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
+        cols = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_b, offs_long, mask_b,
+                           long_mask, stride_pr, stride_pl, LONG, True, BASIS, PROJ_GROUP)
+        gram = _dot(rows, cols, gram, INTERPRETED)
+    tl.store(Gram_ptr + offs_a[:, None] * R + offs_b[None, :], gram,
+             mask=mask_a[:, None] & mask_b[None, :])
+
+
+@triton.jit
 def _stochastic_round_bf16(x, word):
     """fp32 x rounded to bf16 stochastically with uint32 ``word`` (lowrank/adam.h): the top 16
     bits of the word added to the 16 dropped bits; returned as the fp32 value, whose cast to

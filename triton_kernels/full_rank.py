@@ -20,7 +20,7 @@ Kernels and tiling (launch order A → [Gram → quadratic] → finalize → B):
      the partial sums of ν and ρ over its rank columns and, from the first rank tile, γ (summed
      while G streams for the projection) into LineSums (3, ⌈r/BLOCK_R⌉, own) fp32; Fira also
      stores R into an fp32 low-rank workspace. N's workspace is fp32 in these modes.
-  _gram_kernel (Fira): K = basis·basisᵀ, one program per 32×32 tile of K, the long axis in
+  _common._gram_kernel (Fira): K = basis·basisᵀ, one program per 32×32 tile of K, the long axis in
      chunks, any basis format through _common._basis_tile (INT4 and DCT generated in the tile).
   _gram_quadratic_kernel (Fira): R_i K R_iᵀ per own-line, one program per BLOCK_OWN lines.
   _finalize_kernel: ONE program. Per-line sums over the rank tiles in tile order, then sums over
@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BASIS_NAMES, _basis_tile, _dot, _grid_tile, _tile_offsets
+from ._common import BASIS_NAMES, _gram_kernel, _tile_offsets
 
 NONE, FIRA, APOLLO = 0, 1, 2
 FULL_RANK_MODES = {"none": NONE, "fira": FIRA, "apollo": APOLLO}
@@ -83,27 +83,6 @@ def _store_line_sums_of_r(LowRank_ptr, LineSums_ptr, norm_offs, state_mask, offs
     if FULL_RANK == 1:
         tl.store(LowRank_ptr + norm_offs, proj_low, mask=state_mask)
     return nu_ptrs
-
-
-@triton.jit
-def _gram_kernel(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Gram_ptr, stride_pr, stride_pl, R,
-                 LONG, BLOCK_K: tl.constexpr, BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr,
-                 PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr):
-    """K[k, l] = Σ_i basis[k, i]·basis[l, i] for one BLOCK_K × BLOCK_K tile of the r×r Gram."""
-    offs_k, offs_l, k_mask, l_mask = _grid_tile(R, R, BLOCK_K, BLOCK_K, INDEX_64)
-    acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-    for start in range(0, LONG, BLOCK_LONG):
-        offs_long = start + tl.arange(0, BLOCK_LONG)
-        if INDEX_64:
-            offs_long = offs_long.to(tl.int64)
-        long_mask = offs_long < LONG
-        rows = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_k, offs_long, k_mask,
-                           long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
-        cols = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_l, offs_long, l_mask,
-                           long_mask, stride_pr, stride_pl, LONG, True, BASIS, PROJ_GROUP)
-        acc = _dot(rows, cols, acc, INTERPRETED)
-    tl.store(Gram_ptr + offs_k[:, None] * R + offs_l[None, :], acc,
-             mask=k_mask[:, None] & l_mask[None, :])
 
 
 @triton.jit
@@ -249,7 +228,7 @@ def finalize_full_rank(buffers: FullRankBuffers, basis, rank: int, long: int, ri
         gram = torch.empty((rank, rank), dtype=torch.float32, device=device)
         _gram_kernel[(triton.cdiv(rank, GRAM_BLOCK) ** 2,)](
             *basis.pointers, gram, basis.stride_rank, basis.stride_long, rank, long,
-            BLOCK_K=GRAM_BLOCK, BLOCK_LONG=GRAM_BLOCK_LONG, BASIS=basis.kind,
+            BLOCK_R=GRAM_BLOCK, BLOCK_LONG=GRAM_BLOCK_LONG, BASIS=basis.kind,
             PROJ_GROUP=basis.group_size, INDEX_64=index_64, INTERPRETED=interpreted,
             num_warps=gram_warps(basis.kind), num_stages=2)
         quad = torch.empty(own, dtype=torch.float32, device=device)
@@ -278,7 +257,7 @@ def aot_variants():
         unit = {} if basis == "dct" else {"stride_pl" if right else "stride_pr": 1}
         signature = {**_basis_pointers(basis, proj), "Gram_ptr": "*fp32",
                      **{k: "i32" for k in ("stride_pr", "stride_pl", "R", "LONG") if k not in unit}}
-        constexprs = {"BLOCK_K": GRAM_BLOCK, "BLOCK_LONG": GRAM_BLOCK_LONG, "INDEX_64": index_64,
+        constexprs = {"BLOCK_R": GRAM_BLOCK, "BLOCK_LONG": GRAM_BLOCK_LONG, "INDEX_64": index_64,
                       "INTERPRETED": False, **_basis_constexprs(basis), **unit}
         variant = {"kernel": "gram", "basis": basis, "proj": proj,
                    "side": "right" if right else "left", "index_64": index_64}

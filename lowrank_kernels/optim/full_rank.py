@@ -23,6 +23,7 @@ import torch
 
 from lowrank_kernels import distributed
 from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
+from lowrank_kernels.optim.presets import GaLoreAdamW
 
 APOLLO_PROJ = {"random": "gaussian", "svd": "svd"}  # apollo-torch's proj -> our projection
 SCALE_TYPES = ("channel", "tensor")
@@ -61,7 +62,7 @@ class _FullRankAdamW(LowRankAdamW):
                 **self._full_rank_args(group, state)}
 
 
-class FiraAdamW(_FullRankAdamW):
+class FiraAdamW(_FullRankAdamW, GaLoreAdamW):
     """``fira.FiraAdamW`` (fira 1.0.2) with each projected step one fused call.
 
     Same constructor and group keys: ``rank``, ``update_proj_gap``, ``alpha`` (Fira's scale a
@@ -74,15 +75,7 @@ class FiraAdamW(_FullRankAdamW):
     1-element fp32 tensor on the weight's device).
     """
 
-    MODE = "fira"
-
-    def __init__(self, params: Iterable, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0, correct_bias: bool = True,
-                 no_deprecation_warning: bool = False, **lowrank_options):
-        lowrank_options.setdefault("dense_adamw", "galore")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         correct_bias=correct_bias, **lowrank_options)
+    MODE = "fira"  # the constructor is GaLoreAdamW's (fira's has the same arguments)
 
     def add_param_group(self, param_group: dict) -> None:
         if isinstance(param_group, dict) and "alpha" in param_group:

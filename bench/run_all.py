@@ -23,6 +23,10 @@ Stages (a progress bar over them, and one inside the slow ones):
      commit, versions and device, and bench/bench_gpu_step.py when CUDA is available
   8. the training demo: a tiny LLaMA, AdamW (lr sweep) vs galore-torch vs our presets, and the
      optimizer step against model size (bench/demo.py)
+  9. the optimizer's communication per step under FSDP2 at 7B on 8 ranks, from the shapes, and
+     measured at the tests' shapes on 2 gloo ranks (bench/distributed_comm.py)
+ 10. the two theory reproductions: the square-root batch-size scaling rule on a tiny model
+     (bench/scaling_rule.py) and Adagrad vs SGD as the batch grows (bench/adagrad_batch.py)
 A stage that fails is reported in report.md (with its error) and the others still run; the exit
 status is then 1. ``--quick`` skips stage 3 and shortens the demo (a smoke run).
 """
@@ -257,6 +261,21 @@ def stage_demo(out: Path, steps: int, sizes: bool = True) -> str:
     return text + "\n\n" + "\n\n".join(f"![{p.stem}]({p.name})" for p in pngs)
 
 
+def stage_distributed_comm(out: Path) -> str:
+    return run_script("distributed_comm.py", "--measure",
+                      what="bytes the optimizer itself sends per step; the 7B rows are computed "
+                      "from the shapes, the test-shape rows are counted on 2 gloo ranks")
+
+
+def stage_reproduction(out: Path, script: str, quick: bool) -> str:
+    """A theory reproduction (its own table, verdict and PNG) embedded in the report."""
+    stem = Path(script).stem
+    args = ["--out", str(out)] + (["--quick"] if quick else [])
+    run_script(script, *args, what=stem)
+    return (f"`python bench/{script}{' --quick' if quick else ''}`\n\n"
+            + (out / f"{stem}.md").read_text() + f"\n\n![{stem}]({stem}.png)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="training-demo steps")
@@ -290,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("Optimizer step on GPU", lambda: stage_gpu_step(out)),
         ("Training demo", lambda: stage_demo(out, 40 if args.quick else args.steps,
                                              sizes=not args.quick)),
+        ("Optimizer communication under FSDP2", lambda: stage_distributed_comm(out)),
+        ("Batch-size scaling rule (Malladi et al.)",
+         lambda: stage_reproduction(out, "scaling_rule.py", args.quick)),
+        ("Adagrad vs SGD as the batch grows",
+         lambda: stage_reproduction(out, "adagrad_batch.py", args.quick)),
     ]
     if args.quick:
         stages = [s for s in stages if not s[0].startswith("Memory accounting checked")]

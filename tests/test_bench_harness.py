@@ -525,3 +525,16 @@ def test_fira_and_apollo_torch_models_equal_their_executed_kernels(peer, m, n):
     measured = traffic.measure_torch(opt.step)
     assert [(a.read, a.write) for a in measured.accesses if a.read or a.write] == [
         (a.read, a.write) for a in modelled.accesses]
+
+
+def test_full_rank_cpu_benchmark_times_ours_against_fira_and_apollo_torch():
+    pytest.importorskip("fira")
+    pytest.importorskip("apollo_torch")
+    from bench import bench_cpu_full_rank
+
+    row = bench_cpu_full_rank.bench_case(96, 40, 8, warmup=1, rounds=2)
+    for key in ("floor", "ours_fira", "fira", "ours_apollo", "ours_apollo_gen", "apollo"):
+        assert row[f"{key}_ms"] > 0
+    assert row["fira_over_ours"] == pytest.approx(row["fira_ms"] / row["ours_fira_ms"], rel=1e-2)
+    assert row["apollo_over_ours"] == pytest.approx(row["apollo_ms"] / row["ours_apollo_ms"],
+                                                    rel=1e-2)

@@ -283,3 +283,35 @@ def test_cuda_cxx_routes_the_full_rank_modes_and_random_basis_to_triton():
     assert not serves("fused_galore_step", {"full_rank": "fira"})
     assert not serves("fused_galore_step", {"full_rank": "apollo", "limiter": None})
     assert not serves("random_basis", {})
+
+
+@needs_triton
+@pytest.mark.parametrize("mode,basis", [("fira", "dct"), ("apollo", "int4"), ("fira", "int4")])
+def test_triton_generated_bases_match_the_reference(mode, basis):
+    """DCT indices and a packed INT4 basis (generated inside the tiles; bf16 G and moments):
+    the Triton step against the reference of the same format (its dense rows / dequantized
+    basis), limiter active."""
+    m, n, rank = *SMALL_ODD_SHAPES[1], 17
+    inputs = step_inputs(m, n, rank, weight_dtype=BF16, state_dtype=BF16, proj_dtype=BF16,
+                         device=DEVICE)
+    extra = {}
+    if basis == "dct":
+        inputs.proj = torch.randperm(n, generator=torch.Generator().manual_seed(3))[:rank] \
+            .sort().values.to(torch.int32).to(DEVICE)
+    else:
+        packed, scales, zeros = lk.ops.quantize_int4(inputs.proj.float().cpu())
+        inputs.proj = packed.to(DEVICE)
+        extra = dict(proj_scales=scales.to(DEVICE), proj_zeros=zeros.to(DEVICE))
+    limiter = torch.full((1,), 1.0)
+    outs = {}
+    for backend in ("reference", "triton"):
+        out, lim = inputs.clone(), limiter.clone().to(DEVICE)
+        lk.ops.fused_galore_step(*out.args(), **HYPER, **extra, full_rank=mode, limiter=lim,
+                                 backend=backend)
+        outs[backend] = (out, lim)
+    (ref, ref_lim), (got, got_lim) = outs["reference"], outs["triton"]
+    torch.testing.assert_close(got_lim.cpu(), ref_lim.cpu(), rtol=1e-5, atol=0)
+    assert ref_lim.item() == pytest.approx(reference.LIMITER_GROWTH * (1.0 + 1e-8))  # active
+    change = (ref.param.float() - inputs.param.float()).abs().max().item()
+    err = (got.param.float() - ref.param.float()).abs().max().item()
+    assert err <= 2 * torch.finfo(BF16).eps * ref.param.float().abs().max().item() < change

@@ -490,6 +490,8 @@ _FULL_RANK_BF16_MOMENT_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
 _FULL_RANK_GENERATED_PROJECT_BLOCKS = _GENERATED_PROJECT_BLOCKS
 _FULL_RANK_BF16_MOMENT_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     **_BF16_MOMENT_GENERATED_PROJECT_BLOCKS,
+    # 64×32×64: 4 bytes (DCT, bf16 G transposed, sm_89); 32×32×64: 8-16 (INT4, G^T)
+    ("tc", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=4, num_stages=2),
     ("fp32", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=4, num_stages=2),
 }
 _FULL_RANK_BACK_BLOCKS: dict[str, TileConfig] = {

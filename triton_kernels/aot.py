@@ -246,7 +246,7 @@ def _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, layout, f
     variant = {"kernel": kernel, "side": "right" if right else "left", **types, "basis": basis,
                "index_64": index_64, "full_rank": full_rank, **dataclasses.asdict(config)}
     return (variant, _signature(fn, pointers, constexprs), constexprs, config.num_warps,
-            config.num_stages, {})
+            config.num_stages, fgs.full_rank_options(full_rank))
 
 
 def int8_update_variants(all_dtypes: bool = True):
@@ -277,7 +277,8 @@ def int8_update_variants(all_dtypes: bool = True):
                        "weight": "u8", "proj": p, "basis": basis, "index_64": index_64,
                        "full_rank": mode, **dataclasses.asdict(config)}
             yield (variant, _signature(fn, pointers, constexprs), constexprs,
-                   config.num_warps, config.num_stages, {"enable_fp_fusion": False})
+                   config.num_warps, config.num_stages,
+                   {"enable_fp_fusion": False, **fgs.full_rank_options(mode)})
 
 
 # dtype sets per (kernel, dtype class), the most register-hungry first:

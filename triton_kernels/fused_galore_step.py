@@ -471,13 +471,12 @@ _INDEX_64_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
 }
 # The full-rank modes (Fira, APOLLO; full_rank.py): launch A also sums G², R² and N² per line
 # and stores R (Fira), launch B also holds a tile of G and the per-line coefficients. Their
-# own tables, each entry checked spill-free for sm_89 and sm_90 by the AOT test with FULL_RANK
-# 1 and 2 (both sides, offset widths, G layouts): the 128×128 tensor-core tile of A spills
-# 20-140 bytes (both modes) and becomes the 64×128 one; with bf16 moments (Philox as well) the
-# 64-wide rank tiles spill 190-320 bytes at 4 warps and 64-row 128-wide ones at 8 warps, so they
-# get 8 warps and 32 rows; Fira's launch B (N, R and the coefficient in the K loop, G after it)
-# spills at 128 rows and takes 64. Not tuned on a GPU (none was available): chosen for no spills
-# with the plain tables' block shapes otherwise.
+# own tables, compiled by the AOT test with FULL_RANK 1 and 2 (both sides, offset widths, G
+# layouts) and launched with .maxnreg 255 (full_rank_options): the 128×128 tensor-core tile of A
+# becomes the 64×128 one; with bf16 moments the 64-wide rank tiles get 8 warps and the 128-wide
+# ones 32 rows; generated bases with bf16 moments and 16-bit G take 32×32×32 tiles, Fira's
+# launch B 64 rows (128 spilled) and, generated, a 64-long tile. Not tuned on a GPU (none was
+# available): chosen for no spills with the plain tables' block shapes otherwise.
 _FULL_RANK_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     **_PROJECT_BLOCKS,
     ("tc", 128): _BF16_MOMENT_PROJECT_BLOCKS[("tc", 128)],
@@ -502,6 +501,18 @@ _FULL_RANK_GENERATED_BACK_BLOCKS: dict[str, TileConfig] = {  # 128 long: 16 byte
     "16bit": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=8, num_stages=3),
     "fp32": _GENERATED_BACK_BLOCKS["fp32"],
 }
+# The full-rank modes' launches let ptxas use every register (.maxnreg 255): without it ptxas
+# stops at 128 on several of them (a DCT or INT4 basis generated in the tile, 64-bit offsets)
+# and spills 4-16 bytes, with it they compile spill-free (AOT test); the plain step keeps its
+# tuned defaults.
+FULL_RANK_MAXNREG = 255
+
+
+def full_rank_options(mode: int) -> dict[str, int]:
+    """The extra launch (and AOT compile) options of a step in full-rank ``mode``."""
+    return {"maxnreg": FULL_RANK_MAXNREG} if mode else {}
+
+
 WIDE_RANK_TILE_FROM = 512  # dense tensor-core launch A: 64-wide rank tiles below this rank
 
 
@@ -731,6 +742,7 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     # INT8 weights: no FMA contraction, so that every fp32 operation rounds as on the CPU
     # (lowrank/adam.h, quant.h) and the codes are the CPU kernel's wherever back(N) agrees.
     exact = {"enable_fp_fusion": False} if int8_weight else {}
+    registers = full_rank_options(mode)
     basis_strides = (basis.stride_rank, basis.stride_long)
     grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)
     _project_adam_kernel[grid_a](
@@ -743,7 +755,7 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         RIGHT=right, BLOCK_OWN=project.block_own, BLOCK_R=project.block_r,
         BLOCK_LONG=project.block_long, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
         INDEX_64=index_64, INTERPRETED=interpreted, FULL_RANK=mode,
-        num_warps=project.num_warps, num_stages=project.num_stages, **exact,
+        num_warps=project.num_warps, num_stages=project.num_stages, **exact, **registers,
     )
     if mode:
         finalize_full_rank(buffers, basis, rank, long, right,
@@ -766,7 +778,7 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         RIGHT=right, BLOCK_OWN=back.block_own, BLOCK_LONG=back.block_long,
         BLOCK_R=back.block_r, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
         INDEX_64=index_64, INTERPRETED=interpreted, FULL_RANK=mode,
-        num_warps=back.num_warps, num_stages=back.num_stages,
+        num_warps=back.num_warps, num_stages=back.num_stages, **registers,
     )
 
 
@@ -788,7 +800,8 @@ def _launch_int8_update(codes, scales, zeros, group_size, philox_seed, basis, no
     common = {"RIGHT": is_right_side(m, n), "BLOCK_R": config.block_r, "GROUP": group_size,
               "BASIS": basis.kind, "PROJ_GROUP": basis.group_size, "INDEX_64": index_64,
               "INTERPRETED": interpreted, "FULL_RANK": mode, "num_warps": config.num_warps,
-              "num_stages": config.num_stages, "enable_fp_fusion": False}
+              "num_stages": config.num_stages, "enable_fp_fusion": False,
+              **full_rank_options(mode)}
     grad = full_rank_args[0]
     args = (codes, scales, zeros, *basis.pointers, normalized, *full_rank_args,
             basis.stride_rank, basis.stride_long, normalized.stride(0), *grad.stride())

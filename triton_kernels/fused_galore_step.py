@@ -486,7 +486,10 @@ _FULL_RANK_BF16_MOMENT_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=8, num_stages=3),
     ("tc", 128): TileConfig(block_own=32, block_r=128, block_long=64, num_warps=8, num_stages=3),
 }
-_FULL_RANK_GENERATED_PROJECT_BLOCKS = _GENERATED_PROJECT_BLOCKS
+_FULL_RANK_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_GENERATED_PROJECT_BLOCKS,  # 64×64×64: 88 bytes (INT4, G^T, 64-bit offsets, sm_89)
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=32, num_warps=8, num_stages=2),
+}
 _FULL_RANK_BF16_MOMENT_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     **_BF16_MOMENT_GENERATED_PROJECT_BLOCKS,
     # 64×32×64: 4 bytes (DCT, bf16 G transposed, sm_89); 32×32×64: 8-16 (INT4, G^T)

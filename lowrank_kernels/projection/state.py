@@ -204,7 +204,10 @@ def step_args(state: dict, spec: ProjectionSpec, param: torch.Tensor | None = No
         if param is None:
             raise ValueError(f"projection={spec.projector.name!r}: the step generates the basis "
                              "and needs the parameter (sharded weights are not supported)")
-        return {"proj": seeded_basis(state, *param.shape, spec.rank, param.device)}
+        basis = seeded_basis(state, *param.shape, spec.rank, param.device)
+        # in the weight's dtype, as a stored dense basis is (_store_): the same kernel path
+        dtype = param.dtype if param.is_floating_point() else torch.float32
+        return {"proj": basis.to(dtype)}
     args = {"proj": state["proj"]}
     if state["proj"].dtype == torch.uint8:
         args.update(proj_scales=state["proj_scales"], proj_zeros=state["proj_zeros"],

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "lowrank/adam.h"  // float_bits
 #include "lowrank/common.h"
 #include "lowrank/philox.h"
 
@@ -22,16 +23,6 @@ namespace lowrank {
 
 // Counter word 1 = 2: a stream apart from the INT8 weights' (0) and the moments' (1).
 constexpr uint64_t kBasisStream = uint64_t{2} << 32;
-
-LOWRANK_HD uint32_t gaussian_float_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  return bits;
-#endif
-}
 
 LOWRANK_HD float gaussian_bits_float(uint32_t bits) {
 #if defined(__CUDA_ARCH__)
@@ -48,7 +39,7 @@ LOWRANK_HD float gaussian_bits_float(uint32_t bits) {
 // ln(k * 2^exponent) for integers 1 <= k <= 2^24: frexp by bits, Cephes' logf (reference.py
 // log_of_units).
 LOWRANK_HD float log_of_units(uint32_t k, int32_t exponent) {
-  const uint32_t bits = gaussian_float_bits(static_cast<float>(k));  // exact
+  const uint32_t bits = float_bits(static_cast<float>(k));  // exact
   int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;
   const float f = gaussian_bits_float((bits & 0x807FFFFFu) | 0x3F000000u);
   float x;

@@ -44,8 +44,10 @@ Adagrad's critical batch is larger than SGD's.
 
 Outputs (``--out``, default bench/results): adagrad_batch.md (setup, tables, verdict) and
 adagrad_batch.png (iterations against B, log-log). ``--quick``: a smoke run in seconds. A new
-optimizer (e.g. lowrank_adagrad, once LowRankAdagrad exists) is one entry in OPTIMIZERS (a
-factory ``(weight, lr) -> optimizer``) and one in GRIDS.
+optimizer is one entry in OPTIMIZERS (a factory ``(weight, lr) -> optimizer``) and one in GRIDS;
+``lowrank_adagrad`` is lowrank_kernels' LowRankAdagrad (rank 4, the whole class axis in an SVD
+basis, through the fused op): whether the low-rank AdaGrad keeps AdaGrad's batch-size behaviour
+is read from its critical batch beside Adagrad's.
 """
 
 from __future__ import annotations
@@ -72,15 +74,30 @@ BATCHES = (1, 4, 16, 64, 256, 1024)
 QUICK = {"seeds": 1, "max_iters": 200, "batches": (16, 256), "excess": 0.3, "smoke": True}
 SPECTRA = ("spiked", "log")
 
+LOWRANK_RANK = 4  # = min(K, d): the whole class axis, in the SVD basis of the gradient
+
+
+def _lowrank_adagrad(w: torch.Tensor, lr: float) -> torch.optim.Optimizer:
+    """lowrank_kernels' LowRankAdagrad on the K×d weight (left side: P is K×r, R = Pᵀ G r×d, so
+    AdaGrad stays coordinate-wise along the d anisotropic features), SVD basis refreshed every
+    200 iterations (GaLore's default gap), ε as torch's Adagrad."""
+    from lowrank_kernels.optim import LowRankAdagrad
+
+    return LowRankAdagrad([{"params": [w], "rank": LOWRANK_RANK, "update_proj_gap": 200}],
+                          lr=lr)
+
+
 OPTIMIZERS: dict[str, Callable[[torch.Tensor, float], torch.optim.Optimizer]] = {
     "sgd": lambda w, lr: torch.optim.SGD([w], lr=lr),
     "adagrad": lambda w, lr: torch.optim.Adagrad([w], lr=lr),
     "adam": lambda w, lr: torch.optim.Adam([w], lr=lr),
+    "lowrank_adagrad": _lowrank_adagrad,
 }
 GRIDS: dict[str, tuple[float, ...]] = {  # each reaches past the best lr at both ends
     "sgd": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
     "adagrad": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
     "adam": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    "lowrank_adagrad": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
 }
 
 
@@ -247,6 +264,26 @@ def judge(critical: dict[str, int | None], batches: Sequence[int]) -> str:
     return f"{'held' if held else 'did not hold'} at this scale ({why})."
 
 
+def judge_lowrank(critical: dict[str, int | None], rows: list[dict[str, object]],
+                  batches: Sequence[int]) -> str:
+    """Whether LowRankAdagrad keeps Adagrad's batch-size behaviour: its critical batch is not
+    smaller than Adagrad's, and its iteration counts stay within 2× of Adagrad's at every B."""
+    if "lowrank_adagrad" not in critical or "adagrad" not in critical:
+        return "not measured (run both adagrad and lowrank_adagrad)."
+    last = batches[-1] * 4  # "never flattened" ranks above every measured batch
+    ours = critical["lowrank_adagrad"] or last
+    theirs = critical["adagrad"] or last
+    iters = {name: [r["median_iters"] for r in rows if r["optimizer"] == name]
+             for name in ("adagrad", "lowrank_adagrad")}
+    ratios = [a / b for a, b in zip(iters["lowrank_adagrad"], iters["adagrad"])
+              if math.isfinite(a) and math.isfinite(b)]
+    worst = max(ratios, default=math.inf)
+    kept = ours >= theirs and worst <= 2.0
+    shown = {name: b if b is not None else f"≥ {batches[-1]}" for name, b in critical.items()}
+    return (f"{'kept' if kept else 'not kept'} (critical batch {shown['lowrank_adagrad']} vs "
+            f"Adagrad's {shown['adagrad']}; iterations at most {worst:.2f}× Adagrad's).")
+
+
 def _fmt_iters(value: float, cap: int) -> str:
     return f">{cap}" if math.isinf(value) else f"{value:g}"
 
@@ -281,7 +318,8 @@ def plot(rows: list[dict[str, object]], path: Path, setup: Setup) -> Path:
 
 
 def markdown(rows: list[dict[str, object]], setup: Setup, names: Sequence[str],
-             critical: dict[str, int | None], verdict: str, seconds: float, command: str) -> str:
+             critical: dict[str, int | None], verdict: str, seconds: float, command: str,
+             lowrank_verdict: str = "") -> str:
     cap = setup.max_iters
     table = [{"optimizer": r["optimizer"], "B": r["batch"], "tuned lr": r["lr"],
               "median iters": _fmt_iters(r["median_iters"], cap),
@@ -315,10 +353,12 @@ def markdown(rows: list[dict[str, object]], setup: Setup, names: Sequence[str],
         "",
         f"**Claim** (Adagrad's count keeps falling where SGD's flattens): {verdict}",
         "",
+        *([(f"**LowRankAdagrad** (rank {LOWRANK_RANK}, fused op) keeps Adagrad's batch-size "
+            f"behaviour: {lowrank_verdict}"), ""] if lowrank_verdict else []),
     ])
 
 
-def run(setup: Setup = Setup(), optimizers: Sequence[str] = ("sgd", "adagrad", "adam"),
+def run(setup: Setup = Setup(), optimizers: Sequence[str] = tuple(OPTIMIZERS),
         out: Path = harness.RESULTS_DIR, threads: int = 1, command: str = ""
         ) -> tuple[list[dict[str, object]], list[Path]]:
     unknown = [n for n in optimizers if n not in OPTIMIZERS]
@@ -351,12 +391,16 @@ def run(setup: Setup = Setup(), optimizers: Sequence[str] = ("sgd", "adagrad", "
                 for name in optimizers}
     verdict = ("not judged: a --quick smoke run." if setup.smoke
                else judge(critical, setup.batches))
-    print(f"[adagrad_batch] critical batch: {critical}; claim {verdict}")
+    lowrank_verdict = "" if "lowrank_adagrad" not in optimizers else (
+        "not judged: a --quick smoke run." if setup.smoke
+        else judge_lowrank(critical, rows, setup.batches))
+    print(f"[adagrad_batch] critical batch: {critical}; claim {verdict}"
+          + (f"; LowRankAdagrad {lowrank_verdict}" if lowrank_verdict else ""))
     out.mkdir(parents=True, exist_ok=True)
     md = out / "adagrad_batch.md"
     md.write_text(markdown(rows, setup, optimizers, critical, verdict,
                            time.perf_counter() - start,
-                           command or "python bench/adagrad_batch.py"))
+                           command or "python bench/adagrad_batch.py", lowrank_verdict))
     return rows, [md, plot(rows, out / "adagrad_batch.png", setup)]
 
 

@@ -42,14 +42,16 @@ from bench import harness, memory
 # recipe learning rates: GaLore's LLaMA recipe 0.01 (scale 0.25), Q-GaLore's 0.015 at 60M/130M
 LR = {"galore-torch": 1e-2, "ours GaLoreAdamW": 1e-2, "ours QGaLoreAdamW": 1.5e-2,
       "ours DCTAdamW": 1e-2, "ours LowRankAdamW": 1e-2, "ours GaLoreAdamW bf16 moments": 1e-2,
-      "ours GradNormLoRPAdamW": 1e-2, "ours FiraAdamW": 1e-2, "ours APOLLOAdamW": 1e-2}
+      "ours GaLoreAdamW 8-bit moments": 1e-2, "ours GradNormLoRPAdamW": 1e-2,
+      "ours FiraAdamW": 1e-2, "ours APOLLOAdamW": 1e-2}
 # group keys of a preset's recipe that differ from GaLore's (APOLLO: scale 1, Fira's alpha is
 # GaLore's 0.25)
 RECIPE_KEYS = {"APOLLOAdamW": {"scale": 1.0}}
 # Configurations of bench/memory.py trained as they are accounted there (INT8 weights,
 # layer-wise stepping, moment dtype, rank), each at its preset's lr: the memory table's
 # candidates for a small 7B budget, whose loss the README compares with GaLoreAdamW's.
-MEMORY_CONFIGS = ("ours-QGaLoreAdamW-layerwise", "ours-APOLLO-Mini-int8-layerwise")
+MEMORY_CONFIGS = ("ours-QGaLoreAdamW-layerwise", "ours-QGaLoreAdamW-layerwise-8bit",
+                  "ours-GradNormLoRPAdamW-layerwise-8bit", "ours-APOLLO-Mini-int8-layerwise")
 # AdamW's recipe at 60M is 1e-3; the sweep brackets it (and shows it at GaLore's 0.01)
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 TINY = harness.ModelShape("llama-tiny", hidden=128, intermediate=344, layers=2, heads=4,
@@ -114,9 +116,10 @@ def optimizers(cfg: harness.ModelShape, adamw_lrs: Sequence[float] = ADAMW_LRS
         if hasattr(optim, preset) and name in LR:
             found[name] = (LR[name], ours(getattr(optim, preset), LR[name],
                                           RECIPE_KEYS.get(preset)))
-    if hasattr(optim, "GaLoreAdamW"):  # bf16 moments (stochastic rounding) against fp32 ones
-        name = "ours GaLoreAdamW bf16 moments"
-        found[name] = (LR[name], ours(optim.GaLoreAdamW, LR[name], state_dtype=torch.bfloat16))
+    if hasattr(optim, "GaLoreAdamW"):  # bf16 and 8-bit moments against fp32 ones
+        for name, state_dtype in (("ours GaLoreAdamW bf16 moments", torch.bfloat16),
+                                  ("ours GaLoreAdamW 8-bit moments", "8bit")):
+            found[name] = (LR[name], ours(optim.GaLoreAdamW, LR[name], state_dtype=state_dtype))
     for key in MEMORY_CONFIGS:
         config = memory.OUR_CONFIGS[key]
         lr = LR[f"ours {config.preset}"]

@@ -296,6 +296,12 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-QGaLoreAdamW-layerwise-fp32": OurConfig(
         "ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise, fp32 moments", "QGaLoreAdamW",
         int8_weights=True, layerwise=True, state_dtype=torch.float32),
+    # 8-bit moments (DESIGN.md §4.9): int8/uint8 codes + fp32 scales per 32 ranks of a line
+    "ours-GaLoreAdamW-8bit": OurConfig("ours GaLoreAdamW, 8-bit moments", "GaLoreAdamW",
+                                       state_dtype="8bit"),
+    "ours-QGaLoreAdamW-layerwise-8bit": OurConfig(
+        "ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise, 8-bit moments", "QGaLoreAdamW",
+        int8_weights=True, layerwise=True, state_dtype="8bit"),
     "ours-GradNormLoRPAdamW": OurConfig("ours GradNormLoRPAdamW", "GradNormLoRPAdamW"),
     "ours-GradNormLoRPAdamW-layerwise": OurConfig("ours GradNormLoRPAdamW layer-wise",
                                                   "GradNormLoRPAdamW", layerwise=True),
@@ -314,6 +320,9 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-APOLLO-Mini-int8-layerwise": OurConfig(
         "ours APOLLO-Mini, INT8 W, layer-wise", "APOLLOAdamW", rank=1, int8_weights=True,
         layerwise=True, options=(("scale_type", "tensor"), ("scale", 128.0))),
+    "ours-GradNormLoRPAdamW-layerwise-8bit": OurConfig(
+        "ours GradNormLoRPAdamW layer-wise, 8-bit moments", "GradNormLoRPAdamW", layerwise=True,
+        state_dtype="8bit"),
 }
 
 
@@ -515,10 +524,12 @@ def account_ours(key: str) -> Callable:
         for p in params:
             opt.init_state(p)
         acc = account_state(ours.label, params, opt.state, layerwise=ours.layerwise)
-        dtypes = {opt.state[p]["exp_avg"].dtype for group in opt.param_groups
+        dtypes = {opt.state[p]["exp_avg_sq"].dtype for group in opt.param_groups
                   if group.get("rank") is not None for p in group["params"]}
-        moments = " / ".join("bf16 (stochastically rounded)" if d == torch.bfloat16
-                             else harness.dtype_name(d) for d in sorted(dtypes, key=str))
+        names = {torch.bfloat16: "bf16 (stochastically rounded)",
+                 torch.uint8: "8-bit (FP8 codes + fp32 scales per 32 ranks)"}
+        moments = " / ".join(names.get(d) or harness.dtype_name(d)
+                             for d in sorted(dtypes, key=str))
         acc.note = f"rank {ours.rank_for(cfg)}; {moments} M, V of projected weights"
         if ours.int8_weights:
             acc.note += "; Int8Linear W g256 (fp32 scales/zeros)"

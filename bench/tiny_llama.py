@@ -80,6 +80,8 @@ OPTIMIZERS = {
         lowrank_param_groups(m, TARGETS, projection="rsvd", refresh="lazy", **GALORE), lr=1e-2),
     "LowRankAdamW random": lambda m: LowRankAdamW(
         lowrank_param_groups(m, TARGETS, projection="random", **GALORE), lr=1e-2),
+    "GaLoreAdamW 8-bit moments": lambda m: GaLoreAdamW(
+        lowrank_param_groups(m, TARGETS, state_dtype="8bit", **GALORE), lr=1e-2),
     "QGaLoreAdamW": lambda m: QGaLoreAdamW(lowrank_param_groups(m, TARGETS, **GALORE), lr=1e-2),
     "DCTAdamW": lambda m: DCTAdamW(lowrank_param_groups(
         m, TARGETS, rank=16, scale=0.25, update_proj_gap=1), lr=1e-2),

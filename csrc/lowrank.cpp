@@ -35,30 +35,40 @@ constexpr const char* kDeviceOpSchemas[] = {
     // (length r). The weight's format follows param's dtype: floating = plain weight, uint8 =
     // INT8 codes updated by stochastic rounding (needs param_scales/param_zeros, rewritten in
     // place, and seed). Read-only tensors may have any strides; written ones are dense.
+    // lr and weight_decay are Scalar and step SymInt so that torch.compile makes them graph
+    // inputs: a new scheduled lr or step count does not recompile.
+    // inner='adagrad' (§4.10): V <- V + R^2, no exp_avg (None). 8-bit moments (§4.9): exp_avg
+    // int8 and exp_avg_sq uint8 codes with fp32 block scales (own x ceil(r / state_block_size)).
+    // right: the projection side, overriding the side rule m >= n (a row shard under FSDP2).
     // full_rank 'fira' | 'apollo' adds the scaled full-rank term (DESIGN.md §4.6-§4.7):
     // full_rank_norm 'channel' | 'tensor' (phi per own-line or per tensor), limiter = the fp32
     // [1] norm-growth limiter state ||S_prev|| (< 0 before the first step; updated in place;
-    // None: no limiter), limiter_growth = its gamma, scale_front = APOLLO's flag.
-    "fused_galore_step(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!) exp_avg, "
-    "Tensor(c!) exp_avg_sq, *, float lr, float beta1, float beta2, float eps, "
-    "float weight_decay, float scale, int step, Tensor? proj_scales=None, "
+    // None: no limiter), limiter_growth = its gamma, scale_front = APOLLO's flag. A full-rank
+    // mode runs Adam with fp32/bf16 moments on the side rule's side (other combinations raise).
+    "fused_galore_step(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!)? exp_avg, "
+    "Tensor(c!) exp_avg_sq, *, Scalar lr, float beta1, float beta2, float eps, "
+    "Scalar weight_decay, float scale, SymInt step, Tensor? proj_scales=None, "
     "Tensor? proj_zeros=None, int proj_group_size=256, Tensor(d!)? param_scales=None, "
     "Tensor(e!)? param_zeros=None, int param_group_size=256, int seed=0, "
-    "str full_rank='none', str full_rank_norm='channel', Tensor(l!)? limiter=None, "
-    "float limiter_growth=1.01, bool scale_front=False) -> ()",
+    "str inner='adam', Tensor(f!)? exp_avg_scales=None, Tensor(g!)? exp_avg_sq_scales=None, "
+    "int state_block_size=32, bool? right=None, str full_rank='none', "
+    "str full_rank_norm='channel', Tensor(h!)? limiter=None, float limiter_growth=1.01, "
+    "bool scale_front=False) -> ()",
 
     // ---- the fused GradNormLoRP step (DESIGN.md §4.8) ----
     // W = g * v/||v|| per row, kept as W itself plus fp32 per-row states: row_scale (g),
     // row_norm (||v||) and g's Adam moments scale_exp_avg/scale_exp_avg_sq (length m each).
-    // proj and the low-rank moments as in fused_galore_step (dense, packed INT4 or DCT basis);
-    // param a float weight (INT8 codes are refused: the row renormalisation needs fp32 rows).
+    // proj and the low-rank moments as in fused_galore_step (dense, packed INT4 or DCT basis;
+    // fp32, bf16 or 8-bit moments with their block scales); param a float weight (INT8 codes
+    // are refused: the row renormalisation needs fp32 rows).
     // The CUDA C++ namespace has no kernel of it (Triton serves CUDA tensors).
     "fused_gradnorm_step(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!) exp_avg, "
     "Tensor(c!) exp_avg_sq, Tensor(d!) row_scale, Tensor(e!) row_norm, "
     "Tensor(f!) scale_exp_avg, Tensor(g!) scale_exp_avg_sq, *, float lr, float beta1, "
     "float beta2, float eps, float weight_decay, float scale, int step, "
-    "Tensor? proj_scales=None, Tensor? proj_zeros=None, int proj_group_size=256, int seed=0) "
-    "-> ()",
+    "Tensor? proj_scales=None, Tensor? proj_zeros=None, int proj_group_size=256, int seed=0, "
+    "Tensor(h!)? exp_avg_scales=None, Tensor(i!)? exp_avg_sq_scales=None, "
+    "int state_block_size=32) -> ()",
 
     // ---- quantization (DESIGN.md §4.3-§4.4) ----
     // Groups are `group_size` consecutive row-major elements of the flattened tensor (the last

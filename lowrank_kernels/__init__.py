@@ -8,8 +8,8 @@ Public surface:
     tests and benchmarks (cpu | cuda | triton | reference),
   * ``lowrank_kernels.reference`` — the plain-torch specification of every op,
   * ``lowrank_kernels.optim`` — LowRankAdamW and its presets (GaLoreAdamW, QGaLoreAdamW,
-    DCTAdamW), GradNormLoRPAdamW, layer-wise training, scaling rules; the optimizers are also
-    importable from here,
+    DCTAdamW), LowRankAdagrad, GradNormLoRPAdamW, layer-wise training, scaling rules; the
+    optimizers are also importable from here,
   * ``lowrank_kernels.projection`` — projectors and refresh policies,
   * ``lowrank_kernels.distributed`` — FSDP2/DDP placement, collectives, DCP helpers,
   * ``lowrank_kernels.autograd`` — Int8Linear (INT8 weights, Q-GaLore),
@@ -42,6 +42,7 @@ from lowrank_kernels.optim import (
     GaLoreAdamW,
     GradNormLoRPAdamW,
     LayerwiseTrainer,
+    LowRankAdagrad,
     LowRankAdamW,
     QGaLoreAdamW,
     layerwise,
@@ -61,6 +62,7 @@ __all__ = [
     "GradNormLoRPAdamW",
     "Int8Linear",
     "LayerwiseTrainer",
+    "LowRankAdagrad",
     "LowRankAdamW",
     "QGaLoreAdamW",
     "autograd",

@@ -30,6 +30,12 @@ from lowrank_kernels import reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+# 8-bit moment codes (DESIGN.md §4.9): int8 for exp_avg (signed M), uint8 for exp_avg_sq (√V)
+MOMENT_CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
+INNER_RULES = reference.INNER_RULES
+# state_block_size: a power of two dividing every rank tile of the Triton kernels (32, 64, 128),
+# so that a program always holds whole blocks
+MAX_MOMENT_BLOCK = 32
 MAX_ROUNDING_SEED = 2**32 - 1
 MAX_ROUNDING_STEP = 2**31 - 1
 
@@ -67,16 +73,39 @@ def check_contiguous(t: torch.Tensor, name: str) -> None:
              lambda: f"{name}: expected a contiguous (row-major) tensor; call .contiguous() first")
 
 
-def low_rank_shape(m: int, n: int, rank: int) -> tuple[int, int]:
-    """Shape of R, M and V for an m×n weight: (m, r) on the right side, (r, n) on the left."""
-    return (m, rank) if reference.is_right_side(m, n) else (rank, n)
+def step_side(m: int, n: int, right: bool | None = None) -> bool:
+    """The projection side of a step: ``right`` if given, else the side rule m ≥ n."""
+    return reference.is_right_side(m, n) if right is None else bool(right)
 
 
-def _check_rank(rank: int, m: int, n: int, name: str) -> None:
-    _require(rank >= 1, lambda: f"{name}: rank r={rank} must lie in [1, min(m, n)="
-                                f"{min(m, n)}]")
-    _require(rank <= torch.sym_min(m, n),
-             lambda: f"{name}: rank r={rank} must lie in [1, min(m, n)={min(m, n)}]")
+def low_rank_shape(m: int, n: int, rank: int, right: bool | None = None) -> tuple[int, int]:
+    """Shape of R, M and V for an m×n weight: (m, r) on the right side, (r, n) on the left (side:
+    ``right``, else the side rule)."""
+    return (m, rank) if step_side(m, n, right) else (rank, n)
+
+
+def moment_scales_shape(m: int, n: int, rank: int, block_size: int, right: bool | None = None
+                        ) -> tuple[int, int]:
+    """Shape of the fp32 block scales of 8-bit moments: (own, ⌈r/B⌉), own = m (right) or n."""
+    return (m if step_side(m, n, right) else n), -(-rank // block_size)
+
+
+def _check_rank(rank: int, m: int, n: int, name: str, right: bool | None = None) -> None:
+    """r in [1, min(m, n)] by the side rule; with an explicit side, r in [1, d] with d the
+    basis' dimension (n right, m left): a shard's other axis may be shorter than r, or empty."""
+    if right is None:
+        _require(rank >= 1, lambda: f"{name}: rank r={rank} must lie in [1, min(m, n)="
+                                    f"{min(m, n)}]")
+        _require(rank <= torch.sym_min(m, n),
+                 lambda: f"{name}: rank r={rank} must lie in [1, min(m, n)={min(m, n)}]")
+        return
+    d, axis, side = (n, "n", "right") if right else (m, "m", "left")
+
+    def message() -> str:
+        return f"{name}: rank r={rank} must lie in [1, {axis}={d}] ({side} side given)"
+
+    _require(rank >= 1, message)
+    _require(rank <= d, message)
 
 
 def _check_shape(t: torch.Tensor, shape: tuple | list, name: str, what: str = "") -> None:
@@ -87,27 +116,105 @@ def _check_shape(t: torch.Tensor, shape: tuple | list, name: str, what: str = ""
                                        f"got {list(t.shape)}")
 
 
-def check_dense_projection(m: int, n: int, proj: torch.Tensor) -> int:
-    """Validates a dense basis for an m×n weight and returns its rank."""
+def check_dense_projection(m: int, n: int, proj: torch.Tensor, right: bool | None = None) -> int:
+    """Validates a dense basis for an m×n weight (side: ``right``, else the side rule) and
+    returns its rank."""
     check_float_matrix(proj, "proj")
-    if reference.is_right_side(m, n):
+    if step_side(m, n, right):
+        rule = "" if right is not None else " (m >= n)"
         _require(proj.shape[1] == n, lambda: f"proj: expected shape (r, n={n}) for a right "
-                                             f"projection (m >= n), got {list(proj.shape)}")
+                                             f"projection{rule}, got {list(proj.shape)}")
         rank = proj.shape[0]
     else:
+        rule = "" if right is not None else " (m < n)"
         _require(proj.shape[0] == m, lambda: f"proj: expected shape (m={m}, r) for a left "
-                                             f"projection (m < n), got {list(proj.shape)}")
+                                             f"projection{rule}, got {list(proj.shape)}")
         rank = proj.shape[1]
-    _check_rank(rank, m, n, "proj")
+    _check_rank(rank, m, n, "proj", right)
     return rank
 
 
 def _check_state(s: torch.Tensor, param: torch.Tensor, shape: tuple[int, int], name: str) -> None:
+    """A moment: fp32, bf16, or its 8-bit code dtype (MOMENT_CODE_DTYPES)."""
     check_same_device(s, param, name)
-    if s.dtype not in STATE_DTYPES:
-        raise ValueError(f"{name}: expected dtype float32 or bfloat16, got {s.dtype}")
+    code = MOMENT_CODE_DTYPES[name]
+    if s.dtype not in (*STATE_DTYPES, code):
+        raise ValueError(f"{name}: expected dtype float32, bfloat16 or {code} (8-bit codes), "
+                         f"got {s.dtype}")
     _check_shape(s, shape, name)
     check_contiguous(s, name)
+
+
+def check_inner_rule(inner: str) -> None:
+    if inner not in INNER_RULES:
+        raise ValueError(f"inner: expected 'adam' or 'adagrad', got {inner!r}")
+
+
+def check_state_block_size(block_size: int) -> None:
+    _require(block_size >= 1, lambda: _block_message(block_size))
+    _require(block_size <= MAX_MOMENT_BLOCK, lambda: _block_message(block_size))
+    _require(block_size & (block_size - 1) == 0, lambda: _block_message(block_size))
+
+
+def _block_message(block_size: int) -> str:
+    return (f"state_block_size: expected a power of two in [1, {MAX_MOMENT_BLOCK}] (it must "
+            f"divide the Triton kernels' rank tiles), got {block_size}")
+
+
+def _check_moment_scales(scales: torch.Tensor | None, codes: torch.Tensor | None, name: str,
+                         codes_name: str, shape: tuple, param: torch.Tensor) -> None:
+    """Block scales of 8-bit moment codes: fp32, ``shape`` (own, ⌈r/B⌉), dense (rewritten)."""
+    code = MOMENT_CODE_DTYPES[codes_name]
+    if codes is None or codes.dtype != code:
+        if scales is not None:
+            raise ValueError(f"{name}: only valid with 8-bit ({code}) {codes_name} codes")
+        return
+    if scales is None:
+        raise ValueError(f"{name}: required with 8-bit ({code}) {codes_name} codes")
+    if scales.dtype != torch.float32:
+        raise ValueError(f"{name}: expected dtype float32, got {scales.dtype}")
+    _check_shape(scales, shape, name, " (own, ceil(r / state_block_size))")
+    if scales.device != param.device:
+        raise ValueError(f"{name}: expected device {param.device}, got {scales.device}")
+    check_contiguous(scales, name)
+
+
+def check_moments(exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, param: torch.Tensor,
+                  shape: tuple, *, inner: str = "adam",
+                  exp_avg_scales: torch.Tensor | None = None,
+                  exp_avg_sq_scales: torch.Tensor | None = None, state_block_size: int = 32,
+                  own: int = 0, rank: int = 0) -> None:
+    """The moments of a step (checks.h check_moments): exp_avg (None for AdaGrad) and exp_avg_sq
+    both fp32, both bf16, or 8-bit codes (int8 M, uint8 √V) with their block scales, of shape
+    (own, ⌈rank/B⌉) (own: m on the right side, n on the left)."""
+    check_inner_rule(inner)
+    if inner == "adagrad":
+        if exp_avg is not None:
+            raise ValueError("exp_avg: expected None with inner='adagrad' (AdaGrad keeps no "
+                             "first moment), got a tensor")
+    elif exp_avg is None:
+        raise ValueError("exp_avg: required with inner='adam' (None only with inner='adagrad')")
+    if exp_avg is not None:
+        _check_state(exp_avg, param, shape, "exp_avg")
+    _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
+    if exp_avg is not None:
+        if exp_avg.dtype == torch.int8:
+            if exp_avg_sq.dtype != torch.uint8:
+                raise ValueError(f"exp_avg_sq: expected dtype torch.uint8 (8-bit codes of "
+                                 f"sqrt(V)) with 8-bit exp_avg codes, got {exp_avg_sq.dtype}")
+        elif exp_avg_sq.dtype != exp_avg.dtype:
+            raise ValueError(f"exp_avg_sq: expected the dtype of exp_avg ({exp_avg.dtype}), got "
+                             f"{exp_avg_sq.dtype}")
+        if exp_avg is exp_avg_sq:
+            raise ValueError("exp_avg_sq: must not alias exp_avg")
+    check_state_block_size(state_block_size)
+    scales_shape = (own, -(-rank // state_block_size))
+    _check_moment_scales(exp_avg_scales, exp_avg, "exp_avg_scales", "exp_avg", scales_shape,
+                         param)
+    _check_moment_scales(exp_avg_sq_scales, exp_avg_sq, "exp_avg_sq_scales", "exp_avg_sq",
+                         scales_shape, param)
+    if exp_avg_scales is not None and exp_avg_scales is exp_avg_sq_scales:
+        raise ValueError("exp_avg_sq_scales: must not alias exp_avg_scales")
 
 
 def check_hyperparameters(beta1: float, beta2: float, eps: float, step: int) -> None:
@@ -142,9 +249,9 @@ def check_dct_indices(indices: torch.Tensor, d: int, name: str) -> int:
     return rank
 
 
-def check_dct_projection(m: int, n: int, proj: torch.Tensor) -> int:
+def check_dct_projection(m: int, n: int, proj: torch.Tensor, right: bool | None = None) -> int:
     """Validates DCT indices standing for the basis of an m×n weight (d = n right, m left)."""
-    return check_dct_indices(proj, n if reference.is_right_side(m, n) else m, "proj")
+    return check_dct_indices(proj, n if step_side(m, n, right) else m, "proj")
 
 
 def check_group_size(group_size: int, name: str, *, packed_int4: bool) -> None:
@@ -208,12 +315,15 @@ def check_project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: in
 def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1, beta2, eps,
                             weight_decay, scale, step, proj_scales=None, proj_zeros=None,
                             proj_group_size=256, param_scales=None, param_zeros=None,
-                            param_group_size=256, seed=0, full_rank="none",
-                            full_rank_norm="channel", limiter=None,
+                            param_group_size=256, seed=0, inner="adam", exp_avg_scales=None,
+                            exp_avg_sq_scales=None, state_block_size=32, right=None,
+                            full_rank="none", full_rank_norm="channel", limiter=None,
                             limiter_growth=reference.LIMITER_GROWTH, scale_front=False) -> int:
     """fused_galore_step(...) in any format; returns the rank. proj: dense float basis, int32
-    DCT indices, or a packed INT4 basis (uint8; the rank is then that of exp_avg); param: float
-    weight or INT8 codes (uint8). The full-rank modes: :func:`check_full_rank`."""
+    DCT indices, or a packed INT4 basis (uint8; the rank is then that of the moments); param:
+    float weight or INT8 codes (uint8). ``lr`` and ``weight_decay`` may be any value (also
+    symbolic under torch.compile: nothing here reads them); ``step`` may be a SymInt. The
+    full-rank modes: :func:`check_full_rank` (``scale`` is checked there for APOLLO)."""
     del lr, weight_decay  # any value is valid
     int8_weight = param.dtype == torch.uint8
     if param.dim() != 2:
@@ -228,17 +338,19 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1
                                        f"got {list(grad.shape)}")
     check_same_device(proj, param, "proj")
     m, n = param.shape
-    right = reference.is_right_side(m, n)
+    side = step_side(m, n, right)
     if proj.dtype == torch.uint8:
-        if exp_avg.dim() != 2:
-            raise ValueError(f"exp_avg: expected shape {'(m, r)' if right else '(r, n)'} (its "
-                             f"rank sets that of the packed proj), got {list(exp_avg.shape)}")
-        _require(exp_avg.shape[0 if right else 1] == (m if right else n),
-                 lambda: f"exp_avg: expected shape {'(m, r)' if right else '(r, n)'} (its rank "
-                         f"sets that of the packed proj), got {list(exp_avg.shape)}")
-        rank = exp_avg.shape[1] if right else exp_avg.shape[0]
-        _check_rank(rank, m, n, "exp_avg")
-        basis_numel = math.prod(reference.quantized_basis_shape(m, n, rank))
+        # the rank of a packed basis is that of the moments (exp_avg_sq for AdaGrad)
+        ranked, ranked_name = (exp_avg, "exp_avg") if exp_avg is not None else (exp_avg_sq,
+                                                                                "exp_avg_sq")
+        what = f"{'(m, r)' if side else '(r, n)'} (its rank sets that of the packed proj)"
+        if ranked.dim() != 2:
+            raise ValueError(f"{ranked_name}: expected shape {what}, got {list(ranked.shape)}")
+        _require(ranked.shape[0 if side else 1] == (m if side else n),
+                 lambda: f"{ranked_name}: expected shape {what}, got {list(ranked.shape)}")
+        rank = ranked.shape[1] if side else ranked.shape[0]
+        _check_rank(rank, m, n, ranked_name, right)
+        basis_numel = rank * (n if side else m)
         if proj.dim() != 1:
             raise ValueError(f"proj: expected a 1-D packed INT4 basis of {(basis_numel + 1) // 2}"
                              f" bytes (ceil({basis_numel} / 2)), got shape {list(proj.shape)}")
@@ -252,17 +364,13 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1
     else:
         # Signed integers can only mean DCT indices (uint8 is packed INT4): report them as such.
         dct = not proj.dtype.is_floating_point and proj.dtype not in (torch.bool, torch.uint8)
-        rank = check_dct_projection(m, n, proj) if dct else check_dense_projection(m, n, proj)
+        rank = (check_dct_projection(m, n, proj, right) if dct
+                else check_dense_projection(m, n, proj, right))
         if proj_scales is not None or proj_zeros is not None:
             raise ValueError("proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj")
-    shape = low_rank_shape(m, n, rank)
-    _check_state(exp_avg, param, shape, "exp_avg")
-    _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
-    if exp_avg_sq.dtype != exp_avg.dtype:
-        raise ValueError(f"exp_avg_sq: expected the dtype of exp_avg ({exp_avg.dtype}), got "
-                         f"{exp_avg_sq.dtype}")
-    if exp_avg is exp_avg_sq:
-        raise ValueError("exp_avg_sq: must not alias exp_avg")
+    check_moments(exp_avg, exp_avg_sq, param, low_rank_shape(m, n, rank, side), inner=inner,
+                  exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+                  state_block_size=state_block_size, own=m if side else n, rank=rank)
     if int8_weight:
         check_group_size(param_group_size, "param_group_size", packed_int4=False)
         for t, name in ((param_scales, "param_scales"), (param_zeros, "param_zeros")):
@@ -272,12 +380,13 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1
             raise ValueError("param_zeros: must not alias param_scales")
     elif param_scales is not None or param_zeros is not None:
         raise ValueError("param_scales/param_zeros: only valid with INT8 (uint8) param codes")
-    if int8_weight or exp_avg.dtype == torch.bfloat16:  # a stochastic-rounding stream
+    if int8_weight or exp_avg_sq.dtype != torch.float32:  # a stochastic-rounding stream
         check_rounding_seed(seed)
         _require(step <= MAX_ROUNDING_STEP,
                  lambda: f"step: expected a value <= 2^31 - 1, got {step}")
     check_hyperparameters(beta1, beta2, eps, step)
     check_full_rank(param, full_rank, full_rank_norm, limiter, limiter_growth, scale_front, scale)
+    check_full_rank_combination(full_rank, inner, exp_avg_sq, right, m >= n)
     return rank
 
 
@@ -324,6 +433,24 @@ def check_full_rank(param: torch.Tensor, full_rank: str, full_rank_norm: str,
         raise ValueError("limiter: must not alias param")
 
 
+def check_full_rank_combination(full_rank: str, inner: str, exp_avg_sq: torch.Tensor,
+                                right: bool | None, natural_right: bool) -> None:
+    """full_rank='fira'/'apollo' runs Adam with fp32/bf16 moments on the side rule's side: the
+    AdaGrad rule, 8-bit moments and a side override are refused with it (every backend raises
+    the same message, before anything is written)."""
+    if full_rank == "none":
+        return
+    if inner != "adam":
+        raise ValueError(f"inner: full_rank={full_rank!r} supports only inner='adam', got "
+                         f"{inner!r}")
+    if exp_avg_sq.dtype == torch.uint8:
+        raise ValueError(f"exp_avg_sq: full_rank={full_rank!r} supports fp32/bf16 moments only, "
+                         f"got 8-bit moments (uint8 codes)")
+    if right is not None and bool(right) != natural_right:
+        raise ValueError(f"right: full_rank={full_rank!r} supports only the side rule's side "
+                         f"(right={natural_right} for this shape), got right={bool(right)}")
+
+
 def check_random_basis(d: int, rank: int, seed: int, refresh: int, *, device=None) -> None:
     """random_basis(d, rank, seed, refresh): Philox counters rank·⌈d/4⌉ stay below 2^32."""
     del device
@@ -356,10 +483,11 @@ def check_row_state(t: torch.Tensor, param: torch.Tensor, name: str) -> None:
 def check_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, row_scale, row_norm,
                               scale_exp_avg, scale_exp_avg_sq, *, lr, beta1, beta2, eps,
                               weight_decay, scale, step, proj_scales=None, proj_zeros=None,
-                              proj_group_size=256, seed=0) -> int:
+                              proj_group_size=256, seed=0, exp_avg_scales=None,
+                              exp_avg_sq_scales=None, state_block_size=32) -> int:
     """fused_gradnorm_step(...): a float weight (INT8 codes refused), the projection and the
-    low-rank moments of fused_galore_step, four distinct per-row fp32 states; returns the
-    rank."""
+    low-rank moments of fused_galore_step (Adam: fp32, bf16, or 8-bit codes with their block
+    scales), four distinct per-row fp32 states; returns the rank."""
     if param.dtype == torch.uint8:
         raise ValueError("param: INT8 weight codes (uint8) are not supported by "
                          "fused_gradnorm_step (the row renormalisation needs each row in fp32); "
@@ -367,7 +495,9 @@ def check_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, row_scale,
     rank = check_fused_galore_step(
         param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
-        proj_zeros=proj_zeros, proj_group_size=proj_group_size, seed=seed)
+        proj_zeros=proj_zeros, proj_group_size=proj_group_size, seed=seed,
+        exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+        state_block_size=state_block_size)
     rows = (row_scale, row_norm, scale_exp_avg, scale_exp_avg_sq)
     for i, (t, name) in enumerate(zip(rows, ROW_STATES, strict=True)):
         check_row_state(t, param, name)

@@ -64,9 +64,10 @@ def _reference_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, proj
                                  proj_zeros=None, proj_group_size=256, param_scales=None,
                                  param_zeros=None, param_group_size=256, seed=0, **hyper):
     """The reference of every format: DCT indices become their dense rows (§4.5); a packed INT4
-    basis or INT8 weight codes take the Q-GaLore step (§4.3-§4.4)."""
+    basis or INT8 weight codes take the Q-GaLore step (§4.3-§4.4). ``hyper``: the scalars and
+    the keyword-only modes (inner rule, 8-bit moments, side), passed through."""
     if proj.dtype == torch.int32:
-        proj = reference.dct_projection(proj, *param.shape)
+        proj = reference.dct_projection(proj, *param.shape, right=hyper.get("right"))
     if proj.dtype == torch.uint8 or param.dtype == torch.uint8:
         reference.fused_qgalore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper,
                                      proj_scales=proj_scales, proj_zeros=proj_zeros,
@@ -181,8 +182,15 @@ TRITON_ONLY_OPS = ("fused_gradnorm_step", "random_basis")
 # modes added after it, never run on a GPU in C++): under set_cuda_backend("cuda_cxx") a call
 # that sets one of them runs the Triton kernel instead (the C++ kernel would refuse it).
 CUDA_CXX_DEFAULT_ONLY: dict[str, dict[str, object]] = {
-    "fused_galore_step": {"full_rank": "none"},
+    "fused_galore_step": {"inner": "adam", "exp_avg_scales": None, "exp_avg_sq_scales": None,
+                          "right": None, "full_rank": "none"},
 }
+
+
+def _is_default(value, default) -> bool:
+    if default is None:
+        return value is None
+    return not isinstance(value, torch.Tensor) and value == default
 
 
 def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
@@ -190,7 +198,8 @@ def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
     if op in TRITON_ONLY_OPS:
         return False
     defaults = CUDA_CXX_DEFAULT_ONLY.get(op, {})
-    return all(kwargs.get(key, default) == default for key, default in defaults.items())
+    return all(_is_default(kwargs.get(key, default), default)
+               for key, default in defaults.items())
 
 
 def _set_targets(backend: str) -> None:
@@ -199,14 +208,17 @@ def _set_targets(backend: str) -> None:
                              else getattr(torch.ops.lowrank_cuda, op))
 
 
-def _cuda_kernel(op: str) -> Callable:
-    targets = _CUDA_TARGETS
-    default_only = op in CUDA_CXX_DEFAULT_ONLY
+def cuda_target(op: str, kwargs: dict) -> Callable:
+    """What the registered CUDA kernel of ``op`` runs for a call with ``kwargs``: the current
+    backend's kernel, or the Triton kernel for a mode the CUDA C++ kernel lacks."""
+    if _cuda_backend == "cuda_cxx" and TRITON_AVAILABLE and not cuda_cxx_serves(op, kwargs):
+        return triton_kernel(op)
+    return _CUDA_TARGETS[op]
 
+
+def _cuda_kernel(op: str) -> Callable:
     def kernel(*args, **kwargs):
-        if default_only and _cuda_backend == "cuda_cxx" and not cuda_cxx_serves(op, kwargs):
-            return triton_kernel(op)(*args, **kwargs)
-        return targets[op](*args, **kwargs)
+        return cuda_target(op, kwargs)(*args, **kwargs)
 
     kernel.__name__ = kernel.__qualname__ = f"lowrank_{op}_cuda"
     return kernel

@@ -36,6 +36,7 @@ from lowrank_kernels._checks import (  # noqa: F401  (validation helpers for the
     check_group_size,
     check_hyperparameters,
     low_rank_shape,
+    moment_scales_shape,
 )
 from lowrank_kernels._dispatch import BACKENDS, cuda_backend, set_cuda_backend  # noqa: F401
 
@@ -63,14 +64,18 @@ def project_back(low_rank: torch.Tensor, proj: torch.Tensor, m: int, n: int, sca
 # the fused step (DESIGN.md §4.2-§4.5)
 # --------------------------------------------------------------------------------------------
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
-                      exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float,
+                      exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, *, lr: float,
                       beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6,
                       weight_decay: float = 0.0, scale: float = 1.0, step: int,
                       proj_scales: torch.Tensor | None = None,
                       proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
                       param_scales: torch.Tensor | None = None,
                       param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
-                      seed: int = 0, full_rank: str = "none", full_rank_norm: str = "channel",
+                      seed: int = 0, inner: str = "adam",
+                      exp_avg_scales: torch.Tensor | None = None,
+                      exp_avg_sq_scales: torch.Tensor | None = None,
+                      state_block_size: int = 32, right: bool | None = None,
+                      full_rank: str = "none", full_rank_norm: str = "channel",
                       limiter: torch.Tensor | None = None, limiter_growth: float = 1.01,
                       scale_front: bool = False, backend: str | None = None) -> None:
     """One fused GaLore AdamW step on an m×n weight, in place (DESIGN.md §4.2).
@@ -105,6 +110,28 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     the dequantized weight and stochastically rounded with u = tl.rand(seed + 2**32·step,
     row-major index), seed in [0, 2**32).
 
+    AdaGrad (``inner="adagrad"``, DESIGN.md §4.10; ``exp_avg`` must be None, β1/β2 unused but
+    validated): V ← V + R², N = R/(√V + ε), W ← (1 − lr·wd)·(W − lr·scale·back(N)): no bias
+    correction, no decay of V (torch.optim.Adagrad's rule in the projected space, with
+    decoupled weight decay).
+
+    8-bit moments (DESIGN.md §4.9, ``reference.quantize_moment``): ``exp_avg`` int8 codes of M
+    (E4M3, sign apart) and ``exp_avg_sq`` uint8 codes of √V (unsigned E4M4), with fp32 block
+    scales ``exp_avg_scales``/``exp_avg_sq_scales`` of shape (own, ⌈r/B⌉) — own = m on the
+    right side, n on the left; B = ``state_block_size`` (a power of two ≤ 32) consecutive
+    rank-axis elements of one own-line share a scale s = absmax/480 (M) or absmax/496 (√V).
+    They are decoded to fp32, updated, N is computed from the fp32 values, and they are stored
+    re-encoded with stochastic rounding from the bf16 moments' Philox words; scales rewritten in
+    place. AdaGrad takes an 8-bit V too (exp_avg None).
+
+    ``right`` overrides the side rule: True projects from the right (proj r×n, moments m×r),
+    False from the left (proj m×r, moments r×n), whatever the shape; the rank must then lie in
+    [1, n] (right) or [1, m] (left). For library authors whose weights are pieces of a larger
+    one: a row shard (FSDP2) of a right-side weight may be wider than tall.
+
+    ``lr`` and ``weight_decay`` are ``Scalar`` and ``step`` ``SymInt`` in the schema: under
+    ``torch.compile`` new values are graph inputs, not recompilations.
+
     Fira and APOLLO (DESIGN.md §4.6-§4.7, docs/methods.md §3-§4): ``full_rank="fira"`` or
     ``"apollo"`` adds the scaled full-rank term. With φ = ‖N‖/(‖R‖ + 1e-8) per own-line (a row
     of R on the right side, a column on the left; ``full_rank_norm="channel"``) or over the
@@ -122,15 +149,18 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     residual norm by the Gram form ‖G_i‖² − 2a‖R_i‖² + a²·R_i K R_iᵀ, K = QQᵀ), finalize on the
     device in a fixed order (no host synchronisation; a resumed run is bit for bit), and read G
     twice and W once (G once with channel φ and no limiter on CPU); no m×n temporary. Every
-    basis and weight format (INT8 codes included) and both moment dtypes.
+    basis and weight format (INT8 codes included) and fp32/bf16 moments; a full-rank mode
+    with ``inner='adagrad'``, 8-bit moments or a ``right`` other than the side rule's raises.
     """
     _dispatch.call("fused_galore_step", backend, param, grad, proj, exp_avg, exp_avg_sq, lr=lr,
                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
                    step=step, proj_scales=proj_scales, proj_zeros=proj_zeros,
                    proj_group_size=proj_group_size, param_scales=param_scales,
                    param_zeros=param_zeros, param_group_size=param_group_size, seed=seed,
-                   full_rank=full_rank, full_rank_norm=full_rank_norm, limiter=limiter,
-                   limiter_growth=limiter_growth, scale_front=scale_front)
+                   inner=inner, exp_avg_scales=exp_avg_scales,
+                   exp_avg_sq_scales=exp_avg_sq_scales, state_block_size=state_block_size,
+                   right=right, full_rank=full_rank, full_rank_norm=full_rank_norm,
+                   limiter=limiter, limiter_growth=limiter_growth, scale_front=scale_front)
 
 
 def random_basis(d: int, rank: int, seed: int, refresh: int, *,
@@ -157,7 +187,9 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
                         weight_decay: float = 0.0, scale: float = 1.0, step: int,
                         proj_scales: torch.Tensor | None = None,
                         proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
-                        seed: int = 0, backend: str | None = None) -> None:
+                        seed: int = 0, exp_avg_scales: torch.Tensor | None = None,
+                        exp_avg_sq_scales: torch.Tensor | None = None,
+                        state_block_size: int = 32, backend: str | None = None) -> None:
     """One fused GradNormLoRP step on an m×n weight, in place (DESIGN.md §4.8): the authors'
     ``LowRankWeightNormAdamW`` with W = g ⊙ v/‖v‖ (row norms) kept as W itself.
 
@@ -172,7 +204,10 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
         W ← (g'/‖v'‖) ⊙ v',   row_scale ← g',   row_norm ← ‖v'‖   (‖v'_i‖ the row norms)
 
     Adam as in :func:`fused_galore_step` (ε not bias-corrected, fp32 arithmetic, bf16 moments
-    stochastically rounded with ``seed``); g's moments are fp32. Initial states:
+    stochastically rounded with ``seed``; 8-bit moments — int8 ``exp_avg``, uint8
+    ``exp_avg_sq`` codes with their fp32 ``exp_avg_scales``/``exp_avg_sq_scales`` of
+    ``state_block_size`` ranks, DESIGN.md §4.9 — decoded, updated and re-encoded in the step);
+    g's moments are fp32. Initial states:
     ``reference.gradnorm_init_state(W)`` (g = ‖v‖ = ‖W_i‖, the authors' v = W).
 
     ``proj`` is a dense basis, a packed INT4 basis (uint8, with ``proj_scales``/``proj_zeros``)
@@ -188,7 +223,8 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
                    row_scale, row_norm, scale_exp_avg, scale_exp_avg_sq, lr=lr, beta1=beta1,
                    beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale, step=step,
                    proj_scales=proj_scales, proj_zeros=proj_zeros,
-                   proj_group_size=proj_group_size, seed=seed)
+                   proj_group_size=proj_group_size, seed=seed, exp_avg_scales=exp_avg_scales,
+                   exp_avg_sq_scales=exp_avg_sq_scales, state_block_size=state_block_size)
 
 
 # --------------------------------------------------------------------------------------------

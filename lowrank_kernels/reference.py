@@ -81,10 +81,10 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                       step: int, seed: int = 0, inner: str = "adam",
                       exp_avg_scales: torch.Tensor | None = None,
                       exp_avg_sq_scales: torch.Tensor | None = None,
-                      state_block_size: int = MOMENT_BLOCK_SIZE, full_rank: str = "none",
-                      full_rank_norm: str = "channel", limiter: torch.Tensor | None = None,
-                      limiter_growth: float = LIMITER_GROWTH, scale_front: bool = False,
-                      right: bool | None = None) -> None:
+                      state_block_size: int = MOMENT_BLOCK_SIZE, right: bool | None = None,
+                      full_rank: str = "none", full_rank_norm: str = "channel",
+                      limiter: torch.Tensor | None = None, limiter_growth: float = LIMITER_GROWTH,
+                      scale_front: bool = False) -> None:
     """One low-rank step on an m×n weight, in place: GaLore AdamW (DESIGN.md §4.2) by default,
     galore-torch ``GaLoreAdamW`` semantics; the keyword-only modes below default to it.
 
@@ -115,6 +115,10 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     loaded or stored, and update_scale = fl32(d·lr·a); Fira and APOLLO in
     :func:`full_rank_update`. ``right`` overrides the side rule (a row shard of a weight under
     FSDP2 keeps the whole weight's side, see :func:`_side`).
+
+    The formulas compose every mode, but the kernels (and lowrank_kernels._checks, which every
+    backend runs first) take a full-rank mode only with inner="adam", fp32/bf16 moments and the
+    side rule's side; the other combinations have no peer to match and are refused there.
     """
     m, n = param.shape
     right = _side(m, n, right)
@@ -145,13 +149,13 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
 
 def galore_update_(param: torch.Tensor, normalized: torch.Tensor, proj: torch.Tensor, *,
                    lr: float, beta1: float, beta2: float, weight_decay: float, scale: float,
-                   step: int, right: bool | None = None) -> None:
+                   step: int, right: bool | None = None, inner: str = "adam") -> None:
     """The weight half of :func:`fused_galore_step`, given N:
-    W ← W − α_t·scale·back(N), then W ← W − lr·wd·W."""
+    W ← W − α_t·scale·back(N) (α_t = lr for inner="adagrad"), then W ← W − lr·wd·W."""
     m, n = param.shape
     w = param.float()
-    w.sub_(project_back(normalized, proj, m, n, scale, right),
-           alpha=adam_step_size(lr, beta1, beta2, step))
+    step_size = lr if inner == "adagrad" else adam_step_size(lr, beta1, beta2, step)
+    w.sub_(project_back(normalized, proj, m, n, scale, right), alpha=step_size)
     if weight_decay != 0.0:
         w.mul_(1.0 - lr * weight_decay)
     param.copy_(w)
@@ -334,10 +338,11 @@ def dct_select(grad: torch.Tensor, rank: int, norm: int = 1) -> tuple[torch.Tens
     return idx, low_rank.contiguous()
 
 
-def dct_projection(indices: torch.Tensor, m: int, n: int) -> torch.Tensor:
+def dct_projection(indices: torch.Tensor, m: int, n: int, right: bool | None = None
+                   ) -> torch.Tensor:
     """The dense basis that DCT indices stand for in fused_galore_step: Q = C[idx, :] (r×n, right)
-    or P = C[idx, :]ᵀ (m×r, left)."""
-    right = is_right_side(m, n)
+    or P = C[idx, :]ᵀ (m×r, left); ``right`` overrides the side rule (:func:`_side`)."""
+    right = _side(m, n, right)
     rows = dct_basis(n if right else m, indices)
     return rows if right else rows.T.contiguous()
 
@@ -585,9 +590,9 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return dequantize_codes(codes, scales, zeros, group_size).view(codes.shape)
 
 
-def quantized_basis_shape(m: int, n: int, rank: int) -> list[int]:
+def quantized_basis_shape(m: int, n: int, rank: int, right: bool | None = None) -> list[int]:
     """Logical shape of the basis a packed INT4 proj holds: r×n (right) or m×r (left)."""
-    return [rank, n] if is_right_side(m, n) else [m, rank]
+    return [rank, n] if _side(m, n, right) else [m, rank]
 
 
 def fused_qgalore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
@@ -612,9 +617,10 @@ def fused_qgalore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tens
              "weight_decay": weight_decay, "scale": scale, "step": step, "seed": seed, **modes}
     basis = proj
     if proj.dtype == torch.uint8:
-        rank = exp_avg_sq.shape[1] if is_right_side(m, n) else exp_avg_sq.shape[0]
-        basis = dequantize_int4(proj, proj_scales, proj_zeros, quantized_basis_shape(m, n, rank),
-                                proj_group_size)
+        right = _side(m, n, modes.get("right"))
+        rank = exp_avg_sq.shape[1] if right else exp_avg_sq.shape[0]
+        basis = dequantize_int4(proj, proj_scales, proj_zeros,
+                                quantized_basis_shape(m, n, rank, right), proj_group_size)
     if param.dtype != torch.uint8:
         fused_galore_step(param, grad, basis, exp_avg, exp_avg_sq, **hyper)
         return
@@ -682,6 +688,21 @@ def from_moment_blocks(blocks: torch.Tensor, rank: int, right: bool) -> torch.Te
     return (lines if right else lines.T).contiguous()
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """√x of fp32 values, correctly rounded (IEEE sqrt, the kernels' sqrtf / tl.sqrt_rn):
+    computed in float64 and rounded once, which is exact for sqrt (53 ≥ 2·24 + 2 bits). torch's
+    vectorized fp32 sqrt on CPU is not always correctly rounded (√75.2373046875 comes out one ulp
+    low with torch 2.14 on AVX-512, 1.0946693 gives 1.0462644 for 1.0462645), which would change
+    a code of √V or a bit of the Gaussian basis."""
+    return x.double().sqrt().float()
+
+
+def div_rn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b of fp32 values, correctly rounded (IEEE division, tl.div_rn): in float64, rounded
+    once (exact for division as for sqrt), whatever path torch's fp32 division takes."""
+    return (a.double() / b.double()).float()
+
+
 def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
     """2^e in fp32 for integer tensors e in the normal range, built from its bits (exact)."""
     return _fp32_from_bits((exponent + 127) << 23)
@@ -725,12 +746,12 @@ def quantize_moment(x: torch.Tensor, words: torch.Tensor, block_size: int, right
     words: int64 tensor shaped like x (uint32 values)."""
     fmt = EXP_AVG_FORMAT if signed else EXP_AVG_SQ_FORMAT
     rank = x.shape[1] if right else x.shape[0]
-    values = moment_blocks(x.float() if signed else x.float().sqrt(), block_size, right)
+    values = moment_blocks(x.float() if signed else sqrt_rn(x.float()), block_size, right)
     word_blocks = moment_blocks(words, block_size, right)
     magnitude = values.abs()
-    scales = magnitude.amax(dim=2) / _f32(fmt.max_value)
+    scales = div_rn(magnitude.amax(dim=2), _f32(fmt.max_value))
     usable = (scales > 0) & torch.isfinite(scales)
-    y = torch.where(usable.unsqueeze(2), magnitude / scales.unsqueeze(2), _f32(0.0))
+    y = torch.where(usable.unsqueeze(2), div_rn(magnitude, scales.unsqueeze(2)), _f32(0.0))
     y = y.clamp(max=fmt.max_value)
     codes = fp8_encode(y, word_blocks, fmt)
     if signed:
@@ -773,21 +794,6 @@ _LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-
              1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
              3.3333331174e-1)
 _SQRT_HALF = 0.70710678118654752440
-
-
-def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """The correctly rounded (IEEE) fp32 square root of fp32 ``x``. torch's CPU sqrt is not:
-    its vectorized kernel returns a neighbour of the rounded root for some inputs (1.0946693 ->
-    1.0462644 instead of 1.0462645), so the root is taken in float64 and rounded once, which is
-    exact for fp32 inputs (53 >= 2·24 + 2 bits); C++ sqrtf and Triton's tl.sqrt_rn agree."""
-    return torch.sqrt(x.double()).float()
-
-
-def div_rn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The correctly rounded fp32 quotient x / y (float64 then one rounding: exact for fp32
-    operands, as for :func:`sqrt_rn`), independent of how torch vectorizes a division by a
-    scalar."""
-    return (x.double() / y.double()).float()
 
 
 def log_of_units(k: torch.Tensor, exponent: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ import itertools
 
 import torch
 
+import lowrank_kernels as lk
 from lowrank_kernels import reference
 
 # Odd shapes: m, n not multiples of any block size; both projection sides.
@@ -43,15 +44,16 @@ class StepInputs:
     param: torch.Tensor
     grad: torch.Tensor
     proj: torch.Tensor
-    exp_avg: torch.Tensor
+    exp_avg: torch.Tensor | None  # None: AdaGrad
     exp_avg_sq: torch.Tensor
 
     def clone(self) -> StepInputs:
-        return StepInputs(*(t.clone() for t in self.args()))
+        return StepInputs(*(None if t is None else t.clone() for t in self.args()))
 
     def to(self, **kwargs) -> StepInputs:
         """A copy (never an alias, even when nothing changes) moved/converted by Tensor.to."""
-        return StepInputs(*(t.to(**kwargs, copy=True) for t in self.args()))
+        return StepInputs(*(None if t is None else t.to(**kwargs, copy=True)
+                            for t in self.args()))
 
     def args(self) -> tuple[torch.Tensor, ...]:
         """The tensors themselves, in op argument order (dataclasses.astuple would copy them)."""
@@ -101,18 +103,26 @@ def assert_lowp_close(actual: torch.Tensor, exact: torch.Tensor, plain: torch.Te
 
 def plain_torch_galore_step(inputs: StepInputs, **hyper) -> StepInputs:
     """GaLore's step as plain torch ops in the inputs' own dtypes (what galore-torch does with
-    low-precision tensors): the baseline that low-precision kernels are judged against."""
+    low-precision tensors): the baseline that low-precision kernels are judged against.
+    ``inner="adagrad"`` (exp_avg None) and ``right`` as in the op."""
     out = inputs.clone()
     p, g, q, m_, v = out.args()
     q = q.to(g.dtype)
     m, n = p.shape
-    r_ = (g @ q.T) if reference.is_right_side(m, n) else (q.T @ g)
-    m_.mul_(hyper["beta1"]).add_(r_.to(m_.dtype), alpha=1 - hyper["beta1"])
-    v.mul_(hyper["beta2"]).addcmul_(r_.to(v.dtype), r_.to(v.dtype), value=1 - hyper["beta2"])
-    norm = (m_ / (v.sqrt() + hyper["eps"])).to(p.dtype)
-    back = (norm @ q.to(p.dtype)) if reference.is_right_side(m, n) else (q.to(p.dtype) @ norm)
-    step_size = reference.adam_step_size(hyper["lr"], hyper["beta1"], hyper["beta2"],
-                                         hyper["step"])
+    right = reference._side(m, n, hyper.get("right"))
+    r_ = (g @ q.T) if right else (q.T @ g)
+    if hyper.get("inner", "adam") == "adagrad":
+        v.addcmul_(r_.to(v.dtype), r_.to(v.dtype))
+        norm = (r_.to(v.dtype) / (v.sqrt() + hyper["eps"])).to(p.dtype)
+        step_size = hyper["lr"]
+    else:
+        m_.mul_(hyper["beta1"]).add_(r_.to(m_.dtype), alpha=1 - hyper["beta1"])
+        v.mul_(hyper["beta2"]).addcmul_(r_.to(v.dtype), r_.to(v.dtype),
+                                        value=1 - hyper["beta2"])
+        norm = (m_ / (v.sqrt() + hyper["eps"])).to(p.dtype)
+        step_size = reference.adam_step_size(hyper["lr"], hyper["beta1"], hyper["beta2"],
+                                             hyper["step"])
+    back = (norm @ q.to(p.dtype)) if right else (q.to(p.dtype) @ norm)
     p.add_(back * hyper["scale"], alpha=-step_size)
     p.add_(p, alpha=-hyper["lr"] * hyper["weight_decay"])
     return out
@@ -128,9 +138,12 @@ def exact_galore_step(inputs: StepInputs, **hyper) -> StepInputs:
 def assert_step_matches(actual: StepInputs, inputs: StepInputs, **hyper) -> None:
     """Checks a kernel's step result against the reference with the DESIGN.md §6 tolerances."""
     exact = exact_galore_step(inputs, **hyper)
-    lowp = any(t.dtype != torch.float32 for t in inputs.args())
+    lowp = any(t is not None and t.dtype != torch.float32 for t in inputs.args())
     plain = plain_torch_galore_step(inputs, **hyper) if lowp else None
     for name in ("param", "exp_avg", "exp_avg_sq"):
+        if getattr(inputs, name) is None:  # AdaGrad: no first moment
+            assert getattr(actual, name) is None
+            continue
         got, want = getattr(actual, name), getattr(exact, name)
         if getattr(inputs, name).dtype == torch.float32 and not lowp:
             assert_fp32_close(got, want)
@@ -174,6 +187,29 @@ def mlp_batches(count: int, batch: int = 16, seed: int = 1, dtype=torch.float32)
 def mlp_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+
+def assert_8bit_moments_train_like_fp32_moments(make_optimizer) -> None:
+    """40 steps of the small MLP on 4 repeated batches with ``make_optimizer(model,
+    state_dtype)`` (the caller's rank 8, refresh every 10): the loss curve of 8-bit moments
+    follows that of fp32 moments (mean relative gap below 3 %), both learn, and the curves
+    differ (the codes are not fp32 values in disguise)."""
+    curves = {}
+    for state_dtype in (torch.float32, "8bit"):
+        model = small_mlp()
+        optimizer = make_optimizer(model, state_dtype)
+        losses = []
+        for batch in mlp_batches(4) * 10:
+            optimizer.zero_grad()
+            loss = mlp_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        curves[state_dtype] = torch.tensor(losses)
+    fp32, eight = curves[torch.float32], curves["8bit"]
+    assert fp32[-10:].mean() < 0.8 * fp32[:5].mean()
+    assert ((eight - fp32).abs() / fp32).mean() < 0.03
+    assert not torch.equal(eight, fp32)
 
 
 def train_steps(model: torch.nn.Module, optimizer, batches) -> None:
@@ -270,3 +306,172 @@ def qgalore_inputs(m: int, n: int, rank: int, *, int4_proj: bool, int8_weight: b
         out.param, out.param_scales, out.param_zeros = reference.quantize_int8(dense.param,
                                                                                param_group_size)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the keyword-only modes (DESIGN.md §4.9-§4.10) and the side override: one step's arguments in
+# any combination of basis, weight format, moment format, inner rule and side
+# --------------------------------------------------------------------------------------------
+# Dyadic betas: with the exact inputs below every moment update is exact in fp32 in any
+# evaluation order (with or without FMA contraction), so every backend's fp32 moments agree and
+# so do their rounded (bf16, 8-bit) codes (tests/test_bf16_moments.py has the bf16 case).
+EXACT_HYPER = dict(lr=1e-3, beta1=0.5, beta2=0.75, eps=1e-6, weight_decay=0.0, scale=0.25,
+                   step=3)
+STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_scales", "exp_avg_sq_scales")
+
+
+def _dyadic_rows(rank: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """r×d rows with one nonzero ±k/8 (k in 1..7) per column: R = G·basis is exact in any
+    summation order for an integer G, and back(N) has one term per entry."""
+    values = torch.randint(1, 8, (d,), generator=gen) * (1 - 2 * torch.randint(0, 2, (d,),
+                                                                               generator=gen))
+    rows = torch.zeros(rank, d)
+    rows[torch.arange(d) % rank, torch.arange(d)] = values.float() / 8
+    return rows
+
+
+def _exact_8bit_moment(shape, block: int, right: bool, signed: bool, gen: torch.Generator):
+    """(codes, scales) of random 8-bit codes whose block scales are 2^-4 or 2^-3, so that the
+    decoded moments have a few significant bits within 24 of R's (|R| ≤ 8, multiples of 1/8):
+    M' = M/2 + R/2 and V' = 3V/4 + R²/4 (V + R² for AdaGrad) are exact. √V's codes are 0 or in
+    the exponent fields 8-12 (√V in [2^-3, 8)): a smaller V would need more bits."""
+    if signed:
+        codes = torch.randint(-127, 128, shape, generator=gen).to(torch.int8)
+    else:
+        codes = torch.randint(128, 208, shape, generator=gen)
+        codes = torch.where(torch.rand(shape, generator=gen) < 0.1, 0, codes).to(torch.uint8)
+    own = shape[0] if right else shape[1]
+    rank = shape[1] if right else shape[0]
+    exponents = torch.randint(-4, -2, (own, -(-rank // block)), generator=gen)
+    return codes, 2.0 ** exponents.float()
+
+
+def mode_args(m: int, n: int, rank: int, *, basis: str = "dense", weight: str = "fp32",
+              moments: str = "fp32", inner: str = "adam", right: bool | None = None,
+              block: int = 32, exact: bool = False, zero_grad: bool = False, seed: int = 0,
+              int8_group: int = 64) -> dict:
+    """Every argument of one fused_galore_step call (``kwargs`` of ops.fused_galore_step without
+    the scalars), on CPU. basis: 'dense' | 'int4' | 'dct'; weight: 'fp32' | 'bf16' | 'int8';
+    moments: 'fp32' | 'bf16' | '8bit'; inner: 'adam' | 'adagrad' (exp_avg None); ``right``: the
+    side override. ``exact``: integer G and a dyadic basis (INT4 codes of it with scales 1/8 and
+    zeros 8), few-bit moments (8-bit: power-of-two scales): with EXACT_HYPER every backend's fp32
+    moments agree. DCT values are never dyadic: ``zero_grad`` (R = 0 for any basis) keeps the
+    moments exact there."""
+    gen = torch.Generator().manual_seed(seed)
+    side = reference._side(m, n, right)
+    d = n if side else m
+    shape = (m, rank) if side else (rank, n)
+    if exact:
+        rows = _dyadic_rows(rank, d, gen)
+        grad = torch.randint(-4, 5, (m, n), generator=gen).float()
+    else:
+        q, _ = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))
+        rows = q.T.float()
+        grad = torch.randn(m, n, generator=gen)
+    if zero_grad:
+        grad.zero_()
+    dense = rows if side else rows.T.contiguous()
+    args = {"param": 0.02 * torch.randn(m, n, generator=gen), "grad": grad, "proj": dense,
+            "inner": inner, "right": right, "state_block_size": block}
+    if basis == "int4":
+        if exact:
+            codes = (dense * 8 + 8).round().to(torch.uint8).reshape(-1)
+            groups = reference.num_groups(codes.numel(), 256)
+            args.update(proj=reference.pack_int4(codes), proj_scales=torch.full((groups,), 0.125),
+                        proj_zeros=torch.full((groups,), 8.0))
+        else:
+            packed, scales, zeros = reference.quantize_int4(dense, 256)
+            args.update(proj=packed, proj_scales=scales, proj_zeros=zeros)
+        args["proj_group_size"] = 256
+    elif basis == "dct":
+        freqs = torch.linspace(0, d - 1, rank).round().to(torch.int32).unique()
+        extra = torch.tensor([f for f in range(d) if f not in set(freqs.tolist())][:rank],
+                             dtype=torch.int32)
+        args["proj"] = torch.cat([freqs, extra])[:rank].sort().values
+    if weight == "int8":
+        codes, scales, zeros = reference.quantize_int8(args["param"], int8_group)
+        args.update(param=codes, param_scales=scales, param_zeros=zeros,
+                    param_group_size=int8_group)
+    elif weight == "bf16":
+        args["param"] = args["param"].bfloat16()
+        args["grad"] = args["grad"].bfloat16()
+    if moments == "8bit":
+        if exact:
+            m_codes, m_scales = _exact_8bit_moment(shape, block, side, True, gen)
+            v_codes, v_scales = _exact_8bit_moment(shape, block, side, False, gen)
+        else:
+            index = torch.arange(rank * (m if side else n)).view(shape) + reference.MOMENT_STREAM
+            words_m, words_v = reference.philox_uint32x2(seed, index)
+            m_codes, m_scales = reference.quantize_moment(
+                0.1 * torch.randn(shape, generator=gen), words_m, block, side, signed=True)
+            v_codes, v_scales = reference.quantize_moment(
+                0.1 * torch.rand(shape, generator=gen), words_v, block, side, signed=False)
+        args.update(exp_avg=m_codes, exp_avg_sq=v_codes, exp_avg_scales=m_scales,
+                    exp_avg_sq_scales=v_scales)
+    else:
+        dtype = torch.bfloat16 if moments == "bf16" else torch.float32
+        quantum = 1 / 64 if exact else None  # a few bits: exact dyadic updates
+        m0 = 0.1 * torch.randn(shape, generator=gen)
+        v0 = 0.1 * torch.rand(shape, generator=gen)
+        if quantum:
+            m0, v0 = (m0 / quantum).round() * quantum, (v0 / quantum).round() * quantum
+        args.update(exp_avg=m0.to(dtype), exp_avg_sq=v0.to(dtype))
+    if inner == "adagrad":
+        args["exp_avg"] = None
+        args.pop("exp_avg_scales", None)
+    return args
+
+
+def run_mode_step(args: dict, backend: str, device: str = "cpu", seed: int = 21,
+                  **hyper) -> dict:
+    """One ops.fused_galore_step on copies of ``args`` (moved to ``device``); returns the
+    tensors after the step, on CPU."""
+    moved = {k: v.clone().to(device) if torch.is_tensor(v) else v for k, v in args.items()}
+    lk.ops.fused_galore_step(**moved, **{**EXACT_HYPER, **hyper}, seed=seed, backend=backend)
+    return {k: v.cpu() if torch.is_tensor(v) else v for k, v in moved.items()}
+
+
+def decoded_8bit_moments(result: dict, right: bool, block: int
+                         ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(M, V) in fp32 from a step's 8-bit codes and scales (M None under AdaGrad)."""
+    m32 = None
+    if result.get("exp_avg") is not None:
+        m32 = reference.dequantize_moment(result["exp_avg"], result["exp_avg_scales"], block,
+                                          right, signed=True)
+    v32 = reference.dequantize_moment(result["exp_avg_sq"], result["exp_avg_sq_scales"], block,
+                                      right, signed=False)
+    return m32, v32
+
+
+def assert_8bit_moments_within_a_grid_step(actual: dict, expected: dict, right: bool,
+                                           block: int) -> None:
+    """General inputs: GEMM rounding differs between backends, so a code may differ where u
+    falls within it. The decoded moments stay within one grid step of the expected ones (E4M3:
+    2^-3 of the block's max for M, E4M4: 2^-4 for √V), almost every code is equal, and the
+    block scales agree to fp32 rounding."""
+    rank = expected["exp_avg_sq"].shape[1 if right else 0]
+    (m_exp, v_exp) = decoded_8bit_moments(expected, right, block)
+    (m_act, v_act) = decoded_8bit_moments(actual, right, block)
+
+    def grid(name, max_value, mantissa_bits):
+        g = expected[name].repeat_interleave(block, 1)[:, :rank] * max_value * 2.0**-mantissa_bits
+        return g if right else g.T
+
+    v_grid = grid("exp_avg_sq_scales", reference.EXP_AVG_SQ_FORMAT.max_value, 4)
+    assert ((v_act.sqrt() - v_exp.sqrt()).abs() <= v_grid * 1.01 + 1e-30).all()
+    if m_exp is not None:
+        m_grid = grid("exp_avg_scales", reference.EXP_AVG_FORMAT.max_value, 3)
+        assert ((m_act - m_exp).abs() <= m_grid * 1.01).all()
+        assert (actual["exp_avg"] == expected["exp_avg"]).float().mean() > 0.95
+    assert (actual["exp_avg_sq"] == expected["exp_avg_sq"]).float().mean() > 0.95
+    torch.testing.assert_close(actual["exp_avg_sq_scales"], expected["exp_avg_sq_scales"],
+                               rtol=1e-5, atol=0)
+
+
+def assert_states_equal(actual: dict, expected: dict) -> None:
+    """Moments (and 8-bit scales) bit for bit."""
+    for name in STATE_NAMES:
+        if expected.get(name) is None:
+            assert actual.get(name) is None, name
+            continue
+        assert torch.equal(actual[name], expected[name]), name

@@ -14,9 +14,10 @@ a.weight   41×16  right  rows 21 / 20, uneven; shards tall (m_k ≥ n):  (same)
                          the fused op
 b.weight   25×41  left   rows 13 / 12; moments' columns 21 / 20:      (same: 41 is odd)
                          reduce-scatter + all-gather, uneven both
-c.weight   27×25  right  rows 14 / 13, wide (m_k < n): reference      (same)
+c.weight   27×25  right  rows 14 / 13, wide (m_k < n): the fused op   (same)
+                         with right=True
 e.weight   20×26  left   rows 10 / 10: reduce-scatter + all-gather    columns 13 / 13, shards
-                                                                      tall: reference step
+                                                                      tall: fused op, right=False
 d.weight   1×20   left   rows 1 / 0: rank 1 holds an EMPTY shard      columns 10 / 10: fused op
 biases     1-D    dense  AdamW on DTensor shards
 =========  =====  =====  ===========================================  =========================
@@ -86,7 +87,13 @@ def param_groups(model: torch.nn.Module, **keys) -> list[dict]:
 
 
 def make_optimizer(config: str, model: torch.nn.Module):
-    from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAdamW
+    from lowrank_kernels.optim import (
+        DCTAdamW,
+        GaLoreAdamW,
+        LowRankAdagrad,
+        LowRankAdamW,
+        QGaLoreAdamW,
+    )
 
     if config == "galore":
         return GaLoreAdamW(param_groups(model, update_proj_gap=GAP, scale=0.25), lr=0.02,
@@ -105,6 +112,12 @@ def make_optimizer(config: str, model: torch.nn.Module):
     if config == "random":
         return LowRankAdamW(param_groups(model, update_proj_gap=GAP), lr=0.02,
                             projection="random", seed=3)
+    if config == "adagrad":  # no exp_avg; the split path's AdaGrad and the fused op's
+        return LowRankAdagrad(param_groups(model, update_proj_gap=GAP, scale=0.25), lr=0.05,
+                              weight_decay=0.1)
+    if config == "galore_8bit":  # 8-bit moments (stochastic rounding), scales sharded
+        return GaLoreAdamW(param_groups(model, update_proj_gap=GAP, scale=0.25), lr=0.02,
+                           weight_decay=0.1, state_dtype="8bit")
     if config == "rsvd":
         return LowRankAdamW(param_groups(model, update_proj_gap=GAP), lr=0.02,
                             projection="rsvd", dense_adamw="galore")

@@ -90,6 +90,25 @@ def test_critical_batch_and_verdict():
         "did not hold")
 
 
+def test_lowrank_verdict_compares_critical_batch_and_iterations_with_adagrads():
+    batches = [1, 4, 16]
+
+    def rows(adagrad, lowrank):
+        return [{"optimizer": name, "median_iters": it}
+                for name, iters in (("adagrad", adagrad), ("lowrank_adagrad", lowrank))
+                for it in iters]
+
+    judge = adagrad_batch.judge_lowrank
+    same = rows([100, 30, 9], [110, 33, 10])
+    assert judge({"adagrad": None, "lowrank_adagrad": None}, same, batches).startswith(
+        "kept (critical batch ≥ 16 vs Adagrad's ≥ 16; iterations at most 1.11×")
+    assert judge({"adagrad": None, "lowrank_adagrad": 4}, same, batches).startswith("not kept")
+    slow = rows([100, 30, 9], [100, 30, 20])  # 2.2× Adagrad's count at B = 16
+    assert judge({"adagrad": None, "lowrank_adagrad": None}, slow, batches).startswith(
+        "not kept")
+    assert judge({"adagrad": None}, same, batches).startswith("not measured")
+
+
 def test_critical_batch_ratio_prefers_the_spiked_spectrum():
     # isotropic: the two bounds' critical batches coincide
     assert adagrad_batch.critical_batch_ratio(adagrad_batch.torch.ones(64)) == pytest.approx(1)

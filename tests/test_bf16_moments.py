@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import torch
-from cases import StepInputs, step_inputs
+from cases import EXACT_HYPER, StepInputs, step_inputs
 
 import lowrank_kernels as lk
 from lowrank_kernels import reference
@@ -22,10 +22,6 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the interpreter
 
-# Dyadic betas: with the inputs of exact_inputs every moment update is exact in fp32 in any
-# evaluation order (with or without FMA contraction), so the backends' fp32 moments agree.
-EXACT_HYPER = dict(lr=1e-3, beta1=0.5, beta2=0.75, eps=1e-6, weight_decay=0.0, scale=0.25,
-                   step=3)
 
 
 def test_stochastic_rounding_keeps_bf16_values_and_rounds_to_a_neighbour_without_bias():

@@ -13,7 +13,15 @@ import importlib.util
 
 import pytest
 import torch
-from cases import HYPER, SMALL_ODD_SHAPES, StepInputs, assert_lowp_close, step_inputs
+from cases import (
+    HYPER,
+    SMALL_ODD_SHAPES,
+    StepInputs,
+    assert_lowp_close,
+    mode_args,
+    run_mode_step,
+    step_inputs,
+)
 
 import lowrank_kernels as lk
 from lowrank_kernels import reference
@@ -273,6 +281,61 @@ def test_bad_input_is_named_and_nothing_is_written(backend, kwargs, match):
         assert torch.equal(a, b)
     if limiter is not None:
         assert torch.equal(limiter, before)
+
+
+# ---- full_rank with the other modes of the op (AdaGrad, 8-bit moments, right=) ------------------
+# (m, n, mode_args options, the message): 40x30 is a right-side shape (m >= n), 30x40 a left one
+COMBINATIONS = [
+    (40, 30, {"inner": "adagrad"},
+     "inner: full_rank='{}' supports only inner='adam', got 'adagrad'"),
+    (40, 30, {"moments": "8bit"},
+     "exp_avg_sq: full_rank='{}' supports fp32/bf16 moments only, got 8-bit moments (uint8 codes)"),
+    (30, 40, {"moments": "8bit", "inner": "adagrad"}, "inner: full_rank='{}' supports only"),
+    (40, 30, {"right": False},
+     ("right: full_rank='{}' supports only the side rule's side (right=True for this shape), "
+      "got right=False")),
+    (30, 40, {"right": True},
+     ("right: full_rank='{}' supports only the side rule's side (right=False for this shape), "
+      "got right=True")),
+]
+
+
+@pytest.mark.parametrize("mode", ["fira", "apollo"])
+@pytest.mark.parametrize("m,n,options,message", COMBINATIONS,
+                         ids=lambda v: str(v) if isinstance(v, dict) else None)
+def test_full_rank_with_adagrad_8bit_moments_or_other_side_is_refused(m, n, options, message,
+                                                                      mode):
+    """Every backend raises the same message, naming the argument, before writing anything
+    (the limiter included); the CUDA C++ kernel shares checks.h with the CPU one."""
+    args = mode_args(m, n, 4, **options)
+    limiter = torch.full((1,), 0.5)
+    messages = set()
+    for backend in ("cpu", "reference", *(("triton",) if HAS_TRITON else ())):
+        moved = {k: v.clone() if torch.is_tensor(v) else v for k, v in args.items()}
+        lim = limiter.clone()
+        with pytest.raises((ValueError, RuntimeError)) as err:
+            lk.ops.fused_galore_step(**moved, **HYPER, full_rank=mode, limiter=lim,
+                                     backend=backend)
+        assert message.format(mode) in str(err.value), backend
+        messages.add(str(err.value).splitlines()[0])
+        for k, v in args.items():
+            if torch.is_tensor(v):
+                assert torch.equal(moved[k], v), f"{backend} wrote {k}"
+        assert torch.equal(lim, limiter)
+    assert len(messages) == 1, messages  # one message, whichever backend raised it
+
+
+@pytest.mark.parametrize("m,n,right", [(40, 30, True), (30, 40, False)])
+def test_full_rank_accepts_right_equal_to_the_side_rule(m, n, right):
+    """right= naming the side the rule picks anyway (what the FSDP2 path passes) is the same
+    step, bit for bit, in the C++ kernel, and matches the reference."""
+    args = {**mode_args(m, n, 4), "full_rank": "fira", "limiter": torch.full((1,), 0.5)}
+    runs = {side: run_mode_step({**args, "right": side}, "cpu") for side in (None, right)}
+    for k in ("param", "exp_avg", "exp_avg_sq", "limiter"):
+        assert torch.equal(runs[None][k], runs[right][k]), k
+    want = run_mode_step({**args, "right": right}, "reference")
+    _assert_close(runs[right]["param"], want["param"], args["param"])
+    assert not torch.equal(runs[right]["limiter"], args["limiter"])  # the limiter ran
 
 
 def test_cuda_cxx_routes_the_full_rank_modes_and_random_basis_to_triton():

@@ -143,6 +143,9 @@ def test_picked_configs_are_candidates(m, n, rank, dtypes, index_64):
     project, _ = fgs.pick_configs(rank, *dtypes, bf16_moments=True, index_64=index_64)
     assert ("project", fgs.dot_kind(*dtypes[1:]), project) in fgs.bf16_moment_candidate_configs(
         index_64=index_64)
+    project, _ = fgs.pick_configs(rank, *dtypes, moments_8bit=True, index_64=index_64)
+    assert ("project", fgs.dot_kind(*dtypes[1:]), project) in fgs.moment8_candidate_configs(
+        index_64=index_64)
 
 
 def test_adam_coeffs_follow_make_adam_coeffs():
@@ -425,6 +428,10 @@ def test_generated_basis_configs_are_candidates(m, n, rank, grad_dtype):
         project, back = fgs.pick_configs(rank, weight, grad_dtype, dot_dtype, generated=True)
         candidates = fgs.candidate_configs(generated=True)
         assert ("project", fgs.dot_kind(grad_dtype, dot_dtype), project) in candidates
+        project8, _ = fgs.pick_configs(rank, weight, grad_dtype, dot_dtype, generated=True,
+                                       moments_8bit=True)
+        assert ("project", fgs.dot_kind(grad_dtype, dot_dtype),
+                project8) in fgs.moment8_candidate_configs(generated=True)
         if weight != torch.uint8:
             assert ("back", fgs.weight_kind(weight), back) in candidates
 

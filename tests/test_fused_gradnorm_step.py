@@ -1,7 +1,8 @@
 """fused_gradnorm_step (DESIGN.md §4.8): the C++ CPU kernel and the Triton kernel (its
 interpreter on CPU tensors without a GPU) against reference.fused_gradnorm_step, on odd shapes,
 both sides, ranks 1 to min(m, n), fp32/bf16/fp16 weights, fp32/bf16 moments and every basis
-format (dense of any strides, packed INT4, DCT); the Gram form of ‖v'‖² against the direct sum;
+format (dense of any strides, packed INT4, DCT); 8-bit moments bit for bit on exact inputs (the
+GaLore step's codes, tests/test_fused_step_modes.py); the Gram form of ‖v'‖² against the direct sum;
 bad input; registration, fakes and the CUDA routing (Triton only)."""
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import os
 import pytest
 import torch
 from cases import (
+    EXACT_HYPER,
     HYPER,
     SMALL_ODD_SHAPES,
+    assert_8bit_moments_within_a_grid_step,
     assert_fp32_close,
     assert_lowp_close,
+    assert_states_equal,
+    mode_args,
     orthonormal_basis,
 )
 
@@ -332,6 +337,73 @@ def test_gram_form_error_is_that_of_the_direct_sum(lr):
 
 
 # --------------------------------------------------------------------------------------------
+# 8-bit moments (DESIGN.md §4.9): GaLore's codes, bit for bit
+# --------------------------------------------------------------------------------------------
+EIGHT_BIT_BACKENDS = ["cpu", pytest.param("triton", marks=[needs_triton, pytest.mark.skipif(
+    DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU tensors need the Triton interpreter")])]
+
+
+def gradnorm_8bit_args(m: int, n: int, rank: int, *, basis: str = "dense", block: int = 32,
+                       exact: bool = True, seed: int = 0) -> dict:
+    """fused_gradnorm_step's arguments with 8-bit moments: cases.mode_args' GaLore inputs
+    (``exact``: integer G, dyadic basis, codes with power-of-two block scales, so every
+    backend's fp32 moments agree) and per-row states after a step (g ≠ ‖v‖)."""
+    args = mode_args(m, n, rank, basis=basis, moments="8bit", block=block, exact=exact,
+                     seed=seed)
+    del args["inner"], args["right"]
+    gen = torch.Generator().manual_seed(seed)
+    row_scale, row_norm = reference.gradnorm_init_state(args["param"])
+    args.update(row_scale=row_scale * (1.0 + 0.2 * torch.rand(m, generator=gen)),
+                row_norm=row_norm, scale_exp_avg=0.01 * torch.randn(m, generator=gen),
+                scale_exp_avg_sq=1e-4 * torch.rand(m, generator=gen))
+    return args
+
+
+def run_8bit(args: dict, backend: str, **hyper) -> dict:
+    device = DEVICE if backend == "triton" else "cpu"
+    moved = {k: v.clone().to(device) if torch.is_tensor(v) else v for k, v in args.items()}
+    lk.ops.fused_gradnorm_step(**moved, **{**EXACT_HYPER, "weight_decay": 0.1, **hyper},
+                               seed=21, backend=backend)
+    return {k: v.cpu() if torch.is_tensor(v) else v for k, v in moved.items()}
+
+
+@pytest.mark.parametrize("backend", EIGHT_BIT_BACKENDS)
+@pytest.mark.parametrize("m,n,rank,basis,block", [
+    (*SMALL_ODD_SHAPES[1], 17, "dense", 32),   # right side, a partial block
+    (*SMALL_ODD_SHAPES[0], 40, "dense", 8),    # left side, a full and a partial block of 32
+    (*SMALL_ODD_SHAPES[1], 5, "int4", 4),
+    (*SMALL_ODD_SHAPES[0], 1, "int4", 32),
+], ids=["right-r17", "left-r40-b8", "right-int4-b4", "left-int4-r1"])
+def test_8bit_moments_equal_the_reference_bit_for_bit(m, n, rank, basis, block, backend):
+    """The codes and block scales of M and √V are the reference's exactly (the stochastic
+    rounding included); W and the row states by the fp32 rule."""
+    args = gradnorm_8bit_args(m, n, rank, basis=basis, block=block, seed=rank)
+    ref = run_8bit(args, "reference")
+    out = run_8bit(args, backend)
+    assert_states_equal(out, ref)
+    for name in ("exp_avg", "exp_avg_sq", "exp_avg_sq_scales"):
+        assert not torch.equal(ref[name], args[name]), f"{name} did not move"
+    for name in ("param", *ROWS):
+        assert_fp32_close(out[name], ref[name])
+    assert not torch.equal(out["param"], args["param"])
+
+
+@pytest.mark.parametrize("m,n", [(520, 256), (256, 520)], ids=["right", "left"])
+def test_8bit_moments_on_cpu_tiles_and_general_inputs(m, n):
+    """Several CPU tiles, exact inputs: the codes are the reference's; general inputs (an
+    orthonormal basis, random codes): the moments decode within one grid step of the
+    reference's, W and the row states by the fp32 rule."""
+    exact = gradnorm_8bit_args(m, n, 40, seed=3)
+    assert_states_equal(run_8bit(exact, "cpu"), run_8bit(exact, "reference"))
+    args = gradnorm_8bit_args(m, n, 40, exact=False, seed=4)
+    out, ref = run_8bit(args, "cpu", **HYPER), run_8bit(args, "reference", **HYPER)
+    assert_8bit_moments_within_a_grid_step(out, ref, reference.is_right_side(m, n), 32)
+    for name in ("param", *ROWS):
+        assert_fp32_close(out[name], ref[name], rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
 # bad input: a clear error naming the argument, nothing written
 # --------------------------------------------------------------------------------------------
 def _bad_cases():
@@ -353,6 +425,10 @@ def _bad_cases():
          "proj: expected shape"),
         ("state-dtype", change(exp_avg_sq=lambda x: x.exp_avg_sq.half()),
          "exp_avg_sq: expected dtype"),
+        ("8bit-without-scales", change(
+            exp_avg=lambda x: torch.zeros(x.exp_avg.shape, dtype=torch.int8),
+            exp_avg_sq=lambda x: torch.zeros(x.exp_avg_sq.shape, dtype=torch.uint8)),
+         "exp_avg_scales: required with 8-bit"),
     ]
 
 
@@ -384,6 +460,16 @@ def test_bad_input_raises_and_writes_nothing(case, mutate, message, backend):
 def test_opcheck(m, n):
     inputs = gradnorm_inputs(m, n, 5, weight_dtype=BF16)
     torch.library.opcheck(torch.ops.lowrank.fused_gradnorm_step.default, inputs.args(), HYPER)
+
+
+def test_opcheck_8bit_moments():
+    """The schema's mutation annotations for the block scales (written in place)."""
+    args = gradnorm_8bit_args(40, 23, 5, exact=False)
+    names = ("param", "grad", "proj", "exp_avg", "exp_avg_sq", *ROWS)
+    kwargs = {**HYPER, "exp_avg_scales": args["exp_avg_scales"],
+              "exp_avg_sq_scales": args["exp_avg_sq_scales"], "state_block_size": 32}
+    torch.library.opcheck(torch.ops.lowrank.fused_gradnorm_step.default,
+                          tuple(args[k] for k in names), kwargs)
 
 
 def test_fake_kernel_validates_and_compile_traces_the_step():

@@ -1,11 +1,20 @@
 """Registration, dispatch, fake kernels, torch.compile, autograd and input validation of the
 ops."""
 
+import importlib.util
 import os
 
 import pytest
 import torch
-from cases import HYPER, StepInputs, assert_fp32_close, orthonormal_basis, step_inputs
+from cases import (
+    HYPER,
+    StepInputs,
+    assert_fp32_close,
+    mode_args,
+    orthonormal_basis,
+    step_inputs,
+)
+from torch._dynamo.testing import CompileCounter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_kernels as lk
@@ -26,6 +35,17 @@ def _opcheck(op, args, kwargs=None):
 def test_opcheck_fused_galore_step(m, n, weight_dtype):
     inputs = step_inputs(m, n, 5, weight_dtype=weight_dtype)
     _opcheck(OPS.fused_galore_step.default, inputs.args(), HYPER)
+
+
+@pytest.mark.parametrize("mode", [
+    {"inner": "adagrad"}, {"moments": "8bit"}, {"moments": "8bit", "inner": "adagrad", "block": 8},
+    {"right": True}, {"right": False, "basis": "int4"}], ids=str)
+def test_opcheck_fused_galore_step_modes(mode):
+    """The schema's keyword-only modes: exp_avg None (Tensor(b!)?), the written 8-bit scales
+    (Tensor(f!)?, Tensor(g!)?), str inner, bool? right."""
+    args = mode_args(40, 23, 5, **mode)
+    positional = tuple(args.pop(k) for k in ("param", "grad", "proj", "exp_avg", "exp_avg_sq"))
+    _opcheck(OPS.fused_galore_step.default, positional, {**args, **HYPER, "seed": 3})
 
 
 @pytest.mark.parametrize("m,n", [(40, 23), (23, 40)], ids=["right", "left"])
@@ -208,6 +228,93 @@ def test_the_cuda_key_runs_the_triton_kernel_and_the_switch_reroutes_it(m, n):
             OPS.fused_galore_step.default.redispatch(CUDA_KEY, *out.args(), **HYPER)
     finally:
         lk.set_cuda_backend("triton")
+
+
+def test_modes_the_cuda_cxx_kernel_lacks_route_to_triton(monkeypatch):
+    """Under set_cuda_backend("cuda_cxx") the registered CUDA kernel runs the CUDA C++ kernel,
+    except for a call that sets a mode only Triton serves (CUDA_CXX_DEFAULT_ONLY): AdaGrad,
+    8-bit moments, an explicit side. The decision alone (no GPU here), with a stand-in for
+    lowrank_cuda::<op>."""
+    cuda_cxx = object()
+    monkeypatch.setattr(_dispatch, "_cuda_backend", "cuda_cxx")
+    monkeypatch.setitem(_dispatch._CUDA_TARGETS, "fused_galore_step", cuda_cxx)
+    monkeypatch.setattr(_dispatch, "TRITON_AVAILABLE", True)
+    scales = torch.ones(3, 1)
+    defaults = {"inner": "adam", "exp_avg_scales": None, "exp_avg_sq_scales": None,
+                "state_block_size": 32, "right": None, "seed": 4, "lr": 0.1}
+    assert _dispatch.cuda_target("fused_galore_step", {}) is cuda_cxx
+    assert _dispatch.cuda_target("fused_galore_step", defaults) is cuda_cxx
+    assert _dispatch.cuda_target("dct_select", {"method": "fft"}) is not None
+    for mode in ({"inner": "adagrad"}, {"exp_avg_scales": scales},
+                 {"exp_avg_sq_scales": scales}, {"right": True}, {"right": False}):
+        target = _dispatch.cuda_target("fused_galore_step", {**defaults, **mode})
+        assert target is not cuda_cxx, mode
+        if _dispatch.TRITON_AVAILABLE and importlib.util.find_spec("triton") is not None:
+            assert target is _dispatch.triton_kernel("fused_galore_step"), mode
+    monkeypatch.setattr(_dispatch, "_cuda_backend", "triton")
+    assert _dispatch.cuda_target("fused_galore_step", {"inner": "adagrad"}) is cuda_cxx
+
+
+@needs_triton
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need the "
+                    "Triton interpreter (no GPU)")
+def test_the_cuda_key_runs_a_new_mode_in_triton_under_the_cuda_cxx_switch(monkeypatch):
+    """Through the dispatcher's CUDA key with the switch on the CUDA C++ kernels (a stand-in
+    that fails if called): an AdaGrad call runs the Triton kernel, the reference's numbers."""
+    def cuda_cxx(*args, **kwargs):
+        raise AssertionError("the CUDA C++ kernel was called for a mode it lacks")
+
+    monkeypatch.setattr(_dispatch, "_cuda_backend", "cuda_cxx")
+    monkeypatch.setitem(_dispatch._CUDA_TARGETS, "fused_galore_step", cuda_cxx)
+    args = mode_args(40, 23, 5, inner="adagrad")
+    positional = [args.pop(k) for k in ("param", "grad", "proj", "exp_avg", "exp_avg_sq")]
+    expected = [t.clone() if t is not None else None for t in positional]
+    OPS.fused_galore_step.default.redispatch(CUDA_KEY, *positional, **args, **HYPER)
+    lk.ops.fused_galore_step(*expected, **args, **HYPER, backend="reference")
+    assert_fp32_close(positional[0], expected[0])
+    assert_fp32_close(positional[4], expected[4])
+
+
+def test_new_lr_and_step_values_are_graph_inputs_not_recompilations():
+    """lr and weight_decay are Scalar and step SymInt in the schema: a compiled function calling
+    the op over 5 (lr, step) values compiles once with dynamic=True (by default once more, when
+    Dynamo's automatic dynamic first sees a value change), and gives the eager bits. A float-lr
+    op (the schema before) recompiles for every value: the contrast shows the count is real."""
+    def step(p, g, q, m_, v, lr, t):
+        OPS.fused_galore_step(p, g, q, m_, v, lr=lr, beta1=0.9, beta2=0.999, eps=1e-6,
+                              weight_decay=0.1, scale=0.25, step=t)
+
+    schedule = list(zip((0.1, 0.05, 0.02, 0.01, 0.3), range(1, 6)))
+    for backend, dynamic, most in (("eager", True, 1), ("eager", None, 2),
+                                   ("aot_eager", True, None)):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(step, fullgraph=True, dynamic=dynamic,
+                                 backend=counter if backend == "eager" else backend)
+        ours, eager = step_inputs(48, 30, 6), step_inputs(48, 30, 6)
+        for lr, t in schedule:
+            compiled(*ours.args(), lr, t)
+            step(*eager.args(), lr, t)
+        for a, b in zip(ours.args(), eager.args()):
+            assert torch.equal(a, b)
+        if most is not None:
+            assert counter.frame_count <= most, (backend, dynamic, counter.frame_count)
+
+    @torch.library.custom_op("lowrank_test::float_lr_step", mutates_args=("x",))
+    def float_lr_step(x: torch.Tensor, lr: float) -> None:
+        x.sub_(lr)
+
+    @float_lr_step.register_fake
+    def _(x, lr):
+        return None
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x, lr: float_lr_step(x, lr), fullgraph=True, dynamic=True,
+                             backend=counter)
+    for lr, _ in schedule:
+        compiled(torch.zeros(3), lr)
+    assert counter.frame_count == len(schedule)
 
 
 class _RecordOps(TorchDispatchMode):

@@ -218,6 +218,8 @@ def _weight():
     (APOLLOAdamW, {"rank": 2, "alpha": 0.5}, "unknown key 'alpha'"),
     (APOLLOAdamW, {"rank": 2, "refresh": "lazy"}, "refresh: projection='gaussian'"),
     (APOLLOAdamW, {"rank": 2, "proj_bits": 4}, "proj_bits=4"),
+    (FiraAdamW, {"rank": 2, "state_dtype": "8bit"}, "state_dtype: FiraAdamW keeps fp32 or bf16"),
+    (APOLLOAdamW, {"rank": 2, "state_dtype": "8bit"}, "state_dtype: APOLLOAdamW keeps"),
 ])
 def test_bad_group_keys_raise(cls, group, match):
     with pytest.raises(ValueError, match=match):

@@ -7,7 +7,13 @@ from cases import mlp_batches, mlp_loss, mlp_param_groups, small_mlp
 
 import lowrank_kernels as lk
 from lowrank_kernels.autograd import replace_linear_with_int8
-from lowrank_kernels.optim import DCTAdamW, GaLoreAdamW, LowRankAdamW, QGaLoreAdamW
+from lowrank_kernels.optim import (
+    DCTAdamW,
+    GaLoreAdamW,
+    LowRankAdagrad,
+    LowRankAdamW,
+    QGaLoreAdamW,
+)
 
 pytestmark = [pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built"),
               pytest.mark.usefixtures("one_thread")]
@@ -23,6 +29,10 @@ CONFIGS = {
                                   refresh="lazy")),
     "galore-bf16-moments": (GaLoreAdamW, dict(rank=6, update_proj_gap=2,
                                               state_dtype=torch.bfloat16)),
+    "galore-8bit-moments": (GaLoreAdamW, {"rank": 6, "update_proj_gap": 2,
+                                          "state_dtype": "8bit"}),
+    "adagrad": (LowRankAdagrad, {"rank": 6, "update_proj_gap": 2}),
+    "adagrad-8bit-dct": (LowRankAdagrad, {"rank": 6, "projection": "dct", "state_dtype": "8bit"}),
 }
 
 

@@ -24,6 +24,15 @@ def test_tiny_llama_loss_falls(name):
     assert end < start - 0.5, f"{name}: loss {start:.3f} -> {end:.3f}"
 
 
+def test_8bit_moments_end_within_1_percent_of_fp32_moments():
+    """Issue 16's quality bar on a real model: GaLoreAdamW with 8-bit moments ends (mean loss
+    of the last 5 of 50 steps) within 1 % of the same run with fp32 moments."""
+    fp32 = tiny_llama.start_end(tiny_llama.train("GaLoreAdamW"))[1]
+    eight = tiny_llama.start_end(tiny_llama.train("GaLoreAdamW 8-bit moments"))[1]
+    assert abs(eight - fp32) / fp32 < 0.01, (eight, fp32)
+    assert eight != fp32
+
+
 def test_projected_weights_move_and_galore_matches_galore_torch():
     """The projected (attention/MLP) weights really train, and our GaLoreAdamW stays on
     galore-torch's loss curve over 50 steps of a real model."""

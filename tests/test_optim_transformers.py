@@ -14,7 +14,7 @@ from lowrank_kernels.integrations.transformers import (
     parse_optim_args,
     target_linear_names,
 )
-from lowrank_kernels.optim import GaLoreAdamW, LowRankAdamW
+from lowrank_kernels.optim import GaLoreAdamW, LowRankAdagrad, LowRankAdamW
 
 pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 
@@ -67,6 +67,7 @@ def test_optim_args_are_typed_and_checked():
     with pytest.raises(ValueError, match="optim_args"):
         parse_optim_args("rnak=64")
     assert parse_optim_args("state_dtype=bf16") == {"state_dtype": torch.bfloat16}
+    assert parse_optim_args("state_dtype=8bit") == {"state_dtype": "8bit"}
     with pytest.raises(ValueError, match="state_dtype expected one of"):
         parse_optim_args("state_dtype=int8")
 
@@ -118,6 +119,18 @@ def test_preset_choice_and_keyword_overrides(model, tmp_path):
     assert kwargs["eps"] == args.adam_epsilon and kwargs["weight_decay"] == 0.01
     with pytest.raises(ValueError, match="optimizer"):
         optimizer_cls_and_kwargs(model, args, optimizer="sgd")
+
+
+@pytest.mark.parametrize("name", ["adagrad", "lowrank_adagrad"])
+def test_adagrad_with_8bit_moments_from_training_arguments(model, tmp_path, name):
+    args = _args(tmp_path, optim_target_modules=["attn", "mlp"],
+                 optim_args="rank=4,update_proj_gap=2,state_dtype=8bit")
+    cls, kwargs = optimizer_cls_and_kwargs(model, args, optimizer=name)
+    assert cls is LowRankAdagrad and "betas" not in kwargs and "eps" not in kwargs
+    optimizer = build_optimizer(model, args, optimizer=name)
+    assert isinstance(optimizer, LowRankAdagrad)
+    assert optimizer.param_groups[1]["state_dtype"] == "8bit"
+    assert optimizer.param_groups[1]["weight_decay"] == 0.01
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])

@@ -7,8 +7,8 @@ bf16_moment_candidate_configs, int8_candidate_configs; fused_gradnorm_step.candi
 and its two one-configuration launches) is compiled for both targets, both
 sides, both offset widths (the 64-bit INDEX_64 variants a launch picks past 2**31 elements or a
 DCT size of 32768) and, for launch A, G row-major and transposed (the unit stride the JIT makes a
-constant); ptxas reports registers, spills and shared memory. Any spill fails: each of these
-configurations is one a default launch uses.
+constant; the AdaGrad and 8-bit moment variants with G row-major); ptxas reports registers, spills
+and shared memory. Any spill fails: each of these configurations is one a default launch uses.
 
 The compiler runs in a subprocess because tests/conftest.py sets TRITON_INTERPRET=1 without a GPU,
 and under it @triton.jit yields interpreter objects. The default run compiles the most
@@ -94,7 +94,9 @@ def test_every_step_config_compiles_for_sm89_and_sm90(reports):
               "num_warps", "num_stages")
     compiled = {(r["target"], r["variant"]["basis"] != "dense",
                  r["variant"].get("grad_layout", "row"), *(r["variant"][f] for f in fields))
-                for r in reports if r["variant"]["kernel"] in ("project", "back")}
+                for r in reports if r["variant"]["kernel"] in ("project", "back")
+                and r["variant"].get("state", "fp32") == "fp32"
+                and r["variant"].get("inner", "adam") == "adam"}
     for (target, side, index_64), generated, mode in itertools.product(
             TARGETS_SIDES_WIDTHS, (False, True), (0, 1, 2)):
         for kernel, _, c in fgs.candidate_configs(generated, index_64, full_rank=mode != 0):
@@ -115,13 +117,42 @@ def test_every_bf16_moment_config_compiles_for_sm89_and_sm90(reports):
               "num_warps", "num_stages")
     compiled = {(r["target"], r["variant"]["basis"] != "dense",
                  *(r["variant"][f] for f in fields)) for r in reports
-                if r["variant"]["kernel"] == "project" and r["variant"]["state"] == "bf16"}
+                if r["variant"]["kernel"] == "project" and r["variant"]["state"] == "bf16"
+                and r["variant"]["inner"] == "adam"}
     for (target, side, index_64), generated, mode in itertools.product(
             TARGETS_SIDES_WIDTHS, (False, True), (0, 1, 2)):
         for _, _, c in fgs.bf16_moment_candidate_configs(generated, index_64, mode != 0):
             key = (target, generated, side, index_64, mode, c.block_own, c.block_r,
                    c.block_long, c.num_warps, c.num_stages)
             assert key in compiled, f"not compiled with bf16 moments: {key}"
+
+
+def test_every_8bit_moment_and_adagrad_config_compiles_for_sm89_and_sm90(reports):
+    """Launch A with 8-bit moments (moment8_candidate_configs: decode, block absmax, encode in
+    the epilogue) under Adam and AdaGrad, and AdaGrad on the other moment formats' tables
+    (aot.adagrad_tables: with LOWRANK_AOT_ALL_DTYPES=1), dense and generated bases."""
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+
+    fields = ("side", "index_64", "block_own", "block_r", "block_long", "num_warps",
+              "num_stages")
+    compiled = {(r["target"], r["variant"]["state"], r["variant"]["inner"],
+                 r["variant"]["basis"] != "dense", *(r["variant"][f] for f in fields))
+                for r in reports if r["variant"]["kernel"] == "project"}
+    for (target, side, index_64), generated in itertools.product(TARGETS_SIDES_WIDTHS,
+                                                                 (False, True)):
+        for inner in ("adam", "adagrad"):
+            for _, _, c in fgs.moment8_candidate_configs(generated, index_64):
+                key = (target, "8bit", inner, generated, side, index_64, c.block_own,
+                       c.block_r, c.block_long, c.num_warps, c.num_stages)
+                assert key in compiled, f"not compiled: {key}"
+        for what, configs in aot.adagrad_tables(fgs, index_64, ALL_DTYPES):
+            state = "8bit" if what.startswith("8bit") else "bf16" if "bf16" in what else "fp32"
+            for kernel, _, c in configs:
+                if kernel != "project" or generated != what.endswith("generated"):
+                    continue
+                key = (target, state, "adagrad", generated, side, index_64, c.block_own,
+                       c.block_r, c.block_long, c.num_warps, c.num_stages)
+                assert key in compiled, f"not compiled: {key}"
 
 
 def test_every_int8_update_config_compiles_for_sm89_and_sm90(reports):
@@ -143,8 +174,8 @@ def test_every_int8_update_config_compiles_for_sm89_and_sm90(reports):
 
 def test_every_gradnorm_config_compiles_for_sm89_and_sm90(reports):
     """fused_gradnorm_step: launches A, V and B of every table entry (dense and generated
-    bases, both sides where the launch exists), K of every basis format and F of both sides,
-    each target and offset width."""
+    bases, both sides where the launch exists; A also with 8-bit moments), K of every basis
+    format and F of both sides, each target and offset width."""
     from lowrank_kernels.triton_kernels import fused_gradnorm_step as gns
 
     fields = ("side", "index_64", "kernel", "block_own", "block_r", "block_long", "num_warps",
@@ -167,6 +198,17 @@ def test_every_gradnorm_config_compiles_for_sm89_and_sm90(reports):
         key = (target, "dense", side, index_64, "gn_rows", None, None, None,
                gns.ROWS_CONFIG.num_warps, None)
         assert key in compiled, f"not compiled: {key}"
+    # launch A with 8-bit moments: every table entry, both sides, each basis format
+    eight_bit = {(r["target"], r["variant"]["basis"], *(r["variant"].get(f) for f in fields))
+                 for r in reports if r["variant"]["kernel"] == "gn_project"
+                 and r["variant"]["state"] == "8bit"}
+    for (target, side, index_64), generated in itertools.product(TARGETS_SIDES_WIDTHS,
+                                                                 (False, True)):
+        for basis in ("int4", "dct") if generated else ("dense",):
+            for _, _, c in (e for e in gns.candidate_configs(generated) if e[0] == "gn_project"):
+                key = (target, basis, side, index_64, "gn_project", c.block_own, c.block_r,
+                       c.block_long, c.num_warps, c.num_stages)
+                assert key in eight_bit, f"8-bit moments not compiled: {key}"
 
 
 def test_no_register_spills(reports):

@@ -363,27 +363,152 @@ def _stochastic_round_bf16(x, word):
     return bits.to(tl.float32, bitcast=True)
 
 
+# ---- 8-bit moments (DESIGN.md §4.9, csrc/include/lowrank/moments8.h, reference.quantize_moment)
+# M as int8 ±c (E4M3 codes of |M|/s, max 480), V as uint8 c (unsigned E4M4 codes of √V/s, max
+# 496), one fp32 scale s = absmax/max per block of MOMENT_BLOCK rank-axis elements of an
+# own-line. Only IEEE-exact operations besides the rounded divisions (tl.div_rn) and products,
+# so the launcher's enable_fp_fusion=False gives the CPU kernel's codes.
+EXP_AVG_MANTISSA, EXP_AVG_MAX = tl.constexpr(3), tl.constexpr(480.0)
+EXP_AVG_SQ_MANTISSA, EXP_AVG_SQ_MAX = tl.constexpr(4), tl.constexpr(496.0)
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
 @triton.jit
-def _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1, beta2,
-               one_minus_beta1, one_minus_beta2, eps, philox_seed):
-    """Adam on one tile of M and V (fp32 arithmetic); returns N = M/(√V+ε) in fp32 from the fp32
-    moments (masked-out entries are not meaningful). state_offs: the tile's row-major indices
-    in M and V. bf16 moments are stored stochastically rounded with the first two words of
-    tl.randint4x(philox_seed, index + MOMENT_STREAM), as lowrank/adam.h does."""
-    exp_avg = tl.load(ExpAvg_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
-    exp_avg_sq = tl.load(ExpAvgSq_ptr + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+def _power_of_two(e):
+    """2^e (fp32, exact) of int32 exponents in the normal range, from the bits."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_encode(y, word, MANTISSA: tl.constexpr):
+    """Codes (int32) of magnitudes 0 ≤ y ≤ max, rounded stochastically with uint32 ``word``:
+    e = max(⌊log2 y⌋, −6), z = y·2^(mb−e), k = ⌊z⌋ + [u < z − ⌊z⌋], u = (word >> 8)·2^-24."""
+    e = ((y.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
+    e = tl.maximum(e, -6)
+    z = y * _power_of_two(-e + MANTISSA)  # tensor first: the interpreter's constexpr - tensor
+    #                                        is a constexpr
+    down = tl.floor(z)
+    u = (word >> 8).to(tl.float32) * 5.9604644775390625e-08
+    k = down.to(tl.int32) + (u < z - down).to(tl.int32)
+    return ((e + 6) << MANTISSA) + k
+
+
+@triton.jit
+def _fp8_decode(code, MANTISSA: tl.constexpr):
+    """The exact value (fp32) of int32 codes c ≥ 0: f = max(c >> mb, 1),
+    (c − 2^mb·(f − 1))·2^(f − 7 − mb)."""
+    field = tl.maximum(code >> MANTISSA, 1)
+    return (code - ((field - 1) << MANTISSA)).to(tl.float32) * _power_of_two(field - 7 - MANTISSA)
+
+
+@triton.jit
+def _block_scales(magnitude, MAX: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
+                  MOMENT_BLOCK: tl.constexpr):
+    """(scales per block (BLOCK_OWN, BLOCK_R/B), the same broadcast to the tile): absmax/MAX of
+    every B = MOMENT_BLOCK rank-adjacent entries of a row of the (own, rank) tile of magnitudes
+    (padding is 0). A NaN makes its block's scale NaN (tl.max alone would drop it on a GPU)."""
+    blocks = tl.reshape(magnitude, (BLOCK_OWN, BLOCK_R // MOMENT_BLOCK, MOMENT_BLOCK))
+    amax = tl.max(blocks, axis=2)
+    has_nan = tl.max((blocks != blocks).to(tl.int32), axis=2) > 0  # noqa: PLR0124
+    scales = tl.div_rn(tl.where(has_nan, float("nan"), amax), tl.full((), MAX, tl.float32))
+    wide = tl.broadcast_to(tl.expand_dims(scales, 2),
+                           (BLOCK_OWN, BLOCK_R // MOMENT_BLOCK, MOMENT_BLOCK))
+    return scales, tl.reshape(wide, (BLOCK_OWN, BLOCK_R))
+
+
+@triton.jit
+def _scaled_magnitude(magnitude, scale, MAX: tl.constexpr):
+    """min(|x|/s, MAX), or 0 where s is not a positive finite number."""
+    usable = (scale > 0.0) & (scale <= FLOAT32_MAX)
+    y = tl.div_rn(magnitude, tl.where(usable, scale, 1.0))
+    return tl.where(usable, tl.minimum(y, MAX), 0.0)
+
+
+@triton.jit
+def _load_moment(Ptr, Scales_ptr, state_offs, scale_offs, state_mask, SIGNED: tl.constexpr):
+    """A moment tile in fp32: as stored (fp32/bf16), or decoded from 8-bit codes (M = ±value·s,
+    V = (value·s)², the code holding √V)."""
+    stored = tl.load(Ptr + state_offs, mask=state_mask, other=0)
+    if Ptr.dtype.element_ty == tl.int8 or Ptr.dtype.element_ty == tl.uint8:
+        scale = tl.load(Scales_ptr + scale_offs, mask=state_mask, other=0.0)
+        code = stored.to(tl.int32)
+        if SIGNED:
+            value = _fp8_decode(tl.abs(code), EXP_AVG_MANTISSA) * scale
+            moment = tl.where(code < 0, -value, value)
+        else:
+            root = _fp8_decode(code, EXP_AVG_SQ_MANTISSA) * scale
+            moment = root * root
+    else:
+        moment = stored.to(tl.float32)
+    return moment
+
+
+@triton.jit
+def _store_moment(Ptr, Scales_ptr, state_offs, state_mask, block_offs, block_mask, moment, word,
+                  SIGNED: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
+                  MOMENT_BLOCK: tl.constexpr):
+    """Stores an fp32 moment tile rounded once: fp32 as is; bf16 stochastically (``word``);
+    8-bit: block scales (absmax of M, or of √V) and codes rounded stochastically with ``word``
+    (M: sign apart; √V: a positive value never gets code 0)."""
+    if Ptr.dtype.element_ty == tl.int8 or Ptr.dtype.element_ty == tl.uint8:
+        if SIGNED:
+            scales, scale = _block_scales(tl.abs(moment), EXP_AVG_MAX, BLOCK_OWN, BLOCK_R,
+                                          MOMENT_BLOCK)
+            code = _fp8_encode(_scaled_magnitude(tl.abs(moment), scale, EXP_AVG_MAX), word,
+                               EXP_AVG_MANTISSA)
+            code = tl.where(moment < 0.0, -code, code)
+        else:
+            root = tl.sqrt_rn(moment)
+            scales, scale = _block_scales(root, EXP_AVG_SQ_MAX, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
+            code = _fp8_encode(_scaled_magnitude(root, scale, EXP_AVG_SQ_MAX), word,
+                               EXP_AVG_SQ_MANTISSA)
+            code = tl.where((root > 0.0) & (code == 0), 1, code)
+        tl.store(Scales_ptr + block_offs, scales, mask=block_mask)
+        tl.store(Ptr + state_offs, code.to(Ptr.dtype.element_ty), mask=state_mask)
+    elif Ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(Ptr + state_offs, _stochastic_round_bf16(moment, word).to(tl.bfloat16),
+                 mask=state_mask)
+    else:
+        tl.store(Ptr + state_offs, moment, mask=state_mask)
+
+
+@triton.jit
+def _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr, ExpAvgSqScales_ptr, state_offs,
+               state_mask, offs_own, offs_r, own_mask, num_blocks, proj_low, beta1, beta2,
+               one_minus_beta1, one_minus_beta2, eps, philox_seed, ADAGRAD: tl.constexpr,
+               BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr, MOMENT_BLOCK: tl.constexpr):
+    """Adam (AdaGrad) on one (own, rank) tile of M and V (fp32 arithmetic); returns N =
+    M/(√V+ε) in fp32 from the fp32 moments (masked-out entries are not meaningful). state_offs:
+    the tile's row-major indices in M and V. Rounded moments (bf16, 8-bit) are stored with the
+    first (M) and second (V) words of tl.randint4x(philox_seed, index + MOMENT_STREAM), as
+    lowrank/adam.h does. ADAGRAD (coefficients (0, 1, 1, 1) from the host): M = 0 in registers,
+    never loaded or stored (ExpAvg_ptr and its scales are not read). 8-bit moments: the scales
+    are (own, num_blocks) row-major, blocks of MOMENT_BLOCK (which divides BLOCK_R) ranks."""
+    scale_offs = offs_own[:, None] * num_blocks + (offs_r // MOMENT_BLOCK)[None, :]
+    # this tile's block numbers (its rank range starts on a block boundary: B divides BLOCK_R)
+    block_idx = tl.min(offs_r, axis=0) // MOMENT_BLOCK + tl.arange(0, BLOCK_R // MOMENT_BLOCK)
+    block_offs = offs_own[:, None] * num_blocks + block_idx[None, :]
+    block_mask = own_mask[:, None] & (block_idx < num_blocks)[None, :]
+    if ADAGRAD:
+        exp_avg = tl.zeros_like(proj_low)
+    else:
+        exp_avg = _load_moment(ExpAvg_ptr, ExpAvgScales_ptr, state_offs, scale_offs, state_mask,
+                               True)
+    exp_avg_sq = _load_moment(ExpAvgSq_ptr, ExpAvgSqScales_ptr, state_offs, scale_offs,
+                              state_mask, False)
     exp_avg = beta1 * exp_avg + one_minus_beta1 * proj_low
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * proj_low * proj_low
     # stores first, N last: fewer tiles alive at once (the 128×128 launch A tile spills otherwise)
-    if ExpAvg_ptr.dtype.element_ty == tl.bfloat16:
+    if ExpAvgSq_ptr.dtype.element_ty != tl.float32:
         word_m, word_v, _, _ = tl.randint4x(philox_seed, state_offs.to(tl.int64) + MOMENT_STREAM)
-        tl.store(ExpAvg_ptr + state_offs,
-                 _stochastic_round_bf16(exp_avg, word_m).to(tl.bfloat16), mask=state_mask)
-        tl.store(ExpAvgSq_ptr + state_offs,
-                 _stochastic_round_bf16(exp_avg_sq, word_v).to(tl.bfloat16), mask=state_mask)
-    else:
-        tl.store(ExpAvg_ptr + state_offs, exp_avg, mask=state_mask)
-        tl.store(ExpAvgSq_ptr + state_offs, exp_avg_sq, mask=state_mask)
+    else:  # fp32 moments are stored as they are: no words
+        word_m = 0
+        word_v = 0
+    if not ADAGRAD:
+        _store_moment(ExpAvg_ptr, ExpAvgScales_ptr, state_offs, state_mask, block_offs,
+                      block_mask, exp_avg, word_m, True, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
+    _store_moment(ExpAvgSq_ptr, ExpAvgSqScales_ptr, state_offs, state_mask, block_offs,
+                  block_mask, exp_avg_sq, word_v, False, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
     return tl.div_rn(exp_avg, tl.sqrt_rn(exp_avg_sq) + eps)
 
 
@@ -397,15 +522,19 @@ def _round_to_fp32(x: float) -> float:
 
 
 def adam_coeffs(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                scale: float, step: int) -> dict[str, float]:
+                scale: float, step: int, adagrad: bool = False) -> dict[str, float]:
     """The per-step scalars of adam.h ``make_adam_coeffs``: computed in double (Python floats),
-    rounded to fp32 once."""
+    rounded to fp32 once. ``adagrad``: coefficients (β1, 1−β1, β2, 1−β2) = (0, 1, 1, 1) and the
+    step size lr (no bias correction): update_scale = fl32(d·lr·scale)."""
+    lr, weight_decay = float(lr), float(weight_decay)
+    if adagrad:
+        beta1, beta2 = 0.0, 1.0
     bias1 = 1.0 - math.pow(beta1, float(step))
     bias2 = 1.0 - math.pow(beta2, float(step))
-    alpha_t = lr * math.sqrt(bias2) / bias1
+    alpha_t = lr if adagrad else lr * math.sqrt(bias2) / bias1
     decay = 1.0 - lr * weight_decay
     coeffs = dict(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1,
-                  one_minus_beta2=1.0 - beta2, eps=eps, decay=decay,
+                  one_minus_beta2=1.0 if adagrad else 1.0 - beta2, eps=eps, decay=decay,
                   update_scale=decay * alpha_t * scale, step_size=alpha_t)
     return {k: _round_to_fp32(v) for k, v in coeffs.items()}
 
@@ -450,11 +579,12 @@ class BasisArgs:
 
 def basis_args(proj: torch.Tensor, m: int, n: int, rank: int, grad_dtype: torch.dtype,
                proj_scales: torch.Tensor | None = None, proj_zeros: torch.Tensor | None = None,
-               proj_group_size: int = 256) -> BasisArgs:
+               proj_group_size: int = 256, right: bool | None = None) -> BasisArgs:
     """BasisArgs of a validated proj (float: dense, any strides; uint8: packed INT4; int32:
-    DCT). The 1-D packed codes, scales, zeros and DCT indices are made dense (a copy of at most
-    r·d/2 bytes when strided); a dense basis is read through its strides."""
-    right = m >= n
+    DCT) on the side ``right`` (None: the side rule). The 1-D packed codes, scales, zeros and
+    DCT indices are made dense (a copy of at most r·d/2 bytes when strided); a dense basis is
+    read through its strides."""
+    right = m >= n if right is None else right
     generated_dtype = torch.float32 if grad_dtype == torch.float32 else grad_dtype
     if proj.dtype == torch.uint8:
         return BasisArgs(proj.contiguous(), proj_scales.contiguous(), proj_zeros.contiguous(),

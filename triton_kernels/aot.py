@@ -192,45 +192,87 @@ def step_variants(all_dtypes: bool = True, grad_layouts=("row", "column")):
     """(variant description, signature, constexprs, num_warps, num_stages, options) of launches
     A and B: for each offset width (INDEX_TYPES), every fused_galore_step.candidate_configs()
     entry (kernel, dtype class, TileConfig) for the dense and the generated (INT4, DCT) bases,
-    and every bf16_moment_candidate_configs() entry compiled with bf16 moments, each for the
-    full-rank modes it serves (FULL_RANK 0: GaLore from the plain tables; 1: Fira and 2: APOLLO
-    from the full-rank tables, candidate_configs(..., full_rank=True)). Both sides, launch A for
-    each G layout in
-    ``grad_layouts`` (unit_strides), launch B too in the full-rank modes (which read G there);
-    each dtype class's most register-hungry dtype set, or every set with ``all_dtypes``."""
+    every bf16_moment_candidate_configs() entry compiled with bf16 moments and every
+    moment8_candidate_configs() entry with 8-bit moments, and launch A under AdaGrad
+    (adagrad_tables); each for the full-rank modes it serves (FULL_RANK 0: GaLore from the plain
+    tables; 1: Fira and 2: APOLLO from the full-rank tables, candidate_configs(...,
+    full_rank=True), with fp32/bf16 Adam moments only: the checks refuse them with AdaGrad or
+    8-bit moments). Both sides, launch A for each G layout in ``grad_layouts`` (unit_strides;
+    the fp32/bf16 Adam tables), launch B too in the full-rank modes (which read G there); each
+    dtype class's most register-hungry dtype set, or every set with ``all_dtypes``."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
     for index_64, modes in itertools.product(INDEX_TYPES, ((0,), (1, 2))):
         full_rank = modes != (0,)
-        jobs = [(*c, what, mode) for what, configs in (
-            ("dense", fgs.candidate_configs(False, index_64, full_rank)),
-            ("generated", fgs.candidate_configs(True, index_64, full_rank)),
-            ("bf16-moments", fgs.bf16_moment_candidate_configs(False, index_64, full_rank)),
-            ("bf16-moments-generated",
-             fgs.bf16_moment_candidate_configs(True, index_64, full_rank)))
-            for c in configs for mode in modes]
-        for kernel, kind, config, what, mode in jobs:
+        tables = [("dense", fgs.candidate_configs(False, index_64, full_rank)),
+                  ("generated", fgs.candidate_configs(True, index_64, full_rank)),
+                  ("bf16-moments", fgs.bf16_moment_candidate_configs(False, index_64, full_rank)),
+                  ("bf16-moments-generated",
+                   fgs.bf16_moment_candidate_configs(True, index_64, full_rank))]
+        if not full_rank:
+            tables += [("8bit-moments", fgs.moment8_candidate_configs(False, index_64)),
+                       ("8bit-moments-generated", fgs.moment8_candidate_configs(True, index_64))]
+        jobs = [(*c, what, mode, False) for what, configs in tables for c in configs
+                for mode in modes]
+        if not full_rank:
+            jobs += [(*c, what, 0, True) for what, configs in adagrad_tables(fgs, index_64,
+                                                                              all_dtypes)
+                     for c in configs if c[0] == "project"]
+        for kernel, kind, config, what, mode, adagrad in jobs:
             table, generated = _STEP_TABLES[what]
             bases = GENERATED_BASES if generated else ("dense",)
             sets = [(basis, dtypes) for basis in bases
                     for dtypes in _dtype_sets(table, (kernel, kind), all_dtypes)]
-            layouts = grad_layouts if kernel == "project" or mode else ("row",)
+            # The moment epilogue does not touch G: the G layouts are compiled with the Adam
+            # fp32/bf16 tables (launch A, and launch B in the full-rank modes, which read G
+            # there); AdaGrad and 8-bit moments (more variants) with G row-major.
+            layouts = (grad_layouts if (kernel == "project" or mode) and not adagrad
+                       and what in _G_LAYOUT_TABLES else ("row",))
             for (basis, dtypes), right, layout in itertools.product(sets, (True, False),
                                                                     layouts):
                 yield _step_variant(fgs, kernel, config, basis, dtypes, index_64, right,
-                                    layout, mode)
+                                    layout, adagrad, mode)
 
 
-def _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, layout, full_rank=0):
+def adagrad_tables(fgs, index_64: bool, all_dtypes: bool = True):
+    """(job kind, launch A configurations) compiled with ADAGRAD (AdaGrad: no M): the 8-bit
+    moment tables always (their AdaGrad variants spilled more than Adam's before the tables were
+    fixed), the fp32 and bf16 ones with ``all_dtypes`` (all spill-free when measured: AdaGrad
+    holds one moment fewer than the Adam variants the default run compiles)."""
+    tables = [("8bit-moments", fgs.moment8_candidate_configs(False, index_64)),
+              ("8bit-moments-generated", fgs.moment8_candidate_configs(True, index_64))]
+    if all_dtypes:
+        tables += [("dense", fgs.candidate_configs(False, index_64)),
+                   ("generated", fgs.candidate_configs(True, index_64)),
+                   ("bf16-moments", fgs.bf16_moment_candidate_configs(False, index_64)),
+                   ("bf16-moments-generated", fgs.bf16_moment_candidate_configs(True, index_64))]
+    return tables
+
+
+def _moment_pointers(state: str, adagrad: bool = False) -> dict[str, str]:
+    """Launch A's moment pointers for a state type ("8bit": int8 M, uint8 √V codes and fp32
+    block scales; otherwise M and V of that type, the unused scale pointers at V). AdaGrad: M's
+    pointer is V's (never read)."""
+    m_type, v_type = ("i8", "u8") if state == "8bit" else (state, state)
+    scales = "fp32" if state == "8bit" else v_type
+    return {"ExpAvg_ptr": f"*{v_type if adagrad else m_type}", "ExpAvgSq_ptr": f"*{v_type}",
+            "ExpAvgScales_ptr": f"*{scales}", "ExpAvgSqScales_ptr": f"*{scales}"}
+
+
+def _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, layout, adagrad=False,
+                  full_rank=0):
+    extra = {}
     f32 = "*fp32"
     if kernel == "project":
         fn = fgs._project_adam_kernel
-        g, p, s, w = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
+        g, p, s, w = (_TRITON_TYPES.get(t, t) if t is not None else basis for t in dtypes)
         w = "fp32" if full_rank else w  # the full-rank modes keep N in fp32
-        pointers = {"G_ptr": f"*{g}", "ExpAvg_ptr": f"*{s}", "ExpAvgSq_ptr": f"*{s}",
-                    "Normalized_ptr": f"*{w}", "LowRank_ptr": f32 if full_rank else f"*{w}",
+        pointers = {"G_ptr": f"*{g}", **_moment_pointers(s, adagrad), "Normalized_ptr": f"*{w}",
+                    "LowRank_ptr": f32 if full_rank else f"*{w}",
                     "LineSums_ptr": f32 if full_rank else f"*{w}"}
-        types = {"grad": g, "proj": p, "state": s, "weight": w, "grad_layout": layout}
+        types = {"grad": g, "proj": p, "state": s, "weight": w, "grad_layout": layout,
+                 "inner": "adagrad" if adagrad else "adam"}
+        extra = {"ADAGRAD": adagrad, "MOMENT_BLOCK": MOMENT_BLOCK}
     else:
         fn = fgs._back_project_kernel
         w, p = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
@@ -242,11 +284,13 @@ def _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, layout, f
     constexprs = {"RIGHT": right, "BLOCK_OWN": config.block_own, "BLOCK_R": config.block_r,
                   "BLOCK_LONG": config.block_long, "INDEX_64": index_64, "INTERPRETED": False,
                   "FULL_RANK": full_rank, **_basis_constexprs(basis),
-                  **unit_strides(kernel, right, basis, layout)}
+                  **unit_strides(kernel, right, basis, layout), **extra}
     variant = {"kernel": kernel, "side": "right" if right else "left", **types, "basis": basis,
                "index_64": index_64, "full_rank": full_rank, **dataclasses.asdict(config)}
+    # 8-bit moments are launched with enable_fp_fusion=False (bits equal to the CPU kernel's)
+    options = {"enable_fp_fusion": False} if types.get("state") == "8bit" else {}
     return (variant, _signature(fn, pointers, constexprs), constexprs, config.num_warps,
-            config.num_stages, fgs.full_rank_options(full_rank))
+            config.num_stages, {**options, **fgs.full_rank_options(full_rank)})
 
 
 def int8_update_variants(all_dtypes: bool = True):
@@ -316,12 +360,23 @@ BF16_MOMENT_GENERATED_DTYPES = {
                         (torch.float16, None, torch.bfloat16, torch.float16)],
     ("project", "fp32"): [(torch.float32, None, torch.bfloat16, torch.float32)],
 }
+# Launch A with 8-bit moments ("8bit": int8 M and uint8 √V codes with fp32 block scales of
+# MOMENT_BLOCK ranks, the default block; other block sizes compile on first use unchecked):
+# (grad, proj, state, workspace) sets as for bf16 moments.
+MOMENT_BLOCK = 32
+MOMENT8_DTYPES = {key: [(g, p, "8bit", w) for g, p, _, w in sets]
+                  for key, sets in BF16_MOMENT_DTYPES.items()}
+MOMENT8_GENERATED_DTYPES = {key: [(g, p, "8bit", w) for g, p, _, w in sets]
+                            for key, sets in BF16_MOMENT_GENERATED_DTYPES.items()}
 _STEP_TABLES = {  # job kind -> (dtype table, generated basis)
     "dense": (STEP_DTYPES, False),
     "generated": (STEP_GENERATED_DTYPES, True),
     "bf16-moments": (BF16_MOMENT_DTYPES, False),
     "bf16-moments-generated": (BF16_MOMENT_GENERATED_DTYPES, True),
+    "8bit-moments": (MOMENT8_DTYPES, False),
+    "8bit-moments-generated": (MOMENT8_GENERATED_DTYPES, True),
 }
+_G_LAYOUT_TABLES = ("dense", "generated", "bf16-moments", "bf16-moments-generated")
 
 # --------------------------------------------------------------------------------------------
 # fused_gradnorm_step (triton_kernels/fused_gradnorm_step.py): launches K "gn_gram", A
@@ -344,6 +399,18 @@ GRADNORM_PROJECT_GENERATED_DTYPES = {
     "fp32": [(torch.float32, torch.float32, None, torch.bfloat16),
              (torch.float32, torch.float32, None, torch.float32)],
 }
+# 8-bit moments (int8 M, uint8 √V codes and fp32 block scales; enable_fp_fusion=False), compiled
+# beside the fp32/bf16 sets of each class: their epilogue holds the scales and codes too.
+GRADNORM_PROJECT_8BIT_DTYPES = {
+    "tc": [(torch.bfloat16, torch.bfloat16, torch.bfloat16, "8bit"),
+           (torch.float16, torch.float16, torch.float16, "8bit")],
+    "fp32": [(torch.float32, torch.float32, torch.float32, "8bit"),
+             (torch.bfloat16, torch.bfloat16, torch.float32, "8bit")],
+}
+GRADNORM_PROJECT_8BIT_GENERATED_DTYPES = {
+    "tc": [(torch.bfloat16, torch.bfloat16, None, "8bit")],
+    "fp32": [(torch.float32, torch.float32, None, "8bit")],
+}
 GRADNORM_BACK_DTYPES = {"16bit": [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
                         "fp32": [(torch.float32, torch.float32)]}
 GRADNORM_BACK_GENERATED_DTYPES = {"16bit": [(torch.bfloat16, None)], "fp32": [(torch.float32, None)]}
@@ -352,6 +419,9 @@ GRADNORM_BACK_GENERATED_DTYPES = {"16bit": [(torch.bfloat16, None)], "fp32": [(t
 def _gradnorm_dtype_sets(kernel: str, kind: str, generated: bool, all_dtypes: bool):
     if kernel == "gn_project":
         table = GRADNORM_PROJECT_GENERATED_DTYPES if generated else GRADNORM_PROJECT_DTYPES
+        eight_bit = (GRADNORM_PROJECT_8BIT_GENERATED_DTYPES if generated
+                     else GRADNORM_PROJECT_8BIT_DTYPES)
+        return _dtype_sets(table, kind, all_dtypes) + _dtype_sets(eight_bit, kind, all_dtypes)
     else:
         table = GRADNORM_BACK_GENERATED_DTYPES if generated else GRADNORM_BACK_DTYPES
     return _dtype_sets(table, kind, all_dtypes)
@@ -379,15 +449,18 @@ def gradnorm_variants(all_dtypes: bool = True):
 
 
 def _gradnorm_tile_variant(gns, kernel, config, basis, dtypes, index_64, right):
-    types = [_TRITON_TYPES[t] if t is not None else basis for t in dtypes]
+    types = [_TRITON_TYPES.get(t, t) if t is not None else basis for t in dtypes]
+    extra, options = {}, {}
     if kernel == "gn_project":
         g, w, p, s = types
         fn = gns._gradnorm_project_kernel
-        pointers = {"G_ptr": f"*{g}", "W_ptr": f"*{w}", "ExpAvg_ptr": f"*{s}",
-                    "ExpAvgSq_ptr": f"*{s}", "Normalized_ptr": "*fp32", "ProjW_ptr": "*fp32",
-                    "RowSums_ptr": "*fp32"}
+        pointers = {"G_ptr": f"*{g}", "W_ptr": f"*{w}", **_moment_pointers(s),
+                    "Normalized_ptr": "*fp32", "ProjW_ptr": "*fp32", "RowSums_ptr": "*fp32"}
         described = {"grad": g, "weight": w, "proj": p, "state": s}
         unit = unit_strides("project", right, basis)
+        extra = {"MOMENT_BLOCK": MOMENT_BLOCK}
+        # 8-bit moments are launched with enable_fp_fusion=False (the CPU kernel's codes)
+        options = {"enable_fp_fusion": False} if s == "8bit" else {}
     else:
         w, p = types
         fn = gns._gradnorm_vnorm_kernel if kernel == "gn_vnorm" else gns._gradnorm_update_kernel
@@ -398,14 +471,14 @@ def _gradnorm_tile_variant(gns, kernel, config, basis, dtypes, index_64, right):
     pointers.update(_basis_pointers(basis, p))
     constexprs = {"BLOCK_OWN": config.block_own, "BLOCK_R": config.block_r,
                   "BLOCK_LONG": config.block_long, "INDEX_64": index_64, "INTERPRETED": False,
-                  **_basis_constexprs(basis), **unit}
+                  **_basis_constexprs(basis), **unit, **extra}
     if kernel != "gn_vnorm":
         constexprs["RIGHT"] = right
     pointers = {k: v for k, v in pointers.items() if k in fn.arg_names}
     variant = {"kernel": kernel, "side": "right" if right else "left", **described,
                "basis": basis, "index_64": index_64, **dataclasses.asdict(config)}
     return (variant, _signature(fn, pointers, constexprs), constexprs, config.num_warps,
-            config.num_stages, {})
+            config.num_stages, options)
 
 
 def _gradnorm_small_variant(gns, kernel, basis, index_64, right):

@@ -98,7 +98,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels import _checks
+from lowrank_kernels import _checks, reference
 from lowrank_kernels.reference import is_right_side, rounding_philox_seed
 
 from ._common import (
@@ -132,21 +132,24 @@ from .quant import dequantize_codes, group_quant_params, stochastic_round_codes
 
 @triton.jit
 def _project_adam_kernel(
-    G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr, Normalized_ptr,
-    LowRank_ptr, LineSums_ptr,
+    G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr,
+    ExpAvgSqScales_ptr, Normalized_ptr, LowRank_ptr, LineSums_ptr,
     stride_gm, stride_gn, stride_pr, stride_pl, stride_statem, stride_normm,
-    M, N, R,
+    M, N, R, num_blocks,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, FULL_RANK: tl.constexpr = 0,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, ADAGRAD: tl.constexpr,
+    MOMENT_BLOCK: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch A: R[own, r] = Σ_long G[own, long]·basis[long, r] for one BLOCK_OWN × BLOCK_R tile,
-    then Adam on that tile of M and V and N = M/(√V+ε) into the workspace (rounded to its type).
-    FULL_RANK (full_rank.FIRA / APOLLO): also the per-line partial sums of this rank tile
-    (full_rank.py: ν = Σ N², ρ = Σ R², and γ = ‖G_own‖² from the first rank tile) and, for
-    Fira, R itself into the fp32 LowRank workspace (LowRank_ptr, LineSums_ptr are unused
-    otherwise)."""
+    then Adam (AdaGrad when ADAGRAD) on that tile of M and V and N = M/(√V+ε) into the workspace
+    (rounded to its type). 8-bit moments (int8/uint8 pointers): num_blocks = ⌈R/MOMENT_BLOCK⌉
+    scales per own-line, blocks of MOMENT_BLOCK ranks inside the tile (_common._adam_tile).
+    FULL_RANK (full_rank.FIRA / APOLLO; Adam with fp32/bf16 moments only, the checks refuse the
+    rest): also the per-line partial sums of this rank tile (full_rank.py: ν = Σ N², ρ = Σ R²,
+    and γ = ‖G_own‖² from the first rank tile) and, for Fira, R itself into the fp32 LowRank
+    workspace (LowRank_ptr, LineSums_ptr are unused otherwise)."""
     OWN, LONG = _own_long(M, N, RIGHT)
     offs_own, offs_r, own_mask, r_mask = _grid_tile(OWN, R, BLOCK_OWN, BLOCK_R, INDEX_64)
 
@@ -170,8 +173,10 @@ def _project_adam_kernel(
                                           state_mask, offs_own, own_mask, proj_low, grad_sq, OWN,
                                           R, BLOCK_R, FULL_RANK, INDEX_64)
     # only the real rank is stored; launch B reads the padding as 0 through its mask
-    normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
-                            beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
+    normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr, ExpAvgSqScales_ptr,
+                            state_offs, state_mask, offs_own, offs_r, own_mask, num_blocks,
+                            proj_low, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                            philox_seed, ADAGRAD, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
     tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
              _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
     if FULL_RANK != 0:
@@ -469,6 +474,20 @@ _INDEX_64_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     **_PROJECT_BLOCKS,
     ("tc", 128): _BF16_MOMENT_PROJECT_BLOCKS[("tc", 128)],
 }
+# 8-bit moments: launch A decodes M and V (a gather of the block scale per element), draws the
+# same Philox words as bf16 moments and re-encodes them with a block absmax over the rank axis
+# of the tile (a reshape to (own, BLOCK_R/B, B)), which holds more values at once. The bf16
+# tables' dense tensor-core tiles then spill on sm_89 and sm_90 (AOT: 64×64 at 4 warps 36-364
+# bytes, 64×128 24-556 bytes, more under AdaGrad than Adam); 64×64 at 8 warps (≤ 206 registers)
+# and 32×128 at 8 warps (≤ 212) do not (64×128 with 32-wide long chunks at 2 stages still
+# spills 16 bytes). The fp32-dot and generated-basis entries serve 8-bit moments as they are.
+_MOMENT8_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_BF16_MOMENT_PROJECT_BLOCKS,
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=8, num_stages=3),
+    ("tc", 128): TileConfig(block_own=32, block_r=128, block_long=64, num_warps=8, num_stages=3),
+}
+_MOMENT8_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_BF16_MOMENT_GENERATED_PROJECT_BLOCKS}
 # The full-rank modes (Fira, APOLLO; full_rank.py): launch A also sums G², R² and N² per line
 # and stores R (Fira), launch B also holds a tile of G and the per-line coefficients. Their
 # own tables, compiled by the AOT test with FULL_RANK 1 and 2 (both sides, offset widths, G
@@ -541,12 +560,15 @@ def workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def _project_blocks(generated: bool, bf16_moments: bool, index_64: bool = False,
-                    full_rank: bool = False) -> dict[tuple[str, int], TileConfig]:
+                    moments_8bit: bool = False, full_rank: bool = False
+                    ) -> dict[tuple[str, int], TileConfig]:
     if full_rank:  # one table for both offset widths: it has no 128-row tile
         if generated:
             return (_FULL_RANK_BF16_MOMENT_GENERATED_PROJECT_BLOCKS if bf16_moments
                     else _FULL_RANK_GENERATED_PROJECT_BLOCKS)
         return _FULL_RANK_BF16_MOMENT_PROJECT_BLOCKS if bf16_moments else _FULL_RANK_PROJECT_BLOCKS
+    if moments_8bit:
+        return _MOMENT8_GENERATED_PROJECT_BLOCKS if generated else _MOMENT8_PROJECT_BLOCKS
     if generated:
         return _BF16_MOMENT_GENERATED_PROJECT_BLOCKS if bf16_moments else _GENERATED_PROJECT_BLOCKS
     if bf16_moments:
@@ -562,15 +584,17 @@ def _back_blocks(generated: bool, full_rank: bool = False) -> dict[str, TileConf
 
 def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
                  proj_dtype: torch.dtype, *, generated: bool = False, bf16_moments: bool = False,
-                 index_64: bool = False, full_rank: bool = False
+                 index_64: bool = False, moments_8bit: bool = False, full_rank: bool = False
                  ) -> tuple[TileConfig, TileConfig]:
     """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole).
     proj_dtype is the type the basis enters launch A's dot in (BasisArgs.dot_dtype);
     ``generated``: an INT4 or DCT basis; ``bf16_moments``: M and V in bf16 (stochastic rounding
-    in launch A); ``index_64``: 64-bit offsets; ``full_rank``: Fira or APOLLO (their own
-    tables). Launch B of INT8 weights is configured by int8_config instead."""
+    in launch A); ``moments_8bit``: 8-bit codes (decoded and re-encoded in launch A);
+    ``index_64``: 64-bit offsets; ``full_rank``: Fira or APOLLO (their own tables; never with
+    8-bit moments). The AdaGrad rule takes its moment format's table (it holds one moment
+    fewer). Launch B of INT8 weights is configured by int8_config instead."""
     kind = dot_kind(grad_dtype, proj_dtype)
-    project = _project_blocks(generated, bf16_moments, index_64, full_rank)
+    project = _project_blocks(generated, bf16_moments, index_64, moments_8bit, full_rank)
     return (project[(kind, project_block_r(rank, kind, generated))],
             _back_blocks(generated, full_rank)[weight_kind(weight_dtype)])
 
@@ -648,33 +672,65 @@ def bf16_moment_candidate_configs(generated: bool = False, index_64: bool = Fals
                             full_rank=full_rank).items()]
 
 
+def moment8_candidate_configs(generated: bool = False, index_64: bool = False
+                              ) -> list[tuple[str, str, TileConfig]]:
+    """The launch A configurations ``pick_configs`` returns with 8-bit moments."""
+    return [("project", kind, c) for (kind, _), c in
+            _project_blocks(generated, False, index_64, moments_8bit=True).items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class MomentArgs:
+    """The moment arguments of launch A: the inner rule, and for 8-bit codes their fp32 block
+    scales and block size (``scales``/``sq_scales`` point at exp_avg_sq when unused)."""
+
+    adagrad: bool = False
+    scales: torch.Tensor | None = None
+    sq_scales: torch.Tensor | None = None
+    block: int = reference.MOMENT_BLOCK_SIZE
+
+
+def moment_kind(exp_avg_sq: torch.Tensor) -> str:
+    """'fp32', 'bf16' or '8bit': which launch A table serves these moments."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.uint8: "8bit"}[exp_avg_sq.dtype]
+
+
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
-                      exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *, lr: float, beta1: float,
-                      beta2: float, eps: float, weight_decay: float, scale: float, step: int,
-                      proj_scales: torch.Tensor | None = None,
+                      exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, *, lr: float,
+                      beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
+                      step: int, proj_scales: torch.Tensor | None = None,
                       proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
                       param_scales: torch.Tensor | None = None,
                       param_zeros: torch.Tensor | None = None, param_group_size: int = 256,
-                      seed: int = 0, full_rank: str = "none", full_rank_norm: str = "channel",
-                      limiter: torch.Tensor | None = None, limiter_growth: float = 1.01,
-                      scale_front: bool = False) -> None:
+                      seed: int = 0, inner: str = "adam",
+                      exp_avg_scales: torch.Tensor | None = None,
+                      exp_avg_sq_scales: torch.Tensor | None = None,
+                      state_block_size: int = reference.MOMENT_BLOCK_SIZE,
+                      right: bool | None = None, full_rank: str = "none",
+                      full_rank_norm: str = "channel", limiter: torch.Tensor | None = None,
+                      limiter_growth: float = 1.01, scale_front: bool = False) -> None:
     """One fused step in place, with the op's schema signature (lowrank_kernels.ops
     .fused_galore_step documents the contract): validates, then launches A and B (with the
     full-rank modes' kernels of full_rank.py between them). proj: a dense float basis (any
     strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param: float or INT8 codes
-    (uint8). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    (uint8); moments fp32, bf16 or 8-bit codes, exp_avg None for AdaGrad; ``right`` overrides
+    the side rule. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     rank = _checks.check_fused_galore_step(
         param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
         proj_zeros=proj_zeros, proj_group_size=proj_group_size, param_scales=param_scales,
-        param_zeros=param_zeros, param_group_size=param_group_size, seed=seed,
-        full_rank=full_rank, full_rank_norm=full_rank_norm, limiter=limiter,
-        limiter_growth=limiter_growth, scale_front=scale_front)
+        param_zeros=param_zeros, param_group_size=param_group_size, seed=seed, inner=inner,
+        exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
+        state_block_size=state_block_size, right=right, full_rank=full_rank,
+        full_rank_norm=full_rank_norm, limiter=limiter, limiter_growth=limiter_growth,
+        scale_front=scale_front)
     if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
+    side = _checks.step_side(*param.shape, right)
+    adagrad = inner == "adagrad"
     basis = basis_args(proj, *param.shape, rank, grad.dtype, proj_scales, proj_zeros,
-                       proj_group_size)
+                       proj_group_size, right=side)
     full = None
     if full_rank != "none":
         mode = FULL_RANK_MODES[full_rank]
@@ -682,10 +738,11 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                             scale_front, scale,
                             grad_scale(lr, beta1, beta2, weight_decay, scale, step, mode))
     launch(param, grad, proj, exp_avg, exp_avg_sq, rank,
-           adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step), basis=basis,
-           param_scales=param_scales, param_zeros=param_zeros,
+           adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, adagrad=adagrad),
+           basis=basis, param_scales=param_scales, param_zeros=param_zeros,
            param_group_size=param_group_size, philox_seed=rounding_philox_seed(seed, step),
-           full_rank=full)
+           right=side, moments=MomentArgs(adagrad, exp_avg_scales, exp_avg_sq_scales,
+                                          state_block_size), full_rank=full)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -701,64 +758,75 @@ class FullRankStep:
     grad_scale: float
 
 
-def index_64_needed(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                    basis: BasisArgs, rank: int) -> bool:
+def index_64_needed(param: torch.Tensor, grad: torch.Tensor, moment: torch.Tensor,
+                    basis: BasisArgs, rank: int, right: bool | None = None) -> bool:
     """Whether a step's int32 offsets overflow past 2**31 (any tensor's span, the r·long
-    elements of a generated basis, or a DCT phase): its launches then take INDEX_64."""
+    elements of a generated basis, or a DCT phase): its launches then take INDEX_64. ``moment``:
+    a low-rank state (V: AdaGrad has no M); ``right``: the side (None: the side rule)."""
     m, n = param.shape
-    return (needs_index_64(param, grad, exp_avg, basis.tensor)
+    long = n if (is_right_side(m, n) if right is None else right) else m
+    return (needs_index_64(param, grad, moment, basis.tensor)
             or needs_wide_phase(basis.kind, m, n)
-            or (basis.kind != 0 and rank * min(m, n) >= 2**31))
+            or (basis.kind != 0 and rank * long >= 2**31))
 
 
 def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, float],
            index_64: bool | None = None, *, basis: BasisArgs | None = None,
            param_scales: torch.Tensor | None = None, param_zeros: torch.Tensor | None = None,
            param_group_size: int = 256, philox_seed: int = 0,
-           configs: tuple[TileConfig, TileConfig] | None = None,
-           full_rank: FullRankStep | None = None) -> None:
+           configs: tuple[TileConfig, TileConfig] | None = None, right: bool | None = None,
+           moments: MomentArgs = MomentArgs(), full_rank: FullRankStep | None = None) -> None:
     """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs). ``basis``
     describes an INT4 or DCT proj (default: proj is a dense basis); a uint8 ``param`` holds INT8
     codes with their scales/zeros, requantized with u = tl.rand(philox_seed, index);
-    ``philox_seed`` also keys the stochastic rounding of bf16 moments in launch A.
-    ``configs``: (launch A, launch B) in place of ``pick_configs`` (bench/tune_triton_step.py).
-    ``full_rank``: Fira or APOLLO (full_rank.py runs its kernels between A and B)."""
+    ``philox_seed`` also keys the stochastic rounding of bf16 and 8-bit moments in launch A.
+    ``right``: the side (None: the side rule); ``moments``: AdaGrad (exp_avg None) and the
+    scales of 8-bit moments. ``configs``: (launch A, launch B) in place of ``pick_configs``
+    (bench/tune_triton_step.py). ``full_rank``: Fira or APOLLO (full_rank.py runs its kernels
+    between A and B; Adam with fp32/bf16 moments only)."""
     m, n = param.shape
-    right = is_right_side(m, n)
+    right = is_right_side(m, n) if right is None else right
     own, long = (m, n) if right else (n, m)
     if basis is None:
-        basis = basis_args(proj, m, n, rank, grad.dtype)
+        basis = basis_args(proj, m, n, rank, grad.dtype, right=right)
     int8_weight = param.dtype == torch.uint8
     mode = full_rank.mode if full_rank is not None else 0
     if index_64 is None:
-        index_64 = index_64_needed(param, grad, exp_avg, basis, rank)
+        index_64 = index_64_needed(param, grad, exp_avg_sq, basis, rank, right)
+    kind = moment_kind(exp_avg_sq)
     project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
                                             generated=basis.kind != 0,
-                                            bf16_moments=exp_avg.dtype == torch.bfloat16,
-                                            index_64=index_64, full_rank=mode != 0)
+                                            bf16_moments=kind == "bf16",
+                                            index_64=index_64, moments_8bit=kind == "8bit",
+                                            full_rank=mode != 0)
     # Fira folds N − c ⊙ R before rounding, so the full-rank modes keep N in fp32
-    normalized = torch.empty(exp_avg.shape, dtype=torch.float32 if mode else
+    normalized = torch.empty(exp_avg_sq.shape, dtype=torch.float32 if mode else
                              workspace_dtype(param.dtype), device=param.device)
-    buffers = (full_rank_buffers(mode, own, exp_avg.shape, triton.cdiv(rank, project.block_r),
+    buffers = (full_rank_buffers(mode, own, exp_avg_sq.shape, triton.cdiv(rank, project.block_r),
                                  param.device) if mode else None)
     interpreted = param.device.type == "cpu"
-    # INT8 weights: no FMA contraction, so that every fp32 operation rounds as on the CPU
-    # (lowrank/adam.h, quant.h) and the codes are the CPU kernel's wherever back(N) agrees.
-    exact = {"enable_fp_fusion": False} if int8_weight else {}
+    # INT8 weights and 8-bit moments: no FMA contraction, so that every fp32 operation rounds as
+    # on the CPU (lowrank/adam.h, quant.h, moments8.h) and the codes are the CPU kernel's
+    # wherever the fp32 values agree.
+    exact = {"enable_fp_fusion": False} if int8_weight or kind == "8bit" else {}
     registers = full_rank_options(mode)
     basis_strides = (basis.stride_rank, basis.stride_long)
     grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)
+    scales = moments.scales if moments.scales is not None else exp_avg_sq
+    sq_scales = moments.sq_scales if moments.sq_scales is not None else exp_avg_sq
     _project_adam_kernel[grid_a](
-        grad, *basis.pointers, exp_avg, exp_avg_sq, normalized,
-        *_full_rank_pointers(buffers, normalized)[:2],
-        *grad.stride(), *basis_strides, exp_avg.stride(0), normalized.stride(0),
-        m, n, rank,
+        grad, *basis.pointers, exp_avg if exp_avg is not None else exp_avg_sq, exp_avg_sq,
+        scales, sq_scales, normalized, *_full_rank_pointers(buffers, normalized)[:2],
+        *grad.stride(), *basis_strides, exp_avg_sq.stride(0), normalized.stride(0),
+        m, n, rank, triton.cdiv(rank, moments.block),
         coeffs["beta1"], coeffs["beta2"], coeffs["one_minus_beta1"], coeffs["one_minus_beta2"],
         coeffs["eps"], philox_seed,
         RIGHT=right, BLOCK_OWN=project.block_own, BLOCK_R=project.block_r,
         BLOCK_LONG=project.block_long, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
-        INDEX_64=index_64, INTERPRETED=interpreted, FULL_RANK=mode,
-        num_warps=project.num_warps, num_stages=project.num_stages, **exact, **registers,
+        INDEX_64=index_64, INTERPRETED=interpreted, ADAGRAD=moments.adagrad,
+        MOMENT_BLOCK=moments.block if kind == "8bit" else reference.MOMENT_BLOCK_SIZE,
+        FULL_RANK=mode, num_warps=project.num_warps, num_stages=project.num_stages, **exact,
+        **registers,
     )
     if mode:
         finalize_full_rank(buffers, basis, rank, long, right,
@@ -769,7 +837,7 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     full_rank_args = (grad, *_full_rank_pointers(buffers, normalized)[2:])
     if int8_weight:
         _launch_int8_update(param, param_scales, param_zeros, param_group_size, philox_seed,
-                            basis, normalized, rank, coeffs, index_64, interpreted,
+                            basis, normalized, rank, coeffs, index_64, interpreted, right,
                             full_rank_args, mode)
         return
     grid_b = (triton.cdiv(own, back.block_own) * triton.cdiv(long, back.block_long),)
@@ -795,12 +863,12 @@ def _full_rank_pointers(buffers, normalized: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _launch_int8_update(codes, scales, zeros, group_size, philox_seed, basis, normalized, rank,
-                        coeffs, index_64, interpreted, full_rank_args, mode):
+                        coeffs, index_64, interpreted, right, full_rank_args, mode):
     m, n = codes.shape
     config = int8_config(n, group_size, index_64)
     if interpreted and config.path == "groups":  # the interpreter pays per program
         config = dataclasses.replace(config, block_groups=max(1, 4096 // config.block_g))
-    common = {"RIGHT": is_right_side(m, n), "BLOCK_R": config.block_r, "GROUP": group_size,
+    common = {"RIGHT": right, "BLOCK_R": config.block_r, "GROUP": group_size,
               "BASIS": basis.kind, "PROJ_GROUP": basis.group_size, "INDEX_64": index_64,
               "INTERPRETED": interpreted, "FULL_RANK": mode, "num_warps": config.num_warps,
               "num_stages": config.num_stages, "enable_fp_fusion": False,

@@ -40,7 +40,10 @@ m·n·(s(G) + 2·s(W)) + the states):
            4·m·r·4 + m·r·4; K: r²·4 written, read ⌈m/BLOCK_M⌉ times from L2.
     left:  G read once, W read three times (A, V, B) and written once: m·n·(s(G) + 4·s(W));
            N written once and read twice (3·r·n·4); partials 2·m·⌈n/strip⌉·4 bytes.
-    both:  M, V read and written once (4·r·own·s(state)); the row states 4·m·4 read and written.
+    both:  M, V read and written once (4·r·own·s(state); 8-bit codes: s = 1, plus their fp32
+           block scales, 4·own·⌈r/B⌉·4); the row states 4·m·4 read and written.
+Launch A's moment epilogue is GaLore's (_common._adam_tile: fp32, bf16 or 8-bit moments, the
+same Philox words and codes; launched with enable_fp_fusion=False for 8-bit codes).
 Nothing is synchronised with the host; every temporary is low-rank or per-row sized.
 
 Precision: R and U accumulate in fp32 (tensor cores when both operands share a 16-bit type,
@@ -87,6 +90,7 @@ from ._common import (
 from .fused_galore_step import _BACK_BLOCKS as _GALORE_BACK_BLOCKS
 from .fused_galore_step import _GENERATED_BACK_BLOCKS as _GALORE_GENERATED_BACK_BLOCKS
 from .fused_galore_step import (
+    MomentArgs,
     TileConfig,
     index_64_needed,
     weight_kind,
@@ -96,13 +100,13 @@ from .fused_galore_step import (
 @triton.jit
 def _gradnorm_project_kernel(
     G_ptr, W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr,
-    Normalized_ptr, ProjW_ptr, RowSums_ptr,
+    ExpAvgScales_ptr, ExpAvgSqScales_ptr, Normalized_ptr, ProjW_ptr, RowSums_ptr,
     stride_gm, stride_gn, stride_wm, stride_pr, stride_pl, stride_statem,
-    M, N, R,
+    M, N, R, num_blocks,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, MOMENT_BLOCK: tl.constexpr,
 ):
     """Launch A: R = project(G) for one BLOCK_OWN × BLOCK_R tile, Adam → N (fp32 workspace),
     and the row sums of G⊙W. Right: also U = W Qᵀ (fp32 workspace) and, by the first rank
@@ -145,8 +149,10 @@ def _gradnorm_project_kernel(
 
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
-    normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, state_offs, state_mask, proj_low, beta1,
-                            beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed)
+    normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr, ExpAvgSqScales_ptr,
+                            state_offs, state_mask, offs_own, offs_r, own_mask, num_blocks,
+                            proj_low, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                            philox_seed, False, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
     tl.store(Normalized_ptr + state_offs, normalized, mask=state_mask)
     if RIGHT:
         tl.store(ProjW_ptr + state_offs, proj_w, mask=state_mask)
@@ -373,7 +379,9 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
                         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                         scale: float, step: int, proj_scales: torch.Tensor | None = None,
                         proj_zeros: torch.Tensor | None = None, proj_group_size: int = 256,
-                        seed: int = 0) -> None:
+                        seed: int = 0, exp_avg_scales: torch.Tensor | None = None,
+                        exp_avg_sq_scales: torch.Tensor | None = None,
+                        state_block_size: int = 32) -> None:
     """One GradNormLoRP step in place, with the op's schema signature
     (lowrank_kernels.ops.fused_gradnorm_step documents the contract): validates, then launches.
     CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
@@ -381,7 +389,8 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
         param, grad, proj, exp_avg, exp_avg_sq, row_scale, row_norm, scale_exp_avg,
         scale_exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         scale=scale, step=step, proj_scales=proj_scales, proj_zeros=proj_zeros,
-        proj_group_size=proj_group_size, seed=seed)
+        proj_group_size=proj_group_size, seed=seed, exp_avg_scales=exp_avg_scales,
+        exp_avg_sq_scales=exp_avg_sq_scales, state_block_size=state_block_size)
     if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
@@ -390,14 +399,18 @@ def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Ten
     launch(param, grad, exp_avg, exp_avg_sq, (row_scale, row_norm, scale_exp_avg,
                                               scale_exp_avg_sq), rank,
            adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step), basis,
-           philox_seed=rounding_philox_seed(seed, step))
+           philox_seed=rounding_philox_seed(seed, step),
+           moments=MomentArgs(False, exp_avg_scales, exp_avg_sq_scales, state_block_size))
 
 
 def launch(param, grad, exp_avg, exp_avg_sq, rows: tuple[torch.Tensor, ...], rank: int,
            coeffs: dict[str, float], basis: BasisArgs, *, philox_seed: int = 0,
-           index_64: bool | None = None) -> None:
+           index_64: bool | None = None, moments: MomentArgs | None = None) -> None:
     """Launches the step's kernels for one validated call (module docstring); ``rows`` are
-    (row_scale, row_norm, scale_exp_avg, scale_exp_avg_sq)."""
+    (row_scale, row_norm, scale_exp_avg, scale_exp_avg_sq); ``moments``: the block scales of
+    8-bit M and V (fused_galore_step.MomentArgs; None: fp32/bf16 moments)."""
+    if moments is None or moments.scales is None:
+        moments = MomentArgs(scales=exp_avg_sq, sq_scales=exp_avg_sq)
     m, n = param.shape
     right = is_right_side(m, n)
     own, long = (m, n) if right else (n, m)
@@ -430,12 +443,15 @@ def launch(param, grad, exp_avg, exp_avg_sq, rows: tuple[torch.Tensor, ...], ran
             num_warps=GRAM_CONFIG.num_warps, **common)
     grid_a = (strips_a * triton.cdiv(rank, project.block_r),)
     _gradnorm_project_kernel[grid_a](
-        grad, param, *basis.pointers, exp_avg, exp_avg_sq, normalized, proj_w, row_sums,
+        grad, param, *basis.pointers, exp_avg, exp_avg_sq, moments.scales, moments.sq_scales,
+        normalized, proj_w, row_sums,
         *grad.stride(), param.stride(0), *basis_strides, exp_avg.stride(0),
-        m, n, rank, *adam, philox_seed,
+        m, n, rank, triton.cdiv(rank, moments.block), *adam, philox_seed,
         RIGHT=right, BLOCK_OWN=project.block_own, BLOCK_R=project.block_r,
         BLOCK_LONG=project.block_long, num_warps=project.num_warps,
-        num_stages=project.num_stages, **common)
+        num_stages=project.num_stages, MOMENT_BLOCK=moments.block, **common,
+        # 8-bit moments: no FMA contraction, the CPU kernel's codes (fused_galore_step.launch)
+        **({"enable_fp_fusion": False} if exp_avg_sq.dtype == torch.uint8 else {}))
     back_args = (*basis.pointers, normalized, param.stride(0), *basis_strides,
                  normalized.stride(0), m, n, rank)
     back_blocks = {"BLOCK_OWN": back.block_own, "BLOCK_LONG": back.block_long,

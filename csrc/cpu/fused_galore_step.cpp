@@ -3,12 +3,17 @@
 //   right (m >= n):  R = G Q^T (m x r)   N = adam(R; M, V)   W' = decay*W - us*(N Q)
 //   left  (m <  n):  R = P^T G (r x n)   N = adam(R; M, V)   W' = decay*W - us*(P N)
 //   decay = 1 - lr*wd, us = decay * lr*sqrt(1-b2^t)/(1-b1^t) * scale  (lowrank/adam.h)
+//   inner="adagrad": V <- V + R^2, N = R/(sqrt(V)+eps), us = decay*lr*scale, no M (§4.10)
+// `right` (optional) overrides the side rule m >= n (a row shard under FSDP2); every loop below
+// follows g.right.
 //
 // Tiling: R's rows (right) depend only on the same rows of G, and W's rows only on the same rows
 // of N; for the left side the same holds for columns. So each task owns a tile of whole rows
 // (columns) and runs project -> Adam -> back-project -> update on it while the tile is still in
 // cache, with single-threaded BLAS inside at::parallel_for. DRAM traffic: G read once, W read and
 // written once, M and V read and written once, the basis once per tile (kept in L2/L3).
+// Moments are fp32, bf16 (stochastic rounding) or 8-bit codes with fp32 block scales (§4.9:
+// decoded into an fp32 tile, updated, re-encoded with the Philox words of the bf16 moments).
 // fp32 weights fold the update into the GEMM (addmm: beta=decay, alpha=-us); bf16/fp16 weights
 // go through an fp32 tile of back(N), so every weight is rounded exactly once.
 // The elementwise loops (Adam, the 16-bit update) are cloned for AVX2 (csrc/cpu/cpu_clones.h).
@@ -28,6 +33,7 @@
 #include "dct_cpu.h"
 #include "lowrank/adam.h"
 #include "lowrank/checks.h"
+#include "lowrank/moments8.h"
 #include "quant_cpu.h"
 
 namespace lowrank {
@@ -100,30 +106,73 @@ LOWRANK_CPU_CLONES void adam_run(float* r_then_n, float* exp_avg, float* exp_avg
   }
 }
 
-// bf16 moments are stored rounded stochastically (lowrank/adam.h). The Philox words of a chunk
-// are drawn first, in a loop of independent lanes the compiler vectorizes.
-LOWRANK_CPU_CLONES void adam_run(float* r_then_n, at::BFloat16* exp_avg,
-                                 at::BFloat16* exp_avg_sq, int64_t len, int64_t first,
-                                 const AdamCoeffs& coeffs) {
+// AdaGrad (coefficients (0, 1, 1, 1), lowrank/adam.h): the Adam arithmetic with M = 0 held in a
+// register, never loaded or stored.
+[[gnu::always_inline]] inline float adagrad_normalized_update(float r, float& v,
+                                                              const AdamCoeffs& c) {
+  float m = 0.0f;
+  return adam_normalized_update(r, m, v, c);
+}
+
+LOWRANK_CPU_CLONES void adagrad_run(float* r_then_n, float* exp_avg_sq, int64_t len,
+                                    int64_t /*first*/, const AdamCoeffs& coeffs) {
   const AdamCoeffs c = coeffs;
+  for (int64_t j = 0; j < len; ++j) {
+    r_then_n[j] = adagrad_normalized_update(r_then_n[j], exp_avg_sq[j], c);
+  }
+}
+
+// The Philox words of `len` consecutive state elements from row-major index `first`, in a loop
+// of independent lanes the compiler vectorizes (inlined into each clone that calls it).
+[[gnu::always_inline]] inline void moment_words_run(PhiloxPair* words, int64_t len, int64_t first,
+                                                    const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    words[e] = moment_words(c, first + e);
+  }
+}
+
+// body(j, words of j) for j in [0, len), state element j having row-major index first + j: the
+// Philox words of a chunk are drawn first, in a loop of independent lanes the compiler
+// vectorizes, then the chunk's elements run (inlined into each clone that calls it).
+template <typename Body>
+[[gnu::always_inline]] inline void with_moment_words(int64_t len, int64_t first,
+                                                     const AdamCoeffs& c, const Body& body) {
   constexpr int64_t kChunk = 64;
   PhiloxPair words[kChunk];
   for (int64_t start = 0; start < len; start += kChunk) {
     const int64_t n = std::min(kChunk, len - start);
-#pragma omp simd
-    for (int64_t e = 0; e < n; ++e) {
-      words[e] = moment_words(c, first + start + e);
-    }
-    for (int64_t e = 0; e < n; ++e) {
-      const int64_t j = start + e;
-      float m = static_cast<float>(exp_avg[j]);
-      float v = static_cast<float>(exp_avg_sq[j]);
-      r_then_n[j] = adam_normalized_update(r_then_n[j], m, v, c);
-      const MomentBits bits = stochastic_round_moments(m, v, words[e]);
-      exp_avg[j] = c10::BFloat16(bits.exp_avg, c10::BFloat16::from_bits());
-      exp_avg_sq[j] = c10::BFloat16(bits.exp_avg_sq, c10::BFloat16::from_bits());
-    }
+    moment_words_run(words, n, first + start, c);
+    for (int64_t e = 0; e < n; ++e) body(start + e, words[e]);
   }
+}
+
+// bf16 moments are stored rounded stochastically (lowrank/adam.h).
+LOWRANK_CPU_CLONES void adam_run(float* r_then_n, at::BFloat16* exp_avg,
+                                 at::BFloat16* exp_avg_sq, int64_t len, int64_t first,
+                                 const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;
+  with_moment_words(len, first, c, [&](int64_t j, const PhiloxPair& words) {
+    float m = static_cast<float>(exp_avg[j]);
+    float v = static_cast<float>(exp_avg_sq[j]);
+    r_then_n[j] = adam_normalized_update(r_then_n[j], m, v, c);
+    const MomentBits bits = stochastic_round_moments(m, v, words);
+    exp_avg[j] = c10::BFloat16(bits.exp_avg, c10::BFloat16::from_bits());
+    exp_avg_sq[j] = c10::BFloat16(bits.exp_avg_sq, c10::BFloat16::from_bits());
+  });
+}
+
+// AdaGrad on a bf16 V: only V is rounded (the second word, as with Adam).
+LOWRANK_CPU_CLONES void adagrad_run(float* r_then_n, at::BFloat16* exp_avg_sq, int64_t len,
+                                    int64_t first, const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;
+  with_moment_words(len, first, c, [&](int64_t j, const PhiloxPair& words) {
+    float v = static_cast<float>(exp_avg_sq[j]);
+    r_then_n[j] = adagrad_normalized_update(r_then_n[j], v, c);
+    exp_avg_sq[j] = c10::BFloat16(stochastic_round_bf16_bits(v, words.second),
+                                  c10::BFloat16::from_bits());
+  });
 }
 
 // Adam on a rows x cols block of the low-rank state, with leading dimension ld (elements);
@@ -164,21 +213,196 @@ void update_block(weight_t* w, const float* back_n, int64_t rows, int64_t cols, 
   for (int64_t i = 0; i < rows; ++i) update_run(w + i * ld, back_n + i * cols, cols, c);
 }
 
+// AdaGrad on a rows x cols block of V (leading dimension ld), as adam_block.
 template <typename state_t>
-void adam_tile(at::Tensor& r_tile, const at::Tensor& m_tile, const at::Tensor& v_tile,
-               int64_t first, const AdamCoeffs& c) {
-  adam_block<state_t>(r_tile.data_ptr<float>(), m_tile.data_ptr<state_t>(),
-                      v_tile.data_ptr<state_t>(), m_tile.size(0), m_tile.size(1),
-                      m_tile.stride(0), first, c);
+void adagrad_block(float* r_then_n, state_t* exp_avg_sq, int64_t rows, int64_t cols, int64_t ld,
+                   int64_t first, const AdamCoeffs& c) {
+  for (int64_t i = 0; i < rows; ++i) {
+    adagrad_run(r_then_n + i * cols, exp_avg_sq + i * ld, cols, first + i * ld, c);
+  }
 }
 
-// m_tile, v_tile: views of M and V whose first element has row-major index `first`.
-void run_adam_tile(at::Tensor& r_tile, const at::Tensor& m_tile, const at::Tensor& v_tile,
-                   int64_t first, const AdamCoeffs& c) {
-  if (m_tile.scalar_type() == at::kFloat) {
-    adam_tile<float>(r_tile, m_tile, v_tile, first, c);
+// The moments of one step (DESIGN.md §4.2, §4.9-§4.10), as the tiles see them.
+struct StepState {
+  at::Tensor exp_avg;  // undefined: AdaGrad (no first moment)
+  at::Tensor exp_avg_sq;
+  at::Tensor exp_avg_scales, exp_avg_sq_scales;  // fp32 block scales of 8-bit codes
+  int64_t block;  // 8-bit block along the rank axis
+  bool eight_bit() const { return exp_avg_sq.scalar_type() == at::kByte; }
+};
+
+// ---- 8-bit moments (lowrank/moments8.h) ----
+// A tile's codes are decoded into fp32 buffers laid out as its R tile (rows x cols contiguous:
+// len x r right, r x len left), updated by the fp32 loops above, and encoded again: the block
+// scales first (absmax along the rank axis: along a row on the right, down a column on the
+// left), then the codes, with the Philox words of the bf16 moments. Every elementwise loop runs
+// over one tile row with that row's scales expanded into a contiguous array first (right: the
+// row's blocks repeated B times; left: one scale per column, for the row's block), so that the
+// decode and encode loops are branch-free lanes the compiler vectorizes.
+
+// The scales of tile row i, one per element, into `out` (cols floats).
+void expand_row_scales(const float* scales, const StepGeometry& g, int64_t start, int64_t i,
+                       int64_t cols, int64_t block, float* out) {
+  const int64_t blocks = (g.r + block - 1) / block;
+  if (g.right) {  // row i is line start + i; its elements j run along the rank
+    const float* line = scales + (start + i) * blocks;
+    for (int64_t j = 0; j < cols; ++j) out[j] = line[j / block];
+  } else {  // row i is rank i; element j is line start + j
+    const float* column = scales + start * blocks + i / block;
+    for (int64_t j = 0; j < cols; ++j) out[j] = column[j * blocks];
+  }
+}
+
+LOWRANK_CPU_CLONES void decode_exp_avg_run(float* out, const int8_t* codes, const float* scale,
+                                           int64_t len) {
+  for (int64_t j = 0; j < len; ++j) out[j] = decode_exp_avg(codes[j], scale[j]);
+}
+
+LOWRANK_CPU_CLONES void decode_exp_avg_sq_run(float* out, const uint8_t* codes,
+                                              const float* scale, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) out[j] = decode_exp_avg_sq(codes[j], scale[j]);
+}
+
+LOWRANK_CPU_CLONES void sqrt_run(float* x, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) x[j] = sqrtf(x[j]);
+}
+
+// The codes of `len` consecutive fp32 values (M, or sqrt(V) when !signed_codes) whose first has
+// state index `first`, given their scales; the Philox words of the bf16 moments (the first word
+// for M, the second for V).
+template <bool signed_codes, typename code_t>
+[[gnu::always_inline]] inline void encode_run(const float* values, const float* scale,
+                                              code_t* codes, int64_t len, int64_t first,
+                                              const AdamCoeffs& c) {
+  with_moment_words(len, first, c, [&](int64_t j, const PhiloxPair& words) {
+    if constexpr (signed_codes) {
+      codes[j] = encode_exp_avg(values[j], scale[j], words.first);
+    } else {
+      codes[j] = encode_exp_avg_sq(values[j], scale[j], words.second);
+    }
+  });
+}
+
+LOWRANK_CPU_CLONES void encode_exp_avg_run(const float* values, const float* scale,
+                                           int8_t* codes, int64_t len, int64_t first,
+                                           const AdamCoeffs& c) {
+  encode_run<true>(values, scale, codes, len, first, c);
+}
+
+LOWRANK_CPU_CLONES void encode_exp_avg_sq_run(const float* roots, const float* scale,
+                                              uint8_t* codes, int64_t len, int64_t first,
+                                              const AdamCoeffs& c) {
+  encode_run<false>(roots, scale, codes, len, first, c);
+}
+
+// Running absmax of |x| into acc (NaN-propagating), lane by lane.
+LOWRANK_CPU_CLONES void absmax_lanes(float* acc, const float* x, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) acc[j] = absmax_step(acc[j], fabsf(x[j]));
+}
+
+// The block scales (absmax / max_value) of the rows x cols fp32 tile `x`, written to
+// scales[line * blocks + b]; the rank axis is the columns (right) or the rows (left). `work`:
+// room for max(cols, B) floats.
+void block_scales(const float* x, int64_t rows, int64_t cols, const StepGeometry& g,
+                  int64_t start, int64_t block, float max_value, float* scales, float* work) {
+  const int64_t blocks = (g.r + block - 1) / block;
+  if (g.right) {  // row i = line start + i, each block B contiguous ranks of the row
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t first = b * block, len = std::min(g.r, first + block) - first;
+        std::fill(work, work + len, 0.0f);
+        absmax_lanes(work, x + i * cols + first, len);
+        float amax = 0.0f;
+        for (int64_t k = 0; k < len; ++k) amax = absmax_step(amax, work[k]);
+        scales[(start + i) * blocks + b] = amax / max_value;
+      }
+    }
+    return;
+  }
+  for (int64_t b = 0; b < blocks; ++b) {  // column j = line start + j, a block B rows of it
+    std::fill(work, work + cols, 0.0f);
+    for (int64_t k = b * block; k < std::min(g.r, (b + 1) * block); ++k) {
+      absmax_lanes(work, x + k * cols, cols);
+    }
+    for (int64_t j = 0; j < cols; ++j) scales[(start + j) * blocks + b] = work[j] / max_value;
+  }
+}
+
+// Adam (or AdaGrad) on the 8-bit moments of the tile of lines [start, start + len).
+void moments8_tile(float* r_then_n, const StepState& s, const StepGeometry& g, int64_t start,
+                   int64_t len, const AdamCoeffs& c) {
+  const int64_t rows = g.right ? len : g.r, cols = g.right ? g.r : len;
+  const int64_t ld = g.right ? g.r : g.n;               // the state's row length
+  const int64_t first = g.right ? start * g.r : start;  // state index of tile element (0, 0)
+  const int64_t block = s.block;
+  const bool has_m = s.exp_avg.defined();
+  int8_t* m_codes = has_m ? s.exp_avg.data_ptr<int8_t>() + first : nullptr;
+  uint8_t* v_codes = s.exp_avg_sq.data_ptr<uint8_t>() + first;
+  float* m_scales = has_m ? s.exp_avg_scales.data_ptr<float>() : nullptr;
+  float* v_scales = s.exp_avg_sq_scales.data_ptr<float>();
+  // per task: the fp32 M and V of the tile, a row of scales, the absmax lanes
+  thread_local std::vector<float> buffer;
+  const int64_t span = std::max(cols, block);
+  buffer.resize(static_cast<size_t>(2 * rows * cols + 2 * span));
+  float* m32 = buffer.data();
+  float* v32 = m32 + rows * cols;
+  float* row_scale = v32 + rows * cols;
+  float* work = row_scale + span;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (has_m) {
+      expand_row_scales(m_scales, g, start, i, cols, block, row_scale);
+      decode_exp_avg_run(m32 + i * cols, m_codes + i * ld, row_scale, cols);
+    }
+    expand_row_scales(v_scales, g, start, i, cols, block, row_scale);
+    decode_exp_avg_sq_run(v32 + i * cols, v_codes + i * ld, row_scale, cols);
+  }
+  if (has_m) {
+    adam_block<float>(r_then_n, m32, v32, rows, cols, cols, 0, c);
   } else {
-    adam_tile<at::BFloat16>(r_tile, m_tile, v_tile, first, c);
+    adagrad_block<float>(r_then_n, v32, rows, cols, cols, 0, c);
+  }
+  sqrt_run(v32, rows * cols);  // sqrt(V): what the codes hold
+  if (has_m) {
+    block_scales(m32, rows, cols, g, start, block, kExpAvgFormat.max_value, m_scales, work);
+  }
+  block_scales(v32, rows, cols, g, start, block, kExpAvgSqFormat.max_value, v_scales, work);
+  for (int64_t i = 0; i < rows; ++i) {
+    if (has_m) {
+      expand_row_scales(m_scales, g, start, i, cols, block, row_scale);
+      encode_exp_avg_run(m32 + i * cols, row_scale, m_codes + i * ld, cols, first + i * ld, c);
+    }
+    expand_row_scales(v_scales, g, start, i, cols, block, row_scale);
+    encode_exp_avg_sq_run(v32 + i * cols, row_scale, v_codes + i * ld, cols, first + i * ld, c);
+  }
+}
+
+template <typename state_t>
+void float_moments_tile(float* r_then_n, const StepState& s, const StepGeometry& g,
+                        int64_t start, int64_t len, const AdamCoeffs& c) {
+  const int dim = g.right ? 0 : 1;
+  const at::Tensor v_tile = s.exp_avg_sq.narrow(dim, start, len);
+  const int64_t first = g.right ? start * g.r : start;
+  if (s.exp_avg.defined()) {
+    adam_block<state_t>(r_then_n, s.exp_avg.narrow(dim, start, len).data_ptr<state_t>(),
+                        v_tile.data_ptr<state_t>(), v_tile.size(0), v_tile.size(1),
+                        v_tile.stride(0), first, c);
+  } else {
+    adagrad_block<state_t>(r_then_n, v_tile.data_ptr<state_t>(), v_tile.size(0),
+                           v_tile.size(1), v_tile.stride(0), first, c);
+  }
+}
+
+// Adam (AdaGrad) on the moments of the lines [start, start + len) (rows right, columns left);
+// R (r_tile, contiguous) is read and overwritten by N.
+void run_moments_tile(at::Tensor& r_tile, const StepState& s, const StepGeometry& g,
+                      int64_t start, int64_t len, const AdamCoeffs& c) {
+  float* r_then_n = r_tile.data_ptr<float>();
+  if (s.eight_bit()) {
+    moments8_tile(r_then_n, s, g, start, len, c);
+  } else if (s.exp_avg_sq.scalar_type() == at::kFloat) {
+    float_moments_tile<float>(r_then_n, s, g, start, len, c);
+  } else {
+    float_moments_tile<at::BFloat16>(r_then_n, s, g, start, len, c);
   }
 }
 
@@ -240,15 +464,14 @@ struct NoProjectedHook {
 
 // The tile loop shared by every weight format and by fused_gradnorm_step. Per tile of whole
 // lines (rows right, columns left): R = project(G tile), projected(start, len, g32, r_tile) (R
-// before Adam overwrites it: the full-rank modes' per-line sums), Adam on that slice of M, V -> N
-// (fp32, in cache), then epilogue(start, len, n_tile, back_buf, g32) (g32: the tile of G in fp32,
-// still in cache). Workspaces are allocated once per task; back_buf (room for one fp32 tile of
-// back(N)) only when need_back_buf.
+// before the moments overwrite it: the full-rank modes' per-line sums), the moment rule on that
+// slice of the state -> N (fp32, in cache), then epilogue(start, len, n_tile, back_buf, g32) (g32:
+// the tile of G in fp32, still in cache). Workspaces are allocated once per task; back_buf (room
+// for one fp32 tile of back(N)) only when need_back_buf.
 template <typename Epilogue, typename Projected = NoProjectedHook>
-void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Tensor& exp_avg,
-                        at::Tensor& exp_avg_sq, const StepGeometry& g, const AdamCoeffs& c,
-                        bool need_back_buf, const Epilogue& epilogue,
-                        const Projected& projected = Projected()) {
+void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, const StepState& state,
+                        const StepGeometry& g, const AdamCoeffs& c, bool need_back_buf,
+                        const Epilogue& epilogue, const Projected& projected = Projected()) {
   const int64_t lines = g.right ? g.m : g.n;  // rows (right) or columns (left) of W
   const int64_t span = g.right ? g.n : g.m;   // length of one line
   const LineTiles split = step_tiles(lines, span, g.r);
@@ -270,9 +493,7 @@ void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Ten
         at::mm_out(r_tile, basis.t(), g32);  // (r x m) @ (m x len)
       }
       projected(start, len, g32, r_tile);
-      // the tile's first state element: row `start` (right, m x r) or column `start` (left)
-      run_adam_tile(r_tile, exp_avg.narrow(dim, start, len), exp_avg_sq.narrow(dim, start, len),
-                    g.right ? start * g.r : start, c);
+      run_moments_tile(r_tile, state, g, start, len, c);
       epilogue(start, len, r_tile, back_buf, g32);
     }
   });
@@ -280,11 +501,10 @@ void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, at::Ten
 
 // Float weights: back-project each N tile and update the same tile of W, once.
 void dense_step_tiles(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
-                      at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const StepGeometry& g,
-                      const AdamCoeffs& c) {
+                      const StepState& state, const StepGeometry& g, const AdamCoeffs& c) {
   const int dim = g.right ? 0 : 1;
   const bool lowp_w = param.scalar_type() != at::kFloat;
-  project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, lowp_w,
+  project_adam_tiles(grad, basis, state, g, c, lowp_w,
                      [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
                          const at::Tensor&) {
                        at::Tensor w_tile = param.narrow(dim, start, len);
@@ -310,11 +530,11 @@ void dense_step_tiles(at::Tensor& param, const at::Tensor& grad, const at::Tenso
 
 // Pass 1: N (m x r right, r x n left) in fp32; the moments are updated in place.
 at::Tensor normalized_low_rank(const at::Tensor& grad, const at::Tensor& basis,
-                               at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                               const StepGeometry& g, const AdamCoeffs& c) {
+                               const StepState& state, const StepGeometry& g,
+                               const AdamCoeffs& c) {
   at::Tensor normalized = at::empty(g.low_rank_shape(), grad.options().dtype(at::kFloat));
   const int dim = g.right ? 0 : 1;
-  project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, /*need_back_buf=*/false,
+  project_adam_tiles(grad, basis, state, g, c, /*need_back_buf=*/false,
                      [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor&,
                          const at::Tensor&) {
                        normalized.narrow(dim, start, len).copy_(n_tile);
@@ -623,7 +843,7 @@ void finalize_full_rank(FullRankWork& work, int64_t own) {
 }
 
 void full_rank_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
-                    at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const StepGeometry& g,
+                    const StepState& state, const StepGeometry& g,
                     const AdamCoeffs& c, FullRankWork& work,
                     const std::optional<at::Tensor>& param_scales,
                     const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
@@ -654,7 +874,7 @@ void full_rank_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor&
   };
   const bool lowp_w = param.scalar_type() != at::kFloat && !int8_weight;
   project_adam_tiles(
-      grad, basis, exp_avg, exp_avg_sq, g, c, one_pass && lowp_w && work.fira,
+      grad, basis, state, g, c, one_pass && lowp_w && work.fira,
       [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
           const at::Tensor& g32) {
         own_line_dot_sums(n_tile, n_tile, g.right, work.norm_sq.data() + start);
@@ -710,37 +930,49 @@ float full_rank_grad_scale(double lr, double beta1, double beta2, double weight_
 }
 
 void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
-                           at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr, double beta1,
-                           double beta2, double eps, double weight_decay, double scale,
-                           int64_t step, const std::optional<at::Tensor>& proj_scales,
+                           const std::optional<at::Tensor>& exp_avg, at::Tensor& exp_avg_sq,
+                           const at::Scalar& lr, double beta1, double beta2, double eps,
+                           const at::Scalar& weight_decay, double scale, int64_t step,
+                           const std::optional<at::Tensor>& proj_scales,
                            const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
                            const std::optional<at::Tensor>& param_scales,
                            const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
-                           int64_t seed, c10::string_view full_rank,
-                           c10::string_view full_rank_norm, const std::optional<at::Tensor>& limiter,
-                           double limiter_growth, bool scale_front) {
+                           int64_t seed, c10::string_view inner,
+                           const std::optional<at::Tensor>& exp_avg_scales,
+                           const std::optional<at::Tensor>& exp_avg_sq_scales,
+                           int64_t state_block_size, std::optional<bool> right,
+                           c10::string_view full_rank, c10::string_view full_rank_norm,
+                           const std::optional<at::Tensor>& limiter, double limiter_growth,
+                           bool scale_front) {
+  const StepModes modes{parse_inner_rule(inner), exp_avg_scales, exp_avg_sq_scales,
+                        state_block_size, right};
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
-      proj_group_size, param_scales, param_zeros, param_group_size, seed);
+      proj_group_size, param_scales, param_zeros, param_group_size, seed, modes);
   const FullRankArgs full = check_full_rank(param, full_rank, full_rank_norm, limiter,
                                             limiter_growth, scale_front, scale);
+  check_full_rank_combination(full_rank, modes, exp_avg_sq, g);
   LOWRANK_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
-  const AdamCoeffs c =
-      make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, seed);
+  const AdamCoeffs c = make_adam_coeffs(lr.toDouble(), beta1, beta2, eps,
+                                        weight_decay.toDouble(), scale, step, seed,
+                                        modes.adagrad);
+  const StepState state{exp_avg.value_or(at::Tensor()), exp_avg_sq,
+                        exp_avg_scales.value_or(at::Tensor()),
+                        exp_avg_sq_scales.value_or(at::Tensor()), state_block_size};
   const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
   if (full.mode != FullRank::kNone) {
     FullRankWork work{full, full.mode == FullRank::kFira, static_cast<float>(scale),
-                      full_rank_grad_scale(lr, beta1, beta2, weight_decay, scale, step,
-                                           full.mode == FullRank::kFira)};
-    full_rank_step(param, grad, basis, exp_avg, exp_avg_sq, g, c, work, param_scales,
+                      full_rank_grad_scale(lr.toDouble(), beta1, beta2, weight_decay.toDouble(),
+                                           scale, step, full.mode == FullRank::kFira)};
+    full_rank_step(param, grad, basis, state, g, c, work, param_scales,
                    param_zeros, param_group_size, rounding_philox_seed(seed, step));
     return;
   }
   if (param.scalar_type() != at::kByte) {
-    dense_step_tiles(param, grad, basis, exp_avg, exp_avg_sq, g, c);
+    dense_step_tiles(param, grad, basis, state, g, c);
     return;
   }
-  const at::Tensor normalized = normalized_low_rank(grad, basis, exp_avg, exp_avg_sq, g, c);
+  const at::Tensor normalized = normalized_low_rank(grad, basis, state, g, c);
   at::Tensor scales = *param_scales, zeros = *param_zeros;
   int8_weight_update(param, scales, zeros, param_group_size, rounding_philox_seed(seed, step),
                      basis, normalized, g, c);
@@ -812,9 +1044,9 @@ at::Tensor row_sums_of_products(const at::Tensor& g32, const at::Tensor& w_tile,
 }
 
 void gradnorm_right(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
-                    at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const GradNormRows& rows,
+                    const StepState& state, const GradNormRows& rows,
                     const StepGeometry& g, const AdamCoeffs& c) {
-  project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, /*need_back_buf=*/true,
+  project_adam_tiles(grad, basis, state, g, c, /*need_back_buf=*/true,
                      [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
                          const at::Tensor& g32) {
                        at::Tensor w_tile = param.narrow(0, start, len);
@@ -826,13 +1058,13 @@ void gradnorm_right(at::Tensor& param, const at::Tensor& grad, const at::Tensor&
 }
 
 void gradnorm_left(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
-                   at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const GradNormRows& rows,
+                   const StepState& state, const GradNormRows& rows,
                    const StepGeometry& g, const AdamCoeffs& c) {
   const auto f32 = grad.options().dtype(at::kFloat);
   const LineTiles columns = step_tiles(g.n, g.m, g.r);
   at::Tensor normalized = at::empty({g.r, g.n}, f32);
   at::Tensor gamma_parts = at::empty({columns.tiles, g.m}, f32);
-  project_adam_tiles(grad, basis, exp_avg, exp_avg_sq, g, c, /*need_back_buf=*/true,
+  project_adam_tiles(grad, basis, state, g, c, /*need_back_buf=*/true,
                      [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
                          const at::Tensor& g32) {
                        normalized.narrow(1, start, len).copy_(n_tile);
@@ -870,19 +1102,25 @@ void fused_gradnorm_step_cpu(at::Tensor& param, const at::Tensor& grad, const at
                              double eps, double weight_decay, double scale, int64_t step,
                              const std::optional<at::Tensor>& proj_scales,
                              const std::optional<at::Tensor>& proj_zeros,
-                             int64_t proj_group_size, int64_t seed) {
+                             int64_t proj_group_size, int64_t seed,
+                             const std::optional<at::Tensor>& exp_avg_scales,
+                             const std::optional<at::Tensor>& exp_avg_sq_scales,
+                             int64_t state_block_size) {
   const StepGeometry g = check_fused_gradnorm_step(
       param, grad, proj, exp_avg, exp_avg_sq, row_scale, row_norm, scale_exp_avg,
-      scale_exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros, proj_group_size, seed);
+      scale_exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros, proj_group_size, seed,
+      exp_avg_scales, exp_avg_sq_scales, state_block_size);
   LOWRANK_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
   const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, seed);
   const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
   const GradNormRows rows{row_scale.data_ptr<float>(), row_norm.data_ptr<float>(),
                           scale_exp_avg.data_ptr<float>(), scale_exp_avg_sq.data_ptr<float>()};
+  const StepState state{exp_avg, exp_avg_sq, exp_avg_scales.value_or(at::Tensor()),
+                        exp_avg_sq_scales.value_or(at::Tensor()), state_block_size};
   if (g.right) {
-    gradnorm_right(param, grad, basis, exp_avg, exp_avg_sq, rows, g, c);
+    gradnorm_right(param, grad, basis, state, rows, g, c);
   } else {
-    gradnorm_left(param, grad, basis, exp_avg, exp_avg_sq, rows, g, c);
+    gradnorm_left(param, grad, basis, state, rows, g, c);
   }
 }
 

@@ -22,10 +22,14 @@ void fused_gradnorm_step_cuda(at::Tensor& param, const at::Tensor& grad, const a
                               double /*scale*/, int64_t step,
                               const std::optional<at::Tensor>& proj_scales,
                               const std::optional<at::Tensor>& proj_zeros,
-                              int64_t proj_group_size, int64_t seed) {
+                              int64_t proj_group_size, int64_t seed,
+                              const std::optional<at::Tensor>& exp_avg_scales,
+                              const std::optional<at::Tensor>& exp_avg_sq_scales,
+                              int64_t state_block_size) {
   check_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, row_scale, row_norm,
                             scale_exp_avg, scale_exp_avg_sq, beta1, beta2, eps, step,
-                            proj_scales, proj_zeros, proj_group_size, seed);
+                            proj_scales, proj_zeros, proj_group_size, seed, exp_avg_scales,
+                            exp_avg_sq_scales, state_block_size);
   LOWRANK_CHECK_NOT_IMPLEMENTED(
       false, "lowrank_cuda::fused_gradnorm_step: not implemented in CUDA C++; CUDA tensors run ",
       "the Triton kernel (install triton: lowrank_kernels registers it on "

@@ -605,36 +605,46 @@ bool serves(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& p
 }
 
 void fused_galore_step_fast16(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
-                              at::Tensor& exp_avg, at::Tensor& exp_avg_sq, double lr,
-                              double beta1, double beta2, double eps, double weight_decay,
+                              const std::optional<at::Tensor>& exp_avg_in,
+                              at::Tensor& exp_avg_sq, const at::Scalar& lr, double beta1,
+                              double beta2, double eps, const at::Scalar& weight_decay,
                               double scale, int64_t step,
                               const std::optional<at::Tensor>& proj_scales,
                               const std::optional<at::Tensor>& proj_zeros,
                               int64_t proj_group_size,
                               const std::optional<at::Tensor>& param_scales,
                               const std::optional<at::Tensor>& param_zeros,
-                              int64_t param_group_size, int64_t seed,
+                              int64_t param_group_size, int64_t seed, c10::string_view inner,
+                              const std::optional<at::Tensor>& exp_avg_scales,
+                              const std::optional<at::Tensor>& exp_avg_sq_scales,
+                              int64_t state_block_size, std::optional<bool> right,
                               c10::string_view full_rank, c10::string_view full_rank_norm,
                               const std::optional<at::Tensor>& limiter, double limiter_growth,
                               bool scale_front) {
+  const StepModes modes{parse_inner_rule(inner), exp_avg_scales, exp_avg_sq_scales,
+                        state_block_size, right};
   const StepGeometry g = check_fused_galore_step(
-      param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
-      proj_group_size, param_scales, param_zeros, param_group_size, seed);
-  const bool full_rank_term = full_rank != "none";
-  if (full_rank_term || !serves(param, grad, proj, proj_scales, proj_zeros, g)) {
+      param, grad, proj, exp_avg_in, exp_avg_sq, beta1, beta2, eps, step, proj_scales,
+      proj_zeros, proj_group_size, param_scales, param_zeros, param_group_size, seed, modes);
+  const bool default_modes = !modes.adagrad && !exp_avg_scales && !exp_avg_sq_scales &&
+                             !right.has_value() && full_rank == "none";
+  if (!default_modes || !serves(param, grad, proj, proj_scales, proj_zeros, g)) {
     static const auto general =
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("lowrank_cuda::fused_galore_step", "")
             .typed<decltype(fused_galore_step_fast16)>();
-    general.call(param, grad, proj, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-                 scale, step, proj_scales, proj_zeros, proj_group_size, param_scales,
-                 param_zeros, param_group_size, seed, full_rank, full_rank_norm, limiter,
+    general.call(param, grad, proj, exp_avg_in, exp_avg_sq, lr, beta1, beta2, eps,
+                 weight_decay, scale, step, proj_scales, proj_zeros, proj_group_size,
+                 param_scales, param_zeros, param_group_size, seed, inner, exp_avg_scales,
+                 exp_avg_sq_scales, state_block_size, right, full_rank, full_rank_norm, limiter,
                  limiter_growth, scale_front);
     return;
   }
+  at::Tensor exp_avg = *exp_avg_in;
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const AdamCoeffs c = make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, seed);
+  const AdamCoeffs c = make_adam_coeffs(lr.toDouble(), beta1, beta2, eps,
+                                        weight_decay.toDouble(), scale, step, seed);
   at::Tensor normalized = at::empty(g.low_rank_shape(), param.options());
   LOWRANK_FLOAT_SWITCH(grad.scalar_type(), grad_t, [&] {
     launch_fast_path_on<grad_t>(param, grad, proj, proj_scales, proj_zeros, proj_group_size,

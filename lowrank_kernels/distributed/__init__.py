@@ -39,6 +39,11 @@ def moment_zeros(p: torch.Tensor):
     return moment_zeros_for(layout_of(p))
 
 
+def moment_scale_zeros(p: torch.Tensor):
+    """The same for the block scales of ``p``'s 8-bit moments."""
+    return moment_zeros_for(layout_of(p), scales=True)
+
+
 def shard_projection_(state: dict, p: torch.Tensor) -> None:
     """Turns the whole-weight projection tensors that ``projection.state.allocate_`` put in
     ``state`` into DTensors placed for ``p`` (``LowRankAdamW.init_state`` of a DTensor)."""
@@ -46,5 +51,6 @@ def shard_projection_(state: dict, p: torch.Tensor) -> None:
 
 
 __all__ = ["CommCounter", "DDPLayerwiseSteps", "average_int8_grads", "check_sharded_param",
-           "init_optimizer_state", "is_sharded", "lowrank_shard_placement", "moment_zeros",
+           "init_optimizer_state", "is_sharded", "lowrank_shard_placement", "moment_scale_zeros",
+           "moment_zeros",
            "refresh_due_", "shard_projection_", "step_sharded"]

@@ -14,6 +14,8 @@ The state is placed accordingly (r = rank, "like W" = sharded on the weight's di
 state                 right side (m ≥ n)       left side (m < n)
 ====================  =======================  ================================================
 exp_avg, exp_avg_sq   m×r, Shard(0) (rows)     r×n, Shard(1) (columns)
+8-bit moments' block  m×⌈r/32⌉, Shard(0)       n×⌈r/32⌉, Shard(0) (one row per own-line:
+scales                                         the moments' columns)
 proj (dense)          r×n: Replicate if W is   m×r: Replicate if W is Shard(1),
                       Shard(0), like W (Shard  like W (Shard(0)) if W is Shard(0)
                       (1)) if W is Shard(1)
@@ -189,11 +191,14 @@ def place_projection_(state: dict, stored: dict, layout: ShardLayout) -> None:
         state[key] = layout.wrap(local, dim, tuple(whole.shape))
 
 
-def moment_zeros_for(layout: ShardLayout):
-    """``zeros(shape, dtype=...)`` for the moments of the layout's weight (see module doc)."""
+def moment_zeros_for(layout: ShardLayout, scales: bool = False):
+    """``zeros(shape, dtype=...)`` for the moments of the layout's weight (see module doc), or
+    with ``scales`` for the block scales of its 8-bit moments: (own, ⌈r/B⌉), own = the long
+    side, so they shard on dim 0 where the moments shard on their long side."""
+    dim = 0 if scales else layout.moment_dim
+
     def zeros(shape, *, dtype):
-        return layout.zeros(tuple(shape), layout.moment_dim if layout.mesh_dim is not None
-                            else None, dtype)
+        return layout.zeros(tuple(shape), dim if layout.mesh_dim is not None else None, dtype)
     return zeros
 
 

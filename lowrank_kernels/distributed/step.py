@@ -8,12 +8,11 @@ on the left (m < n); the moments span the long side (m×r right, r×n left).
 Sharded along the long side (right weight on rows, left weight on columns): R = G Qᵀ (or Pᵀ G) is
 computed row by row (column by column), so each rank projects, runs Adam on its slice of M, V and
 back-projects its own rows (columns) with the replicated basis. **No communication between
-refreshes.** When the shard has the weight's side by its own shape (a right shard with m_k ≥ n, a
-left shard with m < n_k) this is one ``ops.fused_galore_step`` call on the local tensors. When it
-does not (the usual case for the right side: a 4096×4096 weight on 8 ranks is 512×4096 per rank)
-the fused op would apply the other side, because its side follows the shape it is given and it
-has no side argument; the step then runs ``reference.fused_galore_step(..., right=side)`` (plain
-torch GEMMs, an m_k×n fp32 back-projection and one pass over the shard).
+refreshes.** This is one ``ops.fused_galore_step(..., right=side)`` call on the local tensors:
+the whole weight's side is passed, since a shard's own shape may not show it (the usual case for
+the right side: a 4096×4096 weight on 8 ranks is 512×4096 per rank, which the side rule would
+project from the left). Every format, inner rule (AdaGrad) and moment format (8-bit) of the op
+runs there as in one process.
 
 Sharded along the short side (FSDP2's default dim 0 for a left weight; a right weight on
 columns): R = Σ_k P_kᵀ G_k (or Σ_k G_k Q_kᵀ) sums over ranks. Each rank computes its partial
@@ -22,7 +21,9 @@ on its chunk of M, V (the moments are sharded, not replicated), and an all-gathe
 rank apply W_k ← W_k − α·scale·back(N) with its rows (columns) of the basis. Per step: one
 reduce-scatter and one all-gather of r×(long side) fp32, the bytes of one all-reduce, with the
 moments and the Adam arithmetic divided by w. The fused op cannot run this step: it projects
-inside, and the sum over ranks must happen between the projection and Adam.
+inside, and the sum over ranks must happen between the projection and Adam; the step is composed
+of reference pieces (plain torch), AdaGrad and 8-bit moments (their block scales sharded with the
+moments' long side) included. ``lowrank_shard_placement`` avoids it.
 
 Refreshes. Every rank holds the refresh counters, so every rank knows when a weight refreshes.
 - SVD, randomized SVD, and DCT when the weight is sharded along its short side need the whole
@@ -40,9 +41,9 @@ Refreshes. Every rank holds the refresh counters, so every rank knows when a wei
 - The lazy policy's overlap ‖P_oldᵀ P_new‖²_F/r needs one all-reduce of r×r for a sharded dense
   basis; replicated bases are measured locally, identically on every rank.
 
-bf16 moments are stored with stochastic rounding keyed by the shard-local element index, with the
-shard's first index along the long side mixed into the seed: unbiased as in one process, but not
-the same random draws (so not bit-identical to a one-process run; fp32 moments are).
+bf16 and 8-bit moments are stored with stochastic rounding keyed by the shard-local element index,
+with the shard's first index along the long side mixed into the seed: unbiased as in one process,
+but not the same random draws (so not bit-identical to a one-process run; fp32 moments are).
 """
 
 from __future__ import annotations
@@ -247,17 +248,15 @@ def _overlap(view: dict, new: torch.Tensor, layout: ShardLayout,
 def _local_step(view: dict, param: torch.Tensor, grad: torch.Tensor, layout: ShardLayout,
                 spec: proj_state.ProjectionSpec, hyper: dict, backend: str | None) -> None:
     m, n = layout.m, layout.n
-    exp_avg, exp_avg_sq = view["exp_avg"], view["exp_avg_sq"]
+    exp_avg, exp_avg_sq = view.get("exp_avg"), view["exp_avg_sq"]
+    scales = proj_state.moment_scales(view)
     if not layout.sums:
         if param.numel() == 0:
             return
         hyper = dict(hyper, seed=_shard_seed(hyper["seed"], layout.own[0]))
-        if reference.is_right_side(*param.shape) == layout.right:
-            ops.fused_galore_step(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                                  **proj_state.step_args(view, spec), **hyper, backend=backend)
-        else:
-            reference.fused_galore_step(param, grad, proj_state.dense_basis(view, m, n, spec),
-                                        exp_avg, exp_avg_sq, **hyper, right=layout.right)
+        ops.fused_galore_step(param, grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                              **proj_state.step_args(view, spec), **hyper, **scales,
+                              right=layout.right, backend=backend)
         return
     start, stop = layout.own
     basis = view["proj"]
@@ -265,18 +264,27 @@ def _local_step(view: dict, param: torch.Tensor, grad: torch.Tensor, layout: Sha
         basis = proj_state.dense_basis(view, m, n, spec).narrow(layout.dim, start, stop - start)
     partial = reference.project(grad, basis, right=layout.right)
     low_rank = reduce_scatter_along(partial, layout.moment_dim, layout)
-    exp_avg32, exp_avg_sq32 = exp_avg.float(), exp_avg_sq.float()
-    normalized = reference.adam_normalized(low_rank, exp_avg32, exp_avg_sq32, hyper["beta1"],
-                                           hyper["beta2"], hyper["eps"])
+    block = {"block_size": reference.MOMENT_BLOCK_SIZE, "right": layout.right}
+    exp_avg32, exp_avg_sq32 = reference.load_moments(exp_avg, exp_avg_sq,
+                                                     scales.get("exp_avg_scales"),
+                                                     scales.get("exp_avg_sq_scales"), **block)
+    adagrad = hyper.get("inner") == "adagrad"
+    if adagrad:
+        normalized = reference.adagrad_normalized(low_rank, exp_avg_sq32, hyper["eps"])
+    else:
+        normalized = reference.adam_normalized(low_rank, exp_avg32, exp_avg_sq32,
+                                               hyper["beta1"], hyper["beta2"], hyper["eps"])
     long_side = partial.shape[layout.moment_dim]
     seed = _shard_seed(hyper["seed"], chunk_range(long_side, layout.world, layout.rank)[0])
     reference.store_moments_(exp_avg, exp_avg_sq, exp_avg32, exp_avg_sq32,
-                             reference.rounding_philox_seed(seed, hyper["step"]))
+                             reference.rounding_philox_seed(seed, hyper["step"]), **scales,
+                             **block)
     normalized = all_gather_along(normalized, layout.moment_dim, long_side, layout)
     if param.numel():
         reference.galore_update_(param, normalized, basis, lr=hyper["lr"], beta1=hyper["beta1"],
                                  beta2=hyper["beta2"], weight_decay=hyper["weight_decay"],
-                                 scale=hyper["scale"], step=hyper["step"], right=layout.right)
+                                 scale=hyper["scale"], step=hyper["step"], right=layout.right,
+                                 inner=hyper.get("inner", "adam"))
 
 
 def _shard_seed(seed: int, first: int) -> int:

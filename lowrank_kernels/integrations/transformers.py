@@ -19,12 +19,15 @@ Two ways to hand the optimizer to a ``Trainer``::
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, args))
 
 ``optimizer`` picks the preset: "galore" (GaLoreAdamW), "qgalore" (QGaLoreAdamW), "dct"
-(DCTAdamW), "fira" (FiraAdamW), "apollo" (APOLLOAdamW: ``optim_args`` as transformers passes them
-to apollo-torch for ``optim="apollo_adamw"``: rank, proj, scale_type, update_proj_gap, scale,
-proj_type, with its defaults 128, random, channel, 200, 1.0, std) or "lowrank" (LowRankAdamW). ``optim_args`` (comma-separated key=value, as the Trainer
-takes it) and keyword arguments set group keys such as rank, update_proj_gap, scale,
-projection, proj_bits, refresh, state_dtype (``auto``, the default: the weight's dtype, bf16
-moments stochastically rounded; ``fp32``; ``bf16``); keyword arguments win.
+(DCTAdamW), "fira" (FiraAdamW), "apollo" (APOLLOAdamW: ``optim_args`` as transformers passes
+them to apollo-torch for ``optim="apollo_adamw"``: rank, proj, scale_type, update_proj_gap,
+scale, proj_type, with its defaults 128, random, channel, 200, 1.0, std), "lowrank"
+(LowRankAdamW) or "adagrad" / "lowrank_adagrad" (LowRankAdagrad, which takes lr and weight decay
+from ``args`` but not Adam's betas and ε: its ε is torch Adagrad's 1e-10). ``optim_args``
+(comma-separated key=value, as the Trainer takes it) and keyword arguments set group keys such
+as rank, update_proj_gap, scale, projection, proj_bits, refresh, state_dtype (``auto``, the
+default: the weight's dtype, bf16 moments stochastically rounded; ``fp32``; ``bf16``; ``8bit``:
+FP8-like codes with block scales, DESIGN.md §4.9, not with fira/apollo); keyword arguments win.
 """
 
 from __future__ import annotations
@@ -40,15 +43,17 @@ from lowrank_kernels.optim import (
     DCTAdamW,
     FiraAdamW,
     GaLoreAdamW,
+    LowRankAdagrad,
     LowRankAdamW,
     QGaLoreAdamW,
 )
 
 PRESETS = {"galore": GaLoreAdamW, "qgalore": QGaLoreAdamW, "dct": DCTAdamW,
-           "fira": FiraAdamW, "apollo": APOLLOAdamW, "lowrank": LowRankAdamW}
+           "fira": FiraAdamW, "apollo": APOLLOAdamW, "lowrank": LowRankAdamW,
+           "adagrad": LowRankAdagrad, "lowrank_adagrad": LowRankAdagrad}
 # group keys read from optim_args, with their types (strings come from the command line)
 STATE_DTYPE_NAMES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32,
-                     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+                     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "8bit": "8bit"}
 
 
 def _state_dtype(name: str) -> str | torch.dtype:
@@ -146,7 +151,7 @@ def optimizer_cls_and_kwargs(model: torch.nn.Module, args, optimizer: str = "gal
                              ) -> tuple[type, dict[str, Any]]:
     """``(optimizer class, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: the kwargs
     carry the parameter groups under ``params`` (the Trainer uses them instead of its own) and
-    lr, betas, eps and weight decay from ``args``."""
+    lr, betas, eps and weight decay from ``args`` (AdaGrad: lr and weight decay only)."""
     if optimizer not in PRESETS:
         raise ValueError(f"optimizer: expected one of {tuple(PRESETS)}, got {optimizer!r}")
     targets = target_modules if target_modules is not None else args.optim_target_modules
@@ -157,8 +162,9 @@ def optimizer_cls_and_kwargs(model: torch.nn.Module, args, optimizer: str = "gal
     groups = lowrank_param_groups(model, targets,
                                   group_defaults=PRESET_GROUP_DEFAULTS.get(optimizer), **keys)
     kwargs = {"params": groups, "lr": args.learning_rate,
-              "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon,
               "weight_decay": args.weight_decay}
+    if not issubclass(PRESETS[optimizer], LowRankAdagrad):  # Adam's keys (Adagrad has none)
+        kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     return PRESETS[optimizer], kwargs
 
 

@@ -41,16 +41,20 @@ class _FullRankAdamW(LowRankAdamW):
         group = self.param_groups[-1]
         if group.get("rank") is None:
             return
+        if group["state_dtype"] == "8bit":
+            raise ValueError(f"{self._group_label(group, len(self.param_groups) - 1)}: "
+                             f"state_dtype: {type(self).__name__} keeps fp32 or bf16 moments "
+                             f"('auto', torch.float32 or torch.bfloat16), got '8bit' (the fused "
+                             f"step's full-rank modes take no 8-bit moments)")
         for i, p in enumerate(group["params"]):
             if distributed.is_sharded(p):
                 raise ValueError(f"{self._name(group, i, p)}: {type(self).__name__} does not "
                                  "step sharded (FSDP2) weights; DDP and single-process "
                                  "training are supported")
 
-    @staticmethod
-    def _init_projected_state(state: dict, p: torch.Tensor, spec, group: dict,
+    def _init_projected_state(self, state: dict, p: torch.Tensor, spec, group: dict,
                               position: int) -> None:
-        LowRankAdamW._init_projected_state(state, p, spec, group, position)
+        super()._init_projected_state(state, p, spec, group, position)
         # ‖S_prev‖, negative before the first step; the kernel reads and writes it in place
         state["limiter"] = torch.full((1,), -1.0, dtype=torch.float32, device=p.device)
 

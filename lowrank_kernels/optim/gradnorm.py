@@ -40,10 +40,11 @@ class GradNormLoRPAdamW(GaLoreAdamW):
     **Group keys**: those of :class:`LowRankAdamW` (galore-torch's ``rank``,
     ``update_proj_gap``, ``scale``, ``proj_type``; ``projection``, ``proj_bits``, ``refresh``,
     ``state_dtype``, …): every projection format the op takes (SVD and its variants, a random
-    basis, DCT indices, an INT4 basis) works. Groups without ``rank`` take plain AdamW
-    (galore-torch's formula by default, as :class:`GaLoreAdamW`); the authors' code
-    weight-normalises those parameters too (full-rank, a 1-D tensor as one row) — a deliberate
-    difference: norms and biases gain nothing from it in the GaLore recipes.
+    basis, DCT indices, an INT4 basis) works, and every moment format of R (fp32, bf16,
+    ``"8bit"`` codes with block scales: DESIGN.md §4.9); g's moments are fp32. Groups without
+    ``rank`` take plain AdamW (galore-torch's formula by default, as :class:`GaLoreAdamW`); the
+    authors' code weight-normalises those parameters too (full-rank, a 1-D tensor as one row) —
+    a deliberate difference: norms and biases gain nothing from it in the GaLore recipes.
 
     **State** of a projected weight, besides LowRankAdamW's (step, exp_avg, exp_avg_sq, proj*):
 
@@ -93,10 +94,10 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         return {**super()._step_hyper(group, state, p, step),
                 **{key: state[key] for key in ROW_STATE_KEYS}}
 
-    @staticmethod
-    def _init_projected_state(state: dict, p: torch.Tensor, spec: proj_state.ProjectionSpec,
-                              group: dict, position: int) -> None:
-        LowRankAdamW._init_projected_state(state, p, spec, group, position)
+    def _init_projected_state(self, state: dict, p: torch.Tensor,
+                              spec: proj_state.ProjectionSpec, group: dict,
+                              position: int) -> None:
+        super()._init_projected_state(state, p, spec, group, position)
         state["row_scale"], state["row_norm"] = reference.gradnorm_init_state(p.detach())
         state["scale_exp_avg"] = torch.zeros_like(state["row_scale"])
         state["scale_exp_avg_sq"] = torch.zeros_like(state["row_scale"])

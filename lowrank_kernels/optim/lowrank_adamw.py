@@ -21,7 +21,9 @@ from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
 
 DENSE_ADAMW = ("torch", "galore")
-STATE_DTYPES = ("auto", torch.float32, torch.bfloat16)  # of the projected moments
+# of the projected moments; "8bit": FP8-like codes with fp32 block scales (DESIGN.md §4.9)
+STATE_DTYPES = ("auto", torch.float32, torch.bfloat16, "8bit")
+MOMENT_BLOCK_SIZE = reference.MOMENT_BLOCK_SIZE  # 8-bit moments: scales per 32 ranks of a line
 _SPEC_KEYS = ("rank", "projection", "refresh", "update_proj_gap", "refresh_threshold",
               "refresh_growth", "refresh_max_gap", "proj_bits", "proj_group_size")
 INT8_GROUP_SIZE = 256
@@ -81,15 +83,16 @@ def check_group_keys(group: dict, accepted: Iterable[str], where: str) -> None:
                          f"{', '.join(accepted)}")
 
 
-def moment_dtype(state_dtype: str | torch.dtype, p: torch.Tensor) -> torch.dtype:
-    """The dtype of the projected moments of ``p`` for a group's ``state_dtype``.
+def moment_dtype(state_dtype: str | torch.dtype, p: torch.Tensor) -> torch.dtype | str:
+    """The dtype of the projected moments of ``p`` for a group's ``state_dtype`` ("8bit" for
+    8-bit codes: int8 M, uint8 √V, with fp32 block scales).
 
     "auto" follows the weight, as galore-torch's moments do (they take the gradient's dtype), so
     that they never take more memory than galore-torch's: fp32 weights get fp32 moments; bf16
     weights bf16 moments; fp16 weights bf16 moments too (the kernels store fp32 or bf16
     moments; bf16 has the range of fp32, where V = R² of an fp16 gradient under- or overflows
-    fp16); INT8 weight codes bf16 (q-galore-torch keeps 8-bit moments there). bf16 moments are
-    stored with stochastic rounding."""
+    fp16); INT8 weight codes bf16 (q-galore-torch keeps 8-bit moments there). bf16 and 8-bit
+    moments are stored with stochastic rounding."""
     if state_dtype != "auto":
         return state_dtype
     if p.dtype in (torch.bfloat16, torch.float16, torch.uint8):
@@ -170,7 +173,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     refresh_max_gap      stays ≥ ``refresh_threshold``
     state_dtype          dtype of the projected moments M, V: "auto" (default: follows the
                          weight, :func:`moment_dtype`: fp32 weights → fp32; bf16, fp16 weights
-                         and INT8 codes → bf16), torch.float32 or torch.bfloat16
+                         and INT8 codes → bf16), torch.float32, torch.bfloat16 or "8bit"
+                         (FP8-like codes with fp32 block scales, below)
     seed                 seed of random projections and of the stochastic-rounding streams
                          (mixed with each parameter's position)
     names                optional parameter names, parallel to ``params`` (for messages; torch's
@@ -187,6 +191,16 @@ class LowRankAdamW(torch.optim.Optimizer):
     β2 = 0.999 is below half a bf16 ulp — lowrank/adam.h, tests/test_bf16_moments.py). The
     rounding stream is keyed by the parameter's seed and the step, so a resumed run continues
     bit for bit. ``state_dtype=torch.float32`` keeps fp32 moments for any weight.
+
+    **8-bit moments** (``state_dtype="8bit"``, DESIGN.md §4.9): M is stored as int8 codes (E4M3,
+    sign apart) and V as uint8 codes of √V (unsigned E4M4), each block of 32 consecutive ranks
+    of an own-line (a row of the m×r state on the right side, a column of the r×n state on the
+    left) with one fp32 scale (absmax/480, absmax/496): 1 + 4/min(32, r) bytes per element and
+    moment, 3.6× less than fp32 at r ≥ 32. The step decodes them to fp32, updates, computes N
+    from the fp32 values and re-encodes with stochastic rounding (the bf16 moments' Philox
+    stream), all inside the fused kernel. The scales live in the state (``exp_avg_scales``,
+    ``exp_avg_sq_scales``) and travel in ``state_dict``. Measured on the tiny-LLaMA demo: the
+    final loss within 0.1 % of fp32 moments (docs/methods.md §6).
 
     **Unprojected parameters** follow the constructor's ``dense_adamw``: "torch" =
     ``torch.optim.AdamW`` (its foreach/fused kernels, ``foreach=``/``fused=`` passed through; ε
@@ -212,7 +226,9 @@ class LowRankAdamW(torch.optim.Optimizer):
     =================  ========================================================================
     step               fp32 scalar (CPU): steps taken
     exp_avg            M, low-rank shape (m×r right, r×n left), dtype by ``state_dtype``
-    exp_avg_sq         V, same shape and dtype
+    exp_avg_sq         V, same shape and dtype (8-bit: uint8 codes of √V)
+    exp_avg_scales,    8-bit moments only: fp32 block scales, (m, ⌈r/32⌉) right, (n, ⌈r/32⌉)
+    exp_avg_sq_scales  left
     proj, proj_*       the projection and its refresh counters
                        (:mod:`lowrank_kernels.projection.state`)
     =================  ========================================================================
@@ -236,10 +252,6 @@ class LowRankAdamW(torch.optim.Optimizer):
         if dense_adamw not in DENSE_ADAMW:
             raise ValueError(f"dense_adamw: expected one of {DENSE_ADAMW}, got {dense_adamw!r}")
         ops.check_hyperparameters(betas[0], betas[1], eps, 1)
-        self.dense_adamw, self.foreach, self.fused, self.backend = (
-            dense_adamw, foreach, fused, backend)
-        self._position_of: dict[int, int] | None = None
-        self._specs: dict[int, tuple[tuple, proj_state.ProjectionSpec]] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
                         proj_type=proj_type, projection=projection, proj_bits=proj_bits,
@@ -247,7 +259,17 @@ class LowRankAdamW(torch.optim.Optimizer):
                         refresh_threshold=refresh_threshold, refresh_growth=refresh_growth,
                         refresh_max_gap=refresh_max_gap, seed=seed, state_dtype=state_dtype,
                         **self._extra_defaults())
-        super().__init__(params, defaults)
+        self._init_optimizer(params, defaults, dense_adamw, foreach, fused, backend)
+
+    def _init_optimizer(self, params: Iterable, defaults: dict, dense_adamw: str | None,
+                        foreach: bool | None, fused: bool | None, backend: str | None) -> None:
+        """torch.optim.Optimizer's construction with ``defaults`` (every group key that has a
+        default), after the attributes its add_param_group reads."""
+        self.dense_adamw, self.foreach, self.fused, self.backend = (
+            dense_adamw, foreach, fused, backend)
+        self._position_of: dict[int, int] | None = None
+        self._specs: dict[int, tuple[tuple, proj_state.ProjectionSpec]] = {}
+        torch.optim.Optimizer.__init__(self, params, defaults)
 
     def _extra_defaults(self) -> dict:
         """Group keys (with their defaults) that a subclass adds to the constructor's (Fira's and
@@ -431,33 +453,50 @@ class LowRankAdamW(torch.optim.Optimizer):
             # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the
             # weight from at::parallel_for workers, where grad mode is not inherited, so handing
             # it the Parameter itself trips autograd's in-place check on a leaf view.
-            kernel(p.detach(), grad, formats.pop("proj"), state["exp_avg"],
-                   state["exp_avg_sq"], **self._step_hyper(group, state, p, step), **formats)
+            kernel(p.detach(), grad, formats.pop("proj"), state.get("exp_avg"),
+                   state["exp_avg_sq"], **self._step_hyper(group, state, p, step), **formats,
+                   **proj_state.moment_scales(state))
+
+    def _rule_scalars(self, group: dict, step: int) -> dict:
+        """The inner rule's arguments of the fused step: lr, β1, β2, weight decay (Adam)."""
+        lr, wd = self._step_size(group, step)
+        beta1, beta2 = group["betas"]
+        return {"lr": lr, "beta1": beta1, "beta2": beta2, "weight_decay": wd}
 
     def _step_hyper(self, group: dict, state: dict, p: torch.Tensor, step: int) -> dict:
         """The scalar (and INT8 quantization) arguments of the fused step at ``step``."""
-        lr, wd = self._step_size(group, step)
-        beta1, beta2 = group["betas"]
-        hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=wd,
-                     scale=group["scale"], step=step, seed=int(state["proj_seed"]) % (2**31))
+        hyper = dict(**self._rule_scalars(group, step), eps=group["eps"], scale=group["scale"],
+                     step=step, seed=int(state["proj_seed"]) % (2**31))
         if p.dtype == torch.uint8:
             # the weight's quantization parameters belong to the model; the step rewrites them
             hyper.update(param_scales=p.scales, param_zeros=p.zeros,
                          param_group_size=_int8_group_size(p))
         return hyper
 
-    @staticmethod
-    def _init_projected_state(state: dict, p: torch.Tensor, spec: proj_state.ProjectionSpec,
-                              group: dict, position: int) -> None:
+    # the moments a projected weight keeps: M and V (AdaGrad: V only)
+    _MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def _init_projected_state(self, state: dict, p: torch.Tensor,
+                              spec: proj_state.ProjectionSpec, group: dict,
+                              position: int) -> None:
         m, n = p.shape
         shape = ops.low_rank_shape(m, n, spec.rank)
         # a DTensor's moments are DTensors placed with it (lowrank_kernels.distributed)
-        zeros = (distributed.moment_zeros(p) if distributed.is_sharded(p)
+        sharded = distributed.is_sharded(p)
+        zeros = (distributed.moment_zeros(p) if sharded
                  else functools.partial(torch.zeros, device=p.device))
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         dtype = moment_dtype(group["state_dtype"], p)
-        state["exp_avg"] = zeros(shape, dtype=dtype)
-        state["exp_avg_sq"] = zeros(shape, dtype=dtype)
+        for name in self._MOMENTS:
+            if dtype != "8bit":
+                state[name] = zeros(shape, dtype=dtype)
+                continue
+            # zero codes with zero scales decode to 0: the fresh M and V
+            state[name] = zeros(shape, dtype=torch.int8 if name == "exp_avg" else torch.uint8)
+            scale_zeros = (distributed.moment_scale_zeros(p) if sharded
+                           else functools.partial(torch.zeros, device=p.device))
+            state[f"{name}_scales"] = scale_zeros(
+                ops.moment_scales_shape(m, n, spec.rank, MOMENT_BLOCK_SIZE), dtype=torch.float32)
         proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
 
     @staticmethod

@@ -33,7 +33,7 @@ DCTAdamW and any subclass), torch Adam, AdamW
 torch RMSprop                                     sqrt, linear    lr, alpha, eps (sqrt needs
                                                                   momentum = 0, centered = False)
 torch SGD                                         linear          lr (momentum unchanged, as Goyal)
-torch Adagrad                                     none            no moving average to rescale
+torch Adagrad, LowRankAdagrad                     none            no moving average to rescale
 ================================================  ==============  ==================================
 
 Left unchanged, by design: GaLore's ``scale`` (it multiplies lr in the update; scaling both
@@ -61,13 +61,15 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler
 
+from lowrank_kernels.optim.lowrank_adagrad import LowRankAdagrad
 from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW
 
 RULES = ("sqrt", "linear")
 
 # optimizer class → (family, rules it accepts); looked up along the MRO, so a subclass registered
-# here (a future LowRankAdagrad, say) takes precedence over its base class
+# here (LowRankAdagrad) takes precedence over its base class (LowRankAdamW)
 _FAMILIES: dict[type, tuple[str, tuple[str, ...]]] = {
+    LowRankAdagrad: ("adagrad", ()),
     LowRankAdamW: ("adam", RULES),
     torch.optim.AdamW: ("adam", RULES),
     torch.optim.Adam: ("adam", RULES),
@@ -307,7 +309,7 @@ def scale_hyperparameters(optimizer_or_groups: torch.optim.Optimizer | Sequence[
       * ``"linear"`` (Goyal et al. 2017, SGD): lr·κ; nothing else.
 
     ``optimizer_or_groups``: an optimizer (LowRankAdamW or a subclass, torch Adam, AdamW, RMSprop,
-    SGD, Adagrad), or a list of param-group dicts together with ``optimizer_type``, the class
+    SGD, Adagrad; LowRankAdagrad and torch Adagrad accept no rule), or a list of param-group dicts together with ``optimizer_type``, the class
     they are for; such groups must hold every key the rule scales (a missing key would get the
     optimizer's default unscaled). The lr-valued keys ``lr``, ``initial_lr``, ``max_lr``,
     ``min_lr`` are scaled wherever present, and OneCycleLR/CyclicLR's ``base_momentum`` and

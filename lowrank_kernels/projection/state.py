@@ -23,8 +23,8 @@ import dataclasses
 
 import torch
 
-from lowrank_kernels.projection import int4
 from lowrank_kernels import reference
+from lowrank_kernels.projection import int4
 from lowrank_kernels.projection.base import (
     Projector,
     basis_dim,
@@ -213,3 +213,11 @@ def step_args(state: dict, spec: ProjectionSpec, param: torch.Tensor | None = No
         args.update(proj_scales=state["proj_scales"], proj_zeros=state["proj_zeros"],
                     proj_group_size=spec.group_size)
     return args
+
+
+def moment_scales(state: dict) -> dict:
+    """The block-scale arguments of ``ops.fused_galore_step`` for a projected state whose moments
+    are 8-bit codes (``exp_avg_scales``, ``exp_avg_sq_scales``; only the latter under AdaGrad);
+    empty for fp32/bf16 moments. Here beside :func:`step_args`, so that the optimizer and the
+    sharded step (lowrank_kernels.distributed) build the same call."""
+    return {key: state[key] for key in ("exp_avg_scales", "exp_avg_sq_scales") if key in state}

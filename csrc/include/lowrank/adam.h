@@ -26,19 +26,23 @@ struct AdamCoeffs {
   uint64_t state_philox_seed;
 };
 
-// seed: the op's stochastic-rounding seed (only bf16 moments draw from it here).
+// seed: the op's stochastic-rounding seed (only rounded moments draw from it here).
+// adagrad (DESIGN.md §4.10): the same loop runs AdaGrad with (beta1, 1-beta1, beta2, 1-beta2) =
+// (0, 1, 1, 1) and M = 0 held in registers: M = 0*0 + 1*R = R and V = 1*V + (1*R)*R = V + R*R,
+// exactly; its step size is lr (no bias correction; alpha_t above would be 0/0 at beta2 = 1).
 inline AdamCoeffs make_adam_coeffs(double lr, double beta1, double beta2, double eps,
                                    double weight_decay, double scale, int64_t step,
-                                   int64_t seed) {
+                                   int64_t seed, bool adagrad = false) {
+  if (adagrad) beta1 = 0.0, beta2 = 1.0;
   const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(step));
   const double bias2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  const double alpha_t = lr * std::sqrt(bias2) / bias1;
+  const double alpha_t = adagrad ? lr : lr * std::sqrt(bias2) / bias1;
   const double decay = 1.0 - lr * weight_decay;
   AdamCoeffs c;
   c.beta1 = static_cast<float>(beta1);
   c.beta2 = static_cast<float>(beta2);
   c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.one_minus_beta2 = adagrad ? 1.0f : static_cast<float>(1.0 - beta2);
   c.eps = static_cast<float>(eps);
   c.decay = static_cast<float>(decay);
   c.update_scale = static_cast<float>(decay * alpha_t * scale);

@@ -86,37 +86,65 @@ inline void check_contiguous(const at::Tensor& t, const char* name) {
                     ": expected a contiguous (row-major) tensor; call .contiguous() first");
 }
 
-// Shape facts of one fused step, derived from (param, proj) by the side rule of DESIGN.md §4.1.
+// Shape facts of one fused step, derived from (param, proj) by the side rule of DESIGN.md §4.1,
+// or by the caller's `right` (a row shard of a right-side weight under FSDP2 may be wider than
+// tall; it keeps the whole weight's side).
 struct StepGeometry {
   int64_t m, n, r;
-  bool right;  // m >= n: R = G Q^T (m x r); else R = P^T G (r x n)
+  bool right;  // R = G Q^T (m x r); else R = P^T G (r x n)
+  bool side_given = false;  // `right` came from the caller, not from the side rule
   std::vector<int64_t> low_rank_shape() const {
     return right ? std::vector<int64_t>{m, r} : std::vector<int64_t>{r, n};
   }
+  // The size of the axis the basis spans: n (right) or m (left).
+  int64_t basis_dim() const { return right ? n : m; }
 };
 
-inline StepGeometry check_dense_projection(int64_t m, int64_t n, const at::Tensor& proj) {
+inline StepGeometry step_side(int64_t m, int64_t n, std::optional<bool> right) {
+  return StepGeometry{m, n, 0, right.value_or(m >= n), right.has_value()};
+}
+
+// r in [1, d]: by the side rule d = min(m, n); with an explicit side, the basis' dimension (the
+// other axis of a shard may be shorter than r, or empty).
+inline void check_step_rank(const StepGeometry& g, const char* name) {
+  if (!g.side_given) {
+    LOWRANK_CHECK_VALUE(g.r >= 1 && g.r <= std::min(g.m, g.n), name, ": rank r=", g.r,
+                        " must lie in [1, min(m, n)=", std::min(g.m, g.n), "]");
+  } else {
+    LOWRANK_CHECK_VALUE(g.r >= 1 && g.r <= g.basis_dim(), name, ": rank r=", g.r,
+                        " must lie in [1, ", g.right ? "n=" : "m=", g.basis_dim(), "] (",
+                        g.right ? "right" : "left", " side given)");
+  }
+}
+
+inline StepGeometry check_dense_projection(int64_t m, int64_t n, const at::Tensor& proj,
+                                           std::optional<bool> right = std::nullopt) {
   check_float_matrix(proj, "proj");
-  StepGeometry g{m, n, 0, m >= n};
+  StepGeometry g = step_side(m, n, right);
   if (g.right) {
     LOWRANK_CHECK_VALUE(proj.size(1) == n, "proj: expected shape (r, n=", n,
-                      ") for a right projection (m >= n), got ", shape_str(proj.sizes()));
+                      ") for a right projection", g.side_given ? "" : " (m >= n)", ", got ",
+                      shape_str(proj.sizes()));
     g.r = proj.size(0);
   } else {
     LOWRANK_CHECK_VALUE(proj.size(0) == m, "proj: expected shape (m=", m,
-                      ", r) for a left projection (m < n), got ", shape_str(proj.sizes()));
+                      ", r) for a left projection", g.side_given ? "" : " (m < n)", ", got ",
+                      shape_str(proj.sizes()));
     g.r = proj.size(1);
   }
-  LOWRANK_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "proj: rank r=", g.r,
-                    " must lie in [1, min(m, n)=", std::min(m, n), "]");
+  check_step_rank(g, "proj");
   return g;
 }
 
+// A moment: fp32, bf16, or 8-bit codes (`code_type`: int8 for exp_avg, uint8 for exp_avg_sq).
 inline void check_state(const at::Tensor& s, const at::Tensor& param, const StepGeometry& g,
-                        const char* name) {
+                        const char* name, at::ScalarType code_type) {
   check_same_device(s, param, name);
-  LOWRANK_CHECK_VALUE(s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16, name,
-                    ": expected dtype float32 or bfloat16, got ", s.scalar_type());
+  LOWRANK_CHECK_VALUE(
+      s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16 ||
+          s.scalar_type() == code_type,
+      name, ": expected dtype float32, bfloat16 or ", code_type, " (8-bit codes), got ",
+      s.scalar_type());
   const std::vector<int64_t> want = g.low_rank_shape();  // named: the message outlives no temp
   LOWRANK_CHECK_VALUE(s.sizes() == at::IntArrayRef(want), name, ": expected shape ",
                     shape_str(want), " (", g.right ? "m x r" : "r x n", "), got ",
@@ -155,10 +183,11 @@ inline void check_dct_indices(const at::Tensor& indices, int64_t d, const char* 
   }
 }
 
-// Geometry of a fused step whose proj holds DCT indices: d = n (right, m >= n) or m (left).
-inline StepGeometry check_dct_projection(int64_t m, int64_t n, const at::Tensor& proj) {
-  StepGeometry g{m, n, 0, m >= n};
-  check_dct_indices(proj, g.right ? n : m, "proj");
+// Geometry of a fused step whose proj holds DCT indices: d = n (right) or m (left).
+inline StepGeometry check_dct_projection(int64_t m, int64_t n, const at::Tensor& proj,
+                                         std::optional<bool> right = std::nullopt) {
+  StepGeometry g = step_side(m, n, right);
+  check_dct_indices(proj, g.basis_dim(), "proj");
   g.r = proj.size(0);
   return g;
 }
@@ -221,16 +250,107 @@ inline void check_uint8(const at::Tensor& t, const char* name, const char* what)
                     "), got ", t.scalar_type());
 }
 
+// ---- modes of the fused step beyond GaLore AdamW (DESIGN.md §4.9-§4.10) ----
+// 8-bit moments: blocks of state_block_size elements along the rank axis of an own-line, a power
+// of two that divides every rank tile of the Triton kernels (32, 64, 128), so that a program
+// always holds whole blocks.
+constexpr int64_t kMaxMomentBlock = 32;
+
+struct StepModes {
+  bool adagrad = false;  // inner="adagrad": V <- V + R^2, N = R/(sqrt(V)+eps), no exp_avg
+  std::optional<at::Tensor> exp_avg_scales, exp_avg_sq_scales;  // fp32 scales of 8-bit codes
+  int64_t state_block_size = kMaxMomentBlock;
+  std::optional<bool> right;  // the projection side; std::nullopt: the side rule (m >= n)
+};
+
+// inner: "adam" or "adagrad"; returns whether it is AdaGrad.
+inline bool parse_inner_rule(c10::string_view inner) {
+  LOWRANK_CHECK_VALUE(inner == "adam" || inner == "adagrad",
+                      "inner: expected 'adam' or 'adagrad', got '", std::string(inner), "'");
+  return inner == "adagrad";
+}
+
+inline void check_state_block_size(int64_t block) {
+  LOWRANK_CHECK_VALUE(block >= 1 && block <= kMaxMomentBlock && (block & (block - 1)) == 0,
+                      "state_block_size: expected a power of two in [1, ", kMaxMomentBlock,
+                      "] (it must divide the Triton kernels' rank tiles), got ", block);
+}
+
+// Block scales of 8-bit moment codes (`codes`, or an undefined tensor when the moment is not
+// 8-bit): fp32, shape (own, ceil(r / B)), own = m (right) or n (left), dense (rewritten).
+inline void check_moment_scales(const std::optional<at::Tensor>& scales, const at::Tensor& codes,
+                                at::ScalarType code_type, const StepGeometry& g, int64_t block,
+                                const at::Device& device, const char* name,
+                                const char* codes_name) {
+  if (!codes.defined() || codes.scalar_type() != code_type) {
+    LOWRANK_CHECK_VALUE(!scales, name, ": only valid with 8-bit (", code_type, ") ", codes_name,
+                        " codes");
+    return;
+  }
+  LOWRANK_CHECK_VALUE(scales.has_value(), name, ": required with 8-bit (", code_type, ") ",
+                      codes_name, " codes");
+  LOWRANK_CHECK_VALUE(scales->scalar_type() == at::kFloat, name,
+                      ": expected dtype float32, got ", scales->scalar_type());
+  const std::vector<int64_t> want{g.right ? g.m : g.n, (g.r + block - 1) / block};
+  LOWRANK_CHECK_VALUE(scales->sizes() == at::IntArrayRef(want), name, ": expected shape ",
+                      shape_str(want), " (", g.right ? "m" : "n", ", ceil(r=", g.r,
+                      " / state_block_size=", block, ")), got ", shape_str(scales->sizes()));
+  LOWRANK_CHECK_VALUE(scales->device() == device, name, ": expected device ", device, ", got ",
+                      scales->device());
+  check_contiguous(*scales, name);
+}
+
+// The moments of a step: exp_avg (None for AdaGrad) and exp_avg_sq both fp32, both bf16, or
+// 8-bit codes (int8 M, uint8 sqrt(V)) with their block scales.
+inline void check_moments(const std::optional<at::Tensor>& exp_avg, const at::Tensor& exp_avg_sq,
+                          const at::Tensor& param, const StepGeometry& g,
+                          const StepModes& modes) {
+  if (modes.adagrad) {
+    LOWRANK_CHECK_VALUE(!exp_avg, "exp_avg: expected None with inner='adagrad' (AdaGrad keeps "
+                                  "no first moment), got a tensor");
+  } else {
+    LOWRANK_CHECK_VALUE(exp_avg.has_value(), "exp_avg: required with inner='adam' (None only "
+                                             "with inner='adagrad')");
+  }
+  if (exp_avg) check_state(*exp_avg, param, g, "exp_avg", at::kChar);
+  check_state(exp_avg_sq, param, g, "exp_avg_sq", at::kByte);
+  if (exp_avg) {
+    const at::ScalarType m = exp_avg->scalar_type(), v = exp_avg_sq.scalar_type();
+    if (m == at::kChar) {
+      LOWRANK_CHECK_VALUE(v == at::kByte, "exp_avg_sq: expected dtype ", at::kByte,
+                          " (8-bit codes of sqrt(V)) with 8-bit exp_avg codes, got ", v);
+    } else {
+      LOWRANK_CHECK_VALUE(v == m, "exp_avg_sq: expected the dtype of exp_avg (", m, "), got ", v);
+    }
+    LOWRANK_CHECK_VALUE(!exp_avg->is_same(exp_avg_sq), "exp_avg_sq: must not alias exp_avg");
+  }
+  check_state_block_size(modes.state_block_size);
+  check_moment_scales(modes.exp_avg_scales, exp_avg ? *exp_avg : at::Tensor(), at::kChar, g,
+                      modes.state_block_size, param.device(), "exp_avg_scales", "exp_avg");
+  check_moment_scales(modes.exp_avg_sq_scales, exp_avg_sq, at::kByte, g, modes.state_block_size,
+                      param.device(), "exp_avg_sq_scales", "exp_avg_sq");
+  if (modes.exp_avg_scales && modes.exp_avg_sq_scales) {
+    LOWRANK_CHECK_VALUE(!modes.exp_avg_scales->is_same(*modes.exp_avg_sq_scales),
+                        "exp_avg_sq_scales: must not alias exp_avg_scales");
+  }
+}
+
+// Whether the moments are stored rounded (bf16 or 8-bit codes): a stochastic-rounding stream.
+inline bool moments_rounded(const at::Tensor& exp_avg_sq) {
+  return exp_avg_sq.scalar_type() != at::kFloat;
+}
+
 // Validates a fused_galore_step call in any format and returns its shape facts. The projection is
 // a dense float basis, DCT row indices (int32) or a packed INT4 basis (uint8; its rank comes from
-// exp_avg: m x r right, r x n left); the weight is float or INT8 codes (uint8).
+// the moments: m x r right, r x n left); the weight is float or INT8 codes (uint8). The side is
+// modes.right, or the side rule.
 inline StepGeometry check_fused_galore_step(
     const at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
-    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, double beta1, double beta2,
-    double eps, int64_t step, const std::optional<at::Tensor>& proj_scales,
+    const std::optional<at::Tensor>& exp_avg, const at::Tensor& exp_avg_sq, double beta1,
+    double beta2, double eps, int64_t step, const std::optional<at::Tensor>& proj_scales,
     const std::optional<at::Tensor>& proj_zeros, int64_t proj_group_size,
     const std::optional<at::Tensor>& param_scales, const std::optional<at::Tensor>& param_zeros,
-    int64_t param_group_size, int64_t seed) {
+    int64_t param_group_size, int64_t seed, const StepModes& modes = StepModes()) {
   const bool int8_weight = param.scalar_type() == at::kByte;
   LOWRANK_CHECK_VALUE(param.dim() == 2, "param: expected a 2-D tensor, got ", param.dim(), "-D");
   if (!int8_weight) check_float_matrix(param, "param");
@@ -241,15 +361,17 @@ inline StepGeometry check_fused_galore_step(
                     shape_str(param.sizes()), ", got ", shape_str(grad.sizes()));
   check_same_device(proj, param, "proj");
   const int64_t m = param.size(0), n = param.size(1);
-  StepGeometry g{m, n, 0, m >= n};
+  StepGeometry g = step_side(m, n, modes.right);
   if (proj.scalar_type() == at::kByte) {
-    LOWRANK_CHECK_VALUE(exp_avg.dim() == 2 && exp_avg.size(g.right ? 0 : 1) == (g.right ? m : n),
-                      "exp_avg: expected shape ", g.right ? "(m, r)" : "(r, n)",
-                      " (its rank sets that of the packed proj), got ", shape_str(exp_avg.sizes()));
-    g.r = exp_avg.size(g.right ? 1 : 0);
-    LOWRANK_CHECK_VALUE(g.r >= 1 && g.r <= std::min(m, n), "exp_avg: rank r=", g.r,
-                      " must lie in [1, min(m, n)=", std::min(m, n), "]");
-    const int64_t basis_numel = g.r * (g.right ? n : m);
+    // the rank of a packed basis is that of the moments (exp_avg, or exp_avg_sq for AdaGrad)
+    const at::Tensor& ranked = exp_avg ? *exp_avg : exp_avg_sq;
+    const char* ranked_name = exp_avg ? "exp_avg" : "exp_avg_sq";
+    LOWRANK_CHECK_VALUE(ranked.dim() == 2 && ranked.size(g.right ? 0 : 1) == (g.right ? m : n),
+                      ranked_name, ": expected shape ", g.right ? "(m, r)" : "(r, n)",
+                      " (its rank sets that of the packed proj), got ", shape_str(ranked.sizes()));
+    g.r = ranked.size(g.right ? 1 : 0);
+    check_step_rank(g, ranked_name);
+    const int64_t basis_numel = g.r * g.basis_dim();
     LOWRANK_CHECK_VALUE(proj.dim() == 1 && proj.size(0) == (basis_numel + 1) / 2,
                       "proj: expected a 1-D packed INT4 basis of ", (basis_numel + 1) / 2,
                       " bytes (ceil(", basis_numel, " / 2)), got shape ", shape_str(proj.sizes()));
@@ -261,16 +383,12 @@ inline StepGeometry check_fused_galore_step(
   } else {
     // Signed integers can only mean DCT indices (uint8 is packed INT4): report them as such.
     const bool dct = at::isIntegralType(proj.scalar_type(), /*includeBool=*/false);
-    g = dct ? check_dct_projection(m, n, proj) : check_dense_projection(m, n, proj);
+    g = dct ? check_dct_projection(m, n, proj, modes.right)
+            : check_dense_projection(m, n, proj, modes.right);
     LOWRANK_CHECK_VALUE(!proj_scales && !proj_zeros,
                       "proj_scales/proj_zeros: only valid with a packed INT4 (uint8) proj");
   }
-  check_state(exp_avg, param, g, "exp_avg");
-  check_state(exp_avg_sq, param, g, "exp_avg_sq");
-  LOWRANK_CHECK_VALUE(exp_avg_sq.scalar_type() == exp_avg.scalar_type(),
-                      "exp_avg_sq: expected the dtype of exp_avg (", exp_avg.scalar_type(),
-                      "), got ", exp_avg_sq.scalar_type());
-  LOWRANK_CHECK_VALUE(!exp_avg.is_same(exp_avg_sq), "exp_avg_sq: must not alias exp_avg");
+  check_moments(exp_avg, exp_avg_sq, param, g, modes);
   if (int8_weight) {
     check_group_size(param_group_size, "param_group_size", /*packed_int4=*/false);
     check_group_params(param_scales, m * n, param_group_size, param.device(), "param_scales",
@@ -283,7 +401,7 @@ inline StepGeometry check_fused_galore_step(
     LOWRANK_CHECK_VALUE(!param_scales && !param_zeros,
                       "param_scales/param_zeros: only valid with INT8 (uint8) param codes");
   }
-  if (int8_weight || exp_avg.scalar_type() == at::kBFloat16) {  // a stochastic-rounding stream
+  if (int8_weight || moments_rounded(exp_avg_sq)) {  // a stochastic-rounding stream
     check_rounding_seed(seed);
     LOWRANK_CHECK_VALUE(step <= kMaxRoundingStep, "step: expected a value <= 2^31 - 1, got ",
                       step);
@@ -305,21 +423,26 @@ inline void check_row_state(const at::Tensor& t, const at::Tensor& param, const 
 }
 
 // fused_gradnorm_step: a float weight (INT8 codes refused), the projection and low-rank moments
-// of fused_galore_step, and four distinct per-row states.
+// of fused_galore_step (Adam; fp32, bf16 or 8-bit with their block scales), and four distinct
+// per-row states.
 inline StepGeometry check_fused_gradnorm_step(
     const at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
     const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& row_scale,
     const at::Tensor& row_norm, const at::Tensor& scale_exp_avg,
     const at::Tensor& scale_exp_avg_sq, double beta1, double beta2, double eps, int64_t step,
     const std::optional<at::Tensor>& proj_scales, const std::optional<at::Tensor>& proj_zeros,
-    int64_t proj_group_size, int64_t seed) {
+    int64_t proj_group_size, int64_t seed,
+    const std::optional<at::Tensor>& exp_avg_scales = std::nullopt,
+    const std::optional<at::Tensor>& exp_avg_sq_scales = std::nullopt,
+    int64_t state_block_size = kMaxMomentBlock) {
   LOWRANK_CHECK_VALUE(param.scalar_type() != at::kByte,
                       "param: INT8 weight codes (uint8) are not supported by "
                       "fused_gradnorm_step (the row renormalisation needs each row in fp32); "
                       "expected dtype float32, bfloat16 or float16");
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
-      proj_group_size, std::nullopt, std::nullopt, 256, seed);
+      proj_group_size, std::nullopt, std::nullopt, 256, seed,
+      StepModes{false, exp_avg_scales, exp_avg_sq_scales, state_block_size, std::nullopt});
   const at::Tensor* rows[] = {&row_scale, &row_norm, &scale_exp_avg, &scale_exp_avg_sq};
   const char* names[] = {"row_scale", "row_norm", "scale_exp_avg", "scale_exp_avg_sq"};
   for (int i = 0; i < 4; ++i) {
@@ -391,6 +514,24 @@ inline FullRankArgs check_full_rank(const at::Tensor& param, c10::string_view fu
     out.limiter = l;
   }
   return out;
+}
+
+// A full-rank mode runs Adam with fp32/bf16 moments on the side rule's side: the AdaGrad rule,
+// 8-bit moments and a side override are refused with it (the messages of _checks.py's
+// check_full_rank_combination), before anything is written.
+inline void check_full_rank_combination(c10::string_view full_rank, const StepModes& modes,
+                                        const at::Tensor& exp_avg_sq, const StepGeometry& g) {
+  if (full_rank == "none") return;
+  const std::string mode(full_rank);
+  LOWRANK_CHECK_VALUE(!modes.adagrad, "inner: full_rank='", mode,
+                      "' supports only inner='adam', got 'adagrad'");
+  LOWRANK_CHECK_VALUE(exp_avg_sq.scalar_type() != at::kByte, "exp_avg_sq: full_rank='", mode,
+                      "' supports fp32/bf16 moments only, got 8-bit moments (uint8 codes)");
+  const bool natural = g.m >= g.n;
+  LOWRANK_CHECK_VALUE(!modes.right.has_value() || *modes.right == natural, "right: full_rank='",
+                      mode, "' supports only the side rule's side (right=",
+                      natural ? "True" : "False", " for this shape), got right=",
+                      natural ? "False" : "True");
 }
 
 // random_basis(d, rank, seed, refresh): Philox counters k*ceil(d/4) + i/4 stay below 2^32 (the

@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "lowrank/adam.h"  // float_bits
+#include "lowrank/adam.h"  // float_bits, float_from_bits
 #include "lowrank/common.h"
 #include "lowrank/philox.h"
 
@@ -24,16 +24,6 @@ namespace lowrank {
 // Counter word 1 = 2: a stream apart from the INT8 weights' (0) and the moments' (1).
 constexpr uint64_t kBasisStream = uint64_t{2} << 32;
 
-LOWRANK_HD float gaussian_bits_float(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-#endif
-}
-
 // Constants enter as the reference's fp32 roundings of Python doubles (static_cast of the double
 // literal, never a float literal, which rounds the decimal directly and may differ by an ulp).
 // ln(k * 2^exponent) for integers 1 <= k <= 2^24: frexp by bits, Cephes' logf (reference.py
@@ -41,7 +31,7 @@ LOWRANK_HD float gaussian_bits_float(uint32_t bits) {
 LOWRANK_HD float log_of_units(uint32_t k, int32_t exponent) {
   const uint32_t bits = float_bits(static_cast<float>(k));  // exact
   int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;
-  const float f = gaussian_bits_float((bits & 0x807FFFFFu) | 0x3F000000u);
+  const float f = float_from_bits((bits & 0x807FFFFFu) | 0x3F000000u);
   float x;
   if (f < static_cast<float>(0.70710678118654752440)) {
     e -= 1;

@@ -7,8 +7,8 @@ language modelling of the Python standard library's source (no download needed).
 and step times go to demo_loss.png and demo_step_time.png, the per-run summary to demo.csv.
 
 Each optimizer runs at its own recipe's learning rate (``LR``): GaLore-style optimizers project
-the attention and MLP weights (rank 32, refresh every 50 steps, scale 0.25) at the GaLore
-recipe's lr 0.01 (Q-GaLore's 0.015); AdamW, whose best lr differs most from theirs, runs a
+the attention and MLP weights (rank 32, refresh every 50 steps, scale 0.25; APOLLO scale 1,
+APOLLO-Mini rank 1 and scale 128) at the GaLore recipe's lr 0.01 (Q-GaLore's 0.015); AdamW, whose best lr differs most from theirs, runs a
 small sweep (``ADAMW_LRS``), every point in the table and its best in the plots.
 
 Then (unless --no-sizes) the optimizer step alone against model size: the projected weights
@@ -42,12 +42,16 @@ from bench import harness, memory
 # recipe learning rates: GaLore's LLaMA recipe 0.01 (scale 0.25), Q-GaLore's 0.015 at 60M/130M
 LR = {"galore-torch": 1e-2, "ours GaLoreAdamW": 1e-2, "ours QGaLoreAdamW": 1.5e-2,
       "ours DCTAdamW": 1e-2, "ours LowRankAdamW": 1e-2, "ours GaLoreAdamW bf16 moments": 1e-2,
-      "ours GaLoreAdamW 8-bit moments": 1e-2, "ours GradNormLoRPAdamW": 1e-2}
+      "ours GaLoreAdamW 8-bit moments": 1e-2, "ours GradNormLoRPAdamW": 1e-2,
+      "ours FiraAdamW": 1e-2, "ours APOLLOAdamW": 1e-2}
+# group keys of a preset's recipe that differ from GaLore's (APOLLO: scale 1, Fira's alpha is
+# GaLore's 0.25)
+RECIPE_KEYS = {"APOLLOAdamW": {"scale": 1.0}}
 # Configurations of bench/memory.py trained as they are accounted there (INT8 weights,
 # layer-wise stepping, moment dtype, rank), each at its preset's lr: the memory table's
 # candidates for a small 7B budget, whose loss the README compares with GaLoreAdamW's.
 MEMORY_CONFIGS = ("ours-QGaLoreAdamW-layerwise", "ours-QGaLoreAdamW-layerwise-8bit",
-                  "ours-GradNormLoRPAdamW-layerwise-8bit")
+                  "ours-GradNormLoRPAdamW-layerwise-8bit", "ours-APOLLO-Mini-int8-layerwise")
 # AdamW's recipe at 60M is 1e-3; the sweep brackets it (and shows it at GaLore's 0.01)
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 TINY = harness.ModelShape("llama-tiny", hidden=128, intermediate=344, layers=2, heads=4,
@@ -101,13 +105,17 @@ def optimizers(cfg: harness.ModelShape, adamw_lrs: Sequence[float] = ADAMW_LRS
     except ImportError:
         return found
 
-    def ours(cls, lr, **kwargs):
-        return lambda net: cls(galore_groups(net, cfg), lr=lr, **kwargs)
+    def ours(cls, lr, recipe=None, **kwargs):
+        def make(net):
+            rest, projected = galore_groups(net, cfg)
+            return cls([rest, {**projected, **(recipe or {})}], lr=lr, **kwargs)
+        return make
 
     for preset in memory.OUR_PRESETS:
         name = f"ours {preset}"
         if hasattr(optim, preset) and name in LR:
-            found[name] = (LR[name], ours(getattr(optim, preset), LR[name]))
+            found[name] = (LR[name], ours(getattr(optim, preset), LR[name],
+                                          RECIPE_KEYS.get(preset)))
     if hasattr(optim, "GaLoreAdamW"):  # bf16 and 8-bit moments against fp32 ones
         for name, state_dtype in (("ours GaLoreAdamW bf16 moments", torch.bfloat16),
                                   ("ours GaLoreAdamW 8-bit moments", "8bit")):

@@ -305,6 +305,21 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-GradNormLoRPAdamW": OurConfig("ours GradNormLoRPAdamW", "GradNormLoRPAdamW"),
     "ours-GradNormLoRPAdamW-layerwise": OurConfig("ours GradNormLoRPAdamW layer-wise",
                                                   "GradNormLoRPAdamW", layerwise=True),
+    "ours-FiraAdamW": OurConfig("ours FiraAdamW", "FiraAdamW"),
+    # APOLLO (rank = GaLore's / 4: 256 at 7B, its recipe; scale 1) and APOLLO-Mini (rank 1,
+    # tensor scale, scale 128): the random basis is generated from the seed in each step, so
+    # it takes no state
+    "ours-APOLLOAdamW": OurConfig("ours APOLLOAdamW", "APOLLOAdamW", rank_divisor=4,
+                                  options=(("scale", 1.0),)),
+    "ours-APOLLOAdamW-int8-layerwise": OurConfig("ours APOLLOAdamW, INT8 W, layer-wise",
+                                                 "APOLLOAdamW", rank_divisor=4,
+                                                 int8_weights=True, layerwise=True,
+                                                 options=(("scale", 1.0),)),
+    "ours-APOLLO-Mini": OurConfig("ours APOLLO-Mini (APOLLOAdamW r1, tensor)", "APOLLOAdamW",
+                                  rank=1, options=(("scale_type", "tensor"), ("scale", 128.0))),
+    "ours-APOLLO-Mini-int8-layerwise": OurConfig(
+        "ours APOLLO-Mini, INT8 W, layer-wise", "APOLLOAdamW", rank=1, int8_weights=True,
+        layerwise=True, options=(("scale_type", "tensor"), ("scale", 128.0))),
     "ours-GradNormLoRPAdamW-layerwise-8bit": OurConfig(
         "ours GradNormLoRPAdamW layer-wise, 8-bit moments", "GradNormLoRPAdamW", layerwise=True,
         state_dtype="8bit"),
@@ -494,8 +509,8 @@ def apollo_torch_mini_temporary(cfg: harness.ModelShape, dtype: torch.dtype) -> 
 
 
 # Our optimizers that bench/demo.py trains (each when lowrank_kernels.optim has it).
-OUR_PRESETS = ("GaLoreAdamW", "QGaLoreAdamW", "DCTAdamW", "FiraAdamW", "LowRankAdamW",
-               "GradNormLoRPAdamW")
+OUR_PRESETS = ("GaLoreAdamW", "QGaLoreAdamW", "DCTAdamW", "FiraAdamW", "APOLLOAdamW",
+               "LowRankAdamW", "GradNormLoRPAdamW")
 
 
 def account_ours(key: str) -> Callable:
@@ -878,6 +893,8 @@ def _refresh_temporary(projection: str, m: int, n: int, rank: int, svd_per_eleme
         return Temporary(int(svd_per_element * m * n), f"SVD refresh of a {m}x{n} gradient")
     if projection == "random":
         return Temporary(3 * 4 * d * rank, f"random basis refresh ({d}x{rank} QR)")
+    if projection == "gaussian":  # generated in every step: _step_workspace counts it
+        return Temporary(0, "no refresh work (APOLLO's basis: seed + refresh count)")
     return Temporary(4 * rank * max(m, n) + 4 * d, f"DCT refresh of a {m}x{n} gradient")
 
 
@@ -889,6 +906,12 @@ def _step_workspace(preset: str, m: int, n: int, rank: int, weight_dtype: torch.
         nbytes = 4 * rank * own + (4 * m * rank if right else 0) + (4 * rank * rank if right
                                                                       else 0)
         return Temporary(nbytes, f"fused_gradnorm_step workspaces ({m}x{n})")
+    if preset in ("FiraAdamW", "APOLLOAdamW"):  # fp32 N (+ R and the Gram: Fira; + the
+        # generated fp32 basis: APOLLO); the per-line sums are O(own)
+        fira = preset == "FiraAdamW"
+        nbytes = (8 * rank * own + 4 * rank * rank if fira
+                  else 4 * rank * own + 4 * rank * min(m, n))
+        return Temporary(nbytes, f"full-rank step workspaces ({m}x{n})")
     elem = 2 if weight_dtype in (torch.bfloat16, torch.float16) else 4
     return Temporary(elem * rank * own, f"fused_galore_step N workspace ({m}x{n})")
 

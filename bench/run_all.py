@@ -13,7 +13,8 @@ Stages (a progress bar over them, and one inside the slow ones):
   3. the accounting checked against a real run's resident set (llama-60m shapes, 1 layer):
      weights, gradients and optimizer state of each optimizer that can step here
   4. one optimizer step on CPU: ours (C++) vs galore-torch vs the two-GEMM floor, interleaved
-     (bench/bench_cpu_step.py)
+     (bench/bench_cpu_step.py); Fira and APOLLO vs fira and apollo-torch the same way
+     (bench/bench_cpu_full_rank.py)
   5. the Q-GaLore step on CPU (INT4 basis, INT8 weights) against q-galore-torch's step, and the
      stochastic-rounding bias of both (bench/bench_qgalore.py)
   6. the subspace refresh on CPU: galore-torch's SVD, torch.svd_lowrank and dct_select against
@@ -149,6 +150,13 @@ def stage_cpu_step(out: Path) -> str:
     return LOADED + run_script("bench_cpu_step.py", "--csv", str(out / "cpu_step.csv"),
                                what="fused step vs galore-torch vs the two-GEMM floor, "
                                "interleaved rounds")
+
+
+def stage_full_rank_step(out: Path) -> str:
+    return LOADED + run_script("bench_cpu_full_rank.py", "--csv",
+                               str(out / "cpu_full_rank_step.csv"),
+                               what="Fira and APOLLO steps vs fira and apollo-torch (fixed "
+                               "bases) vs the two-GEMM floor, interleaved rounds")
 
 
 def run_script(name: str, *args: str, what: str) -> str:
@@ -303,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("Memory accounting", lambda: stage_memory(out)),
         ("Memory accounting checked against a real run", lambda: stage_memory_validation(out)),
         ("Optimizer step on CPU", lambda: stage_cpu_step(out)),
+        ("Fira and APOLLO steps on CPU", lambda: stage_full_rank_step(out)),
         ("Q-GaLore step on CPU", lambda: stage_qgalore(out)),
         ("Subspace refresh on CPU", lambda: stage_refresh(out)),
         ("Per-step fixed cost on CPU", lambda: stage_step_overhead(out)),

@@ -62,6 +62,23 @@ Implementations
                   an m×n random tensor. Compared with ``floor-q-galore``: the floor for that
                   storage (INT8 W codes + group scales, uint8 P codes, 8-bit M/V + absmax).
 
+Fira and APOLLO (full_rank="fira"|"apollo"; triton_kernels/full_rank.py)
+  fused-triton-fira
+                  the two launches with Fira's term: launch A also stores R (fp32) and per-line
+                  sums, N is fp32; the Gram K = PPᵀ (P read once more, r² fp32), the per-line
+                  quadratic (R and K read) and the finalize (line sums read, 2 coefficients per
+                  line written); launch B reads P, N, R, the coefficients, G again and W.
+  fused-triton-apollo
+                  the same without a back projection: launch A writes N (fp32, unread) and the
+                  line sums; launch B reads G again and W, no basis. APOLLOAdamW's basis is
+                  generated in each step (ops.random_basis, fp32 r×d written, then read by A).
+  fira            fira 1.0.2 FiraAdamW.step (fira_adamw.py 66-165): GaLore's kernels plus the
+                  residual G − α·back(R), its channel norms and the limiter, each an m×n torch op.
+  apollo-torch    apollo-torch 1.0.3 APOLLOAdamW.step (apollo.py 100-218): Adam on R, the
+                  channel norms, φ ⊙ G, the limiter and √scale, each an m×n torch op.
+  The three fira/apollo peers' lists are checked against their executed kernels
+  (tests/test_bench_harness.py); all are judged against the dense floor (G read once).
+
 Usage: ``python -m bench.traffic [--model llama-7b] [--rank 256] [--dtype bf16] [--ops]``.
 """
 
@@ -110,6 +127,7 @@ RAN_ON_GPU = {
     "fused-triton-q": "no",
     "fused-cuda-q": "no: models the fast path's INT4 loader",
     "q-galore-torch": "no: cannot step with bitsandbytes >= 0.45",
+    "fused-triton-fira": "no", "fused-triton-apollo": "no", "fira": "no", "apollo-torch": "no",
 }
 
 
@@ -311,6 +329,93 @@ def galore_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bf
     if weight_decay:
         ops.append(Access("p.add_(p, alpha=-lr*wd) (decay pass)", full, full))
     return Traffic("galore-torch", tuple(ops))
+
+
+def _peer_adam(low: int, basis: int, full: int) -> list[Access]:
+    """The projection and Adam kernels galore-torch, fira and apollo-torch share."""
+    return [Access("R = matmul(G, P) (project)", full + basis, low),
+            Access("exp_avg.mul_(beta1)", low, low), Access("exp_avg.add_(R)", 2 * low, low),
+            Access("exp_avg_sq.mul_(beta2)", low, low),
+            Access("exp_avg_sq.addcmul_(R, R)", 2 * low, low),
+            Access("denom = exp_avg_sq.sqrt()", low, low), Access("denom.add_(eps)", low, low),
+            Access("N = exp_avg / denom", 2 * low, low)]
+
+
+def _peer_factor(low: int, own: int) -> list[Access]:
+    """φ = ‖N‖/(‖R‖ + 1e-8) per channel (own = one value per own-line)."""
+    return [Access("norm(N, dim)", low, own), Access("norm(R, dim)", low, own),
+            Access("+ 1e-8", own, own), Access("φ = division", 2 * own, own)]
+
+
+def _peer_sizes(m: int, n: int, rank: int, weight_dtype: torch.dtype, weight_decay: bool):
+    """(full, low, basis, own bytes, the limiter's kernels, the decay pass) of fira's and
+    apollo-torch's steps (everything in the weight's dtype)."""
+    g = Geometry(m, n, rank)
+    b = _size(weight_dtype)
+    full = g.full * b
+    limiter = [Access("norm(S) (limiter)", full, 0), Access("S / limiter (m×n)", full, full)]
+    decay = ([Access("p.add_(p, alpha=-lr*wd) (decay pass)", full, full)] if weight_decay
+             else [])
+    return full, g.low_rank * b, g.basis * b, max(m, n) * b, limiter, decay
+
+
+def fira_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+               *, weight_decay: bool = True) -> Traffic:
+    """fira's FiraAdamW.step, one Access per torch kernel (states in the gradient's dtype)."""
+    full, low, basis, own, limiter, decay = _peer_sizes(m, n, rank, weight_dtype, weight_decay)
+    return Traffic("fira", (
+        *_peer_adam(low, basis, full),
+        Access("back(R) = matmul (m×n)", low + basis, full), Access("× alpha (m×n)", full, full),
+        *_peer_factor(low, own),
+        Access("G − back(R) (m×n)", 2 * full, full), Access("× φ (m×n)", full + own, full),
+        *limiter,
+        Access("back(N) = matmul (m×n)", low + basis, full), Access("× alpha (m×n)", full, full),
+        Access("back(N) + S (m×n)", 2 * full, full),
+        Access("p.add_(update, alpha=-step)", 2 * full, full), *decay))
+
+
+def apollo_torch(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch.bfloat16,
+                 *, weight_decay: bool = True) -> Traffic:
+    """apollo-torch's APOLLOAdamW.step (channel scale), one Access per torch kernel."""
+    full, low, basis, own, limiter, decay = _peer_sizes(m, n, rank, weight_dtype, weight_decay)
+    return Traffic("apollo-torch", (
+        *_peer_adam(low, basis, full), *_peer_factor(low, own),
+        Access("S = G × φ (m×n)", full + own, full), *limiter,
+        Access("S *= sqrt(scale) (m×n)", full, full),
+        Access("p.add_(S, alpha=-step)", 2 * full, full), *decay))
+
+
+def fused_triton_full_rank(m: int, n: int, rank: int, mode: str,
+                           weight_dtype: torch.dtype = torch.bfloat16,
+                           state_dtype: torch.dtype = torch.float32,
+                           proj_dtype: torch.dtype | None = None, block_r: int = 64) -> Traffic:
+    """Our Triton Fira (mode "fira") or APOLLO ("apollo", its basis generated in fp32) step
+    (module docstring); ``block_r``: launch A's rank tile (the line sums are per tile)."""
+    g = Geometry(m, n, rank)
+    apollo = mode == "apollo"
+    proj_dtype = torch.float32 if apollo else (proj_dtype or weight_dtype)
+    own = max(m, n)  # own-lines: rows (right) or columns (left)
+    low32, basis = 4 * g.low_rank, g.basis * _size(proj_dtype)
+    r_tiles = -(-rank // block_r)
+    sums = 4 * own * (2 * r_tiles + 1)
+    ops = [*floor(m, n, rank, weight_dtype, state_dtype, proj_dtype).accesses,
+           Access("G again (launch B)", g.full * _size(weight_dtype), 0),
+           Access("line sums (ν, ρ per rank tile, γ): A writes, finalize reads", sums, sums),
+           Access("coefficients per line: finalize writes, B reads",
+                  4 * own * (1 if apollo else 2), 4 * own * (1 if apollo else 2))]
+    if apollo:
+        ops += [Access("random basis (fp32): generated", 0, basis),
+                Access("N (fp32): launch A writes (unread)", 0, low32)]
+    else:
+        ops += [Access("P again (launch B)", basis, 0),
+                Access("N (fp32): launch A writes, launch B reads", low32, low32),
+                Access("R (fp32): launch A writes, quadratic and launch B read", 2 * low32,
+                       low32),
+                Access("Gram K = PPᵀ: P read again, K written, quadratic reads K",
+                       basis + 4 * rank * rank, 4 * rank * rank),
+                Access("quadratic per line: written, finalize reads", 4 * own, 4 * own)]
+    launches = 3 if apollo else 5  # (random basis,) A, [Gram, quadratic,] finalize, B
+    return Traffic(f"fused-triton-{mode}", tuple(ops), launches=launches)
 
 
 def _q_galore_layout(m: int, n: int, rank: int, float_dtype: torch.dtype):
@@ -524,6 +629,12 @@ def implementations(m: int, n: int, rank: int, weight_dtype: torch.dtype = torch
     pairs.append((fused_cuda_q(m, n, rank, weight_dtype, state_dtype), ours_q_floor))
     pairs.append((q_floor, q_floor))
     pairs.append((q_galore_torch(m, n, rank, weight_dtype, weight_decay=weight_decay), q_floor))
+    for mode in ("fira", "apollo"):  # Fira and APOLLO: judged against the dense floor
+        pairs.append((fused_triton_full_rank(m, n, rank, mode, weight_dtype, state_dtype),
+                      dense_floor))
+    pairs.append((fira_torch(m, n, rank, weight_dtype, weight_decay=weight_decay), dense_floor))
+    pairs.append((apollo_torch(m, n, rank, weight_dtype, weight_decay=weight_decay),
+                  dense_floor))
     return pairs
 
 

@@ -10,6 +10,8 @@
 // lowrank_kernels puts its Triton kernels on lowrank::<op>'s CUDA key: that is how
 // `lowrank_kernels.set_cuda_backend("cuda_cxx")` and `backend="cuda"` reach them.
 #include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <string>
@@ -38,13 +40,20 @@ constexpr const char* kDeviceOpSchemas[] = {
     // inner='adagrad' (§4.10): V <- V + R^2, no exp_avg (None). 8-bit moments (§4.9): exp_avg
     // int8 and exp_avg_sq uint8 codes with fp32 block scales (own x ceil(r / state_block_size)).
     // right: the projection side, overriding the side rule m >= n (a row shard under FSDP2).
+    // full_rank 'fira' | 'apollo' adds the scaled full-rank term (DESIGN.md §4.6-§4.7):
+    // full_rank_norm 'channel' | 'tensor' (phi per own-line or per tensor), limiter = the fp32
+    // [1] norm-growth limiter state ||S_prev|| (< 0 before the first step; updated in place;
+    // None: no limiter), limiter_growth = its gamma, scale_front = APOLLO's flag. A full-rank
+    // mode runs Adam with fp32/bf16 moments on the side rule's side (other combinations raise).
     "fused_galore_step(Tensor(a!) param, Tensor grad, Tensor proj, Tensor(b!)? exp_avg, "
     "Tensor(c!) exp_avg_sq, *, Scalar lr, float beta1, float beta2, float eps, "
     "Scalar weight_decay, float scale, SymInt step, Tensor? proj_scales=None, "
     "Tensor? proj_zeros=None, int proj_group_size=256, Tensor(d!)? param_scales=None, "
     "Tensor(e!)? param_zeros=None, int param_group_size=256, int seed=0, "
     "str inner='adam', Tensor(f!)? exp_avg_scales=None, Tensor(g!)? exp_avg_sq_scales=None, "
-    "int state_block_size=32, bool? right=None) -> ()",
+    "int state_block_size=32, bool? right=None, str full_rank='none', "
+    "str full_rank_norm='channel', Tensor(h!)? limiter=None, float limiter_growth=1.01, "
+    "bool scale_front=False) -> ()",
 
     // ---- the fused GradNormLoRP step (DESIGN.md §4.8) ----
     // W = g * v/||v|| per row, kept as W itself plus fp32 per-row states: row_scale (g),
@@ -100,6 +109,30 @@ TORCH_LIBRARY(lowrank, m) {
   m.def("project(Tensor grad, Tensor proj) -> Tensor");
   m.def("project_back(Tensor low_rank, Tensor proj, int m, int n, float scale) -> Tensor");
   for (const char* schema : kDeviceOpSchemas) m.def(schema);
+  // ---- APOLLO's generated Gaussian basis (DESIGN.md §4.7) ----
+  // rank x d fp32 rows, N(0, 1/rank), from (seed, refresh) alone (csrc/include/lowrank/
+  // gaussian.h); the same bits on every device. C++ on CPU (csrc/cpu/random_basis.cpp), Triton
+  // on CUDA (no CUDA C++ kernel). No tensor argument: a BackendSelect kernel (below) picks the
+  // device's kernel from `device` (default CPU), as ATen's factory functions do.
+  m.def("random_basis(int d, int rank, int seed, int refresh, *, Device? device=None) -> Tensor");
+}
+
+namespace {
+
+at::Tensor random_basis_backend_select(int64_t d, int64_t rank, int64_t seed, int64_t refresh,
+                                       std::optional<at::Device> device) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lowrank::random_basis", "")
+                             .typed<decltype(random_basis_backend_select)>();
+  const c10::DispatchKeySet keys(
+      c10::computeDispatchKey(at::kFloat, at::kStrided, device.value_or(at::kCPU)));
+  return op.redispatch(keys, d, rank, seed, refresh, device);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank, BackendSelect, m) {
+  m.impl("random_basis", &random_basis_backend_select);
 }
 
 #ifdef LOWRANK_WITH_CUDA

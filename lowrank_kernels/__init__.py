@@ -36,7 +36,9 @@ from lowrank_kernels.autograd import (
 )
 from lowrank_kernels.ops import fused_galore_step, fused_gradnorm_step, project, project_back
 from lowrank_kernels.optim import (
+    APOLLOAdamW,
     DCTAdamW,
+    FiraAdamW,
     GaLoreAdamW,
     GradNormLoRPAdamW,
     LayerwiseTrainer,
@@ -53,7 +55,9 @@ _op_docs.attach()  # help(torch.ops.lowrank.<op>) shows the schema and the wrapp
 __all__ = [
     "EXTENSION_AVAILABLE",
     "EXTENSION_LOAD_ERROR",
+    "APOLLOAdamW",
     "DCTAdamW",
+    "FiraAdamW",
     "GaLoreAdamW",
     "GradNormLoRPAdamW",
     "Int8Linear",

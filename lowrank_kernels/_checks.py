@@ -316,12 +316,15 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1
                             weight_decay, scale, step, proj_scales=None, proj_zeros=None,
                             proj_group_size=256, param_scales=None, param_zeros=None,
                             param_group_size=256, seed=0, inner="adam", exp_avg_scales=None,
-                            exp_avg_sq_scales=None, state_block_size=32, right=None) -> int:
+                            exp_avg_sq_scales=None, state_block_size=32, right=None,
+                            full_rank="none", full_rank_norm="channel", limiter=None,
+                            limiter_growth=reference.LIMITER_GROWTH, scale_front=False) -> int:
     """fused_galore_step(...) in any format; returns the rank. proj: dense float basis, int32
     DCT indices, or a packed INT4 basis (uint8; the rank is then that of the moments); param:
-    float weight or INT8 codes (uint8). ``lr``, ``weight_decay``, ``scale`` may be any value
-    (also symbolic under torch.compile: nothing here reads them); ``step`` may be a SymInt."""
-    del lr, weight_decay, scale  # any value is valid
+    float weight or INT8 codes (uint8). ``lr`` and ``weight_decay`` may be any value (also
+    symbolic under torch.compile: nothing here reads them); ``step`` may be a SymInt. The
+    full-rank modes: :func:`check_full_rank` (``scale`` is checked there for APOLLO)."""
+    del lr, weight_decay  # any value is valid
     int8_weight = param.dtype == torch.uint8
     if param.dim() != 2:
         raise ValueError(f"param: expected a 2-D tensor, got {param.dim()}-D")
@@ -382,7 +385,87 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1
         _require(step <= MAX_ROUNDING_STEP,
                  lambda: f"step: expected a value <= 2^31 - 1, got {step}")
     check_hyperparameters(beta1, beta2, eps, step)
+    check_full_rank(param, full_rank, full_rank_norm, limiter, limiter_growth, scale_front, scale)
+    check_full_rank_combination(full_rank, inner, exp_avg_sq, right, m >= n)
     return rank
+
+
+FULL_RANK_MODES = reference.FULL_RANK_MODES
+FULL_RANK_NORMS = reference.FULL_RANK_NORMS
+
+
+def check_full_rank(param: torch.Tensor, full_rank: str, full_rank_norm: str,
+                    limiter: torch.Tensor | None, limiter_growth: float, scale_front: bool,
+                    scale: float) -> None:
+    """The full-rank keyword arguments of fused_galore_step (DESIGN.md §4.6-§4.7). With
+    full_rank='none' the others must keep their defaults (nothing is silently ignored)."""
+    if full_rank not in FULL_RANK_MODES:
+        raise ValueError(f"full_rank: expected 'none', 'fira' or 'apollo', got {full_rank!r}")
+    if full_rank_norm not in FULL_RANK_NORMS:
+        raise ValueError(f"full_rank_norm: expected 'channel' or 'tensor', got "
+                         f"{full_rank_norm!r}")
+    if full_rank == "none":
+        if limiter is not None or full_rank_norm != "channel" or scale_front:
+            raise ValueError("limiter/full_rank_norm/scale_front: only valid with "
+                             "full_rank='fira' or 'apollo'")
+        return
+    if scale_front and full_rank != "apollo":
+        raise ValueError("scale_front: only valid with full_rank='apollo'")
+    if full_rank == "apollo":
+        _require(scale >= 0.0, lambda: f"scale: expected a value >= 0 with full_rank='apollo' "
+                                        f"(the update is multiplied by sqrt(scale)), got {scale}")
+    _require(limiter_growth > 0.0, lambda: f"limiter_growth: expected a finite value > 0, got "
+                                           f"{limiter_growth}")
+    _require(limiter_growth < math.inf, lambda: f"limiter_growth: expected a finite value > 0, "
+                                                f"got {limiter_growth}")
+    if limiter is None:
+        return
+    if limiter.dtype != torch.float32:
+        raise ValueError(f"limiter: expected dtype float32, got {limiter.dtype}")
+    if limiter.dim() != 1:
+        raise ValueError(f"limiter: expected shape [1] (the previous ||S||, < 0 before the first "
+                         f"step), got {list(limiter.shape)}")
+    _require(limiter.shape[0] == 1, lambda: f"limiter: expected shape [1] (the previous ||S||, "
+                                            f"< 0 before the first step), got "
+                                            f"{list(limiter.shape)}")
+    check_same_device(limiter, param, "limiter")
+    if limiter is param:
+        raise ValueError("limiter: must not alias param")
+
+
+def check_full_rank_combination(full_rank: str, inner: str, exp_avg_sq: torch.Tensor,
+                                right: bool | None, natural_right: bool) -> None:
+    """full_rank='fira'/'apollo' runs Adam with fp32/bf16 moments on the side rule's side: the
+    AdaGrad rule, 8-bit moments and a side override are refused with it (every backend raises
+    the same message, before anything is written)."""
+    if full_rank == "none":
+        return
+    if inner != "adam":
+        raise ValueError(f"inner: full_rank={full_rank!r} supports only inner='adam', got "
+                         f"{inner!r}")
+    if exp_avg_sq.dtype == torch.uint8:
+        raise ValueError(f"exp_avg_sq: full_rank={full_rank!r} supports fp32/bf16 moments only, "
+                         f"got 8-bit moments (uint8 codes)")
+    if right is not None and bool(right) != natural_right:
+        raise ValueError(f"right: full_rank={full_rank!r} supports only the side rule's side "
+                         f"(right={natural_right} for this shape), got right={bool(right)}")
+
+
+def check_random_basis(d: int, rank: int, seed: int, refresh: int, *, device=None) -> None:
+    """random_basis(d, rank, seed, refresh): Philox counters rank·⌈d/4⌉ stay below 2^32."""
+    del device
+    _require(d >= 1, lambda: f"d: expected a basis size >= 1, got {d}")
+    _require(rank >= 1, lambda: f"rank: expected a value in [1, 2^24], got {rank}")
+    _require(rank <= 2**24, lambda: f"rank: expected a value in [1, 2^24], got {rank}")
+    _require((d + 3) // 4 <= 2**32 // rank,
+             lambda: f"d, rank: rank * ceil(d / 4) must not exceed 2^32 (one Philox counter per "
+                     f"four elements), got d={d}, rank={rank}")
+    _require(0 <= seed, lambda: f"seed: expected a value in [0, 2^32 - 1], got {seed}")
+    _require(seed <= MAX_ROUNDING_SEED,
+             lambda: f"seed: expected a value in [0, 2^32 - 1], got {seed}")
+    _require(0 <= refresh, lambda: f"refresh: expected a value in [0, 2^31 - 1], got {refresh}")
+    _require(refresh <= MAX_ROUNDING_STEP,
+             lambda: f"refresh: expected a value in [0, 2^31 - 1], got {refresh}")
 
 
 ROW_STATES = ("row_scale", "row_norm", "scale_exp_avg", "scale_exp_avg_sq")

@@ -38,8 +38,8 @@ optimizer's step is one op call per weight either way.
 Everything here is per-op tables keyed by op name; a keyword argument added to a schema needs no
 change in this module (the kernels, the checks and the reference take it) unless the CUDA C++
 kernel does not serve it: ``CUDA_CXX_DEFAULT_ONLY`` then keeps such calls on Triton under
-``set_cuda_backend("cuda_cxx")``, and ``TRITON_ONLY_OPS`` every call of an op without a CUDA C++
-kernel (fused_gradnorm_step).
+``set_cuda_backend("cuda_cxx")`` (Fira/APOLLO's full_rank), and ``TRITON_ONLY_OPS`` every call of
+an op without a CUDA C++ kernel (fused_gradnorm_step, random_basis).
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ def _reference_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, proj
                                      seed=seed)
     else:
         reference.fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, **hyper, seed=seed)
+
+
+def _reference_random_basis(d, rank, seed, refresh, *, device=None):
+    return reference.random_basis(d, rank, seed, refresh, device=device)
 
 
 def _reference_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, *rows,
@@ -129,9 +133,10 @@ OPS: dict[str, Op] = {
                           "quant:dequantize_int8"),
     "dct_select": Op(_checks.check_dct_select, _reference_dct_select, "dct_select:dct_select"),
     "dct_basis": Op(_checks.check_dct_basis, reference.dct_basis, "dct_select:dct_basis"),
+    "random_basis": Op(_checks.check_random_basis, _reference_random_basis,
+                       "random_basis:random_basis"),
 }
 TRITON_OPS = tuple(op for op, impl in OPS.items() if impl.triton is not None)
-
 
 def triton_kernel(op: str) -> Callable:
     """The Triton launcher of ``op`` (imported on first use: triton is optional)."""
@@ -170,15 +175,15 @@ def _load_triton(op: str) -> Callable:
     return load_and_run
 
 
-# Ops without a CUDA C++ kernel (lowrank_cuda::<op> raises NotImplementedError): their CUDA key
-# runs the Triton kernel under either CUDA backend.
-TRITON_ONLY_OPS = ("fused_gradnorm_step",)
+# Ops without a CUDA C++ kernel (lowrank_cuda::<op> raises NotImplementedError, or random_basis:
+# none at all): their CUDA key runs the Triton kernel under either CUDA backend.
+TRITON_ONLY_OPS = ("fused_gradnorm_step", "random_basis")
 # Keyword arguments that the CUDA C++ kernel of an op serves only at their default value (the
 # modes added after it, never run on a GPU in C++): under set_cuda_backend("cuda_cxx") a call
 # that sets one of them runs the Triton kernel instead (the C++ kernel would refuse it).
 CUDA_CXX_DEFAULT_ONLY: dict[str, dict[str, object]] = {
     "fused_galore_step": {"inner": "adam", "exp_avg_scales": None, "exp_avg_sq_scales": None,
-                          "right": None},
+                          "right": None, "full_rank": "none"},
 }
 
 
@@ -261,8 +266,13 @@ def set_cuda_backend(backend: str) -> None:
 # --------------------------------------------------------------------------------------------
 # lowrank_kernels.ops: backend=None (the dispatcher) or an explicit backend
 # --------------------------------------------------------------------------------------------
-def _device_of(args: tuple) -> torch.device:
-    return next(a.device for a in args if isinstance(a, torch.Tensor))
+def _device_of(args: tuple, kwargs: dict) -> torch.device:
+    """The device an op call runs on: its first tensor's, else its ``device`` argument's (ops
+    without tensor arguments: random_basis), else the CPU."""
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if tensor is not None:
+        return tensor.device
+    return torch.device(kwargs.get("device") or "cpu")
 
 
 def _reference(op: str) -> Callable:
@@ -317,4 +327,4 @@ def call(op: str, backend: str | None, *args, **kwargs):
     ``torch.ops.lowrank.<op>(*args, **kwargs)``."""
     if backend is None and _extension.AVAILABLE:
         return getattr(torch.ops.lowrank, op)(*args, **kwargs)
-    return kernel(op, backend, _device_of(args))(*args, **kwargs)
+    return kernel(op, backend, _device_of(args, kwargs))(*args, **kwargs)

@@ -76,6 +76,11 @@ def _dct_basis_fake(d, indices):
     return indices.new_empty((rank, d), dtype=torch.float32)
 
 
+def _random_basis_fake(d, rank, seed, refresh, *, device=None):
+    _checks.check_random_basis(d, rank, seed, refresh)
+    return torch.empty((rank, d), dtype=torch.float32, device=device)
+
+
 FAKES = {
     "project": _project_fake,
     "project_back": _project_back_fake,
@@ -88,6 +93,7 @@ FAKES = {
     "dequantize_int8": _dequantize_int8_fake,
     "dct_select": _dct_select_fake,
     "dct_basis": _dct_basis_fake,
+    "random_basis": _random_basis_fake,
 }
 
 

@@ -13,7 +13,7 @@ import torch
 
 OPS = ("fused_galore_step", "fused_gradnorm_step", "project", "project_back", "dct_select",
        "dct_basis", "philox_uniform", "quantize_int4", "dequantize_int4", "quantize_int8",
-       "dequantize_int8")
+       "dequantize_int8", "random_basis")
 
 
 def op_doc(name: str) -> str | None:

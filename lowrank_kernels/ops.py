@@ -75,7 +75,9 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                       exp_avg_scales: torch.Tensor | None = None,
                       exp_avg_sq_scales: torch.Tensor | None = None,
                       state_block_size: int = 32, right: bool | None = None,
-                      backend: str | None = None) -> None:
+                      full_rank: str = "none", full_rank_norm: str = "channel",
+                      limiter: torch.Tensor | None = None, limiter_growth: float = 1.01,
+                      scale_front: bool = False, backend: str | None = None) -> None:
     """One fused GaLore AdamW step on an m×n weight, in place (DESIGN.md §4.2).
 
     With R = project(G, proj) (side by §4.1; proj is r×n when m ≥ n, else m×r):
@@ -129,6 +131,26 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
 
     ``lr`` and ``weight_decay`` are ``Scalar`` and ``step`` ``SymInt`` in the schema: under
     ``torch.compile`` new values are graph inputs, not recompilations.
+
+    Fira and APOLLO (DESIGN.md §4.6-§4.7, docs/methods.md §3-§4): ``full_rank="fira"`` or
+    ``"apollo"`` adds the scaled full-rank term. With φ = ‖N‖/(‖R‖ + 1e-8) per own-line (a row
+    of R on the right side, a column on the left; ``full_rank_norm="channel"``) or over the
+    tensor (``"tensor"``, APOLLO-Mini), a = ``scale`` and d = 1 − lr·wd::
+
+        fira:    S = φ ⊙ (G − a·back(R)),  W ← d·(W − α_t·(a·back(N) + ℓ·S))
+        apollo:  S = c·φ ⊙ G (c = √a if scale_front else 1),  W ← d·(W − α_t·√a·ℓ·φ ⊙ G)
+
+    ℓ is the norm-growth limiter's factor: ``limiter`` (fp32, shape [1], updated in place on
+    the device) holds ‖S_prev‖, negative before the first step (that step stores ‖S‖ and is not
+    limited); otherwise f = max(‖S‖/(‖S_prev‖ + 1e-8), γ)/γ with γ = ``limiter_growth``,
+    ℓ = 1/f, and ‖S‖/f is stored. ``limiter=None``: ℓ = 1 (APOLLO's ``disable_nl``).
+    ``scale_front`` (APOLLO only) decides only whether the S that is limited and stored carries
+    √a. The kernels compute ‖S‖ and φ from per-line sums gathered while projecting (Fira's
+    residual norm by the Gram form ‖G_i‖² − 2a‖R_i‖² + a²·R_i K R_iᵀ, K = QQᵀ), finalize on the
+    device in a fixed order (no host synchronisation; a resumed run is bit for bit), and read G
+    twice and W once (G once with channel φ and no limiter on CPU); no m×n temporary. Every
+    basis and weight format (INT8 codes included) and fp32/bf16 moments; a full-rank mode
+    with ``inner='adagrad'``, 8-bit moments or a ``right`` other than the side rule's raises.
     """
     _dispatch.call("fused_galore_step", backend, param, grad, proj, exp_avg, exp_avg_sq, lr=lr,
                    beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
@@ -137,7 +159,24 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                    param_zeros=param_zeros, param_group_size=param_group_size, seed=seed,
                    inner=inner, exp_avg_scales=exp_avg_scales,
                    exp_avg_sq_scales=exp_avg_sq_scales, state_block_size=state_block_size,
-                   right=right)
+                   right=right, full_rank=full_rank, full_rank_norm=full_rank_norm,
+                   limiter=limiter, limiter_growth=limiter_growth, scale_front=scale_front)
+
+
+def random_basis(d: int, rank: int, seed: int, refresh: int, *,
+                 device: torch.device | str | None = None, backend: str | None = None
+                 ) -> torch.Tensor:
+    """APOLLO's Gaussian basis: rank×d fp32 rows of N(0, 1/rank) values generated from
+    (``seed``, ``refresh``) alone (DESIGN.md §4.7), identical bits on every backend.
+
+    Element (k, i): Philox-4x32-10 under key seed + 2**32·refresh at counter
+    (k·⌈d/4⌉ + ⌊i/4⌋, 2, 0, 0), lane i mod 4 of Box-Muller on the words (w0, w1) or (w2, w3)
+    (cos for even lanes, sin for odd), divided by √rank (``reference.random_basis``).
+    seed ∈ [0, 2**32), refresh ∈ [0, 2**31), rank·⌈d/4⌉ ≤ 2**32. The fused step's dense basis
+    is this tensor on the right side (Q, r×n) and its transpose on the left (P, m×r).
+    """
+    return _dispatch.call("random_basis", backend, d, rank, seed, refresh,
+                          device=None if device is None else torch.device(device))
 
 
 def fused_gradnorm_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,

@@ -81,10 +81,10 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                       step: int, seed: int = 0, inner: str = "adam",
                       exp_avg_scales: torch.Tensor | None = None,
                       exp_avg_sq_scales: torch.Tensor | None = None,
-                      state_block_size: int = MOMENT_BLOCK_SIZE, full_rank: str = "none",
-                      full_rank_norm: str = "channel", limiter: torch.Tensor | None = None,
-                      limiter_growth: float = LIMITER_GROWTH, scale_front: bool = False,
-                      right: bool | None = None) -> None:
+                      state_block_size: int = MOMENT_BLOCK_SIZE, right: bool | None = None,
+                      full_rank: str = "none", full_rank_norm: str = "channel",
+                      limiter: torch.Tensor | None = None, limiter_growth: float = LIMITER_GROWTH,
+                      scale_front: bool = False) -> None:
     """One low-rank step on an m×n weight, in place: GaLore AdamW (DESIGN.md §4.2) by default,
     galore-torch ``GaLoreAdamW`` semantics; the keyword-only modes below default to it.
 
@@ -115,6 +115,10 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     loaded or stored, and update_scale = fl32(d·lr·a); Fira and APOLLO in
     :func:`full_rank_update`. ``right`` overrides the side rule (a row shard of a weight under
     FSDP2 keeps the whole weight's side, see :func:`_side`).
+
+    The formulas compose every mode, but the kernels (and lowrank_kernels._checks, which every
+    backend runs first) take a full-rank mode only with inner="adam", fp32/bf16 moments and the
+    side rule's side; the other combinations have no peer to match and are refused there.
     """
     m, n = param.shape
     right = _side(m, n, right)
@@ -688,7 +692,8 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """√x of fp32 values, correctly rounded (IEEE sqrt, the kernels' sqrtf / tl.sqrt_rn):
     computed in float64 and rounded once, which is exact for sqrt (53 ≥ 2·24 + 2 bits). torch's
     vectorized fp32 sqrt on CPU is not always correctly rounded (√75.2373046875 comes out one ulp
-    low with torch 2.14 on AVX-512), which would change a code of √V."""
+    low with torch 2.14 on AVX-512, 1.0946693 gives 1.0462644 for 1.0462645), which would change
+    a code of √V or a bit of the Gaussian basis."""
     return x.double().sqrt().float()
 
 
@@ -857,9 +862,10 @@ def gaussian_pair(radius_word: torch.Tensor, angle_word: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent N(0, 1) fp32 values from two 32-bit words (int64 tensors) by Box-Muller:
     u = (⌊w_r/2^8⌋ + 1)·2^-24 ∈ (0, 1], θ = 2π·⌊w_θ/2^8⌋·2^-24,
-    ρ = √(−2·ln u) (:func:`log_of_units`, then ×(−2), sqrt), values (ρ·cos θ, ρ·sin θ)."""
+    ρ = √(−2·ln u) (:func:`log_of_units`, then ×(−2), :func:`sqrt_rn`), values (ρ·cos θ,
+    ρ·sin θ)."""
     log_u = log_of_units((radius_word >> 8) + 1, -24)
-    radius = torch.sqrt(_f32(-2.0) * log_u)
+    radius = sqrt_rn(_f32(-2.0) * log_u)
     cos_t, sin_t = cos_sin_turn(angle_word >> 8)
     return radius * cos_t, radius * sin_t
 
@@ -894,7 +900,7 @@ def random_basis(d: int, rank: int, seed: int, refresh: int, device=None) -> tor
     counters = k * groups + (i >> 2) + BASIS_STREAM
     values = philox_gaussian(rounding_philox_seed(seed, refresh), counters,
                              (i & 3).expand(rank, d))
-    return values / torch.sqrt(_f32(float(rank)))
+    return div_rn(values, sqrt_rn(_f32(float(rank))))
 
 
 def random_projection(seed: int, refresh: int, m: int, n: int, rank: int, device=None

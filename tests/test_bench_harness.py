@@ -499,3 +499,42 @@ def test_cpu_ratio_ranges_span_the_runs(tmp_path):
     assert (galore["min"], galore["median"], galore["max"]) == ("1.25", "2.0", "2.5")
     assert galore["loadavg_1m"] == "1.0 5.5 2.0"
     assert by[("refresh", "svd / dct_select")]["max"] == "100.0"
+
+
+@pytest.mark.parametrize("peer", ["fira", "apollo"])
+@pytest.mark.parametrize("m,n", [(128, 256), (256, 128)])
+def test_fira_and_apollo_torch_models_equal_their_executed_kernels(peer, m, n):
+    """bench.traffic.fira_torch / apollo_torch against the aten kernels the peers' steps run
+    (scalar kernels of the limiter, 0 bytes, left out)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(m, n, dtype=torch.bfloat16))
+    group = {"params": [p], "rank": 8, "update_proj_gap": 1000, "proj_type": "std"}
+    if peer == "fira":
+        fira = pytest.importorskip("fira")
+        opt = fira.FiraAdamW([{**group, "alpha": 0.25}], lr=1e-3, weight_decay=0.1,
+                             no_deprecation_warning=True)
+        modelled = traffic.fira_torch(m, n, 8, torch.bfloat16)
+    else:
+        apollo_torch = pytest.importorskip("apollo_torch")
+        opt = apollo_torch.APOLLOAdamW([{**group, "proj": "random", "scale_type": "channel",
+                                         "scale": 0.25}], lr=1e-3, weight_decay=0.1)
+        modelled = traffic.apollo_torch(m, n, 8, torch.bfloat16)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()  # the limiter's state exists: the measured step limits
+    measured = traffic.measure_torch(opt.step)
+    assert [(a.read, a.write) for a in measured.accesses if a.read or a.write] == [
+        (a.read, a.write) for a in modelled.accesses]
+
+
+def test_full_rank_cpu_benchmark_times_ours_against_fira_and_apollo_torch():
+    pytest.importorskip("fira")
+    pytest.importorskip("apollo_torch")
+    from bench import bench_cpu_full_rank
+
+    row = bench_cpu_full_rank.bench_case(96, 40, 8, warmup=1, rounds=2)
+    for key in ("floor", "ours_fira", "fira", "ours_apollo", "ours_apollo_gen", "apollo"):
+        assert row[f"{key}_ms"] > 0
+    assert row["fira_over_ours"] == pytest.approx(row["fira_ms"] / row["ours_fira_ms"], rel=1e-2)
+    assert row["apollo_over_ours"] == pytest.approx(row["apollo_ms"] / row["ours_apollo_ms"],
+                                                    rel=1e-2)

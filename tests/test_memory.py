@@ -48,7 +48,10 @@ def test_meta_accounting_equals_a_real_training_step(key):
     for field in ("weights", "grads_all", "grads_layer", "optimizer_state", "projection"):
         assert getattr(meta, field) == getattr(real, field), field
     assert meta.total == real.total and meta.layerwise == memory.OUR_CONFIGS[key].layerwise
-    assert meta.projection > 0 and meta.optimizer_state > 0
+    # APOLLOAdamW's random basis is generated from its seed in each step: no projection bytes
+    seeded = memory.OUR_CONFIGS[key].preset == "APOLLOAdamW"
+    assert (meta.projection == 0 if seeded else meta.projection > 0)
+    assert meta.optimizer_state > 0
 
 
 def test_int8_preset_weights_are_codes_plus_fp32_group_parameters():

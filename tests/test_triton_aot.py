@@ -34,9 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_DTYPES = os.environ.get("LOWRANK_AOT_ALL_DTYPES", "0") == "1"
 
 
-def _compile_all() -> list[dict]:
+def _compile_all(kernels: str = "fused_galore_step") -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-m", "lowrank_kernels.triton_kernels.aot", "--targets", "89,90"]
+    args = [sys.executable, "-m", "lowrank_kernels.triton_kernels.aot", "--targets", "89,90",
+            "--kernels", kernels]
     if not ALL_DTYPES:
         args.append("--main-dtypes")
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
@@ -47,6 +48,11 @@ def _compile_all() -> list[dict]:
 @pytest.fixture(scope="module")
 def reports() -> list[dict]:
     return _compile_all()
+
+
+@pytest.fixture(scope="module")
+def full_rank_reports() -> list[dict]:
+    return _compile_all("full_rank")
 
 
 def _row(report: dict) -> str:
@@ -84,18 +90,19 @@ def test_every_step_config_compiles_for_sm89_and_sm90(reports):
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
     print("\n" + "\n".join(_row(r) for r in reports))
-    fields = ("side", "index_64", "kernel", "block_own", "block_r", "block_long", "num_warps",
-              "num_stages")
+    fields = ("side", "index_64", "kernel", "full_rank", "block_own", "block_r", "block_long",
+              "num_warps", "num_stages")
     compiled = {(r["target"], r["variant"]["basis"] != "dense",
                  r["variant"].get("grad_layout", "row"), *(r["variant"][f] for f in fields))
                 for r in reports if r["variant"]["kernel"] in ("project", "back")
                 and r["variant"].get("state", "fp32") == "fp32"
                 and r["variant"].get("inner", "adam") == "adam"}
-    for (target, side, index_64), generated in itertools.product(TARGETS_SIDES_WIDTHS,
-                                                                 (False, True)):
-        for kernel, _, c in fgs.candidate_configs(generated, index_64):
-            for layout in ("row", "column") if kernel == "project" else ("row",):
-                key = (target, generated, layout, side, index_64, kernel, c.block_own,
+    for (target, side, index_64), generated, mode in itertools.product(
+            TARGETS_SIDES_WIDTHS, (False, True), (0, 1, 2)):
+        for kernel, _, c in fgs.candidate_configs(generated, index_64, full_rank=mode != 0):
+            # launch B reads G in the full-rank modes: both G layouts there too
+            for layout in ("row", "column") if kernel == "project" or mode else ("row",):
+                key = (target, generated, layout, side, index_64, kernel, mode, c.block_own,
                        c.block_r, c.block_long, c.num_warps, c.num_stages)
                 assert key in compiled, f"not compiled: {key}"
 
@@ -106,17 +113,17 @@ def test_every_bf16_moment_config_compiles_for_sm89_and_sm90(reports):
     spill test below covers it."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
-    fields = ("side", "index_64", "block_own", "block_r", "block_long", "num_warps",
-              "num_stages")
+    fields = ("side", "index_64", "full_rank", "block_own", "block_r", "block_long",
+              "num_warps", "num_stages")
     compiled = {(r["target"], r["variant"]["basis"] != "dense",
                  *(r["variant"][f] for f in fields)) for r in reports
                 if r["variant"]["kernel"] == "project" and r["variant"]["state"] == "bf16"
                 and r["variant"]["inner"] == "adam"}
-    for (target, side, index_64), generated in itertools.product(TARGETS_SIDES_WIDTHS,
-                                                                 (False, True)):
-        for _, _, c in fgs.bf16_moment_candidate_configs(generated, index_64):
-            key = (target, generated, side, index_64, c.block_own, c.block_r, c.block_long,
-                   c.num_warps, c.num_stages)
+    for (target, side, index_64), generated, mode in itertools.product(
+            TARGETS_SIDES_WIDTHS, (False, True), (0, 1, 2)):
+        for _, _, c in fgs.bf16_moment_candidate_configs(generated, index_64, mode != 0):
+            key = (target, generated, side, index_64, mode, c.block_own, c.block_r,
+                   c.block_long, c.num_warps, c.num_stages)
             assert key in compiled, f"not compiled with bf16 moments: {key}"
 
 
@@ -153,14 +160,14 @@ def test_every_int8_update_config_compiles_for_sm89_and_sm90(reports):
     basis format, both sides and offset widths."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
-    fields = ("path", "group_size", "block_groups", "block_r")
+    fields = ("full_rank", "path", "group_size", "block_groups", "block_r")
     compiled = {(r["target"], r["variant"]["side"], r["variant"]["index_64"],
                  r["variant"]["basis"], *(r["variant"][f] for f in fields))
                 for r in reports if r["variant"]["kernel"].startswith("int8")}
-    for (target, side, index_64), basis in itertools.product(TARGETS_SIDES_WIDTHS,
-                                                             ("dense", "int4", "dct")):
+    for (target, side, index_64), basis, mode in itertools.product(
+            TARGETS_SIDES_WIDTHS, ("dense", "int4", "dct"), (0, 1, 2)):
         for c in fgs.int8_candidate_configs(index_64):
-            key = (target, side, index_64, basis, c.path, c.group_size, c.block_groups,
+            key = (target, side, index_64, basis, mode, c.path, c.group_size, c.block_groups,
                    c.block_r)
             assert key in compiled, f"not compiled: {key}"
 
@@ -215,3 +222,20 @@ def test_shared_memory_fits_the_target(reports):
     too_big = [_row(r) for r in reports if r["shared_bytes"] > limits[r["target"]]]
     assert not too_big, "shared memory above the target's limit:\n" + "\n".join(too_big)
     assert all(r["registers"] <= aot.MAX_REGISTERS for r in reports)
+
+
+def test_full_rank_kernels_compile_without_spills(full_rank_reports):
+    """The Fira/APOLLO launches between A and B (full_rank.py: the Gram of every basis format,
+    the per-line quadratic, every finalize variant) and random_basis, for both targets: each
+    aot_variants() entry compiled, no spills, shared memory within the target's limit."""
+    from lowrank_kernels.triton_kernels import full_rank, random_basis
+
+    expected = len(list(full_rank.aot_variants())) + len(list(random_basis.aot_variants()))
+    assert len(full_rank_reports) == 2 * expected
+    assert {r["variant"]["kernel"] for r in full_rank_reports} == {
+        *full_rank.AOT_KERNELS, *random_basis.AOT_KERNELS}
+    limits = {"sm_89": aot.MAX_SHARED_BYTES[89], "sm_90a": aot.MAX_SHARED_BYTES[90]}
+    for r in full_rank_reports:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
+        assert r["shared_bytes"] <= limits[r["target"]], r
+        assert r["registers"] <= aot.MAX_REGISTERS, r

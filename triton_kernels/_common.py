@@ -213,6 +213,21 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
     """acc + Σ_long G[own, long]·basis[long, r]: a tile of R reduced over the whole long axis by
     one program (no split-K: the Adam epilogue that follows is nonlinear). A generated basis
     enters the dot as hi + lo in G's type when G is 16-bit (module docstring)."""
+    acc, _ = _project_tile_stats(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
+                                 offs_r, own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr,
+                                 stride_pl, acc, acc, RIGHT, BLOCK_LONG, BASIS, PROJ_GROUP,
+                                 INDEX_64, INTERPRETED, False)
+    return acc
+
+
+@triton.jit
+def _project_tile_stats(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
+                        own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr, stride_pl, acc,
+                        grad_sq, RIGHT: tl.constexpr, BLOCK_LONG: tl.constexpr,
+                        BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
+                        INTERPRETED: tl.constexpr, GRAD_SQ: tl.constexpr):
+    """_project_tile, and with GRAD_SQ also grad_sq + ‖G_own‖² per own-line (a BLOCK_OWN fp32
+    vector: the full-rank modes' γ_i, gathered while G streams); returns (acc, grad_sq)."""
     for start in range(0, LONG, BLOCK_LONG):
         offs_long = start + tl.arange(0, BLOCK_LONG)
         if INDEX_64:
@@ -220,11 +235,14 @@ def _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs
         long_mask = offs_long < LONG
         g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, stride_gn, RIGHT),
                     mask=own_mask[:, None] & long_mask[None, :], other=0.0)
+        if GRAD_SQ:
+            g32 = g.to(tl.float32)
+            grad_sq += tl.sum(g32 * g32, axis=1)
         # the basis as a (long, r) tile: Qᵀ on the right, P on the left
         basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
                             long_mask, stride_pr, stride_pl, LONG, True, BASIS, PROJ_GROUP)
         acc = _dot_basis(g, basis, acc, BASIS, INTERPRETED)
-    return acc
+    return acc, grad_sq
 
 
 @triton.jit
@@ -246,17 +264,20 @@ def _weight_tile_back(W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized
                       stride_pr, stride_pl, stride_normm, M, N, R, RIGHT: tl.constexpr,
                       BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr, BLOCK_R: tl.constexpr,
                       BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
-                      INTERPRETED: tl.constexpr):
+                      INTERPRETED: tl.constexpr, LowRank_ptr=None, LineCoef_ptr=None,
+                      FULL_RANK: tl.constexpr = 0):
     """This program's BLOCK_OWN × BLOCK_LONG tile of W in a launch tiled like the back
     projection (_grid_tile over (own, long)): (offs_own, offs_long, own_mask, long_mask, w_offs,
-    w_mask, W's tile in fp32, back(N) of the tile in fp32 (_back_project_tile in W's type))."""
+    w_mask, W's tile in fp32, back(N) of the tile in fp32 (_back_project_tile in W's type;
+    FULL_RANK as there))."""
     OWN, LONG = _own_long(M, N, RIGHT)
     offs_own, offs_long, own_mask, long_mask = _grid_tile(OWN, LONG, BLOCK_OWN, BLOCK_LONG,
                                                           INDEX_64)
     back = _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own,
                               offs_long, own_mask, long_mask, stride_pr, stride_pl, stride_normm,
                               LONG, R, W_ptr.dtype.element_ty, RIGHT, BLOCK_OWN, BLOCK_LONG,
-                              BLOCK_R, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
+                              BLOCK_R, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED, LowRank_ptr,
+                              LineCoef_ptr, FULL_RANK)
     w_offs = _tile_offsets(offs_own, offs_long, stride_wm, 1, RIGHT)
     w_mask = own_mask[:, None] & long_mask[None, :]
     w = tl.load(W_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)
@@ -269,20 +290,30 @@ def _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, 
                        R, DOT_TYPE: tl.constexpr, RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr,
                        BLOCK_LONG: tl.constexpr, BLOCK_R: tl.constexpr, BASIS: tl.constexpr,
                        PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr,
-                       INTERPRETED: tl.constexpr):
+                       INTERPRETED: tl.constexpr, LowRank_ptr=None, LineCoef_ptr=None,
+                       FULL_RANK: tl.constexpr = 0):
     """back(N) of one BLOCK_OWN × BLOCK_LONG tile in fp32: Σ_r N[own, r]·basis[r, long] (N·Q
     right, P·N left; N of the low-rank shape, row stride stride_normm), K = r in BLOCK_R chunks.
     A 16-bit DOT_TYPE (the weight's) rounds both operands to it (tensor cores; the numbers
-    galore-torch's bf16 back projection uses); fp32 multiplies exactly."""
+    galore-torch's bf16 back projection uses); fp32 multiplies exactly. FULL_RANK
+    (full_rank.py): 1 (Fira) folds N' = N − c ⊙ R in fp32 (LowRank: R, same layout as N;
+    LineCoef: c per own-line) before that rounding; 2 (APOLLO) has no back projection (0)."""
     back = tl.zeros((BLOCK_OWN, BLOCK_LONG), dtype=tl.float32)
+    if FULL_RANK == 2:
+        return back
+    if FULL_RANK == 1:
+        line_coef = tl.load(LineCoef_ptr + offs_own, mask=own_mask, other=0.0)
     for start in range(0, R, BLOCK_R):
         offs_r = start + tl.arange(0, BLOCK_R)
         if INDEX_64:
             offs_r = offs_r.to(tl.int64)
         r_mask = offs_r < R
-        normalized = tl.load(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1,
-                                                            RIGHT),
-                             mask=own_mask[:, None] & r_mask[None, :], other=0.0)
+        low_offs = _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT)
+        low_mask = own_mask[:, None] & r_mask[None, :]
+        normalized = tl.load(Normalized_ptr + low_offs, mask=low_mask, other=0.0)
+        if FULL_RANK == 1:
+            low = tl.load(LowRank_ptr + low_offs, mask=low_mask, other=0.0)
+            normalized = normalized - line_coef[:, None] * low
         basis = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_long, r_mask,
                             long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
         if DOT_TYPE != tl.float32:
@@ -292,6 +323,33 @@ def _back_project_tile(Normalized_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, 
                 basis = _round_to(basis.to(tl.float32), DOT_TYPE, INTERPRETED)
         back = _dot(normalized, basis, back, INTERPRETED)
     return back
+
+
+@triton.jit
+def _gram_kernel(
+    Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Gram_ptr,
+    stride_pr, stride_pl,
+    R, LONG,
+    BLOCK_R: tl.constexpr, BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr,
+    PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """One BLOCK_R × BLOCK_R tile of the Gram K = Q Qᵀ of any basis format (fp32, r×r, row-major;
+    Q r×long as _basis_tile reads it), reduced over the long axis: GradNormLoRP's launch K and
+    Fira's (full_rank.py)."""
+    offs_a, offs_b, mask_a, mask_b = _grid_tile(R, R, BLOCK_R, BLOCK_R, INDEX_64)
+    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    for start in range(0, LONG, BLOCK_LONG):
+        offs_long = start + tl.arange(0, BLOCK_LONG)
+        if INDEX_64:
+            offs_long = offs_long.to(tl.int64)
+        long_mask = offs_long < LONG
+        rows = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_a, offs_long, mask_a,
+                           long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
+        cols = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_b, offs_long, mask_b,
+                           long_mask, stride_pr, stride_pl, LONG, True, BASIS, PROJ_GROUP)
+        gram = _dot(rows, cols, gram, INTERPRETED)
+    tl.store(Gram_ptr + offs_a[:, None] * R + offs_b[None, :], gram,
+             mask=mask_a[:, None] & mask_b[None, :])
 
 
 @triton.jit

@@ -177,14 +177,14 @@ def unit_strides(kernel: str, right: bool, basis: str, grad_layout: str = "row"
                  ) -> dict[str, int]:
     """The stride arguments a launch on dense operands passes as 1, which the JIT turns into
     compile-time constants (so must the AOT compile): the basis' stride along its size-d axis
-    (right, Q r×n) or along the rank (left, P m×r), for dense and packed INT4 bases; and in
-    launch A, G's column stride (``grad_layout`` "row") or its row stride ("column": a
-    transposed gradient, G = Xᵀ of a row-major X)."""
+    (right, Q r×n) or along the rank (left, P m×r), for dense and packed INT4 bases; and G's
+    column stride (``grad_layout`` "row") or its row stride ("column": a transposed gradient,
+    G = Xᵀ of a row-major X) in every kernel that takes G (launch A; launch B and the INT8
+    kernels since the full-rank modes, which pass G whatever the mode)."""
     unit = {}
     if basis != "dct":
         unit["stride_pl" if right else "stride_pr"] = 1
-    if kernel == "project":
-        unit["stride_gn" if grad_layout == "row" else "stride_gm"] = 1
+    unit["stride_gn" if grad_layout == "row" else "stride_gm"] = 1
     return unit
 
 
@@ -194,35 +194,44 @@ def step_variants(all_dtypes: bool = True, grad_layouts=("row", "column")):
     entry (kernel, dtype class, TileConfig) for the dense and the generated (INT4, DCT) bases,
     every bf16_moment_candidate_configs() entry compiled with bf16 moments and every
     moment8_candidate_configs() entry with 8-bit moments, and launch A under AdaGrad
-    (adagrad_tables). Both sides, launch A for each G layout in ``grad_layouts`` (unit_strides;
-    the fp32/bf16 Adam tables); each dtype class's most register-hungry dtype set, or every set
-    with ``all_dtypes``."""
+    (adagrad_tables); each for the full-rank modes it serves (FULL_RANK 0: GaLore from the plain
+    tables; 1: Fira and 2: APOLLO from the full-rank tables, candidate_configs(...,
+    full_rank=True), with fp32/bf16 Adam moments only: the checks refuse them with AdaGrad or
+    8-bit moments). Both sides, launch A for each G layout in ``grad_layouts`` (unit_strides;
+    the fp32/bf16 Adam tables), launch B too in the full-rank modes (which read G there); each
+    dtype class's most register-hungry dtype set, or every set with ``all_dtypes``."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
-    for index_64 in INDEX_TYPES:
-        jobs = [(*c, what) for what, configs in (
-            ("dense", fgs.candidate_configs(False, index_64)),
-            ("generated", fgs.candidate_configs(True, index_64)),
-            ("bf16-moments", fgs.bf16_moment_candidate_configs(False, index_64)),
-            ("bf16-moments-generated", fgs.bf16_moment_candidate_configs(True, index_64)),
-            ("8bit-moments", fgs.moment8_candidate_configs(False, index_64)),
-            ("8bit-moments-generated", fgs.moment8_candidate_configs(True, index_64)))
-            for c in configs]
-        jobs += [(*c, what, True) for what, configs in adagrad_tables(fgs, index_64, all_dtypes)
-                 for c in configs if c[0] == "project"]
-        for kernel, kind, config, what, *adagrad in jobs:
+    for index_64, modes in itertools.product(INDEX_TYPES, ((0,), (1, 2))):
+        full_rank = modes != (0,)
+        tables = [("dense", fgs.candidate_configs(False, index_64, full_rank)),
+                  ("generated", fgs.candidate_configs(True, index_64, full_rank)),
+                  ("bf16-moments", fgs.bf16_moment_candidate_configs(False, index_64, full_rank)),
+                  ("bf16-moments-generated",
+                   fgs.bf16_moment_candidate_configs(True, index_64, full_rank))]
+        if not full_rank:
+            tables += [("8bit-moments", fgs.moment8_candidate_configs(False, index_64)),
+                       ("8bit-moments-generated", fgs.moment8_candidate_configs(True, index_64))]
+        jobs = [(*c, what, mode, False) for what, configs in tables for c in configs
+                for mode in modes]
+        if not full_rank:
+            jobs += [(*c, what, 0, True) for what, configs in adagrad_tables(fgs, index_64,
+                                                                              all_dtypes)
+                     for c in configs if c[0] == "project"]
+        for kernel, kind, config, what, mode, adagrad in jobs:
             table, generated = _STEP_TABLES[what]
             bases = GENERATED_BASES if generated else ("dense",)
             sets = [(basis, dtypes) for basis in bases
                     for dtypes in _dtype_sets(table, (kernel, kind), all_dtypes)]
             # The moment epilogue does not touch G: the G layouts are compiled with the Adam
-            # fp32/bf16 tables; AdaGrad and 8-bit moments (more variants) with G row-major.
-            layouts = (grad_layouts if kernel == "project" and not adagrad
+            # fp32/bf16 tables (launch A, and launch B in the full-rank modes, which read G
+            # there); AdaGrad and 8-bit moments (more variants) with G row-major.
+            layouts = (grad_layouts if (kernel == "project" or mode) and not adagrad
                        and what in _G_LAYOUT_TABLES else ("row",))
             for (basis, dtypes), right, layout in itertools.product(sets, (True, False),
                                                                     layouts):
                 yield _step_variant(fgs, kernel, config, basis, dtypes, index_64, right,
-                                    layout, bool(adagrad))
+                                    layout, adagrad, mode)
 
 
 def adagrad_tables(fgs, index_64: bool, all_dtypes: bool = True):
@@ -250,31 +259,38 @@ def _moment_pointers(state: str, adagrad: bool = False) -> dict[str, str]:
             "ExpAvgScales_ptr": f"*{scales}", "ExpAvgSqScales_ptr": f"*{scales}"}
 
 
-def _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, layout, adagrad=False):
+def _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, layout, adagrad=False,
+                  full_rank=0):
     extra = {}
+    f32 = "*fp32"
     if kernel == "project":
         fn = fgs._project_adam_kernel
         g, p, s, w = (_TRITON_TYPES.get(t, t) if t is not None else basis for t in dtypes)
-        pointers = {"G_ptr": f"*{g}", **_moment_pointers(s, adagrad), "Normalized_ptr": f"*{w}"}
+        w = "fp32" if full_rank else w  # the full-rank modes keep N in fp32
+        pointers = {"G_ptr": f"*{g}", **_moment_pointers(s, adagrad), "Normalized_ptr": f"*{w}",
+                    "LowRank_ptr": f32 if full_rank else f"*{w}",
+                    "LineSums_ptr": f32 if full_rank else f"*{w}"}
         types = {"grad": g, "proj": p, "state": s, "weight": w, "grad_layout": layout,
                  "inner": "adagrad" if adagrad else "adam"}
         extra = {"ADAGRAD": adagrad, "MOMENT_BLOCK": MOMENT_BLOCK}
     else:
         fn = fgs._back_project_kernel
         w, p = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
-        pointers = {"W_ptr": f"*{w}", "Normalized_ptr": f"*{w}"}  # N in W's type
-        types = {"weight": w, "proj": p}
+        n = "*fp32" if full_rank else f"*{w}"  # N in W's type, fp32 in the full-rank modes
+        pointers = {"W_ptr": f"*{w}", "Normalized_ptr": n, "G_ptr": f"*{w}",
+                    **dict.fromkeys(("LowRank_ptr", "LineCoef_ptr", "GradCoef_ptr"), n)}
+        types = {"weight": w, "proj": p, "grad_layout": layout}
     pointers.update(_basis_pointers(basis, p))
     constexprs = {"RIGHT": right, "BLOCK_OWN": config.block_own, "BLOCK_R": config.block_r,
                   "BLOCK_LONG": config.block_long, "INDEX_64": index_64, "INTERPRETED": False,
-                  **_basis_constexprs(basis), **unit_strides(kernel, right, basis, layout),
-                  **extra}
+                  "FULL_RANK": full_rank, **_basis_constexprs(basis),
+                  **unit_strides(kernel, right, basis, layout), **extra}
     variant = {"kernel": kernel, "side": "right" if right else "left", **types, "basis": basis,
-               "index_64": index_64, **dataclasses.asdict(config)}
+               "index_64": index_64, "full_rank": full_rank, **dataclasses.asdict(config)}
     # 8-bit moments are launched with enable_fp_fusion=False (bits equal to the CPU kernel's)
     options = {"enable_fp_fusion": False} if types.get("state") == "8bit" else {}
     return (variant, _signature(fn, pointers, constexprs), constexprs, config.num_warps,
-            config.num_stages, options)
+            config.num_stages, {**options, **fgs.full_rank_options(full_rank)})
 
 
 def int8_update_variants(all_dtypes: bool = True):
@@ -286,23 +302,27 @@ def int8_update_variants(all_dtypes: bool = True):
     bases = [("dense", "bf16"), ("int4", "int4"), ("dct", "dct")]
     if all_dtypes:
         bases.append(("dense", "fp32"))
+    modes = (0, 1, 2)  # GaLore, Fira, APOLLO
     for index_64, config in ((i, c) for i in INDEX_TYPES for c in fgs.int8_candidate_configs(i)):
         rows = config.path == "rows"
         fn = fgs._int8_update_rows_kernel if rows else fgs._int8_update_groups_kernel
-        for (basis, p), right in itertools.product(bases, (True, False)):
+        for (basis, p), right, mode in itertools.product(bases, (True, False), modes):
             pointers = {"Codes_ptr": "*u8", "Scales_ptr": "*fp32", "Zeros_ptr": "*fp32",
-                        "Normalized_ptr": "*fp32", **_basis_pointers(basis, p)}
+                        "Normalized_ptr": "*fp32", "G_ptr": "*bf16", "LowRank_ptr": "*fp32",
+                        "LineCoef_ptr": "*fp32", "GradCoef_ptr": "*fp32",
+                        **_basis_pointers(basis, p)}
             blocks = ({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n} if rows else
                       {"BLOCK_GROUPS": config.block_groups, "BLOCK_G": config.block_g})
             constexprs = {"RIGHT": right, **blocks, "BLOCK_R": config.block_r,
                           "GROUP": config.group_size, "INDEX_64": index_64,
-                          "INTERPRETED": False, **_basis_constexprs(basis),
+                          "INTERPRETED": False, "FULL_RANK": mode, **_basis_constexprs(basis),
                           **unit_strides(f"int8_{config.path}", right, basis)}
             variant = {"kernel": f"int8_{config.path}", "side": "right" if right else "left",
                        "weight": "u8", "proj": p, "basis": basis, "index_64": index_64,
-                       **dataclasses.asdict(config)}
+                       "full_rank": mode, **dataclasses.asdict(config)}
             yield (variant, _signature(fn, pointers, constexprs), constexprs,
-                   config.num_warps, config.num_stages, {"enable_fp_fusion": False})
+                   config.num_warps, config.num_stages,
+                   {"enable_fp_fusion": False, **fgs.full_rank_options(mode)})
 
 
 # dtype sets per (kernel, dtype class), the most register-hungry first:
@@ -540,6 +560,33 @@ def dct_select_reports(capabilities=TARGETS, main_only: bool = False, jobs: int 
     yield from _run(_compile_dct_select_variant, work, jobs)
 
 
+# --------------------------------------------------------------------------------------------
+# Fira/APOLLO kernels between the fused step's launches (full_rank.py) and random_basis
+# --------------------------------------------------------------------------------------------
+_FULL_RANK_MODULES = ("full_rank", "random_basis")
+
+
+def _compile_module_variant(job) -> CompileReport:
+    import importlib
+
+    capability, module_name, (variant, signature, constexprs, warps, stages, options) = job
+    module = importlib.import_module(f"lowrank_kernels.triton_kernels.{module_name}")
+    name = module.AOT_KERNELS[variant["kernel"]]
+    return compile_and_measure(name, getattr(module, name), signature, constexprs, capability,
+                               warps, stages, variant, options)
+
+
+def full_rank_reports(capabilities=TARGETS, jobs: int = 1):
+    """Compiles every launch of full_rank.py (Gram, quadratic, finalize) and random_basis.py
+    (their aot_variants) per target."""
+    import importlib
+
+    work = [(capability, name, v) for capability in capabilities for name in _FULL_RANK_MODULES
+            for v in importlib.import_module(
+                f"lowrank_kernels.triton_kernels.{name}").aot_variants()]
+    yield from _run(_compile_module_variant, work, jobs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", default="89,90", help="compute capabilities, e.g. 89,90")
@@ -549,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="parallel compilations (default: one per CPU)")
     parser.add_argument("--kernels", default="fused_galore_step",
-                        choices=("fused_galore_step", "dct_select"),
+                        choices=("fused_galore_step", "dct_select", "full_rank"),
                         help="which kernel family to compile")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -559,6 +606,10 @@ def main(argv: list[str] | None = None) -> int:
         print("aot: Triton's ptxas was not found", file=sys.stderr)
         return 3
     capabilities = [int(c) for c in args.targets.split(",")]
+    if args.kernels == "full_rank":
+        for report in full_rank_reports(capabilities, args.jobs):
+            print(json.dumps(dataclasses.asdict(report)), flush=True)
+        return 0
     if args.kernels == "dct_select":
         for report in dct_select_reports(capabilities, args.main_dtypes, args.jobs):
             print(json.dumps(dataclasses.asdict(report)), flush=True)

@@ -110,6 +110,7 @@ from ._common import (
     _grid_tile,
     _own_long,
     _project_tile,
+    _project_tile_stats,
     _round_to,
     _tile_offsets,
     _weight_tile_back,
@@ -119,35 +120,58 @@ from ._common import (
     needs_index_64,
     needs_wide_phase,
 )
+from .full_rank import (
+    FULL_RANK_MODES,
+    _store_line_sums_of_r,
+    finalize_full_rank,
+    full_rank_buffers,
+    grad_scale,
+)
 from .quant import dequantize_codes, group_quant_params, stochastic_round_codes
 
 
 @triton.jit
 def _project_adam_kernel(
     G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr,
-    ExpAvgSqScales_ptr, Normalized_ptr,
+    ExpAvgSqScales_ptr, Normalized_ptr, LowRank_ptr, LineSums_ptr,
     stride_gm, stride_gn, stride_pr, stride_pl, stride_statem, stride_normm,
     M, N, R, num_blocks,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, philox_seed,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
     INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, ADAGRAD: tl.constexpr,
-    MOMENT_BLOCK: tl.constexpr,
+    MOMENT_BLOCK: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch A: R[own, r] = Σ_long G[own, long]·basis[long, r] for one BLOCK_OWN × BLOCK_R tile,
     then Adam (AdaGrad when ADAGRAD) on that tile of M and V and N = M/(√V+ε) into the workspace
     (rounded to its type). 8-bit moments (int8/uint8 pointers): num_blocks = ⌈R/MOMENT_BLOCK⌉
-    scales per own-line, blocks of MOMENT_BLOCK ranks inside the tile (_common._adam_tile)."""
+    scales per own-line, blocks of MOMENT_BLOCK ranks inside the tile (_common._adam_tile).
+    FULL_RANK (full_rank.FIRA / APOLLO; Adam with fp32/bf16 moments only, the checks refuse the
+    rest): also the per-line partial sums of this rank tile (full_rank.py: ν = Σ N², ρ = Σ R²,
+    and γ = ‖G_own‖² from the first rank tile) and, for Fira, R itself into the fp32 LowRank
+    workspace (LowRank_ptr, LineSums_ptr are unused otherwise)."""
     OWN, LONG = _own_long(M, N, RIGHT)
     offs_own, offs_r, own_mask, r_mask = _grid_tile(OWN, R, BLOCK_OWN, BLOCK_R, INDEX_64)
 
     proj_low = tl.zeros((BLOCK_OWN, BLOCK_R), dtype=tl.float32)
-    proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
-                             own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr, stride_pl,
-                             proj_low, RIGHT,
-                             BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
+    if FULL_RANK != 0:
+        grad_sq = tl.zeros((BLOCK_OWN,), dtype=tl.float32)
+        proj_low, grad_sq = _project_tile_stats(
+            G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r, own_mask, r_mask,
+            LONG, stride_gm, stride_gn, stride_pr, stride_pl, proj_low, grad_sq, RIGHT,
+            BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED, True)
+    else:
+        proj_low = _project_tile(G_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_own, offs_r,
+                                 own_mask, r_mask, LONG, stride_gm, stride_gn, stride_pr,
+                                 stride_pl, proj_low, RIGHT,
+                                 BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
+    if FULL_RANK != 0:
+        line_sums = _store_line_sums_of_r(LowRank_ptr, LineSums_ptr,
+                                          _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
+                                          state_mask, offs_own, own_mask, proj_low, grad_sq, OWN,
+                                          R, BLOCK_R, FULL_RANK, INDEX_64)
     # only the real rank is stored; launch B reads the padding as 0 through its mask
     normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr, ExpAvgSqScales_ptr,
                             state_offs, state_mask, offs_own, offs_r, own_mask, num_blocks,
@@ -155,38 +179,50 @@ def _project_adam_kernel(
                             philox_seed, ADAGRAD, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
     tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
              _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
+    if FULL_RANK != 0:
+        tl.store(line_sums, tl.sum(tl.where(state_mask, normalized * normalized, 0.0), axis=1),
+                 mask=own_mask)
 
 
 @triton.jit
 def _back_project_kernel(
     W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_wm, stride_pr, stride_pl, stride_normm,
+    G_ptr, LowRank_ptr, LineCoef_ptr, GradCoef_ptr,
+    stride_wm, stride_pr, stride_pl, stride_normm, stride_gm, stride_gn,
     M, N, R,
     decay, update_scale,
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_LONG: tl.constexpr,
     BLOCK_R: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch B: W[own, long] ← decay·W − update_scale·Σ_r N[own, r]·basis[r, long] for one
-    BLOCK_OWN × BLOCK_LONG tile of W."""
-    # N is already in W's type (the workspace): only the basis is rounded to it
-    _, _, _, _, w_offs, w_mask, w, back = _weight_tile_back(
+    BLOCK_OWN × BLOCK_LONG tile of W. FULL_RANK (full_rank.py): Fira takes N' = N − c ⊙ R
+    (fp32 workspaces, c = LineCoef per own-line) as the N operand; Fira and APOLLO then subtract
+    GradCoef_own·G (G read through its strides); APOLLO skips the back projection."""
+    # GaLore: N is already in W's type (the workspace), only the basis is rounded to it
+    offs_own, offs_long, own_mask, long_mask, w_offs, w_mask, w, back = _weight_tile_back(
         W_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr, stride_wm, stride_pr,
         stride_pl, stride_normm, M, N, R, RIGHT, BLOCK_OWN, BLOCK_LONG, BLOCK_R, BASIS,
-        PROJ_GROUP, INDEX_64, INTERPRETED)
-    tl.store(W_ptr + w_offs, _round_to(decay * w - update_scale * back, W_ptr.dtype.element_ty,
-                                       INTERPRETED), mask=w_mask)
+        PROJ_GROUP, INDEX_64, INTERPRETED, LowRank_ptr, LineCoef_ptr, FULL_RANK)
+    w = decay * w - update_scale * back
+    if FULL_RANK != 0:
+        g = tl.load(G_ptr + _tile_offsets(offs_own, offs_long, stride_gm, stride_gn, RIGHT),
+                    mask=w_mask, other=0.0).to(tl.float32)
+        grad_coef = tl.load(GradCoef_ptr + offs_own, mask=own_mask, other=0.0)
+        w = w - grad_coef[:, None] * g
+    tl.store(W_ptr + w_offs, _round_to(w, W_ptr.dtype.element_ty, INTERPRETED), mask=w_mask)
 
 
 @triton.jit
 def _int8_update_rows_kernel(
     Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_pr, stride_pl, stride_normm,
+    G_ptr, LowRank_ptr, LineCoef_ptr, GradCoef_ptr,
+    stride_pr, stride_pl, stride_normm, stride_gm, stride_gn,
     M, N, R,
     decay, update_scale, philox_seed,
     RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch B for INT8 weights whose groups lie inside rows (N % GROUP == 0, BLOCK_N a multiple
     of GROUP): one program per BLOCK_M × BLOCK_N tile of W in its own row/column coordinates
@@ -194,7 +230,10 @@ def _int8_update_rows_kernel(
 
     T = back(N) for the tile (fp32 "ieee" dot, K = r in BLOCK_R chunks: N·Q right, P·N left);
     per group: W' = decay·s(q − z) − update_scale·T, s', z' from min/max of W',
-    q' = clamp(SR(W'/s') + z', 0, 255) with u = tl.rand(philox_seed, row-major index)."""
+    q' = clamp(SR(W'/s') + z', 0, 255) with u = tl.rand(philox_seed, row-major index).
+    FULL_RANK (full_rank.py): Fira's N operand is N − c ⊙ R; then T ← update_scale·T + gc·G
+    (APOLLO: T = gc·G, no back projection) and W' = decay·s(q − z) − 1·T, as the CPU kernel's
+    fold_grad_term_rows."""
     num_col_tiles = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     offs_m = (pid // num_col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -207,22 +246,44 @@ def _int8_update_rows_kernel(
     n_mask = offs_n < N
 
     back = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, R, BLOCK_R):
-        offs_r = start + tl.arange(0, BLOCK_R)
-        if INDEX_64:
-            offs_r = offs_r.to(tl.int64)
-        r_mask = offs_r < R
-        if RIGHT:  # N (m×r) · Q[:, cols]
-            a = tl.load(Normalized_ptr + offs_m[:, None] * stride_normm + offs_r[None, :],
-                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            b = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_n, r_mask,
-                            n_mask, stride_pr, stride_pl, N, False, BASIS, PROJ_GROUP)
-        else:  # P[rows, :] · N (r×n)
-            a = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_m, r_mask,
-                            m_mask, stride_pr, stride_pl, M, True, BASIS, PROJ_GROUP)
-            b = tl.load(Normalized_ptr + offs_r[:, None] * stride_normm + offs_n[None, :],
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        back = _dot(a, b, back, INTERPRETED)
+    if FULL_RANK == 1:  # c of the own-lines: rows (right) or columns (left)
+        line_coef = tl.load(LineCoef_ptr + (offs_m if RIGHT else offs_n),
+                            mask=m_mask if RIGHT else n_mask, other=0.0)
+    if FULL_RANK != 2:
+        for start in range(0, R, BLOCK_R):
+            offs_r = start + tl.arange(0, BLOCK_R)
+            if INDEX_64:
+                offs_r = offs_r.to(tl.int64)
+            r_mask = offs_r < R
+            if RIGHT:  # N (m×r) · Q[:, cols]
+                low_offs = offs_m[:, None] * stride_normm + offs_r[None, :]
+                low_mask = m_mask[:, None] & r_mask[None, :]
+                a = tl.load(Normalized_ptr + low_offs, mask=low_mask, other=0.0)
+                if FULL_RANK == 1:
+                    a = a - line_coef[:, None] * tl.load(LowRank_ptr + low_offs, mask=low_mask,
+                                                         other=0.0)
+                b = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_n, r_mask,
+                                n_mask, stride_pr, stride_pl, N, False, BASIS, PROJ_GROUP)
+            else:  # P[rows, :] · N (r×n)
+                a = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_r, offs_m, r_mask,
+                                m_mask, stride_pr, stride_pl, M, True, BASIS, PROJ_GROUP)
+                low_offs = offs_r[:, None] * stride_normm + offs_n[None, :]
+                low_mask = r_mask[:, None] & n_mask[None, :]
+                b = tl.load(Normalized_ptr + low_offs, mask=low_mask, other=0.0)
+                if FULL_RANK == 1:
+                    b = b - line_coef[None, :] * tl.load(LowRank_ptr + low_offs, mask=low_mask,
+                                                         other=0.0)
+            back = _dot(a, b, back, INTERPRETED)
+    back_scale = update_scale
+    if FULL_RANK != 0:
+        g = tl.load(G_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        if RIGHT:
+            grad_coef = tl.load(GradCoef_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+        else:
+            grad_coef = tl.load(GradCoef_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        back = _fold_grad_term(back, g, grad_coef, update_scale, FULL_RANK)
+        back_scale = 1.0
 
     # the epilogue on (rows, groups, GROUP): group (i, j) is W[i, first_col + j·GROUP + lane]
     col_groups = first_col // GROUP + tl.arange(0, BLOCK_N // GROUP)
@@ -232,18 +293,29 @@ def _int8_update_rows_kernel(
     elem_mask = group_mask[:, :, None]
     _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, group, group_mask, elem,
                             elem_mask, tl.reshape(back, (BLOCK_M, BLOCK_N // GROUP, GROUP)),
-                            decay, update_scale, philox_seed, 2)
+                            decay, back_scale, philox_seed, 2)
+
+
+@triton.jit
+def _fold_grad_term(back, g, grad_coef, update_scale, FULL_RANK: tl.constexpr):
+    """The whole INT8 update T of the full-rank modes: update_scale·back + gc·G (Fira) or gc·G
+    (APOLLO), the operations of the CPU's fold_grad_term_rows."""
+    if FULL_RANK == 1:
+        return update_scale * back + grad_coef * g
+    else:
+        return grad_coef * g
 
 
 @triton.jit
 def _int8_update_groups_kernel(
     Codes_ptr, Scales_ptr, Zeros_ptr, Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Normalized_ptr,
-    stride_pr, stride_pl, stride_normm,
+    G_ptr, LowRank_ptr, LineCoef_ptr, GradCoef_ptr,
+    stride_pr, stride_pl, stride_normm, stride_gm, stride_gn,
     M, N, R, numel, num_groups,
     decay, update_scale, philox_seed,
     RIGHT: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
-    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+    INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, FULL_RANK: tl.constexpr = 0,
 ):
     """Launch B for INT8 weights in general (groups straddle rows, or GROUP is not a power of two
     up to 256): one program per BLOCK_GROUPS whole groups of the flattened m·n index space.
@@ -251,7 +323,8 @@ def _int8_update_groups_kernel(
     change inside a group, so no tile of it is a matrix product: it is computed per element as a
     chunked dot over r (gathers of N and the basis, fp32 FMAs, BLOCK_R ranks at a time) --
     O(m·n·r) loads from L1/L2 instead of tensor-core tiles: correct, several times slower than
-    the row-aligned kernel, and used only for such layouts. Epilogue as there."""
+    the row-aligned kernel, and used only for such layouts. Epilogue as there, FULL_RANK as in
+    _int8_update_rows_kernel (N, R and the coefficients gathered per element)."""
     groups = tl.program_id(0) * BLOCK_GROUPS + tl.arange(0, BLOCK_GROUPS)
     lane = tl.arange(0, BLOCK_G)
     if INDEX_64:
@@ -261,31 +334,46 @@ def _int8_update_groups_kernel(
     elem_mask = group_mask[:, None] & (lane < GROUP)[None, :] & (elem < numel)
     row = elem // N
     col = elem - row * N
+    line = row if RIGHT else col  # the element's own-line
 
     back = tl.zeros((BLOCK_GROUPS, BLOCK_G), dtype=tl.float32)
-    for start in range(0, R, BLOCK_R):
-        offs_r = start + tl.arange(0, BLOCK_R)
-        if INDEX_64:
-            offs_r = offs_r.to(tl.int64)
-        rank3 = offs_r[None, None, :]
-        r_mask3 = rank3 < R
-        mask3 = elem_mask[:, :, None] & r_mask3
-        if RIGHT:  # N[row, r] · Q[r, col]
-            a = tl.load(Normalized_ptr + row[:, :, None] * stride_normm + rank3, mask=mask3,
-                        other=0.0)
-            b = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
-                              col[:, :, None], mask3, stride_pr, stride_pl, N, BASIS,
-                              PROJ_GROUP)
-        else:  # P[row, r] · N[r, col]
-            a = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
-                              row[:, :, None], mask3, stride_pr, stride_pl, M, BASIS,
-                              PROJ_GROUP)
-            b = tl.load(Normalized_ptr + rank3 * stride_normm + col[:, :, None], mask=mask3,
-                        other=0.0)
-        back += tl.sum(a.to(tl.float32) * b, axis=2)
+    if FULL_RANK == 1:
+        line_coef = tl.load(LineCoef_ptr + line, mask=elem_mask, other=0.0)[:, :, None]
+    if FULL_RANK != 2:
+        for start in range(0, R, BLOCK_R):
+            offs_r = start + tl.arange(0, BLOCK_R)
+            if INDEX_64:
+                offs_r = offs_r.to(tl.int64)
+            rank3 = offs_r[None, None, :]
+            r_mask3 = rank3 < R
+            mask3 = elem_mask[:, :, None] & r_mask3
+            if RIGHT:  # N[row, r] · Q[r, col]
+                low_offs = row[:, :, None] * stride_normm + rank3
+                a = tl.load(Normalized_ptr + low_offs, mask=mask3, other=0.0)
+                if FULL_RANK == 1:
+                    a = a - line_coef * tl.load(LowRank_ptr + low_offs, mask=mask3, other=0.0)
+                b = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
+                                  col[:, :, None], mask3, stride_pr, stride_pl, N, BASIS,
+                                  PROJ_GROUP)
+            else:  # P[row, r] · N[r, col]
+                a = _basis_values(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, rank3, r_mask3,
+                                  row[:, :, None], mask3, stride_pr, stride_pl, M, BASIS,
+                                  PROJ_GROUP)
+                low_offs = rank3 * stride_normm + col[:, :, None]
+                b = tl.load(Normalized_ptr + low_offs, mask=mask3, other=0.0)
+                if FULL_RANK == 1:
+                    b = b - line_coef * tl.load(LowRank_ptr + low_offs, mask=mask3, other=0.0)
+            back += tl.sum(a.to(tl.float32) * b, axis=2)
+    back_scale = update_scale
+    if FULL_RANK != 0:
+        g = tl.load(G_ptr + row * stride_gm + col * stride_gn, mask=elem_mask,
+                    other=0.0).to(tl.float32)
+        grad_coef = tl.load(GradCoef_ptr + line, mask=elem_mask, other=0.0)
+        back = _fold_grad_term(back, g, grad_coef, update_scale, FULL_RANK)
+        back_scale = 1.0
 
     _int8_requantize_groups(Codes_ptr, Scales_ptr, Zeros_ptr, groups, group_mask, elem,
-                            elem_mask, back, decay, update_scale, philox_seed, 1)
+                            elem_mask, back, decay, back_scale, philox_seed, 1)
 
 
 @triton.jit
@@ -400,6 +488,53 @@ _MOMENT8_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
 }
 _MOMENT8_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
     **_BF16_MOMENT_GENERATED_PROJECT_BLOCKS}
+# The full-rank modes (Fira, APOLLO; full_rank.py): launch A also sums G², R² and N² per line
+# and stores R (Fira), launch B also holds a tile of G and the per-line coefficients. Their
+# own tables, compiled by the AOT test with FULL_RANK 1 and 2 (both sides, offset widths, G
+# layouts) and launched with .maxnreg 255 (full_rank_options): the 128×128 tensor-core tile of A
+# becomes the 64×128 one; with bf16 moments the 64-wide rank tiles get 8 warps and the 128-wide
+# ones 32 rows; generated bases with bf16 moments and 16-bit G take 32×32×32 tiles, Fira's
+# launch B 64 rows (128 spilled) and, generated, a 64-long tile. Not tuned on a GPU (none was
+# available): chosen for no spills with the plain tables' block shapes otherwise.
+_FULL_RANK_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_PROJECT_BLOCKS,
+    ("tc", 128): _BF16_MOMENT_PROJECT_BLOCKS[("tc", 128)],
+}
+_FULL_RANK_BF16_MOMENT_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_PROJECT_BLOCKS,
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=64, num_warps=8, num_stages=3),
+    ("tc", 128): TileConfig(block_own=32, block_r=128, block_long=64, num_warps=8, num_stages=3),
+}
+_FULL_RANK_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_GENERATED_PROJECT_BLOCKS,  # 64×64×64: 88 bytes (INT4, G^T, 64-bit offsets, sm_89)
+    ("tc", 64): TileConfig(block_own=64, block_r=64, block_long=32, num_warps=8, num_stages=2),
+}
+_FULL_RANK_BF16_MOMENT_GENERATED_PROJECT_BLOCKS: dict[tuple[str, int], TileConfig] = {
+    **_BF16_MOMENT_GENERATED_PROJECT_BLOCKS,
+    # 64×32×64: 4 bytes (DCT, bf16 G transposed, sm_89); 32×32×64: 8-16 (INT4, G^T)
+    ("tc", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=4, num_stages=2),
+    ("fp32", 32): TileConfig(block_own=32, block_r=32, block_long=32, num_warps=4, num_stages=2),
+}
+_FULL_RANK_BACK_BLOCKS: dict[str, TileConfig] = {
+    "16bit": TileConfig(block_own=64, block_r=64, block_long=128, num_warps=8, num_stages=3),
+    "fp32": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=8, num_stages=2),
+}
+_FULL_RANK_GENERATED_BACK_BLOCKS: dict[str, TileConfig] = {  # 128 long: 16 bytes (INT4, G^T)
+    "16bit": TileConfig(block_own=64, block_r=32, block_long=64, num_warps=8, num_stages=3),
+    "fp32": _GENERATED_BACK_BLOCKS["fp32"],
+}
+# The full-rank modes' launches let ptxas use every register (.maxnreg 255): without it ptxas
+# stops at 128 on several of them (a DCT or INT4 basis generated in the tile, 64-bit offsets)
+# and spills 4-16 bytes, with it they compile spill-free (AOT test); the plain step keeps its
+# tuned defaults.
+FULL_RANK_MAXNREG = 255
+
+
+def full_rank_options(mode: int) -> dict[str, int]:
+    """The extra launch (and AOT compile) options of a step in full-rank ``mode``."""
+    return {"maxnreg": FULL_RANK_MAXNREG} if mode else {}
+
+
 WIDE_RANK_TILE_FROM = 512  # dense tensor-core launch A: 64-wide rank tiles below this rank
 
 
@@ -425,7 +560,13 @@ def workspace_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 
 def _project_blocks(generated: bool, bf16_moments: bool, index_64: bool = False,
-                    moments_8bit: bool = False) -> dict[tuple[str, int], TileConfig]:
+                    moments_8bit: bool = False, full_rank: bool = False
+                    ) -> dict[tuple[str, int], TileConfig]:
+    if full_rank:  # one table for both offset widths: it has no 128-row tile
+        if generated:
+            return (_FULL_RANK_BF16_MOMENT_GENERATED_PROJECT_BLOCKS if bf16_moments
+                    else _FULL_RANK_GENERATED_PROJECT_BLOCKS)
+        return _FULL_RANK_BF16_MOMENT_PROJECT_BLOCKS if bf16_moments else _FULL_RANK_PROJECT_BLOCKS
     if moments_8bit:
         return _MOMENT8_GENERATED_PROJECT_BLOCKS if generated else _MOMENT8_PROJECT_BLOCKS
     if generated:
@@ -435,21 +576,27 @@ def _project_blocks(generated: bool, bf16_moments: bool, index_64: bool = False,
     return _INDEX_64_PROJECT_BLOCKS if index_64 else _PROJECT_BLOCKS
 
 
+def _back_blocks(generated: bool, full_rank: bool = False) -> dict[str, TileConfig]:
+    if full_rank:
+        return _FULL_RANK_GENERATED_BACK_BLOCKS if generated else _FULL_RANK_BACK_BLOCKS
+    return _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+
+
 def pick_configs(rank: int, weight_dtype: torch.dtype, grad_dtype: torch.dtype,
                  proj_dtype: torch.dtype, *, generated: bool = False, bf16_moments: bool = False,
-                 index_64: bool = False, moments_8bit: bool = False
+                 index_64: bool = False, moments_8bit: bool = False, full_rank: bool = False
                  ) -> tuple[TileConfig, TileConfig]:
     """(launch A, launch B) configurations; any rank ≥ 1 (the rank is tiled, not held whole).
     proj_dtype is the type the basis enters launch A's dot in (BasisArgs.dot_dtype);
     ``generated``: an INT4 or DCT basis; ``bf16_moments``: M and V in bf16 (stochastic rounding
     in launch A); ``moments_8bit``: 8-bit codes (decoded and re-encoded in launch A);
-    ``index_64``: 64-bit offsets. The AdaGrad rule takes its moment format's table (it holds one
-    moment fewer). Launch B of INT8 weights is configured by int8_config instead."""
+    ``index_64``: 64-bit offsets; ``full_rank``: Fira or APOLLO (their own tables; never with
+    8-bit moments). The AdaGrad rule takes its moment format's table (it holds one moment
+    fewer). Launch B of INT8 weights is configured by int8_config instead."""
     kind = dot_kind(grad_dtype, proj_dtype)
-    project = _project_blocks(generated, bf16_moments, index_64, moments_8bit)
-    back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+    project = _project_blocks(generated, bf16_moments, index_64, moments_8bit, full_rank)
     return (project[(kind, project_block_r(rank, kind, generated))],
-            back[weight_kind(weight_dtype)])
+            _back_blocks(generated, full_rank)[weight_kind(weight_dtype)])
 
 
 # Launch B of INT8 weights. Row-aligned groups (n % GROUP == 0, GROUP a power of two ≤ 256): a
@@ -504,23 +651,25 @@ def int8_candidate_configs(index_64: bool = False) -> list[Int8Config]:
                                                      (257, 256), (7, 6), (97, 96))]
 
 
-def candidate_configs(generated: bool = False, index_64: bool = False
+def candidate_configs(generated: bool = False, index_64: bool = False, full_rank: bool = False
                       ) -> list[tuple[str, str, TileConfig]]:
     """Every (kernel, dtype class, configuration) ``pick_configs`` can return for a dense basis,
-    or with ``generated`` an INT4/DCT one, with 32- or 64-bit offsets (the AOT test compiles
-    them): kernel 'project' (A, class = dot kind) or 'back' (B, class = W's kind)."""
-    project = _project_blocks(generated, bf16_moments=False, index_64=index_64)
-    back = _GENERATED_BACK_BLOCKS if generated else _BACK_BLOCKS
+    or with ``generated`` an INT4/DCT one, with 32- or 64-bit offsets, for GaLore or (with
+    ``full_rank``) the Fira/APOLLO modes (the AOT test compiles them): kernel 'project' (A,
+    class = dot kind) or 'back' (B, class = W's kind)."""
+    project = _project_blocks(generated, bf16_moments=False, index_64=index_64,
+                              full_rank=full_rank)
     return ([("project", kind, c) for (kind, _), c in project.items()]
-            + [("back", kind, c) for kind, c in back.items()])
+            + [("back", kind, c) for kind, c in _back_blocks(generated, full_rank).items()])
 
 
-def bf16_moment_candidate_configs(generated: bool = False, index_64: bool = False
-                                  ) -> list[tuple[str, str, TileConfig]]:
+def bf16_moment_candidate_configs(generated: bool = False, index_64: bool = False,
+                                  full_rank: bool = False) -> list[tuple[str, str, TileConfig]]:
     """The launch A configurations ``pick_configs`` returns with bf16 moments (launch B does not
     touch the moments: candidate_configs covers it)."""
     return [("project", kind, c) for (kind, _), c in
-            _project_blocks(generated, bf16_moments=True, index_64=index_64).items()]
+            _project_blocks(generated, bf16_moments=True, index_64=index_64,
+                            full_rank=full_rank).items()]
 
 
 def moment8_candidate_configs(generated: bool = False, index_64: bool = False
@@ -557,19 +706,24 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
                       exp_avg_scales: torch.Tensor | None = None,
                       exp_avg_sq_scales: torch.Tensor | None = None,
                       state_block_size: int = reference.MOMENT_BLOCK_SIZE,
-                      right: bool | None = None) -> None:
+                      right: bool | None = None, full_rank: str = "none",
+                      full_rank_norm: str = "channel", limiter: torch.Tensor | None = None,
+                      limiter_growth: float = 1.01, scale_front: bool = False) -> None:
     """One fused step in place, with the op's schema signature (lowrank_kernels.ops
-    .fused_galore_step documents the contract): validates, then launches A and B. proj: a dense
-    float basis (any strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param:
-    float or INT8 codes (uint8); moments fp32, bf16 or 8-bit codes, exp_avg None for AdaGrad;
-    ``right`` overrides the side rule. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    .fused_galore_step documents the contract): validates, then launches A and B (with the
+    full-rank modes' kernels of full_rank.py between them). proj: a dense float basis (any
+    strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param: float or INT8 codes
+    (uint8); moments fp32, bf16 or 8-bit codes, exp_avg None for AdaGrad; ``right`` overrides
+    the side rule. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     rank = _checks.check_fused_galore_step(
         param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
         proj_zeros=proj_zeros, proj_group_size=proj_group_size, param_scales=param_scales,
         param_zeros=param_zeros, param_group_size=param_group_size, seed=seed, inner=inner,
         exp_avg_scales=exp_avg_scales, exp_avg_sq_scales=exp_avg_sq_scales,
-        state_block_size=state_block_size, right=right)
+        state_block_size=state_block_size, right=right, full_rank=full_rank,
+        full_rank_norm=full_rank_norm, limiter=limiter, limiter_growth=limiter_growth,
+        scale_front=scale_front)
     if param.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(f"param: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), "
                          f"got device {param.device}")
@@ -577,12 +731,31 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     adagrad = inner == "adagrad"
     basis = basis_args(proj, *param.shape, rank, grad.dtype, proj_scales, proj_zeros,
                        proj_group_size, right=side)
+    full = None
+    if full_rank != "none":
+        mode = FULL_RANK_MODES[full_rank]
+        full = FullRankStep(mode, full_rank_norm == "tensor", limiter, limiter_growth,
+                            scale_front, scale,
+                            grad_scale(lr, beta1, beta2, weight_decay, scale, step, mode))
     launch(param, grad, proj, exp_avg, exp_avg_sq, rank,
            adam_coeffs(lr, beta1, beta2, eps, weight_decay, scale, step, adagrad=adagrad),
            basis=basis, param_scales=param_scales, param_zeros=param_zeros,
            param_group_size=param_group_size, philox_seed=rounding_philox_seed(seed, step),
            right=side, moments=MomentArgs(adagrad, exp_avg_scales, exp_avg_sq_scales,
-                                          state_block_size))
+                                          state_block_size), full_rank=full)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullRankStep:
+    """The full-rank arguments of one validated step (full_rank.py)."""
+
+    mode: int  # full_rank.FIRA or APOLLO
+    tensor_norm: bool
+    limiter: torch.Tensor | None
+    growth: float
+    scale_front: bool
+    scale: float
+    grad_scale: float
 
 
 def index_64_needed(param: torch.Tensor, grad: torch.Tensor, moment: torch.Tensor,
@@ -602,41 +775,48 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
            param_scales: torch.Tensor | None = None, param_zeros: torch.Tensor | None = None,
            param_group_size: int = 256, philox_seed: int = 0,
            configs: tuple[TileConfig, TileConfig] | None = None, right: bool | None = None,
-           moments: MomentArgs = MomentArgs()) -> None:
+           moments: MomentArgs = MomentArgs(), full_rank: FullRankStep | None = None) -> None:
     """Launches A then B for one validated step (``coeffs`` from _common.adam_coeffs). ``basis``
     describes an INT4 or DCT proj (default: proj is a dense basis); a uint8 ``param`` holds INT8
     codes with their scales/zeros, requantized with u = tl.rand(philox_seed, index);
     ``philox_seed`` also keys the stochastic rounding of bf16 and 8-bit moments in launch A.
     ``right``: the side (None: the side rule); ``moments``: AdaGrad (exp_avg None) and the
     scales of 8-bit moments. ``configs``: (launch A, launch B) in place of ``pick_configs``
-    (bench/tune_triton_step.py)."""
+    (bench/tune_triton_step.py). ``full_rank``: Fira or APOLLO (full_rank.py runs its kernels
+    between A and B; Adam with fp32/bf16 moments only)."""
     m, n = param.shape
     right = is_right_side(m, n) if right is None else right
     own, long = (m, n) if right else (n, m)
     if basis is None:
         basis = basis_args(proj, m, n, rank, grad.dtype, right=right)
     int8_weight = param.dtype == torch.uint8
+    mode = full_rank.mode if full_rank is not None else 0
     if index_64 is None:
         index_64 = index_64_needed(param, grad, exp_avg_sq, basis, rank, right)
     kind = moment_kind(exp_avg_sq)
     project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
                                             generated=basis.kind != 0,
                                             bf16_moments=kind == "bf16",
-                                            index_64=index_64, moments_8bit=kind == "8bit")
-    normalized = torch.empty(exp_avg_sq.shape, dtype=workspace_dtype(param.dtype),
-                             device=param.device)
+                                            index_64=index_64, moments_8bit=kind == "8bit",
+                                            full_rank=mode != 0)
+    # Fira folds N − c ⊙ R before rounding, so the full-rank modes keep N in fp32
+    normalized = torch.empty(exp_avg_sq.shape, dtype=torch.float32 if mode else
+                             workspace_dtype(param.dtype), device=param.device)
+    buffers = (full_rank_buffers(mode, own, exp_avg_sq.shape, triton.cdiv(rank, project.block_r),
+                                 param.device) if mode else None)
     interpreted = param.device.type == "cpu"
     # INT8 weights and 8-bit moments: no FMA contraction, so that every fp32 operation rounds as
     # on the CPU (lowrank/adam.h, quant.h, moments8.h) and the codes are the CPU kernel's
     # wherever the fp32 values agree.
     exact = {"enable_fp_fusion": False} if int8_weight or kind == "8bit" else {}
+    registers = full_rank_options(mode)
     basis_strides = (basis.stride_rank, basis.stride_long)
     grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)
     scales = moments.scales if moments.scales is not None else exp_avg_sq
     sq_scales = moments.sq_scales if moments.sq_scales is not None else exp_avg_sq
     _project_adam_kernel[grid_a](
         grad, *basis.pointers, exp_avg if exp_avg is not None else exp_avg_sq, exp_avg_sq,
-        scales, sq_scales, normalized,
+        scales, sq_scales, normalized, *_full_rank_pointers(buffers, normalized)[:2],
         *grad.stride(), *basis_strides, exp_avg_sq.stride(0), normalized.stride(0),
         m, n, rank, triton.cdiv(rank, moments.block),
         coeffs["beta1"], coeffs["beta2"], coeffs["one_minus_beta1"], coeffs["one_minus_beta2"],
@@ -645,37 +825,57 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         BLOCK_LONG=project.block_long, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
         INDEX_64=index_64, INTERPRETED=interpreted, ADAGRAD=moments.adagrad,
         MOMENT_BLOCK=moments.block if kind == "8bit" else reference.MOMENT_BLOCK_SIZE,
-        num_warps=project.num_warps, num_stages=project.num_stages, **exact,
+        FULL_RANK=mode, num_warps=project.num_warps, num_stages=project.num_stages, **exact,
+        **registers,
     )
+    if mode:
+        finalize_full_rank(buffers, basis, rank, long, right,
+                           tensor_norm=full_rank.tensor_norm, limiter=full_rank.limiter,
+                           scale=full_rank.scale, scale_front=full_rank.scale_front,
+                           growth=full_rank.growth, grad_scale_=full_rank.grad_scale,
+                           index_64=index_64, interpreted=interpreted)
+    full_rank_args = (grad, *_full_rank_pointers(buffers, normalized)[2:])
     if int8_weight:
         _launch_int8_update(param, param_scales, param_zeros, param_group_size, philox_seed,
-                            basis, normalized, rank, coeffs, index_64, interpreted, right)
+                            basis, normalized, rank, coeffs, index_64, interpreted, right,
+                            full_rank_args, mode)
         return
     grid_b = (triton.cdiv(own, back.block_own) * triton.cdiv(long, back.block_long),)
     _back_project_kernel[grid_b](
-        param, *basis.pointers, normalized,
-        param.stride(0), *basis_strides, normalized.stride(0),
+        param, *basis.pointers, normalized, *full_rank_args,
+        param.stride(0), *basis_strides, normalized.stride(0), *grad.stride(),
         m, n, rank,
         coeffs["decay"], coeffs["update_scale"],
         RIGHT=right, BLOCK_OWN=back.block_own, BLOCK_LONG=back.block_long,
         BLOCK_R=back.block_r, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
-        INDEX_64=index_64, INTERPRETED=interpreted,
-        num_warps=back.num_warps, num_stages=back.num_stages,
+        INDEX_64=index_64, INTERPRETED=interpreted, FULL_RANK=mode,
+        num_warps=back.num_warps, num_stages=back.num_stages, **registers,
     )
 
 
+def _full_rank_pointers(buffers, normalized: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(LowRank, LineSums, LowRank, LineCoef, GradCoef) kernel arguments: the full-rank
+    workspaces, or ``normalized`` (a valid pointer, never read) where a mode does not use one."""
+    if buffers is None:
+        return (normalized,) * 5
+    low_rank = buffers.low_rank if buffers.low_rank is not None else normalized
+    return low_rank, buffers.line_sums, low_rank, buffers.line_coef, buffers.grad_coef
+
+
 def _launch_int8_update(codes, scales, zeros, group_size, philox_seed, basis, normalized, rank,
-                        coeffs, index_64, interpreted, right):
+                        coeffs, index_64, interpreted, right, full_rank_args, mode):
     m, n = codes.shape
     config = int8_config(n, group_size, index_64)
     if interpreted and config.path == "groups":  # the interpreter pays per program
         config = dataclasses.replace(config, block_groups=max(1, 4096 // config.block_g))
     common = {"RIGHT": right, "BLOCK_R": config.block_r, "GROUP": group_size,
               "BASIS": basis.kind, "PROJ_GROUP": basis.group_size, "INDEX_64": index_64,
-              "INTERPRETED": interpreted, "num_warps": config.num_warps,
-              "num_stages": config.num_stages, "enable_fp_fusion": False}
-    args = (codes, scales, zeros, *basis.pointers, normalized, basis.stride_rank,
-            basis.stride_long, normalized.stride(0))
+              "INTERPRETED": interpreted, "FULL_RANK": mode, "num_warps": config.num_warps,
+              "num_stages": config.num_stages, "enable_fp_fusion": False,
+              **full_rank_options(mode)}
+    grad = full_rank_args[0]
+    args = (codes, scales, zeros, *basis.pointers, normalized, *full_rank_args,
+            basis.stride_rank, basis.stride_long, normalized.stride(0), *grad.stride())
     if config.path == "rows":
         grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
         _int8_update_rows_kernel[grid](

@@ -76,8 +76,8 @@ from ._common import (
     BasisArgs,
     _adam_tile,
     _basis_tile,
-    _dot,
     _dot_basis,
+    _gram_kernel,
     _grid_tile,
     _own_long,
     _round_to,
@@ -95,31 +95,6 @@ from .fused_galore_step import (
     index_64_needed,
     weight_kind,
 )
-
-
-@triton.jit
-def _gram_kernel(
-    Proj_ptr, ProjScales_ptr, ProjZeros_ptr, Gram_ptr,
-    stride_pr, stride_pl,
-    R, LONG,
-    BLOCK_R: tl.constexpr, BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr,
-    PROJ_GROUP: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
-):
-    """Launch K: one BLOCK_R × BLOCK_R tile of K = Q Qᵀ (fp32, r×r, row-major), over n."""
-    offs_a, offs_b, mask_a, mask_b = _grid_tile(R, R, BLOCK_R, BLOCK_R, INDEX_64)
-    gram = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
-    for start in range(0, LONG, BLOCK_LONG):
-        offs_long = start + tl.arange(0, BLOCK_LONG)
-        if INDEX_64:
-            offs_long = offs_long.to(tl.int64)
-        long_mask = offs_long < LONG
-        rows = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_a, offs_long, mask_a,
-                           long_mask, stride_pr, stride_pl, LONG, False, BASIS, PROJ_GROUP)
-        cols = _basis_tile(Proj_ptr, ProjScales_ptr, ProjZeros_ptr, offs_b, offs_long, mask_b,
-                           long_mask, stride_pr, stride_pl, LONG, True, BASIS, PROJ_GROUP)
-        gram = _dot(rows, cols, gram, INTERPRETED)
-    tl.store(Gram_ptr + offs_a[:, None] * R + offs_b[None, :], gram,
-             mask=mask_a[:, None] & mask_b[None, :])
 
 
 @triton.jit

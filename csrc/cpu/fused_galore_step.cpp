@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <limits>
 #include <numeric>
+#include <vector>
 
 #include "cpu_clones.h"
 #include "dct_cpu.h"
@@ -456,15 +457,21 @@ at::Tensor fp32_basis(const at::Tensor& proj, const StepGeometry& g,
   return proj.to(at::kFloat).contiguous();
 }
 
+// No work between the projection and Adam (the default of project_adam_tiles).
+struct NoProjectedHook {
+  void operator()(int64_t, int64_t, const at::Tensor&, const at::Tensor&) const {}
+};
+
 // The tile loop shared by every weight format and by fused_gradnorm_step. Per tile of whole
-// lines (rows right, columns left): R = project(G tile) -> Adam on that slice of M, V -> N (fp32,
-// in cache), then epilogue(start, len, n_tile, back_buf, g32) (g32: the tile of G in fp32, still
-// in cache). Workspaces are allocated once per task; back_buf (room for one fp32 tile of back(N))
-// only when need_back_buf.
-template <typename Epilogue>
+// lines (rows right, columns left): R = project(G tile), projected(start, len, g32, r_tile) (R
+// before the moments overwrite it: the full-rank modes' per-line sums), the moment rule on that
+// slice of the state -> N (fp32, in cache), then epilogue(start, len, n_tile, back_buf, g32) (g32:
+// the tile of G in fp32, still in cache). Workspaces are allocated once per task; back_buf (room
+// for one fp32 tile of back(N)) only when need_back_buf.
+template <typename Epilogue, typename Projected = NoProjectedHook>
 void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, const StepState& state,
                         const StepGeometry& g, const AdamCoeffs& c, bool need_back_buf,
-                        const Epilogue& epilogue) {
+                        const Epilogue& epilogue, const Projected& projected = Projected()) {
   const int64_t lines = g.right ? g.m : g.n;  // rows (right) or columns (left) of W
   const int64_t span = g.right ? g.n : g.m;   // length of one line
   const LineTiles split = step_tiles(lines, span, g.r);
@@ -485,6 +492,7 @@ void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, const S
       } else {
         at::mm_out(r_tile, basis.t(), g32);  // (r x m) @ (m x len)
       }
+      projected(start, len, g32, r_tile);
       run_moments_tile(r_tile, state, g, start, len, c);
       epilogue(start, len, r_tile, back_buf, g32);
     }
@@ -565,27 +573,360 @@ void update_int8_rows(uint8_t* codes, float* scales, float* zeros, float* back_n
   }
 }
 
+// The G term of the full-rank modes' update (Fira, APOLLO; DESIGN.md §4.6-§4.7):
+// W' = decay*W - us*back(N') - grad_coef[line]*G, line = row (right) or column (left).
+struct GradTerm {
+  const at::Tensor& grad;  // m x n, any strides
+  const float* grad_coef;  // one per own-line
+  bool back;               // Fira: back(N') as well; APOLLO: the G term alone
+};
+
+// T <- us*T + gc*G (or gc*G without back) on rows [start, start + len) of an INT8 weight, T the
+// contiguous fp32 len x n tile and `grad` the same rows of G (strides gs0, gs1): the requantizing
+// update then takes W' = decay*W - 1*T.
+LOWRANK_CPU_CLONES void fold_grad_term_rows(float* t, const float* grad, int64_t gs0, int64_t gs1,
+                                            const float* grad_coef, bool right, bool back,
+                                            int64_t start, int64_t len, int64_t n, float us) {
+  for (int64_t i = 0; i < len; ++i) {
+    float* row = t + i * n;
+    const float* g_row = grad + i * gs0;
+    const float row_coef = right ? grad_coef[start + i] : 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float coef = right ? row_coef : grad_coef[j];
+      row[j] = back ? us * row[j] + coef * g_row[j * gs1] : coef * g_row[j * gs1];
+    }
+  }
+}
+
 void int8_weight_update(at::Tensor& codes, at::Tensor& scales, at::Tensor& zeros,
                         int64_t group_size, uint64_t philox_seed, const at::Tensor& basis,
                         const at::Tensor& normalized, const StepGeometry& g,
-                        const AdamCoeffs& c) {
+                        const AdamCoeffs& c, const GradTerm* term = nullptr) {
   const LineTiles split = group_aligned_tiles(g.m, g.n, group_size);
   const auto f32 = codes.options().dtype(at::kFloat);
+  AdamCoeffs folded = c;  // with a G term, T holds the whole update: W' = decay*W - 1*T
+  folded.update_scale = 1.0f;
   parallel_tiles(split.tiles, [&](int64_t begin, int64_t end) {
     at::Tensor t_buf = at::empty({split.max_length() * g.n}, f32);
+    at::Tensor g_buf = term != nullptr && term->grad.scalar_type() != at::kFloat
+                           ? at::empty({split.max_length() * g.n}, f32) : at::Tensor();
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t start = split.start(tile), len = split.length(tile);
       at::Tensor t = contiguous_view(t_buf, len, g.n);
-      if (g.right) {
-        at::mm_out(t, normalized.narrow(0, start, len), basis);  // (len x r) @ (r x n)
-      } else {
-        at::mm_out(t, basis.narrow(0, start, len), normalized);  // (len x r) @ (r x n)
+      if (term == nullptr || term->back) {
+        if (g.right) {
+          at::mm_out(t, normalized.narrow(0, start, len), basis);  // (len x r) @ (r x n)
+        } else {
+          at::mm_out(t, basis.narrow(0, start, len), normalized);  // (len x r) @ (r x n)
+        }
+      }
+      if (term != nullptr) {
+        const at::Tensor g32 = grad_tile_f32(term->grad.narrow(0, start, len), g_buf);
+        fold_grad_term_rows(t.data_ptr<float>(), g32.data_ptr<float>(),
+                            g32.stride(0), g32.stride(1), term->grad_coef, g.right, term->back,
+                            start, len, g.n, c.update_scale);
       }
       update_int8_rows(codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
                        zeros.data_ptr<float>(), t.data_ptr<float>(), start, start + len, g.n,
-                       g.m * g.n, group_size, philox_seed, c);
+                       g.m * g.n, group_size, philox_seed, term != nullptr ? folded : c);
     }
   });
+}
+
+// ---- Fira and APOLLO: the scaled full-rank term (DESIGN.md §4.6-§4.7, docs/methods.md §3-§4) ----
+//
+//   pass 1 (project_adam_tiles, G read once): per own-line i, gamma_i = ||G_i||^2,
+//     rho_i = ||R_i||^2, nu_i = ||N_i||^2 and, for Fira, quad_i = R_i K R_i^T with the r x r Gram
+//     K = Q Q^T (P^T P left) of the basis as the GEMMs see it (exact for any basis format);
+//     N, and R for Fira, kept in fp32 low-rank buffers (r * own * 4 bytes each, never m x n).
+//   finalize (one thread, lines in index order, double sums: the same numbers at any thread
+//     count, so a resumed run continues bit for bit): phi_i = sqrt(nu_i)/(sqrt(rho_i) + 1e-8)
+//     (or one phi from the sums over lines), s_i = phi_i^2 max(gamma_i - 2a rho_i + a^2 quad_i, 0)
+//     (Fira) or a^[scale_front] phi_i^2 gamma_i (APOLLO), ||S|| = sqrt(sum s_i), the limiter
+//     (f, and the state ||S||/f written in place) and per line c_i = phi_i/f,
+//     gc_i = grad_scale * c_i.
+//   pass 2 (G read again, W read and written once): Fira N' = N - c (.) R, then
+//     W' = decay*W - us*back(N') - gc_i*G_i; APOLLO W' = decay*W - gc_i*G_i (no GEMM).
+// With channel phi and no limiter nothing crosses lines: pass 2 runs inside pass 1's tile loop
+// while the tile of G is in cache (G read once). INT8 weights always take the two passes (their
+// update tiles are rows of whole quantization groups on either side).
+// grad_scale = fl(decay*alpha_t) (Fira) or fl(decay*alpha_t*sqrt(a)) (APOLLO), computed on the
+// host in double like every per-step scalar (lowrank/adam.h); us as for GaLore.
+constexpr float kNormGuard = 1e-8f;  // the peers' "+ 1e-8" in phi's and the limiter's denominators
+
+// out[l] = sum_j a[l*s_line + j*s_long] * b[l*s_line + j*s_long] for l < lines, j < span, in an
+// order fixed by the strides alone (never by the tiling): a contiguous line is summed in eight
+// interleaved partial sums combined in lane order, other layouts line by line along j.
+LOWRANK_CPU_CLONES void line_dot_sums(const float* a, const float* b, int64_t lines, int64_t span,
+                                      int64_t s_line, int64_t s_long, float* out) {
+  if (s_long == 1) {
+    for (int64_t l = 0; l < lines; ++l) {
+      const float* x = a + l * s_line;
+      const float* y = b + l * s_line;
+      float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+      int64_t j = 0;
+      for (; j + 8 <= span; j += 8) {
+        for (int k = 0; k < 8; ++k) acc[k] += x[j + k] * y[j + k];
+      }
+      float tail = 0.0f;
+      for (; j < span; ++j) tail += x[j] * y[j];
+      out[l] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) +
+               tail;
+    }
+    return;
+  }
+  for (int64_t l = 0; l < lines; ++l) out[l] = 0.0f;
+  for (int64_t j = 0; j < span; ++j) {
+    const float* x = a + j * s_long;
+    const float* y = b + j * s_long;
+    for (int64_t l = 0; l < lines; ++l) out[l] += x[l * s_line] * y[l * s_line];
+  }
+}
+
+// Per-line sums of a matrix whose lines are its rows (right side) or its columns (left side).
+void own_line_dot_sums(const at::Tensor& a, const at::Tensor& b, bool right, float* out) {
+  const int64_t line_dim = right ? 0 : 1, long_dim = right ? 1 : 0;
+  line_dot_sums(a.data_ptr<float>(), b.data_ptr<float>(), a.size(line_dim), a.size(long_dim),
+                a.stride(line_dim), a.stride(long_dim), out);
+}
+
+struct FullRankWork {
+  FullRankArgs args;
+  bool fira;
+  float scale;       // a
+  float grad_scale;  // fl(decay*alpha_t) (Fira) or fl(decay*alpha_t*sqrt(a)) (APOLLO)
+  std::vector<float> grad_sq, low_sq, norm_sq, quad;  // gamma, rho, nu, R K R^T per own-line
+  std::vector<float> line_coef, grad_coef;            // c_i, gc_i
+  at::Tensor gram;        // K (Fira)
+  at::Tensor low_rank;    // R (Fira), fp32, low-rank shape
+  at::Tensor normalized;  // N, fp32, low-rank shape (two-pass runs)
+};
+
+float line_factor(float nu, float rho) { return sqrtf(nu) / (sqrtf(rho) + kNormGuard); }
+
+// N' = N - c (.) R on the lines [start, start + len) of low-rank tiles (n, r: (len x r) right,
+// (r x len) left, any strides), in place in n.
+void fold_low_rank_tile(at::Tensor& n_tile, const at::Tensor& r_tile, const float* coef,
+                        bool right) {
+  const int64_t lines = n_tile.size(right ? 0 : 1), rank = n_tile.size(right ? 1 : 0);
+  float* n = n_tile.data_ptr<float>();
+  const float* r = r_tile.data_ptr<float>();
+  const int64_t nl = n_tile.stride(right ? 0 : 1), nk = n_tile.stride(right ? 1 : 0);
+  const int64_t rl = r_tile.stride(right ? 0 : 1), rk = r_tile.stride(right ? 1 : 0);
+  for (int64_t l = 0; l < lines; ++l) {
+    const float c = coef[l];
+    for (int64_t k = 0; k < rank; ++k) n[l * nl + k * nk] -= c * r[l * rl + k * rk];
+  }
+}
+
+// W' = decay*W [- us*T] - gc*G on a rows x cols tile of W (leading dimension ldw), T contiguous
+// fp32 (or null), G fp32 with strides (gs0, gs1), gc per row (per_row) or per column.
+template <typename weight_t>
+[[gnu::always_inline]] inline void grad_term_tile(weight_t* w, int64_t ldw, const float* back,
+                                                  const float* g, int64_t gs0, int64_t gs1,
+                                                  int64_t rows, int64_t cols, const float* coef,
+                                                  bool per_row, float decay, float us) {
+  for (int64_t i = 0; i < rows; ++i) {
+    weight_t* w_row = w + i * ldw;
+    const float* g_row = g + i * gs0;
+    const float row_coef = per_row ? coef[i] : 0.0f;
+    if (back != nullptr) {
+      const float* t = back + i * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        const float x = decay * static_cast<float>(w_row[j]) - us * t[j];
+        w_row[j] = static_cast<weight_t>(x - (per_row ? row_coef : coef[j]) * g_row[j * gs1]);
+      }
+    } else {
+      for (int64_t j = 0; j < cols; ++j) {
+        const float x = decay * static_cast<float>(w_row[j]);
+        w_row[j] = static_cast<weight_t>(x - (per_row ? row_coef : coef[j]) * g_row[j * gs1]);
+      }
+    }
+  }
+}
+
+#define LOWRANK_GRAD_TERM_CLONE(weight_t)                                                        \
+  LOWRANK_CPU_CLONES void grad_term_tile_cloned(weight_t* w, int64_t ldw, const float* back,     \
+                                                const float* g, int64_t gs0, int64_t gs1,        \
+                                                int64_t rows, int64_t cols, const float* coef,   \
+                                                bool per_row, float decay, float us) {           \
+    grad_term_tile<weight_t>(w, ldw, back, g, gs0, gs1, rows, cols, coef, per_row, decay, us); \
+  }
+LOWRANK_GRAD_TERM_CLONE(float)
+LOWRANK_GRAD_TERM_CLONE(at::BFloat16)
+LOWRANK_GRAD_TERM_CLONE(at::Half)
+#undef LOWRANK_GRAD_TERM_CLONE
+
+// The pass-2 update of one tile of whole lines [start, start + len) of a float W: n_tile holds
+// N (Fira: folded into N' here), r_tile R (Fira), g32 the tile of G in fp32.
+void full_rank_update_tile(at::Tensor& param, const at::Tensor& g32, at::Tensor& n_tile,
+                           const at::Tensor& r_tile, const at::Tensor& basis,
+                           at::Tensor& back_buf, int64_t start, int64_t len,
+                           const FullRankWork& work, const StepGeometry& g, const AdamCoeffs& c) {
+  at::Tensor w_tile = param.narrow(g.right ? 0 : 1, start, len);
+  const float* grad_coef = work.grad_coef.data() + start;
+  float decay = c.decay;
+  at::Tensor back;
+  if (work.fira) {
+    fold_low_rank_tile(n_tile, r_tile, work.line_coef.data() + start, g.right);
+    if (w_tile.scalar_type() == at::kFloat) {  // decay and back(N') by BLAS, in place
+      if (g.right) {
+        w_tile.addmm_(n_tile, basis, /*beta=*/c.decay, /*alpha=*/-c.update_scale);
+      } else {
+        w_tile.addmm_(basis, n_tile, /*beta=*/c.decay, /*alpha=*/-c.update_scale);
+      }
+      decay = 1.0f;
+    } else {
+      back = contiguous_view(back_buf, w_tile.size(0), w_tile.size(1));
+      if (g.right) {
+        at::mm_out(back, n_tile, basis);
+      } else {
+        at::mm_out(back, basis, n_tile);
+      }
+    }
+  }
+  const float* back_ptr = back.defined() ? back.data_ptr<float>() : nullptr;
+  const auto run = [&](auto* w) {
+    grad_term_tile_cloned(w, w_tile.stride(0), back_ptr, g32.data_ptr<float>(), g32.stride(0),
+                          g32.stride(1), w_tile.size(0), w_tile.size(1), grad_coef, g.right,
+                          decay, c.update_scale);
+  };
+  switch (w_tile.scalar_type()) {
+    case at::kFloat: run(w_tile.data_ptr<float>()); break;
+    case at::kBFloat16: run(w_tile.data_ptr<at::BFloat16>()); break;
+    default: run(w_tile.data_ptr<at::Half>()); break;
+  }
+}
+
+// phi, ||S||, the limiter and the per-line coefficients from pass 1's sums (see above).
+void finalize_full_rank(FullRankWork& work, int64_t own) {
+  const float a = work.scale;
+  float phi_all = 0.0f;
+  if (work.args.tensor_norm) {
+    double nu = 0.0, rho = 0.0;
+    for (int64_t l = 0; l < own; ++l) {
+      nu += work.norm_sq[l];
+      rho += work.low_sq[l];
+    }
+    phi_all = line_factor(static_cast<float>(nu), static_cast<float>(rho));
+  }
+  double total = 0.0;
+  for (int64_t l = 0; l < own; ++l) {
+    const float phi =
+        work.args.tensor_norm ? phi_all : line_factor(work.norm_sq[l], work.low_sq[l]);
+    work.line_coef[l] = phi;
+    float residual = work.grad_sq[l];
+    if (work.fira) {
+      residual = std::max(residual - (2.0f * a) * work.low_sq[l] + (a * a) * work.quad[l], 0.0f);
+    } else if (work.args.scale_front) {
+      residual = a * residual;
+    }
+    total += (phi * phi) * residual;
+  }
+  float divisor = 1.0f;  // f
+  if (work.args.limiter.has_value()) {
+    float* stored = work.args.limiter->data_ptr<float>();
+    const float norm = sqrtf(static_cast<float>(total));
+    if (*stored < 0.0f) {
+      *stored = norm;
+    } else {
+      const float growth = static_cast<float>(work.args.growth);
+      divisor = std::max(norm / (*stored + kNormGuard), growth) / growth;
+      *stored = norm / divisor;
+    }
+  }
+  for (int64_t l = 0; l < own; ++l) {
+    const float coef = work.line_coef[l] / divisor;
+    work.line_coef[l] = coef;
+    work.grad_coef[l] = work.grad_scale * coef;
+  }
+}
+
+void full_rank_step(at::Tensor& param, const at::Tensor& grad, const at::Tensor& basis,
+                    const StepState& state, const StepGeometry& g,
+                    const AdamCoeffs& c, FullRankWork& work,
+                    const std::optional<at::Tensor>& param_scales,
+                    const std::optional<at::Tensor>& param_zeros, int64_t param_group_size,
+                    uint64_t philox_seed) {
+  const int64_t own = g.right ? g.m : g.n;
+  const int dim = g.right ? 0 : 1;
+  const auto f32 = grad.options().dtype(at::kFloat);
+  const bool int8_weight = param.scalar_type() == at::kByte;
+  // channel phi without a limiter: nothing crosses lines, one pass
+  const bool one_pass = !work.args.tensor_norm && !work.args.limiter.has_value() && !int8_weight;
+  for (auto* v : {&work.grad_sq, &work.low_sq, &work.norm_sq, &work.line_coef, &work.grad_coef}) {
+    v->assign(own, 0.0f);
+  }
+  if (work.fira) {
+    work.quad.assign(own, 0.0f);
+    work.gram = g.right ? at::mm(basis, basis.t()) : at::mm(basis.t(), basis);  // r x r
+    work.low_rank = at::empty(g.low_rank_shape(), f32);
+  }
+  if (!one_pass) work.normalized = at::empty(g.low_rank_shape(), f32);
+  const auto projected = [&](int64_t start, int64_t len, const at::Tensor& g32,
+                             const at::Tensor& r_tile) {
+    own_line_dot_sums(g32, g32, g.right, work.grad_sq.data() + start);
+    own_line_dot_sums(r_tile, r_tile, g.right, work.low_sq.data() + start);
+    if (!work.fira) return;
+    work.low_rank.narrow(dim, start, len).copy_(r_tile);
+    const at::Tensor kr = g.right ? at::mm(r_tile, work.gram) : at::mm(work.gram, r_tile);
+    own_line_dot_sums(kr, r_tile, g.right, work.quad.data() + start);
+  };
+  const bool lowp_w = param.scalar_type() != at::kFloat && !int8_weight;
+  project_adam_tiles(
+      grad, basis, state, g, c, one_pass && lowp_w && work.fira,
+      [&](int64_t start, int64_t len, at::Tensor& n_tile, at::Tensor& back_buf,
+          const at::Tensor& g32) {
+        own_line_dot_sums(n_tile, n_tile, g.right, work.norm_sq.data() + start);
+        if (!one_pass) {
+          work.normalized.narrow(dim, start, len).copy_(n_tile);
+          return;
+        }
+        for (int64_t l = start; l < start + len; ++l) {
+          work.line_coef[l] = line_factor(work.norm_sq[l], work.low_sq[l]);
+          work.grad_coef[l] = work.grad_scale * work.line_coef[l];
+        }
+        const at::Tensor r_tile =
+            work.fira ? work.low_rank.narrow(dim, start, len) : at::Tensor();
+        full_rank_update_tile(param, g32, n_tile, r_tile, basis, back_buf, start, len, work, g,
+                              c);
+      },
+      projected);
+  if (one_pass) return;
+  finalize_full_rank(work, own);
+  const GradTerm term{grad, work.grad_coef.data(), work.fira};
+  if (int8_weight) {
+    if (work.fira) {
+      fold_low_rank_tile(work.normalized, work.low_rank, work.line_coef.data(), g.right);
+    }
+    at::Tensor scales = *param_scales, zeros = *param_zeros;
+    int8_weight_update(param, scales, zeros, param_group_size, philox_seed, basis,
+                       work.normalized, g, c, &term);
+    return;
+  }
+  const LineTiles split = step_tiles(own, g.right ? g.n : g.m, g.r);
+  const int64_t extent = split.max_length(), span = g.right ? g.n : g.m;
+  parallel_tiles(split.tiles, [&](int64_t begin, int64_t end) {
+    at::Tensor g_buf = grad.scalar_type() != at::kFloat ? at::empty({extent * span}, f32)
+                                                        : at::Tensor();
+    at::Tensor back_buf = lowp_w && work.fira ? at::empty({extent * span}, f32) : at::Tensor();
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t start = split.start(tile), len = split.length(tile);
+      const at::Tensor g32 = grad_tile_f32(grad.narrow(dim, start, len), g_buf);
+      at::Tensor n_tile = work.normalized.narrow(dim, start, len);
+      const at::Tensor r_tile = work.fira ? work.low_rank.narrow(dim, start, len) : at::Tensor();
+      full_rank_update_tile(param, g32, n_tile, r_tile, basis, back_buf, start, len, work, g, c);
+    }
+  });
+}
+
+// grad_scale of the full-rank modes (see above), in double like make_adam_coeffs' scalars.
+float full_rank_grad_scale(double lr, double beta1, double beta2, double weight_decay,
+                           double scale, int64_t step, bool fira) {
+  const double alpha_t = lr * std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))) /
+                         (1.0 - std::pow(beta1, static_cast<double>(step)));
+  const double decay = 1.0 - lr * weight_decay;
+  return static_cast<float>(decay * alpha_t * (fira ? 1.0 : std::sqrt(scale)));
 }
 
 void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::Tensor& proj,
@@ -599,12 +940,18 @@ void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::
                            int64_t seed, c10::string_view inner,
                            const std::optional<at::Tensor>& exp_avg_scales,
                            const std::optional<at::Tensor>& exp_avg_sq_scales,
-                           int64_t state_block_size, std::optional<bool> right) {
+                           int64_t state_block_size, std::optional<bool> right,
+                           c10::string_view full_rank, c10::string_view full_rank_norm,
+                           const std::optional<at::Tensor>& limiter, double limiter_growth,
+                           bool scale_front) {
   const StepModes modes{parse_inner_rule(inner), exp_avg_scales, exp_avg_sq_scales,
                         state_block_size, right};
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
       proj_group_size, param_scales, param_zeros, param_group_size, seed, modes);
+  const FullRankArgs full = check_full_rank(param, full_rank, full_rank_norm, limiter,
+                                            limiter_growth, scale_front, scale);
+  check_full_rank_combination(full_rank, modes, exp_avg_sq, g);
   LOWRANK_CHECK_VALUE(param.device().is_cpu(), "param: expected a CPU tensor, got ", param.device());
   const AdamCoeffs c = make_adam_coeffs(lr.toDouble(), beta1, beta2, eps,
                                         weight_decay.toDouble(), scale, step, seed,
@@ -613,6 +960,14 @@ void fused_galore_step_cpu(at::Tensor& param, const at::Tensor& grad, const at::
                         exp_avg_scales.value_or(at::Tensor()),
                         exp_avg_sq_scales.value_or(at::Tensor()), state_block_size};
   const at::Tensor basis = fp32_basis(proj, g, proj_scales, proj_zeros, proj_group_size);
+  if (full.mode != FullRank::kNone) {
+    FullRankWork work{full, full.mode == FullRank::kFira, static_cast<float>(scale),
+                      full_rank_grad_scale(lr.toDouble(), beta1, beta2, weight_decay.toDouble(),
+                                           scale, step, full.mode == FullRank::kFira)};
+    full_rank_step(param, grad, basis, state, g, c, work, param_scales,
+                   param_zeros, param_group_size, rounding_philox_seed(seed, step));
+    return;
+  }
   if (param.scalar_type() != at::kByte) {
     dense_step_tiles(param, grad, basis, state, g, c);
     return;

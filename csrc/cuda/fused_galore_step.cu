@@ -429,20 +429,28 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad_in,
                             int64_t param_group_size, int64_t seed, c10::string_view inner,
                             const std::optional<at::Tensor>& exp_avg_scales,
                             const std::optional<at::Tensor>& exp_avg_sq_scales,
-                            int64_t state_block_size, std::optional<bool> right) {
+                            int64_t state_block_size, std::optional<bool> right,
+                            c10::string_view full_rank, c10::string_view full_rank_norm,
+                            const std::optional<at::Tensor>& limiter, double limiter_growth,
+                            bool scale_front) {
   const StepModes modes{parse_inner_rule(inner), exp_avg_scales, exp_avg_sq_scales,
                         state_block_size, right};
   const StepGeometry g = check_fused_galore_step(
       param, grad_in, proj_in, exp_avg_in, exp_avg_sq, beta1, beta2, eps, step, proj_scales_in,
       proj_zeros_in, proj_group_size, param_scales, param_zeros, param_group_size, seed, modes);
-  // The modes added after this kernel (AdaGrad, 8-bit moments, an explicit side) run in the
-  // Triton kernel: lowrank_kernels._dispatch routes such calls there under
-  // set_cuda_backend("cuda_cxx") too; a direct call of lowrank_cuda:: gets this error.
+  const FullRankArgs full = check_full_rank(param, full_rank, full_rank_norm, limiter,
+                                            limiter_growth, scale_front, scale);
+  check_full_rank_combination(full_rank, modes, exp_avg_sq, g);
+  // The modes added after this kernel (AdaGrad, 8-bit moments, an explicit side, Fira/APOLLO)
+  // run in the Triton kernel: lowrank_kernels._dispatch routes such calls there under
+  // set_cuda_backend("cuda_cxx") too; a direct call of lowrank_cuda:: gets this error (this
+  // kernel also has no finalize between its passes, which the full-rank modes need).
   LOWRANK_CHECK_NOT_IMPLEMENTED(!modes.adagrad && !exp_avg_scales && !exp_avg_sq_scales &&
-                                    !right.has_value(),
+                                    !right.has_value() && full.mode == FullRank::kNone,
                                 "lowrank_cuda::fused_galore_step: inner='adagrad', 8-bit "
-                                "moments and right= run in the Triton kernel "
-                                "(lowrank_kernels.ops.fused_galore_step(..., backend='triton'))");
+                                "moments, right= and full_rank='fira'/'apollo' run in the Triton "
+                                "kernel (lowrank_kernels.ops.fused_galore_step(..., "
+                                "backend='triton'))");
   at::Tensor exp_avg = *exp_avg_in;
   const double lr = lr_in.toDouble(), weight_decay = weight_decay_in.toDouble();
   // check_fused_galore_step puts every tensor on param's device; that device must be a GPU.

@@ -617,14 +617,17 @@ void fused_galore_step_fast16(at::Tensor& param, const at::Tensor& grad, const a
                               int64_t param_group_size, int64_t seed, c10::string_view inner,
                               const std::optional<at::Tensor>& exp_avg_scales,
                               const std::optional<at::Tensor>& exp_avg_sq_scales,
-                              int64_t state_block_size, std::optional<bool> right) {
+                              int64_t state_block_size, std::optional<bool> right,
+                              c10::string_view full_rank, c10::string_view full_rank_norm,
+                              const std::optional<at::Tensor>& limiter, double limiter_growth,
+                              bool scale_front) {
   const StepModes modes{parse_inner_rule(inner), exp_avg_scales, exp_avg_sq_scales,
                         state_block_size, right};
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg_in, exp_avg_sq, beta1, beta2, eps, step, proj_scales,
       proj_zeros, proj_group_size, param_scales, param_zeros, param_group_size, seed, modes);
-  const bool default_modes =
-      !modes.adagrad && !exp_avg_scales && !exp_avg_sq_scales && !right.has_value();
+  const bool default_modes = !modes.adagrad && !exp_avg_scales && !exp_avg_sq_scales &&
+                             !right.has_value() && full_rank == "none";
   if (!default_modes || !serves(param, grad, proj, proj_scales, proj_zeros, g)) {
     static const auto general =
         c10::Dispatcher::singleton()
@@ -633,7 +636,8 @@ void fused_galore_step_fast16(at::Tensor& param, const at::Tensor& grad, const a
     general.call(param, grad, proj, exp_avg_in, exp_avg_sq, lr, beta1, beta2, eps,
                  weight_decay, scale, step, proj_scales, proj_zeros, proj_group_size,
                  param_scales, param_zeros, param_group_size, seed, inner, exp_avg_scales,
-                 exp_avg_sq_scales, state_block_size, right);
+                 exp_avg_sq_scales, state_block_size, right, full_rank, full_rank_norm, limiter,
+                 limiter_growth, scale_front);
     return;
   }
   at::Tensor exp_avg = *exp_avg_in;

@@ -19,12 +19,15 @@ Two ways to hand the optimizer to a ``Trainer``::
                       optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, args))
 
 ``optimizer`` picks the preset: "galore" (GaLoreAdamW), "qgalore" (QGaLoreAdamW), "dct"
-(DCTAdamW), "lowrank" (LowRankAdamW) or "adagrad" / "lowrank_adagrad" (LowRankAdagrad, which
-takes lr and weight decay from ``args`` but not Adam's betas and ε: its ε is torch Adagrad's
-1e-10). ``optim_args`` (comma-separated key=value, as the Trainer takes it) and keyword arguments
-set group keys such as rank, update_proj_gap, scale, projection, proj_bits, refresh, state_dtype
-(``auto``, the default: the weight's dtype, bf16 moments stochastically rounded; ``fp32``;
-``bf16``; ``8bit``: FP8-like codes with block scales, DESIGN.md §4.9); keyword arguments win.
+(DCTAdamW), "fira" (FiraAdamW), "apollo" (APOLLOAdamW: ``optim_args`` as transformers passes
+them to apollo-torch for ``optim="apollo_adamw"``: rank, proj, scale_type, update_proj_gap,
+scale, proj_type, with its defaults 128, random, channel, 200, 1.0, std), "lowrank"
+(LowRankAdamW) or "adagrad" / "lowrank_adagrad" (LowRankAdagrad, which takes lr and weight decay
+from ``args`` but not Adam's betas and ε: its ε is torch Adagrad's 1e-10). ``optim_args``
+(comma-separated key=value, as the Trainer takes it) and keyword arguments set group keys such
+as rank, update_proj_gap, scale, projection, proj_bits, refresh, state_dtype (``auto``, the
+default: the weight's dtype, bf16 moments stochastically rounded; ``fp32``; ``bf16``; ``8bit``:
+FP8-like codes with block scales, DESIGN.md §4.9, not with fira/apollo); keyword arguments win.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import torch
 
 from lowrank_kernels.autograd import Int8Linear
 from lowrank_kernels.optim import (
+    APOLLOAdamW,
     DCTAdamW,
+    FiraAdamW,
     GaLoreAdamW,
     LowRankAdagrad,
     LowRankAdamW,
@@ -44,8 +49,8 @@ from lowrank_kernels.optim import (
 )
 
 PRESETS = {"galore": GaLoreAdamW, "qgalore": QGaLoreAdamW, "dct": DCTAdamW,
-           "lowrank": LowRankAdamW, "adagrad": LowRankAdagrad,
-           "lowrank_adagrad": LowRankAdagrad}
+           "fira": FiraAdamW, "apollo": APOLLOAdamW, "lowrank": LowRankAdamW,
+           "adagrad": LowRankAdagrad, "lowrank_adagrad": LowRankAdagrad}
 # group keys read from optim_args, with their types (strings come from the command line)
 STATE_DTYPE_NAMES = {"auto": "auto", "fp32": torch.float32, "float32": torch.float32,
                      "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "8bit": "8bit"}
@@ -58,11 +63,23 @@ def _state_dtype(name: str) -> str | torch.dtype:
     return STATE_DTYPE_NAMES[name]
 
 
+def _bool(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"optim_args: expected true or false, got {value!r}")
+    return value.lower() in ("true", "1")
+
+
 GROUP_KEYS = {"rank": int, "update_proj_gap": int, "scale": float, "proj_type": str,
               "projection": str, "proj_bits": int, "proj_group_size": int, "refresh": str,
               "refresh_threshold": float, "refresh_growth": float, "refresh_max_gap": int,
-              "seed": int, "state_dtype": _state_dtype}
+              "seed": int, "state_dtype": _state_dtype,
+              # fira's and apollo-torch's own names (FiraAdamW, APOLLOAdamW)
+              "alpha": float, "proj": str, "scale_type": str, "scale_front": _bool,
+              "disable_nl": _bool}
 GROUP_DEFAULTS = {"rank": 128, "update_proj_gap": 200, "scale": 0.25}  # galore's LLaMA recipe
+# per preset, where it differs: transformers' defaults for optim="apollo_adamw"
+PRESET_GROUP_DEFAULTS = {"apollo": {"rank": 128, "update_proj_gap": 200, "scale": 1.0,
+                                    "proj": "random", "scale_type": "channel"}}
 
 
 def _matches(target_modules: str | list[str], name: str) -> bool:
@@ -93,9 +110,15 @@ def target_linear_names(model: torch.nn.Module, target_modules: str | list[str])
 
 
 def lowrank_param_groups(model: torch.nn.Module, target_modules: str | list[str] = "all-linear",
+                         *, group_defaults: dict[str, Any] | None = None,
                          **group_keys: Any) -> list[dict]:
     """Two groups: the other trainable parameters (plain AdamW), then the target Linear weights
-    with ``group_keys`` (``rank`` etc.). Each group carries the parameter ``names``."""
+    with ``group_keys`` (``rank`` etc.) over ``group_defaults`` (GROUP_DEFAULTS by default;
+    fira's ``alpha`` replaces the default ``scale``). Each group carries the parameter
+    ``names``."""
+    defaults = dict(GROUP_DEFAULTS if group_defaults is None else group_defaults)
+    if "alpha" in group_keys:
+        defaults.pop("scale", None)
     targets = {f"{name}.weight" for name in target_linear_names(model, target_modules)}
     # INT8 codes do not require grad (their gradient arrives in .float_grad) but are trained
     int8 = {f"{name}.weight" for name, module in model.named_modules()
@@ -104,7 +127,7 @@ def lowrank_param_groups(model: torch.nn.Module, target_modules: str | list[str]
     rest = [(n, p) for n, p in named if n not in targets]
     projected = [(n, p) for n, p in named if n in targets]
     groups = [{"params": [p for _, p in projected], "names": [n for n, _ in projected],
-               **GROUP_DEFAULTS, **group_keys}]
+               **defaults, **group_keys}]
     if rest:
         groups.insert(0, {"params": [p for _, p in rest], "names": [n for n, _ in rest]})
     return groups
@@ -136,7 +159,9 @@ def optimizer_cls_and_kwargs(model: torch.nn.Module, args, optimizer: str = "gal
         raise ValueError("target_modules: pass target_modules= or set "
                          "TrainingArguments.optim_target_modules")
     keys = {**parse_optim_args(getattr(args, "optim_args", None)), **group_keys}
-    kwargs = {"params": lowrank_param_groups(model, targets, **keys), "lr": args.learning_rate,
+    groups = lowrank_param_groups(model, targets,
+                                  group_defaults=PRESET_GROUP_DEFAULTS.get(optimizer), **keys)
+    kwargs = {"params": groups, "lr": args.learning_rate,
               "weight_decay": args.weight_decay}
     if not issubclass(PRESETS[optimizer], LowRankAdagrad):  # Adam's keys (Adagrad has none)
         kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)

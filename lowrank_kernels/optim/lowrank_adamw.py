@@ -257,7 +257,8 @@ class LowRankAdamW(torch.optim.Optimizer):
                         proj_type=proj_type, projection=projection, proj_bits=proj_bits,
                         proj_group_size=proj_group_size, refresh=refresh,
                         refresh_threshold=refresh_threshold, refresh_growth=refresh_growth,
-                        refresh_max_gap=refresh_max_gap, seed=seed, state_dtype=state_dtype)
+                        refresh_max_gap=refresh_max_gap, seed=seed, state_dtype=state_dtype,
+                        **self._extra_defaults())
         self._init_optimizer(params, defaults, dense_adamw, foreach, fused, backend)
 
     def _init_optimizer(self, params: Iterable, defaults: dict, dense_adamw: str | None,
@@ -269,6 +270,11 @@ class LowRankAdamW(torch.optim.Optimizer):
         self._position_of: dict[int, int] | None = None
         self._specs: dict[int, tuple[tuple, proj_state.ProjectionSpec]] = {}
         torch.optim.Optimizer.__init__(self, params, defaults)
+
+    def _extra_defaults(self) -> dict:
+        """Group keys (with their defaults) that a subclass adds to the constructor's (Fira's and
+        APOLLO's, lowrank_kernels.optim.full_rank); read before any group is added."""
+        return {}
 
     # ----------------------------------------------------------------------------------------
     # groups
@@ -443,7 +449,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                 proj_state.refresh_(state, grad, p, spec, step - 1,
                                     self._name(group, self._locate(p)[1], p))
             state["step"].fill_(step)
-            formats = proj_state.step_args(state, spec)
+            formats = proj_state.step_args(state, spec, p)
             # p.detach(): an alias without autograd history. The CPU kernel writes tiles of the
             # weight from at::parallel_for workers, where grad mode is not inherited, so handing
             # it the Parameter itself trips autograd's in-place check on a leaf view.

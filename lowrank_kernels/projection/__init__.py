@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from lowrank_kernels.projection.base import Projector, subspace_overlap
 from lowrank_kernels.projection.dct import DCTProjector
-from lowrank_kernels.projection.random import RandomProjector
+from lowrank_kernels.projection.random import GaussianProjector, RandomProjector
 from lowrank_kernels.projection.refresh import (
     REFRESH_POLICIES,
     FixedGap,
@@ -24,6 +24,7 @@ PROJECTORS = {
     "rsvd": RandomizedSVDProjector,
     "dct": DCTProjector,
     "random": RandomProjector,
+    "gaussian": GaussianProjector,
 }
 
 
@@ -38,6 +39,7 @@ __all__ = [
     "PROJ_BITS",
     "REFRESH_POLICIES",
     "DCTProjector",
+    "GaussianProjector",
     "FixedGap",
     "LazyRefresh",
     "ProjectionSpec",

@@ -24,3 +24,20 @@ class RandomProjector(Projector):
                                dtype=torch.float32)
         q, _ = torch.linalg.qr(gaussian)
         return to_layout(q, m, n)
+
+
+class GaussianProjector(Projector):
+    """APOLLO's random projection (DESIGN.md §4.7): N(0, 1/r) rows, not orthonormalised,
+    regenerated from (the parameter's seed, its refresh count) by ``ops.random_basis`` at every
+    step (:func:`lowrank_kernels.projection.state.seeded_basis`). Nothing is stored: a refresh
+    only advances the counter, so the state holds the seed and the count."""
+
+    name = "gaussian"
+    kind = "seeded"
+    needs_gradient = False
+
+    def compute(self, grad, rank, *, generator, param_name):
+        return grad.new_empty(0)  # the basis is a function of the counters: nothing to store
+
+    def empty(self, m: int, n: int, rank: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(0, device=device)

@@ -5,7 +5,8 @@ Keys written into ``optimizer.state[p]`` (all tensors, so ``state_dict()`` loads
 
 =================  ===============================================================================
 proj               dense basis (r×n right / m×r left, the weight's dtype), packed INT4 basis
-                   (uint8), or DCT indices (int32, length r)
+                   (uint8), or DCT indices (int32, length r); absent for the seeded Gaussian
+                   basis (projection="gaussian", APOLLO's: :func:`seeded_basis`)
 proj_scales/zeros  INT4 group scales and zero points (only with proj_bits=4)
 proj_last_refresh  int64 scalar: step (before increment) of the last refresh, -1 before the first
 proj_gap           int64 scalar: current refresh gap (changes under the lazy policy)
@@ -22,9 +23,11 @@ import dataclasses
 
 import torch
 
+from lowrank_kernels import reference
 from lowrank_kernels.projection import int4
 from lowrank_kernels.projection.base import (
     Projector,
+    basis_dim,
     check_rank,
     columns_of,
     subspace_overlap,
@@ -51,8 +54,13 @@ class ProjectionSpec:
         if self.bits not in PROJ_BITS:
             raise ValueError(f"proj_bits: expected one of {PROJ_BITS}, got {self.bits!r}")
         if self.bits == 4 and self.projector.kind != "dense":
-            raise ValueError(f"proj_bits=4 quantizes a dense basis; projection="
-                             f"{self.projector.name!r} stores indices already")
+            raise ValueError(f"proj_bits=4 quantizes a stored dense basis; projection="
+                             f"{self.projector.name!r} stores "
+                             f"{'indices' if self.projector.kind == 'indices' else 'a seed'}")
+        if self.projector.kind == "seeded" and self.policy.measures_overlap:
+            raise ValueError(f"refresh: projection={self.projector.name!r} draws bases "
+                             "independently of the gradient (their overlap says nothing): use "
+                             "refresh='fixed'")
 
 
 def parameter_seed(group_seed: int, position: int) -> int:
@@ -81,8 +89,25 @@ def _generator(state: dict, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def seeded_basis(state: dict, m: int, n: int, rank: int, device: torch.device) -> torch.Tensor:
+    """The Gaussian basis of the last refresh, generated from the parameter's seed (its low 32
+    bits) and refresh index by ``ops.random_basis``: r×n rows on the right side, their m×r
+    transpose (a view) on the left."""
+    from lowrank_kernels import ops  # ops -> _dispatch -> ... would cycle at import time
+
+    refresh = int(state["proj_refreshes"]) - 1
+    if refresh < 0:
+        raise RuntimeError("a seeded basis exists only after the first refresh")
+    rows = ops.random_basis(basis_dim(m, n), rank, int(state["proj_seed"]) % 2**32, refresh,
+                            device=device)
+    return rows if reference.is_right_side(m, n) else rows.T
+
+
 def dense_basis(state: dict, m: int, n: int, spec: ProjectionSpec) -> torch.Tensor:
-    """The fp32 basis the fused step applies (dequantized or generated from indices)."""
+    """The fp32 basis the fused step applies (dequantized, or generated from indices or from
+    the seed)."""
+    if spec.projector.kind == "seeded":
+        return seeded_basis(state, m, n, spec.rank, state["proj_seed"].device)
     proj = state["proj"]
     if proj.dtype == torch.int32:
         return dct_dense_basis(proj, m, n)
@@ -149,6 +174,8 @@ def install_(state: dict, new: torch.Tensor, param: torch.Tensor, spec: Projecti
 def _store_(state: dict, new: torch.Tensor, param: torch.Tensor, spec: ProjectionSpec) -> None:
     """Puts a projector's output into the state in its storage form (the only place that
     decides what the projection state holds, for refreshes and for :func:`allocate_`)."""
+    if spec.projector.kind == "seeded":
+        return  # the seed and the refresh count are the basis
     if spec.projector.kind == "indices":
         state["proj"] = new
     elif spec.bits == 4:
@@ -170,8 +197,17 @@ def allocate_(state: dict, param: torch.Tensor, spec: ProjectionSpec) -> None:
     _store_(state, spec.projector.empty(m, n, spec.rank, param.device), param, spec)
 
 
-def step_args(state: dict, spec: ProjectionSpec) -> dict:
-    """The projection arguments of ``ops.fused_galore_step`` for this state."""
+def step_args(state: dict, spec: ProjectionSpec, param: torch.Tensor | None = None) -> dict:
+    """The projection arguments of ``ops.fused_galore_step`` for this state (a seeded basis is
+    generated here, on ``param``'s device)."""
+    if spec.projector.kind == "seeded":
+        if param is None:
+            raise ValueError(f"projection={spec.projector.name!r}: the step generates the basis "
+                             "and needs the parameter (sharded weights are not supported)")
+        basis = seeded_basis(state, *param.shape, spec.rank, param.device)
+        # in the weight's dtype, as a stored dense basis is (_store_): the same kernel path
+        dtype = param.dtype if param.is_floating_point() else torch.float32
+        return {"proj": basis.to(dtype)}
     args = {"proj": state["proj"]}
     if state["proj"].dtype == torch.uint8:
         args.update(proj_scales=state["proj_scales"], proj_zeros=state["proj_zeros"],

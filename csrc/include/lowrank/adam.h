@@ -80,6 +80,16 @@ LOWRANK_HD uint32_t float_bits(float x) {
 #endif
 }
 
+LOWRANK_HD float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+#endif
+}
+
 // The bf16 bits of x rounded stochastically with the 32-bit random word `word` (its top 16 bits
 // are added to the 16 bits that rounding drops; the carry, if any, rounds |x| up). NaN stays a
 // (quiet) NaN; infinities stay; a finite x within an ulp of the bf16 range may round to inf.

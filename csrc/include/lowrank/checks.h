@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <type_traits>
 #include <optional>
@@ -452,6 +453,100 @@ inline StepGeometry check_fused_gradnorm_step(
     }
   }
   return g;
+}
+
+}  // namespace lowrank
+
+// ---- Fira / APOLLO: the scaled full-rank term (DESIGN.md §4.6-§4.7) ----
+namespace lowrank {
+
+enum class FullRank { kNone, kFira, kApollo };
+
+// What the full-rank arguments of one fused step ask for, after validation.
+struct FullRankArgs {
+  FullRank mode = FullRank::kNone;
+  bool tensor_norm = false;  // full_rank_norm == 'tensor'
+  bool scale_front = false;
+  double growth = 1.01;
+  std::optional<at::Tensor> limiter;
+};
+
+// Validates the full-rank keyword arguments of fused_galore_step (after check_fused_galore_step).
+// With full_rank='none' the others must keep their defaults: nothing is silently ignored.
+inline FullRankArgs check_full_rank(const at::Tensor& param, c10::string_view full_rank,
+                                    c10::string_view full_rank_norm,
+                                    const std::optional<at::Tensor>& limiter,
+                                    double limiter_growth, bool scale_front, double scale) {
+  FullRankArgs out;
+  LOWRANK_CHECK_VALUE(full_rank == "none" || full_rank == "fira" || full_rank == "apollo",
+                      "full_rank: expected 'none', 'fira' or 'apollo', got '",
+                      std::string(full_rank), "'");
+  LOWRANK_CHECK_VALUE(full_rank_norm == "channel" || full_rank_norm == "tensor",
+                      "full_rank_norm: expected 'channel' or 'tensor', got '",
+                      std::string(full_rank_norm), "'");
+  out.mode = full_rank == "fira" ? FullRank::kFira
+             : full_rank == "apollo" ? FullRank::kApollo : FullRank::kNone;
+  out.tensor_norm = full_rank_norm == "tensor";
+  out.scale_front = scale_front;
+  out.growth = limiter_growth;
+  if (out.mode == FullRank::kNone) {
+    LOWRANK_CHECK_VALUE(!limiter.has_value() && !out.tensor_norm && !scale_front,
+                        "limiter/full_rank_norm/scale_front: only valid with full_rank='fira' "
+                        "or 'apollo'");
+    return out;
+  }
+  LOWRANK_CHECK_VALUE(!scale_front || out.mode == FullRank::kApollo,
+                      "scale_front: only valid with full_rank='apollo'");
+  LOWRANK_CHECK_VALUE(out.mode != FullRank::kApollo || scale >= 0.0,
+                      "scale: expected a value >= 0 with full_rank='apollo' (the update is "
+                      "multiplied by sqrt(scale)), got ", scale);
+  LOWRANK_CHECK_VALUE(std::isfinite(limiter_growth) && limiter_growth > 0.0,
+                      "limiter_growth: expected a finite value > 0, got ", limiter_growth);
+  if (limiter.has_value()) {
+    const at::Tensor& l = *limiter;
+    LOWRANK_CHECK_VALUE(l.scalar_type() == at::kFloat, "limiter: expected dtype float32, got ",
+                        l.scalar_type());
+    LOWRANK_CHECK_VALUE(l.dim() == 1 && l.size(0) == 1,
+                        "limiter: expected shape [1] (the previous ||S||, < 0 before the first "
+                        "step), got ", shape_str(l.sizes()));
+    check_same_device(l, param, "limiter");
+    LOWRANK_CHECK_VALUE(!l.is_same(param), "limiter: must not alias param");
+    out.limiter = l;
+  }
+  return out;
+}
+
+// A full-rank mode runs Adam with fp32/bf16 moments on the side rule's side: the AdaGrad rule,
+// 8-bit moments and a side override are refused with it (the messages of _checks.py's
+// check_full_rank_combination), before anything is written.
+inline void check_full_rank_combination(c10::string_view full_rank, const StepModes& modes,
+                                        const at::Tensor& exp_avg_sq, const StepGeometry& g) {
+  if (full_rank == "none") return;
+  const std::string mode(full_rank);
+  LOWRANK_CHECK_VALUE(!modes.adagrad, "inner: full_rank='", mode,
+                      "' supports only inner='adam', got 'adagrad'");
+  LOWRANK_CHECK_VALUE(exp_avg_sq.scalar_type() != at::kByte, "exp_avg_sq: full_rank='", mode,
+                      "' supports fp32/bf16 moments only, got 8-bit moments (uint8 codes)");
+  const bool natural = g.m >= g.n;
+  LOWRANK_CHECK_VALUE(!modes.right.has_value() || *modes.right == natural, "right: full_rank='",
+                      mode, "' supports only the side rule's side (right=",
+                      natural ? "True" : "False", " for this shape), got right=",
+                      natural ? "False" : "True");
+}
+
+// random_basis(d, rank, seed, refresh): Philox counters k*ceil(d/4) + i/4 stay below 2^32 (the
+// stream word is the counter's high word), keys below 2^63.
+inline void check_random_basis(int64_t d, int64_t rank, int64_t seed, int64_t refresh) {
+  LOWRANK_CHECK_VALUE(d >= 1, "d: expected a basis size >= 1, got ", d);
+  LOWRANK_CHECK_VALUE(rank >= 1 && rank <= (int64_t{1} << 24),
+                      "rank: expected a value in [1, 2^24], got ", rank);
+  LOWRANK_CHECK_VALUE((d + 3) / 4 <= (int64_t{1} << 32) / rank, "d, rank: rank * ceil(d / 4) ",
+                      "must not exceed 2^32 (one Philox counter per four elements), got d=", d,
+                      ", rank=", rank);
+  LOWRANK_CHECK_VALUE(seed >= 0 && seed <= kMaxRoundingSeed,
+                      "seed: expected a value in [0, 2^32 - 1], got ", seed);
+  LOWRANK_CHECK_VALUE(refresh >= 0 && refresh <= kMaxRoundingStep,
+                      "refresh: expected a value in [0, 2^31 - 1], got ", refresh);
 }
 
 }  // namespace lowrank

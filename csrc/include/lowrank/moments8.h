@@ -28,16 +28,6 @@ constexpr MomentFormat kExpAvgFormat{3, 480.0f};    // E4M3 of |M|, sign apart: 
 constexpr MomentFormat kExpAvgSqFormat{4, 496.0f};  // unsigned E4M4 of sqrt(V): uint8 c
 constexpr int kMinNormalExponent = -6;
 
-LOWRANK_HD float float_from_bits(uint32_t bits) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(bits);
-#else
-  float x;
-  std::memcpy(&x, &bits, sizeof(x));
-  return x;
-#endif
-}
-
 // 2^e for e in the normal range, from its bits (exact).
 LOWRANK_HD float power_of_two(int e) {
   return float_from_bits(static_cast<uint32_t>(e + 127) << 23);

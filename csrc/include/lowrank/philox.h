@@ -41,13 +41,13 @@ LOWRANK_HD uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// The first two 32-bit output words of Philox-4x32-10 at counter (low, high words of offset, 0,
-// 0) under key `seed` (Triton's tl.randint4x(seed, offset)[0:2]).
-struct PhiloxPair {
-  uint32_t first, second;
+// The four 32-bit output words of Philox-4x32-10 at counter (low, high words of offset, 0, 0)
+// under key `seed` (Triton's tl.randint4x(seed, offset)).
+struct PhiloxQuad {
+  uint32_t w0, w1, w2, w3;
 };
 
-LOWRANK_HD PhiloxPair philox_uint32x2(uint64_t seed, uint64_t offset) {
+LOWRANK_HD PhiloxQuad philox_uint32x4(uint64_t seed, uint64_t offset) {
   uint32_t c0 = static_cast<uint32_t>(offset);
   uint32_t c1 = static_cast<uint32_t>(offset >> 32);
   uint32_t c2 = 0, c3 = 0;
@@ -65,7 +65,17 @@ LOWRANK_HD PhiloxPair philox_uint32x2(uint64_t seed, uint64_t offset) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return {c0, c1};
+  return {c0, c1, c2, c3};
+}
+
+// The first two words (tl.randint4x(seed, offset)[0:2]).
+struct PhiloxPair {
+  uint32_t first, second;
+};
+
+LOWRANK_HD PhiloxPair philox_uint32x2(uint64_t seed, uint64_t offset) {
+  const PhiloxQuad q = philox_uint32x4(seed, offset);
+  return {q.w0, q.w1};
 }
 
 // The first output word (tl.randint(seed, offset)).

@@ -173,18 +173,20 @@ def _dtype_sets(table, kind, all_dtypes):
     return table[kind] if all_dtypes else table[kind][:1]
 
 
-def unit_strides(kernel: str, right: bool, basis: str, grad_layout: str = "row"
-                 ) -> dict[str, int]:
+def unit_strides(kernel: str, right: bool, basis: str, grad_layout: str = "row",
+                 reads_grad: bool = True) -> dict[str, int]:
     """The stride arguments a launch on dense operands passes as 1, which the JIT turns into
     compile-time constants (so must the AOT compile): the basis' stride along its size-d axis
     (right, Q r×n) or along the rank (left, P m×r), for dense and packed INT4 bases; and G's
     column stride (``grad_layout`` "row") or its row stride ("column": a transposed gradient,
     G = Xᵀ of a row-major X) in every kernel that takes G (launch A; launch B and the INT8
-    kernels since the full-rank modes, which pass G whatever the mode)."""
+    kernels since the full-rank modes, which pass G whatever the mode). ``reads_grad=False``:
+    a launch without G (GradNormLoRP's V, B and K)."""
     unit = {}
     if basis != "dct":
         unit["stride_pl" if right else "stride_pr"] = 1
-    unit["stride_gn" if grad_layout == "row" else "stride_gm"] = 1
+    if reads_grad:
+        unit["stride_gn" if grad_layout == "row" else "stride_gm"] = 1
     return unit
 
 
@@ -467,7 +469,7 @@ def _gradnorm_tile_variant(gns, kernel, config, basis, dtypes, index_64, right):
         pointers = {"W_ptr": f"*{w}", "Normalized_ptr": "*fp32", "Coeffs_ptr": "*fp32",
                     "RowScale_ptr": "*fp32", "RowNorm_ptr": "*fp32", "VnormParts_ptr": "*fp32"}
         described = {"weight": w, "proj": p}
-        unit = unit_strides("back", right, basis)
+        unit = unit_strides("back", right, basis, reads_grad=False)
     pointers.update(_basis_pointers(basis, p))
     constexprs = {"BLOCK_OWN": config.block_own, "BLOCK_R": config.block_r,
                   "BLOCK_LONG": config.block_long, "INDEX_64": index_64, "INTERPRETED": False,
@@ -487,7 +489,7 @@ def _gradnorm_small_variant(gns, kernel, basis, index_64, right):
         pointers = {"Gram_ptr": "*fp32", **_basis_pointers(basis, "bf16")}
         constexprs = {"BLOCK_R": config.block_a, "BLOCK_LONG": config.block_b,
                       "INDEX_64": index_64, "INTERPRETED": False, **_basis_constexprs(basis),
-                      **unit_strides("back", right, basis)}
+                      **unit_strides("back", right, basis, reads_grad=False)}
     else:
         fn, config = gns._gradnorm_rows_kernel, gns.ROWS_CONFIG
         pointers = {name: "*fp32" for name in fn.arg_names if name.endswith("_ptr")}

@@ -18,7 +18,6 @@ milliseconds and the peer/ours ratios (> 1: ours is faster) and ours/floor.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -29,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import lowrank_kernels as lk
 from bench import harness
-from bench.bench_cpu_step import HYPER, make_inputs, two_gemm_floor
+from bench.bench_cpu_step import HYPER, cpu_bench_main, make_inputs, two_gemm_floor
 
 QUICK = [((1024, 2752), 128), ((2752, 1024), 128), ((2048, 5504), 256)]
 FULL = [((m, n), r) for (m, n) in [(1024, 2752), (2752, 1024), (2048, 5504), (5504, 2048),
@@ -121,17 +120,8 @@ def run(cases, warmup: int, rounds: int, csv_path: str | None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="more shapes and ranks")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--csv", default=str(harness.OUT_DIR / "cpu_full_rank_step.csv"))
-    args = parser.parse_args(argv)
-    if not lk.EXTENSION_AVAILABLE:
-        print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)
-        return 1
-    run(FULL if args.full else QUICK, args.warmup, args.rounds, args.csv)
-    return 0
+    return cpu_bench_main(argv, __doc__, "cpu_full_rank_step.csv", run, QUICK, FULL,
+                          "more shapes and ranks")
 
 
 if __name__ == "__main__":

@@ -111,19 +111,27 @@ def run(cases, warmup: int, rounds: int, csv_path: str | None) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="all LLaMA shapes and ranks")
-    parser.add_argument("--rounds", type=int, default=7,
-                        help="interleaved rounds (each times floor, ours and galore-torch once)")
+def cpu_bench_main(argv, doc: str, csv_name: str, run, quick, full, full_help: str,
+                   rounds_help: str | None = None) -> int:
+    """The command line shared by the CPU step benchmarks: --full, --rounds, --warmup, --csv,
+    then ``run(cases, warmup, rounds, csv)`` once the extension is known to load."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help=full_help)
+    parser.add_argument("--rounds", type=int, default=7, help=rounds_help)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--csv", default=str(harness.OUT_DIR / "cpu_step.csv"))
+    parser.add_argument("--csv", default=str(harness.OUT_DIR / csv_name))
     args = parser.parse_args(argv)
     if not lk.EXTENSION_AVAILABLE:
         print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)
         return 1
-    run(FULL if args.full else QUICK, args.warmup, args.rounds, args.csv)
+    run(full if args.full else quick, args.warmup, args.rounds, args.csv)
     return 0
+
+
+def main(argv=None) -> int:
+    return cpu_bench_main(argv, __doc__, "cpu_step.csv", run, QUICK, FULL,
+                          "all LLaMA shapes and ranks",
+                          "interleaved rounds (each times floor, ours and galore-torch once)")
 
 
 if __name__ == "__main__":

@@ -196,8 +196,11 @@ def check_moments(exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, param:
         raise ValueError("exp_avg: required with inner='adam' (None only with inner='adagrad')")
     if exp_avg is not None:
         _check_state(exp_avg, param, shape, "exp_avg")
-    _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
-    if exp_avg is not None:
+    if exp_avg_sq.dim() == 1:
+        _check_factored(exp_avg, exp_avg_sq, param, inner, exp_avg_sq_scales, own + rank)
+    else:
+        _check_state(exp_avg_sq, param, shape, "exp_avg_sq")
+    if exp_avg is not None and exp_avg_sq.dim() == 2:
         if exp_avg.dtype == torch.int8:
             if exp_avg_sq.dtype != torch.uint8:
                 raise ValueError(f"exp_avg_sq: expected dtype torch.uint8 (8-bit codes of "
@@ -215,6 +218,29 @@ def check_moments(exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, param:
                          scales_shape, param)
     if exp_avg_scales is not None and exp_avg_scales is exp_avg_sq_scales:
         raise ValueError("exp_avg_sq_scales: must not alias exp_avg_scales")
+
+
+def _check_factored(exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor,
+                    param: torch.Tensor, inner: str, exp_avg_sq_scales: torch.Tensor | None,
+                    length: int) -> None:
+    """A factored second moment (1-D exp_avg_sq, DESIGN.md §4.11): r + own fp32 values, Adam
+    only; M (exp_avg) in any of its formats."""
+    if inner != "adam":
+        raise ValueError(f"exp_avg_sq: a factored (1-D) second moment needs inner='adam', got "
+                         f"inner={inner!r}")
+    check_same_device(exp_avg_sq, param, "exp_avg_sq")
+    if exp_avg_sq.dtype != torch.float32:
+        raise ValueError(f"exp_avg_sq: expected dtype float32 for a factored (1-D) second "
+                         f"moment, got {exp_avg_sq.dtype}")
+    _require(exp_avg_sq.shape[0] == length,
+             lambda: f"exp_avg_sq: expected shape [{length}] (r + own factors) for a factored "
+                     f"second moment, got {list(exp_avg_sq.shape)}")
+    check_contiguous(exp_avg_sq, "exp_avg_sq")
+    if exp_avg_sq_scales is not None:
+        raise ValueError("exp_avg_sq_scales: only valid with 8-bit (torch.uint8) exp_avg_sq "
+                         "codes, not with a factored second moment")
+    if exp_avg is exp_avg_sq:
+        raise ValueError("exp_avg_sq: must not alias exp_avg")
 
 
 def check_hyperparameters(beta1: float, beta2: float, eps: float, step: int) -> None:
@@ -380,7 +406,8 @@ def check_fused_galore_step(param, grad, proj, exp_avg, exp_avg_sq, *, lr, beta1
             raise ValueError("param_zeros: must not alias param_scales")
     elif param_scales is not None or param_zeros is not None:
         raise ValueError("param_scales/param_zeros: only valid with INT8 (uint8) param codes")
-    if int8_weight or exp_avg_sq.dtype != torch.float32:  # a stochastic-rounding stream
+    if int8_weight or any(t is not None and t.dtype != torch.float32
+                          for t in (exp_avg, exp_avg_sq)):  # a stochastic-rounding stream
         check_rounding_seed(seed)
         _require(step <= MAX_ROUNDING_STEP,
                  lambda: f"step: expected a value <= 2^31 - 1, got {step}")
@@ -446,6 +473,9 @@ def check_full_rank_combination(full_rank: str, inner: str, exp_avg_sq: torch.Te
     if exp_avg_sq.dtype == torch.uint8:
         raise ValueError(f"exp_avg_sq: full_rank={full_rank!r} supports fp32/bf16 moments only, "
                          f"got 8-bit moments (uint8 codes)")
+    if exp_avg_sq.dim() == 1:
+        raise ValueError(f"exp_avg_sq: full_rank={full_rank!r} supports a full (2-D) second "
+                         f"moment only, got a factored (1-D) one")
     if right is not None and bool(right) != natural_right:
         raise ValueError(f"right: full_rank={full_rank!r} supports only the side rule's side "
                          f"(right={natural_right} for this shape), got right={bool(right)}")
@@ -492,6 +522,9 @@ def check_fused_gradnorm_step(param, grad, proj, exp_avg, exp_avg_sq, row_scale,
         raise ValueError("param: INT8 weight codes (uint8) are not supported by "
                          "fused_gradnorm_step (the row renormalisation needs each row in fp32); "
                          "expected dtype float32, bfloat16 or float16")
+    if exp_avg_sq.dim() == 1:
+        raise ValueError("exp_avg_sq: fused_gradnorm_step needs the full (2-D) second moment; a "
+                         "factored (1-D) one is a fused_galore_step mode")
     rank = check_fused_galore_step(
         param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,

@@ -193,9 +193,12 @@ def _is_default(value, default) -> bool:
     return not isinstance(value, torch.Tensor) and value == default
 
 
-def cuda_cxx_serves(op: str, kwargs: dict) -> bool:
-    """Whether the CUDA C++ kernel of ``op`` serves a call with these keyword arguments."""
+def cuda_cxx_serves(op: str, kwargs: dict, args: tuple = ()) -> bool:
+    """Whether the CUDA C++ kernel of ``op`` serves a call with these arguments (a factored
+    second moment, a 1-D exp_avg_sq, is Triton's only, as the keyword modes above)."""
     if op in TRITON_ONLY_OPS:
+        return False
+    if op == "fused_galore_step" and len(args) > 4 and args[4].dim() == 1:
         return False
     defaults = CUDA_CXX_DEFAULT_ONLY.get(op, {})
     return all(_is_default(kwargs.get(key, default), default)
@@ -208,17 +211,18 @@ def _set_targets(backend: str) -> None:
                              else getattr(torch.ops.lowrank_cuda, op))
 
 
-def cuda_target(op: str, kwargs: dict) -> Callable:
+def cuda_target(op: str, kwargs: dict, args: tuple = ()) -> Callable:
     """What the registered CUDA kernel of ``op`` runs for a call with ``kwargs``: the current
     backend's kernel, or the Triton kernel for a mode the CUDA C++ kernel lacks."""
-    if _cuda_backend == "cuda_cxx" and TRITON_AVAILABLE and not cuda_cxx_serves(op, kwargs):
+    if (_cuda_backend == "cuda_cxx" and TRITON_AVAILABLE
+            and not cuda_cxx_serves(op, kwargs, args)):
         return triton_kernel(op)
     return _CUDA_TARGETS[op]
 
 
 def _cuda_kernel(op: str) -> Callable:
     def kernel(*args, **kwargs):
-        return cuda_target(op, kwargs)(*args, **kwargs)
+        return cuda_target(op, kwargs, args)(*args, **kwargs)
 
     kernel.__name__ = kernel.__qualname__ = f"lowrank_{op}_cuda"
     return kernel

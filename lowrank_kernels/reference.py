@@ -75,6 +75,52 @@ def adagrad_normalized(low_rank_grad: torch.Tensor, exp_avg_sq: torch.Tensor, ep
     return low_rank_grad / (exp_avg_sq.sqrt() + eps)
 
 
+FACTORED_FLOOR = 1e-30  # lower bound of mean(a) in the factored V: 0/0 only when R was all 0
+
+
+def is_factored(exp_avg_sq: torch.Tensor) -> bool:
+    """A 1-D ``exp_avg_sq`` is the factored second moment (r + own fp32 factors); the full V is
+    2-D (the low-rank shape)."""
+    return exp_avg_sq.dim() == 1
+
+
+def factored_shape(m: int, n: int, rank: int, right: bool | None = None) -> tuple[int]:
+    """Shape of a factored ``exp_avg_sq``: (r + own,), own = m (right side) or n (left)."""
+    return (rank + (m if _side(m, n, right) else n),)
+
+
+def factored_normalized(low_rank_grad: torch.Tensor, exp_avg: torch.Tensor,
+                        factors: torch.Tensor, beta1: float, beta2: float, eps: float,
+                        right: bool) -> torch.Tensor:
+    """Adam with Adafactor's factored second moment (DESIGN.md §4.11; Shazeer & Stern 2018,
+    with Adam's EMA and bias correction): updates M and the fp32 factors in place and returns N.
+
+    With R the r×own low-rank gradient seen along its rank axis i and own axis j (R = G Qᵀ is
+    m×r on the right side: i its columns, j its rows; R = Pᵀ G is r×n on the left) and
+    ``factors`` = [a (r values) | b (own values)]:
+
+      a_i ← β2·a_i + (1−β2)·(Σ_j R_ij²)/own      b_j ← β2·b_j + (1−β2)·(Σ_i R_ij²)/r
+      ā = (Σ_i a_i)/r,  c_j = b_j / max(ā, 1e-30),  V̂_ij = a_i·c_j
+      M ← β1·M + (1−β1)·R,  N = M / (√V̂ + ε)
+
+    V̂ is the rank-1 matrix with the row and column means of the EMA of R² (exact when that
+    EMA is rank 1), so the state is r + own fp32 values instead of r·own. Both factors start at
+    0 and decay by β2, so V̂ carries V's bias (1 − β2ᵗ) and α_t's correction stays Adam's. The
+    sums are fp32 in an order each backend chooses (the kernels reduce tile by tile): the
+    backends agree to rounding, not bit for bit."""
+    rank = low_rank_grad.shape[1] if right else low_rank_grad.shape[0]
+    lines = low_rank_grad if right else low_rank_grad.T  # own × r
+    squares = lines * lines
+    own = lines.shape[0]
+    a, b = factors[:rank], factors[rank:]
+    a.mul_(beta2).add_(squares.sum(dim=0) / own, alpha=1.0 - beta2)
+    b.mul_(beta2).add_(squares.sum(dim=1) / rank, alpha=1.0 - beta2)
+    c = b / torch.clamp(a.sum() / rank, min=FACTORED_FLOOR)
+    v_hat = c[:, None] * a[None, :]  # own × r
+    exp_avg.mul_(beta1).add_(low_rank_grad, alpha=1.0 - beta1)
+    return exp_avg / ((v_hat if right else v_hat.T).sqrt() + eps)
+
+
 def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor,
                       exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, *, lr: float,
                       beta1: float, beta2: float, eps: float, weight_decay: float, scale: float,
@@ -106,7 +152,9 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
 
     Moments: fp32, bf16 (stochastic rounding on store) or 8-bit codes (``exp_avg`` int8,
     ``exp_avg_sq`` uint8, with ``exp_avg_scales``/``exp_avg_sq_scales`` and
-    ``state_block_size``; :func:`quantize_moment` gives the format). They are loaded to fp32,
+    ``state_block_size``; :func:`quantize_moment` gives the format). A 1-D fp32 ``exp_avg_sq``
+    of r + own values is the factored second moment (:func:`factored_normalized`; inner="adam",
+    full_rank="none"; M in any of the three formats). They are loaded to fp32,
     updated, N is computed from the fp32 values, and they are stored rounded once
     (:func:`store_moments_`, Philox key rounding_philox_seed(seed, step)).
 
@@ -128,6 +176,10 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     if inner == "adagrad":
         normalized = adagrad_normalized(low_rank_grad, exp_avg_sq32, eps)
         step_size = lr
+    elif is_factored(exp_avg_sq):
+        normalized = factored_normalized(low_rank_grad, exp_avg32, exp_avg_sq32, beta1, beta2,
+                                         eps, right)
+        step_size = adam_step_size(lr, beta1, beta2, step)
     else:
         normalized = adam_normalized(low_rank_grad, exp_avg32, exp_avg_sq32, beta1, beta2, eps)
         step_size = adam_step_size(lr, beta1, beta2, step)
@@ -487,7 +539,8 @@ def store_moments_(exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, m: to
     if all(t is None or t.dtype == torch.float32 for t in (exp_avg, exp_avg_sq)):
         words_m = words_v = None  # nothing is rounded: no random words needed
     else:
-        index = torch.arange(v.numel(), device=v.device).view(v.shape)
+        shaped = m if m is not None else v  # a factored V (1-D) has no words of its own
+        index = torch.arange(shaped.numel(), device=v.device).view(shaped.shape)
         words_m, words_v = philox_uint32x2(philox_seed, index + MOMENT_STREAM)
     for stored, value, words, scales, signed in ((exp_avg, m, words_m, exp_avg_scales, True),
                                                  (exp_avg_sq, v, words_v, exp_avg_sq_scales,
@@ -618,7 +671,8 @@ def fused_qgalore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tens
     basis = proj
     if proj.dtype == torch.uint8:
         right = _side(m, n, modes.get("right"))
-        rank = exp_avg_sq.shape[1] if right else exp_avg_sq.shape[0]
+        ranked = exp_avg if exp_avg is not None else exp_avg_sq  # M: V may be factored (1-D)
+        rank = ranked.shape[1] if right else ranked.shape[0]
         basis = dequantize_int4(proj, proj_scales, proj_zeros,
                                 quantized_basis_shape(m, n, rank, right), proj_group_size)
     if param.dtype != torch.uint8:

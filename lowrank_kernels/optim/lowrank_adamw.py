@@ -23,6 +23,8 @@ from lowrank_kernels.projection.base import check_rank
 DENSE_ADAMW = ("torch", "galore")
 # of the projected moments; "8bit": FP8-like codes with fp32 block scales (DESIGN.md §4.9)
 STATE_DTYPES = ("auto", torch.float32, torch.bfloat16, "8bit")
+# of the projected V: "full" (a V like M) or "factored" (r + own fp32 values, DESIGN.md §4.11)
+SECOND_MOMENTS = ("full", "factored")
 MOMENT_BLOCK_SIZE = reference.MOMENT_BLOCK_SIZE  # 8-bit moments: scales per 32 ranks of a line
 _SPEC_KEYS = ("rank", "projection", "refresh", "update_proj_gap", "refresh_threshold",
               "refresh_growth", "refresh_max_gap", "proj_bits", "proj_group_size")
@@ -171,6 +173,10 @@ class LowRankAdamW(torch.optim.Optimizer):
     refresh_threshold,   lazy policy: grow the gap by ``refresh_growth`` (up to
     refresh_growth,      ``refresh_max_gap``) while the subspace overlap ‖P_oldᵀP_new‖²_F/r
     refresh_max_gap      stays ≥ ``refresh_threshold``
+    second_moment        "full" (default: V has M's shape and format) or "factored": V kept as
+                         r + own fp32 values, Adafactor's row and column means of the EMA of R²
+                         (DESIGN.md §4.11, ``reference.factored_normalized``); M keeps
+                         ``state_dtype``. At 7B (r = 1024) it removes 1.7 GiB of 8-bit V
     state_dtype          dtype of the projected moments M, V: "auto" (default: follows the
                          weight, :func:`moment_dtype`: fp32 weights → fp32; bf16, fp16 weights
                          and INT8 codes → bf16), torch.float32, torch.bfloat16 or "8bit"
@@ -226,7 +232,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     =================  ========================================================================
     step               fp32 scalar (CPU): steps taken
     exp_avg            M, low-rank shape (m×r right, r×n left), dtype by ``state_dtype``
-    exp_avg_sq         V, same shape and dtype (8-bit: uint8 codes of √V)
+    exp_avg_sq         V, same shape and dtype (8-bit: uint8 codes of √V); factored: fp32
+                       (r + own,): the rank-axis factor a, then the own-axis factor b
     exp_avg_scales,    8-bit moments only: fp32 block scales, (m, ⌈r/32⌉) right, (n, ⌈r/32⌉)
     exp_avg_sq_scales  left
     proj, proj_*       the projection and its refresh counters
@@ -244,8 +251,8 @@ class LowRankAdamW(torch.optim.Optimizer):
                  proj_group_size: int = 256, refresh: str = "fixed",
                  refresh_threshold: float = 0.8, refresh_growth: float = 2.0,
                  refresh_max_gap: int | None = None, seed: int = 0,
-                 state_dtype: str | torch.dtype = "auto", correct_bias: bool = True,
-                 dense_adamw: str = "torch", foreach: bool | None = None,
+                 state_dtype: str | torch.dtype = "auto", second_moment: str = "full",
+                 correct_bias: bool = True, dense_adamw: str = "torch", foreach: bool | None = None,
                  fused: bool | None = None, backend: str | None = None):
         if not lr >= 0.0:
             raise ValueError(f"lr: expected a value >= 0, got {lr}")
@@ -258,7 +265,7 @@ class LowRankAdamW(torch.optim.Optimizer):
                         proj_group_size=proj_group_size, refresh=refresh,
                         refresh_threshold=refresh_threshold, refresh_growth=refresh_growth,
                         refresh_max_gap=refresh_max_gap, seed=seed, state_dtype=state_dtype,
-                        **self._extra_defaults())
+                        second_moment=second_moment, **self._extra_defaults())
         self._init_optimizer(params, defaults, dense_adamw, foreach, fused, backend)
 
     def _init_optimizer(self, params: Iterable, defaults: dict, dense_adamw: str | None,
@@ -297,10 +304,17 @@ class LowRankAdamW(torch.optim.Optimizer):
             if group["state_dtype"] not in STATE_DTYPES:
                 raise ValueError(f"state_dtype: expected one of {STATE_DTYPES}, got "
                                  f"{group['state_dtype']!r}")
+            if group.get("second_moment", "full") not in SECOND_MOMENTS:
+                raise ValueError(f"second_moment: expected one of {SECOND_MOMENTS}, got "
+                                 f"{group['second_moment']!r}")
             for i, p in enumerate(group["params"]):
                 name = self._name(group, i, p)
                 if distributed.is_sharded(p):
                     distributed.check_sharded_param(p, name)
+                    if group.get("second_moment", "full") == "factored":
+                        raise ValueError(f"{name}: second_moment='factored' does not step "
+                                         "sharded (FSDP2) weights (its factors sum over the "
+                                         "whole weight); DDP and one process are supported")
                 if p.dim() != 2:
                     raise ValueError(f"{name}: projected parameters must be 2-D weights, got "
                                      f"shape {list(p.shape)}; put it in a group without 'rank'")
@@ -488,6 +502,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         dtype = moment_dtype(group["state_dtype"], p)
         for name in self._MOMENTS:
+            if name == "exp_avg_sq" and group.get("second_moment", "full") == "factored":
+                state[name] = zeros(reference.factored_shape(m, n, spec.rank), dtype=torch.float32)
+                continue
             if dtype != "8bit":
                 state[name] = zeros(shape, dtype=dtype)
                 continue

@@ -17,6 +17,9 @@
 // fp32 weights fold the update into the GEMM (addmm: beta=decay, alpha=-us); bf16/fp16 weights
 // go through an fp32 tile of back(N), so every weight is rounded exactly once.
 // The elementwise loops (Adam, the 16-bit update) are cloned for AVX2 (csrc/cpu/cpu_clones.h).
+// A factored V (a 1-D exp_avg_sq, §4.11: its rank factors sum over every line) runs the tiles in
+// two phases, R kept in an fp32 low-rank workspace (written once, read once more) and the factors
+// reduced in between (see project_adam_tiles).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -27,6 +30,7 @@
 #include <algorithm>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_clones.h"
@@ -222,14 +226,64 @@ void adagrad_block(float* r_then_n, state_t* exp_avg_sq, int64_t rows, int64_t c
   }
 }
 
-// The moments of one step (DESIGN.md §4.2, §4.9-§4.10), as the tiles see them.
+// The factors a tile sees of a factored V (DESIGN.md §4.11): V_hat_ij = a_i * c_j.
+struct FactoredV {
+  const float* a = nullptr;  // r rank factors (the head of exp_avg_sq), this step's
+  const float* c = nullptr;  // own line factors b_j / max(mean(a), 1e-30)
+};
+
+// The moments of one step (DESIGN.md §4.2, §4.9-§4.11), as the tiles see them.
 struct StepState {
   at::Tensor exp_avg;  // undefined: AdaGrad (no first moment)
-  at::Tensor exp_avg_sq;
+  at::Tensor exp_avg_sq;  // 1-D: the factored second moment, r + own fp32 factors
   at::Tensor exp_avg_scales, exp_avg_sq_scales;  // fp32 block scales of 8-bit codes
   int64_t block;  // 8-bit block along the rank axis
-  bool eight_bit() const { return exp_avg_sq.scalar_type() == at::kByte; }
+  FactoredV factors = {};  // set between the two phases of a factored step
+  bool factored() const { return exp_avg_sq.dim() == 1; }
+  bool eight_bit() const {  // M or V in 8-bit codes (M alone with a factored V)
+    return exp_avg_sq.scalar_type() == at::kByte ||
+           (exp_avg.defined() && exp_avg.scalar_type() == at::kChar);
+  }
 };
+
+// ---- the factored second moment, elementwise (the reductions: factored_reduce below) ----
+// One tile row of M and R -> N, V_hat = line * factor[j]: on the right side a row is an own-line
+// (line = c_j, factor = a along the rank), on the left a rank (line = a_i, factor = c along the
+// tile's lines). fp32 M is stored as is; bf16 M is rounded with the first Philox word of its
+// element, as with a full V.
+LOWRANK_CPU_CLONES void factored_run(float* r_then_n, float* exp_avg, const float* factor,
+                                     float line, int64_t len, int64_t /*first*/,
+                                     const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;
+  for (int64_t j = 0; j < len; ++j) {
+    r_then_n[j] = factored_normalized_update(r_then_n[j], exp_avg[j], line * factor[j], c);
+  }
+}
+
+LOWRANK_CPU_CLONES void factored_run(float* r_then_n, at::BFloat16* exp_avg,
+                                     const float* factor, float line, int64_t len,
+                                     int64_t first, const AdamCoeffs& coeffs) {
+  const AdamCoeffs c = coeffs;
+  with_moment_words(len, first, c, [&](int64_t j, const PhiloxPair& words) {
+    float m = static_cast<float>(exp_avg[j]);
+    r_then_n[j] = factored_normalized_update(r_then_n[j], m, line * factor[j], c);
+    exp_avg[j] = c10::BFloat16(stochastic_round_bf16_bits(m, words.first),
+                               c10::BFloat16::from_bits());
+  });
+}
+
+// The factored rule on a rows x cols block of M (leading dimension ld, state index `first` of
+// its element (0, 0)), the tile of lines [start, start + len).
+template <typename state_t>
+void factored_block(float* r_then_n, state_t* exp_avg, int64_t rows, int64_t cols, int64_t ld,
+                    int64_t first, const FactoredV& f, const StepGeometry& g, int64_t start,
+                    const AdamCoeffs& c) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* factor = g.right ? f.a : f.c + start;
+    const float line = g.right ? f.c[start + i] : f.a[i];
+    factored_run(r_then_n + i * cols, exp_avg + i * ld, factor, line, cols, first + i * ld, c);
+  }
+}
 
 // ---- 8-bit moments (lowrank/moments8.h) ----
 // A tile's codes are decoded into fp32 buffers laid out as its R tile (rows x cols contiguous:
@@ -336,10 +390,11 @@ void moments8_tile(float* r_then_n, const StepState& s, const StepGeometry& g, i
   const int64_t first = g.right ? start * g.r : start;  // state index of tile element (0, 0)
   const int64_t block = s.block;
   const bool has_m = s.exp_avg.defined();
+  const bool has_v = !s.factored();  // a factored V is fp32 factors, never codes
   int8_t* m_codes = has_m ? s.exp_avg.data_ptr<int8_t>() + first : nullptr;
-  uint8_t* v_codes = s.exp_avg_sq.data_ptr<uint8_t>() + first;
+  uint8_t* v_codes = has_v ? s.exp_avg_sq.data_ptr<uint8_t>() + first : nullptr;
   float* m_scales = has_m ? s.exp_avg_scales.data_ptr<float>() : nullptr;
-  float* v_scales = s.exp_avg_sq_scales.data_ptr<float>();
+  float* v_scales = has_v ? s.exp_avg_sq_scales.data_ptr<float>() : nullptr;
   // per task: the fp32 M and V of the tile, a row of scales, the absmax lanes
   thread_local std::vector<float> buffer;
   const int64_t span = std::max(cols, block);
@@ -353,24 +408,30 @@ void moments8_tile(float* r_then_n, const StepState& s, const StepGeometry& g, i
       expand_row_scales(m_scales, g, start, i, cols, block, row_scale);
       decode_exp_avg_run(m32 + i * cols, m_codes + i * ld, row_scale, cols);
     }
+    if (!has_v) continue;
     expand_row_scales(v_scales, g, start, i, cols, block, row_scale);
     decode_exp_avg_sq_run(v32 + i * cols, v_codes + i * ld, row_scale, cols);
   }
-  if (has_m) {
+  if (!has_v) {
+    factored_block<float>(r_then_n, m32, rows, cols, cols, 0, s.factors, g, start, c);
+  } else if (has_m) {
     adam_block<float>(r_then_n, m32, v32, rows, cols, cols, 0, c);
   } else {
     adagrad_block<float>(r_then_n, v32, rows, cols, cols, 0, c);
   }
-  sqrt_run(v32, rows * cols);  // sqrt(V): what the codes hold
+  if (has_v) sqrt_run(v32, rows * cols);  // sqrt(V): what the codes hold
   if (has_m) {
     block_scales(m32, rows, cols, g, start, block, kExpAvgFormat.max_value, m_scales, work);
   }
-  block_scales(v32, rows, cols, g, start, block, kExpAvgSqFormat.max_value, v_scales, work);
+  if (has_v) {
+    block_scales(v32, rows, cols, g, start, block, kExpAvgSqFormat.max_value, v_scales, work);
+  }
   for (int64_t i = 0; i < rows; ++i) {
     if (has_m) {
       expand_row_scales(m_scales, g, start, i, cols, block, row_scale);
       encode_exp_avg_run(m32 + i * cols, row_scale, m_codes + i * ld, cols, first + i * ld, c);
     }
+    if (!has_v) continue;
     expand_row_scales(v_scales, g, start, i, cols, block, row_scale);
     encode_exp_avg_sq_run(v32 + i * cols, row_scale, v_codes + i * ld, cols, first + i * ld, c);
   }
@@ -380,8 +441,14 @@ template <typename state_t>
 void float_moments_tile(float* r_then_n, const StepState& s, const StepGeometry& g,
                         int64_t start, int64_t len, const AdamCoeffs& c) {
   const int dim = g.right ? 0 : 1;
-  const at::Tensor v_tile = s.exp_avg_sq.narrow(dim, start, len);
   const int64_t first = g.right ? start * g.r : start;
+  if (s.factored()) {
+    const at::Tensor m_tile = s.exp_avg.narrow(dim, start, len);
+    factored_block<state_t>(r_then_n, m_tile.data_ptr<state_t>(), m_tile.size(0),
+                            m_tile.size(1), m_tile.stride(0), first, s.factors, g, start, c);
+    return;
+  }
+  const at::Tensor v_tile = s.exp_avg_sq.narrow(dim, start, len);
   if (s.exp_avg.defined()) {
     adam_block<state_t>(r_then_n, s.exp_avg.narrow(dim, start, len).data_ptr<state_t>(),
                         v_tile.data_ptr<state_t>(), v_tile.size(0), v_tile.size(1),
@@ -397,9 +464,11 @@ void float_moments_tile(float* r_then_n, const StepState& s, const StepGeometry&
 void run_moments_tile(at::Tensor& r_tile, const StepState& s, const StepGeometry& g,
                       int64_t start, int64_t len, const AdamCoeffs& c) {
   float* r_then_n = r_tile.data_ptr<float>();
+  // the format of M (V's is M's, or the fp32 factors); AdaGrad: V's
+  const at::ScalarType t = (s.exp_avg.defined() ? s.exp_avg : s.exp_avg_sq).scalar_type();
   if (s.eight_bit()) {
     moments8_tile(r_then_n, s, g, start, len, c);
-  } else if (s.exp_avg_sq.scalar_type() == at::kFloat) {
+  } else if (t == at::kFloat) {
     float_moments_tile<float>(r_then_n, s, g, start, len, c);
   } else {
     float_moments_tile<at::BFloat16>(r_then_n, s, g, start, len, c);
@@ -457,17 +526,142 @@ at::Tensor fp32_basis(const at::Tensor& proj, const StepGeometry& g,
   return proj.to(at::kFloat).contiguous();
 }
 
+// out[l] = sum_j a[l*s_line + j*s_long] * b[l*s_line + j*s_long] for l < lines, j < span, in an
+// order fixed by the strides alone (never by the tiling): a contiguous line is summed in eight
+// interleaved partial sums combined in lane order, other layouts line by line along j.
+LOWRANK_CPU_CLONES void line_dot_sums(const float* a, const float* b, int64_t lines, int64_t span,
+                                      int64_t s_line, int64_t s_long, float* out) {
+  if (s_long == 1) {
+    for (int64_t l = 0; l < lines; ++l) {
+      const float* x = a + l * s_line;
+      const float* y = b + l * s_line;
+      float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+      int64_t j = 0;
+      for (; j + 8 <= span; j += 8) {
+        for (int k = 0; k < 8; ++k) acc[k] += x[j + k] * y[j + k];
+      }
+      float tail = 0.0f;
+      for (; j < span; ++j) tail += x[j] * y[j];
+      out[l] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) +
+               tail;
+    }
+    return;
+  }
+  for (int64_t l = 0; l < lines; ++l) out[l] = 0.0f;
+  for (int64_t j = 0; j < span; ++j) {
+    const float* x = a + j * s_long;
+    const float* y = b + j * s_long;
+    for (int64_t l = 0; l < lines; ++l) out[l] += x[l * s_line] * y[l * s_line];
+  }
+}
+
+// Per-line sums of a matrix whose lines are its rows (right side) or its columns (left side).
+void own_line_dot_sums(const at::Tensor& a, const at::Tensor& b, bool right, float* out) {
+  const int64_t line_dim = right ? 0 : 1, long_dim = right ? 1 : 0;
+  line_dot_sums(a.data_ptr<float>(), b.data_ptr<float>(), a.size(line_dim), a.size(long_dim),
+                a.stride(line_dim), a.stride(long_dim), out);
+}
+
 // No work between the projection and Adam (the default of project_adam_tiles).
 struct NoProjectedHook {
   void operator()(int64_t, int64_t, const at::Tensor&, const at::Tensor&) const {}
 };
+
+// R of the tile of lines [start, start + len) into r_tile (len x r right, r x len left);
+// returns the tile of G in fp32 (a view, or converted into g_buf).
+at::Tensor project_tile(const at::Tensor& grad, const at::Tensor& basis, const StepGeometry& g,
+                        int64_t start, int64_t len, at::Tensor& g_buf, at::Tensor& r_tile) {
+  at::Tensor g32 = grad_tile_f32(grad.narrow(g.right ? 0 : 1, start, len), g_buf);
+  if (g.right) {
+    at::mm_out(r_tile, g32, basis.t());  // (len x n) @ (n x r)
+  } else {
+    at::mm_out(r_tile, basis.t(), g32);  // (r x m) @ (m x len)
+  }
+  return g32;
+}
+
+// ---- the factored second moment (DESIGN.md §4.11): a step in two phases ----
+// a_i sums R_ij^2 over every own-line j, i.e. over all tiles, so a factored step cannot run
+// project -> moments -> update tile by tile:
+//   phase 1 (parallel over the tiles): R = project(G tile) into an fp32 workspace of the
+//     low-rank size, each tile's rows x cols block contiguous at offset start*r; per own-line
+//     the sum over the rank (b_j's EMA at once: it is line-local); per chunk of kFactoredChunk
+//     consecutive lines, every rank's sum over the chunk's lines.
+//   reduce (one thread, O(r * own / chunk)): a_i from the chunk sums, mean(a), c_j.
+//   phase 2 (parallel over the same tiles): M, N and the epilogue on each tile's block of R.
+// R is kept rather than recomputed: recomputing would read G from DRAM a second time and repeat
+// the projection GEMM (half the step's flops), while the workspace is r*own*4 bytes, transient,
+// the size of an fp32 M (and of the N buffer the INT8-weight path already allocates).
+// The chunks are fixed runs of lines, not tiles (whose bounds move with the thread count; every
+// tile bound is a multiple of the chunk), and every sum runs in a fixed order: the factors, and
+// so the step, are the same at any thread count. The cross-chunk sums are double (rounded once).
+constexpr int64_t kFactoredChunk = kLineUnit;
+
+// Per chunk k of the tile of lines [start, start + len) (R: rows x cols contiguous, len x r
+// right, r x len left): out[k * r + i] = the sum over the chunk's lines j, in order, of R_ij^2.
+LOWRANK_CPU_CLONES void chunk_square_sums(const float* r_tile, bool right, int64_t r,
+                                          int64_t start, int64_t len, float* out) {
+  for (int64_t j0 = start; j0 < start + len; j0 += kFactoredChunk) {
+    const int64_t lines = std::min(start + len - j0, kFactoredChunk);
+    float* acc = out + j0 / kFactoredChunk * r;
+    if (right) {  // lines are rows: rank lanes, rows in order
+      for (int64_t i = 0; i < r; ++i) acc[i] = 0.0f;
+      for (int64_t j = 0; j < lines; ++j) {
+        const float* row = r_tile + (j0 - start + j) * r;
+        for (int64_t i = 0; i < r; ++i) acc[i] += row[i] * row[i];
+      }
+    } else {  // lines are columns: along each rank's row
+      for (int64_t i = 0; i < r; ++i) {
+        const float* row = r_tile + i * len + (j0 - start);
+        float sum = 0.0f;
+        for (int64_t j = 0; j < lines; ++j) sum += row[j] * row[j];
+        acc[i] = sum;
+      }
+    }
+  }
+}
+
+// Phase 1 on the tile of lines [start, start + len) whose R is r_tile: b_j's EMA with the
+// line's mean square over the rank, and the tile's chunk sums (into chunk_sq).
+void factored_line_sums(const at::Tensor& r_tile, float* factors, const StepGeometry& g,
+                        int64_t start, int64_t len, const AdamCoeffs& c, float* line_sq,
+                        float* chunk_sq) {
+  own_line_dot_sums(r_tile, r_tile, g.right, line_sq);
+  float* b = factors + g.r + start;
+  const float rank = static_cast<float>(g.r);
+  for (int64_t j = 0; j < len; ++j) b[j] = factored_ema(b[j], line_sq[j] / rank, c);
+  chunk_square_sums(r_tile.data_ptr<float>(), g.right, g.r, start, len, chunk_sq);
+}
+
+// The reduction between the phases: a_i's EMA with its mean square over all `own` lines (the
+// chunk sums added in chunk order, in double), then c_j = b_j / max(mean(a), 1e-30) into
+// `line` (own floats).
+void factored_reduce(float* factors, const float* chunk_sq, int64_t chunks, int64_t own,
+                     const StepGeometry& g, const AdamCoeffs& c, float* line) {
+  std::vector<double> sums(static_cast<size_t>(g.r), 0.0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t i = 0; i < g.r; ++i) sums[i] += chunk_sq[k * g.r + i];
+  }
+  float* a = factors;
+  double total = 0.0;
+  for (int64_t i = 0; i < g.r; ++i) {
+    a[i] = factored_ema(a[i], static_cast<float>(sums[i]) / static_cast<float>(own), c);
+    total += a[i];
+  }
+  float mean = static_cast<float>(total) / static_cast<float>(g.r);
+  mean = mean < kFactoredFloor ? kFactoredFloor : mean;  // NaN stays NaN (torch.clamp's rule)
+  const float* b = factors + g.r;
+  for (int64_t j = 0; j < own; ++j) line[j] = b[j] / mean;
+}
 
 // The tile loop shared by every weight format and by fused_gradnorm_step. Per tile of whole
 // lines (rows right, columns left): R = project(G tile), projected(start, len, g32, r_tile) (R
 // before the moments overwrite it: the full-rank modes' per-line sums), the moment rule on that
 // slice of the state -> N (fp32, in cache), then epilogue(start, len, n_tile, back_buf, g32) (g32:
 // the tile of G in fp32, still in cache). Workspaces are allocated once per task; back_buf (room
-// for one fp32 tile of back(N)) only when need_back_buf.
+// for one fp32 tile of back(N)) only when need_back_buf. A factored V runs the two phases above
+// (no `projected` hook there: the full-rank modes and GradNormLoRP refuse a factored V; the
+// epilogue's g32 is then undefined).
 template <typename Epilogue, typename Projected = NoProjectedHook>
 void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, const StepState& state,
                         const StepGeometry& g, const AdamCoeffs& c, bool need_back_buf,
@@ -478,23 +672,54 @@ void project_adam_tiles(const at::Tensor& grad, const at::Tensor& basis, const S
   const int64_t extent = split.max_length();
   const bool lowp_g = grad.scalar_type() != at::kFloat;
   const auto f32 = grad.options().dtype(at::kFloat);
-  const int dim = g.right ? 0 : 1;
+  if (!state.factored()) {
+    parallel_tiles(split.tiles, [&](int64_t begin, int64_t end) {
+      at::Tensor g_buf = lowp_g ? at::empty({extent * span}, f32) : at::Tensor();
+      at::Tensor back_buf = need_back_buf ? at::empty({extent * span}, f32) : at::Tensor();
+      at::Tensor r_buf = at::empty({extent * g.r}, f32);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t start = split.start(tile), len = split.length(tile);
+        at::Tensor r_tile = contiguous_view(r_buf, g.right ? len : g.r, g.right ? g.r : len);
+        const at::Tensor g32 = project_tile(grad, basis, g, start, len, g_buf, r_tile);
+        projected(start, len, g32, r_tile);
+        run_moments_tile(r_tile, state, g, start, len, c);
+        epilogue(start, len, r_tile, back_buf, g32);
+      }
+    });
+    return;
+  }
+  TORCH_INTERNAL_ASSERT((std::is_same_v<Projected, NoProjectedHook>),
+                        "a factored second moment has no per-tile projection hook");
+  TORCH_INTERNAL_ASSERT(split.unit % kFactoredChunk == 0);
+  const int64_t chunks = (lines + kFactoredChunk - 1) / kFactoredChunk;
+  at::Tensor low_rank = at::empty({lines * g.r}, f32);
+  std::vector<float> chunk_sq(static_cast<size_t>(chunks * g.r)), line(lines);
+  float* factors = state.exp_avg_sq.data_ptr<float>();
+  // the tile's block of R (then N) in the workspace
+  const auto r_block = [&](int64_t start, int64_t len) {
+    return low_rank.narrow(0, start * g.r, len * g.r)
+        .view({g.right ? len : g.r, g.right ? g.r : len});
+  };
   parallel_tiles(split.tiles, [&](int64_t begin, int64_t end) {
     at::Tensor g_buf = lowp_g ? at::empty({extent * span}, f32) : at::Tensor();
-    at::Tensor back_buf = need_back_buf ? at::empty({extent * span}, f32) : at::Tensor();
-    at::Tensor r_buf = at::empty({extent * g.r}, f32);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t start = split.start(tile), len = split.length(tile);
-      at::Tensor g32 = grad_tile_f32(grad.narrow(dim, start, len), g_buf);
-      at::Tensor r_tile = contiguous_view(r_buf, g.right ? len : g.r, g.right ? g.r : len);
-      if (g.right) {
-        at::mm_out(r_tile, g32, basis.t());  // (len x n) @ (n x r)
-      } else {
-        at::mm_out(r_tile, basis.t(), g32);  // (r x m) @ (m x len)
-      }
-      projected(start, len, g32, r_tile);
-      run_moments_tile(r_tile, state, g, start, len, c);
-      epilogue(start, len, r_tile, back_buf, g32);
+      at::Tensor r_tile = r_block(start, len);
+      project_tile(grad, basis, g, start, len, g_buf, r_tile);
+      factored_line_sums(r_tile, factors, g, start, len, c, line.data() + start,
+                         chunk_sq.data());
+    }
+  });
+  factored_reduce(factors, chunk_sq.data(), chunks, lines, g, c, line.data());
+  StepState phase2 = state;
+  phase2.factors = FactoredV{factors, line.data()};
+  parallel_tiles(split.tiles, [&](int64_t begin, int64_t end) {
+    at::Tensor back_buf = need_back_buf ? at::empty({extent * span}, f32) : at::Tensor();
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t start = split.start(tile), len = split.length(tile);
+      at::Tensor n_tile = r_block(start, len);
+      run_moments_tile(n_tile, phase2, g, start, len, c);
+      epilogue(start, len, n_tile, back_buf, at::Tensor());
     }
   });
 }
@@ -653,42 +878,6 @@ void int8_weight_update(at::Tensor& codes, at::Tensor& scales, at::Tensor& zeros
 // grad_scale = fl(decay*alpha_t) (Fira) or fl(decay*alpha_t*sqrt(a)) (APOLLO), computed on the
 // host in double like every per-step scalar (lowrank/adam.h); us as for GaLore.
 constexpr float kNormGuard = 1e-8f;  // the peers' "+ 1e-8" in phi's and the limiter's denominators
-
-// out[l] = sum_j a[l*s_line + j*s_long] * b[l*s_line + j*s_long] for l < lines, j < span, in an
-// order fixed by the strides alone (never by the tiling): a contiguous line is summed in eight
-// interleaved partial sums combined in lane order, other layouts line by line along j.
-LOWRANK_CPU_CLONES void line_dot_sums(const float* a, const float* b, int64_t lines, int64_t span,
-                                      int64_t s_line, int64_t s_long, float* out) {
-  if (s_long == 1) {
-    for (int64_t l = 0; l < lines; ++l) {
-      const float* x = a + l * s_line;
-      const float* y = b + l * s_line;
-      float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-      int64_t j = 0;
-      for (; j + 8 <= span; j += 8) {
-        for (int k = 0; k < 8; ++k) acc[k] += x[j + k] * y[j + k];
-      }
-      float tail = 0.0f;
-      for (; j < span; ++j) tail += x[j] * y[j];
-      out[l] = (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))) +
-               tail;
-    }
-    return;
-  }
-  for (int64_t l = 0; l < lines; ++l) out[l] = 0.0f;
-  for (int64_t j = 0; j < span; ++j) {
-    const float* x = a + j * s_long;
-    const float* y = b + j * s_long;
-    for (int64_t l = 0; l < lines; ++l) out[l] += x[l * s_line] * y[l * s_line];
-  }
-}
-
-// Per-line sums of a matrix whose lines are its rows (right side) or its columns (left side).
-void own_line_dot_sums(const at::Tensor& a, const at::Tensor& b, bool right, float* out) {
-  const int64_t line_dim = right ? 0 : 1, long_dim = right ? 1 : 0;
-  line_dot_sums(a.data_ptr<float>(), b.data_ptr<float>(), a.size(line_dim), a.size(long_dim),
-                a.stride(line_dim), a.stride(long_dim), out);
-}
 
 struct FullRankWork {
   FullRankArgs args;

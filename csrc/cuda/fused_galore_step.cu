@@ -441,6 +441,15 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad_in,
   const FullRankArgs full = check_full_rank(param, full_rank, full_rank_norm, limiter,
                                             limiter_growth, scale_front, scale);
   check_full_rank_combination(full_rank, modes, exp_avg_sq, g);
+  // A factored second moment (DESIGN.md §4.11) is a mode of the Triton kernel only: the
+  // dispatcher routes it there (lowrank_kernels._dispatch.cuda_cxx_serves); a direct call of
+  // lowrank_cuda:: names the argument.
+  LOWRANK_CHECK_VALUE(exp_avg_sq.dim() == 2,
+                      "exp_avg_sq: a factored (1-D) second moment runs in the Triton kernel, not "
+                      "in lowrank_cuda::fused_galore_step (call lowrank_kernels.ops."
+                      "fused_galore_step(..., backend='triton'), or torch.ops.lowrank."
+                      "fused_galore_step, which routes it there); expected the full (2-D) "
+                      "second moment here");
   // The modes added after this kernel (AdaGrad, 8-bit moments, an explicit side, Fira/APOLLO)
   // run in the Triton kernel: lowrank_kernels._dispatch routes such calls there under
   // set_cuda_backend("cuda_cxx") too; a direct call of lowrank_cuda:: gets this error (this

@@ -626,8 +626,9 @@ void fused_galore_step_fast16(at::Tensor& param, const at::Tensor& grad, const a
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg_in, exp_avg_sq, beta1, beta2, eps, step, proj_scales,
       proj_zeros, proj_group_size, param_scales, param_zeros, param_group_size, seed, modes);
+  // a factored (1-D) exp_avg_sq goes to the general kernel, which refuses it by name
   const bool default_modes = !modes.adagrad && !exp_avg_scales && !exp_avg_sq_scales &&
-                             !right.has_value() && full_rank == "none";
+                             !right.has_value() && full_rank == "none" && exp_avg_sq.dim() == 2;
   if (!default_modes || !serves(param, grad, proj, proj_scales, proj_zeros, g)) {
     static const auto general =
         c10::Dispatcher::singleton()

@@ -58,6 +58,24 @@ LOWRANK_HD float adam_normalized_update(float r, float& m, float& v, const AdamC
   return m / (sqrtf(v) + c.eps);
 }
 
+// ---- the factored second moment (DESIGN.md §4.11, reference.factored_normalized) ----
+// V is held as r rank factors a_i and own line factors b_j (EMAs of the mean R^2 along the other
+// axis); a kernel reduces them over the whole low-rank gradient first, then every element sees
+// V_hat = a_i * c_j with c_j = b_j / max(mean(a), kFactoredFloor) (0/0 only when R was all 0).
+constexpr float kFactoredFloor = 1e-30f;
+
+// The EMA of one factor: x <- beta2 * x + (1 - beta2) * mean, mean the fp32 sum / count.
+LOWRANK_HD float factored_ema(float x, float mean, const AdamCoeffs& c) {
+  return c.beta2 * x + c.one_minus_beta2 * mean;
+}
+
+// M's update and N = M / (sqrt(V_hat) + eps) of one coordinate, V_hat = a_i * c_j given.
+LOWRANK_HD float factored_normalized_update(float r, float& m, float v_hat,
+                                            const AdamCoeffs& c) {
+  m = c.beta1 * m + c.one_minus_beta1 * r;
+  return m / (sqrtf(v_hat) + c.eps);
+}
+
 // ---- bf16 moments: stochastic rounding (DESIGN.md §4.2 allows bf16 M, V) ----
 // Rounding a moment to the nearest bf16 loses every change below half an ulp (2^-9 to 2^-8 of
 // the value): with beta2 = 0.999, V <- 0.999 V + 0.001 R^2 moves V by less than that whenever

@@ -300,8 +300,32 @@ inline void check_moment_scales(const std::optional<at::Tensor>& scales, const a
   check_contiguous(*scales, name);
 }
 
+// A factored second moment (a 1-D exp_avg_sq, DESIGN.md §4.11): r + own fp32 factors, Adam
+// only; M (exp_avg) in any of its formats.
+inline void check_factored(const std::optional<at::Tensor>& exp_avg, const at::Tensor& exp_avg_sq,
+                           const at::Tensor& param, const StepGeometry& g,
+                           const StepModes& modes) {
+  LOWRANK_CHECK_VALUE(!modes.adagrad, "exp_avg_sq: a factored (1-D) second moment needs "
+                                      "inner='adam', got inner='adagrad'");
+  check_same_device(exp_avg_sq, param, "exp_avg_sq");
+  LOWRANK_CHECK_VALUE(exp_avg_sq.scalar_type() == at::kFloat,
+                      "exp_avg_sq: expected dtype float32 for a factored (1-D) second moment, "
+                      "got ", exp_avg_sq.scalar_type());
+  const int64_t length = g.r + (g.right ? g.m : g.n);
+  LOWRANK_CHECK_VALUE(exp_avg_sq.size(0) == length, "exp_avg_sq: expected shape [", length,
+                      "] (r + own factors) for a factored second moment, got ",
+                      shape_str(exp_avg_sq.sizes()));
+  check_contiguous(exp_avg_sq, "exp_avg_sq");
+  LOWRANK_CHECK_VALUE(!modes.exp_avg_sq_scales,
+                      "exp_avg_sq_scales: only valid with 8-bit (torch.uint8) exp_avg_sq codes, "
+                      "not with a factored second moment");
+  LOWRANK_CHECK_VALUE(!exp_avg || !exp_avg->is_same(exp_avg_sq),
+                      "exp_avg_sq: must not alias exp_avg");
+}
+
 // The moments of a step: exp_avg (None for AdaGrad) and exp_avg_sq both fp32, both bf16, or
-// 8-bit codes (int8 M, uint8 sqrt(V)) with their block scales.
+// 8-bit codes (int8 M, uint8 sqrt(V)) with their block scales; or M in any of those formats with
+// a factored (1-D) exp_avg_sq.
 inline void check_moments(const std::optional<at::Tensor>& exp_avg, const at::Tensor& exp_avg_sq,
                           const at::Tensor& param, const StepGeometry& g,
                           const StepModes& modes) {
@@ -313,8 +337,12 @@ inline void check_moments(const std::optional<at::Tensor>& exp_avg, const at::Te
                                              "with inner='adagrad')");
   }
   if (exp_avg) check_state(*exp_avg, param, g, "exp_avg", at::kChar);
-  check_state(exp_avg_sq, param, g, "exp_avg_sq", at::kByte);
-  if (exp_avg) {
+  if (exp_avg_sq.dim() == 1) {
+    check_factored(exp_avg, exp_avg_sq, param, g, modes);
+  } else {
+    check_state(exp_avg_sq, param, g, "exp_avg_sq", at::kByte);
+  }
+  if (exp_avg && exp_avg_sq.dim() == 2) {
     const at::ScalarType m = exp_avg->scalar_type(), v = exp_avg_sq.scalar_type();
     if (m == at::kChar) {
       LOWRANK_CHECK_VALUE(v == at::kByte, "exp_avg_sq: expected dtype ", at::kByte,
@@ -335,9 +363,12 @@ inline void check_moments(const std::optional<at::Tensor>& exp_avg, const at::Te
   }
 }
 
-// Whether the moments are stored rounded (bf16 or 8-bit codes): a stochastic-rounding stream.
-inline bool moments_rounded(const at::Tensor& exp_avg_sq) {
-  return exp_avg_sq.scalar_type() != at::kFloat;
+// Whether a moment is stored rounded (bf16 or 8-bit codes): a stochastic-rounding stream. With
+// a factored V (fp32) only M can be.
+inline bool moments_rounded(const std::optional<at::Tensor>& exp_avg,
+                            const at::Tensor& exp_avg_sq) {
+  return exp_avg_sq.scalar_type() != at::kFloat ||
+         (exp_avg && exp_avg->scalar_type() != at::kFloat);
 }
 
 // Validates a fused_galore_step call in any format and returns its shape facts. The projection is
@@ -401,7 +432,7 @@ inline StepGeometry check_fused_galore_step(
     LOWRANK_CHECK_VALUE(!param_scales && !param_zeros,
                       "param_scales/param_zeros: only valid with INT8 (uint8) param codes");
   }
-  if (int8_weight || moments_rounded(exp_avg_sq)) {  // a stochastic-rounding stream
+  if (int8_weight || moments_rounded(exp_avg, exp_avg_sq)) {  // a stochastic-rounding stream
     check_rounding_seed(seed);
     LOWRANK_CHECK_VALUE(step <= kMaxRoundingStep, "step: expected a value <= 2^31 - 1, got ",
                       step);
@@ -439,6 +470,9 @@ inline StepGeometry check_fused_gradnorm_step(
                       "param: INT8 weight codes (uint8) are not supported by "
                       "fused_gradnorm_step (the row renormalisation needs each row in fp32); "
                       "expected dtype float32, bfloat16 or float16");
+  LOWRANK_CHECK_VALUE(exp_avg_sq.dim() != 1,
+                      "exp_avg_sq: fused_gradnorm_step needs the full (2-D) second moment; a "
+                      "factored (1-D) one is a fused_galore_step mode");
   const StepGeometry g = check_fused_galore_step(
       param, grad, proj, exp_avg, exp_avg_sq, beta1, beta2, eps, step, proj_scales, proj_zeros,
       proj_group_size, std::nullopt, std::nullopt, 256, seed,
@@ -517,7 +551,7 @@ inline FullRankArgs check_full_rank(const at::Tensor& param, c10::string_view fu
 }
 
 // A full-rank mode runs Adam with fp32/bf16 moments on the side rule's side: the AdaGrad rule,
-// 8-bit moments and a side override are refused with it (the messages of _checks.py's
+// 8-bit moments, a factored V and a side override are refused with it (the messages of _checks.py's
 // check_full_rank_combination), before anything is written.
 inline void check_full_rank_combination(c10::string_view full_rank, const StepModes& modes,
                                         const at::Tensor& exp_avg_sq, const StepGeometry& g) {
@@ -527,6 +561,8 @@ inline void check_full_rank_combination(c10::string_view full_rank, const StepMo
                       "' supports only inner='adam', got 'adagrad'");
   LOWRANK_CHECK_VALUE(exp_avg_sq.scalar_type() != at::kByte, "exp_avg_sq: full_rank='", mode,
                       "' supports fp32/bf16 moments only, got 8-bit moments (uint8 codes)");
+  LOWRANK_CHECK_VALUE(exp_avg_sq.dim() != 1, "exp_avg_sq: full_rank='", mode,
+                      "' supports a full (2-D) second moment only, got a factored (1-D) one");
   const bool natural = g.m >= g.n;
   LOWRANK_CHECK_VALUE(!modes.right.has_value() || *modes.right == natural, "right: full_rank='",
                       mode, "' supports only the side rule's side (right=",

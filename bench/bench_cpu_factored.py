@@ -1,6 +1,6 @@
-"""CPU cost of the factored second moment (DESIGN.md §4.11) against the full 8-bit V.
+"""CPU cost of the factored second moment (DESIGN.md §4.12) against the full 8-bit V.
 
-    python bench/bench_cpu_factored.py [--rounds 5] [--csv bench/results/cpu_factored.csv]
+    python bench/bench_cpu_factored.py [--full] [--rounds 7] [--csv bench/out/cpu_factored.csv]
 
 One ``torch.ops.lowrank.fused_galore_step`` (the C++ kernel) on the same weight, gradient and
 basis with 8-bit M (the Q-GaLore configuration's moments) and V either as 8-bit codes (full,
@@ -13,7 +13,6 @@ and factored/full measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,14 +21,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import lowrank_kernels as lk
 from bench import harness
-from bench.bench_cpu_step import two_gemm_floor
+from bench.bench_cpu_step import cpu_bench_main, two_gemm_floor
 from bench.bench_moments_cpu import HYPER, make_weight
 from lowrank_kernels import reference
 
-CASES = [((2048, 5504), 256, torch.float32), ((2048, 5504), 256, torch.bfloat16),
+QUICK = [((2048, 5504), 256, torch.float32), ((2048, 5504), 256, torch.bfloat16),
          ((4096, 4096), 1024, torch.float32), ((4096, 4096), 1024, torch.bfloat16)]
+FULL = QUICK + [((m, n), 1024, dt) for (m, n) in [(4096, 11008), (11008, 4096)]
+                for dt in (torch.float32, torch.bfloat16)]
 
 
 def provider(m: int, n: int, r: int, dtype: torch.dtype, factored: bool):
@@ -48,12 +48,12 @@ def provider(m: int, n: int, r: int, dtype: torch.dtype, factored: bool):
     return step, args
 
 
-def run(rounds: int, warmup: int, csv_path: str | None) -> list[dict]:
+def run(cases, warmup: int, rounds: int, csv_path: str | None) -> list[dict]:
     print(f"# {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'shape':>10} {'r':>5} {'dtype':>9} {'floor ms':>9} {'full8 ms':>9} "
           f"{'fact ms':>9} {'fact/full8':>10} {'fact/floor':>10}")
     rows = []
-    for (m, n), r, dtype in CASES:
+    for (m, n), r, dtype in cases:
         full, args = provider(m, n, r, dtype, factored=False)
         factored, _ = provider(m, n, r, dtype, factored=True)
         t = harness.time_interleaved({"floor": two_gemm_floor(args["grad"], args["proj"]),
@@ -77,16 +77,8 @@ def run(rounds: int, warmup: int, csv_path: str | None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--csv", default=None, help="write the rows here (default: no file)")
-    args = parser.parse_args(argv)
-    if not lk.EXTENSION_AVAILABLE:
-        print(f"error: {lk.EXTENSION_LOAD_ERROR}", file=sys.stderr)
-        return 1
-    run(args.rounds, args.warmup, args.csv)
-    return 0
+    return cpu_bench_main(argv, __doc__, "cpu_factored.csv", run, QUICK, FULL,
+                          "also LLaMA-7B's 4096x11008 and 11008x4096 at r = 1024")
 
 
 if __name__ == "__main__":

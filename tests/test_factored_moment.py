@@ -1,4 +1,4 @@
-"""The factored second moment (a 1-D fp32 exp_avg_sq of r + own values, DESIGN.md §4.11) in the
+"""The factored second moment (a 1-D fp32 exp_avg_sq of r + own values, DESIGN.md §4.12) in the
 C++ CPU kernel of fused_galore_step, against reference.fused_galore_step / fused_qgalore_step.
 
 General inputs, several steps, both sides, every basis (dense, packed INT4, DCT) and weight
@@ -301,3 +301,15 @@ def test_bad_input_raises_naming_the_argument_before_writing(name, moments, chan
         call(args, backend)
     for k, v in before.items():
         assert torch.equal(args[k], v), k
+
+
+def test_the_cpu_benchmark_runs_and_reports_its_ratios():
+    from bench import bench_cpu_factored
+
+    (row,) = bench_cpu_factored.run([((96, 40), 8, torch.float32)], warmup=0, rounds=1,
+                                    csv_path=None)
+    ratio = row["factored_ms"] / row["full8_ms"]
+    # the times are rounded to 0.0005 ms, the ratio (from unrounded times) to 0.0005
+    rounding = 5e-4 * (1 + ratio) / row["full8_ms"] + 5e-4
+    assert abs(row["factored_over_full8"] - ratio) <= rounding
+    assert row["floor_ms"] > 0

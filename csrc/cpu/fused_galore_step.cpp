@@ -17,7 +17,7 @@
 // fp32 weights fold the update into the GEMM (addmm: beta=decay, alpha=-us); bf16/fp16 weights
 // go through an fp32 tile of back(N), so every weight is rounded exactly once.
 // The elementwise loops (Adam, the 16-bit update) are cloned for AVX2 (csrc/cpu/cpu_clones.h).
-// A factored V (a 1-D exp_avg_sq, §4.11: its rank factors sum over every line) runs the tiles in
+// A factored V (a 1-D exp_avg_sq, §4.12: its rank factors sum over every line) runs the tiles in
 // two phases, R kept in an fp32 low-rank workspace (written once, read once more) and the factors
 // reduced in between (see project_adam_tiles).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -226,13 +226,13 @@ void adagrad_block(float* r_then_n, state_t* exp_avg_sq, int64_t rows, int64_t c
   }
 }
 
-// The factors a tile sees of a factored V (DESIGN.md §4.11): V_hat_ij = a_i * c_j.
+// The factors a tile sees of a factored V (DESIGN.md §4.12): V_hat_ij = a_i * c_j.
 struct FactoredV {
   const float* a = nullptr;  // r rank factors (the head of exp_avg_sq), this step's
   const float* c = nullptr;  // own line factors b_j / max(mean(a), 1e-30)
 };
 
-// The moments of one step (DESIGN.md §4.2, §4.9-§4.11), as the tiles see them.
+// The moments of one step (DESIGN.md §4.2, §4.9-§4.10, §4.12), as the tiles see them.
 struct StepState {
   at::Tensor exp_avg;  // undefined: AdaGrad (no first moment)
   at::Tensor exp_avg_sq;  // 1-D: the factored second moment, r + own fp32 factors
@@ -580,7 +580,7 @@ at::Tensor project_tile(const at::Tensor& grad, const at::Tensor& basis, const S
   return g32;
 }
 
-// ---- the factored second moment (DESIGN.md §4.11): a step in two phases ----
+// ---- the factored second moment (DESIGN.md §4.12): a step in two phases ----
 // a_i sums R_ij^2 over every own-line j, i.e. over all tiles, so a factored step cannot run
 // project -> moments -> update tile by tile:
 //   phase 1 (parallel over the tiles): R = project(G tile) into an fp32 workspace of the

@@ -441,7 +441,7 @@ void fused_galore_step_cuda(at::Tensor& param, const at::Tensor& grad_in,
   const FullRankArgs full = check_full_rank(param, full_rank, full_rank_norm, limiter,
                                             limiter_growth, scale_front, scale);
   check_full_rank_combination(full_rank, modes, exp_avg_sq, g);
-  // A factored second moment (DESIGN.md §4.11) is a mode of the Triton kernel only: the
+  // A factored second moment (DESIGN.md §4.12) is a mode of the Triton kernel only: the
   // dispatcher routes it there (lowrank_kernels._dispatch.cuda_cxx_serves); a direct call of
   // lowrank_cuda:: names the argument.
   LOWRANK_CHECK_VALUE(exp_avg_sq.dim() == 2,

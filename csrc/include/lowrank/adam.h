@@ -58,7 +58,7 @@ LOWRANK_HD float adam_normalized_update(float r, float& m, float& v, const AdamC
   return m / (sqrtf(v) + c.eps);
 }
 
-// ---- the factored second moment (DESIGN.md §4.11, reference.factored_normalized) ----
+// ---- the factored second moment (DESIGN.md §4.12, reference.factored_normalized) ----
 // V is held as r rank factors a_i and own line factors b_j (EMAs of the mean R^2 along the other
 // axis); a kernel reduces them over the whole low-rank gradient first, then every element sees
 // V_hat = a_i * c_j with c_j = b_j / max(mean(a), kFactoredFloor) (0/0 only when R was all 0).

@@ -300,7 +300,7 @@ inline void check_moment_scales(const std::optional<at::Tensor>& scales, const a
   check_contiguous(*scales, name);
 }
 
-// A factored second moment (a 1-D exp_avg_sq, DESIGN.md §4.11): r + own fp32 factors, Adam
+// A factored second moment (a 1-D exp_avg_sq, DESIGN.md §4.12): r + own fp32 factors, Adam
 // only; M (exp_avg) in any of its formats.
 inline void check_factored(const std::optional<at::Tensor>& exp_avg, const at::Tensor& exp_avg_sq,
                            const at::Tensor& param, const StepGeometry& g,

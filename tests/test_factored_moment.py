@@ -12,13 +12,17 @@ with dyadic betas) R and every sum the factors need are exact: M's stored bits (
 8-bit codes and scales) and the factors a, b are then the reference's bit for bit.
 
 The thread count changes the tile bounds; the factors' sums run over fixed 16-line chunks in a
-fixed order, so with a basis whose GEMMs are exact (one 1 per rank row: R is a selection of G's
-entries, back(N) of N's) every output is the same bit for bit at 1, 2 and 3 threads. (MKL's
-GEMM bits themselves depend on its thread context, for the full V as well: on general inputs
-only the reductions are thread-count independent.)
+fixed order, so the step is the same bit for bit at 1, 2 and 3 threads wherever the GEMMs are:
+with a basis whose GEMMs are exact (one 1 per rank row: R is a selection of G's entries, back(N)
+of N's), and on general inputs under MKL's reproducible mode (MKL_CBWR=COMPATIBLE, in a
+subprocess). MKL's default GEMM bits depend on its thread context (fp32 weights' addmm_ and, at
+some shapes, R itself; the full V's step likewise), which no reduction order can undo.
 """
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,6 +241,37 @@ def test_the_step_is_the_same_bit_for_bit_at_any_thread_count(m, n, rank, weight
             else:
                 assert torch.equal(other[name], value), name
     assert not torch.equal(results[0]["exp_avg_sq"], args["exp_avg_sq"])
+
+
+# General inputs under MKL's conditional numerical reproducibility mode (MKL_CBWR), in which its
+# GEMMs round alike in every thread context: then the whole step, fp32 weights included, is the
+# same bit for bit at 1, 2 and 3 threads (tile bounds differ at 520 lines; at 2048 they do not,
+# but MKL's bits did). A subprocess: MKL reads the variable when it loads.
+_CNR_SCRIPT = """
+import sys, torch
+from cases import HYPER
+from test_factored_moment import factored_args, run_steps
+for m, n, rank, weight, moments in [(520, 256, 40, "fp32", "fp32"), (256, 520, 40, "bf16", "8bit"),
+                                    (2048, 1024, 128, "fp32", "bf16")]:
+    args = factored_args(m, n, rank, weight=weight, moments=moments)
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(run_steps(args, "cpu", steps=(1, 2), **HYPER))
+    for name, value in results[0].items():
+        if torch.is_tensor(value) and not all(torch.equal(r[name], value) for r in results[1:]):
+            sys.exit(f"{m}x{n} {weight} {moments}: {name} differs between thread counts")
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="needs MKL's MKL_CBWR")
+def test_general_inputs_are_the_same_bit_for_bit_at_any_thread_count_with_reproducible_mkl():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = [os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "MKL_CBWR": "COMPATIBLE", "PYTHONPATH": os.pathsep.join(path)}
+    proc = subprocess.run([sys.executable, "-c", _CNR_SCRIPT], env=env, cwd=tests,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_fp32_m_needs_no_rounding_seed_and_bf16_m_does():

@@ -14,8 +14,8 @@ division, the two EMA roundings, ā's division), and exactly when own and r are 
 (every sum, division and EMA step is then exact: the dyadic test). N inherits that relative
 error (halved by the square root); weights: fp32 to the fp32 rule (1e-5 of the tensor's scale),
 bf16 within 2k·(ulp + 2^-7·|update|) at step k (N and the basis are rounded to bf16 for launch
-B's dot, as on the 2-D path; assert_weights_close), INT8 codes dequantized within one quantization step. A DCT basis is never dyadic:
-there M follows the fp32 rule too.
+B's dot, as on the 2-D path; assert_weights_close), INT8 codes dequantized within one
+quantization step. A DCT basis is never dyadic: there M follows the fp32 rule too.
 """
 
 import importlib.util
@@ -171,11 +171,11 @@ def test_two_runs_are_bit_identical():
 
 
 REFUSED = [
-    ({"inner": "adagrad", "exp_avg": None}, "exp_avg_sq: a factored (1-D) second moment needs "
-                                            "inner='adam'"),
+    ({"inner": "adagrad", "exp_avg": None},
+     "exp_avg_sq: a factored (1-D) second moment needs inner='adam'"),
     ({"exp_avg_sq": torch.zeros(131 + 17 + 1)}, "exp_avg_sq: expected shape [148]"),
-    ({"exp_avg_sq": torch.zeros(131 + 17, dtype=torch.bfloat16)}, "exp_avg_sq: expected dtype "
-                                                                   "float32"),
+    ({"exp_avg_sq": torch.zeros(131 + 17, dtype=torch.bfloat16)},
+     "exp_avg_sq: expected dtype float32"),
     ({"exp_avg_sq_scales": torch.ones(131, 1)}, "exp_avg_sq_scales: only valid with 8-bit"),
     ({"full_rank": "fira"}, "exp_avg_sq: full_rank='fira' supports a full"),
 ]

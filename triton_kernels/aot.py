@@ -431,8 +431,11 @@ def factored_variants(all_dtypes: bool = True):
     fn = fgs._factored_finalize_kernel
     constexprs = {"BLOCK": fgs.FACTORED_FINALIZE_BLOCK}
     pointers = dict.fromkeys(("Factors_ptr", "Partials_ptr", "Mean_ptr"), "*fp32")
+    block = fgs.FACTORED_FINALIZE_BLOCK  # lines (and ranks) per program
+    config = fgs.TileConfig(block_own=block, block_r=block, block_long=0,
+                            num_warps=fgs.FACTORED_FINALIZE_WARPS, num_stages=1)
     yield ({"kernel": "factored_finalize", "side": "both", "index_64": False,
-            "block": fgs.FACTORED_FINALIZE_BLOCK, "num_warps": fgs.FACTORED_FINALIZE_WARPS},
+            **dataclasses.asdict(config)},
            _signature(fn, pointers, constexprs), constexprs, fgs.FACTORED_FINALIZE_WARPS, 1,
            {"enable_fp_fusion": False})
 

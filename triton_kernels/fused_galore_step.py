@@ -77,6 +77,28 @@ DRAM bytes with INT8 weights: G read m·n·s(G); codes read and written 2·m·n;
 read and written 16·⌈m·n/g⌉; M, V as above; N 8·r·own (fp32, the term that keeps this step
 above the floor: bench/traffic.py "fused-triton-q" vs "floor-q"); the basis once per launch.
 
+Factored second moment (a 1-D exp_avg_sq = [a (r) | b (own)], DESIGN.md §4.11, reference
+.factored_normalized): a_i needs Σ_j R_ij² over every own-line, i.e. over all programs of
+launch A, so the step is four launches, none with atomics (fixed summation orders: the bits
+repeat run to run):
+  A  (_project_adam_kernel, FACTORED; the fp32-moment tables of pick_configs): the tile of R into
+     an fp32 low-rank workspace, Σ_own R² per rank column into Partials[own tile, r] and Σ_rank R²
+     per own-line into Partials[rank tile, own] (_store_factored_partials). No moment is read.
+  F  _factored_finalize_kernel, 1 + ⌈own/1024⌉ programs: program 0 sums the column partials in
+     tile order, a ← β2·a + (1−β2)·Σ/own, ā = Σ a/r (clamped at FACTORED_FLOOR) into a scalar;
+     the others the line partials, b ← β2·b + (1−β2)·Σ/r. FMA contraction off.
+  C  _factored_adam_kernel, one program per 64×32 tile of the low-rank shape: M updated and
+     stored (fp32, bf16 SR, 8-bit codes + block scales: _common's helpers and Philox words, as
+     launch A's Adam), c = b/ā, V̂ = c·a, N = M/(√V̂ + ε) into the workspace of the plain step's
+     type (in place over R when that is fp32; a second r·own workspace in W's type otherwise).
+  B  unchanged (float or INT8 weights).
+DRAM bytes beyond the plain step's (a model, own×r = r·own elements; BLOCK_OWN × BLOCK_R of
+launch A): R written and read in fp32 8·r·own; partials written and read
+8·r·own·(1/BLOCK_OWN + 1/BLOCK_R) (r·own/4 with 64×64 tiles); factors 12·(r + own); V's
+r·own values are neither read nor written. Against 8-bit V (2 bytes per element and
+8·own·⌈r/32⌉ of scales): +6·r·own bytes per step, e.g. +17 MB at own 11008, r = 256 beside
+~270 MB of bf16 G and W traffic; against fp32 V (8·r·own): +r·own/4.
+
 Precision: R accumulates in fp32; tensor cores when G and a dense basis share a 16-bit type,
 else an exact "ieee" fp32 dot (TF32 would miss the 1e-5 fp32 tolerance); a generated (INT4, DCT)
 basis enters as hi + lo in G's type (_common.py). The Adam epilogue and N are fp32. In B, N and
@@ -232,7 +254,7 @@ def _factored_finalize_kernel(Factors_ptr, Partials_ptr, Mean_ptr, OWN, R, OWN_T
             offs = start + tl.arange(0, BLOCK)
             mask = offs < R
             col = tl.zeros((BLOCK,), dtype=tl.float32)
-            for t in range(0, OWN_TILES):
+            for t in range(OWN_TILES):
                 col += tl.load(Partials_ptr + t * R + offs, mask=mask, other=0.0)
             a = (beta2 * tl.load(Factors_ptr + offs, mask=mask, other=0.0)
                  + one_minus_beta2 * tl.div_rn(col, OWN * 1.0))
@@ -243,7 +265,7 @@ def _factored_finalize_kernel(Factors_ptr, Partials_ptr, Mean_ptr, OWN, R, OWN_T
         offs = (pid - 1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < OWN
         line = tl.zeros((BLOCK,), dtype=tl.float32)
-        for t in range(0, R_TILES):
+        for t in range(R_TILES):
             line += tl.load(Partials_ptr + OWN_TILES * R + t * OWN + offs, mask=mask, other=0.0)
         b = (beta2 * tl.load(Factors_ptr + R + offs, mask=mask, other=0.0)
              + one_minus_beta2 * tl.div_rn(line, R * 1.0))
@@ -907,7 +929,8 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
                                             bf16_moments=kind == "bf16",
                                             index_64=index_64, moments_8bit=kind == "8bit",
                                             full_rank=mode != 0)
-    # Fira folds N − c ⊙ R before rounding, so the full-rank modes keep N in fp32
+    # Fira folds N − c ⊙ R before rounding, so the full-rank modes keep N in fp32; a factored V
+    # holds R there (launch C then writes N, in place or into W's type)
     normalized = torch.empty(state.shape, dtype=torch.float32 if mode or factored else
                              workspace_dtype(param.dtype), device=param.device)
     buffers = (full_rank_buffers(mode, own, exp_avg_sq.shape, triton.cdiv(rank, project.block_r),
@@ -915,8 +938,9 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     interpreted = param.device.type == "cpu"
     # INT8 weights and 8-bit moments: no FMA contraction, so that every fp32 operation rounds as
     # on the CPU (lowrank/adam.h, quant.h, moments8.h) and the codes are the CPU kernel's
-    # wherever the fp32 values agree.
-    exact = {"enable_fp_fusion": False} if int8_weight or kind == "8bit" else {}
+    # wherever the fp32 values agree. A factored launch A rounds nothing (launch C does).
+    exact = ({"enable_fp_fusion": False} if (int8_weight or kind == "8bit") and not factored
+             else {})
     registers = full_rank_options(mode)
     basis_strides = (basis.stride_rank, basis.stride_long)
     grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)

@@ -51,7 +51,8 @@ RECIPE_KEYS = {"APOLLOAdamW": {"scale": 1.0}}
 # layer-wise stepping, moment dtype, rank), each at its preset's lr: the memory table's
 # candidates for a small 7B budget, whose loss the README compares with GaLoreAdamW's.
 MEMORY_CONFIGS = ("ours-QGaLoreAdamW-layerwise", "ours-QGaLoreAdamW-layerwise-8bit",
-                  "ours-GradNormLoRPAdamW-layerwise-8bit", "ours-APOLLO-Mini-int8-layerwise")
+                  "ours-QGaLoreAdamW-layerwise-10gib", "ours-GradNormLoRPAdamW-layerwise-8bit",
+                  "ours-APOLLO-Mini-int8-layerwise")
 # AdamW's recipe at 60M is 1e-3; the sweep brackets it (and shows it at GaLore's 0.01)
 ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 TINY = harness.ModelShape("llama-tiny", hidden=128, intermediate=344, layers=2, heads=4,

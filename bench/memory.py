@@ -275,6 +275,7 @@ class OurConfig:
     rank: int | None = None  # the projection rank; None: the model's recipe rank / rank_divisor
     rank_divisor: int = 1
     options: tuple[tuple[str, object], ...] = ()  # further group keys of the projected group
+    constructor: tuple[tuple[str, object], ...] = ()  # further constructor arguments
 
     def rank_for(self, cfg: harness.ModelShape) -> int:
         return max(1, cfg.rank // self.rank_divisor) if self.rank is None else self.rank
@@ -323,6 +324,21 @@ OUR_CONFIGS: dict[str, OurConfig] = {
     "ours-GradNormLoRPAdamW-layerwise-8bit": OurConfig(
         "ours GradNormLoRPAdamW layer-wise, 8-bit moments", "GradNormLoRPAdamW", layerwise=True,
         state_dtype="8bit"),
+    # factored V (DESIGN.md §4.12): r + own fp32 values per weight instead of a V like M
+    "ours-GaLoreAdamW-8bit-factored": OurConfig(
+        "ours GaLoreAdamW, 8-bit M + factored V", "GaLoreAdamW", state_dtype="8bit",
+        options=(("second_moment", "factored"),)),
+    "ours-QGaLoreAdamW-layerwise-8bit-factored": OurConfig(
+        "ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise, 8-bit M + factored V", "QGaLoreAdamW",
+        int8_weights=True, layerwise=True, state_dtype="8bit",
+        options=(("second_moment", "factored"),)),
+    # the 7B <= 10 GiB configuration (issue 16): + Adafactor (no M, factored V) for the
+    # embeddings and lm_head, and the randomized SVD refresh (half the SVD's working set)
+    "ours-QGaLoreAdamW-layerwise-10gib": OurConfig(
+        "ours QGaLoreAdamW (INT4 P, INT8 W) layer-wise, 8-bit M + factored V, rsvd, Adafactor "
+        "dense", "QGaLoreAdamW", int8_weights=True, layerwise=True, state_dtype="8bit",
+        options=(("second_moment", "factored"), ("projection", "rsvd")),
+        constructor=(("dense_adamw", "adafactor"),)),
 }
 
 
@@ -362,7 +378,8 @@ def build_optimizer(name: str, net: torch.nn.Module, cfg: harness.ModelShape,
             optim = importlib.import_module("lowrank_kernels.optim")
             groups, low_rank, rest = _groups(net, cfg, recipe_keys=ours.preset != "DCTAdamW",
                                              rank=ours.rank_for(cfg), options=dict(ours.options))
-            opt = getattr(optim, ours.preset)(groups, lr=lr, state_dtype=ours.state_dtype)
+            opt = getattr(optim, ours.preset)(groups, lr=lr, state_dtype=ours.state_dtype,
+                                              **dict(ours.constructor))
             trainer = optim.LayerwiseTrainer(net, opt) if ours.layerwise else None
             return opt, rest + low_rank, trainer
     raise ValueError(f"optimizer: expected one of {tuple(ACCOUNTANTS)}, got {name!r}")
@@ -524,13 +541,19 @@ def account_ours(key: str) -> Callable:
         for p in params:
             opt.init_state(p)
         acc = account_state(ours.label, params, opt.state, layerwise=ours.layerwise)
-        dtypes = {opt.state[p]["exp_avg_sq"].dtype for group in opt.param_groups
-                  if group.get("rank") is not None for p in group["params"]}
+        projected = [opt.state[p] for group in opt.param_groups
+                     if group.get("rank") is not None for p in group["params"]]
         names = {torch.bfloat16: "bf16 (stochastically rounded)",
-                 torch.uint8: "8-bit (FP8 codes + fp32 scales per 32 ranks)"}
-        moments = " / ".join(names.get(d) or harness.dtype_name(d)
-                             for d in sorted(dtypes, key=str))
-        acc.note = f"rank {ours.rank_for(cfg)}; {moments} M, V of projected weights"
+                 torch.uint8: "8-bit (FP8 codes + fp32 scales per 32 ranks)",
+                 torch.int8: "8-bit (FP8 codes + fp32 scales per 32 ranks)"}
+        moment = projected[0].get("exp_avg", projected[0]["exp_avg_sq"])
+        moments = names.get(moment.dtype) or harness.dtype_name(moment.dtype)
+        if projected[0]["exp_avg_sq"].dim() == 1:
+            acc.note = f"rank {ours.rank_for(cfg)}; {moments} M, factored fp32 V (r + own)"
+        else:
+            acc.note = f"rank {ours.rank_for(cfg)}; {moments} M, V of projected weights"
+        if getattr(opt, "dense_adamw", "torch") == "adafactor":
+            acc.note += "; Adafactor (no M, factored V) for the rest"
         if ours.int8_weights:
             acc.note += "; Int8Linear W g256 (fp32 scales/zeros)"
         if ours.preset == "GradNormLoRPAdamW":
@@ -862,13 +885,15 @@ def _refresh_peak_in_this_process(m: int, n: int, rank: int, dtype_name: str,
     return (hwm - rss_before) * 1024 - _nbytes(basis)
 
 
-def svd_bytes_per_element(dtype_name: str = "bf16") -> float:
+def svd_bytes_per_element(dtype_name: str = "bf16", projection: str = "svd") -> float:
     """The SVD refresh's peak per gradient element, measured now at 5504×2048 (half of
     11008×4096 in each dimension): every term of the working set (G in fp32, U, Vᵀ, the copy
     LAPACK's gesdd overwrites, its O(k²) workspace, k = min(m, n)) scales as m·n when both
     dimensions scale together; on this CPU 23.7, 21.5 and 20.2 bytes at 1/8, 1/4 and 1/2
-    scale (fixed costs fade), so the half-scale value slightly overstates the full one."""
-    peak = measure_refresh_peak(5504, 2048, 512, dtype_name)
+    scale (fixed costs fade), so the half-scale value slightly overstates the full one.
+    ``projection="rsvd"``: the randomized SVD's, measured at rank 512 (half of 1024 too: its
+    terms, G in fp32 and the m×(r+p), n×(r+p) sketches, all scale by 4 from there)."""
+    peak = measure_refresh_peak(5504, 2048, 512, dtype_name, projection)
     return peak / (5504 * 2048) if peak else float("nan")
 
 
@@ -879,6 +904,14 @@ class Temporary:
 
 
 def _dense_adamw_temporary(opt, rest: Sequence[torch.Tensor], layerwise: bool) -> Temporary:
+    if getattr(opt, "dense_adamw", "torch") == "adafactor":
+        # row chunks: at most four fp32 chunk-sized tensors live at once (G², or the fp32
+        # update, √V̂ and the fp32 weight chunk), whatever the parameter
+        from lowrank_kernels.optim.lowrank_adamw import DENSE_CHUNK_ELEMENTS
+
+        largest = max(p.numel() for p in rest)
+        return Temporary(4 * 4 * min(largest, DENSE_CHUNK_ELEMENTS),
+                         "dense Adafactor row chunks (4 fp32 chunks)")
     sizes = [_nbytes(p) for p in rest]
     copies = 2 if getattr(opt, "dense_adamw", "torch") == "galore" else 1
     nbytes = copies * (max(sizes) if layerwise else sum(sizes))
@@ -886,11 +919,14 @@ def _dense_adamw_temporary(opt, rest: Sequence[torch.Tensor], layerwise: bool) -
     return Temporary(nbytes, f"dense AdamW foreach results ({copies}x {where})")
 
 
-def _refresh_temporary(projection: str, m: int, n: int, rank: int, svd_per_element: float
-                       ) -> Temporary:
+def _refresh_temporary(projection: str, m: int, n: int, rank: int, svd_per_element: float,
+                       rsvd_per_element: float) -> Temporary:
     d = min(m, n)
-    if projection in ("svd", "rsvd"):
+    if projection == "svd":
         return Temporary(int(svd_per_element * m * n), f"SVD refresh of a {m}x{n} gradient")
+    if projection == "rsvd":
+        return Temporary(int(rsvd_per_element * m * n),
+                         f"randomized SVD refresh of a {m}x{n} gradient")
     if projection == "random":
         return Temporary(3 * 4 * d * rank, f"random basis refresh ({d}x{rank} QR)")
     if projection == "gaussian":  # generated in every step: _step_workspace counts it
@@ -917,8 +953,10 @@ def _step_workspace(preset: str, m: int, n: int, rank: int, weight_dtype: torch.
 
 
 def largest_temporary(key: str, cfg: harness.ModelShape, dtype: torch.dtype,
-                      svd_per_element: float) -> Temporary:
-    """The largest temporary of one step of our configuration ``key`` (see above)."""
+                      svd_per_element: float, rsvd_per_element: float | None = None
+                      ) -> Temporary:
+    """The largest temporary of one step of our configuration ``key`` (see above);
+    ``rsvd_per_element`` None: measured now when ``key`` refreshes by randomized SVD."""
     ours = OUR_CONFIGS[key]
     with _quiet():
         net = _model_for(key, cfg, dtype)
@@ -930,7 +968,11 @@ def largest_temporary(key: str, cfg: harness.ModelShape, dtype: torch.dtype,
     m, n = max(shapes, key=lambda s: s[0] * s[1])
     weight_dtype = low_rank[0].dtype
     candidates = [_dense_adamw_temporary(opt, rest, ours.layerwise),
-                  _refresh_temporary(projection, m, n, rank, svd_per_element),
+                  _refresh_temporary(projection, m, n, rank, svd_per_element,
+                                     rsvd_per_element if rsvd_per_element is not None
+                                     or projection != "rsvd"
+                                     else svd_bytes_per_element(harness.dtype_name(dtype),
+                                                                "rsvd")),
                   *(_step_workspace(ours.preset, *shape, rank, weight_dtype)
                     for shape in shapes)]
     return max(candidates, key=lambda t: t.nbytes)
@@ -938,7 +980,7 @@ def largest_temporary(key: str, cfg: harness.ModelShape, dtype: torch.dtype,
 
 def step_budget(model_name: str, dtype: torch.dtype = torch.bfloat16,
                 keys: Sequence[str] = tuple(OUR_CONFIGS), svd_per_element: float | None = None,
-                seq: int = SEQ_LEN, batch: int = BATCH,
+                seq: int = SEQ_LEN, batch: int = BATCH, rsvd_per_element: float | None = None,
                 model_cfg: harness.ModelShape | None = None) -> list[dict[str, object]]:
     """The full step budget of each configuration: the states of :func:`accounting`, the
     activations (:func:`activation_bytes`) and the largest temporary; total = their sum (the
@@ -952,7 +994,9 @@ def step_budget(model_name: str, dtype: torch.dtype = torch.bfloat16,
     gib = 2**30
     for key, acc in zip(keys, accounting(model_name, dtype, keys, verbose=False,
                                          model_cfg=cfg), strict=True):
-        temporary = largest_temporary(key, cfg, dtype, svd_per_element)
+        if rsvd_per_element is None and dict(OUR_CONFIGS[key].options).get("projection") == "rsvd":
+            rsvd_per_element = svd_bytes_per_element(harness.dtype_name(dtype), "rsvd")
+        temporary = largest_temporary(key, cfg, dtype, svd_per_element, rsvd_per_element)
         rows.append(_budget_row(acc, activations.total, temporary))
     try:
         with _quiet():

@@ -223,7 +223,7 @@ def check_moments(exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor, param:
 def _check_factored(exp_avg: torch.Tensor | None, exp_avg_sq: torch.Tensor,
                     param: torch.Tensor, inner: str, exp_avg_sq_scales: torch.Tensor | None,
                     length: int) -> None:
-    """A factored second moment (1-D exp_avg_sq, DESIGN.md §4.11): r + own fp32 values, Adam
+    """A factored second moment (1-D exp_avg_sq, DESIGN.md §4.12): r + own fp32 values, Adam
     only; M (exp_avg) in any of its formats."""
     if inner != "adam":
         raise ValueError(f"exp_avg_sq: a factored (1-D) second moment needs inner='adam', got "

@@ -124,6 +124,13 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     re-encoded with stochastic rounding from the bf16 moments' Philox words; scales rewritten in
     place. AdaGrad takes an 8-bit V too (exp_avg None).
 
+    Factored second moment (DESIGN.md §4.12, ``reference.factored_normalized``): a 1-D fp32
+    ``exp_avg_sq`` of r + own values holds Adafactor's factors of V — a (one per rank), then b
+    (one per own-line) — updated in place: a_i ← β2·a_i + (1−β2)·mean_j R_ij², b_j ← β2·b_j +
+    (1−β2)·mean_i R_ij², and N = M/(√(a_i·b_j/max(mean(a), 1e-30)) + ε). ``exp_avg`` in any
+    format (fp32, bf16, 8-bit with ``exp_avg_scales``); inner="adam" and full_rank="none" only.
+    The sums' order is the backend's (tiles): backends agree to rounding, not bit for bit.
+
     ``right`` overrides the side rule: True projects from the right (proj r×n, moments m×r),
     False from the left (proj m×r, moments r×n), whatever the shape; the rank must then lie in
     [1, n] (right) or [1, m] (left). For library authors whose weights are pieces of a larger

@@ -92,7 +92,7 @@ def factored_shape(m: int, n: int, rank: int, right: bool | None = None) -> tupl
 def factored_normalized(low_rank_grad: torch.Tensor, exp_avg: torch.Tensor,
                         factors: torch.Tensor, beta1: float, beta2: float, eps: float,
                         right: bool) -> torch.Tensor:
-    """Adam with Adafactor's factored second moment (DESIGN.md §4.11; Shazeer & Stern 2018,
+    """Adam with Adafactor's factored second moment (DESIGN.md §4.12; Shazeer & Stern 2018,
     with Adam's EMA and bias correction): updates M and the fp32 factors in place and returns N.
 
     With R the r×own low-rank gradient seen along its rank axis i and own axis j (R = G Qᵀ is

@@ -193,3 +193,16 @@ def test_step_budget_rows_add_up():
     assert dct.nbytes == 2 * TINY.vocab * TINY.hidden  # one bf16 embedding, torch's foreach √V
     svd = memory.largest_temporary("ours-GaLoreAdamW", TINY, torch.bfloat16, 1e3)
     assert svd.what.startswith("SVD refresh") and svd.nbytes == 1e3 * 96 * 64
+
+
+def test_the_10gib_row_counts_the_randomized_refresh_and_the_adafactor_chunks():
+    """The <= 10 GiB configuration refreshes by randomized SVD (its own bytes per element) and
+    steps the embeddings and lm_head by Adafactor in row chunks: four fp32 chunks at most."""
+    key = "ours-QGaLoreAdamW-layerwise-10gib"
+    rsvd = memory.largest_temporary(key, TINY, torch.bfloat16, 20.0, 1e3)
+    assert rsvd.what.startswith("randomized SVD refresh") and rsvd.nbytes == 1e3 * 96 * 64
+    dense = memory.largest_temporary(key, TINY, torch.bfloat16, 20.0, 1.0)
+    assert dense.what.startswith("dense Adafactor")
+    assert dense.nbytes == 4 * 4 * TINY.vocab * TINY.hidden  # below one chunk: the whole matrix
+    (acc,) = memory.accounting(TINY.name, torch.bfloat16, [key], verbose=False, model_cfg=TINY)
+    assert "factored fp32 V" in acc.note and "Adafactor" in acc.note

@@ -72,7 +72,7 @@ def _bool(value: str) -> bool:
 GROUP_KEYS = {"rank": int, "update_proj_gap": int, "scale": float, "proj_type": str,
               "projection": str, "proj_bits": int, "proj_group_size": int, "refresh": str,
               "refresh_threshold": float, "refresh_growth": float, "refresh_max_gap": int,
-              "seed": int, "state_dtype": _state_dtype,
+              "seed": int, "state_dtype": _state_dtype, "second_moment": str,
               # fira's and apollo-torch's own names (FiraAdamW, APOLLOAdamW)
               "alpha": float, "proj": str, "scale_type": str, "scale_front": _bool,
               "disable_nl": _bool}

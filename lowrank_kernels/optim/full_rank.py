@@ -46,6 +46,11 @@ class _FullRankAdamW(LowRankAdamW):
                              f"state_dtype: {type(self).__name__} keeps fp32 or bf16 moments "
                              f"('auto', torch.float32 or torch.bfloat16), got '8bit' (the fused "
                              f"step's full-rank modes take no 8-bit moments)")
+        if group["second_moment"] != "full":
+            raise ValueError(f"{self._group_label(group, len(self.param_groups) - 1)}: "
+                             f"second_moment: {type(self).__name__} keeps the full V ('full'), "
+                             f"got {group['second_moment']!r} (the fused step's full-rank "
+                             f"modes take no factored V)")
         for i, p in enumerate(group["params"]):
             if distributed.is_sharded(p):
                 raise ValueError(f"{self._name(group, i, p)}: {type(self).__name__} does not "

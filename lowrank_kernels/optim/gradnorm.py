@@ -71,6 +71,11 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         group = self.param_groups[-1]
         if not _is_projected(group):
             return
+        if group["second_moment"] != "full":
+            raise ValueError(f"{self._group_label(group, len(self.param_groups) - 1)}: "
+                             f"second_moment: GradNormLoRPAdamW keeps the full V ('full'), got "
+                             f"{group['second_moment']!r} (fused_gradnorm_step has no factored "
+                             f"mode)")
         for i, p in enumerate(group["params"]):
             name = self._name(group, i, p)
             if p.dtype == torch.uint8:

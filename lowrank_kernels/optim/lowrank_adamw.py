@@ -20,10 +20,13 @@ from lowrank_kernels.projection import make_projector, make_refresh_policy
 from lowrank_kernels.projection import state as proj_state
 from lowrank_kernels.projection.base import check_rank
 
-DENSE_ADAMW = ("torch", "galore")
+DENSE_ADAMW = ("torch", "galore", "adafactor")
+# rows of a dense matrix the Adafactor rule (dense_adamw="adafactor") updates at once: its fp32
+# temporaries stay ~16 MiB whatever the matrix (a 32000×4096 embedding would need 0.5 GiB each)
+DENSE_CHUNK_ELEMENTS = 1 << 22
 # of the projected moments; "8bit": FP8-like codes with fp32 block scales (DESIGN.md §4.9)
 STATE_DTYPES = ("auto", torch.float32, torch.bfloat16, "8bit")
-# of the projected V: "full" (a V like M) or "factored" (r + own fp32 values, DESIGN.md §4.11)
+# of the projected V: "full" (a V like M) or "factored" (r + own fp32 values, DESIGN.md §4.12)
 SECOND_MOMENTS = ("full", "factored")
 MOMENT_BLOCK_SIZE = reference.MOMENT_BLOCK_SIZE  # 8-bit moments: scales per 32 ranks of a line
 _SPEC_KEYS = ("rank", "projection", "refresh", "update_proj_gap", "refresh_threshold",
@@ -123,6 +126,15 @@ def _check_int8_weight(p: torch.Tensor, name: str) -> None:
                                f"{name}.{attr}", "INT8 weight codes")
 
 
+def _apply_dense_update(p: torch.Tensor, update: torch.Tensor, step_size: float,
+                        decay: float) -> None:
+    """p ← (1 − decay)·(p − step_size·update), in fp32, rounded once into p's dtype."""
+    w = p.float().sub_(update, alpha=step_size)
+    if decay != 0.0:
+        w.mul_(1.0 - decay)
+    p.copy_(w)
+
+
 def _gradient(p: torch.Tensor) -> torch.Tensor | None:
     """The gradient a step consumes: ``.grad``, or ``.float_grad`` for INT8 weight codes."""
     if p.dtype == torch.uint8:
@@ -175,7 +187,7 @@ class LowRankAdamW(torch.optim.Optimizer):
     refresh_max_gap      stays ≥ ``refresh_threshold``
     second_moment        "full" (default: V has M's shape and format) or "factored": V kept as
                          r + own fp32 values, Adafactor's row and column means of the EMA of R²
-                         (DESIGN.md §4.11, ``reference.factored_normalized``); M keeps
+                         (DESIGN.md §4.12, ``reference.factored_normalized``); M keeps
                          ``state_dtype``. At 7B (r = 1024) it removes 1.7 GiB of 8-bit V
     state_dtype          dtype of the projected moments M, V: "auto" (default: follows the
                          weight, :func:`moment_dtype`: fp32 weights → fp32; bf16, fp16 weights
@@ -212,7 +224,10 @@ class LowRankAdamW(torch.optim.Optimizer):
     ``torch.optim.AdamW`` (its foreach/fused kernels, ``foreach=``/``fused=`` passed through; ε
     bias-corrected, decay before the update) or "galore" = galore-torch's AdamW formula on
     torch's foreach ops (``GaLoreAdamW``'s default, so a drop-in gives the same numbers). Their
-    moments are ``zeros_like(p)``, as in both. ``backend`` (constructor) forces a backend of the
+    moments are ``zeros_like(p)``, as in both. "adafactor" keeps no M and, for a matrix, a
+    factored V (Shazeer & Stern 2018 with β1 = 0, Adam's β2 and bias correction, no update
+    clipping or relative step; :meth:`_step_dense_adafactor`): m + n fp32 values instead of
+    2·m·n, the choice that lets embeddings and lm_head fit a 7B budget (bench/memory.py). ``backend`` (constructor) forces a backend of the
     fused step (see ``lowrank_kernels.ops``).
 
     **INT8 weights** (Q-GaLore, DESIGN.md §4.4): a parameter of a projected group may be uint8
@@ -326,6 +341,10 @@ class LowRankAdamW(torch.optim.Optimizer):
                                      f"dtype {p.dtype}")
         else:
             for i, p in enumerate(group["params"]):
+                if self.dense_adamw == "adafactor" and distributed.is_sharded(p):
+                    raise ValueError(f"{self._name(group, i, p)}: dense_adamw='adafactor' does "
+                                     "not step sharded (FSDP2) weights (its factors are means "
+                                     "over the whole matrix); use 'torch' or 'galore'")
                 if not p.is_floating_point():
                     raise ValueError(f"{self._name(group, i, p)}: dtype {p.dtype} in a group "
                                      "without 'rank'; INT8 weight codes can only be stepped by "
@@ -516,9 +535,13 @@ class LowRankAdamW(torch.optim.Optimizer):
                 ops.moment_scales_shape(m, n, spec.rank, MOMENT_BLOCK_SIZE), dtype=torch.float32)
         proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
 
-    @staticmethod
-    def _init_dense_state(state: dict, p: torch.Tensor) -> None:
+    def _init_dense_state(self, state: dict, p: torch.Tensor) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if self.dense_adamw == "adafactor":
+            # a matrix: its row means then its column means of the EMA of G² (fp32); else V
+            shape = (sum(p.shape),) if p.dim() == 2 else p.shape
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            return
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
@@ -566,6 +589,9 @@ class LowRankAdamW(torch.optim.Optimizer):
         """AdamW for a group without rank (``dense_adamw``). Eager inside torch.compile, as the
         projected step: traced, it would specialize on the group's float lr and recompile at
         every scheduler step (torch's own ``fused=True`` is its one-kernel form)."""
+        if self.dense_adamw == "adafactor":
+            self._step_dense_adafactor(group, params)
+            return
         exp_avgs, exp_avg_sqs, steps = self._dense_state(group, params)
         grads = [p.grad for p in params]
         beta1, beta2 = group["betas"]
@@ -600,6 +626,51 @@ class LowRankAdamW(torch.optim.Optimizer):
             torch._foreach_add_(ps, torch._foreach_div(ms, denoms), alpha=-step_size)
             if group["weight_decay"] > 0.0:
                 torch._foreach_add_(ps, ps, alpha=-group["lr"] * group["weight_decay"])
+
+    def _step_dense_adafactor(self, group: dict, params: list[torch.Tensor]) -> None:
+        """dense_adamw="adafactor": for a matrix G (m×n), with V's factors r (m) and c (n),
+
+          r ← β2·r + (1−β2)·mean_j(G²),  c ← β2·c + (1−β2)·mean_i(G²),
+          V̂ = r·cᵀ / max(mean(r), 1e-30),  W ← (1 − lr·wd)·(W − lr·√(1−β2ᵗ)·G/(√V̂ + ε))
+
+        (``correct_bias=False``: lr instead of lr·√(1−β2ᵗ))
+        (a vector keeps V itself: V ← β2·V + (1−β2)·G²). No first moment: β1 is not used.
+        Computed in fp32 over chunks of rows, so no temporary is larger than
+        DENSE_CHUNK_ELEMENTS floats; the weight is rounded once per step in its dtype."""
+        beta2 = group["betas"][1]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        for p in params:
+            grad = p.grad
+            if grad.is_sparse:
+                raise RuntimeError("LowRankAdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                self._init_dense_state(state, p)
+            step = int(state["step"]) + 1
+            state["step"].fill_(step)
+            step_size = lr * math.sqrt(1.0 - beta2**step) if group["correct_bias"] else lr
+            v = state["exp_avg_sq"]
+            if p.dim() != 2:
+                g = grad.float()
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                _apply_dense_update(p, g / (v.sqrt() + eps), step_size, lr * wd)
+                continue
+            m, n = p.shape
+            rows, cols = v[:m], v[m:]
+            chunk = max(1, DENSE_CHUNK_ELEMENTS // max(n, 1))
+            col_sums = torch.zeros(n, dtype=torch.float32, device=p.device)
+            row_means = torch.empty(m, dtype=torch.float32, device=p.device)
+            for start in range(0, m, chunk):
+                squares = grad[start:start + chunk].float().square()
+                row_means[start:start + chunk] = squares.mean(dim=1)
+                col_sums += squares.sum(dim=0)
+            rows.mul_(beta2).add_(row_means, alpha=1.0 - beta2)
+            cols.mul_(beta2).add_(col_sums / m, alpha=1.0 - beta2)
+            col_scale = cols / torch.clamp(rows.mean(), min=reference.FACTORED_FLOOR)
+            for start in range(0, m, chunk):
+                v_hat = rows[start:start + chunk, None] * col_scale[None, :]
+                update = grad[start:start + chunk].float() / (v_hat.sqrt() + eps)
+                _apply_dense_update(p[start:start + chunk], update, step_size, lr * wd)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's, and also clears the ``float_grad`` of INT8 weight codes."""

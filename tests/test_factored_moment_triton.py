@@ -1,4 +1,4 @@
-"""The factored second moment (DESIGN.md §4.11: a 1-D fp32 exp_avg_sq of r + own Adafactor
+"""The factored second moment (DESIGN.md §4.12: a 1-D fp32 exp_avg_sq of r + own Adafactor
 factors) in the Triton fused_galore_step (the interpreter on CPU tensors without a GPU), against
 reference.fused_galore_step / fused_qgalore_step over three steps, each side carrying its own
 state.

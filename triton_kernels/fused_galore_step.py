@@ -77,7 +77,7 @@ DRAM bytes with INT8 weights: G read m·n·s(G); codes read and written 2·m·n;
 read and written 16·⌈m·n/g⌉; M, V as above; N 8·r·own (fp32, the term that keeps this step
 above the floor: bench/traffic.py "fused-triton-q" vs "floor-q"); the basis once per launch.
 
-Factored second moment (a 1-D exp_avg_sq = [a (r) | b (own)], DESIGN.md §4.11, reference
+Factored second moment (a 1-D exp_avg_sq = [a (r) | b (own)], DESIGN.md §4.12, reference
 .factored_normalized): a_i needs Σ_j R_ij² over every own-line, i.e. over all programs of
 launch A, so the step is four launches, none with atomics (fixed summation orders: the bits
 repeat run to run):
@@ -243,7 +243,7 @@ def _store_factored_partials(LowRank_ptr, Partials_ptr, low_offs, mask, offs_own
 @triton.jit
 def _factored_finalize_kernel(Factors_ptr, Partials_ptr, Mean_ptr, OWN, R, OWN_TILES, R_TILES,
                               beta2, one_minus_beta2, BLOCK: tl.constexpr):
-    """The factors' EMA (DESIGN.md §4.11) from launch A's partial sums, each summed over the
+    """The factors' EMA (DESIGN.md §4.12) from launch A's partial sums, each summed over the
     tiles in tile order (fixed: run-to-run identical): program 0 updates a (r values) and stores
     max(ā, FACTORED_FLOOR) into Mean; program p ≥ 1 updates b for own-lines
     [(p−1)·BLOCK, p·BLOCK). Factors = [a | b] in place (fp32)."""

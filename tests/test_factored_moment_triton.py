@@ -184,6 +184,26 @@ def test_two_runs_are_bit_identical():
                 assert torch.equal(value, b[name]), name
 
 
+def test_workspaces_need_no_initialisation(monkeypatch):
+    """Launch A writes every partial sum and every R element the later launches read: with the
+    step's workspaces (torch.empty) filled with NaN the results are the same bits."""
+    args = factored_args(*LEFT, 40, basis="int4", weight="int8", moments="8bit", exact=False,
+                         seed=13)
+    expected = run_steps(args, "triton", steps=1)
+    empty = torch.empty
+
+    def nan_empty(*size, **kwargs):
+        out = empty(*size, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    poisoned = run_steps(args, "triton", steps=1)
+    monkeypatch.undo()
+    for name, value in expected[0].items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, poisoned[0][name]), name
+
+
 REFUSED = [
     ({"inner": "adagrad", "exp_avg": None},
      "exp_avg_sq: a factored (1-D) second moment needs inner='adam'"),

@@ -838,8 +838,9 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     .fused_galore_step documents the contract): validates, then launches A and B (with the
     full-rank modes' kernels of full_rank.py between them). proj: a dense float basis (any
     strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param: float or INT8 codes
-    (uint8); moments fp32, bf16 or 8-bit codes, exp_avg None for AdaGrad; ``right`` overrides
-    the side rule. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    (uint8); moments fp32, bf16 or 8-bit codes, exp_avg None for AdaGrad, a 1-D fp32 exp_avg_sq
+    the factored V (launches A, F, C, B: module docstring); ``right`` overrides the side rule.
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     rank = _checks.check_fused_galore_step(
         param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,

@@ -16,7 +16,8 @@ register-hungry dtype set of each dtype class (see aot.STEP_DTYPES);
 LOWRANK_AOT_ALL_DTYPES=1 compiles every dtype set. The Fira/APOLLO step variants (full_rank 1
 and 2: as many as all the others together) are compiled for sm_90 only by default, to keep CI
 within its time budget; LOWRANK_AOT_FULL_RANK_TARGETS=89,90 compiles them for both targets (run
-before a change to the full-rank kernels lands). The experimental kernels
+before a change to the full-rank kernels lands); so are the factored second moment's launches
+(aot.factored_variants), LOWRANK_AOT_FACTORED_TARGETS=89,90 for both. The experimental kernels
 (triton_kernels/experimental) are not compiled here.
 """
 
@@ -36,11 +37,12 @@ pytestmark = pytest.mark.skipif(aot.ptxas_path() is None,
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_DTYPES = os.environ.get("LOWRANK_AOT_ALL_DTYPES", "0") == "1"
 FULL_RANK_TARGETS = os.environ.get("LOWRANK_AOT_FULL_RANK_TARGETS", "90")
+FACTORED_TARGETS = os.environ.get("LOWRANK_AOT_FACTORED_TARGETS", "90")
 
 
-def _compile_all(kernels: str = "fused_galore_step") -> list[dict]:
+def _compile_all(kernels: str = "fused_galore_step", targets: str = "89,90") -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-m", "lowrank_kernels.triton_kernels.aot", "--targets", "89,90",
+    args = [sys.executable, "-m", "lowrank_kernels.triton_kernels.aot", "--targets", targets,
             "--kernels", kernels]
     if not ALL_DTYPES:
         args.append("--main-dtypes")
@@ -59,6 +61,11 @@ def reports() -> list[dict]:
 @pytest.fixture(scope="module")
 def full_rank_reports() -> list[dict]:
     return _compile_all("full_rank")
+
+
+@pytest.fixture(scope="module")
+def factored_reports() -> list[dict]:
+    return _compile_all("factored", FACTORED_TARGETS)
 
 
 def _row(report: dict) -> str:
@@ -257,3 +264,33 @@ def test_full_rank_kernels_compile_without_spills(full_rank_reports):
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, r
         assert r["shared_bytes"] <= limits[r["target"]], r
         assert r["registers"] <= aot.MAX_REGISTERS, r
+
+
+def test_factored_moment_kernels_compile_without_spills(factored_reports):
+    """A factored V's launches (aot.factored_variants: launch A with FACTORED for every
+    candidate_configs() "project" entry of the dense and generated tables, each side, offset
+    width and basis format; launch C per (M, N) types, side and width; the finalize), for the
+    targets of LOWRANK_AOT_FACTORED_TARGETS (sm_90 by default, like the full-rank variants; set
+    it to 89,90 before a change to these kernels lands): all compiled, no spills, shared memory
+    within the target's limit. Launch B is the plain step's, compiled above."""
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+
+    targets = [_TARGET_NAMES[t] for t in FACTORED_TARGETS.split(",")]
+    assert len(factored_reports) == len(targets) * len(list(aot.factored_variants(ALL_DTYPES)))
+    compiled = {(r["target"], r["variant"]["basis"] != "dense",
+                 *(r["variant"][f] for f in ("side", "index_64", "block_own", "block_r",
+                                             "block_long", "num_warps", "num_stages")))
+                for r in factored_reports if r["variant"]["kernel"] == "project"}
+    for (target, side, index_64), generated in itertools.product(
+            itertools.product(targets, ("right", "left"), aot.INDEX_TYPES), (False, True)):
+        for kernel, _, c in fgs.candidate_configs(generated, index_64):
+            key = (target, generated, side, index_64, c.block_own, c.block_r, c.block_long,
+                   c.num_warps, c.num_stages)
+            assert kernel != "project" or key in compiled, f"not compiled: {key}"
+    assert {r["variant"]["kernel"] for r in factored_reports} == {
+        "project", "factored_adam", "factored_finalize"}
+    limits = {"sm_89": aot.MAX_SHARED_BYTES[89], "sm_90a": aot.MAX_SHARED_BYTES[90]}
+    for r in factored_reports:
+        assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, _row(r)
+        assert r["shared_bytes"] <= limits[r["target"]], _row(r)
+        assert r["registers"] <= aot.MAX_REGISTERS, _row(r)

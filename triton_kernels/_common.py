@@ -473,6 +473,19 @@ def _store_moment(Ptr, Scales_ptr, state_offs, state_mask, block_offs, block_mas
 
 
 @triton.jit
+def _moment_blocks(offs_own, offs_r, own_mask, num_blocks, BLOCK_R: tl.constexpr,
+                   MOMENT_BLOCK: tl.constexpr):
+    """The 8-bit moment blocks of an (own, rank) tile whose rank range starts on a block
+    boundary (B divides BLOCK_R): (each element's scale offset, the tile's (own, BLOCK_R/B)
+    block offsets, their mask) in the (own, num_blocks) row-major scales."""
+    scale_offs = offs_own[:, None] * num_blocks + (offs_r // MOMENT_BLOCK)[None, :]
+    block_idx = tl.min(offs_r, axis=0) // MOMENT_BLOCK + tl.arange(0, BLOCK_R // MOMENT_BLOCK)
+    block_offs = offs_own[:, None] * num_blocks + block_idx[None, :]
+    block_mask = own_mask[:, None] & (block_idx < num_blocks)[None, :]
+    return scale_offs, block_offs, block_mask
+
+
+@triton.jit
 def _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr, ExpAvgSqScales_ptr, state_offs,
                state_mask, offs_own, offs_r, own_mask, num_blocks, proj_low, beta1, beta2,
                one_minus_beta1, one_minus_beta2, eps, philox_seed, ADAGRAD: tl.constexpr,
@@ -484,11 +497,8 @@ def _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr, ExpAvgSqScales_ptr, s
     lowrank/adam.h does. ADAGRAD (coefficients (0, 1, 1, 1) from the host): M = 0 in registers,
     never loaded or stored (ExpAvg_ptr and its scales are not read). 8-bit moments: the scales
     are (own, num_blocks) row-major, blocks of MOMENT_BLOCK (which divides BLOCK_R) ranks."""
-    scale_offs = offs_own[:, None] * num_blocks + (offs_r // MOMENT_BLOCK)[None, :]
-    # this tile's block numbers (its rank range starts on a block boundary: B divides BLOCK_R)
-    block_idx = tl.min(offs_r, axis=0) // MOMENT_BLOCK + tl.arange(0, BLOCK_R // MOMENT_BLOCK)
-    block_offs = offs_own[:, None] * num_blocks + block_idx[None, :]
-    block_mask = own_mask[:, None] & (block_idx < num_blocks)[None, :]
+    scale_offs, block_offs, block_mask = _moment_blocks(offs_own, offs_r, own_mask, num_blocks,
+                                                        BLOCK_R, MOMENT_BLOCK)
     if ADAGRAD:
         exp_avg = tl.zeros_like(proj_low)
     else:

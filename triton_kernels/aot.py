@@ -262,19 +262,22 @@ def _moment_pointers(state: str, adagrad: bool = False) -> dict[str, str]:
 
 
 def _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, layout, adagrad=False,
-                  full_rank=0):
+                  full_rank=0, factored=False):
     extra = {}
     f32 = "*fp32"
     if kernel == "project":
         fn = fgs._project_adam_kernel
         g, p, s, w = (_TRITON_TYPES.get(t, t) if t is not None else basis for t in dtypes)
-        w = "fp32" if full_rank else w  # the full-rank modes keep N in fp32
-        pointers = {"G_ptr": f"*{g}", **_moment_pointers(s, adagrad), "Normalized_ptr": f"*{w}",
-                    "LowRank_ptr": f32 if full_rank else f"*{w}",
-                    "LineSums_ptr": f32 if full_rank else f"*{w}"}
+        # the full-rank modes keep N in fp32, a factored V stores R there (moments unused: fp32)
+        w = "fp32" if full_rank or factored else w
+        s = "factored" if factored else s
+        pointers = {"G_ptr": f"*{g}", **_moment_pointers("fp32" if factored else s, adagrad),
+                    "Normalized_ptr": f"*{w}",
+                    "LowRank_ptr": f32 if full_rank or factored else f"*{w}",
+                    "LineSums_ptr": f32 if full_rank or factored else f"*{w}"}
         types = {"grad": g, "proj": p, "state": s, "weight": w, "grad_layout": layout,
                  "inner": "adagrad" if adagrad else "adam"}
-        extra = {"ADAGRAD": adagrad, "MOMENT_BLOCK": MOMENT_BLOCK}
+        extra = {"ADAGRAD": adagrad, "MOMENT_BLOCK": MOMENT_BLOCK, "FACTORED": int(factored)}
     else:
         fn = fgs._back_project_kernel
         w, p = (_TRITON_TYPES[t] if t is not None else basis for t in dtypes)
@@ -379,6 +382,70 @@ _STEP_TABLES = {  # job kind -> (dtype table, generated basis)
     "8bit-moments-generated": (MOMENT8_GENERATED_DTYPES, True),
 }
 _G_LAYOUT_TABLES = ("dense", "generated", "bf16-moments", "bf16-moments-generated")
+
+# --------------------------------------------------------------------------------------------
+# the factored second moment in fused_galore_step: launch A with FACTORED ("project"), the
+# finalize ("factored_finalize") and launch C ("factored_adam"); launch B is the plain step's
+# --------------------------------------------------------------------------------------------
+# Launch C's (M, N workspace) types: M in each format, N fp32 (fp32 and INT8 weights) or 16-bit.
+FACTORED_ADAM_TYPES = [("fp32", "fp32"), ("bf16", "fp32"), ("8bit", "fp32"), ("fp32", "bf16"),
+                       ("bf16", "bf16"), ("8bit", "bf16")]
+FACTORED_ADAM_ALL_TYPES = FACTORED_ADAM_TYPES + [("8bit", "fp16")]
+
+
+def factored_variants(all_dtypes: bool = True):
+    """(variant, signature, constexprs, num_warps, num_stages, options) of the launches a step
+    with a factored V adds: launch A with FACTORED for every candidate_configs() "project" entry
+    (the fp32-moment tables it picks; dense and generated bases, the dtype sets of STEP_DTYPES,
+    both sides and offset widths, G row-major: the epilogue does not touch G, whose transposed
+    layout the plain variants compile), launch C for each (M, N) type pair, side and offset
+    width, and the finalize. Launch B is the plain step's (N in W's type): compiled there."""
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+
+    for index_64, generated in itertools.product(INDEX_TYPES, (False, True)):
+        table = STEP_GENERATED_DTYPES if generated else STEP_DTYPES
+        bases = GENERATED_BASES if generated else ("dense",)
+        for kernel, kind, config in fgs.candidate_configs(generated, index_64):
+            if kernel != "project":
+                continue
+            for basis, dtypes, right in itertools.product(
+                    bases, _dtype_sets(table, (kernel, kind), all_dtypes), (True, False)):
+                yield _step_variant(fgs, kernel, config, basis, dtypes, index_64, right, "row",
+                                    factored=True)
+    config = fgs.FACTORED_ADAM_CONFIG
+    fn = fgs._factored_adam_kernel
+    for index_64, right, (state, n) in itertools.product(
+            INDEX_TYPES, (True, False),
+            FACTORED_ADAM_ALL_TYPES if all_dtypes else FACTORED_ADAM_TYPES):
+        m_type = "i8" if state == "8bit" else state
+        pointers = {"LowRank_ptr": "*fp32", "Normalized_ptr": f"*{n}", "ExpAvg_ptr": f"*{m_type}",
+                    "ExpAvgScales_ptr": "*fp32" if state == "8bit" else f"*{m_type}",
+                    "Factors_ptr": "*fp32", "Mean_ptr": "*fp32"}
+        constexprs = {"RIGHT": right, "BLOCK_OWN": config.block_own, "BLOCK_R": config.block_r,
+                      "MOMENT_BLOCK": MOMENT_BLOCK, "INDEX_64": index_64, "INTERPRETED": False}
+        variant = {"kernel": "factored_adam", "side": "right" if right else "left",
+                   "state": state, "weight": n, "index_64": index_64,
+                   **dataclasses.asdict(config)}
+        yield (variant, _signature(fn, pointers, constexprs), constexprs, config.num_warps,
+               config.num_stages, {"enable_fp_fusion": False})
+    fn = fgs._factored_finalize_kernel
+    constexprs = {"BLOCK": fgs.FACTORED_FINALIZE_BLOCK}
+    pointers = dict.fromkeys(("Factors_ptr", "Partials_ptr", "Mean_ptr"), "*fp32")
+    block = fgs.FACTORED_FINALIZE_BLOCK  # lines (and ranks) per program
+    config = fgs.TileConfig(block_own=block, block_r=block, block_long=0,
+                            num_warps=fgs.FACTORED_FINALIZE_WARPS, num_stages=1)
+    yield ({"kernel": "factored_finalize", "side": "both", "index_64": False,
+            **dataclasses.asdict(config)},
+           _signature(fn, pointers, constexprs), constexprs, fgs.FACTORED_FINALIZE_WARPS, 1,
+           {"enable_fp_fusion": False})
+
+
+def factored_reports(capabilities=TARGETS, all_dtypes: bool = True, jobs: int = 1):
+    """Compiles factored_variants() for every target, ``jobs`` at a time."""
+    work = [(capability, v) for capability in capabilities
+            for v in factored_variants(all_dtypes)]
+    yield from _run(_compile_step_variant, work, jobs)
+
 
 # --------------------------------------------------------------------------------------------
 # fused_gradnorm_step (triton_kernels/fused_gradnorm_step.py): launches K "gn_gram", A
@@ -505,6 +572,8 @@ _KERNELS = {  # variant kernel -> (module, function)
     "back": ("fused_galore_step", "_back_project_kernel"),
     "int8_rows": ("fused_galore_step", "_int8_update_rows_kernel"),
     "int8_groups": ("fused_galore_step", "_int8_update_groups_kernel"),
+    "factored_adam": ("fused_galore_step", "_factored_adam_kernel"),
+    "factored_finalize": ("fused_galore_step", "_factored_finalize_kernel"),
     "gn_gram": ("fused_gradnorm_step", "_gram_kernel"),
     "gn_project": ("fused_gradnorm_step", "_gradnorm_project_kernel"),
     "gn_vnorm": ("fused_gradnorm_step", "_gradnorm_vnorm_kernel"),
@@ -604,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-rank-targets", default=None,
                         help="targets of the Fira/APOLLO step variants (default: --targets)")
     parser.add_argument("--kernels", default="fused_galore_step",
-                        choices=("fused_galore_step", "dct_select", "full_rank"),
+                        choices=("fused_galore_step", "dct_select", "full_rank", "factored"),
                         help="which kernel family to compile")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -616,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     capabilities = [int(c) for c in args.targets.split(",")]
     if args.kernels == "full_rank":
         for report in full_rank_reports(capabilities, args.jobs):
+            print(json.dumps(dataclasses.asdict(report)), flush=True)
+        return 0
+    if args.kernels == "factored":
+        for report in factored_reports(capabilities, not args.main_dtypes, args.jobs):
             print(json.dumps(dataclasses.asdict(report)), flush=True)
         return 0
     if args.kernels == "dct_select":

@@ -77,6 +77,28 @@ DRAM bytes with INT8 weights: G read m·n·s(G); codes read and written 2·m·n;
 read and written 16·⌈m·n/g⌉; M, V as above; N 8·r·own (fp32, the term that keeps this step
 above the floor: bench/traffic.py "fused-triton-q" vs "floor-q"); the basis once per launch.
 
+Factored second moment (a 1-D exp_avg_sq = [a (r) | b (own)], DESIGN.md §4.12, reference
+.factored_normalized): a_i needs Σ_j R_ij² over every own-line, i.e. over all programs of
+launch A, so the step is four launches, none with atomics (fixed summation orders: the bits
+repeat run to run):
+  A  (_project_adam_kernel, FACTORED; the fp32-moment tables of pick_configs): the tile of R into
+     an fp32 low-rank workspace, Σ_own R² per rank column into Partials[own tile, r] and Σ_rank R²
+     per own-line into Partials[rank tile, own] (_store_factored_partials). No moment is read.
+  F  _factored_finalize_kernel, 1 + ⌈own/1024⌉ programs: program 0 sums the column partials in
+     tile order, a ← β2·a + (1−β2)·Σ/own, ā = Σ a/r (clamped at FACTORED_FLOOR) into a scalar;
+     the others the line partials, b ← β2·b + (1−β2)·Σ/r. FMA contraction off.
+  C  _factored_adam_kernel, one program per 64×32 tile of the low-rank shape: M updated and
+     stored (fp32, bf16 SR, 8-bit codes + block scales: _common's helpers and Philox words, as
+     launch A's Adam), c = b/ā, V̂ = c·a, N = M/(√V̂ + ε) into the workspace of the plain step's
+     type (in place over R when that is fp32; a second r·own workspace in W's type otherwise).
+  B  unchanged (float or INT8 weights).
+DRAM bytes beyond the plain step's (a model, own×r = r·own elements; BLOCK_OWN × BLOCK_R of
+launch A): R written and read in fp32 8·r·own; partials written and read
+8·r·own·(1/BLOCK_OWN + 1/BLOCK_R) (r·own/4 with 64×64 tiles); factors 12·(r + own); V's
+r·own values are neither read nor written. Against 8-bit V (2 bytes per element and
+8·own·⌈r/32⌉ of scales): +6·r·own bytes per step, e.g. +17 MB at own 11008, r = 256 beside
+~270 MB of bf16 G and W traffic; against fp32 V (8·r·own): +r·own/4.
+
 Precision: R accumulates in fp32; tensor cores when G and a dense basis share a 16-bit type,
 else an exact "ieee" fp32 dot (TF32 would miss the 1e-5 fp32 tolerance); a generated (INT4, DCT)
 basis enters as hi + lo in G's type (_common.py). The Adam epilogue and N are fp32. In B, N and
@@ -102,16 +124,20 @@ from lowrank_kernels import _checks, reference
 from lowrank_kernels.reference import is_right_side, rounding_philox_seed
 
 from ._common import (
+    MOMENT_STREAM,
     BasisArgs,
     _adam_tile,
     _basis_tile,
     _basis_values,
     _dot,
     _grid_tile,
+    _load_moment,
+    _moment_blocks,
     _own_long,
     _project_tile,
     _project_tile_stats,
     _round_to,
+    _store_moment,
     _tile_offsets,
     _weight_tile_back,
     adam_coeffs,
@@ -129,6 +155,8 @@ from .full_rank import (
 )
 from .quant import dequantize_codes, group_quant_params, stochastic_round_codes
 
+FACTORED_FLOOR = tl.constexpr(reference.FACTORED_FLOOR)
+
 
 @triton.jit
 def _project_adam_kernel(
@@ -140,7 +168,7 @@ def _project_adam_kernel(
     RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_LONG: tl.constexpr, BASIS: tl.constexpr, PROJ_GROUP: tl.constexpr,
     INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr, ADAGRAD: tl.constexpr,
-    MOMENT_BLOCK: tl.constexpr, FULL_RANK: tl.constexpr = 0,
+    MOMENT_BLOCK: tl.constexpr, FULL_RANK: tl.constexpr = 0, FACTORED: tl.constexpr = 0,
 ):
     """Launch A: R[own, r] = Σ_long G[own, long]·basis[long, r] for one BLOCK_OWN × BLOCK_R tile,
     then Adam (AdaGrad when ADAGRAD) on that tile of M and V and N = M/(√V+ε) into the workspace
@@ -149,7 +177,9 @@ def _project_adam_kernel(
     FULL_RANK (full_rank.FIRA / APOLLO; Adam with fp32/bf16 moments only, the checks refuse the
     rest): also the per-line partial sums of this rank tile (full_rank.py: ν = Σ N², ρ = Σ R²,
     and γ = ‖G_own‖² from the first rank tile) and, for Fira, R itself into the fp32 LowRank
-    workspace (LowRank_ptr, LineSums_ptr are unused otherwise)."""
+    workspace (LowRank_ptr, LineSums_ptr are unused otherwise). FACTORED (a factored V; Adam
+    runs in launch C, _factored_adam_kernel): R itself into the fp32 Normalized workspace and
+    the tile's sums of R² into LineSums (_store_factored_partials); no moment is touched."""
     OWN, LONG = _own_long(M, N, RIGHT)
     offs_own, offs_r, own_mask, r_mask = _grid_tile(OWN, R, BLOCK_OWN, BLOCK_R, INDEX_64)
 
@@ -167,21 +197,116 @@ def _project_adam_kernel(
                                  BLOCK_LONG, BASIS, PROJ_GROUP, INDEX_64, INTERPRETED)
     state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
     state_mask = own_mask[:, None] & r_mask[None, :]
-    if FULL_RANK != 0:
-        line_sums = _store_line_sums_of_r(LowRank_ptr, LineSums_ptr,
-                                          _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
-                                          state_mask, offs_own, own_mask, proj_low, grad_sq, OWN,
-                                          R, BLOCK_R, FULL_RANK, INDEX_64)
-    # only the real rank is stored; launch B reads the padding as 0 through its mask
-    normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr, ExpAvgSqScales_ptr,
-                            state_offs, state_mask, offs_own, offs_r, own_mask, num_blocks,
-                            proj_low, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
-                            philox_seed, ADAGRAD, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
+    if FACTORED:
+        _store_factored_partials(Normalized_ptr, LineSums_ptr,
+                                 _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
+                                 state_mask, offs_own, offs_r, own_mask, r_mask, proj_low, OWN, R,
+                                 BLOCK_OWN, BLOCK_R)
+    else:
+        if FULL_RANK != 0:
+            norm_offs = _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT)
+            line_sums = _store_line_sums_of_r(LowRank_ptr, LineSums_ptr, norm_offs, state_mask,
+                                              offs_own, own_mask, proj_low, grad_sq, OWN, R,
+                                              BLOCK_R, FULL_RANK, INDEX_64)
+        # only the real rank is stored; launch B reads the padding as 0 through its mask
+        normalized = _adam_tile(ExpAvg_ptr, ExpAvgSq_ptr, ExpAvgScales_ptr, ExpAvgSqScales_ptr,
+                                state_offs, state_mask, offs_own, offs_r, own_mask, num_blocks,
+                                proj_low, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                                philox_seed, ADAGRAD, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
+        tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
+                 _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED),
+                 mask=state_mask)
+        if FULL_RANK != 0:
+            tl.store(line_sums,
+                     tl.sum(tl.where(state_mask, normalized * normalized, 0.0), axis=1),
+                     mask=own_mask)
+
+
+@triton.jit
+def _store_factored_partials(LowRank_ptr, Partials_ptr, low_offs, mask, offs_own, offs_r,
+                             own_mask, r_mask, low_rank, OWN, R, BLOCK_OWN: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
+    """Launch A's epilogue for a factored V: the tile of R (fp32) into the low-rank workspace,
+    Σ_own R² of each rank column into Partials[own tile, rank] and Σ_rank R² of each own-line
+    into Partials[own_tiles·R + rank tile·OWN + line]: every element of Partials is written by
+    exactly one program (no atomics); _factored_finalize_kernel sums them in tile order."""
+    r_tiles = tl.cdiv(R, BLOCK_R)
+    own_tile = tl.program_id(0) // r_tiles
+    r_tile = tl.program_id(0) % r_tiles
+    squares = tl.where(mask, low_rank * low_rank, 0.0)
+    tl.store(LowRank_ptr + low_offs, low_rank, mask=mask)
+    tl.store(Partials_ptr + own_tile * R + offs_r, tl.sum(squares, axis=0), mask=r_mask)
+    tl.store(Partials_ptr + tl.cdiv(OWN, BLOCK_OWN) * R + r_tile * OWN + offs_own,
+             tl.sum(squares, axis=1), mask=own_mask)
+
+
+@triton.jit
+def _factored_finalize_kernel(Factors_ptr, Partials_ptr, Mean_ptr, OWN, R, OWN_TILES, R_TILES,
+                              beta2, one_minus_beta2, BLOCK: tl.constexpr):
+    """The factors' EMA (DESIGN.md §4.12) from launch A's partial sums, each summed over the
+    tiles in tile order (fixed: run-to-run identical): program 0 updates a (r values) and stores
+    max(ā, FACTORED_FLOOR) into Mean; program p ≥ 1 updates b for own-lines
+    [(p−1)·BLOCK, p·BLOCK). Factors = [a | b] in place (fp32)."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        total = tl.zeros((), dtype=tl.float32)
+        for start in range(0, R, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < R
+            col = tl.zeros((BLOCK,), dtype=tl.float32)
+            for t in range(OWN_TILES):
+                col += tl.load(Partials_ptr + t * R + offs, mask=mask, other=0.0)
+            a = (beta2 * tl.load(Factors_ptr + offs, mask=mask, other=0.0)
+                 + one_minus_beta2 * tl.div_rn(col, OWN * 1.0))
+            tl.store(Factors_ptr + offs, a, mask=mask)
+            total += tl.sum(tl.where(mask, a, 0.0), axis=0)
+        tl.store(Mean_ptr, tl.maximum(tl.div_rn(total, R * 1.0), FACTORED_FLOOR))
+    else:
+        offs = (pid - 1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < OWN
+        line = tl.zeros((BLOCK,), dtype=tl.float32)
+        for t in range(R_TILES):
+            line += tl.load(Partials_ptr + OWN_TILES * R + t * OWN + offs, mask=mask, other=0.0)
+        b = (beta2 * tl.load(Factors_ptr + R + offs, mask=mask, other=0.0)
+             + one_minus_beta2 * tl.div_rn(line, R * 1.0))
+        tl.store(Factors_ptr + R + offs, b, mask=mask)
+
+
+@triton.jit
+def _factored_adam_kernel(
+    LowRank_ptr, Normalized_ptr, ExpAvg_ptr, ExpAvgScales_ptr, Factors_ptr, Mean_ptr,
+    stride_statem, stride_lowm, stride_normm, OWN, R, num_blocks,
+    beta1, one_minus_beta1, eps, philox_seed,
+    RIGHT: tl.constexpr, BLOCK_OWN: tl.constexpr, BLOCK_R: tl.constexpr,
+    MOMENT_BLOCK: tl.constexpr, INDEX_64: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    """Launch C of a factored V, one program per BLOCK_OWN × BLOCK_R tile of the low-rank shape:
+    M ← β1·M + (1−β1)·R (M fp32, bf16 or 8-bit codes, stored rounded once with the first Philox
+    word of its row-major index, as _common._adam_tile), c = b_own/Mean, V̂ = c·a_r,
+    N = M/(√V̂ + ε) into the Normalized workspace in its type (it may alias LowRank: each
+    element is read before it is written, by the same program)."""
+    offs_own, offs_r, own_mask, r_mask = _grid_tile(OWN, R, BLOCK_OWN, BLOCK_R, INDEX_64)
+    mask = own_mask[:, None] & r_mask[None, :]
+    low_rank = tl.load(LowRank_ptr + _tile_offsets(offs_own, offs_r, stride_lowm, 1, RIGHT),
+                       mask=mask, other=0.0)
+    state_offs = _tile_offsets(offs_own, offs_r, stride_statem, 1, RIGHT)
+    scale_offs, block_offs, block_mask = _moment_blocks(offs_own, offs_r, own_mask, num_blocks,
+                                                        BLOCK_R, MOMENT_BLOCK)
+    exp_avg = _load_moment(ExpAvg_ptr, ExpAvgScales_ptr, state_offs, scale_offs, mask, True)
+    exp_avg = beta1 * exp_avg + one_minus_beta1 * low_rank
+    if ExpAvg_ptr.dtype.element_ty != tl.float32:
+        word, _, _, _ = tl.randint4x(philox_seed, state_offs.to(tl.int64) + MOMENT_STREAM)
+    else:
+        word = 0
+    _store_moment(ExpAvg_ptr, ExpAvgScales_ptr, state_offs, mask, block_offs, block_mask,
+                  exp_avg, word, True, BLOCK_OWN, BLOCK_R, MOMENT_BLOCK)
+    col = tl.load(Factors_ptr + offs_r, mask=r_mask, other=0.0)
+    line = tl.div_rn(tl.load(Factors_ptr + R + offs_own, mask=own_mask, other=0.0),
+                     tl.load(Mean_ptr))
+    v_hat = line[:, None] * col[None, :]
+    normalized = tl.div_rn(exp_avg, tl.sqrt_rn(v_hat) + eps)
     tl.store(Normalized_ptr + _tile_offsets(offs_own, offs_r, stride_normm, 1, RIGHT),
-             _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=state_mask)
-    if FULL_RANK != 0:
-        tl.store(line_sums, tl.sum(tl.where(state_mask, normalized * normalized, 0.0), axis=1),
-                 mask=own_mask)
+             _round_to(normalized, Normalized_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
 @triton.jit
@@ -713,8 +838,9 @@ def fused_galore_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tenso
     .fused_galore_step documents the contract): validates, then launches A and B (with the
     full-rank modes' kernels of full_rank.py between them). proj: a dense float basis (any
     strides), a packed INT4 basis (uint8) or DCT frequencies (int32); param: float or INT8 codes
-    (uint8); moments fp32, bf16 or 8-bit codes, exp_avg None for AdaGrad; ``right`` overrides
-    the side rule. CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
+    (uint8); moments fp32, bf16 or 8-bit codes, exp_avg None for AdaGrad, a 1-D fp32 exp_avg_sq
+    the factored V (launches A, F, C, B: module docstring); ``right`` overrides the side rule.
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     rank = _checks.check_fused_galore_step(
         param, grad, proj, exp_avg, exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, scale=scale, step=step, proj_scales=proj_scales,
@@ -783,7 +909,9 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
     ``right``: the side (None: the side rule); ``moments``: AdaGrad (exp_avg None) and the
     scales of 8-bit moments. ``configs``: (launch A, launch B) in place of ``pick_configs``
     (bench/tune_triton_step.py). ``full_rank``: Fira or APOLLO (full_rank.py runs its kernels
-    between A and B; Adam with fp32/bf16 moments only)."""
+    between A and B; Adam with fp32/bf16 moments only). A 1-D ``exp_avg_sq`` (the factored V):
+    launch A stores R and its partial sums, _launch_factored_adam runs the finalize and launch C,
+    then launch B as for any V."""
     m, n = param.shape
     right = is_right_side(m, n) if right is None else right
     own, long = (m, n) if right else (n, m)
@@ -791,33 +919,45 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         basis = basis_args(proj, m, n, rank, grad.dtype, right=right)
     int8_weight = param.dtype == torch.uint8
     mode = full_rank.mode if full_rank is not None else 0
+    factored = reference.is_factored(exp_avg_sq)
+    state = exp_avg if factored else exp_avg_sq  # a moment of the low-rank shape
     if index_64 is None:
-        index_64 = index_64_needed(param, grad, exp_avg_sq, basis, rank, right)
-    kind = moment_kind(exp_avg_sq)
+        index_64 = index_64_needed(param, grad, state, basis, rank, right)
+    # a factored launch A touches no moment: the fp32 tables (launch C updates M)
+    kind = "fp32" if factored else moment_kind(exp_avg_sq)
     project, back = configs or pick_configs(rank, param.dtype, grad.dtype, basis.dot_dtype,
                                             generated=basis.kind != 0,
                                             bf16_moments=kind == "bf16",
                                             index_64=index_64, moments_8bit=kind == "8bit",
                                             full_rank=mode != 0)
-    # Fira folds N − c ⊙ R before rounding, so the full-rank modes keep N in fp32
-    normalized = torch.empty(exp_avg_sq.shape, dtype=torch.float32 if mode else
+    # Fira folds N − c ⊙ R before rounding, so the full-rank modes keep N in fp32; a factored V
+    # holds R there (launch C then writes N, in place or into W's type)
+    normalized = torch.empty(state.shape, dtype=torch.float32 if mode or factored else
                              workspace_dtype(param.dtype), device=param.device)
     buffers = (full_rank_buffers(mode, own, exp_avg_sq.shape, triton.cdiv(rank, project.block_r),
                                  param.device) if mode else None)
     interpreted = param.device.type == "cpu"
     # INT8 weights and 8-bit moments: no FMA contraction, so that every fp32 operation rounds as
     # on the CPU (lowrank/adam.h, quant.h, moments8.h) and the codes are the CPU kernel's
-    # wherever the fp32 values agree.
-    exact = {"enable_fp_fusion": False} if int8_weight or kind == "8bit" else {}
+    # wherever the fp32 values agree. A factored launch A rounds nothing (launch C does).
+    exact = ({"enable_fp_fusion": False} if (int8_weight or kind == "8bit") and not factored
+             else {})
     registers = full_rank_options(mode)
     basis_strides = (basis.stride_rank, basis.stride_long)
     grid_a = (triton.cdiv(own, project.block_own) * triton.cdiv(rank, project.block_r),)
-    scales = moments.scales if moments.scales is not None else exp_avg_sq
-    sq_scales = moments.sq_scales if moments.sq_scales is not None else exp_avg_sq
+    if factored:  # R into the fp32 workspace; moment pointers unused (one variant for all M)
+        moment_ptrs = (normalized,) * 4
+        partials = torch.empty(factored_partials_numel(own, rank, project), dtype=torch.float32,
+                               device=param.device)
+        extra_ptrs = (normalized, partials)
+    else:
+        moment_ptrs = (exp_avg if exp_avg is not None else exp_avg_sq, exp_avg_sq,
+                       moments.scales if moments.scales is not None else exp_avg_sq,
+                       moments.sq_scales if moments.sq_scales is not None else exp_avg_sq)
+        extra_ptrs = _full_rank_pointers(buffers, normalized)[:2]
     _project_adam_kernel[grid_a](
-        grad, *basis.pointers, exp_avg if exp_avg is not None else exp_avg_sq, exp_avg_sq,
-        scales, sq_scales, normalized, *_full_rank_pointers(buffers, normalized)[:2],
-        *grad.stride(), *basis_strides, exp_avg_sq.stride(0), normalized.stride(0),
+        grad, *basis.pointers, *moment_ptrs, normalized, *extra_ptrs,
+        *grad.stride(), *basis_strides, moment_ptrs[1].stride(0), normalized.stride(0),
         m, n, rank, triton.cdiv(rank, moments.block),
         coeffs["beta1"], coeffs["beta2"], coeffs["one_minus_beta1"], coeffs["one_minus_beta2"],
         coeffs["eps"], philox_seed,
@@ -825,9 +965,13 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         BLOCK_LONG=project.block_long, BASIS=basis.kind, PROJ_GROUP=basis.group_size,
         INDEX_64=index_64, INTERPRETED=interpreted, ADAGRAD=moments.adagrad,
         MOMENT_BLOCK=moments.block if kind == "8bit" else reference.MOMENT_BLOCK_SIZE,
-        FULL_RANK=mode, num_warps=project.num_warps, num_stages=project.num_stages, **exact,
-        **registers,
+        FULL_RANK=mode, FACTORED=int(factored), num_warps=project.num_warps,
+        num_stages=project.num_stages, **exact, **registers,
     )
+    if factored:
+        normalized = _launch_factored_adam(normalized, partials, exp_avg, exp_avg_sq, moments,
+                                           coeffs, philox_seed, right, own, rank, project,
+                                           workspace_dtype(param.dtype), index_64, interpreted)
     if mode:
         finalize_full_rank(buffers, basis, rank, long, right,
                            tensor_norm=full_rank.tensor_norm, limiter=full_rank.limiter,
@@ -851,6 +995,51 @@ def launch(param, grad, proj, exp_avg, exp_avg_sq, rank: int, coeffs: dict[str, 
         INDEX_64=index_64, INTERPRETED=interpreted, FULL_RANK=mode,
         num_warps=back.num_warps, num_stages=back.num_stages, **registers,
     )
+
+
+# Launch C of a factored V: elementwise, no dot; a 64×32 tile (2048 elements, 16 per thread at
+# 4 warps) keeps the 8-bit M's block absmax in registers; the rank tile of 32 is a multiple of
+# every state_block_size (_checks.MAX_MOMENT_BLOCK).
+FACTORED_ADAM_CONFIG = TileConfig(block_own=64, block_r=32, block_long=0, num_warps=4,
+                                  num_stages=1)
+FACTORED_FINALIZE_BLOCK = 1024  # own-lines per program of the finalize (the rank too, program 0)
+FACTORED_FINALIZE_WARPS = 4
+
+
+def factored_partials_numel(own: int, rank: int, project: TileConfig) -> int:
+    """fp32 elements of launch A's partial sums with a factored V: ⌈own/BLOCK_OWN⌉·r column
+    partials, ⌈r/BLOCK_R⌉·own line partials and the clamped mean ā."""
+    return (triton.cdiv(own, project.block_own) * rank + triton.cdiv(rank, project.block_r) * own
+            + 1)
+
+
+def _launch_factored_adam(low_rank, partials, exp_avg, factors, moments, coeffs, philox_seed,
+                          right, own, rank, project, n_dtype, index_64, interpreted):
+    """The finalize and launch C of a factored V after launch A (which wrote R into
+    ``low_rank`` and its partial sums into ``partials``); returns N in ``n_dtype`` (``low_rank``
+    itself, overwritten in place, when that is fp32)."""
+    own_tiles, r_tiles = triton.cdiv(own, project.block_own), triton.cdiv(rank, project.block_r)
+    mean = partials[-1:]
+    # FMA contraction off in both: the fp32 operations of the reference, rounded one by one
+    _factored_finalize_kernel[(1 + triton.cdiv(own, FACTORED_FINALIZE_BLOCK),)](
+        factors, partials, mean, own, rank, own_tiles, r_tiles,
+        coeffs["beta2"], coeffs["one_minus_beta2"], BLOCK=FACTORED_FINALIZE_BLOCK,
+        num_warps=FACTORED_FINALIZE_WARPS, enable_fp_fusion=False)
+    normalized = (low_rank if n_dtype == torch.float32
+                  else torch.empty(low_rank.shape, dtype=n_dtype, device=low_rank.device))
+    eight_bit = exp_avg.dtype == torch.int8
+    config = FACTORED_ADAM_CONFIG
+    grid = (triton.cdiv(own, config.block_own) * triton.cdiv(rank, config.block_r),)
+    _factored_adam_kernel[grid](
+        low_rank, normalized, exp_avg, moments.scales if eight_bit else exp_avg, factors, mean,
+        exp_avg.stride(0), low_rank.stride(0), normalized.stride(0), own, rank,
+        triton.cdiv(rank, moments.block), coeffs["beta1"], coeffs["one_minus_beta1"],
+        coeffs["eps"], philox_seed,
+        RIGHT=right, BLOCK_OWN=config.block_own, BLOCK_R=config.block_r,
+        MOMENT_BLOCK=moments.block if eight_bit else reference.MOMENT_BLOCK_SIZE,
+        INDEX_64=index_64, INTERPRETED=interpreted, num_warps=config.num_warps,
+        num_stages=config.num_stages, enable_fp_fusion=False)
+    return normalized
 
 
 def _full_rank_pointers(buffers, normalized: torch.Tensor) -> tuple[torch.Tensor, ...]:

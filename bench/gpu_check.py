@@ -89,13 +89,13 @@ SETUP_STAGES = (
 # Per-test timeout through pytest-timeout, workers through pytest-xdist (both on the GPU image;
 # used only when importable).
 TEST_STAGES = (
-    Stage("tests-default-path", "pytest", 120, 150, needs=(), note="Triton (the GPU default), "
+    Stage("tests-default-path", "pytest", 125, 155, needs=(), note="Triton (the GPU default), "
           "quantization and DCT ops, Int8Linear, bf16 moments, op checks, the step's modes "
-          "(AdaGrad, 8-bit moments, side override) and GradNormLoRP's op", args=(
+          "(AdaGrad, 8-bit moments, side override, factored V) and GradNormLoRP's op", args=(
               "tests/test_fused_galore_step_triton.py", "tests/test_bf16_moments.py",
               "tests/test_dct.py", "tests/test_quant.py", "tests/test_int8_linear.py",
               "tests/test_ops.py", "tests/test_layouts.py", "tests/test_fused_step_modes.py",
-              "tests/test_fused_gradnorm_step.py")),
+              "tests/test_fused_gradnorm_step.py", "tests/test_factored_moment_triton.py")),
     Stage("tests-cuda-cpp", "pytest", 45, 70, needs=("cuda_ext",),
           note="the CUDA C++ kernels (set_cuda_backend('cuda_cxx')) and the experimental 16-bit "
                "path (conftest cuda_paths), the experimental one-pass Triton kernel", args=(

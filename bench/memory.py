@@ -1058,18 +1058,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.step_budget:
             acts = activation_bytes(cfg, elem=torch.tensor([], dtype=dtype).element_size())
             per_element = svd_bytes_per_element(args.dtype)
+            rsvd_per_element = svd_bytes_per_element(args.dtype, "rsvd")
             print(f"\nstep budget, sequence {SEQ_LEN} x batch {BATCH} with activation "
                   f"checkpointing: activations {acts.total / 2**20:.1f} MiB (checkpoints "
                   f"{acts.checkpoints / 2**20:.1f}, one layer {acts.layer / 2**20:.1f}, head "
-                  f"{acts.head / 2**20:.1f}); SVD refresh {per_element:.2f} bytes per gradient "
-                  "element (measured on this CPU at 5504x2048):")
+                  f"{acts.head / 2**20:.1f}); SVD refresh {per_element:.2f} and randomized SVD "
+                  f"{rsvd_per_element:.2f} bytes per gradient element (measured on this CPU at "
+                  "5504x2048, r = 512):")
             budget = step_budget(name, dtype, [k for k in args.optimizers if k in OUR_CONFIGS],
-                                 per_element)
+                                 per_element, rsvd_per_element=rsvd_per_element)
             print(harness.format_table(budget, BUDGET_COLUMNS))
             if args.csv:
                 path = harness.results_path(f"memory_step_{cfg.name}_{args.dtype}")
                 harness.write_csv(path, budget, {**harness.machine_info("cpu"),
-                                                 "svd_bytes_per_element": round(per_element, 3)})
+                                                 "svd_bytes_per_element": round(per_element, 3),
+                                                 "rsvd_bytes_per_element":
+                                                     round(rsvd_per_element, 3)})
                 print(f"wrote {path}")
     if args.measure:
         measurable = [o for o in args.optimizers if o in MEASURABLE]

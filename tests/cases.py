@@ -189,27 +189,63 @@ def mlp_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(model(x).float(), y)
 
 
+def mlp_loss_curve(make_optimizer) -> torch.Tensor:
+    """The losses of 40 steps of the small MLP on 4 repeated batches with
+    ``make_optimizer(model)``."""
+    model = small_mlp()
+    optimizer = make_optimizer(model)
+    losses = []
+    for batch in mlp_batches(4) * 10:
+        optimizer.zero_grad()
+        loss = mlp_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+def assert_curves_follow(baseline: torch.Tensor, other: torch.Tensor) -> None:
+    """Both loss curves learn, ``other`` follows ``baseline`` (mean relative gap below 3 %) and
+    differs from it (the variant is not the baseline in disguise)."""
+    for curve in (baseline, other):
+        assert curve[-10:].mean() < 0.8 * curve[:5].mean()
+    assert ((other - baseline).abs() / baseline).mean() < 0.03
+    assert not torch.equal(other, baseline)
+
+
 def assert_8bit_moments_train_like_fp32_moments(make_optimizer) -> None:
-    """40 steps of the small MLP on 4 repeated batches with ``make_optimizer(model,
-    state_dtype)`` (the caller's rank 8, refresh every 10): the loss curve of 8-bit moments
-    follows that of fp32 moments (mean relative gap below 3 %), both learn, and the curves
-    differ (the codes are not fp32 values in disguise)."""
-    curves = {}
-    for state_dtype in (torch.float32, "8bit"):
-        model = small_mlp()
-        optimizer = make_optimizer(model, state_dtype)
-        losses = []
-        for batch in mlp_batches(4) * 10:
-            optimizer.zero_grad()
-            loss = mlp_loss(model, batch)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        curves[state_dtype] = torch.tensor(losses)
-    fp32, eight = curves[torch.float32], curves["8bit"]
-    assert fp32[-10:].mean() < 0.8 * fp32[:5].mean()
-    assert ((eight - fp32).abs() / fp32).mean() < 0.03
-    assert not torch.equal(eight, fp32)
+    """:func:`mlp_loss_curve` with ``make_optimizer(model, state_dtype)`` (the caller's rank 8,
+    refresh every 10): the curve of 8-bit moments follows that of fp32 moments."""
+    assert_curves_follow(*(mlp_loss_curve(lambda model, s=state_dtype: make_optimizer(model, s))
+                           for state_dtype in (torch.float32, "8bit")))
+
+
+def assert_int8_qgalore_trains(**options) -> tuple[list[torch.Tensor], object]:
+    """The small MLP with INT8 weight codes (layers 0 and 2, groups of 16) and a QGaLoreAdamW of
+    rank 4 (``options``: group keys of the codes' group, or constructor arguments, as named by
+    QGALORE_CONSTRUCTOR_KEYS) learns one batch in 25 steps; returns (codes, optimizer)."""
+    from lowrank_kernels.autograd import replace_linear_with_int8
+    from lowrank_kernels.optim import QGaLoreAdamW
+
+    model = small_mlp()
+    replace_linear_with_int8(model, lambda name: name in ("0", "2"), group_size=16)
+    codes = [p for p in model.parameters() if p.dtype == torch.uint8]
+    rest = [p for p in model.parameters() if p.dtype != torch.uint8]
+    constructor = {k: options.pop(k) for k in QGALORE_CONSTRUCTOR_KEYS if k in options}
+    optimizer = QGaLoreAdamW([{"params": rest}, {"params": codes, "rank": 4,
+                                                 "proj_group_size": 16, **options}],
+                             lr=1e-2, **constructor)
+    batches = mlp_batches(1) * 25
+    first = mlp_loss(model, batches[0]).item()
+    for batch in batches:
+        optimizer.zero_grad()
+        mlp_loss(model, batch).backward()
+        optimizer.step()
+    assert mlp_loss(model, batches[0]).item() < 0.7 * first
+    return codes, optimizer
+
+
+QGALORE_CONSTRUCTOR_KEYS = ("state_dtype", "dense_adamw")
 
 
 def train_steps(model: torch.nn.Module, optimizer, batches) -> None:

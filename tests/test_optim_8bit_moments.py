@@ -6,9 +6,9 @@ import pytest
 import torch
 from cases import (
     assert_8bit_moments_train_like_fp32_moments,
+    assert_int8_qgalore_trains,
     assert_resumes_bit_for_bit,
     mlp_batches,
-    mlp_loss,
     mlp_param_groups,
     small_mlp,
     train_steps,
@@ -16,7 +16,6 @@ from cases import (
 
 import lowrank_kernels as lk
 from lowrank_kernels import reference
-from lowrank_kernels.autograd import replace_linear_with_int8
 from lowrank_kernels.optim import (
     STATE_DTYPES,
     DCTAdamW,
@@ -96,20 +95,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit(preset):
 
 def test_int8_weight_codes_with_8bit_moments_train():
     """Q-GaLore's smallest state: INT8 weights, INT4 basis, 8-bit moments, one fused call."""
-    model = small_mlp()
-    replace_linear_with_int8(model, lambda name: name in ("0", "2"), group_size=16)
-    codes = [p for p in model.parameters() if p.dtype == torch.uint8]
-    rest = [p for p in model.parameters() if p.dtype != torch.uint8]
-    optimizer = QGaLoreAdamW([{"params": rest}, {"params": codes, "rank": 4,
-                                                 "proj_group_size": 16}],
-                             lr=1e-2, state_dtype="8bit")
-    batches = mlp_batches(1) * 25
-    first = mlp_loss(model, batches[0]).item()
-    for batch in batches:
-        optimizer.zero_grad()
-        mlp_loss(model, batch).backward()
-        optimizer.step()
-    assert mlp_loss(model, batches[0]).item() < 0.7 * first
+    codes, optimizer = assert_int8_qgalore_trains(state_dtype="8bit")
     assert optimizer.state[codes[0]]["exp_avg"].dtype == torch.int8
 
 

@@ -909,7 +909,7 @@ def _dense_adamw_temporary(opt, rest: Sequence[torch.Tensor], layerwise: bool) -
         # update, √V̂ and the fp32 weight chunk), whatever the parameter
         from lowrank_kernels.optim.lowrank_adamw import DENSE_CHUNK_ELEMENTS
 
-        largest = max(p.numel() for p in rest)
+        largest = max((p.numel() for p in rest), default=0)
         return Temporary(4 * 4 * min(largest, DENSE_CHUNK_ELEMENTS),
                          "dense Adafactor row chunks (4 fp32 chunks)")
     sizes = [_nbytes(p) for p in rest]
@@ -934,8 +934,8 @@ def _refresh_temporary(projection: str, m: int, n: int, rank: int, svd_per_eleme
     return Temporary(4 * rank * max(m, n) + 4 * d, f"DCT refresh of a {m}x{n} gradient")
 
 
-def _step_workspace(preset: str, m: int, n: int, rank: int, weight_dtype: torch.dtype
-                    ) -> Temporary:
+def _step_workspace(preset: str, m: int, n: int, rank: int, weight_dtype: torch.dtype,
+                    factored: bool = False) -> Temporary:
     own = max(m, n)  # the owned axis: rows (right side, m >= n) or columns (left)
     if preset == "GradNormLoRPAdamW":
         right = m >= n
@@ -949,6 +949,10 @@ def _step_workspace(preset: str, m: int, n: int, rank: int, weight_dtype: torch.
                   else 4 * rank * own + 4 * rank * min(m, n))
         return Temporary(nbytes, f"full-rank step workspaces ({m}x{n})")
     elem = 2 if weight_dtype in (torch.bfloat16, torch.float16) else 4
+    if factored:  # R kept in fp32 between the factors' update and M's (Triton launch A -> C;
+        # the C++ kernel's low-rank workspace), then N in W's type (fp32 for INT8 codes)
+        return Temporary((4 + elem) * rank * own,
+                         f"fused_galore_step R and N workspaces, factored V ({m}x{n})")
     return Temporary(elem * rank * own, f"fused_galore_step N workspace ({m}x{n})")
 
 
@@ -973,7 +977,8 @@ def largest_temporary(key: str, cfg: harness.ModelShape, dtype: torch.dtype,
                                      or projection != "rsvd"
                                      else svd_bytes_per_element(harness.dtype_name(dtype),
                                                                 "rsvd")),
-                  *(_step_workspace(ours.preset, *shape, rank, weight_dtype)
+                  *(_step_workspace(ours.preset, *shape, rank, weight_dtype,
+                                    group.get("second_moment") == "factored")
                     for shape in shapes)]
     return max(candidates, key=lambda t: t.nbytes)
 

@@ -99,8 +99,9 @@ def _decode_w(group: int):
 
 
 # (m, n, rank, basis, weight, moments, right): both sides, odd shapes, r = 1, r not a multiple
-# of 32, several tiles (520 x 256, 256 x 520), every basis and weight format, the Q-GaLore
-# configuration (packed INT4 basis + INT8 weights + 8-bit M), the side override both ways.
+# of 32, r = min(m, n), r > own, several tiles (520 x 256, 256 x 520), every basis and weight
+# format, the Q-GaLore configuration (packed INT4 basis + INT8 weights + 8-bit M), the side
+# override both ways.
 CASES = [
     (37, 23, 5, "dense", "fp32", "fp32", None),
     (23, 37, 5, "dense", "fp32", "fp32", None),
@@ -113,6 +114,9 @@ CASES = [
     (67, 131, 40, "int4", "fp32", "bf16", None),
     (131, 67, 7, "dct", "int8", "fp32", None),
     (20, 64, 8, "dense", "fp32", "8bit", True),
+    (20, 64, 40, "dense", "bf16", "bf16", True),  # r = 40 > own = 20 (the side override)
+    (37, 23, 23, "dense", "fp32", "fp32", None),  # r = min(m, n)
+    (23, 37, 23, "int4", "int8", "8bit", None),
     (64, 21, 5, "int4", "int8", "8bit", False),
     (520, 256, 40, "dense", "fp32", "fp32", None),
     (256, 520, 40, "dense", "bf16", "8bit", None),
@@ -139,7 +143,7 @@ def test_matches_the_reference_over_steps(case):
 
 
 def _assert_step_close(out: dict, ref: dict, args: dict, side: bool, rank: int) -> None:
-    moments, weight = args["exp_avg"].dtype, args["param"].dtype
+    moments = args["exp_avg"].dtype
     assert_fp32_close(out["exp_avg_sq"], ref["exp_avg_sq"])
     assert not torch.equal(out["exp_avg_sq"], args["exp_avg_sq"])
     if moments == torch.int8:

@@ -19,6 +19,7 @@ quantization step. A DCT basis is never dyadic: there M follows the fp32 rule to
 """
 
 import importlib.util
+import math
 import re
 
 import pytest
@@ -43,10 +44,14 @@ MOMENT_NAMES = ("exp_avg", "exp_avg_scales")
 
 
 def factored_args(m: int, n: int, rank: int, *, exact: bool = True, seed: int = 0,
-                  **formats) -> dict:
+                  weight: str = "fp32", **formats) -> dict:
     """cases.mode_args with the 2-D V replaced by r + own factors (positive; multiples of 1/64
-    on exact inputs, so their first EMA step is exact too)."""
-    args = mode_args(m, n, rank, exact=exact, seed=seed, **formats)
+    on exact inputs, so their first EMA step is exact too). weight 'fp16': the fp32 case's W
+    and G in float16 (small integers and 0.02·randn: G stays exact)."""
+    args = mode_args(m, n, rank, exact=exact, seed=seed,
+                     weight="fp32" if weight == "fp16" else weight, **formats)
+    if weight == "fp16":
+        args.update(param=args["param"].half(), grad=args["grad"].half())
     args.pop("exp_avg_sq_scales", None)
     gen = torch.Generator().manual_seed(seed + 1)
     factors = 0.1 * torch.rand(reference.factored_shape(m, n, rank, args["right"]),
@@ -86,14 +91,16 @@ def assert_weights_close(out: dict, ref: dict, before: dict, step: int) -> None:
                                                   r["param_zeros"], group) for r in (out, ref))
         step_size = ref["param_scales"].repeat_interleave(group)[:w_ref.numel()].view(w_ref.shape)
         assert ((w_out - w_ref).abs() <= step_size * (1 + 1e-4)).all()
-    elif param.dtype == torch.bfloat16:
-        # per step: the two roundings of W to bf16 (one ulp apart), launch B's bf16 operands
-        # (2^-8 of the update; 2^-7 taken) and the difference carried from the last step;
-        # twice that, as the ulp is the reference's and the other value may be a binade up
+    elif param.dtype in (torch.bfloat16, torch.float16):
+        # per step: the two roundings of W to 16 bits (one ulp apart), launch B's 16-bit
+        # operands (half an ulp of the update; an ulp taken) and the difference carried from the
+        # last step; twice that, as the ulp is the reference's and the other value may be a
+        # binade up
+        bits = {torch.bfloat16: 7, torch.float16: 10}[param.dtype]  # mantissa bits
         ref32 = param.float()
-        ulp = 2.0 ** (torch.floor(torch.log2(ref32.abs().clamp(min=2.0**-100))) - 7)
+        ulp = 2.0 ** (torch.floor(torch.log2(ref32.abs().clamp(min=2.0**-100))) - bits)
         update = (ref32 - before["param"].float()).abs().max()
-        bound = 2 * step * (ulp + 2.0**-7 * update)
+        bound = 2 * step * (ulp + 2.0**-bits * update)
         assert ((out["param"].float() - ref32).abs() <= bound).all()
     else:
         assert_fp32_close(out["param"], param)
@@ -101,8 +108,9 @@ def assert_weights_close(out: dict, ref: dict, before: dict, step: int) -> None:
 
 # (shape, rank, basis, weight, M format, state block, side override, exact inputs): both sides,
 # r = 1, r not a multiple of 32 (17; 40 and 33 span two rank tiles of launch A, 131 three own
-# tiles), dense / packed INT4 / DCT bases, fp32 / bf16 / INT8 weights, M fp32 / bf16 / 8-bit,
-# and the side override. The INT4 + INT8 + 8-bit M rows are the Q-GaLore configuration.
+# tiles), r = min(m, n), r > own (the side override), dense / packed INT4 / DCT bases, fp32 /
+# bf16 / fp16 / INT8 weights, M fp32 / bf16 / 8-bit, and the side override. The INT4 + INT8 +
+# 8-bit M rows are the Q-GaLore configuration; fp16 W with bf16 M is state_dtype="auto"'s.
 CASES = [
     (LEFT, 17, "dense", "fp32", "fp32", 32, None, True),
     (RIGHT, 1, "dense", "bf16", "bf16", 32, None, True),
@@ -111,6 +119,9 @@ CASES = [
     (RIGHT, 5, "dense", "fp32", "8bit", 4, None, True),
     (LEFT, 40, "dct", "bf16", "fp32", 32, None, False),
     (RIGHT, 17, "dense", "fp32", "bf16", 32, False, True),  # 131×67 on the left side
+    (LEFT, 17, "dense", "fp16", "bf16", 32, None, True),
+    (RIGHT, 67, "dense", "fp32", "fp32", 32, None, True),  # r = min(m, n)
+    ((20, 64), 40, "dense", "bf16", "8bit", 8, True, True),  # r = 40 > own = 20
 ]
 
 
@@ -202,6 +213,24 @@ def test_workspaces_need_no_initialisation(monkeypatch):
     for name, value in expected[0].items():
         if torch.is_tensor(value):
             assert torch.equal(value, poisoned[0][name]), name
+
+
+def test_finalize_keeps_a_nan_mean_as_torch_clamp_does():
+    """ā = max(Σa/r, 1e-30) with torch.clamp's NaN rule (the reference's and the C++ kernel's):
+    a NaN factor gives a NaN mean, a zero mean gives the floor."""
+    from lowrank_kernels.triton_kernels import fused_galore_step as fgs
+
+    own, rank = 5, 3
+    floor = torch.tensor(reference.FACTORED_FLOOR, dtype=torch.float32).item()
+    for planted, expected in ((float("nan"), "nan"), (0.0, floor)):
+        factors = torch.zeros(rank + own, device=DEVICE)
+        factors[1] = planted
+        partials = torch.zeros(rank + own + 1, device=DEVICE)
+        mean = partials[-1:]
+        fgs._factored_finalize_kernel[(2,)](factors, partials, mean, own, rank, 1, 1, 0.5, 0.5,
+                                            BLOCK=fgs.FACTORED_FINALIZE_BLOCK)
+        got = mean.item()
+        assert math.isnan(got) if expected == "nan" else got == expected, got
 
 
 REFUSED = [

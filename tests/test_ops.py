@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_kernels as lk
-from lowrank_kernels import _dispatch
+from lowrank_kernels import _dispatch, reference
 
 pytestmark = pytest.mark.skipif(not lk.EXTENSION_AVAILABLE, reason="extension not built")
 OPS = torch.ops.lowrank if lk.EXTENSION_AVAILABLE else None
@@ -44,6 +44,18 @@ def test_opcheck_fused_galore_step_modes(mode):
     """The schema's keyword-only modes: exp_avg None (Tensor(b!)?), the written 8-bit scales
     (Tensor(f!)?, Tensor(g!)?), str inner, bool? right."""
     args = mode_args(40, 23, 5, **mode)
+    positional = tuple(args.pop(k) for k in ("param", "grad", "proj", "exp_avg", "exp_avg_sq"))
+    _opcheck(OPS.fused_galore_step.default, positional, {**args, **HYPER, "seed": 3})
+
+
+@pytest.mark.parametrize("m,n,moments", [(40, 23, "fp32"), (23, 40, "8bit")],
+                         ids=["right-fp32", "left-8bit"])
+def test_opcheck_fused_galore_step_factored_v(m, n, moments):
+    """A factored V (DESIGN.md §4.12): exp_avg_sq is a 1-D fp32 tensor of r + own factors,
+    written in place like the 2-D V."""
+    args = mode_args(m, n, 5, moments=moments)
+    args.pop("exp_avg_sq_scales", None)
+    args["exp_avg_sq"] = torch.rand(reference.factored_shape(m, n, 5)) + 0.01
     positional = tuple(args.pop(k) for k in ("param", "grad", "proj", "exp_avg", "exp_avg_sq"))
     _opcheck(OPS.fused_galore_step.default, positional, {**args, **HYPER, "seed": 3})
 

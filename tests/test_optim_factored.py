@@ -111,18 +111,18 @@ def test_one_step_is_the_reference_step(backend):
     optimizer = _factored(model, backend, weight_decay=0.1)
     batches = mlp_batches(3)
     train_steps(model, optimizer, batches[:2])
-    for layer in (0, 2):  # right and left side
+    layers = (0, 2)  # 40×24 on the right side, 32×40 on the left
+    before = {layer: ({k: v.clone() for k, v in optimizer.state[model[layer].weight].items()},
+                      model[layer].weight.detach().clone()) for layer in layers}
+    train_steps(model, optimizer, batches[2:])
+    for layer in layers:
         weight = model[layer].weight
         state = optimizer.state[weight]
-        ref = {k: v.clone() for k, v in state.items()}
-        w = weight.detach().clone()
-        if layer == 0:
-            train_steps(model, optimizer, batches[2:])
+        ref, w = before[layer]
         reference.fused_galore_step(w, weight.grad, ref["proj"], ref["exp_avg"],
                                     ref["exp_avg_sq"], lr=1e-2, beta1=0.9, beta2=0.999,
                                     eps=1e-6, weight_decay=0.1, scale=1.0, step=3)
-        if layer == 2:  # stepped above together with layer 0: compare from its saved state
-            continue
+        assert ref["exp_avg_sq"].shape == (4 + 40,)
         torch.testing.assert_close(weight.detach(), w, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(state["exp_avg_sq"], ref["exp_avg_sq"], rtol=1e-5, atol=0)
         torch.testing.assert_close(state["exp_avg"], ref["exp_avg"], rtol=1e-5, atol=1e-9)
@@ -168,6 +168,34 @@ def test_optimizers_without_a_factored_mode_refuse_it(cls):
 def test_an_unknown_second_moment_names_the_choices():
     with pytest.raises(ValueError, match="second_moment: expected one of .*'factored'"):
         GaLoreAdamW(mlp_param_groups(small_mlp(), rank=4, second_moment="adafactor"))
+    with pytest.raises(ValueError, match="second_moment: expected one of .*'factored'"):
+        GaLoreAdamW([{"params": small_mlp().parameters(), "second_moment": "bogus"}])
+
+
+def test_a_factored_v_in_a_group_without_rank_is_refused_not_ignored():
+    with pytest.raises(ValueError, match="parameter group 0: second_moment='factored' in a group "
+                                         "without 'rank'.*dense_adamw='adafactor'"):
+        GaLoreAdamW([{"params": small_mlp().parameters(), "second_moment": "factored"}])
+    # the constructor's default reaches every group: only the projected ones use it
+    model = small_mlp()
+    GaLoreAdamW([{"params": [model[0].weight], "rank": 4}, {"params": [model[0].bias]}],
+                second_moment="factored")
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, FiraAdamW, GradNormLoRPAdamW],
+                         ids=lambda c: c.__name__)
+def test_a_refused_group_leaves_the_optimizer_as_it_was(cls):
+    """add_param_group on a built optimizer: the refusal comes after torch has added the group
+    (its defaults filled in), and takes it out again."""
+    model = small_mlp()
+    optimizer = cls([{"params": [model[0].weight], "rank": 4}])
+    with pytest.raises(ValueError, match="second_moment"):
+        optimizer.add_param_group({"params": [model[2].weight], "rank": 4,
+                                   "second_moment": "factored" if cls is not GaLoreAdamW
+                                   else "bogus"})
+    assert len(optimizer.param_groups) == 1
+    optimizer.add_param_group({"params": [model[2].weight], "rank": 4})  # not held by the first
+    assert len(optimizer.param_groups) == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +250,45 @@ def test_dense_adafactor_steps_a_bf16_weight_in_fp32_rounding_once():
         LowRankAdamW([p], lr=1e-2, dense_adamw="adafactor").step()
     assert w.dtype == torch.bfloat16
     assert torch.equal(w.detach(), ref.detach().to(torch.bfloat16))
+
+
+def _dense_groups(model: torch.nn.Module) -> list[dict]:
+    """The head's 10×32 weight and the biases without rank, the other weights projected."""
+    return [{"params": [model[4].weight, model[0].bias, model[4].bias]},
+            {"params": [model[0].weight, model[2].weight], "rank": 4}]
+
+
+def _dense_checkpoint(dense_adamw: str) -> tuple[torch.nn.Module, dict]:
+    model = small_mlp()
+    optimizer = LowRankAdamW(_dense_groups(model), lr=1e-2, dense_adamw=dense_adamw)
+    train_steps(model, optimizer, mlp_batches(2))
+    return model, optimizer.state_dict()
+
+
+@pytest.mark.parametrize("saved,resumed", [("torch", "adafactor"), ("adafactor", "galore")])
+def test_a_checkpoint_of_another_dense_rule_is_refused_before_loading(tmp_path, saved, resumed):
+    """dense_adamw is a constructor argument, not saved: a state of the other layout is refused
+    by load_state_dict, naming the parameter and both layouts, before any state is loaded."""
+    model, state_dict = _dense_checkpoint(saved)
+    torch.save(state_dict, tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    optimizer = LowRankAdamW(_dense_groups(model), lr=1e-2, dense_adamw=resumed)
+    with pytest.raises(ValueError, match=rf"state_dict: parameter #0 of a group \(10×32\) was "
+                                         rf"saved with moments .*dense_adamw='{resumed}' keeps"):
+        optimizer.load_state_dict(loaded)
+    assert not optimizer.state
+    optimizer = LowRankAdamW(_dense_groups(model), lr=1e-2, dense_adamw=saved)
+    optimizer.load_state_dict(loaded)  # the rule it was written with
+    assert len(optimizer.state) == 5
+    shapes = {"torch": (10, 32), "adafactor": (10 + 32,)}
+    assert optimizer.state[model[4].weight]["exp_avg_sq"].shape == shapes[saved]
+
+
+def test_foreach_and_fused_are_refused_where_torch_adamw_does_not_run():
+    with pytest.raises(ValueError, match="foreach, fused: options of torch's AdamW, used only "
+                                         "with dense_adamw='torch'; got foreach=None, "
+                                         "fused=True with dense_adamw='adafactor'"):
+        LowRankAdamW([torch.nn.Parameter(torch.zeros(2))], dense_adamw="adafactor", fused=True)
 
 
 def test_an_unknown_dense_rule_names_the_choices():

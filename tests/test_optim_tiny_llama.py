@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lowrank_kernels as lk
+from lowrank_kernels.optim import GaLoreAdamW
 
 pytest.importorskip("transformers")
 from bench import tiny_llama
@@ -33,13 +34,26 @@ def test_8bit_moments_end_within_1_percent_of_fp32_moments():
     assert eight != fp32
 
 
-def test_projected_weights_move_and_galore_matches_galore_torch():
+def test_projected_weights_move_and_galore_matches_galore_torch(monkeypatch):
     """The projected (attention/MLP) weights really train, and our GaLoreAdamW stays on
-    galore-torch's loss curve over 50 steps of a real model."""
+    galore-torch's loss curve over 20 steps of a real model (SVD refreshes at steps 1 and 11).
+
+    The reference backend computes in galore-torch's order: the same losses bit for bit. The C++
+    kernel's GEMMs round otherwise (fp32 rounding apart per step): the same losses to an ulp up
+    to the second refresh; that refresh takes the SVD of a gradient those roundings moved, and
+    where singular values around the rank are close the kept subspace moves more than the
+    gradient did, so from there the curves are only close (measured: 2.4e-7 before, 2.1e-3
+    after, at one thread)."""
     pytest.importorskip("galore_torch")
-    ours = tiny_llama.train("GaLoreAdamW", steps=20)
+    monkeypatch.setitem(tiny_llama.OPTIMIZERS, "GaLoreAdamW reference", lambda m: GaLoreAdamW(
+        tiny_llama.lowrank_param_groups(m, tiny_llama.TARGETS, **tiny_llama.GALORE), lr=1e-2,
+        backend="reference"))
     theirs = tiny_llama.train("galore-torch GaLoreAdamW", steps=20)
-    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3
+    assert tiny_llama.train("GaLoreAdamW reference", steps=20) == theirs
+    ours = tiny_llama.train("GaLoreAdamW", steps=20)
+    gap = tiny_llama.GALORE["update_proj_gap"]
+    assert max(abs(a - b) for a, b in zip(ours[:gap + 1], theirs[:gap + 1])) < 1e-6
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-2
 
     tokens, vocab = tiny_llama.corpus()
     model = tiny_llama.tiny_llama(vocab)

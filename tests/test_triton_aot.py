@@ -16,9 +16,11 @@ register-hungry dtype set of each dtype class (see aot.STEP_DTYPES);
 LOWRANK_AOT_ALL_DTYPES=1 compiles every dtype set. The Fira/APOLLO step variants (full_rank 1
 and 2: as many as all the others together) are compiled for sm_90 only by default, to keep CI
 within its time budget; LOWRANK_AOT_FULL_RANK_TARGETS=89,90 compiles them for both targets (run
-before a change to the full-rank kernels lands); so are the factored second moment's launches
-(aot.factored_variants), LOWRANK_AOT_FACTORED_TARGETS=89,90 for both. The experimental kernels
-(triton_kernels/experimental) are not compiled here.
+before a change to the full-rank kernels lands). The factored second moment's launches
+(aot.factored_variants, ~30 s per target) are compiled for both (LOWRANK_AOT_FACTORED_TARGETS).
+The experimental kernels (triton_kernels/experimental) are not compiled here. The module's
+tests may take 30 minutes (pytest-timeout counts the shared compile in the first test's setup:
+about 8 minutes on two idle cores, more on a loaded machine).
 """
 
 import itertools
@@ -31,13 +33,14 @@ import pytest
 
 aot = pytest.importorskip("lowrank_kernels.triton_kernels.aot", reason="triton is not installed")
 
-pytestmark = pytest.mark.skipif(aot.ptxas_path() is None,
-                                reason="Triton's ptxas (triton/backends/nvidia/bin) is missing")
+pytestmark = [pytest.mark.skipif(aot.ptxas_path() is None,
+                                 reason="Triton's ptxas (triton/backends/nvidia/bin) is missing"),
+              pytest.mark.timeout(1800)]  # the shared compile runs in one test's setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_DTYPES = os.environ.get("LOWRANK_AOT_ALL_DTYPES", "0") == "1"
 FULL_RANK_TARGETS = os.environ.get("LOWRANK_AOT_FULL_RANK_TARGETS", "90")
-FACTORED_TARGETS = os.environ.get("LOWRANK_AOT_FACTORED_TARGETS", "90")
+FACTORED_TARGETS = os.environ.get("LOWRANK_AOT_FACTORED_TARGETS", "89,90")
 
 
 def _compile_all(kernels: str = "fused_galore_step", targets: str = "89,90") -> list[dict]:
@@ -270,9 +273,8 @@ def test_factored_moment_kernels_compile_without_spills(factored_reports):
     """A factored V's launches (aot.factored_variants: launch A with FACTORED for every
     candidate_configs() "project" entry of the dense and generated tables, each side, offset
     width and basis format; launch C per (M, N) types, side and width; the finalize), for the
-    targets of LOWRANK_AOT_FACTORED_TARGETS (sm_90 by default, like the full-rank variants; set
-    it to 89,90 before a change to these kernels lands): all compiled, no spills, shared memory
-    within the target's limit. Launch B is the plain step's, compiled above."""
+    targets of LOWRANK_AOT_FACTORED_TARGETS (sm_89 and sm_90 by default): all compiled, no
+    spills, shared memory within the target's limit. Launch B is the plain step's, compiled above."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
     targets = [_TARGET_NAMES[t] for t in FACTORED_TARGETS.split(",")]

@@ -387,10 +387,11 @@ _G_LAYOUT_TABLES = ("dense", "generated", "bf16-moments", "bf16-moments-generate
 # the factored second moment in fused_galore_step: launch A with FACTORED ("project"), the
 # finalize ("factored_finalize") and launch C ("factored_adam"); launch B is the plain step's
 # --------------------------------------------------------------------------------------------
-# Launch C's (M, N workspace) types: M in each format, N fp32 (fp32 and INT8 weights) or 16-bit.
+# Launch C's (M, N workspace) types: M in each format, N fp32 (fp32 and INT8 weights) or 16-bit
+# (N in W's type; fp16 weights keep bf16 M under state_dtype="auto").
 FACTORED_ADAM_TYPES = [("fp32", "fp32"), ("bf16", "fp32"), ("8bit", "fp32"), ("fp32", "bf16"),
-                       ("bf16", "bf16"), ("8bit", "bf16")]
-FACTORED_ADAM_ALL_TYPES = FACTORED_ADAM_TYPES + [("8bit", "fp16")]
+                       ("bf16", "bf16"), ("8bit", "bf16"), ("bf16", "fp16")]
+FACTORED_ADAM_ALL_TYPES = FACTORED_ADAM_TYPES + [("fp32", "fp16"), ("8bit", "fp16")]
 
 
 def factored_variants(all_dtypes: bool = True):

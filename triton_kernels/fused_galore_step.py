@@ -260,7 +260,9 @@ def _factored_finalize_kernel(Factors_ptr, Partials_ptr, Mean_ptr, OWN, R, OWN_T
                  + one_minus_beta2 * tl.div_rn(col, OWN * 1.0))
             tl.store(Factors_ptr + offs, a, mask=mask)
             total += tl.sum(tl.where(mask, a, 0.0), axis=0)
-        tl.store(Mean_ptr, tl.maximum(tl.div_rn(total, R * 1.0), FACTORED_FLOOR))
+        mean = tl.div_rn(total, R * 1.0)
+        # torch.clamp(min=)'s rule, as the reference and C++: NaN stays NaN (tl.maximum drops it)
+        tl.store(Mean_ptr, tl.where(mean < FACTORED_FLOOR, FACTORED_FLOOR, mean))
     else:
         offs = (pid - 1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < OWN

@@ -36,18 +36,17 @@ class _FullRankAdamW(LowRankAdamW):
 
     MODE = "none"
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def _check_group(self, group: dict, index: int) -> None:
+        super()._check_group(group, index)
         if group.get("rank") is None:
             return
         if group["state_dtype"] == "8bit":
-            raise ValueError(f"{self._group_label(group, len(self.param_groups) - 1)}: "
+            raise ValueError(f"{self._group_label(group, index)}: "
                              f"state_dtype: {type(self).__name__} keeps fp32 or bf16 moments "
                              f"('auto', torch.float32 or torch.bfloat16), got '8bit' (the fused "
                              f"step's full-rank modes take no 8-bit moments)")
         if group["second_moment"] != "full":
-            raise ValueError(f"{self._group_label(group, len(self.param_groups) - 1)}: "
+            raise ValueError(f"{self._group_label(group, index)}: "
                              f"second_moment: {type(self).__name__} keeps the full V ('full'), "
                              f"got {group['second_moment']!r} (the fused step's full-rank "
                              f"modes take no factored V)")

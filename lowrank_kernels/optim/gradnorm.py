@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from lowrank_kernels import distributed, ops, reference
-from lowrank_kernels.optim.lowrank_adamw import LowRankAdamW, _is_projected
+from lowrank_kernels.optim.lowrank_adamw import _is_projected
 from lowrank_kernels.optim.presets import GaLoreAdamW
 from lowrank_kernels.projection import state as proj_state
 
@@ -66,13 +66,12 @@ class GradNormLoRPAdamW(GaLoreAdamW):
     implemented. DDP works unchanged (every rank holds whole weights), layer-wise stepping too.
     """
 
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def _check_group(self, group: dict, index: int) -> None:
+        super()._check_group(group, index)
         if not _is_projected(group):
             return
         if group["second_moment"] != "full":
-            raise ValueError(f"{self._group_label(group, len(self.param_groups) - 1)}: "
+            raise ValueError(f"{self._group_label(group, index)}: "
                              f"second_moment: GradNormLoRPAdamW keeps the full V ('full'), got "
                              f"{group['second_moment']!r} (fused_gradnorm_step has no factored "
                              f"mode)")

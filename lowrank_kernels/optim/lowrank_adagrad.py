@@ -90,6 +90,10 @@ class LowRankAdagrad(LowRankAdamW):
                 "weight_decay": group["weight_decay"], "inner": "adagrad"}
 
     @staticmethod
+    def _dense_state_layout(p: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        return {"exp_avg_sq": tuple(p.shape)}
+
+    @staticmethod
     def _init_dense_state(state: dict, p: torch.Tensor) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -255,7 +255,10 @@ class LowRankAdamW(torch.optim.Optimizer):
                        (:mod:`lowrank_kernels.projection.state`)
     =================  ========================================================================
 
-    Unprojected parameters hold torch AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``.
+    Unprojected parameters hold torch AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``; with
+    ``dense_adamw="adafactor"`` only ``step`` and an fp32 ``exp_avg_sq``: (m + n,) for an m×n
+    matrix (its row means, then its column means), the parameter's shape otherwise. The rule is
+    a constructor argument, not saved: ``load_state_dict`` refuses a state of the other layout.
     ``load_state_dict`` keeps every state tensor's saved dtype.
     """
 
@@ -273,6 +276,10 @@ class LowRankAdamW(torch.optim.Optimizer):
             raise ValueError(f"lr: expected a value >= 0, got {lr}")
         if dense_adamw not in DENSE_ADAMW:
             raise ValueError(f"dense_adamw: expected one of {DENSE_ADAMW}, got {dense_adamw!r}")
+        if dense_adamw != "torch" and (foreach is not None or fused is not None):
+            raise ValueError(f"foreach, fused: options of torch's AdamW, used only with "
+                             f"dense_adamw='torch'; got foreach={foreach!r}, fused={fused!r} "
+                             f"with dense_adamw={dense_adamw!r}")
         ops.check_hyperparameters(betas[0], betas[1], eps, 1)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, update_proj_gap=update_proj_gap, scale=scale,
@@ -305,12 +312,32 @@ class LowRankAdamW(torch.optim.Optimizer):
         if isinstance(param_group, dict):  # torch's own check reports the other types
             check_group_keys(param_group, [*self.defaults, *GROUP_KEYS_WITHOUT_DEFAULT],
                              self._group_label(param_group, len(self.param_groups)))
+            if (param_group.get("rank") is None
+                    and param_group.get("second_moment", "full") == "factored"):
+                raise ValueError(f"{self._group_label(param_group, len(self.param_groups))}: "
+                                 "second_moment='factored' in a group without 'rank' (it "
+                                 "factors the projected V); for the dense parameters use "
+                                 "LowRankAdamW(..., dense_adamw='adafactor')")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            self._check_group(group, len(self.param_groups) - 1)
+        except BaseException:  # a refused group leaves the optimizer as it was
+            self.param_groups.pop()
+            self._specs.pop(id(group), None)
+            raise
+        self._position_of = None
+
+    def _check_group(self, group: dict, index: int) -> None:
+        """Refusals of a group torch.optim.Optimizer has just added (its defaults filled in);
+        raising removes the group again. Subclasses add theirs after calling this one."""
         names = group.get("names")
         if names is not None and len(names) != len(group["params"]):
             raise ValueError(f"names: expected {len(group['params'])} names (one per param), "
                              f"got {len(names)}")
+        if group.get("second_moment", "full") not in SECOND_MOMENTS:
+            raise ValueError(f"second_moment: expected one of {SECOND_MOMENTS}, got "
+                             f"{group['second_moment']!r}")
         if _is_projected(group):
             if group["proj_type"] != "std":
                 raise ValueError(f"proj_type: only 'std' (right if m >= n, else left) is "
@@ -319,9 +346,6 @@ class LowRankAdamW(torch.optim.Optimizer):
             if group["state_dtype"] not in STATE_DTYPES:
                 raise ValueError(f"state_dtype: expected one of {STATE_DTYPES}, got "
                                  f"{group['state_dtype']!r}")
-            if group.get("second_moment", "full") not in SECOND_MOMENTS:
-                raise ValueError(f"second_moment: expected one of {SECOND_MOMENTS}, got "
-                                 f"{group['second_moment']!r}")
             for i, p in enumerate(group["params"]):
                 name = self._name(group, i, p)
                 if distributed.is_sharded(p):
@@ -349,7 +373,6 @@ class LowRankAdamW(torch.optim.Optimizer):
                     raise ValueError(f"{self._name(group, i, p)}: dtype {p.dtype} in a group "
                                      "without 'rank'; INT8 weight codes can only be stepped by "
                                      "the fused low-rank step (give the group a rank)")
-        self._position_of = None
 
     def _spec(self, group: dict) -> proj_state.ProjectionSpec:
         """The group's ProjectionSpec, rebuilt only when one of its keys changed (it is read on
@@ -535,6 +558,34 @@ class LowRankAdamW(torch.optim.Optimizer):
                 ops.moment_scales_shape(m, n, spec.rank, MOMENT_BLOCK_SIZE), dtype=torch.float32)
         proj_state.init_state_(state, spec, proj_state.parameter_seed(group["seed"], position))
 
+    def _dense_state_layout(self, p: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        """The moments (name -> shape) the dense rule keeps for ``p``, beside ``step``."""
+        if self.dense_adamw == "adafactor":
+            return {"exp_avg_sq": (sum(p.shape),) if p.dim() == 2 else tuple(p.shape)}
+        return {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+
+    def _check_dense_layouts(self, state_dict: dict) -> None:
+        """Refuses, before anything is loaded, a saved state of a parameter without rank whose
+        moments are not the ones this optimizer's dense rule keeps (``dense_adamw`` is a
+        constructor argument, not saved: a 'torch' checkpoint cannot resume under 'adafactor')."""
+        for group, saved_group in zip(self.param_groups, state_dict["param_groups"]):
+            if _is_projected(saved_group):
+                continue
+            for i, (p, saved_id) in enumerate(zip(group["params"], saved_group["params"])):
+                saved = state_dict["state"].get(saved_id)
+                if not saved:
+                    continue
+                layout = self._dense_state_layout(p)
+                found = {k: tuple(v.shape) for k, v in saved.items()
+                         if k != "step" and torch.is_tensor(v)}
+                if found != layout:
+                    rule = (f"dense_adamw={self.dense_adamw!r}" if self.dense_adamw
+                            else type(self).__name__)
+                    raise ValueError(f"state_dict: {self._name(group, i, p)} was saved with "
+                                     f"moments {found}; {rule} keeps {layout} (the rule for "
+                                     f"parameters without rank is a constructor argument: "
+                                     f"resume with the one the checkpoint was written with)")
+
     def _init_dense_state(self, state: dict, p: torch.Tensor) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if self.dense_adamw == "adafactor":
@@ -634,7 +685,7 @@ class LowRankAdamW(torch.optim.Optimizer):
           V̂ = r·cᵀ / max(mean(r), 1e-30),  W ← (1 − lr·wd)·(W − lr·√(1−β2ᵗ)·G/(√V̂ + ε))
 
         (``correct_bias=False``: lr instead of lr·√(1−β2ᵗ))
-        (a vector keeps V itself: V ← β2·V + (1−β2)·G²). No first moment: β1 is not used.
+        (a tensor that is not 2-D keeps V itself: V ← β2·V + (1−β2)·G²). No first moment: β1 is not used.
         Computed in fp32 over chunks of rows, so no temporary is larger than
         DENSE_CHUNK_ELEMENTS floats; the weight is rounded once per step in its dtype."""
         beta2 = group["betas"][1]
@@ -689,7 +740,9 @@ class LowRankAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but every state tensor keeps its saved dtype: torch casts floating state
         to the parameter's dtype, which would turn fp32 moments of bf16 weights into bf16 and
-        int64 refresh counters and packed INT4 bases into floats."""
+        int64 refresh counters and packed INT4 bases into floats. A parameter without rank
+        whose saved moments are not the dense rule's is refused before anything is loaded."""
+        self._check_dense_layouts(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # saved before the key existed: fp32 moments then
             group.setdefault("state_dtype", torch.float32)

@@ -70,10 +70,7 @@ def run(cases, warmup: int, rounds: int, csv_path: str | None) -> list[dict]:
         print(f"{f'{m}x{n}':>10} {r:>5} {row['dtype']:>9} {ms['floor']:>9.1f} "
               f"{ms['full8']:>9.1f} {ms['factored']:>9.1f} {row['factored_over_full8']:>10.3f} "
               f"{row['factored_over_floor']:>10.3f}", flush=True)
-    if csv_path:
-        harness.write_csv(csv_path, rows, harness.machine_info("cpu"))
-        print(f"# wrote {csv_path}")
-    return rows
+    return harness.save_rows(csv_path, rows)
 
 
 def main(argv=None) -> int:

@@ -113,10 +113,7 @@ def run(cases, warmup: int, rounds: int, csv_path: str | None) -> list[dict]:
               f"{row['fira_over_ours']:>9.2f} {row['apollo_over_ours']:>11.2f} "
               f"{row['apollo_over_ours_gen']:>7.2f} {row['ours_fira_over_floor']:>15.2f} "
               f"{row['ours_apollo_over_floor']:>17.2f}", flush=True)
-    if csv_path:
-        harness.write_csv(csv_path, rows, harness.machine_info("cpu"))
-        print(f"# wrote {csv_path}")
-    return rows
+    return harness.save_rows(csv_path, rows)
 
 
 def main(argv=None) -> int:

@@ -105,10 +105,7 @@ def run(cases, warmup: int, rounds: int, csv_path: str | None) -> list[dict]:
         print(f"{f'{m}x{n}':>12} {r:>4} {row['dtype']:>8} {row['floor_ms']:>9.1f} "
               f"{row['ours_ms']:>9.1f} {row['galore_ms']:>10.1f} {row['ours_over_floor']:>10.2f} "
               f"{row['galore_over_ours']:>11.2f}", flush=True)
-    if csv_path:
-        harness.write_csv(csv_path, rows, harness.machine_info("cpu"))
-        print(f"# wrote {csv_path}")
-    return rows
+    return harness.save_rows(csv_path, rows)
 
 
 def cpu_bench_main(argv, doc: str, csv_name: str, run, quick, full, full_help: str,

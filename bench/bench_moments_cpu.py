@@ -97,10 +97,7 @@ def run(rounds: int, warmup: int, csv_path: str | None) -> list[dict]:
             print(f"{case:>28} {inner:>8} " + " ".join(f"{ms[f]:>9.2f}" for f in FORMATS)
                   + f" {row['8bit_over_bf16']:>10.2f} {row['fp32_over_bf16']:>10.2f}",
                   flush=True)
-    if csv_path:
-        harness.write_csv(csv_path, rows, harness.machine_info("cpu"))
-        print(f"# wrote {csv_path}")
-    return rows
+    return harness.save_rows(csv_path, rows)
 
 
 def main(argv=None) -> int:

@@ -433,6 +433,16 @@ def write_csv(path: Path | str, rows: Sequence[dict[str, object]],
     return path
 
 
+def save_rows(csv_path: Path | str | None, rows: list[dict[str, object]]
+              ) -> list[dict[str, object]]:
+    """A benchmark's ending: ``rows`` written to ``csv_path`` with this CPU's header (and the
+    path printed) when a path is given; returns ``rows``."""
+    if csv_path:
+        write_csv(csv_path, rows, machine_info("cpu"))
+        print(f"# wrote {csv_path}")
+    return rows
+
+
 def read_csv(path: Path | str) -> tuple[dict[str, str], list[dict[str, str]]]:
     """The (machine header, rows) that ``write_csv`` wrote; values come back as strings."""
     machine: dict[str, str] = {}

@@ -40,11 +40,12 @@ the largest one (a float ``.grad`` or an INT8 layer's ``float_grad``, in the act
 
 ``--measure`` validates the accounting: each optimizer runs for real, in its own subprocess, on
 a model that fits this machine (llama-60m shapes, 1 decoder layer by default; the configurations
-of VALIDATION_MODEL_OVERRIDES on larger shapes, where their state is large enough to resolve). The resident-set
-growth (VmRSS, /proc/self/status) across building the model, setting the gradients, and the
-first two ``step()`` calls is compared with the accounted weights, gradients and optimizer +
-projection bytes; the state is also measured as the RSS released when it is dropped. The peak
-(VmHWM) shows the step's transient temporaries on top. Tolerance: ``TOLERANCE``.
+of VALIDATION_MODEL_OVERRIDES on larger shapes, where their state is large enough to resolve).
+The resident-set growth (VmRSS, /proc/self/status) across building the model, setting the
+gradients, and the first two ``step()`` calls is compared with the accounted weights, gradients
+and optimizer + projection bytes; the state is also measured as the RSS released when it is
+dropped. The peak (VmHWM) shows the step's transient temporaries on top. Tolerance:
+``TOLERANCE``.
 """
 
 from __future__ import annotations
@@ -939,7 +940,7 @@ def _dense_adamw_temporary(opt, rest: Sequence[torch.Tensor], layerwise: bool) -
 
 
 def _refresh_temporary(projection: str, m: int, n: int, rank: int, svd_per_element: float,
-                       rsvd_per_element: float) -> Temporary:
+                       rsvd_per_element: float | None) -> Temporary:
     d = min(m, n)
     if projection == "svd":
         return Temporary(int(svd_per_element * m * n), f"SVD refresh of a {m}x{n} gradient")
@@ -990,12 +991,11 @@ def largest_temporary(key: str, cfg: harness.ModelShape, dtype: torch.dtype,
     shapes = {tuple(p.shape) for p in low_rank}
     m, n = max(shapes, key=lambda s: s[0] * s[1])
     weight_dtype = low_rank[0].dtype
+    if projection == "rsvd" and rsvd_per_element is None:
+        rsvd_per_element = svd_bytes_per_element(harness.dtype_name(dtype), "rsvd")
     candidates = [_dense_adamw_temporary(opt, rest, ours.layerwise),
                   _refresh_temporary(projection, m, n, rank, svd_per_element,
-                                     rsvd_per_element if rsvd_per_element is not None
-                                     or projection != "rsvd"
-                                     else svd_bytes_per_element(harness.dtype_name(dtype),
-                                                                "rsvd")),
+                                     rsvd_per_element),
                   *(_step_workspace(ours.preset, *shape, rank, weight_dtype,
                                     group.get("second_moment") == "factored")
                     for shape in shapes)]
@@ -1018,8 +1018,6 @@ def step_budget(model_name: str, dtype: torch.dtype = torch.bfloat16,
     gib = 2**30
     for key, acc in zip(keys, accounting(model_name, dtype, keys, verbose=False,
                                          model_cfg=cfg), strict=True):
-        if rsvd_per_element is None and dict(OUR_CONFIGS[key].options).get("projection") == "rsvd":
-            rsvd_per_element = svd_bytes_per_element(harness.dtype_name(dtype), "rsvd")
         temporary = largest_temporary(key, cfg, dtype, svd_per_element, rsvd_per_element)
         rows.append(_budget_row(acc, activations.total, temporary))
     try:

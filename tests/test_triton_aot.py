@@ -274,7 +274,8 @@ def test_factored_moment_kernels_compile_without_spills(factored_reports):
     candidate_configs() "project" entry of the dense and generated tables, each side, offset
     width and basis format; launch C per (M, N) types, side and width; the finalize), for the
     targets of LOWRANK_AOT_FACTORED_TARGETS (sm_89 and sm_90 by default): all compiled, no
-    spills, shared memory within the target's limit. Launch B is the plain step's, compiled above."""
+    spills, shared memory within the target's limit. Launch B is the plain step's, compiled
+    above."""
     from lowrank_kernels.triton_kernels import fused_galore_step as fgs
 
     targets = [_TARGET_NAMES[t] for t in FACTORED_TARGETS.split(",")]

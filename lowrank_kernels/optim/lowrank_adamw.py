@@ -227,8 +227,8 @@ class LowRankAdamW(torch.optim.Optimizer):
     moments are ``zeros_like(p)``, as in both. "adafactor" keeps no M and, for a matrix, a
     factored V (Shazeer & Stern 2018 with β1 = 0, Adam's β2 and bias correction, no update
     clipping or relative step; :meth:`_step_dense_adafactor`): m + n fp32 values instead of
-    2·m·n, the choice that lets embeddings and lm_head fit a 7B budget (bench/memory.py). ``backend`` (constructor) forces a backend of the
-    fused step (see ``lowrank_kernels.ops``).
+    2·m·n, the choice that lets embeddings and lm_head fit a 7B budget (bench/memory.py).
+    ``backend`` (constructor) forces a backend of the fused step (see ``lowrank_kernels.ops``).
 
     **INT8 weights** (Q-GaLore, DESIGN.md §4.4): a parameter of a projected group may be uint8
     INT8 codes, as ``ops.quantize_int8`` returns them, with the quantization parameters as
@@ -590,7 +590,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if self.dense_adamw == "adafactor":
             # a matrix: its row means then its column means of the EMA of G² (fp32); else V
-            shape = (sum(p.shape),) if p.dim() == 2 else p.shape
+            shape = self._dense_state_layout(p)["exp_avg_sq"]
             state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
             return
         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -684,10 +684,10 @@ class LowRankAdamW(torch.optim.Optimizer):
           r ← β2·r + (1−β2)·mean_j(G²),  c ← β2·c + (1−β2)·mean_i(G²),
           V̂ = r·cᵀ / max(mean(r), 1e-30),  W ← (1 − lr·wd)·(W − lr·√(1−β2ᵗ)·G/(√V̂ + ε))
 
-        (``correct_bias=False``: lr instead of lr·√(1−β2ᵗ))
-        (a tensor that is not 2-D keeps V itself: V ← β2·V + (1−β2)·G²). No first moment: β1 is not used.
-        Computed in fp32 over chunks of rows, so no temporary is larger than
-        DENSE_CHUNK_ELEMENTS floats; the weight is rounded once per step in its dtype."""
+        (``correct_bias=False``: lr instead of lr·√(1−β2ᵗ); a tensor that is not 2-D keeps V
+        itself: V ← β2·V + (1−β2)·G²). No first moment: β1 is not used. Computed in fp32 over
+        chunks of rows, so no temporary is larger than DENSE_CHUNK_ELEMENTS floats; the weight
+        is rounded once per step in its dtype."""
         beta2 = group["betas"][1]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         for p in params:

@@ -121,6 +121,10 @@ def make_optimizer(config: str, model: torch.nn.Module):
     if config == "rsvd":
         return LowRankAdamW(param_groups(model, update_proj_gap=GAP), lr=0.02,
                             projection="rsvd", dense_adamw="galore")
+    if config == "factored":  # 8-bit M, factored V; Adafactor for the rest (DDP only)
+        return LowRankAdamW(param_groups(model, update_proj_gap=GAP, scale=0.25,
+                                         second_moment="factored"), lr=0.02, weight_decay=0.1,
+                            state_dtype="8bit", dense_adamw="adafactor")
     raise ValueError(config)
 
 
@@ -439,7 +443,7 @@ def refusals(rank: int, world: int, out: str) -> None:
     from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
     from lowrank_kernels import ops
-    from lowrank_kernels.optim import QGaLoreAdamW
+    from lowrank_kernels.optim import LowRankAdamW, QGaLoreAdamW
 
     mesh = init_device_mesh("cpu", (world,))
     codes, _, _ = ops.quantize_int8(torch.randn(8, 6))
@@ -450,6 +454,20 @@ def refusals(rank: int, world: int, out: str) -> None:
     for case, p in cases.items():
         try:
             QGaLoreAdamW([{"params": [p], "rank": 2, "names": [f"layer.{case}"]}])
+            messages[case] = None
+        except ValueError as exc:
+            messages[case] = str(exc)
+    # the factored V and dense Adafactor sum over the whole weight: refused for sharded ones
+    sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh))
+    for case, make in (
+            ("factored", lambda: LowRankAdamW([{"params": [sharded], "rank": 2,
+                                                "names": ["layer.factored"],
+                                                "second_moment": "factored"}])),
+            ("adafactor", lambda: LowRankAdamW([{"params": [sharded],
+                                                 "names": ["layer.adafactor"]}],
+                                               dense_adamw="adafactor"))):
+        try:
+            make()
             messages[case] = None
         except ValueError as exc:
             messages[case] = str(exc)

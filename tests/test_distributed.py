@@ -14,7 +14,8 @@ the reference paths of the sharded step, FSDP2's default dim-0 placement and
 - layer-wise stepping with gradient accumulation and clipping under FSDP2, DDP and DDP with
   no_sync() equals ordinary one-process training;
 - a DCP checkpoint saved on 2 ranks, loaded on 2 (bit for bit) and on 1, continues the run;
-- INT8 weight codes and unsupported placements are refused naming the parameter.
+- INT8 weight codes, unsupported placements and the factored V / dense Adafactor (whose means
+  span the whole weight; DDP runs them) are refused under FSDP2 naming the parameter.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ FSDP_RUNS = tuple((c, p) for c in workers.CONFIGS + ("galore_bf16",) for p in PL
     ("galore", "hsdp"), ("galore", "hsdp_replicated")) + tuple(
     (c, p) for c in ("adagrad", "galore_8bit") for p in PLACEMENTS[:2])
 ROUNDED = ("galore_bf16", "galore_8bit")  # stochastically rounded moments: shard-local streams
-DDP_RUNS = ("galore", "dct", "qgalore", "random")
+DDP_RUNS = ("galore", "dct", "qgalore", "random", "factored")
 LAYERWISE_RUNS = ("galore", "dct", "qgalore")
 DCP_RUNS = (("galore", "default"), ("dct", "long"), ("qgalore", "default"), ("lazy_svd", "long"))
 # Relative to each tensor's largest entry. One process and two differ in the gradient's rounding
@@ -263,6 +264,10 @@ def test_int8_codes_and_unsupported_placements_are_refused_naming_the_parameter(
     assert "'layer.int8'" in messages["int8"] and "INT8 weight codes cannot be sharded" in (
         messages["int8"])
     assert "'layer.partial'" in messages["partial"] and "Partial" in messages["partial"]
+    assert "'layer.factored'" in messages["factored"] and (
+        "second_moment='factored' does not step sharded (FSDP2) weights" in messages["factored"])
+    assert "'layer.adafactor'" in messages["adafactor"] and (
+        "dense_adamw='adafactor' does not step sharded (FSDP2) weights" in messages["adafactor"])
 
 
 def test_a_failed_owner_refresh_raises_on_every_rank_instead_of_hanging(results):
